@@ -1,0 +1,156 @@
+"""The ``cortex`` command: one parser for every role (it also feeds the man page)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import trio
+
+import cortex
+from cortex import config as cfg
+from cortex.errors import ConfigError
+
+log = logging.getLogger("cortex")
+
+ROLES = ("neuron", "gateway", "standalone")
+
+
+def _pair(value: str) -> tuple[str, str]:
+    name, sep, rest = value.partition("=")
+    if not sep or not name or not rest:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {value!r}")
+    return name, rest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cortex",
+        description="One OpenAI + Anthropic API in front of a fleet of GPU hosts.",
+    )
+    parser.add_argument("--version", action="version", version=f"cortex {cortex.__version__}")
+    parser.add_argument(
+        "--role",
+        choices=ROLES,
+        help="run as a neuron (GPU host), a gateway (the API), or both in one process",
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML config (neuron.toml or cortex.toml)")
+    parser.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="API address (neuron default 0.0.0.0:13131, gateway 0.0.0.0:31313)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="log verbosity (default: info)",
+    )
+    neuron = parser.add_argument_group("neuron")
+    neuron.add_argument(
+        "--model",
+        metavar="ID=SOURCE",
+        type=_pair,
+        action="append",
+        default=[],
+        help="load this model at start (a .gguf path, a directory, hf:ORG/REPO/FILE, or demo);"
+        " repeatable",
+    )
+    gateway = parser.add_argument_group("gateway")
+    gateway.add_argument("--models", metavar="FILE", help="model catalogue (models.toml)")
+    gateway.add_argument(
+        "--metrics-listen", metavar="HOST:PORT", help="metrics address (default 0.0.0.0:31314)"
+    )
+    gateway.add_argument(
+        "--neuron",
+        metavar="NAME=URL",
+        type=_pair,
+        action="append",
+        default=[],
+        help="a neuron to route to; repeatable (default local=http://127.0.0.1:13131)",
+    )
+    return parser
+
+
+def neuron_config(args: argparse.Namespace) -> cfg.NeuronConfig:
+    config = cfg.load(cfg.NeuronConfig, args.config)
+    if args.listen:
+        cfg.parse_listen(args.listen, default_port=13131)
+        config.neuron.listen = args.listen
+    for model_id, source in args.model:
+        config.models.append(cfg.NeuronModel(id=model_id, source=source))
+    return config
+
+
+def gateway_config(args: argparse.Namespace) -> tuple[cfg.GatewayConfig, cfg.ModelsFile]:
+    config = cfg.load(cfg.GatewayConfig, args.config)
+    if args.listen:
+        cfg.parse_listen(args.listen, default_port=31313)
+        config.gateway.listen = args.listen
+    if args.metrics_listen:
+        cfg.parse_listen(args.metrics_listen, default_port=31314)
+        config.gateway.metrics_listen = args.metrics_listen
+    for name, url in args.neuron:
+        config.neurons.append(cfg.NeuronEndpoint(name=name, endpoint=url))
+    return config, cfg.load_models(args.models)
+
+
+async def run_until_signal(run: Callable[[trio.Event], Awaitable[Any]]) -> None:
+    """Run ``run(shutdown)``; the first SIGINT/SIGTERM sets ``shutdown``, a second forces."""
+    shutdown = trio.Event()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    if shutdown.is_set():
+                        log.warning("second signal: stopping now")
+                        nursery.cancel_scope.cancel()
+                        return
+                    log.info("%s: draining, then exiting", signal.Signals(signum).name)
+                    shutdown.set()
+
+            nursery.start_soon(watch)
+            await run(shutdown)
+            nursery.cancel_scope.cancel()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.role is None:
+        parser.error("choose a role: --role neuron|gateway|standalone")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.role == "neuron":
+            from cortex.neuron.app import run_neuron
+
+            neuron = neuron_config(args)
+            trio.run(run_until_signal, lambda shutdown: run_neuron(neuron, shutdown=shutdown))
+        elif args.role == "gateway":
+            from cortex.gateway.app import run_gateway
+
+            gateway, models = gateway_config(args)
+            trio.run(
+                run_until_signal, lambda shutdown: run_gateway(gateway, models, shutdown=shutdown)
+            )
+        else:
+            parser.error(f"role {args.role} is not available yet")
+    except ConfigError as exc:
+        print(f"cortex: {exc.message}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # Most often: the listen address is taken or not ours.
+        print(f"cortex: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,293 @@
+"""Configuration: attrs classes, read from TOML, overridden by the environment.
+
+Every role's config is one attrs tree. A file is structured by a cattrs
+converter that forbids unknown keys; environment variables named
+``CORTEX_<SECTION>_<KEY>`` (``CORTEX_NEURON_LISTEN``,
+``CORTEX_GATEWAY_API_KEYS``) override single keys of a section. A bad file
+or value raises ``ConfigError`` whose message is one line naming the file,
+the key and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import attrs
+import cattrs
+
+from cortex.errors import ConfigError
+
+ENV_PREFIX = "CORTEX_"
+
+T = TypeVar("T")
+
+
+def parse_listen(value: str, *, default_port: int) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (or ``[v6]:PORT``, ``:PORT``, ``HOST``) into its parts."""
+    host, sep, port = value.rpartition(":")
+    if not sep or "]" in port:
+        host, port = value, str(default_port)
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"invalid listen address {value!r}: port must be a number")
+    if not 0 <= number <= 65535:
+        raise ConfigError(f"invalid listen address {value!r}: port out of range")
+    return host, number
+
+
+def _validate_listen(instance: object, attribute: attrs.Attribute, value: str) -> None:
+    try:
+        parse_listen(value, default_port=0)
+    except ConfigError as exc:
+        raise ValueError(f"{attribute.name}: {exc}") from None
+
+
+# -- neuron ---------------------------------------------------------------------------
+
+
+@attrs.define
+class NeuronSection:
+    listen: str = attrs.field(default="0.0.0.0:13131", validator=_validate_listen)
+    #: Shared secret the gateway sends as ``Authorization: Bearer``; None: open.
+    token: str | None = None
+    #: Leave /health and /metrics open when a token is set.
+    open_health: bool = True
+    #: Memory models may use on a CPU-only host; None: 90% of RAM.
+    memory_budget_mb: int | None = None
+    #: Cap on a model's context length (its trained length is the default).
+    n_ctx_max: int = 32768
+    #: Engine plugins (entry point names) that must not be loaded.
+    blocked_harnesses: list[str] = attrs.field(factory=list)
+    #: Directories that hold models; relative sources resolve against them.
+    model_dirs: list[str] = attrs.field(factory=list)
+    #: Seconds between device samples for /health.
+    sample_interval: float = 2.0
+    #: Seconds in-flight requests get to finish on shutdown.
+    grace_period: float = 30.0
+    #: Requests waiting for one model beyond this are refused with 429.
+    queue_limit: int = 64
+    max_body_bytes: int = 16 * 1024 * 1024
+
+
+@attrs.define
+class NeuronModel:
+    """A model a neuron loads at start (``[[models]]`` in neuron.toml)."""
+
+    id: str
+    source: str
+    harness: str | None = None
+    chat_format: str | None = None
+    devices: list[int] | None = None
+    options: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.define
+class NeuronConfig:
+    neuron: NeuronSection = attrs.field(factory=NeuronSection)
+    models: list[NeuronModel] = attrs.field(factory=list)
+
+
+# -- gateway --------------------------------------------------------------------------
+
+
+@attrs.define
+class GatewaySection:
+    listen: str = attrs.field(default="0.0.0.0:31313", validator=_validate_listen)
+    metrics_listen: str = attrs.field(default="0.0.0.0:31314", validator=_validate_listen)
+    #: Client keys accepted as ``Authorization: Bearer`` or ``x-api-key``; empty: open.
+    api_keys: list[str] = attrs.field(factory=list)
+    #: A file with one key per line, added to api_keys.
+    api_keys_file: str | None = None
+    #: Seconds between /health and /models polls of each neuron.
+    poll_interval: float = 10.0
+    #: Seconds between /discovery polls.
+    discovery_interval: float = 60.0
+    connect_timeout: float = 5.0
+    #: Seconds to wait for a neuron's first byte (cold loads of big models take minutes).
+    first_byte_timeout: float = 600.0
+    #: Seconds allowed between two chunks of a stream.
+    idle_timeout: float = 120.0
+    #: Seconds a request waits for a model load before giving up.
+    load_timeout: float = 900.0
+    grace_period: float = 30.0
+    max_body_bytes: int = 16 * 1024 * 1024
+
+
+@attrs.define
+class EvictionSection:
+    strategy: Literal["lru", "priority"] = "lru"
+
+
+@attrs.define
+class NeuronEndpoint:
+    name: str
+    endpoint: str
+    token: str | None = None
+
+
+@attrs.define
+class GatewayConfig:
+    gateway: GatewaySection = attrs.field(factory=GatewaySection)
+    eviction: EvictionSection = attrs.field(factory=EvictionSection)
+    neurons: list[NeuronEndpoint] = attrs.field(factory=list)
+
+
+SAMPLING_KEYS = frozenset({"temperature", "top_p", "top_k", "min_p", "repeat_penalty"})
+
+
+@attrs.define
+class CatalogModel:
+    """A model the fleet may serve (``[[models]]`` in models.toml)."""
+
+    id: str
+    source: str | None = None
+    harness: str | None = None
+    quant: str | None = None
+    vram_mb: int = 0
+    min_devices: int = 1
+    min_device_vram_mb: int = 0
+    #: Neurons this model is pinned on: never evicted there.
+    pinned_on: list[str] = attrs.field(factory=list)
+    priority: int = 0
+    chat_format: str | None = None
+    #: Engine options passed through on load (n_ctx, n_gpu_layers, ...).
+    options: dict[str, Any] = attrs.field(factory=dict)
+    #: Default sampling when a request leaves it out.
+    sampling: dict[str, float] = attrs.field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        unknown = set(self.sampling) - SAMPLING_KEYS
+        if unknown:
+            raise ValueError(f"unknown sampling keys {sorted(unknown)}")
+
+
+@attrs.define
+class ModelsFile:
+    models: list[CatalogModel] = attrs.field(factory=list)
+    aliases: dict[str, str] = attrs.field(factory=dict)
+
+
+# -- loading --------------------------------------------------------------------------
+
+
+def make_converter() -> cattrs.Converter:
+    return cattrs.Converter(forbid_extra_keys=True)
+
+
+def _env_value(raw: str, field_type: Any) -> Any:
+    """An environment string as the field's type: TOML syntax, else the raw text."""
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    origin = typing.get_origin(field_type)
+    if origin is list and isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if field_type in (str, str | None) and not isinstance(value, str):
+        return raw
+    return value
+
+
+def _apply_env(cls: type, raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    hints = typing.get_type_hints(cls)
+    for section in attrs.fields(cls):
+        section_type = hints[section.name]
+        if not attrs.has(section_type):
+            continue
+        section_hints = typing.get_type_hints(section_type)
+        for field in attrs.fields(section_type):
+            name = f"{ENV_PREFIX}{section.name}_{field.name}".upper()
+            if name in environ:
+                target = raw.setdefault(section.name, {})
+                if isinstance(target, dict):
+                    target[field.name] = _env_value(environ[name], section_hints[field.name])
+
+
+def _format_error(exc: BaseException, type_: Any) -> str:
+    if typing.get_origin(type_) is Literal:
+        return f"must be one of {list(typing.get_args(type_))}"
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        return f"unknown keys {sorted(exc.extra_fields)}"
+    if isinstance(exc, (ValueError, ConfigError)) and not isinstance(
+        exc, cattrs.BaseValidationError
+    ):
+        return str(exc)
+    return cattrs.v.format_exception(exc, type_)
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, cattrs.BaseValidationError):
+        lines = []
+        for message in cattrs.transform_error(exc, format_exception=_format_error):
+            reason, _, where = message.rpartition(" @ ")
+            key = where.removeprefix("$").removeprefix(".")
+            lines.append(f"{key}: {reason}" if key else reason)
+        return "; ".join(lines)
+    return str(exc)
+
+
+def structure(cls: type[T], raw: Mapping[str, Any], *, source: str) -> T:
+    try:
+        return make_converter().structure(dict(raw), cls)
+    except Exception as exc:  # cattrs raises validation groups and plain errors alike
+        raise ConfigError(f"{source}: {_describe(exc)}") from None
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+
+
+def load(
+    cls: type[T], path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None
+) -> T:
+    """Read ``path`` (or nothing), apply environment overrides, structure as ``cls``.
+
+    Raises:
+      ConfigError: one line naming the file, the key and the reason.
+    """
+    raw = read_toml(path) if path is not None else {}
+    _apply_env(cls, raw, os.environ if environ is None else environ)
+    return structure(cls, raw, source=str(path) if path is not None else "environment")
+
+
+def load_models(path: str | os.PathLike[str] | None) -> ModelsFile:
+    if path is None:
+        return ModelsFile()
+    models = structure(ModelsFile, read_toml(path), source=str(path))
+    ids = [m.id for m in models.models]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ConfigError(f"{path}: models: duplicate ids {duplicates}")
+    for alias, target in models.aliases.items():
+        if alias in ids:
+            raise ConfigError(f"{path}: aliases.{alias}: alias shadows a model id")
+        if target not in ids:
+            raise ConfigError(f"{path}: aliases.{alias}: unknown model {target!r}")
+    return models
+
+
+def read_api_keys(section: GatewaySection) -> frozenset[str]:
+    keys = set(section.api_keys)
+    if section.api_keys_file:
+        try:
+            text = Path(section.api_keys_file).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{section.api_keys_file}: {exc.strerror}") from None
+        keys.update(line.strip() for line in text.splitlines() if line.strip())
+        keys.discard("")
+    return frozenset(k for k in keys if not k.startswith("#"))

@@ -1,0 +1,93 @@
+"""Choosing what to unload so that a model fits on a neuron.
+
+Pure planning over ``FleetState``; the router carries the plan out (its
+load task unloads the victims, then loads). A model is a candidate only when
+it is loaded, not pinned on that neuron, has nothing in flight or queued
+(this gateway's count and the neuron's), and is not already being evicted.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+from cortex.config import CatalogModel
+from cortex.gateway.state import LOADED, FleetState, NeuronState, model_memory, place
+
+Strategy = Literal["lru", "priority"]
+
+
+@attrs.frozen
+class Plan:
+    """Load on ``devices`` (``[]``: CPU host) after unloading ``evictions`` in order."""
+
+    devices: list[int]
+    evictions: list[str]
+
+
+def candidates(state: FleetState, neuron: NeuronState, strategy: Strategy) -> list[str]:
+    """Models on ``neuron`` that may be evicted, first victim first."""
+    pending = {model_id for (name, model_id) in state.pending if name == neuron.name}
+    found = []
+    for model_id, status in neuron.models.items():
+        entry = state.catalogue.models.get(model_id)
+        if (
+            status.status != LOADED
+            or model_id in neuron.evicting
+            or model_id in pending
+            or neuron.busy(model_id)
+            or (entry is not None and neuron.name in entry.pinned_on)
+        ):
+            continue
+        found.append(model_id)
+
+    def order(model_id: str) -> tuple[int, float]:
+        entry = state.catalogue.models.get(model_id)
+        priority = entry.priority if entry is not None and strategy == "priority" else 0
+        return priority, neuron.recency(model_id)
+
+    return sorted(found, key=order)
+
+
+def plan(
+    state: FleetState, neuron: NeuronState, model: CatalogModel, strategy: Strategy
+) -> Plan | None:
+    """How to fit ``model`` on ``neuron``, evicting as little as the order allows.
+
+    Returns None when it cannot fit there now, even after evicting every
+    candidate (or when the neuron's memory is not known yet).
+    """
+    free = state.free_memory(neuron)
+    if free is None:
+        return None
+    devices = place(model, free)
+    if devices is not None:
+        return Plan(devices=devices, evictions=[])
+    gpu = neuron.is_gpu
+    victims: list[str] = []
+    for model_id in candidates(state, neuron, strategy):
+        victims.append(model_id)
+        _add(free, model_memory(neuron.models[model_id], gpu))
+        devices = place(model, free)
+        if devices is not None:
+            break
+    else:
+        return None
+    # On a GPU host an early victim may sit on a device the placement does
+    # not use: keep only the victims the fit needs, sparing the most recent.
+    for model_id in reversed(victims[:-1]):
+        trial = dict(free)
+        _add(trial, model_memory(neuron.models[model_id], gpu), sign=-1)
+        if place(model, trial) is not None:
+            victims.remove(model_id)
+            free = trial
+    devices = place(model, free)
+    assert devices is not None
+    return Plan(devices=devices, evictions=victims)
+
+
+def _add(free: dict[int, int], memory: dict[int, int], sign: int = 1) -> None:
+    for index, mb in memory.items():
+        if index in free:
+            free[index] += sign * mb

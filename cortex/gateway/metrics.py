@@ -1,0 +1,121 @@
+"""The gateway's Prometheus metrics, in a registry of their own.
+
+Served on their own port by ``prometheus_client.make_asgi_app``. Model labels
+only ever hold ids the fleet knows (catalogue, aliases resolved, or loaded
+somewhere): a client's arbitrary model name would grow the series without
+bound, so an unknown one is labelled ``unknown``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
+
+UNKNOWN = "unknown"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_LOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200)
+_RATE_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 5000)
+
+
+@attrs.define(eq=False)
+class GatewayMetrics:
+    registry: CollectorRegistry
+    requests: Counter
+    errors: Counter
+    duration: Histogram
+    first_token: Histogram
+    tokens: Counter
+    tokens_per_second: Histogram
+    cold_starts: Counter
+    load_seconds: Histogram
+    evictions: Counter
+    in_flight: Gauge
+    neuron_up: Gauge
+    queue_depth: Gauge
+
+    @classmethod
+    def create(cls) -> GatewayMetrics:
+        registry = CollectorRegistry(auto_describe=True)
+        kw: dict[str, Any] = {"registry": registry}
+        return cls(
+            registry=registry,
+            requests=Counter(
+                "cortex_requests",
+                "Requests answered, by endpoint, model and the neuron that served them.",
+                ["endpoint", "model", "neuron"],
+                **kw,
+            ),
+            errors=Counter(
+                "cortex_request_errors",
+                "Requests that ended in an error, by HTTP status (mid-stream: the status sent).",
+                ["endpoint", "model", "status"],
+                **kw,
+            ),
+            duration=Histogram(
+                "cortex_request_duration_seconds",
+                "Time from request to the last byte of the answer.",
+                ["endpoint", "model"],
+                buckets=_LATENCY_BUCKETS,
+                **kw,
+            ),
+            first_token=Histogram(
+                "cortex_time_to_first_token_seconds",
+                "Time from request to the first byte of a streamed answer.",
+                ["endpoint", "model", "neuron"],
+                buckets=_LATENCY_BUCKETS,
+                **kw,
+            ),
+            tokens=Counter(
+                "cortex_tokens",
+                "Tokens processed, from the neurons' usage reports.",
+                ["model", "neuron", "kind"],
+                **kw,
+            ),
+            tokens_per_second=Histogram(
+                "cortex_tokens_per_second",
+                "Completion tokens per second of generation (after the first byte).",
+                ["model", "neuron"],
+                buckets=_RATE_BUCKETS,
+                **kw,
+            ),
+            cold_starts=Counter(
+                "cortex_cold_starts",
+                "Loads this gateway started for a request.",
+                ["model", "neuron"],
+                **kw,
+            ),
+            load_seconds=Histogram(
+                "cortex_model_load_seconds",
+                "Time a cold load took, evictions included.",
+                ["model", "neuron"],
+                buckets=_LOAD_BUCKETS,
+                **kw,
+            ),
+            evictions=Counter(
+                "cortex_evictions",
+                "Models unloaded to make room for another.",
+                ["model", "neuron"],
+                **kw,
+            ),
+            in_flight=Gauge(
+                "cortex_in_flight",
+                "Requests being proxied now.",
+                ["model", "neuron"],
+                **kw,
+            ),
+            neuron_up=Gauge(
+                "cortex_neuron_up", "1 when the neuron answered its last poll.", ["neuron"], **kw
+            ),
+            queue_depth=Gauge(
+                "cortex_neuron_queue_depth",
+                "Requests waiting on the neuron, from its last health report.",
+                ["neuron"],
+                **kw,
+            ),
+        )
+
+    def asgi_app(self) -> Any:
+        return make_asgi_app(self.registry)

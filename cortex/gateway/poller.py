@@ -1,0 +1,94 @@
+"""One poller task per neuron: discovery, health and loaded models.
+
+``/discovery`` at start and every ``discovery_interval``; ``/health`` and
+``/models`` every ``poll_interval``, or at once when something pokes the
+neuron (a request failed on it, a load or unload finished). A neuron that
+does not answer is marked down; the next good poll brings it back and clears
+``suspect``. A model the neuron no longer lists is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from cortex.config import GatewaySection
+from cortex.errors import CortexError
+from cortex.gateway.metrics import GatewayMetrics
+from cortex.gateway.state import FleetState, NeuronState
+from cortex.gateway.upstream import NeuronAPI
+
+log = logging.getLogger(__name__)
+
+
+async def refresh(api: NeuronAPI, state: FleetState, neuron: NeuronState) -> None:
+    """Fetch health and models of ``neuron`` now and record them.
+
+    Raises:
+      CortexError: the neuron could not be reached or answered badly; it is
+        marked down before this propagates.
+    """
+    epoch = neuron.epoch
+    try:
+        health = await api.health(neuron)
+        models = await api.models(neuron)
+    except CortexError as exc:
+        mark_down(state, neuron, exc.message)
+        raise
+    # A load or eviction recorded meanwhile is newer than this answer may
+    # be; whoever recorded it refreshes again.
+    if neuron.epoch == epoch:
+        neuron.health = health
+        neuron.models = {m.id: m for m in models}
+    # Our own counts stay only for models the neuron still has.
+    for model_id in list(neuron.last_used):
+        if model_id not in neuron.models and not neuron.in_flight.get(model_id):
+            del neuron.last_used[model_id]
+    if not neuron.up:
+        log.info("neuron %s is up (%s)", neuron.name, neuron.endpoint)
+    neuron.up, neuron.suspect, neuron.last_error = True, False, None
+    neuron.last_seen = time.time()
+    state.changed()
+
+
+def mark_down(state: FleetState, neuron: NeuronState, reason: str) -> None:
+    if neuron.up:
+        log.warning("neuron %s is down: %s", neuron.name, reason)
+    neuron.up = False
+    neuron.last_error = reason
+    state.changed()
+
+
+async def poll_neuron(
+    api: NeuronAPI,
+    state: FleetState,
+    neuron: NeuronState,
+    section: GatewaySection,
+    metrics: GatewayMetrics,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Keep ``neuron``'s state current until cancelled."""
+    task_status.started()
+    next_discovery = trio.current_time()
+    while True:
+        if trio.current_time() >= next_discovery or neuron.discovery is None:
+            try:
+                neuron.discovery = await api.discovery(neuron)
+                next_discovery = trio.current_time() + section.discovery_interval
+            except CortexError as exc:
+                mark_down(state, neuron, exc.message)
+        if neuron.discovery is not None:
+            try:
+                await refresh(api, state, neuron)
+            except CortexError:
+                pass
+        metrics.neuron_up.labels(neuron.name).set(1 if neuron.up else 0)
+        if neuron.health is not None:
+            metrics.queue_depth.labels(neuron.name).set(neuron.health.queue_depth)
+        neuron.polled.set()
+        with trio.move_on_after(section.poll_interval):
+            await neuron.poke.wait()
+        neuron.poke = trio.Event()

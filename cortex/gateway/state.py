@@ -1,0 +1,280 @@
+"""The gateway's view of the fleet: what each neuron has, and the catalogue.
+
+The pollers write it, the router reads it and records what it starts (loads,
+evictions, requests in flight). Everything here is plain synchronous code:
+trio only switches tasks at an ``await``, so a read-decide-mark sequence with
+no ``await`` in it is atomic, and the router relies on that (a model chosen
+for eviction is marked before any request can be routed to it).
+
+Waiting is done on Events: ``FleetState.wait_changed()`` returns after the
+next update of any neuron, a ``PendingLoad`` sets ``done`` when it ends.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator
+
+import attrs
+import trio
+
+from cortex.config import CatalogModel, ModelsFile, NeuronEndpoint
+from cortex.fleet import Discovery, Health, ModelStatus
+
+#: The neuron-side states a gateway shows, plus its own.
+LOADED = "loaded"
+LOADING = "loading"
+FAILED = "failed"
+
+
+@attrs.define(eq=False)
+class PendingLoad:
+    """A load this gateway started (or joined) on one neuron.
+
+    Every request that wants the model on that neuron waits on ``done``
+    instead of starting a load of its own.
+    """
+
+    neuron: str
+    model_id: str
+    #: Memory the load will take, per device index (``-1``: host memory).
+    reserve_mb: dict[int, int]
+    #: Device indices sent with the load (empty: CPU host or the neuron decides).
+    devices: list[int]
+    #: Models to unload first, in order.
+    evictions: list[str]
+    #: True when the neuron was already loading it (we only wait, no cold start).
+    joined: bool = False
+    done: trio.Event = attrs.field(factory=trio.Event)
+    error: Exception | None = None
+    waiters: int = 0
+
+
+@attrs.define(eq=False)
+class NeuronState:
+    """One neuron as last seen by its poller, plus this gateway's own counts."""
+
+    name: str
+    endpoint: str
+    token: str | None = None
+    up: bool = False
+    #: A request failed on it before its first byte; cleared by the next good poll.
+    suspect: bool = False
+    last_seen: float | None = None
+    last_error: str | None = None
+    discovery: Discovery | None = None
+    health: Health | None = None
+    models: dict[str, ModelStatus] = attrs.field(factory=dict)
+    #: Requests this gateway has in flight, per model (the neuron's figure lags a poll).
+    in_flight: dict[str, int] = attrs.field(factory=dict)
+    #: Wall-clock time this gateway last sent each model a request.
+    last_used: dict[str, float] = attrs.field(factory=dict)
+    #: Models chosen for eviction whose unload has not finished.
+    evicting: set[str] = attrs.field(factory=set)
+    #: Raised by every change the gateway makes to ``models`` itself, so
+    #: that a poll answer older than the change does not undo it.
+    epoch: int = 0
+    #: Set once the first poll has ended, reached or not.
+    polled: trio.Event = attrs.field(factory=trio.Event)
+    #: Set to make the poller poll now rather than at its next interval.
+    poke: trio.Event = attrs.field(factory=trio.Event)
+
+    @property
+    def base_url(self) -> str:
+        return self.endpoint.rstrip("/")
+
+    @property
+    def routable(self) -> bool:
+        return self.up and not self.suspect
+
+    @property
+    def is_gpu(self) -> bool:
+        return bool(self.discovery and self.discovery.devices)
+
+    def status_of(self, model_id: str) -> str | None:
+        """``loaded``, ``loading``, ``failed`` or None, activation included."""
+        status = self.models.get(model_id)
+        if status is not None:
+            return status.status
+        if self.health is not None:
+            activation = self.health.activation
+            if model_id in activation.in_progress or model_id in activation.pending:
+                return LOADING
+        return None
+
+    def busy(self, model_id: str) -> int:
+        """Requests on the model here: ours, or the neuron's when it knows more."""
+        status = self.models.get(model_id)
+        theirs = status.in_flight + status.queued if status is not None else 0
+        return max(self.in_flight.get(model_id, 0), theirs)
+
+    def recency(self, model_id: str) -> float:
+        status = self.models.get(model_id)
+        theirs = (status.last_used or status.loaded_at or 0.0) if status is not None else 0.0
+        return max(self.last_used.get(model_id, 0.0), theirs)
+
+    def begin_request(self, model_id: str) -> None:
+        self.in_flight[model_id] = self.in_flight.get(model_id, 0) + 1
+        self.last_used[model_id] = time.time()
+
+    def end_request(self, model_id: str) -> None:
+        left = self.in_flight.get(model_id, 0) - 1
+        if left > 0:
+            self.in_flight[model_id] = left
+        else:
+            self.in_flight.pop(model_id, None)
+        self.last_used[model_id] = time.time()
+
+    def mark_suspect(self, reason: str) -> None:
+        self.suspect = True
+        self.last_error = reason
+        self.poke.set()
+
+
+@attrs.frozen
+class Catalogue:
+    """models.toml, indexed."""
+
+    models: dict[str, CatalogModel]
+    aliases: dict[str, str]
+
+    @classmethod
+    def from_file(cls, models: ModelsFile) -> Catalogue:
+        return cls(models={m.id: m for m in models.models}, aliases=dict(models.aliases))
+
+    def resolve(self, name: str) -> str:
+        """The concrete id for ``name`` (an alias or an id)."""
+        return self.aliases.get(name, name)
+
+
+# -- placement ----------------------------------------------------------------
+# Host memory (CPU-only neurons) is keyed by HOST in the free/reserve maps.
+
+HOST = -1
+
+
+def _share(model: CatalogModel, count: int) -> int:
+    return max(model.min_device_vram_mb, math.ceil(model.vram_mb / count))
+
+
+def place(model: CatalogModel, free: dict[int, int]) -> list[int] | None:
+    """Where ``model`` fits given free memory per device, or None.
+
+    ``free`` maps device index to free MiB, or only ``HOST`` for a CPU host.
+    Returns the device indices to use (``[]`` on a CPU host). On a GPU host
+    the model is split over as few devices as its ``min_devices`` allows,
+    each holding ``vram_mb / count`` and at least ``min_device_vram_mb``;
+    the devices with the most free memory are chosen.
+    """
+    if set(free) == {HOST}:
+        return [] if model.vram_mb <= free[HOST] else None
+    ranked = sorted(free, key=lambda i: (-free[i], i))
+    for count in range(max(1, model.min_devices), len(ranked) + 1):
+        chosen = ranked[:count]
+        need = _share(model, count)
+        if all(free[i] >= need for i in chosen):
+            return sorted(chosen)
+    return None
+
+
+def reservation(model: CatalogModel, devices: list[int]) -> dict[int, int]:
+    if not devices:
+        return {HOST: model.vram_mb}
+    need = _share(model, len(devices))
+    return dict.fromkeys(devices, need)
+
+
+def capacity(neuron: NeuronState) -> dict[int, int] | None:
+    """Total memory per device (or host) from discovery and health; None: unknown."""
+    if neuron.discovery is None:
+        return None
+    if neuron.discovery.devices:
+        return {d.index: d.vram_total_mb for d in neuron.discovery.devices}
+    if neuron.health is not None:
+        return {HOST: neuron.health.memory.total_mb}
+    return {HOST: neuron.discovery.ram_total_mb}
+
+
+def feasible(model: CatalogModel, neuron: NeuronState) -> bool:
+    """Whether ``model`` could ever fit on ``neuron`` (all of its memory free)."""
+    total = capacity(neuron)
+    return total is not None and place(model, total) is not None
+
+
+def model_memory(status: ModelStatus, gpu: bool) -> dict[int, int]:
+    """A loaded model's memory per device index (or HOST)."""
+    if not gpu or not status.devices:
+        return {HOST: status.memory_mb}
+    share = math.ceil(status.memory_mb / len(status.devices))
+    return dict.fromkeys(status.devices, share)
+
+
+@attrs.define(eq=False)
+class FleetState:
+    """Every neuron, the catalogue, and the loads in progress."""
+
+    catalogue: Catalogue
+    neurons: dict[str, NeuronState]
+    #: (neuron, model id) -> the load in progress there.
+    pending: dict[tuple[str, str], PendingLoad] = attrs.field(factory=dict)
+    started_at: float = attrs.field(factory=time.time)
+    _changed: trio.Event = attrs.field(factory=trio.Event)
+
+    @classmethod
+    def build(cls, endpoints: Iterable[NeuronEndpoint], models: ModelsFile) -> FleetState:
+        neurons = {
+            e.name: NeuronState(name=e.name, endpoint=e.endpoint, token=e.token) for e in endpoints
+        }
+        return cls(catalogue=Catalogue.from_file(models), neurons=neurons)
+
+    def changed(self) -> None:
+        """Wake everyone in ``wait_changed``."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    async def wait_polled(self) -> None:
+        """Return once every neuron has been polled once (reached or not)."""
+        for neuron in self.neurons.values():
+            await neuron.polled.wait()
+
+    def routable(self) -> Iterator[NeuronState]:
+        return (n for n in self.neurons.values() if n.routable)
+
+    def known(self, model_id: str) -> bool:
+        """In the catalogue, or loaded or loading on some neuron."""
+        return model_id in self.catalogue.models or any(
+            n.status_of(model_id) in (LOADED, LOADING) for n in self.neurons.values()
+        )
+
+    def free_memory(self, neuron: NeuronState) -> dict[int, int] | None:
+        """Free memory per device (or HOST) as planning should see it.
+
+        The last health sample, plus what models chosen for eviction will
+        give back, minus what this gateway's pending loads will take (neither
+        shows in health until the next sample after it happens).
+        """
+        if neuron.discovery is None or neuron.health is None:
+            return None
+        gpu = neuron.is_gpu
+        if gpu:
+            free = {d.index: d.vram_free_mb for d in neuron.health.devices}
+            for device in neuron.discovery.devices:
+                free.setdefault(device.index, device.vram_total_mb)
+        else:
+            free = {HOST: neuron.health.memory.free_mb}
+        for model_id in neuron.evicting:
+            status = neuron.models.get(model_id)
+            if status is not None:
+                for index, mb in model_memory(status, gpu).items():
+                    if index in free:
+                        free[index] += mb
+        for (name, _), load in self.pending.items():
+            if name == neuron.name and not load.joined:
+                for index, mb in load.reserve_mb.items():
+                    if index in free:
+                        free[index] -= mb
+        return free

@@ -1,0 +1,180 @@
+"""The neuron API as the gateway calls it: JSON calls and error mapping.
+
+Inference requests are proxied by ``cortex.gateway.proxy``; everything else
+(discovery, health, models, load, unload, tokenize) goes through
+:class:`NeuronAPI`, which turns a neuron's error answers back into the
+``CortexError`` they stand for, so either dialect can render them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import attrs
+import cattrs
+import httpx
+
+from cortex.errors import (
+    CortexError,
+    InvalidRequest,
+    ModelNotFound,
+    QueueFull,
+    Unauthorized,
+    Unavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from cortex.fleet import Discovery, Health, ModelStatus
+from cortex.gateway.state import NeuronState
+
+log = logging.getLogger(__name__)
+
+
+def retry_after(headers: httpx.Headers, default: int) -> int:
+    try:
+        return max(1, int(headers.get("retry-after", default)))
+    except ValueError:
+        return default
+
+
+def error_from_response(status: int, body: bytes, headers: httpx.Headers) -> CortexError:
+    """The CortexError a neuron's error answer stands for.
+
+    The neuron sends OpenAI envelopes; message, param and code are kept, the
+    class follows the status so each dialect renders it as its own kind.
+    """
+    message, param, code = f"neuron answered {status}", None, None
+    try:
+        error = json.loads(body)["error"]
+        message = str(error.get("message") or message)
+        param, code = error.get("param"), error.get("code")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        pass
+    exc: CortexError
+    if status == 429:
+        exc = QueueFull(message, retry_after=retry_after(headers, 1))
+    elif status == 503:
+        exc = Unavailable(message, retry_after=retry_after(headers, 5))
+    elif status == 404:
+        exc = ModelNotFound(message)
+    elif status in (401, 403):
+        # Our token was refused: the fleet is misconfigured, not the client.
+        exc = UpstreamError(f"neuron refused the gateway's token: {message}")
+    elif status == 504:
+        exc = UpstreamTimeout(message)
+    elif 400 <= status < 500:
+        exc = InvalidRequest(message)
+        exc.status = status
+    elif status == 502 or status >= 500:
+        exc = UpstreamError(message)
+        exc.status = status if status != 500 else 502
+    else:
+        exc = UpstreamError(message)
+    exc.param = param if isinstance(param, str) else None
+    if isinstance(code, str):
+        exc.code = code
+    return exc
+
+
+def transport_error(neuron: NeuronState, exc: Exception) -> CortexError:
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(f"neuron {neuron.name} did not answer in time")
+    return UpstreamError(f"neuron {neuron.name} unreachable: {type(exc).__name__}: {exc}")
+
+
+@attrs.define(eq=False)
+class NeuronAPI:
+    """JSON calls to neurons over one shared client."""
+
+    client: httpx.AsyncClient
+    converter: cattrs.Converter
+    #: Read timeout of the small calls (discovery, health, models, unload).
+    call_timeout: httpx.Timeout
+    #: Read timeout of a load (the neuron answers when the model is loaded).
+    load_timeout: httpx.Timeout
+
+    def headers(self, neuron: NeuronState, request_id: str | None = None) -> dict[str, str]:
+        headers = {}
+        if neuron.token:
+            headers["authorization"] = f"Bearer {neuron.token}"
+        if request_id:
+            headers["x-request-id"] = request_id
+        return headers
+
+    async def call(
+        self,
+        neuron: NeuronState,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        timeout: httpx.Timeout | None = None,
+        request_id: str | None = None,
+    ) -> Any:
+        """One JSON call; returns the decoded body.
+
+        Raises:
+          CortexError: the neuron's error answer, mapped by status.
+          UpstreamError, UpstreamTimeout: it could not be reached or answered junk.
+        """
+        try:
+            response = await self.client.request(
+                method,
+                neuron.base_url + path,
+                json=json_body,
+                headers=self.headers(neuron, request_id),
+                timeout=timeout or self.call_timeout,
+            )
+        except httpx.HTTPError as exc:
+            raise transport_error(neuron, exc) from exc
+        if response.status_code >= 400:
+            raise error_from_response(response.status_code, response.content, response.headers)
+        try:
+            return response.json()
+        except ValueError:
+            raise UpstreamError(f"neuron {neuron.name} answered {path} with invalid JSON")
+
+    def _structure(self, data: Any, cls: type, neuron: NeuronState, path: str) -> Any:
+        try:
+            return self.converter.structure(data, cls)
+        except Exception as exc:  # cattrs raises groups and plain errors alike
+            raise UpstreamError(f"neuron {neuron.name} answered {path} with bad data: {exc}")
+
+    async def discovery(self, neuron: NeuronState) -> Discovery:
+        return self._structure(
+            await self.call(neuron, "GET", "/discovery"), Discovery, neuron, "/discovery"
+        )
+
+    async def health(self, neuron: NeuronState) -> Health:
+        return self._structure(await self.call(neuron, "GET", "/health"), Health, neuron, "/health")
+
+    async def models(self, neuron: NeuronState) -> list[ModelStatus]:
+        data = await self.call(neuron, "GET", "/models")
+        return self._structure(data, list[ModelStatus], neuron, "/models")
+
+    async def load(self, neuron: NeuronState, body: dict[str, Any]) -> ModelStatus | None:
+        data = await self.call(
+            neuron, "POST", "/models/load", json_body=body, timeout=self.load_timeout
+        )
+        model = data.get("model") if isinstance(data, dict) else None
+        return self._structure(model, ModelStatus, neuron, "/models/load") if model else None
+
+    async def unload(self, neuron: NeuronState, model_id: str) -> None:
+        await self.call(
+            neuron,
+            "POST",
+            "/models/unload",
+            json_body={"model_id": model_id, "cancel": False},
+            timeout=self.load_timeout,
+        )
+
+    async def tokenize(
+        self, neuron: NeuronState, body: dict[str, Any], request_id: str | None = None
+    ) -> int:
+        data = await self.call(neuron, "POST", "/tokenize", json_body=body, request_id=request_id)
+        try:
+            return int(data["count"])
+        except (KeyError, TypeError, ValueError):
+            raise UpstreamError(f"neuron {neuron.name} answered /tokenize without a count")

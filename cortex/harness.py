@@ -1,0 +1,197 @@
+"""Engine plugins: the ``cortex.harness`` hook specification and its manager.
+
+An engine ("harness") is a pluggy plugin registered under the
+``cortex.harness`` entry-point group, exactly like a third party's: the
+built-in llama.cpp and ctransformers engines are separate distributions
+under ``plugins/``. Hooks are plain synchronous factories (pluggy does not
+await); the neuron calls the blocking ones in a worker thread.
+
+The object a load returns is a :class:`LoadedModel`. The neuron drives it:
+one generation worker per loaded model owns it and calls its methods from a
+worker thread under the model's ``CapacityLimiter``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import attrs
+import pluggy
+
+NAME = "cortex.harness"
+
+hookspec = pluggy.HookspecMarker(NAME)
+hookimpl = pluggy.HookimplMarker(NAME)
+
+
+@attrs.frozen
+class HarnessInfo:
+    """What an engine says about itself; feeds the neuron's ``/discovery``."""
+
+    name: str
+    version: str
+    formats: tuple[str, ...]
+    cuda: bool = False
+
+
+@attrs.frozen
+class Placement:
+    """Where a model goes: which devices, and how much host memory it may use.
+
+    ``devices`` are NVML indices; empty means CPU only.
+    """
+
+    devices: tuple[int, ...] = ()
+    memory_budget_mb: int | None = None
+
+
+@attrs.frozen
+class LoadSpec:
+    """A request to load one model file.
+
+    Attributes:
+      model_id: the id clients use ("Qwen/Qwen3-8B"); may contain slashes.
+      path: the resolved model file.
+      harness: the engine to use, or None for the first that can read the file.
+      chat_format: a named chat format to use when the file has no template.
+      options: engine-specific settings (n_ctx, n_threads, n_gpu_layers, ...).
+    """
+
+    model_id: str
+    path: str
+    harness: str | None = None
+    chat_format: str | None = None
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Sampling:
+    """Sampling settings for one generation; None means the engine default."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    #: A GBNF grammar that constrains the output, or None.
+    grammar: str | None = None
+
+
+@attrs.frozen
+class ChatPrompt:
+    """A chat conversation rendered to the model's prompt text.
+
+    ``stop`` lists end-of-turn strings the template implies (e.g.
+    ``<end_of_turn>``); generation stops on them and they never reach the
+    client. ``special`` says whether the prompt contains control tokens
+    written as text that must be tokenized as such.
+    """
+
+    text: str
+    stop: tuple[str, ...] = ()
+    add_bos: bool = True
+    special: bool = True
+
+
+@attrs.frozen
+class Token:
+    """One generated token: its id and the bytes it adds to the text."""
+
+    id: int
+    piece: bytes
+
+
+class LoadedModel(abc.ABC):
+    """A model an engine has loaded. All methods block; call them in a thread.
+
+    The neuron owns stop strings, token limits, UTF-8 assembly and
+    cancellation; the engine only turns tokens into more tokens.
+    """
+
+    model_id: str
+    harness: str
+    #: The context length the model was loaded with.
+    n_ctx: int
+    #: The context length the model was trained with, when known.
+    n_ctx_train: int | None = None
+
+    @abc.abstractmethod
+    def memory_mb(self) -> int:
+        """Memory the loaded model uses (weights plus context), in MiB."""
+
+    @abc.abstractmethod
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
+        """Turn text into token ids."""
+
+    @abc.abstractmethod
+    def render_chat(
+        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
+    ) -> ChatPrompt:
+        """Render OpenAI-shaped chat messages through the model's chat template.
+
+        Raises:
+          ChatTemplateMissing: the file has no template and no chat_format was given.
+        """
+
+    @abc.abstractmethod
+    def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[Token]:
+        """Yield generated tokens one by one after the prompt ``tokens``.
+
+        The iterator ends only at the model's end of generation; the caller
+        stops consuming at its own limits and then closes the iterator.
+        Only one generation runs at a time per model.
+        """
+
+    @abc.abstractmethod
+    def unload(self) -> None:
+        """Free everything the model holds. The object is unusable afterwards."""
+
+
+class HarnessSpec:
+    """The hooks an engine plugin implements."""
+
+    @hookspec
+    def cortex_harness_info(self) -> HarnessInfo:
+        """Called for ``/discovery`` and at start. Every engine answers."""
+        raise NotImplementedError
+
+    @hookspec(firstresult=True)
+    def cortex_harness_load(self, spec: LoadSpec, placement: Placement) -> LoadedModel | None:
+        """Load ``spec`` if this engine should handle it.
+
+        Called in a worker thread (it blocks for as long as the load takes).
+        Return None when ``spec.harness`` names another engine, or when it
+        names none and this engine cannot read the file; the first non-None
+        result wins. Raise ``ModelLoadError`` when this engine should load the
+        file but cannot.
+        """
+        raise NotImplementedError
+
+
+def plugin_manager(
+    *, blocked: Iterable[str] = (), plugins: Iterable[object] = ()
+) -> pluggy.PluginManager:
+    """Build the plugin manager: built-ins first, then entry points.
+
+    Args:
+      blocked: plugin (entry point) names that must not be loaded.
+      plugins: extra plugin objects to register (tests, embedding).
+    """
+    pm = pluggy.PluginManager(NAME)
+    pm.add_hookspecs(HarnessSpec)
+    for name in blocked:
+        pm.set_blocked(name)
+    for plugin in plugins:
+        pm.register(plugin)
+    pm.load_setuptools_entrypoints(NAME)
+    pm.check_pending()
+    return pm
+
+
+def harness_infos(pm: pluggy.PluginManager) -> list[HarnessInfo]:
+    return list(pm.hook.cortex_harness_info())

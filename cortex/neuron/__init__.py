@@ -1,0 +1,1 @@
+"""The node plane: one neuron per GPU host."""

@@ -1,0 +1,619 @@
+"""The neuron's HTTP app and its main task.
+
+``run_neuron`` owns one nursery: the API server, the device sampler, the
+activation (pre-load) task, model loads and one generation worker per
+loaded model. ``create_app`` builds the quart-trio app from a ``Neuron``;
+nothing here exists at import time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from functools import partial
+from typing import Any
+
+import attrs
+import pluggy
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from cortex.config import NeuronConfig
+from cortex.errors import ContextOverflow, CortexError, InvalidRequest, Unauthorized
+from cortex.fleet import DeviceSample, Discovery, Health, MemoryBudget, make_converter
+from cortex.harness import ChatPrompt, Sampling, harness_infos, plugin_manager
+from cortex.neuron import discovery
+from cortex.neuron.metrics import NeuronMetrics
+from cortex.neuron.models import LoadRequest, ModelManager, ModelSlot
+from cortex.neuron.workers import (
+    Delta,
+    Done,
+    Failed,
+    GenerationFailed,
+    GenerationRequest,
+    Job,
+    collect,
+    tokens_per_second,
+)
+from cortex.serve import serve
+from cortex.wire import openai, responses, sse
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 13131
+#: Routes that stay open when a token is set and ``open_health`` is on.
+HEALTH_ROUTES = frozenset({"/health", "/metrics"})
+
+
+@attrs.define(eq=False)
+class Neuron:
+    """The state one neuron serves from."""
+
+    config: NeuronConfig
+    pm: pluggy.PluginManager
+    nvml: discovery.Nvml
+    manager: ModelManager
+    discovery: Discovery
+    started: float = attrs.field(factory=time.monotonic)
+    samples: list[DeviceSample] = attrs.field(factory=list)
+    metrics: NeuronMetrics = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.metrics = NeuronMetrics(self.manager.statuses, lambda: self.samples)
+        self.manager.on_loaded.append(
+            lambda slot, seconds: self.metrics.load_seconds.labels(slot.id).observe(seconds)
+        )
+
+    def health(self) -> Health:
+        statuses = self.manager.statuses()
+        return Health(
+            uptime_secs=round(time.monotonic() - self.started, 3),
+            devices=self.samples,
+            memory=MemoryBudget(
+                total_mb=self.manager.memory_budget_mb, used_mb=self.manager.memory_used_mb()
+            ),
+            activation=self.manager.activation(),
+            queue_depth=sum(s.queued for s in statuses),
+            in_flight=sum(s.in_flight for s in statuses),
+        )
+
+    async def sample_devices(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep ``samples`` fresh for /health and /metrics (not sampled per request)."""
+        self.samples = await trio.to_thread.run_sync(self.nvml.sample)
+        task_status.started()
+        if not self.nvml.available:
+            return
+        while True:
+            await trio.sleep(self.config.neuron.sample_interval)
+            try:
+                self.samples = await trio.to_thread.run_sync(self.nvml.sample)
+            except Exception as exc:  # a flaky driver must not take the neuron down
+                log.warning("device sample failed: %s", exc)
+
+
+@attrs.frozen
+class NeuronHandle:
+    url: str
+    neuron: Neuron
+
+
+def default_memory_budget_mb() -> int:
+    return discovery.ram_total_mb() * 9 // 10
+
+
+async def run_neuron(
+    config: NeuronConfig,
+    *,
+    shutdown: trio.Event,
+    plugins: Iterable[object] = (),
+    task_status: trio.TaskStatus[NeuronHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a neuron until ``shutdown`` is set; then drain, unload and return.
+
+    Args:
+      plugins: engine plugin objects to register besides the entry points.
+    """
+    section = config.neuron
+    pm = plugin_manager(blocked=section.blocked_harnesses, plugins=plugins)
+    nvml = discovery.Nvml()
+    await trio.to_thread.run_sync(nvml.start)
+    try:
+        found = await trio.to_thread.run_sync(discovery.discover, nvml, harness_infos(pm))
+        async with trio.open_nursery() as nursery:
+            manager = ModelManager(
+                pm,
+                nursery,
+                model_dirs=section.model_dirs,
+                memory_budget_mb=section.memory_budget_mb or default_memory_budget_mb(),
+                n_ctx_max=section.n_ctx_max,
+                queue_limit=section.queue_limit,
+                has_devices=bool(found.devices),
+            )
+            neuron = Neuron(config=config, pm=pm, nvml=nvml, manager=manager, discovery=found)
+            await nursery.start(neuron.sample_devices)
+            nursery.start_soon(
+                manager.activate, [LoadRequest.from_config(m) for m in config.models]
+            )
+            async with trio.open_nursery() as server:
+                url = await server.start(
+                    partial(
+                        serve,
+                        create_app(neuron),
+                        section.listen,
+                        default_port=DEFAULT_PORT,
+                        shutdown_trigger=shutdown.wait,
+                        grace_period=section.grace_period,
+                    )
+                )
+                task_status.started(NeuronHandle(url=url, neuron=neuron))
+            # The server has drained: nothing can reach the models any more.
+            with trio.CancelScope(shield=True):
+                await manager.unload_all()
+            nursery.cancel_scope.cancel()
+    finally:
+        nvml.stop()
+
+
+# -- the app --------------------------------------------------------------------------
+
+
+def create_app(neuron: Neuron) -> QuartTrio:
+    app = QuartTrio("cortex.neuron")
+    app.config["MAX_CONTENT_LENGTH"] = neuron.config.neuron.max_body_bytes
+    converter = make_converter()
+    manager = neuron.manager
+    token = neuron.config.neuron.token
+
+    @app.before_request
+    async def authenticate() -> None:
+        request.environ_request_id = request.headers.get("x-request-id") or uuid.uuid4().hex  # type: ignore[attr-defined]
+        if token is None:
+            return
+        if neuron.config.neuron.open_health and request.path in HEALTH_ROUTES:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise Unauthorized("missing or wrong neuron token (Authorization: Bearer ...)")
+
+    @app.after_request
+    async def add_request_id(response: Response) -> Response:
+        request_id = getattr(request, "environ_request_id", None)
+        if request_id:
+            response.headers["x-request-id"] = request_id
+        return response
+
+    @app.errorhandler(CortexError)
+    async def cortex_error(exc: CortexError) -> Response:
+        return error_response(exc)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        return Response(
+            json.dumps(openai.error_from(status, exc.description or exc.name)),
+            status=status,
+            content_type="application/json",
+        )
+
+    # -- fleet API: what the gateway calls --------------------------------------------
+
+    @app.get("/discovery")
+    async def get_discovery() -> Any:
+        return converter.unstructure(neuron.discovery)
+
+    @app.get("/health")
+    async def get_health() -> Any:
+        return converter.unstructure(neuron.health())
+
+    @app.get("/models")
+    async def list_models() -> Any:
+        return converter.unstructure(manager.statuses())
+
+    @app.post("/models/load")
+    async def load_model() -> Any:
+        load = LoadRequest.from_json(await read_json())
+        slot = await manager.load(load)
+        return {"status": "loaded", "model": converter.unstructure(slot.status_view())}
+
+    @app.post("/models/unload")
+    async def unload_model() -> Any:
+        body = await read_json()
+        model_id = body.get("model_id") if isinstance(body, dict) else None
+        if not isinstance(model_id, str) or not model_id:
+            raise InvalidRequest("model_id must be a non-empty string", param="model_id")
+        cancel = body.get("cancel", False)
+        if not isinstance(cancel, bool):
+            raise InvalidRequest("cancel must be a boolean", param="cancel")
+        cancelled = await manager.unload(model_id, cancel=cancel)
+        return {"status": "unloaded", "model_id": model_id, "cancelled": cancelled}
+
+    @app.get("/models/<path:model_id>/endpoint")
+    async def model_endpoint(model_id: str) -> Any:
+        manager.serving(model_id)
+        return {"url": request.host_url.rstrip("/") + "/v1"}
+
+    @app.post("/tokenize")
+    async def tokenize() -> Any:
+        body = await read_json()
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            raise InvalidRequest("model must be a string", param="model")
+        slot = manager.serving(body["model"])
+        model = slot.model
+        assert model is not None
+        if "messages" in body:
+            chat = openai.parse_chat_request(
+                {"model": body["model"], "messages": body["messages"], "tools": body.get("tools")}
+            )
+            prompt = await trio.to_thread.run_sync(
+                partial(model.render_chat, chat.messages, tools=chat.tools)
+            )
+            tokens = await trio.to_thread.run_sync(
+                partial(model.tokenize, prompt.text, add_bos=prompt.add_bos, special=prompt.special)
+            )
+            return {"count": len(tokens)}
+        text = body.get("text")
+        if not isinstance(text, str):
+            raise InvalidRequest("give text (a string) or messages", param="text")
+        tokens = await trio.to_thread.run_sync(partial(model.tokenize, text, add_bos=False))
+        return {"count": len(tokens), "tokens": tokens}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(neuron.metrics.registry), content_type=CONTENT_TYPE_LATEST)
+
+    # -- inference: OpenAI dialect ----------------------------------------------------
+
+    @app.get("/v1/models")
+    async def v1_models() -> Any:
+        return openai.model_list(
+            [
+                openai.model_entry(
+                    s.id, created=int(s.loaded_at or 0), owned_by="cortex", status=s.status
+                )
+                for s in manager.statuses()
+                if s.status == "loaded"
+            ]
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions() -> Any:
+        arrived = time.perf_counter()
+        chat = openai.parse_chat_request(await read_json())
+        slot = manager.serving(chat.model)
+        prompt = await render(slot, chat.messages, chat.tools)
+        job = await submit(
+            slot,
+            prompt_tokens=await tokenize_prompt(slot, prompt),
+            max_tokens=chat.max_tokens,
+            sampling=chat.sampling.apply({}),
+            stops=chat.stop,
+            template_stops=prompt.stop,
+            endpoint="chat",
+        )
+        ids = dict(id=openai.new_id("chatcmpl"), created=openai.now(), model=chat.model)
+        if not chat.stream:
+            text, done = await finish(slot, job, arrived)
+            return openai.chat_completion(
+                **ids,
+                content=text,
+                finish_reason=done.finish_reason,
+                usage=usage_of(done),
+                stop_sequence=done.stop_sequence,
+            )
+
+        async def events() -> AsyncIterator[bytes]:
+            first = True
+            async for event in stream(slot, job, arrived):
+                if isinstance(event, Delta):
+                    # The role rides with the first text: a role-only chunk sent
+                    # before any token would fake the time to first token.
+                    delta = (
+                        {"role": "assistant", "content": event.text}
+                        if first
+                        else {"content": event.text}
+                    )
+                    first = False
+                    yield sse.encode(
+                        openai.chat_chunk(**ids, delta=delta, include_usage=chat.include_usage)
+                    )
+                elif isinstance(event, Done):
+                    delta = {"role": "assistant", "content": ""} if first else {}
+                    yield sse.encode(
+                        openai.chat_chunk(
+                            **ids,
+                            delta=delta,
+                            finish_reason=event.finish_reason,
+                            stop_sequence=event.stop_sequence,
+                            include_usage=chat.include_usage,
+                        )
+                    )
+                    if chat.include_usage:
+                        yield sse.encode(openai.usage_chunk(**ids, usage=usage_of(event)))
+                    yield sse.DONE
+                else:
+                    yield sse.encode(openai.error_body(GenerationFailed(event.message)))
+
+        return event_stream(events())
+
+    @app.post("/v1/completions")
+    async def completions() -> Any:
+        arrived = time.perf_counter()
+        req = openai.parse_completion_request(await read_json())
+        slot = manager.serving(req.model)
+        prompts = []
+        for prompt in req.prompts:
+            if isinstance(prompt, str):
+                prompts.append(await tokenize_text(slot, prompt))
+            else:
+                prompts.append(list(prompt))
+        ids = dict(id=openai.new_id("cmpl"), created=openai.now(), model=req.model)
+        sampling = req.sampling.apply({})
+
+        async def run(tokens: list[int]) -> Job:
+            return await submit(
+                slot,
+                prompt_tokens=tokens,
+                max_tokens=req.max_tokens,
+                sampling=sampling,
+                stops=req.stop,
+                template_stops=(),
+                endpoint="completions",
+            )
+
+        if not req.stream:
+            choices, prompt_total, completion_total = [], 0, 0
+            for tokens in prompts:
+                text, done = await finish(slot, await run(tokens), arrived)
+                choices.append((text, done.finish_reason))
+                prompt_total += done.prompt_tokens
+                completion_total += done.completion_tokens
+            return openai.text_completion(
+                **ids,
+                choices=choices,
+                usage=openai.Usage(prompt_tokens=prompt_total, completion_tokens=completion_total),
+            )
+
+        first_job = await run(prompts[0])
+
+        async def events() -> AsyncIterator[bytes]:
+            prompt_total = completion_total = 0
+            for index, tokens in enumerate(prompts):
+                job = first_job if index == 0 else await run(tokens)
+                async for event in stream(slot, job, arrived):
+                    if isinstance(event, Delta):
+                        yield sse.encode(
+                            openai.completion_chunk(
+                                **ids,
+                                text=event.text,
+                                index=index,
+                                include_usage=req.include_usage,
+                            )
+                        )
+                    elif isinstance(event, Done):
+                        prompt_total += event.prompt_tokens
+                        completion_total += event.completion_tokens
+                        yield sse.encode(
+                            openai.completion_chunk(
+                                **ids,
+                                text="",
+                                index=index,
+                                finish_reason=event.finish_reason,
+                                stop_sequence=event.stop_sequence,
+                                include_usage=req.include_usage,
+                            )
+                        )
+                    else:
+                        yield sse.encode(openai.error_body(GenerationFailed(event.message)))
+                        return
+            if req.include_usage:
+                usage = openai.Usage(prompt_tokens=prompt_total, completion_tokens=completion_total)
+                chunk = openai.usage_chunk(**ids, usage=usage)
+                chunk["object"] = "text_completion"
+                yield sse.encode(chunk)
+            yield sse.DONE
+
+        return event_stream(events())
+
+    @app.post("/v1/responses")
+    async def create_response() -> Any:
+        arrived = time.perf_counter()
+        req = responses.parse_responses_request(await read_json())
+        slot = manager.serving(req.model)
+        prompt = await render(slot, req.messages, req.tools)
+        job = await submit(
+            slot,
+            prompt_tokens=await tokenize_prompt(slot, prompt),
+            max_tokens=req.max_output_tokens,
+            sampling=req.sampling.apply({}),
+            stops=(),
+            template_stops=prompt.stop,
+            endpoint="responses",
+        )
+        response_id, created_at = "resp_" + uuid.uuid4().hex, openai.now()
+        if not req.stream:
+            text, done = await finish(slot, job, arrived)
+            status, reason = outcome(done)
+            return responses.response_object(
+                id=response_id,
+                created_at=created_at,
+                model=req.model,
+                text=text,
+                status=status,
+                usage=usage_of(done),
+                incomplete_reason=reason,
+                message_id=responses.new_message_id(),
+            )
+        builder = responses.ResponsesStream(id=response_id, created_at=created_at, model=req.model)
+
+        async def events() -> AsyncIterator[bytes]:
+            for name, payload in builder.start():
+                yield sse.encode(payload, event=name)
+            async for event in stream(slot, job, arrived):
+                if isinstance(event, Delta):
+                    out = builder.delta(event.text)
+                elif isinstance(event, Done):
+                    status, reason = outcome(event)
+                    out = builder.finish(
+                        usage=usage_of(event), status=status, incomplete_reason=reason
+                    )
+                else:
+                    out = [
+                        (
+                            "error",
+                            {
+                                "type": "error",
+                                "code": "server_error",
+                                "message": event.message,
+                                "param": None,
+                                "sequence_number": 0,
+                            },
+                        )
+                    ]
+                for name, payload in out:
+                    yield sse.encode(payload, event=name)
+
+        return event_stream(events())
+
+    # -- helpers ----------------------------------------------------------------------
+
+    async def read_json() -> Any:
+        data = await request.get_data(cache=False)
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidRequest(f"body is not valid JSON: {exc}") from None
+
+    async def render(slot: ModelSlot, messages: list[dict[str, Any]], tools: Any) -> ChatPrompt:
+        assert slot.model is not None
+        return await trio.to_thread.run_sync(partial(slot.model.render_chat, messages, tools=tools))
+
+    async def tokenize_prompt(slot: ModelSlot, prompt: ChatPrompt) -> list[int]:
+        assert slot.model is not None
+        return await trio.to_thread.run_sync(
+            partial(
+                slot.model.tokenize, prompt.text, add_bos=prompt.add_bos, special=prompt.special
+            )
+        )
+
+    async def tokenize_text(slot: ModelSlot, text: str) -> list[int]:
+        assert slot.model is not None
+        return await trio.to_thread.run_sync(partial(slot.model.tokenize, text))
+
+    async def submit(
+        slot: ModelSlot,
+        *,
+        prompt_tokens: list[int],
+        max_tokens: int | None,
+        sampling: Sampling,
+        stops: Sequence[str],
+        template_stops: Sequence[str],
+        endpoint: str,
+    ) -> Job:
+        assert slot.model is not None and slot.worker is not None
+        room = slot.model.n_ctx - len(prompt_tokens)
+        if room <= 0:
+            raise ContextOverflow(
+                f"the prompt is {len(prompt_tokens)} tokens; model {slot.id!r} has a context of "
+                f"{slot.model.n_ctx}",
+                param="messages",
+            )
+        # Beyond what the context leaves, max_tokens is clamped (finish_reason
+        # "length"), never rejected: clients such as Claude Code ask for 32000.
+        limit = room if max_tokens is None else min(max_tokens, room)
+        job = Job(
+            GenerationRequest(
+                tokens=prompt_tokens,
+                sampling=sampling,
+                max_tokens=limit,
+                stops=tuple(stops),
+                template_stops=tuple(template_stops),
+            )
+        )
+        try:
+            slot.worker.submit(job)
+        except CortexError:
+            neuron.metrics.rejected.labels(slot.id).inc()
+            raise
+        neuron.metrics.requests.labels(slot.id, endpoint).inc()
+        return job
+
+    async def stream(
+        slot: ModelSlot, job: Job, arrived: float
+    ) -> AsyncIterator[Delta | Done | Failed]:
+        """The job's events; cancels the job if the consumer stops early."""
+        first = True
+        try:
+            async with job.events:
+                async for event in job.events:
+                    if first and isinstance(event, Delta):
+                        first = False
+                        observe_first_token(slot, arrived)
+                    if isinstance(event, Done):
+                        observe_done(slot, event)
+                    yield event
+        finally:
+            job.cancel()
+
+    async def finish(slot: ModelSlot, job: Job, arrived: float) -> tuple[str, Done]:
+        try:
+            text, done = await collect(job)
+        finally:
+            job.cancel()
+        if done.completion_tokens:
+            neuron.metrics.time_to_first_token.labels(slot.id).observe(
+                time.perf_counter() - arrived - done.decode_seconds
+            )
+        observe_done(slot, done)
+        return text, done
+
+    def observe_first_token(slot: ModelSlot, arrived: float) -> None:
+        neuron.metrics.time_to_first_token.labels(slot.id).observe(time.perf_counter() - arrived)
+
+    def observe_done(slot: ModelSlot, done: Done) -> None:
+        neuron.metrics.generation(
+            slot.id,
+            prompt=done.prompt_tokens,
+            completion=done.completion_tokens,
+            rate=tokens_per_second(done),
+        )
+
+    return app
+
+
+def usage_of(done: Done) -> openai.Usage:
+    return openai.Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens)
+
+
+def outcome(done: Done) -> tuple[str, str | None]:
+    """A Responses status and incomplete reason for how generation ended."""
+    if done.finish_reason == "length":
+        return "incomplete", "max_output_tokens"
+    return "completed", None
+
+
+def error_response(exc: CortexError) -> Response:
+    response = Response(
+        json.dumps(openai.error_body(exc)), status=exc.status, content_type="application/json"
+    )
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
+def event_stream(body: AsyncIterator[bytes]) -> Response:
+    response = Response(body, content_type="text/event-stream")
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"
+    # Quart's default RESPONSE_TIMEOUT (60 s) would cut long generations.
+    response.timeout = None
+    return response

@@ -1,0 +1,120 @@
+"""The neuron's Prometheus metrics, in a registry of its own."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from cortex.fleet import DeviceSample, ModelStatus
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class _StateCollector(Collector):
+    """Reads live state at scrape time: queues, loaded models, devices."""
+
+    def __init__(
+        self,
+        models: Callable[[], list[ModelStatus]],
+        devices: Callable[[], list[DeviceSample]],
+    ) -> None:
+        self._models = models
+        self._devices = devices
+
+    def collect(self) -> Iterator[Metric]:
+        statuses = self._models()
+        loaded = GaugeMetricFamily("cortex_neuron_loaded_models", "Models loaded and serving")
+        loaded.add_metric([], sum(1 for m in statuses if m.status == "loaded"))
+        yield loaded
+        queue = GaugeMetricFamily(
+            "cortex_neuron_queue_depth", "Requests waiting for a model", labels=["model"]
+        )
+        in_flight = GaugeMetricFamily(
+            "cortex_neuron_in_flight", "Requests being generated", labels=["model"]
+        )
+        memory = GaugeMetricFamily(
+            "cortex_neuron_model_memory_bytes", "Memory a loaded model uses", labels=["model"]
+        )
+        for m in statuses:
+            queue.add_metric([m.id], m.queued)
+            in_flight.add_metric([m.id], m.in_flight)
+            memory.add_metric([m.id], m.memory_mb * 1024 * 1024)
+        yield queue
+        yield in_flight
+        yield memory
+        samples = self._devices()
+        used = GaugeMetricFamily(
+            "cortex_neuron_device_memory_used_bytes", "Device memory in use", labels=["device"]
+        )
+        free = GaugeMetricFamily(
+            "cortex_neuron_device_memory_free_bytes", "Device memory free", labels=["device"]
+        )
+        util = GaugeMetricFamily(
+            "cortex_neuron_device_utilization_ratio", "Device utilisation", labels=["device"]
+        )
+        temp = GaugeMetricFamily(
+            "cortex_neuron_device_temperature_celsius", "Device temperature", labels=["device"]
+        )
+        for d in samples:
+            label = [str(d.index)]
+            used.add_metric(label, d.vram_used_mb * 1024 * 1024)
+            free.add_metric(label, d.vram_free_mb * 1024 * 1024)
+            if d.utilization_pct is not None:
+                util.add_metric(label, d.utilization_pct / 100)
+            if d.temp_c is not None:
+                temp.add_metric(label, d.temp_c)
+        yield from (used, free, util, temp)
+
+
+class NeuronMetrics:
+    def __init__(
+        self,
+        models: Callable[[], list[ModelStatus]],
+        devices: Callable[[], list[DeviceSample]],
+    ) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.tokens = Counter(
+            "cortex_neuron_tokens_generated", "Tokens generated", ["model"], registry=r
+        )
+        self.prompt_tokens = Counter(
+            "cortex_neuron_prompt_tokens", "Prompt tokens processed", ["model"], registry=r
+        )
+        self.requests = Counter(
+            "cortex_neuron_requests", "Generation requests", ["model", "endpoint"], registry=r
+        )
+        self.rejected = Counter(
+            "cortex_neuron_requests_rejected", "Requests refused: queue full", ["model"], registry=r
+        )
+        self.tokens_per_second = Histogram(
+            "cortex_neuron_tokens_per_second",
+            "Decode speed of each generation",
+            ["model"],
+            buckets=(1, 5, 10, 25, 50, 75, 100, 150, 200, 400, 800, 1600, 5000),
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "cortex_neuron_time_to_first_token_seconds",
+            "From request to first generated text",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.load_seconds = Histogram(
+            "cortex_neuron_model_load_seconds",
+            "Model load time",
+            ["model"],
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=r,
+        )
+        r.register(_StateCollector(models, devices))
+
+    def generation(self, model: str, *, prompt: int, completion: int, rate: float) -> None:
+        self.tokens.labels(model).inc(completion)
+        self.prompt_tokens.labels(model).inc(prompt)
+        if not math.isnan(rate):
+            self.tokens_per_second.labels(model).observe(rate)

@@ -1,0 +1,58 @@
+"""Serving an ASGI app with hypercorn on trio, with a graceful drain."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from cortex.config import parse_listen
+
+log = logging.getLogger(__name__)
+
+#: Bound on a request's header block; hypercorn answers 431/400 beyond it.
+MAX_HEADER_BYTES = 64 * 1024
+
+
+def hypercorn_config(
+    listen: str, *, default_port: int, grace_period: float
+) -> hypercorn.config.Config:
+    host, port = parse_listen(listen, default_port=default_port)
+    config = hypercorn.config.Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.graceful_timeout = grace_period
+    config.h11_max_incomplete_size = MAX_HEADER_BYTES
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.keep_alive_timeout = 75
+    return config
+
+
+async def serve(
+    app: Any,
+    listen: str,
+    *,
+    default_port: int,
+    shutdown_trigger: Callable[[], Awaitable[Any]],
+    grace_period: float = 30.0,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` on ``listen`` until ``shutdown_trigger`` returns.
+
+    Reports the first bound URL (``http://127.0.0.1:PORT``; port 0 resolved)
+    through ``task_status``. After the trigger, no new connections are
+    accepted and in-flight requests get ``grace_period`` seconds to finish.
+    """
+    config = hypercorn_config(listen, default_port=default_port, grace_period=grace_period)
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(
+            partial(hypercorn.trio.serve, app, config, shutdown_trigger=shutdown_trigger)
+        )
+        url = urls[0].replace("://0.0.0.0:", "://127.0.0.1:")
+        log.info("listening on %s", url)
+        task_status.started(url)

@@ -1,0 +1,267 @@
+"""The Anthropic messages dialect: request parsing and the error envelope.
+
+The gateway serves it by translation (:mod:`cortex.wire.translate`). Parsing
+is strict about what it uses and lenient about the rest: Claude Code sends
+``thinking``, ``context_management``, ``output_config``, ``cache_control`` on
+blocks and mid-conversation ``system`` messages, and must never get a 400
+for them.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from cortex.errors import CortexError, InvalidRequest
+from cortex.wire.openai import (
+    MAX_STOP,
+    _model,
+    _opt_bool,
+    _opt_float,
+    _opt_int,
+    _require_object,
+)
+
+ROLES = frozenset({"user", "assistant", "system"})
+
+
+def new_message_id() -> str:
+    return f"msg_{secrets.token_hex(12)}"
+
+
+# -- parsing ------------------------------------------------------------------
+
+
+def _check_block(block: Any, where: str) -> None:
+    if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+        raise InvalidRequest(f"{where} must be an object with a type", param=where)
+    kind = block["type"]
+    if kind == "text" and not isinstance(block.get("text"), str):
+        raise InvalidRequest(f"{where}.text must be a string", param=f"{where}.text")
+    elif kind == "image" and not isinstance(block.get("source"), dict):
+        raise InvalidRequest(f"{where}.source must be an object", param=f"{where}.source")
+    elif kind == "tool_use":
+        if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
+            raise InvalidRequest(f"{where}: tool_use needs an id and a name", param=where)
+        if not isinstance(block.get("input", {}), dict):
+            raise InvalidRequest(f"{where}.input must be an object", param=f"{where}.input")
+    elif kind == "tool_result":
+        if not isinstance(block.get("tool_use_id"), str):
+            raise InvalidRequest(
+                f"{where}.tool_use_id must be a string", param=f"{where}.tool_use_id"
+            )
+        content = block.get("content")
+        if isinstance(content, list):
+            for j, inner in enumerate(content):
+                _check_block(inner, f"{where}.content[{j}]")
+        elif content is not None and not isinstance(content, str):
+            raise InvalidRequest(
+                f"{where}.content must be a string or a list of blocks",
+                param=f"{where}.content",
+            )
+    # Other types (thinking, redacted_thinking, document, ...) pass through;
+    # the translation says what it does with each.
+
+
+def _content(value: Any, where: str) -> str | list[dict[str, Any]]:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        for j, block in enumerate(value):
+            _check_block(block, f"{where}[{j}]")
+        return value
+    raise InvalidRequest(f"{where} must be a string or a list of blocks", param=where)
+
+
+def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if messages is None:
+        raise InvalidRequest("messages: field required", param="messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages must be a non-empty list", param="messages")
+    for i, message in enumerate(messages):
+        where = f"messages.{i}"
+        if not isinstance(message, dict):
+            raise InvalidRequest(f"{where} must be an object", param=where)
+        if message.get("role") not in ROLES:
+            raise InvalidRequest(
+                f"{where}.role must be user or assistant, got {message.get('role')!r}",
+                param=f"{where}.role",
+            )
+        if "content" not in message:
+            raise InvalidRequest(f"{where}.content: field required", param=f"{where}.content")
+        _content(message["content"], f"{where}.content")
+    return messages
+
+
+def _system(body: Mapping[str, Any]) -> str | list[dict[str, Any]] | None:
+    system = body.get("system")
+    if system is None:
+        return None
+    return _content(system, "system")
+
+
+def _stop_sequences(body: Mapping[str, Any]) -> tuple[str, ...]:
+    value = body.get("stop_sequences")
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise InvalidRequest("stop_sequences must be a list of strings", param="stop_sequences")
+    if len(value) > MAX_STOP:
+        raise InvalidRequest(
+            f"stop_sequences may hold at most {MAX_STOP} strings, got {len(value)}",
+            param="stop_sequences",
+        )
+    return tuple(s for s in value if s)
+
+
+def _tools(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise InvalidRequest("tools must be a list", param="tools")
+    for i, tool in enumerate(tools):
+        where = f"tools.{i}"
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+            raise InvalidRequest(f"{where}.name must be a string", param=f"{where}.name")
+        if not isinstance(tool.get("input_schema", {}), dict):
+            raise InvalidRequest(
+                f"{where}.input_schema must be an object", param=f"{where}.input_schema"
+            )
+    return tools
+
+
+def _tool_choice(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    choice = body.get("tool_choice")
+    if choice is None:
+        return None
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind not in ("auto", "any", "tool", "none"):
+        raise InvalidRequest(
+            "tool_choice.type must be auto, any, tool or none", param="tool_choice"
+        )
+    if kind == "tool" and not isinstance(choice.get("name"), str):
+        raise InvalidRequest("tool_choice.name must be a string", param="tool_choice.name")
+    return choice
+
+
+def _metadata(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    metadata = body.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise InvalidRequest("metadata must be an object", param="metadata")
+    return metadata
+
+
+@attrs.frozen
+class MessagesRequest:
+    """A validated ``POST /v1/messages`` body.
+
+    ``messages`` and ``system`` are kept as sent; sampling fields are None
+    when absent so the model's catalogue defaults apply, not a fixed 1.0.
+    """
+
+    model: str
+    messages: list[dict[str, Any]]
+    max_tokens: int
+    system: str | list[dict[str, Any]] | None = None
+    stop_sequences: tuple[str, ...] = ()
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    stream: bool = False
+    metadata: dict[str, Any] | None = None
+
+
+@attrs.frozen
+class CountTokensRequest:
+    """A validated ``POST /v1/messages/count_tokens`` body."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+def parse_messages_request(body: Any) -> MessagesRequest:
+    """Validate a decoded messages body; unknown top-level keys are ignored.
+
+    ``max_tokens`` is only checked to be a positive integer: clamping it to
+    the context that is left is the caller's job (Claude Code sends 32000).
+
+    Raises:
+      InvalidRequest: a required field is missing or a used one is malformed.
+    """
+    body = _require_object(body)
+    model = _model(body)
+    max_tokens = _opt_int(body, "max_tokens", minimum=1)
+    if max_tokens is None:
+        raise InvalidRequest("max_tokens: field required", param="max_tokens")
+    return MessagesRequest(
+        model=model,
+        messages=_messages(body),
+        max_tokens=max_tokens,
+        system=_system(body),
+        stop_sequences=_stop_sequences(body),
+        temperature=_opt_float(body, "temperature", low=0, high=1),
+        top_p=_opt_float(body, "top_p", low=0, high=1),
+        top_k=_opt_int(body, "top_k", minimum=0),
+        tools=_tools(body),
+        tool_choice=_tool_choice(body),
+        stream=bool(_opt_bool(body, "stream")),
+        metadata=_metadata(body),
+    )
+
+
+def parse_count_tokens_request(body: Any) -> CountTokensRequest:
+    """Validate a count_tokens body (no ``max_tokens`` needed)."""
+    body = _require_object(body)
+    return CountTokensRequest(
+        model=_model(body),
+        messages=_messages(body),
+        system=_system(body),
+        tools=_tools(body),
+    )
+
+
+def count_tokens_response(input_tokens: int) -> dict[str, int]:
+    return {"input_tokens": input_tokens}
+
+
+# -- errors -------------------------------------------------------------------
+
+_TYPE_FOR_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def status_for(exc: CortexError) -> int:
+    """The HTTP status for ``exc`` in this dialect.
+
+    "Nobody can serve it now" is 529 overloaded for Anthropic clients, which
+    retry it with backoff, where OpenAI's say 503.
+    """
+    return 529 if exc.status == 503 else exc.status
+
+
+def error_from(status: int, message: str) -> dict[str, Any]:
+    """The Anthropic error envelope for ``status``; also the stream's error event."""
+    kind = _TYPE_FOR_STATUS.get(status, "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def error_body(exc: CortexError) -> dict[str, Any]:
+    return error_from(status_for(exc), exc.message)

@@ -1,0 +1,633 @@
+"""The OpenAI dialect: chat completions, completions, models, errors.
+
+Parsing turns a decoded JSON body into a frozen request value or raises
+``InvalidRequest`` naming the offending ``param``; builders return plain
+dicts in the shapes the ``openai`` SDK parses. Streams are the caller's
+business: it encodes the chunk dicts with :mod:`cortex.wire.sse`.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from cortex.errors import CortexError, InvalidRequest
+from cortex.harness import Sampling
+
+#: OpenAI's own limit; the engine could take more, but clients written
+#: against OpenAI never send more and a translated Anthropic request is
+#: held to the same number so it never fails later at the neuron.
+MAX_STOP = 4
+
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
+
+_MISSING = object()
+
+
+def new_id(prefix: str) -> str:
+    """A fresh id like ``chatcmpl-<24 hex>``."""
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def now() -> int:
+    """Unix seconds, for ``created`` fields."""
+    return int(time.time())
+
+
+# -- field checks -------------------------------------------------------------
+# Shared by the Responses and Anthropic parsers of this package. Each takes
+# the body and a key and returns the value or raises InvalidRequest; ``param``
+# is the key so the client sees which field was wrong.
+
+
+def _require_object(body: Any, what: str = "request body") -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"{what} must be a JSON object")
+    return body
+
+
+def _model(body: Mapping[str, Any]) -> str:
+    model = body.get("model")
+    if model is None:
+        raise InvalidRequest("model: field required", param="model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("model must be a non-empty string", param="model")
+    return model
+
+
+def _opt_str(body: Mapping[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, str):
+        raise InvalidRequest(f"{key} must be a string", param=key)
+    return value
+
+
+def _opt_bool(body: Mapping[str, Any], key: str) -> bool | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidRequest(f"{key} must be a boolean", param=key)
+    return value
+
+
+def _opt_int(body: Mapping[str, Any], key: str, *, minimum: int | None = None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    # bool is an int subclass; `true` is not a token count.
+    if isinstance(value, bool) or not isinstance(value, int):
+        # 16.0 from a JavaScript client is still an integer.
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise InvalidRequest(f"{key} must be an integer", param=key)
+    if minimum is not None and value < minimum:
+        raise InvalidRequest(f"{key} must be at least {minimum}, got {value}", param=key)
+    return value
+
+
+def _opt_float(
+    body: Mapping[str, Any],
+    key: str,
+    *,
+    low: float,
+    high: float | None = None,
+    low_open: bool = False,
+) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidRequest(f"{key} must be a number", param=key)
+    value = float(value)
+    too_low = value <= low if low_open else value < low
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        if high is None:
+            bound = f"{'above' if low_open else 'at least'} {low:g}"
+        else:
+            bound = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+        raise InvalidRequest(f"{key} must be {bound}, got {value:g}", param=key)
+    return value
+
+
+def _stop(body: Mapping[str, Any], key: str = "stop") -> tuple[str, ...]:
+    value = body.get(key)
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise InvalidRequest(f"{key} must be a string or a list of strings", param=key)
+    if len(value) > MAX_STOP:
+        raise InvalidRequest(
+            f"{key} may hold at most {MAX_STOP} strings, got {len(value)}", param=key
+        )
+    # An empty stop string would end every generation before it starts.
+    return tuple(s for s in value if s)
+
+
+def _reject_n(body: Mapping[str, Any]) -> None:
+    n = _opt_int(body, "n", minimum=1)
+    if n is not None and n > 1:
+        raise InvalidRequest("n > 1 is not supported", param="n")
+
+
+# -- sampling -----------------------------------------------------------------
+
+_SAMPLING_DEFAULTS = {f.name: f.default for f in attrs.fields(Sampling)}
+
+
+@attrs.frozen
+class SamplingOverrides:
+    """Sampling fields the client sent; None means it did not send that one."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> SamplingOverrides:
+        """Read and range-check the OpenAI fields plus llama.cpp's extras."""
+        return cls(
+            temperature=_opt_float(body, "temperature", low=0, high=2),
+            top_p=_opt_float(body, "top_p", low=0, high=1, low_open=True),
+            top_k=_opt_int(body, "top_k", minimum=0),
+            min_p=_opt_float(body, "min_p", low=0, high=1),
+            repeat_penalty=_opt_float(body, "repeat_penalty", low=0),
+            presence_penalty=_opt_float(body, "presence_penalty", low=-2, high=2),
+            frequency_penalty=_opt_float(body, "frequency_penalty", low=-2, high=2),
+            seed=_opt_int(body, "seed"),
+        )
+
+    def apply(self, defaults: Mapping[str, Any]) -> Sampling:
+        """The settings to generate with.
+
+        Each field is the client's value, else the model's default from
+        ``defaults`` (the catalogue's per-model sampling), else
+        :class:`Sampling`'s own default.
+        """
+        values = {}
+        for field in attrs.fields(SamplingOverrides):
+            value = getattr(self, field.name)
+            if value is None:
+                value = defaults.get(field.name)
+            if value is None:
+                value = _SAMPLING_DEFAULTS[field.name]
+            values[field.name] = value
+        return Sampling(**values)
+
+
+# -- chat completions ---------------------------------------------------------
+
+
+def _content_parts(parts: list[Any], param: str) -> None:
+    for j, part in enumerate(parts):
+        where = f"{param}[{j}]"
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise InvalidRequest(f"{where} must be an object with a type", param=where)
+        if part["type"] == "text" and not isinstance(part.get("text"), str):
+            raise InvalidRequest(f"{where}.text must be a string", param=f"{where}.text")
+
+
+def _tool_calls(calls: Any, param: str) -> None:
+    if not isinstance(calls, list):
+        raise InvalidRequest(f"{param} must be a list", param=param)
+    for j, call in enumerate(calls):
+        where = f"{param}[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidRequest(f"{where}.function.name must be a string", param=where)
+        if not isinstance(function.get("arguments", ""), str):
+            raise InvalidRequest(f"{where}.function.arguments must be a JSON string", param=where)
+
+
+def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if messages is None:
+        raise InvalidRequest("messages: field required", param="messages")
+    if not isinstance(messages, list):
+        raise InvalidRequest("messages must be a list", param="messages")
+    if not messages:
+        raise InvalidRequest("messages must not be empty", param="messages")
+    for i, message in enumerate(messages):
+        _check_message(message, f"messages[{i}]")
+    return messages
+
+
+def _check_message(message: Any, where: str) -> None:
+    if not isinstance(message, dict):
+        raise InvalidRequest(f"{where} must be an object", param=where)
+    role = message.get("role")
+    if role not in CHAT_ROLES:
+        raise InvalidRequest(
+            f"{where}.role must be one of {', '.join(sorted(CHAT_ROLES))}, got {role!r}",
+            param=f"{where}.role",
+        )
+    content = message.get("content")
+    # Only an assistant turn may omit content (when it carries tool calls).
+    if content is None and role != "assistant":
+        raise InvalidRequest(f"{where}.content: field required", param=f"{where}.content")
+    if isinstance(content, list):
+        _content_parts(content, f"{where}.content")
+    elif content is not None and not isinstance(content, str):
+        raise InvalidRequest(
+            f"{where}.content must be a string or a list of parts", param=f"{where}.content"
+        )
+    if role == "assistant" and message.get("tool_calls") is not None:
+        _tool_calls(message["tool_calls"], f"{where}.tool_calls")
+    if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+        raise InvalidRequest(
+            f"{where}.tool_call_id must be a string", param=f"{where}.tool_call_id"
+        )
+
+
+def _tools(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise InvalidRequest("tools must be a list", param="tools")
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+            raise InvalidRequest(f"{where}: only function tools are supported", param=where)
+        function = tool.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidRequest(f"{where}.function.name must be a string", param=where)
+        if not isinstance(function.get("parameters", {}), dict):
+            raise InvalidRequest(f"{where}.function.parameters must be an object", param=where)
+    return tools
+
+
+def _tool_choice(body: Mapping[str, Any]) -> str | dict[str, Any] | None:
+    choice = body.get("tool_choice")
+    if choice is None:
+        return None
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise InvalidRequest(
+                "tool_choice must be none, auto, required or a function", param="tool_choice"
+            )
+        return choice
+    function = choice.get("function") if isinstance(choice, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise InvalidRequest(
+            'tool_choice object must be {"type": "function", "function": {"name": ...}}',
+            param="tool_choice",
+        )
+    return choice
+
+
+def _response_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") not in RESPONSE_FORMATS:
+        raise InvalidRequest(
+            "response_format.type must be one of text, json_object, json_schema",
+            param="response_format",
+        )
+    if fmt["type"] == "json_schema" and not isinstance(fmt.get("json_schema"), dict):
+        raise InvalidRequest(
+            "response_format.json_schema must be an object", param="response_format.json_schema"
+        )
+    return fmt
+
+
+def _include_usage(body: Mapping[str, Any], stream: bool) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise InvalidRequest("stream_options must be an object", param="stream_options")
+    include = _opt_bool(options, "include_usage")
+    # Only a stream has a usage chunk to send.
+    return bool(include) and stream
+
+
+def _reject_logprobs(body: Mapping[str, Any], key: str = "logprobs") -> None:
+    # Chat sends `logprobs: false` routinely; only asking for them is refused.
+    if body.get(key) not in (None, False):
+        raise InvalidRequest(f"{key} is not supported", param=key)
+
+
+@attrs.frozen
+class ChatRequest:
+    """A validated ``POST /v1/chat/completions`` body.
+
+    ``messages`` are the client's dicts, content kept as sent (a string or a
+    list of parts) for the chat template to render.
+    """
+
+    model: str
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    include_usage: bool = False
+    sampling: SamplingOverrides = attrs.field(factory=SamplingOverrides)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    user: str | None = None
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    """Validate a decoded chat completions body.
+
+    Raises:
+      InvalidRequest: anything the engine cannot honour or the body gets wrong.
+    """
+    body = _require_object(body)
+    model = _model(body)
+    messages = _messages(body)
+    _reject_n(body)
+    _reject_logprobs(body)
+    max_tokens = _opt_int(body, "max_tokens", minimum=1)
+    # Benchmark tools send only max_completion_tokens; it wins when both come.
+    max_completion = _opt_int(body, "max_completion_tokens", minimum=1)
+    stream = bool(_opt_bool(body, "stream"))
+    return ChatRequest(
+        model=model,
+        messages=messages,
+        max_tokens=max_completion if max_completion is not None else max_tokens,
+        stop=_stop(body),
+        stream=stream,
+        include_usage=_include_usage(body, stream),
+        sampling=SamplingOverrides.from_body(body),
+        tools=_tools(body),
+        tool_choice=_tool_choice(body),
+        parallel_tool_calls=_opt_bool(body, "parallel_tool_calls"),
+        response_format=_response_format(body),
+        user=_opt_str(body, "user"),
+    )
+
+
+# -- completions --------------------------------------------------------------
+
+
+def _is_tokens(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+    )
+
+
+def _prompts(body: Mapping[str, Any]) -> list[str | list[int]]:
+    prompt = body.get("prompt", _MISSING)
+    if prompt is _MISSING or prompt is None:
+        raise InvalidRequest("prompt: field required", param="prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    if _is_tokens(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if all(_is_tokens(p) for p in prompt):
+            return list(prompt)
+    raise InvalidRequest(
+        "prompt must be a string, a list of strings, a list of token ids "
+        "or a list of token id lists (token ids are non-negative integers)",
+        param="prompt",
+    )
+
+
+@attrs.frozen
+class CompletionRequest:
+    """A validated ``POST /v1/completions`` body; one choice per prompt."""
+
+    model: str
+    prompts: list[str | list[int]]
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    include_usage: bool = False
+    sampling: SamplingOverrides = attrs.field(factory=SamplingOverrides)
+    user: str | None = None
+
+
+def parse_completion_request(body: Any) -> CompletionRequest:
+    """Validate a decoded completions body.
+
+    ``echo``, ``suffix``, ``logprobs`` and ``best_of`` > 1 are refused rather
+    than ignored: a client that asks for them reads the answer differently.
+
+    Raises:
+      InvalidRequest: as for :func:`parse_chat_request`.
+    """
+    body = _require_object(body)
+    model = _model(body)
+    prompts = _prompts(body)
+    _reject_n(body)
+    if _opt_bool(body, "echo"):
+        raise InvalidRequest("echo is not supported", param="echo")
+    if _opt_str(body, "suffix"):
+        raise InvalidRequest("suffix is not supported", param="suffix")
+    if body.get("logprobs") is not None:
+        raise InvalidRequest("logprobs is not supported", param="logprobs")
+    best_of = _opt_int(body, "best_of", minimum=1)
+    if best_of is not None and best_of > 1:
+        raise InvalidRequest("best_of > 1 is not supported", param="best_of")
+    # Like OpenAI, an absent or null max_tokens means 16.
+    max_tokens = _opt_int(body, "max_tokens", minimum=1)
+    stream = bool(_opt_bool(body, "stream"))
+    return CompletionRequest(
+        model=model,
+        prompts=prompts,
+        max_tokens=16 if max_tokens is None else max_tokens,
+        stop=_stop(body),
+        stream=stream,
+        include_usage=_include_usage(body, stream),
+        sampling=SamplingOverrides.from_body(body),
+        user=_opt_str(body, "user"),
+    )
+
+
+# -- responses ----------------------------------------------------------------
+
+
+@attrs.frozen
+class Usage:
+    """Token counts of one request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_openai(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+def _with_stop_sequence(choice: dict[str, Any], stop_sequence: str | None) -> dict[str, Any]:
+    # cortex extension: the client's stop string that ended the output, so
+    # the gateway can answer Anthropic's stop_sequence honestly.
+    if stop_sequence is not None:
+        choice["stop_sequence"] = stop_sequence
+    return choice
+
+
+def chat_completion(
+    *,
+    id: str,
+    created: int,
+    model: str,
+    content: str | None,
+    finish_reason: str,
+    usage: Usage,
+    tool_calls: list[dict[str, Any]] | None = None,
+    stop_sequence: str | None = None,
+) -> dict[str, Any]:
+    """A ``chat.completion`` object with one choice."""
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+    return {
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [_with_stop_sequence(choice, stop_sequence)],
+        "usage": usage.to_openai(),
+    }
+
+
+def chat_chunk(
+    *,
+    id: str,
+    created: int,
+    model: str,
+    delta: dict[str, Any],
+    finish_reason: str | None = None,
+    stop_sequence: str | None = None,
+    include_usage: bool = False,
+) -> dict[str, Any]:
+    """A ``chat.completion.chunk``; same ``id`` and ``created`` on every chunk.
+
+    With ``include_usage`` the chunk carries ``usage: null``, as OpenAI's do
+    when the client asked for a closing :func:`usage_chunk`.
+    """
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    chunk: dict[str, Any] = {
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [_with_stop_sequence(choice, stop_sequence)],
+    }
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(*, id: str, created: int, model: str, usage: Usage) -> dict[str, Any]:
+    """The last chunk before ``[DONE]`` when ``include_usage``: ``choices`` is ``[]``."""
+    return {
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage.to_openai(),
+    }
+
+
+def text_completion(
+    *, id: str, created: int, model: str, choices: list[tuple[str, str]], usage: Usage
+) -> dict[str, Any]:
+    """A ``text_completion`` object; ``choices`` are (text, finish_reason) pairs."""
+    return {
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {"text": text, "index": i, "logprobs": None, "finish_reason": finish_reason}
+            for i, (text, finish_reason) in enumerate(choices)
+        ],
+        "usage": usage.to_openai(),
+    }
+
+
+def completion_chunk(
+    *,
+    id: str,
+    created: int,
+    model: str,
+    text: str,
+    index: int = 0,
+    finish_reason: str | None = None,
+    stop_sequence: str | None = None,
+    include_usage: bool = False,
+) -> dict[str, Any]:
+    """One streamed ``text_completion`` object (the same shape as the whole one)."""
+    choice = {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+    chunk: dict[str, Any] = {
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [_with_stop_sequence(choice, stop_sequence)],
+    }
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def model_entry(id: str, *, created: int, owned_by: str = "cortex", **extra: Any) -> dict[str, Any]:
+    """One entry of ``GET /v1/models``; ``extra`` adds cortex's own fields."""
+    return {"id": id, "object": "model", "created": created, "owned_by": owned_by, **extra}
+
+
+def model_list(models: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"object": "list", "data": models}
+
+
+# -- errors -------------------------------------------------------------------
+
+_TYPE_FOR_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+}
+
+
+def _envelope(message: str, type: str, param: str | None, code: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_body(exc: CortexError) -> dict[str, Any]:
+    """The OpenAI error envelope for ``exc``; also the mid-stream error chunk."""
+    return _envelope(exc.message, exc.kind, exc.param, exc.code)
+
+
+def error_from(status: int, message: str) -> dict[str, Any]:
+    """The envelope for an error that is no CortexError (a 404 route, a 405)."""
+    kind = _TYPE_FOR_STATUS.get(
+        status, "server_error" if status >= 500 else "invalid_request_error"
+    )
+    return _envelope(message, kind, None, None)

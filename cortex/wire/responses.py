@@ -1,0 +1,452 @@
+"""The OpenAI Responses dialect (``POST /v1/responses``), text output only.
+
+A request's ``input`` items and ``instructions`` become ordinary chat
+messages, so the engine path is the chat one. Nothing is stored: a
+``previous_response_id`` is refused, the client sends the whole conversation.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from cortex.errors import InvalidRequest
+from cortex.wire.openai import (
+    SamplingOverrides,
+    Usage,
+    _check_message,
+    _model,
+    _opt_bool,
+    _opt_int,
+    _opt_str,
+    _require_object,
+)
+
+_MESSAGE_ROLES = frozenset({"user", "assistant", "system", "developer"})
+#: Items that carry nothing a local model can use; dropped, not refused,
+#: because clients replay them from earlier turns.
+_IGNORED_ITEMS = frozenset({"reasoning"})
+
+
+def _text_of_parts(parts: list[Any], where: str) -> str | list[dict[str, Any]]:
+    """Responses content parts -> chat content: a string when all text."""
+    converted: list[dict[str, Any]] = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
+            converted.append({"type": "text", "text": part["text"]})
+        elif kind == "refusal" and isinstance(part.get("refusal"), str):
+            converted.append({"type": "text", "text": part["refusal"]})
+        elif kind == "input_image" and isinstance(part.get("image_url"), str):
+            converted.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
+        else:
+            raise InvalidRequest(
+                f"{where}[{j}]: unsupported content part {kind!r}", param=f"{where}[{j}]"
+            )
+    if all(p["type"] == "text" for p in converted):
+        return "".join(p["text"] for p in converted)
+    return converted
+
+
+def _content(item: Mapping[str, Any], key: str, where: str) -> str | list[dict[str, Any]]:
+    content = item.get(key)
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return _text_of_parts(content, f"{where}.{key}")
+    raise InvalidRequest(
+        f"{where}.{key} must be a string or a list of parts", param=f"{where}.{key}"
+    )
+
+
+def _input_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    instructions = _opt_str(body, "instructions")
+    if instructions:
+        messages.append({"role": "system", "content": instructions})
+    items = body.get("input")
+    if items is None:
+        raise InvalidRequest("input: field required", param="input")
+    if isinstance(items, str):
+        messages.append({"role": "user", "content": items})
+        return messages
+    if not isinstance(items, list):
+        raise InvalidRequest("input must be a string or a list of items", param="input")
+    for i, item in enumerate(items):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise InvalidRequest(f"{where} must be an object", param=where)
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in _MESSAGE_ROLES:
+                raise InvalidRequest(
+                    f"{where}.role must be one of user, assistant, system, developer",
+                    param=f"{where}.role",
+                )
+            messages.append({"role": role, "content": _content(item, "content", where)})
+        elif kind == "function_call":
+            call = _function_call(item, where)
+            last = messages[-1] if messages else None
+            # Parallel calls (and a text reply before them) are one
+            # assistant turn in chat form.
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            call_id = item.get("call_id")
+            if not isinstance(call_id, str):
+                raise InvalidRequest(f"{where}.call_id must be a string", param=f"{where}.call_id")
+            output = _content(item, "output", where)
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": output})
+        elif kind in _IGNORED_ITEMS:
+            continue
+        else:
+            raise InvalidRequest(f"{where}: unsupported input item type {kind!r}", param=where)
+    if not any(m["role"] != "system" for m in messages):
+        raise InvalidRequest("input must not be empty", param="input")
+    for i, message in enumerate(messages):
+        _check_message(message, f"input(converted)[{i}]")
+    return messages
+
+
+def _function_call(item: Mapping[str, Any], where: str) -> dict[str, Any]:
+    call_id, name = item.get("call_id"), item.get("name")
+    arguments = item.get("arguments", "")
+    if not isinstance(call_id, str) or not isinstance(name, str):
+        raise InvalidRequest(f"{where}: function_call needs call_id and name", param=where)
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments)
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _tools(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise InvalidRequest("tools must be a list", param="tools")
+    converted = []
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise InvalidRequest(f"{where}: only function tools are supported", param=where)
+        if not isinstance(tool.get("name"), str):
+            raise InvalidRequest(f"{where}.name must be a string", param=f"{where}.name")
+        function = {"name": tool["name"], "parameters": tool.get("parameters") or {}}
+        if tool.get("description") is not None:
+            function["description"] = tool["description"]
+        if tool.get("strict") is not None:
+            function["strict"] = tool["strict"]
+        converted.append({"type": "function", "function": function})
+    return converted
+
+
+def _tool_choice(body: Mapping[str, Any]) -> str | dict[str, Any] | None:
+    choice = body.get("tool_choice")
+    if choice is None or choice in ("none", "auto", "required"):
+        return choice
+    named = isinstance(choice, dict) and choice.get("type") == "function"
+    if named and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise InvalidRequest(
+        'tool_choice must be none, auto, required or {"type": "function", "name": ...}',
+        param="tool_choice",
+    )
+
+
+def _response_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    text = body.get("text")
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind in ("text", "json_object"):
+        return {"type": kind}
+    if kind == "json_schema" and isinstance(fmt.get("schema"), dict):
+        schema = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
+        return {"type": "json_schema", "json_schema": schema}
+    raise InvalidRequest(
+        "text.format.type must be text, json_object or json_schema with a schema",
+        param="text.format",
+    )
+
+
+@attrs.frozen
+class ResponsesRequest:
+    """A validated ``POST /v1/responses`` body, already in chat terms.
+
+    ``messages``, ``tools``, ``tool_choice`` and ``response_format`` have the
+    chat completions shapes.
+    """
+
+    model: str
+    messages: list[dict[str, Any]]
+    max_output_tokens: int | None = None
+    sampling: SamplingOverrides = attrs.field(factory=SamplingOverrides)
+    stream: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    store: bool | None = None
+    user: str | None = None
+
+
+def parse_responses_request(body: Any) -> ResponsesRequest:
+    """Validate a decoded Responses body and convert its input to chat messages.
+
+    Raises:
+      InvalidRequest: on a malformed body, non-function tools, or state the
+        gateway does not keep (``previous_response_id``, ``conversation``).
+    """
+    body = _require_object(body)
+    model = _model(body)
+    for key in ("previous_response_id", "conversation"):
+        if body.get(key) is not None:
+            raise InvalidRequest(
+                f"{key} is not supported: responses are not stored, "
+                "send the whole conversation in input",
+                param=key,
+            )
+    return ResponsesRequest(
+        model=model,
+        messages=_input_messages(body),
+        max_output_tokens=_opt_int(body, "max_output_tokens", minimum=1),
+        sampling=SamplingOverrides.from_body(body),
+        stream=bool(_opt_bool(body, "stream")),
+        tools=_tools(body),
+        tool_choice=_tool_choice(body),
+        parallel_tool_calls=_opt_bool(body, "parallel_tool_calls"),
+        response_format=_response_format(body),
+        store=_opt_bool(body, "store"),
+        user=_opt_str(body, "user"),
+    )
+
+
+# -- output -------------------------------------------------------------------
+
+
+def new_message_id() -> str:
+    return f"msg_{secrets.token_hex(16)}"
+
+
+def usage_object(usage: Usage) -> dict[str, Any]:
+    """Responses usage; no cache or reasoning here, so those details are 0."""
+    return {
+        "input_tokens": usage.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": usage.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _message_item(message_id: str, status: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "type": "message",
+        "id": message_id,
+        "status": status,
+        "role": "assistant",
+        "content": parts,
+    }
+
+
+def _response(
+    *,
+    id: str,
+    created_at: int,
+    model: str,
+    status: str,
+    output: list[dict[str, Any]],
+    usage: dict[str, Any] | None = None,
+    incomplete_reason: str | None = None,
+    error: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": id,
+        "object": "response",
+        "created_at": created_at,
+        "status": status,
+        "model": model,
+        "output": output,
+        "error": error,
+        "incomplete_details": (
+            {"reason": incomplete_reason} if incomplete_reason is not None else None
+        ),
+        "instructions": None,
+        "metadata": {},
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": usage,
+    }
+
+
+def response_object(
+    *,
+    id: str,
+    created_at: int,
+    model: str,
+    text: str,
+    status: str,
+    usage: Usage,
+    incomplete_reason: str | None,
+    message_id: str,
+) -> dict[str, Any]:
+    """A whole ``response`` with one assistant message.
+
+    Args:
+      status: ``completed`` or ``incomplete``.
+      incomplete_reason: ``max_output_tokens`` when the output was cut, else None.
+    """
+    item_status = "completed" if status == "completed" else "incomplete"
+    return _response(
+        id=id,
+        created_at=created_at,
+        model=model,
+        status=status,
+        output=[_message_item(message_id, item_status, [_text_part(text)])],
+        usage=usage_object(usage),
+        incomplete_reason=incomplete_reason,
+    )
+
+
+class ResponsesStream:
+    """Builds a Responses event stream for one text message.
+
+    Each method returns ``(event name, payload)`` pairs to encode with
+    ``sse.encode(payload, event=name)``; payloads carry ``type`` and an
+    increasing ``sequence_number``. The order is the one the SDK's stream
+    helper checks: created, in_progress, item added, part added, deltas,
+    text done, part done, item done, completed.
+    """
+
+    def __init__(
+        self, *, id: str, created_at: int, model: str, message_id: str | None = None
+    ) -> None:
+        self.id = id
+        self.created_at = created_at
+        self.model = model
+        self.message_id = message_id or new_message_id()
+        self._sequence = 0
+        self._text: list[str] = []
+        self._opened = False
+
+    def _event(self, name: str, **fields: Any) -> tuple[str, dict[str, Any]]:
+        payload = {"type": name, "sequence_number": self._sequence, **fields}
+        self._sequence += 1
+        return name, payload
+
+    def _snapshot(self, status: str) -> dict[str, Any]:
+        return _response(
+            id=self.id, created_at=self.created_at, model=self.model, status=status, output=[]
+        )
+
+    def start(self) -> list[tuple[str, dict[str, Any]]]:
+        return [
+            self._event("response.created", response=self._snapshot("in_progress")),
+            self._event("response.in_progress", response=self._snapshot("in_progress")),
+        ]
+
+    def _open(self) -> list[tuple[str, dict[str, Any]]]:
+        if self._opened:
+            return []
+        self._opened = True
+        # The message and its part open with the first text, not at start:
+        # an early empty item would fake the time to first token.
+        return [
+            self._event(
+                "response.output_item.added",
+                output_index=0,
+                item=_message_item(self.message_id, "in_progress", []),
+            ),
+            self._event(
+                "response.content_part.added",
+                item_id=self.message_id,
+                output_index=0,
+                content_index=0,
+                part=_text_part(""),
+            ),
+        ]
+
+    def delta(self, text: str) -> list[tuple[str, dict[str, Any]]]:
+        if not text:
+            return []
+        events = self._open()
+        self._text.append(text)
+        events.append(
+            self._event(
+                "response.output_text.delta",
+                item_id=self.message_id,
+                output_index=0,
+                content_index=0,
+                delta=text,
+                logprobs=[],
+            )
+        )
+        return events
+
+    def finish(
+        self, *, usage: Usage, status: str = "completed", incomplete_reason: str | None = None
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Close the message and end with ``response.completed`` or ``.incomplete``."""
+        text = "".join(self._text)
+        item_status = "completed" if status == "completed" else "incomplete"
+        events = self._open()
+        events += [
+            self._event(
+                "response.output_text.done",
+                item_id=self.message_id,
+                output_index=0,
+                content_index=0,
+                text=text,
+                logprobs=[],
+            ),
+            self._event(
+                "response.content_part.done",
+                item_id=self.message_id,
+                output_index=0,
+                content_index=0,
+                part=_text_part(text),
+            ),
+            self._event(
+                "response.output_item.done",
+                output_index=0,
+                item=_message_item(self.message_id, item_status, [_text_part(text)]),
+            ),
+        ]
+        final = response_object(
+            id=self.id,
+            created_at=self.created_at,
+            model=self.model,
+            text=text,
+            status=status,
+            usage=usage,
+            incomplete_reason=incomplete_reason,
+            message_id=self.message_id,
+        )
+        name = "response.completed" if status == "completed" else "response.incomplete"
+        events.append(self._event(name, response=final))
+        return events
+
+    def fail(self, message: str) -> list[tuple[str, dict[str, Any]]]:
+        """End a stream that broke mid-way with ``response.failed``."""
+        response = _response(
+            id=self.id,
+            created_at=self.created_at,
+            model=self.model,
+            status="failed",
+            output=[],
+            error={"code": "server_error", "message": message},
+        )
+        return [self._event("response.failed", response=response)]

@@ -1,0 +1,456 @@
+"""Anthropic messages <-> OpenAI chat completions, for the gateway.
+
+Requests go in as chat completions bodies (the one engine path); answers
+come back as Anthropic messages or, streaming, as Anthropic events built
+from the chat chunks by :class:`AnthropicStream`.
+
+Choices made where the two dialects do not line up:
+
+- Several text blocks of one turn (or of ``system``) are joined with "\\n".
+- ``tool_result`` content that is an error is prefixed with ``"Error: "``;
+  images inside a ``tool_result`` go into the user message that follows the
+  tool messages, since OpenAI tool messages hold text only.
+- ``thinking``, ``redacted_thinking`` and server-tool blocks from earlier
+  turns are dropped: a local model cannot use them.
+- Tool arguments that are not a JSON object come back as
+  ``input: {"_raw_arguments": "<the text>"}`` so nothing the model wrote is
+  lost and the client's schema check reports it to the model.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any
+
+from cortex.errors import InvalidRequest
+from cortex.wire.anthropic import CountTokensRequest, MessagesRequest, error_from
+
+_DROPPED_BLOCKS = frozenset(
+    {"thinking", "redacted_thinking", "server_tool_use", "web_search_tool_result"}
+)
+_TOOL_CHOICE = {"auto": "auto", "any": "required", "none": "none"}
+
+
+def _new_tool_id() -> str:
+    return f"toolu_{secrets.token_hex(12)}"
+
+
+# -- requests -----------------------------------------------------------------
+
+
+def _blocks(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"type": "text", "text": content}] if isinstance(content, str) else content
+
+
+def _joined_text(content: str | list[dict[str, Any]]) -> str:
+    return "\n".join(b["text"] for b in _blocks(content) if b.get("type") == "text")
+
+
+def _image_part(block: dict[str, Any]) -> dict[str, Any]:
+    source = block["source"]
+    if source.get("type") == "base64":
+        url = f"data:{source.get('media_type', 'image/png')};base64,{source.get('data', '')}"
+    elif source.get("type") == "url":
+        url = source.get("url", "")
+    else:
+        raise InvalidRequest(
+            f"image source type {source.get('type')!r} is not supported", param="messages"
+        )
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _part(block: dict[str, Any]) -> dict[str, Any] | None:
+    """One user-side block as an OpenAI content part; None when dropped."""
+    kind = block["type"]
+    if kind == "text":
+        return {"type": "text", "text": block["text"]}
+    if kind == "image":
+        return _image_part(block)
+    if kind == "document":
+        source = block.get("source") or {}
+        if source.get("type") == "text":
+            return {"type": "text", "text": source.get("data", "")}
+        raise InvalidRequest(
+            f"document source type {source.get('type')!r} is not supported", param="messages"
+        )
+    return None
+
+
+def _content_of(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    # Plain text is what every chat template handles; parts only for images.
+    if all(p["type"] == "text" for p in parts):
+        return "\n".join(p["text"] for p in parts)
+    return parts
+
+
+def _assistant(blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    texts = [b["text"] for b in blocks if b["type"] == "text"]
+    calls = [
+        {
+            "id": b["id"],
+            "type": "function",
+            "function": {"name": b["name"], "arguments": json.dumps(b.get("input", {}))},
+        }
+        for b in blocks
+        if b["type"] == "tool_use"
+    ]
+    message: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts)}
+    if calls:
+        message["tool_calls"] = calls
+        if not texts:
+            message["content"] = None
+    return message
+
+
+def _tool_message(block: dict[str, Any], images: list[dict[str, Any]]) -> dict[str, Any]:
+    content = block.get("content")
+    if content is None:
+        text = ""
+    elif isinstance(content, str):
+        text = content
+    else:
+        text = "\n".join(b["text"] for b in content if b["type"] == "text")
+        images += [_image_part(b) for b in content if b["type"] == "image"]
+    if block.get("is_error"):
+        text = f"Error: {text}" if text else "Error"
+    return {"role": "tool", "tool_call_id": block["tool_use_id"], "content": text}
+
+
+def _place_tool_message(out: list[dict[str, Any]], message: dict[str, Any]) -> None:
+    """Insert a tool message right after the assistant turn that made the call.
+
+    Usually that is the end of ``out``; a mid-conversation system message
+    between the call and its result would otherwise split them, and chat
+    templates expect results to follow their call.
+    """
+    call_id = message["tool_call_id"]
+    for i in range(len(out) - 1, -1, -1):
+        calls = out[i].get("tool_calls") or ()
+        if out[i]["role"] == "assistant" and any(c["id"] == call_id for c in calls):
+            j = i + 1
+            while j < len(out) and out[j]["role"] == "tool":
+                j += 1
+            out.insert(j, message)
+            return
+    out.append(message)
+
+
+def _append_user(out: list[dict[str, Any]], blocks: list[dict[str, Any]]) -> None:
+    parts: list[dict[str, Any]] = []
+    tool_images: list[dict[str, Any]] = []
+    had_results = False
+    for block in blocks:
+        if block["type"] == "tool_result":
+            had_results = True
+            _place_tool_message(out, _tool_message(block, tool_images))
+        else:
+            part = _part(block)
+            if part is not None:
+                parts.append(part)
+    parts += tool_images
+    if parts or not had_results:
+        out.append({"role": "user", "content": _content_of(parts) if parts else ""})
+
+
+def _messages(req: MessagesRequest | CountTokensRequest) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    if req.system is not None:
+        system = _joined_text(req.system)
+        if system:
+            out.append({"role": "system", "content": system})
+    for message in req.messages:
+        blocks = [b for b in _blocks(message["content"]) if b["type"] not in _DROPPED_BLOCKS]
+        if message["role"] == "system":
+            # Kept in place: Claude Code's mid-conversation reminders.
+            out.append({"role": "system", "content": _joined_text(blocks)})
+        elif message["role"] == "assistant":
+            out.append(_assistant(blocks))
+        else:
+            _append_user(out, blocks)
+    return out
+
+
+def _tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    converted = []
+    for tool in tools:
+        function: dict[str, Any] = {
+            "name": tool["name"],
+            "parameters": tool.get("input_schema") or {"type": "object", "properties": {}},
+        }
+        if tool.get("description"):
+            function["description"] = tool["description"]
+        converted.append({"type": "function", "function": function})
+    return converted
+
+
+def anthropic_to_openai(
+    req: MessagesRequest | CountTokensRequest, *, model: str | None = None
+) -> dict[str, Any]:
+    """A chat completions body for an Anthropic request.
+
+    Args:
+      req: a messages request, or a count_tokens one (then only ``model``,
+        ``messages`` and ``tools`` come out: what the prompt is made of).
+      model: the concrete model id when the gateway resolved an alias.
+
+    Raises:
+      InvalidRequest: an image or document source the chat side cannot carry.
+    """
+    body: dict[str, Any] = {"model": model or req.model, "messages": _messages(req)}
+    if req.tools:
+        body["tools"] = _tools(req.tools)
+    if not isinstance(req, MessagesRequest):
+        return body
+    body["max_tokens"] = req.max_tokens
+    if req.stop_sequences:
+        body["stop"] = list(req.stop_sequences)
+    # Absent sampling stays absent so the model's catalogue defaults apply.
+    for key in ("temperature", "top_p", "top_k"):
+        if getattr(req, key) is not None:
+            body[key] = getattr(req, key)
+    if req.tool_choice is not None:
+        kind = req.tool_choice["type"]
+        if kind == "tool":
+            body["tool_choice"] = {
+                "type": "function",
+                "function": {"name": req.tool_choice["name"]},
+            }
+        else:
+            body["tool_choice"] = _TOOL_CHOICE[kind]
+        if req.tool_choice.get("disable_parallel_tool_use"):
+            body["parallel_tool_calls"] = False
+    user_id = (req.metadata or {}).get("user_id")
+    if isinstance(user_id, str):
+        body["user"] = user_id
+    body["stream"] = req.stream
+    if req.stream:
+        # message_delta must carry real totals, which come in the usage chunk.
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+# -- answers ------------------------------------------------------------------
+
+
+def stop_reason(finish_reason: str | None, stop_sequence: str | None, has_tool_use: bool) -> str:
+    """Anthropic's stop_reason for an OpenAI finish_reason.
+
+    ``tool_use`` only when a tool_use block really is in the answer: a
+    client told tool_use with no block to run waits for nothing.
+    """
+    if finish_reason == "length":
+        return "max_tokens"
+    if finish_reason == "content_filter":
+        return "refusal"
+    if has_tool_use:
+        return "tool_use"
+    if stop_sequence is not None:
+        return "stop_sequence"
+    return "end_turn"
+
+
+def _tool_input(arguments: str | None) -> dict[str, Any]:
+    if not arguments:
+        return {}
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        value = None
+    if isinstance(value, dict):
+        return value
+    return {"_raw_arguments": arguments}
+
+
+def openai_to_anthropic(
+    resp: dict[str, Any], *, model: str, message_id: str | None = None
+) -> dict[str, Any]:
+    """An Anthropic message for a ``chat.completion`` object."""
+    choice = resp["choices"][0]
+    message = choice.get("message") or {}
+    calls = message.get("tool_calls") or []
+    text = message.get("content") or ""
+    content: list[dict[str, Any]] = []
+    if text or not calls:
+        content.append({"type": "text", "text": text})
+    for call in calls:
+        function = call.get("function") or {}
+        content.append(
+            {
+                "type": "tool_use",
+                "id": call.get("id") or _new_tool_id(),
+                "name": function.get("name", ""),
+                "input": _tool_input(function.get("arguments")),
+            }
+        )
+    reason = stop_reason(choice.get("finish_reason"), choice.get("stop_sequence"), bool(calls))
+    usage = resp.get("usage") or {}
+    return {
+        "id": message_id or f"msg_{secrets.token_hex(12)}",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": reason,
+        "stop_sequence": choice.get("stop_sequence") if reason == "stop_sequence" else None,
+        "usage": {
+            "input_tokens": usage.get("prompt_tokens", 0),
+            "output_tokens": usage.get("completion_tokens", 0),
+        },
+    }
+
+
+class AnthropicStream:
+    """Turns a stream of chat completion chunks into Anthropic events.
+
+    A pure state machine: the gateway feeds it each decoded chunk and
+    encodes what comes back with ``sse.encode(payload, event=name)``.
+    Blocks open just before their first delta and close before the next
+    opens; ``message_delta`` waits for :meth:`finish`, by when the usage
+    chunk has given the real totals.
+    """
+
+    def __init__(self, *, message_id: str, model: str, input_tokens: int) -> None:
+        self.message_id = message_id
+        self.model = model
+        self.input_tokens = input_tokens
+        self._next_index = 0
+        #: (kind, index) of the open block: "text" or "tool_use".
+        self._open: tuple[str, int] | None = None
+        #: OpenAI tool-call index -> Anthropic block index.
+        self._tools: dict[int, int] = {}
+        self._finish_reason: str | None = None
+        self._stop_sequence: str | None = None
+        self._usage: dict[str, Any] | None = None
+        self._chunks_with_output = 0
+
+    def start(self) -> list[tuple[str, dict[str, Any]]]:
+        message = {
+            "id": self.message_id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": self.input_tokens, "output_tokens": 0},
+        }
+        return [("message_start", {"type": "message_start", "message": message})]
+
+    def ping(self) -> list[tuple[str, dict[str, Any]]]:
+        """A keep-alive, e.g. while a long prompt is processed."""
+        return [("ping", {"type": "ping"})]
+
+    def _close(self) -> list[tuple[str, dict[str, Any]]]:
+        if self._open is None:
+            return []
+        index = self._open[1]
+        self._open = None
+        return [("content_block_stop", {"type": "content_block_stop", "index": index})]
+
+    def _start_block(self, kind: str, block: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        events = self._close()
+        index = self._next_index
+        self._next_index += 1
+        self._open = (kind, index)
+        events.append(
+            (
+                "content_block_start",
+                {"type": "content_block_start", "index": index, "content_block": block},
+            )
+        )
+        return events
+
+    def _delta(self, index: int, delta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        return (
+            "content_block_delta",
+            {"type": "content_block_delta", "index": index, "delta": delta},
+        )
+
+    def feed(self, chunk: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        """Translate one ``chat.completion.chunk`` (or a mid-stream error object)."""
+        if "error" in chunk:
+            error = chunk.get("error") or {}
+            return self.error(str(error.get("message") or error))
+        if chunk.get("usage"):
+            self._usage = chunk["usage"]
+        events: list[tuple[str, dict[str, Any]]] = []
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if delta.get("content") or delta.get("tool_calls"):
+                self._chunks_with_output += 1
+            if delta.get("content"):
+                events += self._text(delta["content"])
+            for call in delta.get("tool_calls") or ():
+                events += self._tool_call(call)
+            if choice.get("finish_reason") is not None:
+                self._finish_reason = choice["finish_reason"]
+            if choice.get("stop_sequence") is not None:
+                self._stop_sequence = choice["stop_sequence"]
+        return events
+
+    def _text(self, text: str) -> list[tuple[str, dict[str, Any]]]:
+        events = []
+        if self._open is None or self._open[0] != "text":
+            events += self._start_block("text", {"type": "text", "text": ""})
+        assert self._open is not None
+        events.append(self._delta(self._open[1], {"type": "text_delta", "text": text}))
+        return events
+
+    def _tool_call(self, call: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        events = []
+        tool_index = call.get("index", 0)
+        function = call.get("function") or {}
+        if tool_index not in self._tools:
+            block = {
+                "type": "tool_use",
+                "id": call.get("id") or _new_tool_id(),
+                "name": function.get("name") or "",
+                "input": {},
+            }
+            events += self._start_block("tool_use", block)
+            self._tools[tool_index] = self._next_index - 1
+        arguments = function.get("arguments")
+        if arguments:
+            # Sent even if a later call's block already opened (engines that
+            # interleave calls): dropping argument text would be worse.
+            events.append(
+                self._delta(
+                    self._tools[tool_index], {"type": "input_json_delta", "partial_json": arguments}
+                )
+            )
+        return events
+
+    def finish(self) -> list[tuple[str, dict[str, Any]]]:
+        """Close the open block; ``message_delta`` with the totals; ``message_stop``.
+
+        Without a usage chunk, output_tokens falls back to the number of
+        chunks that carried output (one token each from a cortex neuron).
+        """
+        events = self._close()
+        usage = self._usage or {}
+        output_tokens = usage.get("completion_tokens", self._chunks_with_output)
+        delta_usage = {
+            "input_tokens": usage.get("prompt_tokens", self.input_tokens),
+            "output_tokens": output_tokens,
+        }
+        reason = stop_reason(self._finish_reason, self._stop_sequence, bool(self._tools))
+        events.append(
+            (
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {
+                        "stop_reason": reason,
+                        "stop_sequence": self._stop_sequence if reason == "stop_sequence" else None,
+                    },
+                    "usage": delta_usage,
+                },
+            )
+        )
+        events.append(("message_stop", {"type": "message_stop"}))
+        return events
+
+    def error(self, message: str, *, status: int = 500) -> list[tuple[str, dict[str, Any]]]:
+        """The ``error`` event that ends a stream which failed mid-way."""
+        return [("error", error_from(status, message))]

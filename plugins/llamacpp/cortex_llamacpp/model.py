@@ -1,0 +1,356 @@
+"""Loading a GGUF file with llama-cpp-python, and the loaded model.
+
+Everything here blocks; the neuron calls it from worker threads, one call at
+a time per model.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import pathlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+import llama_cpp
+from llama_cpp import llama_chat_format
+
+from cortex.errors import (
+    ChatTemplateMissing,
+    ContextOverflow,
+    HarnessError,
+    InvalidRequest,
+    ModelLoadError,
+)
+from cortex.harness import ChatPrompt, LoadedModel, LoadSpec, Placement, Sampling, Token
+
+from .options import MIB, LoadOptions, kv_bytes_per_token, plan_n_ctx
+
+NAME = "llamacpp"
+GGUF_MAGIC = b"GGUF"
+
+# llama-cpp-python, with verbose=False, silences llama.cpp during a load by
+# dup2()-ing /dev/null over the process's fds 1 and 2 and back. Two loads
+# interleaving that can leave stdout pointing at /dev/null for good, so
+# loads (and our own header probe) take turns.
+_load_lock = threading.Lock()
+_backend_ready = False
+
+ChatFormatter = Callable[..., llama_chat_format.ChatFormatterResponse]
+
+
+def is_gguf(path: pathlib.Path) -> bool:
+    """Whether ``path`` starts with the GGUF magic. Raises OSError if unreadable."""
+    with path.open("rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
+@attrs.frozen
+class _Hparams:
+    """What the context plan needs from the file, read without the weights."""
+
+    n_ctx_train: int
+    kv_per_token: int
+
+
+def _meta(model: llama_cpp.llama_model_p, key: str) -> str | None:
+    """A scalar metadata value as text; None when absent or an array."""
+    buf = ctypes.create_string_buffer(256)
+    n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode() if n >= 0 else None
+
+
+def _meta_int(model: llama_cpp.llama_model_p, key: str) -> int | None:
+    value = _meta(model, key)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _probe(path: pathlib.Path) -> _Hparams | None:
+    """Read the hyperparameters with a vocab-only load; None if llama.cpp cannot.
+
+    A vocab-only load parses the header with llama.cpp's own reader (so it
+    fails where the real load would) and skips the tensors: milliseconds
+    even for large files, where gguf.GGUFReader walks every token in Python.
+    It does not fill the hyperparameters (llama_model_n_* read 0 or abort),
+    so they come from the metadata, as llama.cpp itself reads them.
+    """
+    global _backend_ready
+    if not _backend_ready:
+        # Llama(verbose=False) does the same to llama-cpp-python's log
+        # callback; before the first Llama it would print every line.
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        return None
+    try:
+        arch = _meta(model, "general.architecture") or ""
+
+        def hparam(key: str) -> int | None:
+            return _meta_int(model, f"{arch}.{key}")
+
+        n_layer = hparam("block_count") or 0
+        n_embd = hparam("embedding_length") or 0
+        n_head = hparam("attention.head_count")
+        # Per-layer head counts are arrays (None here): assume no GQA.
+        n_head_kv = hparam("attention.head_count_kv") or n_head
+        if not n_head or not n_head_kv:
+            n_head = n_head_kv = 1
+        head_dim = n_embd // n_head
+        return _Hparams(
+            n_ctx_train=hparam("context_length") or 0,
+            # An estimate: it ignores sliding-window layers and recurrent
+            # state, so it errs on the large side for those models.
+            kv_per_token=kv_bytes_per_token(
+                n_layer=n_layer,
+                n_head_kv=n_head_kv,
+                key_length=hparam("attention.key_length") or head_dim,
+                value_length=hparam("attention.value_length") or head_dim,
+            ),
+        )
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+def _registered_formatter(name: str) -> ChatFormatter | None:
+    """The chat formatter llama-cpp-python registered under ``name``, if any.
+
+    The registry holds completion handlers; a ``@register_chat_format``
+    handler keeps its formatter in its closure as ``chat_formatter``. Other
+    handlers (functionary, llava, ...) need a whole Llama call, not a prompt
+    template, and are not usable here.
+    """
+    try:
+        handler = llama_chat_format.get_chat_completion_handler(name)
+    except Exception:  # LlamaChatCompletionHandlerNotFoundException
+        return None
+    code = getattr(handler, "__code__", None)
+    if code is None or "chat_formatter" not in code.co_freevars:
+        return None
+    return handler.__closure__[code.co_freevars.index("chat_formatter")].cell_contents
+
+
+def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
+    """The ``cortex_harness_load`` hook: see ``cortex.harness.HarnessSpec``."""
+    if spec.harness is not None and spec.harness != NAME:
+        return None
+    path = pathlib.Path(spec.path)
+    # Messages name the file, never its directory: they reach HTTP clients.
+    where = f"model {spec.model_id!r} ({path.name})"
+    try:
+        gguf = is_gguf(path)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{where}: file not found")
+    except OSError as exc:
+        raise ModelLoadError(f"{where}: cannot read the file ({exc.strerror})")
+    if not gguf:
+        if spec.harness is None:
+            return None
+        raise ModelLoadError(f"{where}: not a GGUF file")
+    options = LoadOptions.from_spec(spec.model_id, spec.options, spec.chat_format, placement)
+    formatter = None
+    if options.chat_format is not None:
+        formatter = _registered_formatter(options.chat_format)
+        if formatter is None:
+            raise ModelLoadError(f"{where}: unknown chat_format {options.chat_format!r}")
+
+    weights_bytes = path.stat().st_size
+    with _load_lock:
+        hparams = _probe(path)
+        if hparams is None:
+            raise ModelLoadError(f"{where}: llama.cpp cannot read this GGUF file")
+        n_ctx = plan_n_ctx(
+            model_id=spec.model_id,
+            requested=options.n_ctx,
+            n_ctx_train=hparams.n_ctx_train or None,
+            n_ctx_max=options.n_ctx_max,
+            weights_bytes=weights_bytes,
+            kv_per_token=hparams.kv_per_token,
+            budget_mb=placement.memory_budget_mb,
+        )
+        try:
+            llama = llama_cpp.Llama(
+                model_path=str(path),
+                verbose=False,
+                n_ctx=n_ctx,
+                n_batch=options.n_batch,
+                n_threads=options.n_threads,
+                n_threads_batch=options.n_threads,
+                n_gpu_layers=options.n_gpu_layers,
+                main_gpu=options.main_gpu,
+                tensor_split=list(options.tensor_split) if options.tensor_split else None,
+                flash_attn=options.flash_attn,
+                logits_all=False,
+            )
+        except Exception as exc:
+            # llama-cpp-python's messages carry the full path: keep them out.
+            raise ModelLoadError(
+                f"{where}: llama.cpp failed to load it ({type(exc).__name__})"
+            ) from exc
+    return LlamaCppModel(
+        model_id=spec.model_id,
+        llama=llama,
+        n_ctx_train=hparams.n_ctx_train or None,
+        memory_bytes=weights_bytes + n_ctx * hparams.kv_per_token,
+        chat_format=formatter,
+    )
+
+
+class LlamaCppModel(LoadedModel):
+    """A GGUF model loaded into one llama.cpp context (one sequence at a time)."""
+
+    harness = NAME
+
+    def __init__(
+        self,
+        *,
+        model_id: str,
+        llama: llama_cpp.Llama,
+        n_ctx_train: int | None,
+        memory_bytes: int,
+        chat_format: ChatFormatter | None,
+    ) -> None:
+        self.model_id = model_id
+        self.n_ctx = llama.n_ctx()
+        self.n_ctx_train = n_ctx_train
+        self._llama: llama_cpp.Llama | None = llama
+        self._vocab = llama_cpp.llama_model_get_vocab(llama.model)
+        self._memory_bytes = memory_bytes
+        self._bos_text = self._special_text(llama.token_bos())
+        template = llama.metadata.get("tokenizer.chat_template")
+        self._formatter: ChatFormatter | None
+        if template:
+            self._formatter = llama_chat_format.Jinja2ChatFormatter(
+                template=template,
+                eos_token=self._special_text(llama.token_eos()),
+                bos_token=self._bos_text,
+            )
+        else:
+            self._formatter = chat_format
+
+    def __repr__(self) -> str:
+        return f"<LlamaCppModel {self.model_id!r} n_ctx={self.n_ctx}>"
+
+    def _live(self) -> llama_cpp.Llama:
+        if self._llama is None:
+            raise HarnessError(f"model {self.model_id!r} is unloaded")
+        return self._llama
+
+    def _special_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self._piece(token, special=True).decode("utf-8", errors="replace")
+
+    def _piece(self, token: int, *, special: bool = False) -> bytes:
+        """The exact bytes ``token`` adds to the text.
+
+        llama_token_to_piece directly, not Llama.detokenize: that one ignores
+        prev_tokens, drops a leading space after BOS, and truncates pieces
+        longer than 32 bytes.
+        """
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def memory_mb(self) -> int:
+        """The file size plus the f16 KV cache estimate for the full context.
+
+        llama.cpp's own numbers are not in the Python API (llama_state_get_size
+        counts only the cells in use); compute buffers are not counted.
+        """
+        self._live()
+        return -(-self._memory_bytes // MIB)
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
+        return self._live().tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
+    ) -> ChatPrompt:
+        self._live()
+        if self._formatter is None:
+            raise ChatTemplateMissing(
+                f"model {self.model_id!r} has no chat template; set chat_format "
+                f"(e.g. 'chatml', 'gemma', 'llama-3') in its catalogue entry"
+            )
+        try:
+            rendered = self._formatter(messages=messages, tools=tools)
+        except Exception as exc:  # jinja errors and the template's raise_exception
+            raise InvalidRequest(f"chat template of model {self.model_id!r}: {exc}")
+        stop = rendered.stop
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, str):
+            stop = (stop,)
+        # Templates such as llama-3's write the BOS themselves.
+        add_bos = not (self._bos_text and rendered.prompt.startswith(self._bos_text))
+        return ChatPrompt(
+            text=rendered.prompt,
+            stop=tuple(s for s in stop if s),
+            add_bos=add_bos,
+            special=True,
+        )
+
+    def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[Token]:
+        """See LoadedModel.generate. Also ends when the context is full.
+
+        Closing the iterator early leaves the context reusable: the next call
+        re-evaluates only what differs from the tokens already in the KV cache.
+
+        Raises:
+          ContextOverflow: the prompt does not leave room for one token.
+          InvalidRequest: an empty prompt or a grammar that does not parse.
+        """
+        llama = self._live()
+        if not tokens:
+            raise InvalidRequest("the prompt is empty")
+        if len(tokens) >= self.n_ctx:
+            raise ContextOverflow(
+                f"the prompt is {len(tokens)} tokens; model {self.model_id!r} "
+                f"has a context of {self.n_ctx}"
+            )
+        grammar = None
+        if sampling.grammar is not None:
+            try:
+                grammar = llama_cpp.LlamaGrammar.from_string(sampling.grammar, verbose=False)
+            except ValueError as exc:
+                raise InvalidRequest(f"invalid grammar: {exc}", param="grammar")
+        # The seed is sticky on the Llama object: reset it on every call.
+        llama.set_seed(llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed)
+        steps = llama.generate(
+            tokens,
+            temp=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            min_p=sampling.min_p,
+            repeat_penalty=sampling.repeat_penalty,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            grammar=grammar,
+            reset=True,
+        )
+        try:
+            for n, token in enumerate(steps, start=1):
+                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                    return
+                yield Token(id=token, piece=self._piece(token))
+                if len(tokens) + n >= self.n_ctx:
+                    return
+        finally:
+            steps.close()
+
+    def unload(self) -> None:
+        if self._llama is not None:
+            llama, self._llama = self._llama, None
+            llama.close()

@@ -1,0 +1,181 @@
+"""The engine's load options and the context-length plan; pure, no llama.cpp.
+
+Options come from ``LoadSpec.options``; every key is checked here so that a
+typo in ``models.toml`` fails the load with the key's name instead of being
+ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from cortex.errors import ModelLoadError
+from cortex.harness import Placement
+
+#: llama.cpp rounds n_ctx up to a multiple of this internally but the Python
+#: wrapper does not, and long prompts then break (FINDINGS.md).
+CTX_STEP = 256
+MIB = 1024 * 1024
+
+
+def _int(minimum: int):
+    def check(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"expected an integer >= {minimum}")
+        return value
+
+    return check
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def _str(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+def _floats(key: str, value: Any) -> tuple[float, ...]:
+    if isinstance(value, str | bytes) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
+        raise ValueError("expected a list of non-negative numbers")
+    return tuple(float(v) for v in value)
+
+
+_CHECKS = {
+    "n_ctx": _int(1),
+    "n_ctx_max": _int(CTX_STEP),
+    "n_threads": _int(1),
+    "n_gpu_layers": _int(-1),
+    "main_gpu": _int(0),
+    "tensor_split": _floats,
+    "flash_attn": _bool,
+    "chat_format": _str,
+    "n_batch": _int(1),
+}
+
+
+@attrs.frozen(kw_only=True)
+class LoadOptions:
+    """Settings for one load, with placement-dependent defaults resolved.
+
+    Attributes:
+      n_ctx: the requested context length, or None to plan one (see plan_n_ctx).
+      n_ctx_max: the cap on a planned context length.
+      n_threads: CPU threads for decode and prompt processing.
+      n_gpu_layers: layers to offload; -1 is all.
+      main_gpu: the device that holds the non-split parts.
+      tensor_split: the share of each device, indexed by device index; None
+        lets llama.cpp decide.
+      flash_attn: use flash attention.
+      chat_format: a llama-cpp-python chat format name, used when the file
+        has no template.
+      n_batch: the prompt-processing batch size.
+    """
+
+    n_ctx: int | None = None
+    n_ctx_max: int = 32768
+    n_threads: int = 1
+    n_gpu_layers: int = 0
+    main_gpu: int = 0
+    tensor_split: tuple[float, ...] | None = None
+    flash_attn: bool = False
+    chat_format: str | None = None
+    n_batch: int = 512
+
+    @classmethod
+    def from_spec(
+        cls,
+        model_id: str,
+        options: Mapping[str, Any],
+        chat_format: str | None,
+        placement: Placement,
+    ) -> LoadOptions:
+        """Check ``options`` and fill the defaults that depend on ``placement``.
+
+        ``chat_format`` (the LoadSpec field) wins over an option of that name.
+
+        Raises:
+          ModelLoadError: an unknown key or a value of the wrong type.
+        """
+        values: dict[str, Any] = {}
+        for key, value in options.items():
+            check = _CHECKS.get(key)
+            if check is None:
+                raise ModelLoadError(
+                    f"model {model_id!r}: unknown llamacpp option {key!r} "
+                    f"(known: {', '.join(sorted(_CHECKS))})"
+                )
+            try:
+                values[key] = check(key, value)
+            except (TypeError, ValueError) as exc:
+                raise ModelLoadError(f"model {model_id!r}: llamacpp option {key!r}: {exc}")
+        if chat_format is not None:
+            values["chat_format"] = chat_format
+
+        devices = placement.devices
+        values.setdefault("n_threads", os.cpu_count() or 1)
+        values.setdefault("n_gpu_layers", -1 if devices else 0)
+        if devices:
+            values.setdefault("main_gpu", devices[0])
+        if len(devices) >= 2 and "tensor_split" not in values:
+            # llama.cpp indexes tensor_split by device; devices not in the
+            # placement get a zero share.
+            split = [0.0] * (max(devices) + 1)
+            for device in devices:
+                split[device] = 1.0
+            values["tensor_split"] = tuple(split)
+        return cls(**values)
+
+
+def kv_bytes_per_token(*, n_layer: int, n_head_kv: int, key_length: int, value_length: int) -> int:
+    """The f16 KV cache size of one token: K and V for every layer, 2 bytes each."""
+    return n_layer * n_head_kv * (key_length + value_length) * 2
+
+
+def plan_n_ctx(
+    *,
+    model_id: str,
+    requested: int | None,
+    n_ctx_train: int | None,
+    n_ctx_max: int,
+    weights_bytes: int,
+    kv_per_token: int,
+    budget_mb: int | None,
+) -> int:
+    """Choose the context length to load with; always a multiple of 256.
+
+    A requested n_ctx is rounded up and used as given. Otherwise it is the
+    trained length, capped by ``n_ctx_max`` and by what fits in ``budget_mb``
+    next to the weights (llama-server's "fit", with the KV cache the only
+    thing that shrinks), rounded down, at least 256.
+
+    Raises:
+      ModelLoadError: the weights plus the smallest (or the requested)
+        context do not fit in ``budget_mb``.
+    """
+    if requested is not None:
+        n_ctx = -(-requested // CTX_STEP) * CTX_STEP
+    else:
+        n_ctx = min(n_ctx_train or n_ctx_max, n_ctx_max)
+        if budget_mb is not None and kv_per_token > 0:
+            fits = (budget_mb * MIB - weights_bytes) // kv_per_token
+            n_ctx = min(n_ctx, fits)
+        n_ctx = max(CTX_STEP, n_ctx // CTX_STEP * CTX_STEP)
+    if budget_mb is not None:
+        need_mb = -(-(weights_bytes + n_ctx * kv_per_token) // MIB)
+        if need_mb > budget_mb:
+            raise ModelLoadError(
+                f"model {model_id!r} needs {need_mb} MiB with n_ctx={n_ctx}, "
+                f"over its memory budget of {budget_mb} MiB"
+            )
+    return n_ctx

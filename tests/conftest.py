@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable
+
+import pytest
+
+from tests.fixtures.tinymodel import write_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A tiny llama GGUF with an embedded ChatML template (n_ctx_train 512)."""
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def no_template_model_path(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A tiny llama GGUF without ``tokenizer.chat_template``."""
+    path = tmp_path_factory.mktemp("models") / "tiny-no-template.gguf"
+    return write_tiny_model(path, name="tiny-no-template", seed=1, chat_template=None)
+
+
+@pytest.fixture
+def tiny_model_factory(tmp_path: pathlib.Path) -> Callable[..., pathlib.Path]:
+    """``factory(filename="tiny.gguf", **write_tiny_model_kwargs) -> path`` in a tmp dir."""
+
+    def factory(filename: str = "tiny.gguf", **kwargs) -> pathlib.Path:
+        return write_tiny_model(tmp_path / filename, **kwargs)
+
+    return factory

@@ -1,0 +1,116 @@
+"""Config files, environment overrides, and the one-line errors they give."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cortex import config as cfg
+from cortex.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str, name: str = "c.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_a_file() -> None:
+    neuron = cfg.load(cfg.NeuronConfig, None, environ={})
+    assert neuron.neuron.listen == "0.0.0.0:13131"
+    assert neuron.models == []
+    gateway = cfg.load(cfg.GatewayConfig, None, environ={})
+    assert gateway.gateway.listen == "0.0.0.0:31313"
+    assert gateway.gateway.metrics_listen == "0.0.0.0:31314"
+
+
+def test_file_and_environment(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [neuron]
+        listen = "127.0.0.1:9000"
+        n_ctx_max = 4096
+        [[models]]
+        id = "Qwen/Qwen3-8B"
+        source = "qwen.gguf"
+        options = { n_gpu_layers = 10 }
+        """,
+    )
+    env = {
+        "CORTEX_NEURON_LISTEN": "127.0.0.1:9001",
+        "CORTEX_NEURON_TOKEN": "12345",
+        "CORTEX_NEURON_OPEN_HEALTH": "false",
+        "CORTEX_NEURON_BLOCKED_HARNESSES": "ctransformers, other",
+    }
+    loaded = cfg.load(cfg.NeuronConfig, path, environ=env)
+    assert loaded.neuron.listen == "127.0.0.1:9001"
+    assert loaded.neuron.token == "12345"
+    assert loaded.neuron.open_health is False
+    assert loaded.neuron.blocked_harnesses == ["ctransformers", "other"]
+    assert loaded.neuron.n_ctx_max == 4096
+    assert loaded.models[0].options == {"n_gpu_layers": 10}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[neuron]\nlistne = 'x'\n", "neuron: unknown keys ['listne']"),
+        ("[neuron]\nn_ctx_max = 'big'\n", "neuron.n_ctx_max"),
+        ("[neuron]\nlisten = 'host:port'\n", "port must be a number"),
+        ("[[models]]\nsource = 'x'\n", "models"),
+        ("not toml = = 1\n", "c.toml"),
+    ],
+)
+def test_bad_files_name_file_key_and_reason(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        cfg.load(cfg.NeuronConfig, path, environ={})
+    assert str(path) in error.value.message
+    assert message in error.value.message
+    assert "\n" not in error.value.message
+
+
+def test_bad_environment_value() -> None:
+    with pytest.raises(ConfigError) as error:
+        cfg.load(cfg.GatewayConfig, None, environ={"CORTEX_GATEWAY_POLL_INTERVAL": "soon"})
+    assert "gateway.poll_interval" in error.value.message
+
+
+def test_models_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [[models]]
+        id = "Qwen/Qwen3-1.7B"
+        vram_mb = 2000
+        pinned_on = ["a"]
+        sampling = { temperature = 0.7, top_k = 20 }
+        [aliases]
+        "tier/small" = "Qwen/Qwen3-1.7B"
+        """,
+    )
+    models = cfg.load_models(path)
+    assert models.aliases == {"tier/small": "Qwen/Qwen3-1.7B"}
+    assert models.models[0].sampling == {"temperature": 0.7, "top_k": 20}
+    bad = write(tmp_path, '[[models]]\nid = "a"\n[aliases]\nb = "zzz"\n', "m.toml")
+    with pytest.raises(ConfigError, match="aliases.b: unknown model 'zzz'"):
+        cfg.load_models(bad)
+    wrong = write(tmp_path, '[[models]]\nid = "a"\nsampling = { heat = 1 }\n', "s.toml")
+    with pytest.raises(ConfigError, match="unknown sampling keys"):
+        cfg.load_models(wrong)
+
+
+def test_cli_reports_a_bad_config_in_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "[neuron]\nbogus = 1\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "cortex", "--role", "neuron", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"cortex: {path}: neuron: unknown keys ['bogus']"]

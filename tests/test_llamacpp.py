@@ -1,0 +1,263 @@
+"""The llama.cpp engine, driven through the real plugin manager and entry point."""
+
+from __future__ import annotations
+
+import os
+
+import llama_cpp
+import pytest
+
+from cortex.errors import ChatTemplateMissing, ContextOverflow, HarnessError, ModelLoadError
+from cortex.harness import (
+    ChatPrompt,
+    LoadSpec,
+    Placement,
+    Sampling,
+    harness_infos,
+    plugin_manager,
+)
+from cortex_llamacpp.options import plan_n_ctx
+
+CPU = Placement()
+GREEDY = Sampling(temperature=0.0)
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hello there"},
+]
+
+
+@pytest.fixture(scope="module")
+def pm():
+    return plugin_manager()
+
+
+@pytest.fixture
+def load(pm):
+    """``load(path, **spec_fields)`` through the hook; unloads what it loaded."""
+    loaded = []
+
+    def load(path, *, placement=CPU, **fields):
+        fields.setdefault("model_id", "org/tiny")
+        model = pm.hook.cortex_harness_load(
+            spec=LoadSpec(path=str(path), **fields), placement=placement
+        )
+        if model is not None:
+            loaded.append(model)
+        return model
+
+    yield load
+    for model in loaded:
+        model.unload()
+
+
+def take(iterator, n):
+    out = []
+    for token in iterator:
+        out.append(token)
+        if len(out) == n:
+            break
+    iterator.close()
+    return out
+
+
+def test_info(pm):
+    [info] = [i for i in harness_infos(pm) if i.name == "llamacpp"]
+    assert info.version == llama_cpp.__version__
+    assert info.formats == ("gguf",)
+    assert info.cuda == llama_cpp.llama_supports_gpu_offload()
+
+
+def test_load_defaults(load, tiny_model_path):
+    model = load(tiny_model_path)
+    assert model.model_id == "org/tiny"
+    assert model.harness == "llamacpp"
+    assert model.n_ctx == 512  # the trained length
+    assert model.n_ctx_train == 512
+    assert model.memory_mb() >= 1
+
+
+def test_missing_file(load, tmp_path):
+    with pytest.raises(ModelLoadError) as info:
+        load(tmp_path / "secret-dir" / "gone.gguf")
+    assert "org/tiny" in info.value.message
+    assert "gone.gguf" in info.value.message
+    assert str(tmp_path) not in info.value.message
+
+
+def test_corrupt_gguf(load, tmp_path, tiny_model_path):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(tiny_model_path.read_bytes()[:2000])
+    with pytest.raises(ModelLoadError) as info:
+        load(path)
+    assert "broken.gguf" in info.value.message
+    assert str(tmp_path) not in info.value.message
+
+
+def test_other_engine_or_format_is_not_ours(load, tmp_path, tiny_model_path):
+    assert load(tiny_model_path, harness="ctransformers") is None
+    ggml = tmp_path / "model.bin"
+    ggml.write_bytes(b"lmgg" + bytes(100))
+    assert load(ggml) is None
+    with pytest.raises(ModelLoadError, match="not a GGUF"):
+        load(ggml, harness="llamacpp")
+
+
+def test_unknown_option(load, tiny_model_path):
+    with pytest.raises(ModelLoadError, match="'n_ctxx'"):
+        load(tiny_model_path, options={"n_ctxx": 1024})
+    with pytest.raises(ModelLoadError, match="'flash_attn'"):
+        load(tiny_model_path, options={"flash_attn": "yes"})
+
+
+def test_n_ctx_options(load, tiny_model_factory):
+    path = tiny_model_factory(n_ctx=4096)
+    assert load(path).n_ctx == 4096
+    assert load(path, options={"n_ctx_max": 1000}).n_ctx == 768
+    assert load(path, options={"n_ctx": 300}).n_ctx == 512  # rounded up to 256s
+    odd = tiny_model_factory("odd.gguf", n_ctx=1000)
+    assert load(odd).n_ctx == 768
+
+
+def test_n_ctx_fits_memory_budget(load, tiny_model_factory):
+    path = tiny_model_factory(n_ctx=65536)
+    # f16 KV of 2 layers x 64 (K) + 64 (V) = 512 bytes/token: 2048 tokens per MiB.
+    size_mb = path.stat().st_size / 2**20
+    model = load(path, placement=Placement(memory_budget_mb=int(size_mb) + 3))
+    assert model.n_ctx % 256 == 0
+    assert 2048 <= model.n_ctx <= 3 * 2048 + 256
+    assert model.memory_mb() <= int(size_mb) + 3
+    with pytest.raises(ModelLoadError, match="memory budget"):
+        load(path, placement=Placement(memory_budget_mb=0))
+
+
+def test_plan_n_ctx():
+    plan = dict(model_id="m", requested=None, weights_bytes=0, kv_per_token=1, budget_mb=None)
+    assert plan_n_ctx(**plan, n_ctx_train=131072, n_ctx_max=32768) == 32768
+    assert plan_n_ctx(**plan, n_ctx_train=None, n_ctx_max=8192) == 8192
+    assert plan_n_ctx(**plan, n_ctx_train=100, n_ctx_max=8192) == 256
+    fit = {**plan, "kv_per_token": 1024, "budget_mb": 1}
+    assert plan_n_ctx(**fit, n_ctx_train=4096, n_ctx_max=8192) == 1024
+
+
+def test_tokenize(load, tiny_model_path):
+    model = load(tiny_model_path)
+    plain = model.tokenize("the cat", add_bos=False)
+    assert len(plain) < len("the cat")  # merges apply
+    with_bos = model.tokenize("the cat")
+    assert with_bos[1:] == plain and with_bos[0] != plain[0]
+    special = model.tokenize("<|im_start|>", add_bos=False, special=True)
+    assert len(special) == 1
+    assert len(model.tokenize("<|im_start|>", add_bos=False, special=False)) > 1
+
+
+def test_render_chat_template(load, tiny_model_path):
+    model = load(tiny_model_path)
+    prompt = model.render_chat(MESSAGES)
+    assert prompt == ChatPrompt(
+        text="<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nHello there<|im_end|>\n"
+        "<|im_start|>assistant\n",
+        stop=("</s>",),
+        add_bos=True,
+        special=True,
+    )
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {}}}
+    with_tools = model.render_chat(MESSAGES, tools=[tool])
+    assert '"name": "get_time"' in with_tools.text
+
+
+def test_render_chat_without_template(load, no_template_model_path):
+    model = load(no_template_model_path)
+    with pytest.raises(ChatTemplateMissing, match="chat_format"):
+        model.render_chat(MESSAGES)
+    model = load(no_template_model_path, chat_format="chatml")
+    prompt = model.render_chat(MESSAGES)
+    assert prompt.text.endswith("<|im_start|>assistant\n")
+    assert "<|im_end|>" in prompt.stop
+    with pytest.raises(ModelLoadError, match="'no-such-format'"):
+        load(no_template_model_path, chat_format="no-such-format")
+
+
+def test_greedy_matches_create_completion(load, tiny_model_path):
+    model = load(tiny_model_path)
+    prompt = model.tokenize(model.render_chat(MESSAGES).text)
+    tokens = take(model.generate(prompt, GREEDY), 40)
+    assert len(tokens) == 40
+
+    reference = llama_cpp.Llama(
+        model_path=str(tiny_model_path), n_ctx=512, n_threads=os.cpu_count(), verbose=False
+    )
+    try:
+        completion = reference.create_completion(prompt, temperature=0, max_tokens=40)
+        # Its KV cache holds the prompt and every generated token but the last.
+        evaluated = reference.input_ids[len(prompt) : reference.n_tokens].tolist()
+    finally:
+        reference.close()
+    assert completion["usage"]["completion_tokens"] == 40
+    assert [t.id for t in tokens[:39]] == evaluated
+    assert b"".join(t.piece for t in tokens).decode() == completion["choices"][0]["text"]
+
+
+def test_close_early_then_generate_again(load, tiny_model_path):
+    model = load(tiny_model_path)
+    prompt = model.tokenize("Once upon a time")
+    first = take(model.generate(prompt, GREEDY), 30)
+    early = take(model.generate(prompt, GREEDY), 5)
+    assert early == first[:5]
+    # Continue from what was generated (a prefix hit), then from scratch.
+    more = take(model.generate(prompt + [t.id for t in first[:10]], GREEDY), 5)
+    assert more == first[10:15]
+    other = take(model.generate(model.tokenize("Something else"), GREEDY), 5)
+    assert len(other) == 5
+    assert take(model.generate(prompt, GREEDY), 30) == first
+
+
+def test_seeded_sampling_is_reproducible(load, tiny_model_path):
+    model = load(tiny_model_path)
+    prompt = model.tokenize("Hello")
+    sampling = Sampling(temperature=1.0, seed=42)
+    first = take(model.generate(prompt, sampling), 20)
+    assert take(model.generate(prompt, sampling), 20) == first
+    assert all(32 <= byte < 127 for t in first for byte in t.piece)
+
+
+def test_grammar(load, tiny_model_path):
+    model = load(tiny_model_path)
+    sampling = Sampling(temperature=1.0, seed=1, grammar='root ::= "yes" | "no"')
+    pieces = b"".join(t.piece for t in model.generate(model.tokenize("Answer:"), sampling))
+    assert pieces in (b"yes", b"no")
+
+
+def test_generation_stops_at_full_context(load, tiny_model_path):
+    model = load(tiny_model_path)
+    prompt = model.tokenize("x" * 600, add_bos=False)[: model.n_ctx - 8]
+    assert len(list(model.generate(prompt, GREEDY))) == 8
+    with pytest.raises(ContextOverflow):
+        next(model.generate([1] * model.n_ctx, GREEDY))
+
+
+def test_two_models_side_by_side(load, tiny_model_factory):
+    small = load(tiny_model_factory("a.gguf", name="a", seed=1), model_id="a")
+    big = load(tiny_model_factory("b.gguf", name="b", seed=2, n_embd=128, n_layer=3), model_id="b")
+    prompt = small.tokenize("Hello")
+    a = take(small.generate(prompt, GREEDY), 20)
+    b = take(big.generate(prompt, GREEDY), 20)
+    assert a != b
+    assert take(small.generate(prompt, GREEDY), 20) == a
+    assert big.memory_mb() >= small.memory_mb()
+
+
+def test_unload(load, tiny_model_path):
+    model = load(tiny_model_path)
+    model.unload()
+    model.unload()  # idempotent
+    with pytest.raises(HarnessError, match="unloaded"):
+        model.tokenize("hi")
+    with pytest.raises(HarnessError, match="unloaded"):
+        next(model.generate([1, 2], GREEDY))
+
+
+def test_fixture_models_differ(tiny_model_factory):
+    a = tiny_model_factory("a.gguf", seed=1).read_bytes()
+    b = tiny_model_factory("b.gguf", seed=2).read_bytes()
+    assert a != b
