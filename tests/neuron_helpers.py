@@ -27,10 +27,16 @@ def neuron_config(models: Iterable[tuple[str, str]] = (), **section: Any) -> Neu
 
 @asynccontextmanager
 async def running_neuron(
-    models: Iterable[tuple[str, str]] = (), *, plugins: Iterable[object] = (), **section: Any
+    models: Iterable[tuple[str, str]] = (),
+    *,
+    plugins: Iterable[object] = (),
+    options: dict[str, Any] | None = None,
+    **section: Any,
 ) -> AsyncIterator[NeuronHandle]:
     """A neuron on 127.0.0.1:0 with ``models`` (id, source) loaded before it is handed out."""
     models = list(models)
+    if options is None:
+        options = {"n_threads": 1} if not plugins else {}
     config = neuron_config(**section)
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
@@ -38,7 +44,10 @@ async def running_neuron(
             partial(run_neuron, config, shutdown=shutdown, plugins=plugins)
         )
         for model_id, source in models:
-            await handle.neuron.manager.load(LoadRequest(model_id=model_id, source=source))
+            # One thread: on two shared cores a second one makes decode erratic.
+            await handle.neuron.manager.load(
+                LoadRequest(model_id=model_id, source=source, options=options)
+            )
         try:
             yield handle
         finally:

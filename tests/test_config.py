@@ -97,7 +97,7 @@ def test_models_file(tmp_path: Path) -> None:
     assert models.aliases == {"tier/small": "Qwen/Qwen3-1.7B"}
     assert models.models[0].sampling == {"temperature": 0.7, "top_k": 20}
     bad = write(tmp_path, '[[models]]\nid = "a"\n[aliases]\nb = "zzz"\n', "m.toml")
-    with pytest.raises(ConfigError, match="aliases.b: unknown model 'zzz'"):
+    with pytest.raises(ConfigError, match=r"aliases\.b: unknown model .zzz."):
         cfg.load_models(bad)
     wrong = write(tmp_path, '[[models]]\nid = "a"\nsampling = { heat = 1 }\n', "s.toml")
     with pytest.raises(ConfigError, match="unknown sampling keys"):

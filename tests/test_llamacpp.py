@@ -7,7 +7,13 @@ import os
 import llama_cpp
 import pytest
 
-from cortex.errors import ChatTemplateMissing, ContextOverflow, HarnessError, ModelLoadError
+from cortex.errors import (
+    ChatTemplateMissing,
+    ContextOverflow,
+    HarnessError,
+    InvalidRequest,
+    ModelLoadError,
+)
 from cortex.harness import (
     ChatPrompt,
     LoadSpec,
@@ -84,9 +90,11 @@ def test_missing_file(load, tmp_path):
     assert str(tmp_path) not in info.value.message
 
 
-def test_corrupt_gguf(load, tmp_path, tiny_model_path):
+@pytest.mark.parametrize("keep", [0.002, 0.9], ids=["header", "tensors"])
+def test_corrupt_gguf(load, tmp_path, tiny_model_path, keep):
     path = tmp_path / "broken.gguf"
-    path.write_bytes(tiny_model_path.read_bytes()[:2000])
+    data = tiny_model_path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
     with pytest.raises(ModelLoadError) as info:
         load(path)
     assert "broken.gguf" in info.value.message
@@ -226,6 +234,10 @@ def test_grammar(load, tiny_model_path):
     sampling = Sampling(temperature=1.0, seed=1, grammar='root ::= "yes" | "no"')
     pieces = b"".join(t.piece for t in model.generate(model.tokenize("Answer:"), sampling))
     assert pieces in (b"yes", b"no")
+    # llama-cpp-python would pass a NULL sampler on and crash the process.
+    with pytest.raises(InvalidRequest, match="grammar"):
+        next(model.generate([1, 2], Sampling(grammar="root ::= (")))
+    assert len(take(model.generate(model.tokenize("Hi"), GREEDY), 3)) == 3
 
 
 def test_generation_stops_at_full_context(load, tiny_model_path):
@@ -234,6 +246,8 @@ def test_generation_stops_at_full_context(load, tiny_model_path):
     assert len(list(model.generate(prompt, GREEDY))) == 8
     with pytest.raises(ContextOverflow):
         next(model.generate([1] * model.n_ctx, GREEDY))
+    with pytest.raises(InvalidRequest, match="token ids"):
+        next(model.generate([1, 10**6], GREEDY))
 
 
 def test_two_models_side_by_side(load, tiny_model_factory):

@@ -30,8 +30,11 @@ async def http(neuron: NeuronHandle):
 
 
 @pytest.fixture
-def client(neuron: NeuronHandle) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=neuron.url + "/v1", api_key="unused", max_retries=0)
+async def client(neuron: NeuronHandle):
+    async with openai.AsyncOpenAI(
+        base_url=neuron.url + "/v1", api_key="unused", max_retries=0
+    ) as client:
+        yield client
 
 
 # -- fleet API ------------------------------------------------------------------------
@@ -249,15 +252,19 @@ async def test_responses(client: openai.AsyncOpenAI) -> None:
         assert whole.status == "incomplete"
         assert whole.incomplete_details.reason == "max_output_tokens"
         assert whole.usage.output_tokens == 10
-        async with client.responses.stream(
+        stream = await client.responses.create(
             model="tiny",
             input="Tell me",
             instructions="Be brief.",
             max_output_tokens=10,
             temperature=0,
-        ) as stream:
-            deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
-            final = await stream.get_final_response()
+            stream=True,
+        )
+        events = [event async for event in stream]
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert events[0].type == "response.created"
+    assert events[-1].type == "response.incomplete"
+    final = events[-1].response
     assert "".join(deltas) == whole.output_text == final.output_text
 
 
@@ -277,21 +284,22 @@ async def test_errors_in_openai_envelope(
         assert not_json.json()["error"]["type"] == "invalid_request_error"
         route = await http.get("/v1/nothing-here")
         assert route.status_code == 404 and "error" in route.json()
-        too_long = await client.completions.create
         with pytest.raises(openai.BadRequestError) as overflow:
-            await too_long(model="tiny", prompt=list(range(5, 600)), max_tokens=1)
+            await client.completions.create(model="tiny", prompt=list(range(5, 600)), max_tokens=1)
         assert overflow.value.body["code"] == "context_length_exceeded"
 
 
-async def test_chat_without_template(tmp_path: Path, no_template_model_path: Path) -> None:
+async def test_chat_without_template(no_template_model_path: Path) -> None:
     async with running_neuron([("raw", str(no_template_model_path))]) as handle:
-        client = openai.AsyncOpenAI(base_url=handle.url + "/v1", api_key="x", max_retries=0)
-        with trio.fail_after(30):
-            with pytest.raises(openai.BadRequestError) as missing:
-                await client.chat.completions.create(model="raw", messages=CHAT)
-            assert missing.value.body["code"] == "chat_template_missing"
-            reply = await client.completions.create(model="raw", prompt="Hi", max_tokens=3)
-            assert reply.choices[0].text is not None
+        async with openai.AsyncOpenAI(
+            base_url=handle.url + "/v1", api_key="x", max_retries=0
+        ) as client:
+            with trio.fail_after(30):
+                with pytest.raises(openai.BadRequestError) as missing:
+                    await client.chat.completions.create(model="raw", messages=CHAT)
+                assert missing.value.body["code"] == "chat_template_missing"
+                reply = await client.completions.create(model="raw", prompt="Hi", max_tokens=3)
+                assert reply.choices[0].text is not None
 
 
 async def test_disconnect_frees_the_model(neuron: NeuronHandle, http: httpx.AsyncClient) -> None:
@@ -313,7 +321,9 @@ async def test_concurrent_requests_and_two_models(
     neuron: NeuronHandle, client: openai.AsyncOpenAI, tiny_model_factory
 ) -> None:
     other = tiny_model_factory("second.gguf", seed=3, n_embd=32)
-    await neuron.neuron.manager.load(LoadRequest(model_id="second", source=str(other)))
+    await neuron.neuron.manager.load(
+        LoadRequest(model_id="second", source=str(other), options={"n_threads": 1})
+    )
     replies: dict[tuple[str, int], str] = {}
 
     async def ask(model: str, i: int) -> None:

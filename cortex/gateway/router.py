@@ -134,11 +134,7 @@ class Router:
 
     def _pending(self, model_id: str, exclude: set[str]) -> PendingLoad | None:
         for (name, pending_id), load in self.state.pending.items():
-            if (
-                pending_id == model_id
-                and name not in exclude
-                and self.state.neurons[name].routable
-            ):
+            if pending_id == model_id and name not in exclude and self.state.neurons[name].routable:
                 return load
         return None
 

@@ -21,7 +21,6 @@ from cortex.errors import (
     InvalidRequest,
     ModelNotFound,
     QueueFull,
-    Unauthorized,
     Unavailable,
     UpstreamError,
     UpstreamTimeout,
@@ -110,7 +109,7 @@ class NeuronAPI:
         path: str,
         *,
         json_body: Any = None,
-        timeout: httpx.Timeout | None = None,
+        http_timeout: httpx.Timeout | None = None,
         request_id: str | None = None,
     ) -> Any:
         """One JSON call; returns the decoded body.
@@ -125,7 +124,7 @@ class NeuronAPI:
                 neuron.base_url + path,
                 json=json_body,
                 headers=self.headers(neuron, request_id),
-                timeout=timeout or self.call_timeout,
+                timeout=http_timeout or self.call_timeout,
             )
         except httpx.HTTPError as exc:
             raise transport_error(neuron, exc) from exc
@@ -156,7 +155,7 @@ class NeuronAPI:
 
     async def load(self, neuron: NeuronState, body: dict[str, Any]) -> ModelStatus | None:
         data = await self.call(
-            neuron, "POST", "/models/load", json_body=body, timeout=self.load_timeout
+            neuron, "POST", "/models/load", json_body=body, http_timeout=self.load_timeout
         )
         model = data.get("model") if isinstance(data, dict) else None
         return self._structure(model, ModelStatus, neuron, "/models/load") if model else None
@@ -167,7 +166,7 @@ class NeuronAPI:
             "POST",
             "/models/unload",
             json_body={"model_id": model_id, "cancel": False},
-            timeout=self.load_timeout,
+            http_timeout=self.load_timeout,
         )
 
     async def tokenize(

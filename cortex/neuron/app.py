@@ -370,17 +370,19 @@ def create_app(neuron: Neuron) -> QuartTrio:
             )
 
         if not req.stream:
-            choices, prompt_total, completion_total = [], 0, 0
-            for tokens in prompts:
-                text, done = await finish(slot, await run(tokens), arrived)
-                choices.append((text, done.finish_reason))
-                prompt_total += done.prompt_tokens
-                completion_total += done.completion_tokens
-            return openai.text_completion(
+            results = [await finish(slot, await run(tokens), arrived) for tokens in prompts]
+            body = openai.text_completion(
                 **ids,
-                choices=choices,
-                usage=openai.Usage(prompt_tokens=prompt_total, completion_tokens=completion_total),
+                choices=[(text, done.finish_reason) for text, done in results],
+                usage=openai.Usage(
+                    prompt_tokens=sum(done.prompt_tokens for _, done in results),
+                    completion_tokens=sum(done.completion_tokens for _, done in results),
+                ),
             )
+            for choice, (_, done) in zip(body["choices"], results, strict=True):
+                if done.stop_sequence is not None:
+                    choice["stop_sequence"] = done.stop_sequence
+            return body
 
         first_job = await run(prompts[0])
 
@@ -560,6 +562,11 @@ def create_app(neuron: Neuron) -> QuartTrio:
                     if isinstance(event, Done):
                         observe_done(slot, event)
                     yield event
+                    if not isinstance(event, Delta):
+                        return
+            # The worker closed the job without an ending: it was cancelled
+            # (the model is being unloaded).
+            yield Failed("generation cancelled: the model is being unloaded")
         finally:
             job.cancel()
 

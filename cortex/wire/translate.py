@@ -370,8 +370,9 @@ class AnthropicStream:
     def feed(self, chunk: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         """Translate one ``chat.completion.chunk`` (or a mid-stream error object)."""
         if "error" in chunk:
-            error = chunk.get("error") or {}
-            return self.error(str(error.get("message") or error))
+            error = chunk["error"]
+            message = error.get("message") if isinstance(error, dict) else None
+            return self.error(str(message or error))
         if chunk.get("usage"):
             self._usage = chunk["usage"]
         events: list[tuple[str, dict[str, Any]]] = []
@@ -393,8 +394,8 @@ class AnthropicStream:
         events = []
         if self._open is None or self._open[0] != "text":
             events += self._start_block("text", {"type": "text", "text": ""})
-        assert self._open is not None
-        events.append(self._delta(self._open[1], {"type": "text_delta", "text": text}))
+        index = self._next_index - 1
+        events.append(self._delta(index, {"type": "text_delta", "text": text}))
         return events
 
     def _tool_call(self, call: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

@@ -310,11 +310,17 @@ class LlamaCppModel(LoadedModel):
 
         Raises:
           ContextOverflow: the prompt does not leave room for one token.
-          InvalidRequest: an empty prompt or a grammar that does not parse.
+          InvalidRequest: an empty prompt, a token id outside the vocabulary,
+            or a grammar that does not parse.
         """
         llama = self._live()
         if not tokens:
             raise InvalidRequest("the prompt is empty")
+        n_vocab = llama.n_vocab()
+        if not all(0 <= t < n_vocab for t in tokens):
+            # Clients may send token ids (OpenAI completions); llama_decode
+            # would reject them with a bare RuntimeError.
+            raise InvalidRequest(f"token ids must be in [0, {n_vocab})", param="prompt")
         if len(tokens) >= self.n_ctx:
             raise ContextOverflow(
                 f"the prompt is {len(tokens)} tokens; model {self.model_id!r} "
@@ -322,10 +328,7 @@ class LlamaCppModel(LoadedModel):
             )
         grammar = None
         if sampling.grammar is not None:
-            try:
-                grammar = llama_cpp.LlamaGrammar.from_string(sampling.grammar, verbose=False)
-            except ValueError as exc:
-                raise InvalidRequest(f"invalid grammar: {exc}", param="grammar")
+            grammar = self._grammar(sampling.grammar)
         # The seed is sticky on the Llama object: reset it on every call.
         llama.set_seed(llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed)
         steps = llama.generate(
@@ -349,6 +352,15 @@ class LlamaCppModel(LoadedModel):
                     return
         finally:
             steps.close()
+
+    def _grammar(self, text: str) -> llama_cpp.LlamaGrammar:
+        # LlamaGrammar.from_string parses nothing, and a grammar llama.cpp
+        # rejects becomes a NULL sampler that crashes the process: try it here.
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, text.encode("utf-8"), b"root")
+        if not sampler:
+            raise InvalidRequest("the grammar does not parse as GBNF", param="grammar")
+        llama_cpp.llama_sampler_free(sampler)
+        return llama_cpp.LlamaGrammar.from_string(text, verbose=False)
 
     def unload(self) -> None:
         if self._llama is not None:

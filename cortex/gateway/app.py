@@ -1,0 +1,615 @@
+"""The gateway: its HTTP API, and ``run_gateway`` that owns every task.
+
+``run_gateway`` opens one nursery holding the API server, the metrics
+server, one poller per neuron, and the model loads the router starts; it
+reports a :class:`GatewayHandle` once both servers are bound and returns
+after ``shutdown`` is set and in-flight requests have drained.
+
+Endpoints: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/responses``
+(proxied as they are), ``/v1/messages`` and ``/v1/messages/count_tokens``
+(Anthropic, translated), ``/v1/models``, ``/health``. Errors come in the
+caller's dialect: Anthropic's envelope under ``/v1/messages``, OpenAI's
+everywhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from functools import partial
+from typing import Any
+
+import attrs
+import httpx
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from cortex.config import GatewayConfig, ModelsFile, NeuronEndpoint, read_api_keys
+from cortex.errors import (
+    CortexError,
+    InvalidRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    RequestError,
+    ServiceError,
+    Unauthorized,
+)
+from cortex.fleet import make_converter
+from cortex.gateway.metrics import UNKNOWN, GatewayMetrics
+from cortex.gateway.poller import poll_neuron
+from cortex.gateway.proxy import CLIENT_CLOSED, Exchange, Proxy, close_quietly, usage_from_body
+from cortex.gateway.router import Router
+from cortex.gateway.state import LOADED, LOADING, FleetState, feasible
+from cortex.gateway.upstream import NeuronAPI
+from cortex.serve import serve
+from cortex.wire import anthropic, openai, sse, translate
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 31313
+DEFAULT_METRICS_PORT = 31314
+DEFAULT_NEURON = NeuronEndpoint(name="local", endpoint="http://127.0.0.1:13131")
+
+#: Seconds a stream waits past its first byte for the prompt's token count.
+COUNT_GRACE = 1.0
+#: Seconds a small neuron call (health, models, tokenize) may take.
+CALL_TIMEOUT = 10.0
+
+OPENAI_ENDPOINTS = {
+    "/v1/chat/completions": "chat/completions",
+    "/v1/completions": "completions",
+    "/v1/responses": "responses",
+}
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+@attrs.frozen
+class GatewayHandle:
+    """What ``run_gateway`` reports once it is serving."""
+
+    api_url: str
+    metrics_url: str
+    state: FleetState
+
+
+@attrs.define(eq=False)
+class Gateway:
+    """Everything a request handler needs, built once per ``run_gateway``."""
+
+    config: GatewayConfig
+    state: FleetState
+    api: NeuronAPI
+    router: Router
+    proxy: Proxy
+    metrics: GatewayMetrics
+    api_keys: frozenset[str]
+
+    @classmethod
+    def build(
+        cls,
+        config: GatewayConfig,
+        models: ModelsFile,
+        client: httpx.AsyncClient,
+        *,
+        metrics: GatewayMetrics | None = None,
+    ) -> Gateway:
+        section = config.gateway
+        if not config.neurons:
+            config = attrs.evolve(config, neurons=[DEFAULT_NEURON])
+        metrics = metrics or GatewayMetrics.create()
+        state = FleetState.build(config.neurons, models)
+        api = NeuronAPI(
+            client=client,
+            converter=make_converter(),
+            call_timeout=httpx.Timeout(CALL_TIMEOUT, connect=section.connect_timeout),
+            load_timeout=httpx.Timeout(section.load_timeout, connect=section.connect_timeout),
+        )
+        router = Router(config=config, state=state, api=api, metrics=metrics)
+        proxy = Proxy(client=client, router=router, section=section, metrics=metrics)
+        return cls(
+            config=config,
+            state=state,
+            api=api,
+            router=router,
+            proxy=proxy,
+            metrics=metrics,
+            api_keys=read_api_keys(section),
+        )
+
+    # -- request helpers ----------------------------------------------------------
+
+    def authenticate(self) -> None:
+        if not self.api_keys:
+            return
+        key = request.headers.get("x-api-key")
+        if key is None:
+            scheme, _, value = request.headers.get("authorization", "").partition(" ")
+            key = value.strip() if scheme.lower() == "bearer" else None
+        if not key or key not in self.api_keys:
+            raise Unauthorized(
+                "missing or invalid API key (send Authorization: Bearer KEY or x-api-key: KEY)"
+            )
+
+    async def read_json(self) -> dict[str, Any]:
+        """The request body as a JSON object.
+
+        Raises:
+          PayloadTooLarge: over ``max_body_bytes``.
+          InvalidRequest: not JSON, or not an object.
+        """
+        limit = self.config.gateway.max_body_bytes
+        try:
+            data = await request.get_data(cache=False)
+        except RequestEntityTooLarge:
+            raise PayloadTooLarge(f"request body over the {limit}-byte limit")
+        try:
+            body = json.loads(data)
+        except ValueError as exc:
+            raise InvalidRequest(f"request body is not valid JSON: {exc}")
+        if not isinstance(body, dict):
+            raise InvalidRequest("request body must be a JSON object")
+        return body
+
+    def apply_defaults(self, model_id: str, body: dict[str, Any]) -> bool:
+        """Fill the catalogue's default sampling into ``body``; True if it changed."""
+        entry = self.state.catalogue.models.get(model_id)
+        changed = False
+        for key, value in (entry.sampling if entry is not None else {}).items():
+            if body.get(key) is None:
+                body[key] = value
+                changed = True
+        return changed
+
+    def count_error(self, ex: Exchange, status: int) -> None:
+        """Metrics for a request that ended before reaching a neuron."""
+        self.proxy.finish(ex, status=status)
+
+
+def _request_id() -> str:
+    return request.headers.get("x-request-id") or f"req_{secrets.token_hex(12)}"
+
+
+def _is_anthropic(path: str) -> bool:
+    return path.startswith("/v1/messages")
+
+
+def error_response(exc: CortexError, *, anthropic_dialect: bool, request_id: str) -> Response:
+    """``exc`` in the caller's dialect, with Retry-After where it applies."""
+    if anthropic_dialect:
+        body, status = anthropic.error_body(exc), anthropic.status_for(exc)
+    else:
+        body, status = openai.error_body(exc), exc.status
+    response = Response(json.dumps(body), status=status, content_type="application/json")
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        response.headers["retry-after"] = str(retry_after)
+    _id_headers(response, request_id, anthropic_dialect)
+    return response
+
+
+def _id_headers(response: Response, request_id: str, anthropic_dialect: bool) -> None:
+    response.headers["x-request-id"] = request_id
+    if anthropic_dialect:
+        response.headers["request-id"] = request_id
+
+
+def _http_error(status: int, message: str) -> CortexError:
+    exc: CortexError = RequestError(message) if status < 500 else ServiceError(message)
+    exc.status = status
+    exc.kind = {
+        401: "authentication_error",
+        404: "not_found_error",
+        413: "request_too_large",
+    }.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return exc
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body), status=status, content_type="application/json")
+
+
+def _stream_response(body: Any, content_type: str, request_id: str, anth: bool) -> Response:
+    response = Response(body, status=200, content_type=content_type)
+    response.headers.update(SSE_HEADERS)
+    _id_headers(response, request_id, anth)
+    # Quart's RESPONSE_TIMEOUT (60 s) would cut long generations.
+    response.timeout = None
+    return response
+
+
+def create_app(gateway: Gateway) -> QuartTrio:
+    """The gateway's ASGI app (hypercorn on trio serves it)."""
+    app = QuartTrio("cortex.gateway")
+    app.config["MAX_CONTENT_LENGTH"] = gateway.config.gateway.max_body_bytes
+    state, router, proxy = gateway.state, gateway.router, gateway.proxy
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        error = _http_error(status, exc.description or exc.name)
+        return error_response(
+            error, anthropic_dialect=_is_anthropic(request.path), request_id=_request_id()
+        )
+
+    # -- OpenAI: proxied as sent ----------------------------------------------------
+
+    async def openai_endpoint() -> Response:
+        path = request.path
+        ex = Exchange(
+            endpoint=OPENAI_ENDPOINTS[path],
+            request_id=_request_id(),
+            started=trio.current_time(),
+        )
+        try:
+            gateway.authenticate()
+            raw = await gateway.read_json()
+            name = raw.get("model")
+            if not isinstance(name, str) or not name:
+                raise InvalidRequest("model must be a non-empty string", param="model")
+            ex.model = router.resolve(name)
+            changed = gateway.apply_defaults(ex.model, raw)
+            if changed or ex.model != name:
+                raw["model"] = ex.model
+            ex.stream = raw.get("stream") is True
+            await proxy.dispatch(ex, path, json.dumps(raw).encode())
+        except CortexError as exc:
+            gateway.count_error(ex, exc.status)
+            return error_response(exc, anthropic_dialect=False, request_id=ex.request_id)
+        except BaseException:
+            gateway.count_error(ex, CLIENT_CLOSED)
+            raise
+        assert ex.response is not None
+        content_type = ex.response.headers.get("content-type", "application/json")
+        if ex.stream:
+            return _stream_response(proxy.relay(ex), content_type, ex.request_id, False)
+        await ex.response.aclose()
+        proxy.finish(ex, status=ex.response.status_code, usage=usage_from_body(ex.first))
+        response = Response(ex.first, status=ex.response.status_code, content_type=content_type)
+        _id_headers(response, ex.request_id, False)
+        return response
+
+    for path in OPENAI_ENDPOINTS:
+        app.add_url_rule(path, path, openai_endpoint, methods=["POST"])
+
+    # -- Anthropic: translated --------------------------------------------------------
+
+    @app.post("/v1/messages")
+    async def messages() -> Response:
+        ex = Exchange(endpoint="messages", request_id=_request_id(), started=trio.current_time())
+        input_tokens = 0
+        try:
+            gateway.authenticate()
+            req = anthropic.parse_messages_request(await gateway.read_json())
+            ex.model = router.resolve(req.model)
+            ex.stream = req.stream
+            chat = translate.anthropic_to_openai(req, model=ex.model)
+            gateway.apply_defaults(ex.model, chat)
+            content = json.dumps(chat).encode()
+            if not ex.stream:
+                await proxy.dispatch(ex, "/v1/chat/completions", content)
+            else:
+
+                async def count() -> None:
+                    nonlocal input_tokens
+                    input_tokens = await count_input(ex.model, chat, ex.request_id)
+
+                # message_start carries the prompt's size: count it while
+                # the neuron processes the prompt, waiting briefly past the
+                # first byte for the count rather than delaying the stream.
+                failure: CortexError | None = None
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(count)
+                    try:
+                        await proxy.dispatch(ex, "/v1/chat/completions", content)
+                    except CortexError as exc:
+                        failure = exc
+                        nursery.cancel_scope.cancel()
+                    else:
+                        nursery.cancel_scope.deadline = trio.current_time() + COUNT_GRACE
+                if failure is not None:
+                    raise failure
+        except CortexError as exc:
+            gateway.count_error(ex, anthropic.status_for(exc))
+            return error_response(exc, anthropic_dialect=True, request_id=ex.request_id)
+        except BaseException:
+            gateway.count_error(ex, CLIENT_CLOSED)
+            raise
+        assert ex.response is not None and ex.model is not None
+        if ex.stream:
+            body = relay_anthropic(ex, ex.model, input_tokens)
+            return _stream_response(body, "text/event-stream", ex.request_id, True)
+        await ex.response.aclose()
+        try:
+            answer = translate.openai_to_anthropic(json.loads(ex.first), model=ex.model)
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            proxy.finish(ex, status=502)
+            error = _http_error(502, f"neuron answered with a malformed completion: {exc}")
+            return error_response(error, anthropic_dialect=True, request_id=ex.request_id)
+        proxy.finish(ex, status=200, usage=answer["usage"])
+        response = _json(answer)
+        _id_headers(response, ex.request_id, True)
+        return response
+
+    async def count_input(model_id: str, chat: dict[str, Any], request_id: str) -> int:
+        """The prompt's tokens by the neuron's tokenizer; 0 when it cannot say."""
+        body = {"model": model_id, "messages": chat["messages"]}
+        if chat.get("tools"):
+            body["tools"] = chat["tools"]
+        try:
+            with trio.fail_after(gateway.config.gateway.load_timeout):
+                neuron = await router.acquire(model_id, exclude=set())
+            try:
+                return await gateway.api.tokenize(neuron, body, request_id)
+            finally:
+                router.release(neuron, model_id)
+        except (CortexError, trio.TooSlowError) as exc:
+            log.debug("request %s: no input token count: %s", request_id, exc)
+            return 0
+
+    async def relay_anthropic(ex: Exchange, model: str, input_tokens: int) -> Any:
+        """The neuron's chat stream as Anthropic events."""
+        stream = translate.AnthropicStream(
+            message_id=anthropic.new_message_id(), model=model, input_tokens=input_tokens
+        )
+        decoder = sse.SSEDecoder()
+        usage: dict[str, Any] | None = None
+
+        def feed(chunk: bytes) -> tuple[list[tuple[str, dict[str, Any]]], int | None]:
+            """Events for ``chunk``, and the status if the stream failed in it."""
+            nonlocal usage
+            events: list[tuple[str, dict[str, Any]]] = []
+            for event in decoder.feed(chunk):
+                if event.data == "[DONE]":
+                    continue
+                try:
+                    data = json.loads(event.data)
+                except ValueError:
+                    return events + stream.error("neuron sent a malformed chunk", status=502), 502
+                if not isinstance(data, dict):
+                    continue
+                if data.get("usage"):
+                    usage = data["usage"]
+                events += stream.feed(data)
+                if "error" in data:  # the neuron's own mid-stream error
+                    return events, 500
+            return events, None
+
+        def encode(events: list[tuple[str, dict[str, Any]]]) -> bytes:
+            return b"".join(sse.encode(payload, event=name) for name, payload in events)
+
+        status = CLIENT_CLOSED
+        try:
+            yield encode(stream.start())
+            chunk: bytes | None = ex.first
+            while chunk is not None:
+                events, failed = feed(chunk)
+                if events:
+                    yield encode(events)
+                if failed is not None:
+                    status = failed
+                    break
+                try:
+                    chunk = await proxy.next_chunk(ex)
+                except CortexError as exc:
+                    log.warning("request %s: %s", ex.request_id, exc.message)
+                    status = anthropic.status_for(exc)
+                    yield encode(stream.error(exc.message, status=status))
+                    break
+            else:
+                status = 200
+                yield encode(stream.finish())
+        finally:
+            assert ex.response is not None
+            await close_quietly(ex.response)
+            proxy.finish(ex, status=status, usage=usage)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens() -> Response:
+        request_id = _request_id()
+        try:
+            gateway.authenticate()
+            req = anthropic.parse_count_tokens_request(await gateway.read_json())
+            model_id = router.resolve(req.model)
+            chat = translate.anthropic_to_openai(req, model=model_id)
+            # The tokenizer lives with the model: this routes (and cold
+            # loads when needed) exactly like a generation would.
+            neuron = await router.acquire(model_id, exclude=set())
+            try:
+                count = await gateway.api.tokenize(neuron, chat, request_id)
+            finally:
+                router.release(neuron, model_id)
+        except CortexError as exc:
+            return error_response(exc, anthropic_dialect=True, request_id=request_id)
+        response = _json(anthropic.count_tokens_response(count))
+        _id_headers(response, request_id, True)
+        return response
+
+    # -- the catalogue and health ---------------------------------------------------
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        try:
+            gateway.authenticate()
+        except CortexError as exc:
+            return error_response(exc, anthropic_dialect=False, request_id=_request_id())
+        return _json(openai.model_list(model_entries(gateway)))
+
+    @app.get("/v1/models/<path:model_id>")
+    async def get_model(model_id: str) -> Response:
+        try:
+            gateway.authenticate()
+            for entry in model_entries(gateway):
+                if entry["id"] == model_id:
+                    return _json(entry)
+            raise _not_found(model_id)
+        except CortexError as exc:
+            return error_response(exc, anthropic_dialect=False, request_id=_request_id())
+
+    @app.get("/health")
+    async def health() -> Response:
+        neurons = [
+            {
+                "name": n.name,
+                "endpoint": n.endpoint,
+                "up": n.up,
+                "suspect": n.suspect,
+                "last_seen": n.last_seen,
+                "error": n.last_error,
+                "models": {m.id: m.status for m in n.models.values()},
+                "loading": sorted(
+                    load.model_id for (name, _), load in state.pending.items() if name == n.name
+                ),
+            }
+            for n in state.neurons.values()
+        ]
+        up = sum(1 for n in state.neurons.values() if n.up)
+        status = "ok" if up == len(neurons) else "degraded" if up else "down"
+        return _json({"status": status, "neurons": neurons})
+
+    return app
+
+
+def _not_found(model_id: str) -> CortexError:
+    return ModelNotFound(f"model {model_id!r} does not exist", param="model")
+
+
+def model_entries(gateway: Gateway) -> list[dict[str, Any]]:
+    """``/v1/models`` data: catalogue, then models only neurons know, then aliases."""
+    state = gateway.state
+    ids = list(state.catalogue.models)
+    for neuron in state.neurons.values():
+        if neuron.up:
+            ids += [m for m in neuron.models if m not in ids]
+
+    def describe(model_id: str) -> dict[str, Any]:
+        locations = []
+        created = int(state.started_at)
+        for neuron in state.neurons.values():
+            if not neuron.up:
+                continue
+            status = neuron.status_of(model_id)
+            if (neuron.name, model_id) in state.pending and status != LOADED:
+                status = LOADING
+            if status is not None:
+                locations.append({"neuron": neuron.name, "status": status})
+            loaded = neuron.models.get(model_id)
+            if loaded is not None and loaded.loaded_at:
+                created = min(created, int(loaded.loaded_at))
+        entry = state.catalogue.models.get(model_id)
+        feasible_on = (
+            [n.name for n in state.neurons.values() if feasible(entry, n)] if entry else []
+        )
+        statuses = {loc["status"] for loc in locations}
+        status = next(
+            (s for s in (LOADED, LOADING, "failed") if s in statuses),
+            "available" if feasible_on else "unavailable",
+        )
+        return {
+            "created": created,
+            "loaded": status == LOADED,
+            "status": status,
+            "locations": locations,
+            "feasible_on": feasible_on,
+        }
+
+    described = {model_id: describe(model_id) for model_id in ids}
+    entries = [openai.model_entry(model_id, **fields) for model_id, fields in described.items()]
+    for alias, target in state.catalogue.aliases.items():
+        fields = described.get(target) or describe(target)
+        entries.append(openai.model_entry(alias, alias_of=target, **fields))
+    return entries
+
+
+def _metrics_app(metrics: GatewayMetrics) -> Any:
+    """prometheus-client's ASGI app, plus the lifespan protocol hypercorn speaks."""
+    inner = metrics.asgi_app()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        elif scope["type"] == "http":
+            await inner(scope, receive, send)
+
+    return app
+
+
+def make_client(config: GatewayConfig) -> httpx.AsyncClient:
+    """The one HTTP client to every neuron (connection pool shared by all tasks)."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(CALL_TIMEOUT, connect=config.gateway.connect_timeout),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        trust_env=False,
+    )
+
+
+async def run_gateway(
+    config: GatewayConfig,
+    models: ModelsFile,
+    *,
+    shutdown: trio.Event,
+    task_status: trio.TaskStatus[GatewayHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the gateway until ``shutdown`` is set and in-flight requests drain.
+
+    Reports a :class:`GatewayHandle` (bound API and metrics URLs, the fleet
+    state) once both servers listen.
+
+    Raises:
+      ConfigError: the API keys file cannot be read.
+      OSError: a listen address cannot be bound.
+    """
+    section = config.gateway
+    async with make_client(config) as client:
+        gateway = Gateway.build(config, models, client)
+        app = create_app(gateway)
+        async with trio.open_nursery() as background:
+            gateway.router.nursery = background
+            for neuron in gateway.state.neurons.values():
+                background.start_soon(
+                    partial(
+                        poll_neuron, gateway.api, gateway.state, neuron, section, gateway.metrics
+                    )
+                )
+            async with trio.open_nursery() as servers:
+                api_url = await servers.start(
+                    partial(
+                        serve,
+                        app,
+                        section.listen,
+                        default_port=DEFAULT_PORT,
+                        shutdown_trigger=shutdown.wait,
+                        grace_period=section.grace_period,
+                    )
+                )
+                metrics_url = await servers.start(
+                    partial(
+                        serve,
+                        _metrics_app(gateway.metrics),
+                        section.metrics_listen,
+                        default_port=DEFAULT_METRICS_PORT,
+                        shutdown_trigger=shutdown.wait,
+                        grace_period=1.0,
+                    )
+                )
+                log.info(
+                    "gateway on %s (metrics %s), %d neuron(s)",
+                    api_url,
+                    metrics_url,
+                    len(gateway.state.neurons),
+                )
+                task_status.started(GatewayHandle(api_url, metrics_url, gateway.state))
+            # Both servers have drained: stop polling and any load under way.
+            background.cancel_scope.cancel()
+
+
+__all__ = ["UNKNOWN", "Gateway", "GatewayHandle", "create_app", "run_gateway"]

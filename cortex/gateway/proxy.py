@@ -1,0 +1,302 @@
+"""Proxying one request to a neuron: retries before the first byte, relays after.
+
+``Proxy.dispatch`` routes the request, sends it, and waits for the first
+byte of the answer (a stream's first chunk, or a whole non-streamed body).
+A neuron that cannot be reached or drops the connection before that byte is
+marked suspect and the request moves to the next route; a neuron that says
+it does not have the model is forgotten for it and the request is routed
+again (which may load it). After the first byte the request is committed:
+``relay`` passes the stream through byte for byte and ends it with an error
+event if the neuron fails; ``relay_anthropic`` translates it.
+
+Metrics watch the stream without parsing it: the time of the first chunk,
+and the usage found in the last few chunks once the stream ends.
+
+Resource handling: the upstream response is closed in ``finally`` of each
+relay (shielded, with a short deadline), so a client that goes away closes
+the neuron's connection and the neuron stops generating.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import attrs
+import httpx
+import trio
+
+from cortex.config import GatewaySection
+from cortex.errors import (
+    CortexError,
+    ModelNotFound,
+    Unavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from cortex.gateway.metrics import GatewayMetrics
+from cortex.gateway.router import Router
+from cortex.gateway.state import NeuronState
+from cortex.gateway.upstream import error_from_response, transport_error
+from cortex.wire import openai, sse
+
+log = logging.getLogger(__name__)
+
+#: Chunks kept to find the final usage in; the usage chunk is the last
+#: before ``[DONE]`` (chat, completions) or the last event (responses).
+TAIL_CHUNKS = 8
+#: A client that went away, in the error metrics (nginx's number for it).
+CLIENT_CLOSED = 499
+
+
+@attrs.define(eq=False)
+class Exchange:
+    """One request on its way through the gateway."""
+
+    endpoint: str
+    request_id: str
+    started: float
+    model: str | None = None
+    stream: bool = False
+    neuron: NeuronState | None = None
+    response: httpx.Response | None = None
+    #: A stream's first chunk, or the whole body when not streaming.
+    first: bytes = b""
+    first_at: float | None = None
+    chunks: AsyncIterator[bytes] | None = None
+    finished: bool = False
+
+
+class _Retry(Exception):
+    def __init__(self, error: CortexError, *, exclude: bool) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.exclude = exclude
+
+
+async def close_quietly(response: httpx.Response) -> None:
+    # Runs in finally blocks, often while cancelled: shield it, briefly.
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + 2):
+        await response.aclose()
+
+
+def usage_from_tail(tail: Iterable[bytes]) -> dict[str, Any] | None:
+    """The last non-null ``usage`` object in the stream's last chunks, if any."""
+    data = b"".join(tail)
+    at = data.rfind(b'"usage"')
+    if at < 0:
+        return None
+    start = data.rfind(b"data:", 0, at)
+    end = data.find(b"\n", at)
+    if start < 0:
+        return None
+    try:
+        frame = json.loads(data[start + 5 : end if end >= 0 else None])
+    except ValueError:
+        return None
+    return _usage_of(frame)
+
+
+def _usage_of(payload: Any) -> dict[str, Any] | None:
+    if not isinstance(payload, dict):
+        return None
+    usage = payload.get("usage")
+    if usage is None and isinstance(payload.get("response"), dict):
+        usage = payload["response"].get("usage")  # Responses: response.completed
+    return usage if isinstance(usage, dict) else None
+
+
+def usage_from_body(body: bytes) -> dict[str, Any] | None:
+    try:
+        return _usage_of(json.loads(body))
+    except ValueError:
+        return None
+
+
+def token_counts(usage: dict[str, Any] | None) -> tuple[int, int] | None:
+    """(prompt, completion) from an OpenAI, Responses or Anthropic usage."""
+    if not usage:
+        return None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return prompt, completion
+
+
+@attrs.define(eq=False)
+class Proxy:
+    client: httpx.AsyncClient
+    router: Router
+    section: GatewaySection
+    metrics: GatewayMetrics
+
+    def _timeout(self) -> httpx.Timeout:
+        # Reads are bounded by the first-byte and idle deadlines below.
+        return httpx.Timeout(connect=self.section.connect_timeout, read=None, write=None, pool=None)
+
+    # -- before the first byte ------------------------------------------------
+
+    async def dispatch(self, ex: Exchange, path: str, content: bytes) -> None:
+        """Route ``ex`` and send it until a neuron answers its first byte.
+
+        On return ``ex.neuron``, ``ex.response`` and ``ex.first`` are set
+        and the route is held: one of the relays (or ``finish``) releases it.
+
+        Raises:
+          CortexError: for the client, in its dialect: no route (404, 503),
+            the neuron's own error answer, or the last failure when every
+            route failed.
+        """
+        assert ex.model is not None
+        exclude: set[str] = set()
+        last_error: CortexError | None = None
+        for _ in range(len(self.router.state.neurons) + 2):
+            try:
+                neuron = await self.router.acquire(ex.model, exclude=exclude)
+            except (ModelNotFound, Unavailable):
+                if last_error is not None:
+                    raise last_error
+                raise
+            try:
+                await self._attempt(ex, neuron, path, content)
+                return
+            except _Retry as retry:
+                self.router.release(neuron, ex.model)
+                last_error = retry.error
+                if retry.exclude:
+                    exclude.add(neuron.name)
+                log.warning(
+                    "request %s to %s failed before its first byte, trying the next route: %s",
+                    ex.request_id,
+                    neuron.name,
+                    retry.error.message,
+                )
+            except BaseException:
+                self.router.release(neuron, ex.model)
+                raise
+        assert last_error is not None
+        raise last_error
+
+    async def _attempt(self, ex: Exchange, neuron: NeuronState, path: str, content: bytes) -> None:
+        headers = {
+            "content-type": "application/json",
+            "accept-encoding": "identity",
+            "x-request-id": ex.request_id,
+        }
+        if neuron.token:
+            headers["authorization"] = f"Bearer {neuron.token}"
+        request = self.client.build_request(
+            "POST",
+            neuron.base_url + path,
+            content=content,
+            headers=headers,
+            timeout=self._timeout(),
+        )
+        assert ex.model is not None
+        try:
+            with trio.fail_after(self.section.first_byte_timeout):
+                response = await self.client.send(request, stream=True)
+                try:
+                    if response.status_code >= 400:
+                        body = await response.aread()
+                        error = error_from_response(response.status_code, body, response.headers)
+                        if response.status_code == 404:
+                            # Unloaded since the last poll: route again.
+                            self.router.forget(neuron, ex.model)
+                            raise _Retry(error, exclude=False)
+                        if response.status_code in (502, 503):
+                            raise _Retry(error, exclude=True)
+                        raise error
+                    if ex.stream:
+                        chunks = response.aiter_raw()
+                        first = await anext(chunks, b"")
+                        ex.chunks = chunks
+                    else:
+                        first = await response.aread()
+                except BaseException:
+                    await close_quietly(response)
+                    raise
+        except trio.TooSlowError:
+            raise UpstreamTimeout(
+                f"neuron {neuron.name} sent nothing within {self.section.first_byte_timeout:g} s"
+            )
+        except httpx.HTTPError as exc:
+            neuron.mark_suspect(f"{type(exc).__name__}: {exc}")
+            raise _Retry(transport_error(neuron, exc), exclude=True)
+        ex.neuron, ex.response, ex.first = neuron, response, first
+        ex.first_at = trio.current_time()
+
+    # -- after the first byte -------------------------------------------------
+
+    async def next_chunk(self, ex: Exchange) -> bytes | None:
+        """The next chunk of the stream, None at its end.
+
+        Raises:
+          UpstreamTimeout: nothing for ``idle_timeout`` seconds.
+          UpstreamError: the neuron dropped the connection.
+        """
+        assert ex.chunks is not None and ex.neuron is not None
+        try:
+            with trio.fail_after(self.section.idle_timeout):
+                return await anext(ex.chunks, None)
+        except trio.TooSlowError:
+            raise UpstreamTimeout(
+                f"neuron {ex.neuron.name} sent nothing for {self.section.idle_timeout:g} s"
+            )
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"neuron {ex.neuron.name} failed mid-stream: {exc}")
+
+    async def relay(self, ex: Exchange) -> AsyncIterator[bytes]:
+        """An OpenAI stream, byte for byte; an error chunk if the neuron fails."""
+        tail: collections.deque[bytes] = collections.deque(maxlen=TAIL_CHUNKS)
+        status = CLIENT_CLOSED
+        try:
+            chunk: bytes | None = ex.first
+            while chunk is not None:
+                if chunk:
+                    tail.append(chunk)
+                    yield chunk
+                try:
+                    chunk = await self.next_chunk(ex)
+                except CortexError as exc:
+                    log.warning("request %s: %s", ex.request_id, exc.message)
+                    status = exc.status
+                    yield sse.encode(openai.error_body(exc))
+                    break
+            else:
+                status = 200
+        finally:
+            assert ex.response is not None
+            await close_quietly(ex.response)
+            self.finish(ex, status=status, usage=usage_from_tail(tail))
+
+    def finish(self, ex: Exchange, *, status: int, usage: dict[str, Any] | None = None) -> None:
+        """Release the route and record the request's metrics (once)."""
+        if ex.finished:
+            return
+        ex.finished = True
+        end = trio.current_time()
+        model = ex.model or "unknown"
+        neuron = ex.neuron.name if ex.neuron is not None else ""
+        if ex.neuron is not None and ex.model is not None:
+            self.router.release(ex.neuron, ex.model)
+        m = self.metrics
+        m.requests.labels(ex.endpoint, model, neuron).inc()
+        if status >= 400:
+            m.errors.labels(ex.endpoint, model, str(status)).inc()
+        m.duration.labels(ex.endpoint, model).observe(end - ex.started)
+        if ex.stream and ex.first_at is not None:
+            m.first_token.labels(ex.endpoint, model, neuron).observe(ex.first_at - ex.started)
+        counts = token_counts(usage)
+        if counts is not None and neuron:
+            prompt, completion = counts
+            m.tokens.labels(model, neuron, "prompt").inc(prompt)
+            m.tokens.labels(model, neuron, "completion").inc(completion)
+            # For a non-stream, generation time is all of it (prompt included).
+            since = ex.first_at if ex.stream and ex.first_at is not None else ex.started
+            if completion > 1 and end > since:
+                m.tokens_per_second.labels(model, neuron).observe(completion / (end - since))

@@ -1,0 +1,134 @@
+"""Helpers for testing cortex and engine plugins: a fake engine.
+
+``FakeEngine`` is a complete engine plugin with no model files: it loads any
+path whose name ends in ``.fake`` (or any path when a load names the
+``fake`` harness), tokenizes bytes, and answers with a scripted reply. Plugin
+authors can copy its shape; tests use it where a real engine cannot be made
+to misbehave on purpose (slow tokens, failures mid-generation).
+
+    from cortex.testing import FakeEngine
+    engine = FakeEngine(reply=lambda prompt: "Hello!", token_delay=0.01)
+    async with running_neuron(plugins=[engine]) ...
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from cortex.errors import ModelLoadError
+from cortex.harness import (
+    ChatPrompt,
+    HarnessInfo,
+    LoadedModel,
+    LoadSpec,
+    Placement,
+    Sampling,
+    Token,
+    hookimpl,
+)
+
+BOS = 256
+END_OF_TURN = "<|end|>"
+
+
+class FakeModel(LoadedModel):
+    """A model whose tokens are bytes and whose output is scripted."""
+
+    harness = "fake"
+
+    def __init__(
+        self,
+        model_id: str,
+        *,
+        reply: Callable[[str], str],
+        n_ctx: int = 2048,
+        token_delay: float = 0.0,
+        fail_after: int | None = None,
+    ) -> None:
+        self.model_id = model_id
+        self.n_ctx = n_ctx
+        self.n_ctx_train = n_ctx
+        self._reply = reply
+        self._token_delay = token_delay
+        self._fail_after = fail_after
+        self.unloaded = False
+
+    def memory_mb(self) -> int:
+        return 1
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
+        return ([BOS] if add_bos else []) + list(text.encode())
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
+    ) -> ChatPrompt:
+        lines = []
+        for message in messages:
+            content = message.get("content") or ""
+            if isinstance(content, list):
+                content = "".join(part.get("text", "") for part in content)
+            lines.append(f"{message['role']}: {content}{END_OF_TURN}")
+        return ChatPrompt(text="".join(lines) + "assistant: ", stop=(END_OF_TURN,))
+
+    def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[Token]:
+        if self.unloaded:
+            raise RuntimeError("model unloaded")
+        prompt = bytes(t for t in tokens if t < 256).decode(errors="replace")
+        for count, byte in enumerate(self._reply(prompt).encode(), start=1):
+            if self._token_delay:
+                time.sleep(self._token_delay)
+            if self._fail_after is not None and count > self._fail_after:
+                raise RuntimeError("the fake engine failed on purpose")
+            yield Token(byte, bytes([byte]))
+
+    def unload(self) -> None:
+        self.unloaded = True
+
+
+class FakeEngine:
+    """An engine plugin: register the instance with the plugin manager.
+
+    Args:
+      reply: the output for a prompt (the rendered prompt text).
+      token_delay: seconds per generated token (blocking, as a real engine).
+      fail_after: raise after this many tokens, to test failure paths.
+    """
+
+    name = "fake"
+
+    def __init__(
+        self,
+        *,
+        reply: Callable[[str], str] = lambda prompt: "Hello from the fake engine.",
+        token_delay: float = 0.0,
+        fail_after: int | None = None,
+    ) -> None:
+        self.reply = reply
+        self.token_delay = token_delay
+        self.fail_after = fail_after
+        self.loaded: list[FakeModel] = []
+
+    @hookimpl
+    def cortex_harness_info(self) -> HarnessInfo:
+        return HarnessInfo(name=self.name, version="1.0", formats=("fake",), cuda=False)
+
+    @hookimpl
+    def cortex_harness_load(self, spec: LoadSpec, placement: Placement) -> LoadedModel | None:
+        if spec.harness not in (None, self.name):
+            return None
+        if spec.harness is None and not spec.path.endswith(".fake"):
+            return None
+        unknown = set(spec.options) - {"n_ctx", "n_ctx_max"}
+        if unknown:
+            raise ModelLoadError(f"fake engine: unknown options {sorted(unknown)}")
+        model = FakeModel(
+            spec.model_id,
+            reply=self.reply,
+            n_ctx=int(spec.options.get("n_ctx", 2048)),
+            token_delay=self.token_delay,
+            fail_after=self.fail_after,
+        )
+        self.loaded.append(model)
+        return model

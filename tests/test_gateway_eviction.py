@@ -1,0 +1,214 @@
+"""Placement and eviction: pure planning, then through a running gateway."""
+
+from __future__ import annotations
+
+import time
+
+import trio
+
+from cortex.config import CatalogModel, ModelsFile
+from cortex.fleet import (
+    Activation,
+    Cpu,
+    Device,
+    DeviceSample,
+    Discovery,
+    Health,
+    MemoryBudget,
+    ModelStatus,
+)
+from cortex.gateway import evictor
+from cortex.gateway.state import HOST, FleetState, PendingLoad, feasible, place
+from tests.gateway_helpers import FakeNeuron, catalogue, running_fleet
+
+# -- placement, pure ------------------------------------------------------------
+
+
+def test_place_on_a_cpu_host() -> None:
+    model = CatalogModel(id="m", vram_mb=500)
+    assert place(model, {HOST: 600}) == []
+    assert place(model, {HOST: 400}) is None
+
+
+def test_place_on_gpus_uses_as_few_devices_as_allowed() -> None:
+    model = CatalogModel(id="m", vram_mb=30000)
+    # One 24 GB card is not enough; two split it 15 GB each.
+    assert place(model, {0: 24000, 1: 24000}) == [0, 1]
+    assert place(model, {0: 40000, 1: 24000}) == [0]
+    assert place(model, {0: 10000, 1: 10000}) is None
+
+
+def test_place_honours_min_devices_and_min_device_vram() -> None:
+    model = CatalogModel(id="m", vram_mb=8000, min_devices=2, min_device_vram_mb=6000)
+    assert place(model, {0: 24000}) is None
+    assert place(model, {0: 5000, 1: 24000, 2: 7000}) == [1, 2]
+
+
+def _gpu_state(models: list[ModelStatus], vram: list[int], used: list[int]) -> FleetState:
+    state = FleetState.build([], ModelsFile())
+    from cortex.gateway.state import NeuronState
+
+    neuron = NeuronState(name="g", endpoint="http://x", up=True)
+    neuron.discovery = Discovery(
+        hostname="g",
+        os="Linux",
+        kernel="6",
+        cpu=Cpu("x", 8),
+        ram_total_mb=64000,
+        devices=[Device(i, f"u{i}", "GPU", v, "8.9") for i, v in enumerate(vram)],
+    )
+    neuron.health = Health(
+        uptime_secs=1,
+        devices=[
+            DeviceSample(i, u, v - u) for i, (v, u) in enumerate(zip(vram, used, strict=True))
+        ],
+        memory=MemoryBudget(64000, 0),
+        activation=Activation(),
+    )
+    neuron.models = {m.id: m for m in models}
+    state.neurons["g"] = neuron
+    return state
+
+
+def test_gpu_eviction_picks_victims_on_the_right_device() -> None:
+    now = time.time()
+    models = [
+        ModelStatus(
+            id="old-on-1",
+            harness="x",
+            status="loaded",
+            devices=[1],
+            memory_mb=20000,
+            last_used=now - 100,
+        ),
+        ModelStatus(
+            id="new-on-0",
+            harness="x",
+            status="loaded",
+            devices=[0],
+            memory_mb=20000,
+            last_used=now - 10,
+        ),
+        ModelStatus(
+            id="newer-on-1",
+            harness="x",
+            status="loaded",
+            devices=[1],
+            memory_mb=2000,
+            last_used=now,
+        ),
+    ]
+    state = _gpu_state(models, vram=[24000, 24000], used=[20000, 22000])
+    want = CatalogModel(id="want", vram_mb=20000)
+    plan = evictor.plan(state, state.neurons["g"], want, "lru")
+    assert plan == evictor.Plan(devices=[1], evictions=["old-on-1"])
+    assert feasible(want, state.neurons["g"])
+    assert not feasible(CatalogModel(id="huge", vram_mb=60000), state.neurons["g"])
+
+
+def test_pending_loads_reserve_memory() -> None:
+    state = _gpu_state([], vram=[24000], used=[0])
+    state.pending[("g", "other")] = PendingLoad(
+        neuron="g", model_id="other", reserve_mb={0: 20000}, devices=[0], evictions=[]
+    )
+    assert (
+        evictor.plan(state, state.neurons["g"], CatalogModel(id="m", vram_mb=8000), "lru") is None
+    )
+    assert evictor.plan(state, state.neurons["g"], CatalogModel(id="m", vram_mb=4000), "lru")
+
+
+# -- through the gateway --------------------------------------------------------
+
+
+def _models(**extra: dict) -> ModelsFile:
+    ids = ["m/a", "m/b", "m/c"]
+    return catalogue(*(CatalogModel(id=i, vram_mb=400, **extra.get(i, {})) for i in ids))
+
+
+async def _use(fleet, *models: str) -> None:
+    for model in models:
+        response = await fleet.chat(model)
+        assert response.status_code == 200, response.text
+
+
+async def test_lru_model_is_evicted_to_make_room() -> None:
+    a = FakeNeuron("a", memory_mb=1000, sizes={"m/a": 400, "m/b": 400, "m/c": 400})
+    with trio.fail_after(10):
+        async with running_fleet([a], _models()) as fleet:
+            await _use(fleet, "m/a", "m/b", "m/a", "m/c")
+            assert a.unload_calls == ["m/b"]
+            assert set(a.loaded) == {"m/a", "m/c"}
+            assert set(fleet.state.neurons["a"].models) == {"m/a", "m/c"}
+            metrics = (await fleet.client.get(fleet.handle.metrics_url + "/metrics")).text
+            assert 'cortex_evictions_total{model="m/b",neuron="a"} 1.0' in metrics
+            assert 'cortex_cold_starts_total{model="m/c",neuron="a"} 1.0' in metrics
+
+
+async def test_pinned_model_is_never_evicted() -> None:
+    a = FakeNeuron("a", memory_mb=1000, sizes={"m/a": 400, "m/b": 400, "m/c": 400})
+    models = _models(**{"m/a": {"pinned_on": ["a"]}})
+    with trio.fail_after(10):
+        async with running_fleet([a], models) as fleet:
+            await _use(fleet, "m/a", "m/b", "m/c")
+            assert a.unload_calls == ["m/b"]
+            # Only m/c can go now (m/a is pinned).
+            await _use(fleet, "m/b")
+            assert a.unload_calls == ["m/b", "m/c"]
+            assert "m/a" in a.loaded
+
+
+async def test_model_with_requests_in_flight_is_not_evicted() -> None:
+    hold = trio.Event()
+    a = FakeNeuron("a", memory_mb=1000, preload=["m/a", "m/b"], sizes={"m/a": 400, "m/b": 400})
+    with trio.fail_after(10):
+        async with running_fleet([a], _models()) as fleet:
+            await _use(fleet, "m/b", "m/a")  # m/b is the least recently used
+            a.hold, a.request_arrived = hold, trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fleet.chat, "m/b")
+                await a.request_arrived.wait()
+                a.hold = None
+                await _use(fleet, "m/c")
+                hold.set()
+            assert a.unload_calls == ["m/a"]
+
+
+async def test_nothing_evictable_is_503_with_retry_after() -> None:
+    a = FakeNeuron("a", memory_mb=1000, preload=["m/a", "m/b"], sizes={"m/a": 400, "m/b": 400})
+    models = _models(**{"m/a": {"pinned_on": ["a"]}, "m/b": {"pinned_on": ["a"]}})
+    with trio.fail_after(10):
+        async with running_fleet([a], models) as fleet:
+            response = await fleet.chat("m/c")
+            assert response.status_code == 503
+            assert int(response.headers["retry-after"]) > 0
+            assert response.json()["error"]["type"] == "service_unavailable"
+            assert a.load_calls == [] and a.unload_calls == []
+
+
+async def test_priority_strategy_evicts_the_lowest_priority_first() -> None:
+    a = FakeNeuron("a", memory_mb=1000, sizes={"m/a": 400, "m/b": 400, "m/c": 400})
+    models = _models(**{"m/a": {"priority": 1}, "m/b": {"priority": 5}})
+    with trio.fail_after(10):
+        async with running_fleet([a], models, strategy="priority") as fleet:
+            # m/a is the most recently used, but the lowest priority.
+            await _use(fleet, "m/b", "m/a", "m/c")
+            assert a.unload_calls == ["m/a"]
+
+
+async def test_model_too_big_for_every_neuron_is_404() -> None:
+    a = FakeNeuron("a", memory_mb=1000)
+    models = catalogue(CatalogModel(id="m/huge", vram_mb=5000))
+    with trio.fail_after(10):
+        async with running_fleet([a], models) as fleet:
+            response = await fleet.chat("m/huge")
+            assert response.status_code == 404
+            assert "fits on no neuron" in response.json()["error"]["message"]
+
+
+async def test_gpu_neuron_gets_devices_in_the_load() -> None:
+    a = FakeNeuron("a", gpus=[8000, 24000])
+    models = catalogue(CatalogModel(id="m/gpu", vram_mb=16000))
+    with trio.fail_after(10):
+        async with running_fleet([a], models) as fleet:
+            await _use(fleet, "m/gpu")
+            assert a.load_calls[0]["devices"] == [1]

@@ -1,0 +1,138 @@
+"""Unloading, failures and shutdown, with the fake engine where timing must be controlled."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from cortex.testing import FakeEngine
+from tests.neuron_helpers import running_neuron
+
+
+def fake_model(tmp_path: Path, name: str = "m.fake") -> str:
+    path = tmp_path / name
+    path.write_text("fake")
+    return str(path)
+
+
+async def test_unload_cancels_in_flight(tmp_path: Path) -> None:
+    engine = FakeEngine(reply=lambda prompt: "x" * 10_000, token_delay=0.002)
+    async with running_neuron([("slow", fake_model(tmp_path))], plugins=[engine]) as handle:
+        async with httpx.AsyncClient(base_url=handle.url, timeout=30) as http:
+            body = {"model": "slow", "prompt": "go", "max_tokens": 5000, "stream": True}
+            with trio.fail_after(20):
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    lines = response.aiter_lines()
+                    await anext(lines)
+                    unloaded = await http.post(
+                        "/models/unload", json={"model_id": "slow", "cancel": True}
+                    )
+                    assert unloaded.json()["cancelled"] == 1
+                    rest = [line async for line in lines]
+    # The stream ends early and cleanly: no [DONE] after a cancelled generation.
+    assert "data: [DONE]" not in rest
+    assert engine.loaded[0].unloaded
+
+
+async def test_unload_waits_for_in_flight(tmp_path: Path) -> None:
+    engine = FakeEngine(reply=lambda prompt: "y" * 50, token_delay=0.002)
+    async with running_neuron([("m", fake_model(tmp_path))], plugins=[engine]) as handle:
+        async with httpx.AsyncClient(base_url=handle.url, timeout=30) as http:
+            results: dict[str, httpx.Response] = {}
+
+            async def generate() -> None:
+                results["reply"] = await http.post(
+                    "/v1/completions", json={"model": "m", "prompt": "go", "max_tokens": 100}
+                )
+
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(generate)
+                    worker = handle.neuron.manager.slots["m"].worker
+                    while not worker.statistics().in_flight:  # noqa: ASYNC110 (state, not an event)
+                        await trio.sleep(0.001)
+                    unloaded = await http.post("/models/unload", json={"model_id": "m"})
+            assert unloaded.json()["cancelled"] == 0
+            assert results["reply"].json()["choices"][0]["text"] == "y" * 50
+
+
+async def test_failure_mid_stream_is_an_error_event(tmp_path: Path) -> None:
+    engine = FakeEngine(reply=lambda prompt: "z" * 100, fail_after=5)
+    async with running_neuron([("m", fake_model(tmp_path))], plugins=[engine]) as handle:
+        async with httpx.AsyncClient(base_url=handle.url, timeout=30) as http:
+            with trio.fail_after(20):
+                body = {"model": "m", "prompt": "go", "max_tokens": 50, "stream": True}
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    lines = [line async for line in response.aiter_lines() if line]
+                whole = await http.post("/v1/completions", json={**body, "stream": False})
+                health = await http.get("/health")
+    last = json.loads(lines[-1].removeprefix("data: "))
+    assert "generation failed" in last["error"]["message"]
+    assert whole.status_code == 500 and "error" in whole.json()
+    assert health.status_code == 200
+
+
+def test_sigterm_drains_and_exits_zero(tiny_model_path: Path) -> None:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cortex",
+            "--role",
+            "neuron",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            f"tiny={tiny_model_path}",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = None
+        for line in process.stderr:
+            if "listening on" in line:
+                url = line.rsplit(" ", 1)[-1].strip()
+            if "loaded tiny" in line:
+                break
+        assert url
+        reply = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": "tiny", "prompt": "Hi", "max_tokens": 3},
+            timeout=30,
+        )
+        assert reply.status_code == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert "unloaded tiny" in process.stderr.read()
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_role_is_required() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cortex"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "choose a role" in result.stderr
+
+
+@pytest.mark.parametrize("argument", ["--model=nonsense", "--listen=host:port"])
+def test_bad_arguments(argument: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cortex", "--role", "neuron", argument],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("cortex: ") and ("NAME=VALUE" in last or "port must be" in last)
