@@ -142,9 +142,10 @@ class LoadedModel(abc.ABC):
     def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[Token]:
         """Yield generated tokens one by one after the prompt ``tokens``.
 
-        The iterator ends only at the model's end of generation; the caller
-        stops consuming at its own limits and then closes the iterator.
-        Only one generation runs at a time per model.
+        The iterator ends at the model's end of generation or when the
+        context is full; the caller stops consuming at its own limits and
+        then closes the iterator. Only one generation runs at a time per
+        model. ``tokenize`` and ``render_chat`` may run concurrently with it.
         """
 
     @abc.abstractmethod

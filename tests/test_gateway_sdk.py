@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
+
 import anthropic
 import openai
 import pytest
@@ -28,8 +30,8 @@ def anthropic_client(url: str) -> anthropic.AsyncAnthropic:
 async def test_openai_sdk_chat() -> None:
     a = FakeNeuron("a", preload=["org/small"])
     with trio.fail_after(10):
-        async with running_fleet([a], MODELS, api_keys=[KEY]) as fleet:
-            client = openai_client(fleet.url)
+        async with running_fleet([a], MODELS, api_keys=[KEY]) as fleet, AsyncExitStack() as stack:
+            client = await stack.enter_async_context(openai_client(fleet.url))
             completion = await client.chat.completions.create(
                 model="org/small", messages=[{"role": "user", "content": "hi"}]
             )
@@ -59,16 +61,16 @@ async def test_openai_sdk_chat() -> None:
 async def test_openai_sdk_errors() -> None:
     a = FakeNeuron("a", preload=["org/small"], fault="die_mid_stream")
     with trio.fail_after(10):
-        async with running_fleet([a], MODELS, api_keys=[KEY]) as fleet:
-            client = openai_client(fleet.url)
+        async with running_fleet([a], MODELS, api_keys=[KEY]) as fleet, AsyncExitStack() as stack:
+            client = await stack.enter_async_context(openai_client(fleet.url))
             with pytest.raises(openai.NotFoundError):
                 await client.chat.completions.create(
                     model="no/such", messages=[{"role": "user", "content": "hi"}]
                 )
             with pytest.raises(openai.AuthenticationError):
-                await openai.AsyncOpenAI(
-                    base_url=fleet.url + "/v1", api_key="wrong", max_retries=0
-                ).models.list()
+                wrong = openai.AsyncOpenAI(base_url=fleet.url + "/v1", api_key="x", max_retries=0)
+                await stack.enter_async_context(wrong)
+                await wrong.models.list()
             stream = await client.chat.completions.create(
                 model="org/small", messages=[{"role": "user", "content": "hi"}], stream=True
             )
@@ -80,8 +82,8 @@ async def test_openai_sdk_errors() -> None:
 async def test_anthropic_sdk_messages() -> None:
     a = FakeNeuron("a", preload=["org/small"])
     with trio.fail_after(10):
-        async with running_fleet([a], MODELS, api_keys=[KEY]) as fleet:
-            client = anthropic_client(fleet.url)
+        async with running_fleet([a], MODELS, api_keys=[KEY]) as fleet, AsyncExitStack() as stack:
+            client = await stack.enter_async_context(anthropic_client(fleet.url))
             message = await client.messages.create(
                 model="claude-sonnet",
                 max_tokens=100,
@@ -115,8 +117,8 @@ async def test_anthropic_sdk_messages() -> None:
 async def test_anthropic_sdk_streaming() -> None:
     a = FakeNeuron("a", preload=["org/small"])
     with trio.fail_after(10):
-        async with running_fleet([a], MODELS, api_keys=[KEY]) as fleet:
-            client = anthropic_client(fleet.url)
+        async with running_fleet([a], MODELS, api_keys=[KEY]) as fleet, AsyncExitStack() as stack:
+            client = await stack.enter_async_context(anthropic_client(fleet.url))
             async with client.messages.stream(
                 model="claude-sonnet",
                 max_tokens=100,
@@ -138,16 +140,16 @@ async def test_anthropic_sdk_streaming() -> None:
 async def test_anthropic_sdk_errors_and_count_tokens() -> None:
     a = FakeNeuron("a", preload=["org/small"], fault="die_mid_stream")
     with trio.fail_after(10):
-        async with running_fleet([a], MODELS, api_keys=[KEY]) as fleet:
-            client = anthropic_client(fleet.url)
+        async with running_fleet([a], MODELS, api_keys=[KEY]) as fleet, AsyncExitStack() as stack:
+            client = await stack.enter_async_context(anthropic_client(fleet.url))
             with pytest.raises(anthropic.NotFoundError):
                 await client.messages.create(
                     model="no/such", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
                 )
             with pytest.raises(anthropic.AuthenticationError):
-                await anthropic.AsyncAnthropic(
-                    base_url=fleet.url, api_key="wrong", max_retries=0
-                ).messages.create(
+                wrong = anthropic.AsyncAnthropic(base_url=fleet.url, api_key="x", max_retries=0)
+                await stack.enter_async_context(wrong)
+                await wrong.messages.create(
                     model="org/small", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
                 )
             with pytest.raises(anthropic.APIStatusError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -123,6 +124,9 @@ async def run_neuron(
       plugins: engine plugin objects to register besides the entry points.
     """
     section = config.neuron
+    # Placements name NVML indices; make CUDA number devices the same way
+    # (by PCI bus) before any engine initialises CUDA.
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     pm = plugin_manager(blocked=section.blocked_harnesses, plugins=plugins)
     nvml = discovery.Nvml()
     await trio.to_thread.run_sync(nvml.start)

@@ -199,7 +199,9 @@ class GenerationWorker:
                     if emitted >= request.max_tokens:
                         break
                 else:
-                    finish = "stop"
+                    # The engine ends at end-of-generation, or when the context is full.
+                    full = len(request.tokens) + emitted >= self.model.n_ctx
+                    finish = "length" if full else "stop"
         finally:
             generator.close()
             self._tokens_generated += emitted
