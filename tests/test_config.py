@@ -114,3 +114,9 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"cortex: {path}: neuron: unknown keys ['bogus']"]
+
+
+def test_example_configs_parse() -> None:
+    root = Path(__file__).parent.parent / "etc"
+    neuron = cfg.load(cfg.NeuronConfig, root / "neuron.toml", environ={})
+    assert neuron.models[0].source == "demo"
