@@ -99,6 +99,23 @@ def gateway_config(args: argparse.Namespace) -> tuple[cfg.GatewayConfig, cfg.Mod
     return config, cfg.load_models(args.models)
 
 
+def standalone_config(args: argparse.Namespace) -> tuple[Any, cfg.ModelsFile]:
+    from cortex.standalone import StandaloneConfig
+
+    config = cfg.load(StandaloneConfig, args.config)
+    if args.neuron:
+        raise ConfigError("--neuron: the standalone role has its own local neuron")
+    if args.listen:
+        cfg.parse_listen(args.listen, default_port=31313)
+        config.gateway.listen = args.listen
+    if args.metrics_listen:
+        cfg.parse_listen(args.metrics_listen, default_port=31314)
+        config.gateway.metrics_listen = args.metrics_listen
+    for model_id, source in args.model:
+        config.models.append(cfg.NeuronModel(id=model_id, source=source))
+    return config, cfg.load_models(args.models)
+
+
 async def run_until_signal(run: Callable[[trio.Event], Awaitable[Any]]) -> None:
     """Run ``run(shutdown)``; the first SIGINT/SIGTERM sets ``shutdown``, a second forces."""
     shutdown = trio.Event()
@@ -129,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # One line per proxied request is the gateway's job, not its HTTP client's.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         if args.role == "neuron":
             from cortex.neuron.app import run_neuron
@@ -143,7 +162,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run_until_signal, lambda shutdown: run_gateway(gateway, models, shutdown=shutdown)
             )
         else:
-            parser.error(f"role {args.role} is not available yet")
+            from cortex.standalone import run_standalone
+
+            standalone, models = standalone_config(args)
+            trio.run(
+                run_until_signal,
+                lambda shutdown: run_standalone(standalone, models, shutdown=shutdown),
+            )
     except ConfigError as exc:
         print(f"cortex: {exc.message}", file=sys.stderr)
         return 2

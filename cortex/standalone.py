@@ -1,0 +1,72 @@
+"""The standalone role: a gateway and a local neuron in one trio process.
+
+The gateway still reaches the neuron over loopback HTTP, so there is one
+code path. On shutdown the gateway drains first, then the neuron.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import attrs
+import trio
+
+from cortex.config import (
+    EvictionSection,
+    GatewayConfig,
+    GatewaySection,
+    ModelsFile,
+    NeuronConfig,
+    NeuronEndpoint,
+    NeuronModel,
+    NeuronSection,
+)
+
+
+def _local_neuron() -> NeuronSection:
+    # Loopback only, any free port: the gateway is the way in.
+    return NeuronSection(listen="127.0.0.1:0")
+
+
+@attrs.define
+class StandaloneConfig:
+    """One file for both halves: [gateway], [eviction], [neuron], [[models]]."""
+
+    gateway: GatewaySection = attrs.field(factory=GatewaySection)
+    eviction: EvictionSection = attrs.field(factory=EvictionSection)
+    neuron: NeuronSection = attrs.field(factory=_local_neuron)
+    #: Models the local neuron loads at start.
+    models: list[NeuronModel] = attrs.field(factory=list)
+
+    def split(self) -> tuple[NeuronConfig, GatewayConfig]:
+        return (
+            NeuronConfig(neuron=self.neuron, models=self.models),
+            GatewayConfig(gateway=self.gateway, eviction=self.eviction),
+        )
+
+
+async def run_standalone(
+    config: StandaloneConfig,
+    models: ModelsFile,
+    *,
+    shutdown: trio.Event,
+    task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the local neuron, then a gateway whose one neuron it is.
+
+    Reports the gateway's handle once both serve.
+    """
+    from cortex.gateway.app import run_gateway
+    from cortex.neuron.app import run_neuron
+
+    neuron_config, gateway_config = config.split()
+    neuron_shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        neuron = await nursery.start(partial(run_neuron, neuron_config, shutdown=neuron_shutdown))
+        gateway_config.neurons = [
+            NeuronEndpoint(name="local", endpoint=neuron.url, token=config.neuron.token)
+        ]
+        try:
+            await run_gateway(gateway_config, models, shutdown=shutdown, task_status=task_status)
+        finally:
+            neuron_shutdown.set()
