@@ -73,6 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="a neuron to route to; repeatable (default local=http://127.0.0.1:13131)",
     )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    status = commands.add_parser(
+        "status",
+        help="print the fleet as a gateway sees it",
+        description="Ask a gateway for its fleet: neurons, devices, models, aliases.",
+    )
+    status.add_argument(
+        "--gateway",
+        metavar="URL",
+        default="http://127.0.0.1:31313",
+        help="the gateway to ask (default http://127.0.0.1:31313)",
+    )
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.add_argument(
+        "--api-key", metavar="KEY", help="a gateway API key (default $CORTEX_API_KEY)"
+    )
     return parser
 
 
@@ -139,6 +155,10 @@ async def run_until_signal(run: Callable[[trio.Event], Awaitable[Any]]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "status":
+        from cortex.status import main as status_main
+
+        return status_main(args)
     if args.role is None:
         parser.error("choose a role: --role neuron|gateway|standalone")
     logging.basicConfig(
