@@ -48,7 +48,7 @@ async def test_discovery_and_health(http: httpx.AsyncClient) -> None:
     assert discovery["cpu"]["cores"] >= 1
     assert discovery["ram_total_mb"] > 0
     assert discovery["devices"] == []
-    assert [h["name"] for h in discovery["harnesses"]] == ["llamacpp"]
+    assert "llamacpp" in [h["name"] for h in discovery["harnesses"]]
     assert health["devices"] == []
     assert health["memory"]["total_mb"] == 4096
     assert 0 < health["memory"]["used_mb"] < 4096

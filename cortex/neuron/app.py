@@ -22,7 +22,7 @@ import attrs
 import pluggy
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -179,7 +179,8 @@ def create_app(neuron: Neuron) -> QuartTrio:
 
     @app.before_request
     async def authenticate() -> None:
-        request.environ_request_id = request.headers.get("x-request-id") or uuid.uuid4().hex  # type: ignore[attr-defined]
+        # The gateway passes its request id on; a direct client may not send one.
+        g.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         if token is None:
             return
         if neuron.config.neuron.open_health and request.path in HEALTH_ROUTES:
@@ -190,9 +191,17 @@ def create_app(neuron: Neuron) -> QuartTrio:
 
     @app.after_request
     async def add_request_id(response: Response) -> Response:
-        request_id = getattr(request, "environ_request_id", None)
+        request_id = g.get("request_id")
         if request_id:
             response.headers["x-request-id"] = request_id
+        if request.path.startswith("/v1/") or request.method == "POST":
+            log.info(
+                "%s %s %d request_id=%s",
+                request.method,
+                request.path,
+                response.status_code,
+                request_id,
+            )
         return response
 
     @app.errorhandler(CortexError)
