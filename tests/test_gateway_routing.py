@@ -34,7 +34,7 @@ async def test_routes_to_loaded_model() -> None:
             assert body["usage"]["completion_tokens"] == len(a.reply.split())
             assert response.headers["x-request-id"]
             assert a.load_calls == []
-            path, sent, headers = a.requests[-1]
+            path, _, headers = a.requests[-1]
             assert path == "/v1/chat/completions"
             assert headers["x-request-id"] == response.headers["x-request-id"]
 

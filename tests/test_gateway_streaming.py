@@ -6,6 +6,7 @@ import json
 import time
 
 import trio
+import trio.testing
 
 from cortex.config import CatalogModel
 from cortex.wire.sse import SSEDecoder
@@ -168,7 +169,8 @@ async def test_metrics_after_traffic() -> None:
             assert scrape.status_code == 200
             text = scrape.text
             expected = [
-                'cortex_requests_total{endpoint="chat/completions",model="org/small",neuron="a"} 2.0',
+                'cortex_requests_total{endpoint="chat/completions",model="org/small",'
+                'neuron="a"} 2.0',
                 'cortex_requests_total{endpoint="responses",model="org/small",neuron="a"} 1.0',
                 'cortex_request_errors_total{endpoint="chat/completions",model="unknown",'
                 'status="404"} 1.0',
@@ -188,3 +190,23 @@ async def test_metrics_after_traffic() -> None:
             missing = [line for line in expected if line not in text]
             assert not missing, text
             assert "# TYPE cortex_evictions_total counter" in text
+
+
+async def test_shutdown_drains_the_stream_in_flight() -> None:
+    hold = trio.Event()
+    a = FakeNeuron("a", preload=["org/small"], hold=hold)
+    received = []
+
+    async def stream(fleet) -> None:
+        response = await fleet.client.post("/v1/chat/completions", json=STREAM)
+        received.append(response.content)
+
+    with trio.fail_after(10):
+        async with running_fleet([a], MODELS, grace_period=5.0) as fleet:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream, fleet)
+                await a.request_arrived.wait()
+                fleet.shutdown.set()
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                hold.set()
+            assert received == [a.sent[-1]]

@@ -122,6 +122,11 @@ class Gateway:
 
     # -- request helpers ----------------------------------------------------------
 
+    async def ready(self) -> None:
+        """Wait (briefly) for the first poll of every neuron after start."""
+        with trio.move_on_after(CALL_TIMEOUT + self.config.gateway.connect_timeout):
+            await self.state.wait_polled()
+
     def authenticate(self) -> None:
         if not self.api_keys:
             return
@@ -135,7 +140,11 @@ class Gateway:
             )
 
     async def read_json(self) -> dict[str, Any]:
-        """The request body as a JSON object.
+        """The request body as a JSON object."""
+        return (await self.read_body())[0]
+
+    async def read_body(self) -> tuple[dict[str, Any], bytes]:
+        """The request body as a JSON object, and as it came.
 
         Raises:
           PayloadTooLarge: over ``max_body_bytes``.
@@ -152,7 +161,7 @@ class Gateway:
             raise InvalidRequest(f"request body is not valid JSON: {exc}")
         if not isinstance(body, dict):
             raise InvalidRequest("request body must be a JSON object")
-        return body
+        return body, data
 
     def apply_defaults(self, model_id: str, body: dict[str, Any]) -> bool:
         """Fill the catalogue's default sampling into ``body``; True if it changed."""
@@ -160,7 +169,8 @@ class Gateway:
         changed = False
         for key, value in (entry.sampling if entry is not None else {}).items():
             if body.get(key) is None:
-                body[key] = value
+                # The catalogue holds floats; top_k is an integer on the wire.
+                body[key] = int(value) if key == "top_k" else value
                 changed = True
         return changed
 
@@ -246,20 +256,24 @@ def create_app(gateway: Gateway) -> QuartTrio:
         )
         try:
             gateway.authenticate()
-            raw = await gateway.read_json()
-            name = raw.get("model")
+            body, content = await gateway.read_body()
+            await gateway.ready()
+            name = body.get("model")
             if not isinstance(name, str) or not name:
                 raise InvalidRequest("model must be a non-empty string", param="model")
             ex.model = router.resolve(name)
-            changed = gateway.apply_defaults(ex.model, raw)
-            if changed or ex.model != name:
-                raw["model"] = ex.model
-            ex.stream = raw.get("stream") is True
-            await proxy.dispatch(ex, path, json.dumps(raw).encode())
+            # Forward the body as it came unless the gateway changes it.
+            if gateway.apply_defaults(ex.model, body) or ex.model != name:
+                body["model"] = ex.model
+                content = json.dumps(body).encode()
+            ex.stream = body.get("stream") is True
+            await proxy.dispatch(ex, path, content)
         except CortexError as exc:
             gateway.count_error(ex, exc.status)
             return error_response(exc, anthropic_dialect=False, request_id=ex.request_id)
         except BaseException:
+            if ex.response is not None:
+                await close_quietly(ex.response)
             gateway.count_error(ex, CLIENT_CLOSED)
             raise
         assert ex.response is not None
@@ -284,6 +298,7 @@ def create_app(gateway: Gateway) -> QuartTrio:
         try:
             gateway.authenticate()
             req = anthropic.parse_messages_request(await gateway.read_json())
+            await gateway.ready()
             ex.model = router.resolve(req.model)
             ex.stream = req.stream
             chat = translate.anthropic_to_openai(req, model=ex.model)
@@ -316,6 +331,8 @@ def create_app(gateway: Gateway) -> QuartTrio:
             gateway.count_error(ex, anthropic.status_for(exc))
             return error_response(exc, anthropic_dialect=True, request_id=ex.request_id)
         except BaseException:
+            if ex.response is not None:
+                await close_quietly(ex.response)
             gateway.count_error(ex, CLIENT_CLOSED)
             raise
         assert ex.response is not None and ex.model is not None
@@ -413,6 +430,7 @@ def create_app(gateway: Gateway) -> QuartTrio:
         try:
             gateway.authenticate()
             req = anthropic.parse_count_tokens_request(await gateway.read_json())
+            await gateway.ready()
             model_id = router.resolve(req.model)
             chat = translate.anthropic_to_openai(req, model=model_id)
             # The tokenizer lives with the model: this routes (and cold
@@ -436,6 +454,7 @@ def create_app(gateway: Gateway) -> QuartTrio:
             gateway.authenticate()
         except CortexError as exc:
             return error_response(exc, anthropic_dialect=False, request_id=_request_id())
+        await gateway.ready()
         return _json(openai.model_list(model_entries(gateway)))
 
     @app.get("/v1/models/<path:model_id>")

@@ -25,7 +25,7 @@ import attrs
 import trio
 
 from cortex.config import CatalogModel, GatewayConfig
-from cortex.errors import CortexError, ModelNotFound, Unavailable, UpstreamError
+from cortex.errors import CortexError, ModelNotFound, RequestError, Unavailable, UpstreamError
 from cortex.fleet import ModelStatus
 from cortex.gateway import evictor
 from cortex.gateway.metrics import UNKNOWN, GatewayMetrics
@@ -275,8 +275,13 @@ class Router:
         except trio.Cancelled:
             raise
         except CortexError as exc:
+            # A load refused as a bad request (no such source, bad options)
+            # is the catalogue's fault, not the client's: a 502 for them.
+            if isinstance(exc, RequestError):
+                exc = UpstreamError(exc.message)
+            exc.message = f"loading {load.model_id!r} on {neuron.name} failed: {exc.message}"
             load.error = exc
-            log.warning("loading %s on %s failed: %s", load.model_id, neuron.name, exc.message)
+            log.warning("%s", exc.message)
         except Exception as exc:
             load.error = UpstreamError(f"loading {load.model_id!r} on {neuron.name} failed: {exc}")
             log.exception("loading %s on %s failed", load.model_id, neuron.name)

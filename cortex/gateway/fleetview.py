@@ -1,0 +1,99 @@
+"""``GET /fleet``: the whole fleet as this gateway sees it, for ``cortex status``.
+
+One JSON document: neurons (up/down, devices with memory and utilisation,
+host memory budget, work in flight), models (where loaded or loading, pinned
+where, in flight, last used) and aliases. Built from the pollers' state and
+the gateway's own counts; no neuron is asked anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cortex.gateway.state import LOADING, FleetState, NeuronState
+
+
+def _devices(neuron: NeuronState) -> list[dict[str, Any]]:
+    if neuron.discovery is None:
+        return []
+    samples = {s.index: s for s in neuron.health.devices} if neuron.health else {}
+    devices = []
+    for device in neuron.discovery.devices:
+        sample = samples.get(device.index)
+        devices.append(
+            {
+                "index": device.index,
+                "name": device.name,
+                "vram_total_mb": device.vram_total_mb,
+                "vram_used_mb": sample.vram_used_mb if sample else None,
+                "vram_free_mb": sample.vram_free_mb if sample else None,
+                "utilization_pct": sample.utilization_pct if sample else None,
+                "temp_c": sample.temp_c if sample else None,
+            }
+        )
+    return devices
+
+
+def _neuron(neuron: NeuronState) -> dict[str, Any]:
+    health = neuron.health
+    return {
+        "name": neuron.name,
+        "endpoint": neuron.endpoint,
+        "up": neuron.up,
+        "suspect": neuron.suspect,
+        "last_seen": neuron.last_seen,
+        "error": neuron.last_error,
+        "hostname": neuron.discovery.hostname if neuron.discovery else None,
+        "devices": _devices(neuron),
+        "memory": None
+        if health is None
+        else {
+            "total_mb": health.memory.total_mb,
+            "used_mb": health.memory.used_mb,
+            "free_mb": health.memory.free_mb,
+        },
+        "in_flight": health.in_flight if health else 0,
+        "queue_depth": health.queue_depth if health else 0,
+    }
+
+
+def fleet_view(state: FleetState) -> dict[str, Any]:
+    catalogue = state.catalogue.models
+    ids = list(catalogue)
+    for neuron in state.neurons.values():
+        ids += [m for m in neuron.models if m not in ids]
+    models = []
+    for model_id in ids:
+        entry = catalogue.get(model_id)
+        locations = []
+        for neuron in state.neurons.values():
+            status = neuron.status_of(model_id)
+            pending = state.pending.get((neuron.name, model_id))
+            if status is None and pending is None:
+                continue
+            known = neuron.models.get(model_id)
+            locations.append(
+                {
+                    "neuron": neuron.name,
+                    "status": status or LOADING,
+                    "memory_mb": known.memory_mb if known else None,
+                    "in_flight": neuron.busy(model_id),
+                    "last_used": neuron.recency(model_id) or None,
+                    "error": known.error if known else None,
+                }
+            )
+        models.append(
+            {
+                "id": model_id,
+                "in_catalogue": entry is not None,
+                "pinned_on": list(entry.pinned_on) if entry else [],
+                "priority": entry.priority if entry else 0,
+                "vram_mb": entry.vram_mb if entry else None,
+                "locations": locations,
+            }
+        )
+    return {
+        "neurons": [_neuron(n) for n in state.neurons.values()],
+        "models": models,
+        "aliases": dict(state.catalogue.aliases),
+    }
