@@ -38,6 +38,7 @@ from cortex.errors import (
     Unauthorized,
 )
 from cortex.fleet import make_converter
+from cortex.gateway.fleetview import fleet_view
 from cortex.gateway.metrics import UNKNOWN, GatewayMetrics
 from cortex.gateway.poller import poll_neuron
 from cortex.gateway.proxy import CLIENT_CLOSED, Exchange, Proxy, close_quietly, usage_from_body
@@ -467,6 +468,15 @@ def create_app(gateway: Gateway) -> QuartTrio:
             raise _not_found(model_id)
         except CortexError as exc:
             return error_response(exc, anthropic_dialect=False, request_id=_request_id())
+
+    @app.get("/fleet")
+    async def fleet() -> Response:
+        try:
+            gateway.authenticate()
+        except CortexError as exc:
+            return error_response(exc, anthropic_dialect=False, request_id=_request_id())
+        await gateway.ready()
+        return _json(fleet_view(state))
 
     @app.get("/health")
     async def health() -> Response:

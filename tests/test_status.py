@@ -1,0 +1,56 @@
+"""``cortex status`` against a real gateway (fake neurons behind it)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import trio
+
+from cortex.config import CatalogModel
+from tests.gateway_helpers import FakeNeuron, catalogue, running_fleet
+
+
+def status(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cortex", "status", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_status_table_and_json() -> None:
+    models = catalogue(
+        CatalogModel(id="org/big", vram_mb=100, pinned_on=["gpu"]),
+        CatalogModel(id="small", vram_mb=100),
+        aliases={"tier/small": "small"},
+    )
+    fakes = [
+        FakeNeuron("gpu", gpus=[24000, 24000], preload=["org/big"]),
+        FakeNeuron("cpu", memory_mb=4000),
+    ]
+    async with running_fleet(fakes, models) as fleet:
+        with trio.fail_after(30):
+            fakes[1].shutdown.set()  # one neuron goes away
+            table = await trio.to_thread.run_sync(status, "--gateway", fleet.handle.api_url)
+            raw = await trio.to_thread.run_sync(status, "--gateway", fleet.handle.api_url, "--json")
+    assert table.returncode == 0, table.stderr
+    text = table.stdout
+    assert "NEURONS" in text and "MODELS" in text and "ALIASES" in text
+    assert "gpu" in text and "org/big" in text and "gpu (loaded)" in text
+    assert "tier/small" in text
+    document = json.loads(raw.stdout)
+    gpu = next(n for n in document["neurons"] if n["name"] == "gpu")
+    assert gpu["up"] and len(gpu["devices"]) == 2
+    big = next(m for m in document["models"] if m["id"] == "org/big")
+    assert big["pinned_on"] == ["gpu"]
+    assert big["locations"][0]["status"] == "loaded"
+
+
+def test_status_unreachable_gateway() -> None:
+    result = status("--gateway", "http://127.0.0.1:9")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach the gateway" in lines[0]
