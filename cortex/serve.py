@@ -16,7 +16,7 @@ from cortex.config import parse_listen
 log = logging.getLogger(__name__)
 
 #: Bound on a request's header block; hypercorn answers 431/400 beyond it.
-MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 32 * 1024
 
 
 def hypercorn_config(

@@ -136,3 +136,26 @@ def test_bad_arguments(argument: str) -> None:
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("cortex: ") and ("NAME=VALUE" in last or "port must be" in last)
+
+
+async def test_body_and_header_limits(tmp_path: Path) -> None:
+    engine = FakeEngine()
+    async with running_neuron(
+        [("m", fake_model(tmp_path))], plugins=[engine], max_body_bytes=1000
+    ) as handle:
+        async with httpx.AsyncClient(base_url=handle.url, timeout=30) as http:
+            with trio.fail_after(20):
+                big = await http.post(
+                    "/v1/completions", json={"model": "m", "prompt": "x" * 2000, "max_tokens": 1}
+                )
+                assert big.status_code == 413
+                assert big.json()["error"]["type"] == "request_too_large"
+                huge_header = await http.get("/health", headers={"x-junk": "y" * 300_000})
+                assert huge_header.status_code in (400, 431)
+                small = await http.post(
+                    "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 1}
+                )
+                assert small.status_code == 200
+                assert small.headers["x-request-id"]
+                echoed = await http.get("/health", headers={"x-request-id": "abc-123"})
+                assert echoed.headers["x-request-id"] == "abc-123"
