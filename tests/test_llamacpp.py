@@ -34,7 +34,8 @@ MESSAGES = [
 
 @pytest.fixture(scope="module")
 def pm():
-    return plugin_manager()
+    # Only this engine: the ctransformers plugin claims GGML-era files itself.
+    return plugin_manager(blocked=["ctransformers"])
 
 
 @pytest.fixture
@@ -130,10 +131,16 @@ def test_n_ctx_fits_memory_budget(load, tiny_model_factory):
     path = tiny_model_factory(n_ctx=65536)
     # f16 KV of 2 layers x 64 (K) + 64 (V) = 512 bytes/token: 2048 tokens per MiB.
     size_mb = path.stat().st_size / 2**20
-    model = load(path, placement=Placement(memory_budget_mb=int(size_mb) + 3))
+    budget = Placement(memory_budget_mb=int(size_mb) + 3)
+    model = load(path, placement=budget, options={"parallel": 1})
     assert model.n_ctx % 256 == 0
     assert 2048 <= model.n_ctx <= 3 * 2048 + 256
     assert model.memory_mb() <= int(size_mb) + 3
+    # Batched, the KV cache holds parallel x n_ctx tokens: n_ctx shrinks to fit.
+    batched = load(path, placement=budget, options={"parallel": 4})
+    assert batched.parallel == 4
+    assert batched.n_ctx % 256 == 0
+    assert 512 <= 4 * batched.n_ctx <= model.n_ctx + 4 * 256
     with pytest.raises(ModelLoadError, match="memory budget"):
         load(path, placement=Placement(memory_budget_mb=0))
 

@@ -1,0 +1,53 @@
+"""Live catalogue reload: SIGHUP and ``POST /admin/reload``.
+
+The model catalogue and aliases are re-read from models.toml and swapped in
+whole; requests already routed keep going. A bad file keeps the old
+catalogue and the reason is logged (and returned to an admin caller).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import trio
+
+from cortex.config import load_models
+from cortex.errors import ConfigError
+from cortex.gateway.state import Catalogue, FleetState
+
+log = logging.getLogger(__name__)
+
+
+async def reload_catalogue(state: FleetState, path: str) -> Catalogue:
+    """Read ``path`` and make it the catalogue.
+
+    Raises:
+      ConfigError: the file is bad; the old catalogue stays.
+    """
+    try:
+        models = await trio.to_thread.run_sync(load_models, path)
+    except ConfigError as exc:
+        log.error("reload failed, keeping the old catalogue: %s", exc.message)
+        raise
+    state.catalogue = Catalogue.from_file(models)
+    state.changed()
+    log.info(
+        "reloaded %s: %d models, %d aliases",
+        path,
+        len(state.catalogue.models),
+        len(state.catalogue.aliases),
+    )
+    return state.catalogue
+
+
+async def reload_on_sighup(
+    state: FleetState, path: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        task_status.started()
+        async for _ in signals:
+            try:
+                await reload_catalogue(state, path)
+            except ConfigError:
+                pass  # logged; the old catalogue serves on
