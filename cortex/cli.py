@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 
 import trio
@@ -132,24 +133,60 @@ def standalone_config(args: argparse.Namespace) -> tuple[Any, cfg.ModelsFile]:
     return config, cfg.load_models(args.models)
 
 
-async def run_until_signal(run: Callable[[trio.Event], Awaitable[Any]]) -> None:
-    """Run ``run(shutdown)``; the first SIGINT/SIGTERM sets ``shutdown``, a second forces."""
+async def run_until_signal(
+    run: Callable[..., Awaitable[Any]],
+    *,
+    reload: Callable[[Any], Awaitable[Any]] | None = None,
+) -> None:
+    """Run ``run(shutdown, task_status=...)`` and handle signals around it.
+
+    The first SIGINT/SIGTERM sets ``shutdown`` (drain, then exit); a second
+    one stops at once. SIGHUP calls ``reload`` with what ``run`` reported as
+    started, or is logged and ignored when the role has nothing to reload.
+    """
     shutdown = trio.Event()
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
-            async def watch() -> None:
-                async for signum in signals:
-                    if shutdown.is_set():
-                        log.warning("second signal: stopping now")
-                        nursery.cancel_scope.cancel()
-                        return
+            async def serve(*, task_status: trio.TaskStatus[Any]) -> None:
+                await run(shutdown, task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            handle = await nursery.start(serve)
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    if reload is None:
+                        log.info("SIGHUP: this role has nothing to reload")
+                        continue
+                    try:
+                        await reload(handle)
+                    except ConfigError:
+                        pass  # logged by the reload; the old config stays
+                elif shutdown.is_set():
+                    log.warning("second signal: stopping now")
+                    nursery.cancel_scope.cancel()
+                else:
                     log.info("%s: draining, then exiting", signal.Signals(signum).name)
                     shutdown.set()
 
-            nursery.start_soon(watch)
-            await run(shutdown)
-            nursery.cancel_scope.cancel()
+
+async def _run_neuron(run: Any, config: Any, shutdown: trio.Event, **kwargs: Any) -> None:
+    await run(config, shutdown=shutdown, **kwargs)
+
+
+async def _run_gateway(
+    run: Any, config: Any, models: Any, shutdown: trio.Event, **kwargs: Any
+) -> None:
+    await run(config, models, shutdown=shutdown, **kwargs)
+
+
+async def _reload(models_path: str | None, handle: Any) -> None:
+    from cortex.gateway.reload import reload_catalogue
+
+    if models_path is None:
+        log.info("SIGHUP: no --models file to re-read")
+        return
+    await reload_catalogue(handle.state, models_path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -173,21 +210,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             from cortex.neuron.app import run_neuron
 
             neuron = neuron_config(args)
-            trio.run(run_until_signal, lambda shutdown: run_neuron(neuron, shutdown=shutdown))
+            trio.run(partial(run_until_signal, partial(_run_neuron, run_neuron, neuron)))
         elif args.role == "gateway":
             from cortex.gateway.app import run_gateway
 
             gateway, models = gateway_config(args)
             trio.run(
-                run_until_signal, lambda shutdown: run_gateway(gateway, models, shutdown=shutdown)
+                partial(
+                    run_until_signal,
+                    partial(_run_gateway, run_gateway, gateway, models),
+                    reload=partial(_reload, args.models),
+                )
             )
         else:
             from cortex.standalone import run_standalone
 
             standalone, models = standalone_config(args)
             trio.run(
-                run_until_signal,
-                lambda shutdown: run_standalone(standalone, models, shutdown=shutdown),
+                partial(
+                    run_until_signal,
+                    partial(_run_gateway, run_standalone, standalone, models),
+                    reload=partial(_reload, args.models),
+                )
             )
     except ConfigError as exc:
         print(f"cortex: {exc.message}", file=sys.stderr)

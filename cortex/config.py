@@ -126,6 +126,32 @@ class EvictionSection:
 
 
 @attrs.define
+class RoutingSection:
+    """How the router chooses a route; see ``cortex.gateway.scheduler``."""
+
+    #: "predictive": the smallest predicted time to first token, a queue per
+    #: model, scale-out; "fixed": loaded > loading > cold load evicting per
+    #: [eviction] (LocalAI's order); "static": each model on one home neuron,
+    #: swapped in on demand (llama-swap's behaviour).
+    policy: Literal["predictive", "fixed", "static"] = "predictive"
+    #: Requests one model may have waiting at the gateway; beyond: 503 + Retry-After.
+    queue_limit: int = attrs.field(default=64, validator=attrs.validators.ge(1))
+    #: Seconds a request may wait at the gateway for room before it gets a 503.
+    max_wait: float = attrs.field(default=300.0, validator=attrs.validators.gt(0))
+    #: Predicted wait (seconds) on a model's replicas above which a further
+    #: replica is loaded where there is room ...
+    scale_out_wait: float = 10.0
+    #: ... once it has stayed above it for this many seconds.
+    scale_out_after: float = 5.0
+    #: Seconds an added replica may stay idle before it is unloaded.
+    scale_in_idle: float = 300.0
+    #: Seconds after its load during which a model is not evicted (thrash guard).
+    min_residency: float = 30.0
+    #: An eviction followed by a reload within this many seconds counts as thrash.
+    thrash_window: float = 600.0
+
+
+@attrs.define
 class NeuronEndpoint:
     name: str
     endpoint: str
@@ -136,6 +162,7 @@ class NeuronEndpoint:
 class GatewayConfig:
     gateway: GatewaySection = attrs.field(factory=GatewaySection)
     eviction: EvictionSection = attrs.field(factory=EvictionSection)
+    routing: RoutingSection = attrs.field(factory=RoutingSection)
     neurons: list[NeuronEndpoint] = attrs.field(factory=list)
 
 
@@ -168,17 +195,50 @@ class CatalogModel:
             raise ValueError(f"unknown sampling keys {sorted(unknown)}")
 
 
+#: An alias names one model, or a list of them (a tier): the router picks a
+#: member, one already loaded and healthy before cold-loading any.
+AliasTarget = str | list[str]
+
+
 @attrs.define
 class ModelsFile:
     models: list[CatalogModel] = attrs.field(factory=list)
-    aliases: dict[str, str] = attrs.field(factory=dict)
+    aliases: dict[str, AliasTarget] = attrs.field(factory=dict)
 
 
 # -- loading --------------------------------------------------------------------------
 
 
+def _structure_alias(value: Any, _: Any) -> str | list[str]:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError("must be a model id or a non-empty list of model ids")
+
+
+def _strict(kind: type, accepts: tuple[type, ...]) -> Any:
+    """A structure hook that takes only ``accepts`` (never bool for numbers)."""
+    name = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[kind]
+
+    def structure(value: Any, _: type) -> Any:
+        if not isinstance(value, accepts) or (kind is not bool and isinstance(value, bool)):
+            raise ValueError(f"expected {name}, got {value!r}")
+        return kind(value)
+
+    return structure
+
+
 def make_converter() -> cattrs.Converter:
-    return cattrs.Converter(forbid_extra_keys=True)
+    # cattrs' own hooks coerce (str(3) == "3", int(2.5) == 2); a config file
+    # with the wrong type is an error, not something to guess about.
+    converter = cattrs.Converter(forbid_extra_keys=True)
+    converter.register_structure_hook(str, _strict(str, (str,)))
+    converter.register_structure_hook(int, _strict(int, (int,)))
+    converter.register_structure_hook(float, _strict(float, (int, float)))
+    converter.register_structure_hook(bool, _strict(bool, (bool,)))
+    converter.register_structure_hook_func(lambda t: t == AliasTarget, _structure_alias)
+    return converter
 
 
 def _env_value(raw: str, field_type: Any) -> Any:
@@ -276,8 +336,9 @@ def load_models(path: str | os.PathLike[str] | None) -> ModelsFile:
     for alias, target in models.aliases.items():
         if alias in ids:
             raise ConfigError(f"{path}: aliases.{alias}: alias shadows a model id")
-        if target not in ids:
-            raise ConfigError(f"{path}: aliases.{alias}: unknown model {target!r}")
+        for member in [target] if isinstance(target, str) else target:
+            if member not in ids:
+                raise ConfigError(f"{path}: aliases.{alias}: unknown model {member!r}")
     return models
 
 

@@ -109,6 +109,9 @@ def test_sigterm_drains_and_exits_zero(tiny_model_path: Path) -> None:
             timeout=30,
         )
         assert reply.status_code == 200
+        # SIGHUP means "reload" to a gateway; a neuron ignores it rather than dying.
+        process.send_signal(signal.SIGHUP)
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 200
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
         assert "unloaded tiny" in process.stderr.read()

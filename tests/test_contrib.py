@@ -1,0 +1,171 @@
+"""contrib/: the systemd units and the RPM spec.
+
+The units are parsed for the keys operators rely on (hardening, the drain on
+SIGTERM, GPU access) and, where systemd-analyze exists, verified by systemd
+itself; the spec is parsed by ``rpmspec -P`` where rpm is installed.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from cortex import config as cfg
+from cortex.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEMD = ROOT / "contrib" / "systemd"
+SPEC = ROOT / "contrib" / "rpm" / "cortex.spec"
+UNITS = {"neuron": "cortex-neuron.service", "gateway": "cortex-gateway.service"}
+
+
+def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
+    """A unit file as {section: {key: [values]}}; keys may repeat (DeviceAllow=)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        key, sep, value = line.partition("=")
+        assert sep and current is not None, f"{path.name}:{number}: not KEY=VALUE: {raw!r}"
+        assert not value.endswith("\\"), f"{path.name}:{number}: keep values on one line"
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def one(service: dict[str, list[str]], key: str) -> str:
+    values = service.get(key)
+    assert values, f"{key}= is missing"
+    return values[-1]
+
+
+def grace_period(role: str) -> float:
+    """The larger of the default and the example config's grace_period."""
+    section = cfg.NeuronSection if role == "neuron" else cfg.GatewaySection
+    example = "neuron.toml" if role == "neuron" else "cortex.toml"
+    configured = tomllib.loads((ROOT / "etc" / example).read_text()).get(role, {})
+    return max(section().grace_period, configured.get("grace_period", 0))
+
+
+@pytest.mark.parametrize("role", sorted(UNITS))
+def test_unit_is_hardened_and_drains(role: str) -> None:
+    unit = parse_unit(SYSTEMD / UNITS[role])
+    service = unit["Service"]
+    assert "WantedBy" in unit["Install"]
+    expected = {
+        "User": "cortex",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "Restart": "on-failure",
+        "KillSignal": "SIGTERM",
+    }
+    assert {key: one(service, key) for key in expected} == expected
+    # systemd kills with SIGKILL after TimeoutStopSec: the drain must fit before it.
+    assert float(one(service, "TimeoutStopSec")) > grace_period(role) + 10
+    assert "2" in one(service, "RestartPreventExitStatus").split()
+
+
+@pytest.mark.parametrize("role", sorted(UNITS))
+def test_unit_runs_the_role_with_a_packaged_config(role: str) -> None:
+    service = parse_unit(SYSTEMD / UNITS[role])["Service"]
+    argv = shlex.split(one(service, "ExecStart"))
+    assert argv[0] == "/usr/bin/cortex"
+    args = build_parser().parse_args(argv[1:])
+    assert args.role == role
+    for path in (args.config, getattr(args, "models", None)):
+        if path is not None:
+            assert path.startswith("/etc/cortex/")
+            assert (ROOT / "etc" / Path(path).name).is_file(), f"etc/ has no {Path(path).name}"
+
+
+def test_neuron_unit_reaches_gpus_and_model_storage() -> None:
+    service = parse_unit(SYSTEMD / UNITS["neuron"])["Service"]
+    assert "PrivateDevices" not in service
+    devices = [value.split()[0] for value in service["DeviceAllow"]]
+    assert "char-nvidia*" in devices and "/dev/nvidiactl" in devices
+    assert all(value.split()[1] == "rw" for value in service["DeviceAllow"])
+    assert "/var/lib/cortex" in " ".join(service["ReadWritePaths"]).split()
+    neuron_toml = tomllib.loads((ROOT / "etc" / "neuron.toml").read_text())
+    for directory in neuron_toml["neuron"].get("model_dirs", []):
+        assert directory.startswith("/var/lib/cortex/"), f"{directory} is not writable"
+    assert {"video", "render"} <= set(one(service, "SupplementaryGroups").split())
+
+
+def test_gateway_unit_has_no_devices_and_reloads() -> None:
+    service = parse_unit(SYSTEMD / UNITS["gateway"])["Service"]
+    assert one(service, "PrivateDevices") == "yes"
+    assert "-HUP" in one(service, "ExecReload")
+
+
+def test_sysusers_and_tmpfiles_agree_with_the_units() -> None:
+    users = [
+        line.split()
+        for line in (SYSTEMD / "cortex.sysusers").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert [(u[0], u[1]) for u in users] == [("u", "cortex")]
+    assert "/var/lib/cortex" in users[0]
+    tmpfiles = (SYSTEMD / "cortex.tmpfiles").read_text()
+    assert "d /var/lib/cortex/models" in " ".join(tmpfiles.split())
+
+
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed; see contrib/README.md for the manual check")
+    # verify wants ExecStart= to exist: point copies of the units at this venv's cortex.
+    cortex = Path(sys.executable).with_name("cortex")
+    if not cortex.exists():
+        pytest.skip(f"{cortex} is not installed (pip install -e .)")
+    for name in UNITS.values():
+        text = (SYSTEMD / name).read_text().replace("/usr/bin/cortex", str(cortex))
+        (tmp_path / name).write_text(text)
+    result = subprocess.run(
+        [analyze, "verify", "--man=no", *UNITS.values()],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_rpm_spec_parses() -> None:
+    rpmspec = shutil.which("rpmspec")
+    if rpmspec is None:
+        pytest.skip("rpmspec is not installed (apt-get install rpm)")
+    for extra in ([], ["--without", "llama_cpp_requires"]):
+        result = subprocess.run(
+            [rpmspec, "-P", *extra, str(SPEC)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    queried = subprocess.run(
+        [rpmspec, "-q", "--qf", "%{NAME}\n", str(SPEC)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert queried.stdout.split() == ["cortex", "cortex-llamacpp"]
+    parsed = result.stdout
+    for installed in ("cortex-neuron.service", "cortex-gateway.service", "man1/cortex.1"):
+        assert installed in parsed
+    for config in ("cortex.toml", "neuron.toml", "models.toml"):
+        assert f"%config(noreplace) %attr(0640,root,cortex) /etc/cortex/{config}" in parsed

@@ -1,0 +1,81 @@
+"""Live catalogue reload: SIGHUP re-reads models.toml; a bad file keeps the old one."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_ids(url: str) -> set[str]:
+    return {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]}
+
+
+def wait_for(predicate, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_sighup_reloads_the_catalogue(tmp_path: Path) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text('[[models]]\nid = "first"\nsource = "a.gguf"\n')
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cortex",
+            "--role",
+            "gateway",
+            "--models",
+            str(models),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--neuron",
+            "nowhere=http://127.0.0.1:9",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def up() -> bool:
+            try:
+                return "first" in model_ids(url)
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, "the gateway")
+        models.write_text(
+            '[[models]]\nid = "first"\n[[models]]\nid = "second"\n[aliases]\n"tier/x" = "second"\n'
+        )
+        process.send_signal(signal.SIGHUP)
+        wait_for(lambda: {"second", "tier/x"} <= model_ids(url), "the reloaded catalogue")
+
+        models.write_text("[[models]]\nid = 3\n")
+        process.send_signal(signal.SIGHUP)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        log = process.stderr.read()
+        assert "reload failed, keeping the old catalogue" in log
+        assert str(models) in log
+    finally:
+        process.kill()
+        process.wait()
