@@ -119,6 +119,14 @@ class LoadedModel(abc.ABC):
     n_ctx: int
     #: The context length the model was trained with, when known.
     n_ctx_train: int | None = None
+    #: The markup the model writes tool calls in ("hermes", "llama3",
+    #: "mistral"; see ``cortex.neuron.tools``), or None when the engine cannot
+    #: tell: the neuron then assumes "hermes".
+    tool_format: str | None = None
+    #: How many ``generate`` calls may run at once, each from its own thread.
+    #: Above 1 the engine batches them (several sequences per decode step);
+    #: ``n_ctx`` is then the context of each one.
+    parallel: int = 1
 
     @abc.abstractmethod
     def memory_mb(self) -> int:
@@ -144,8 +152,9 @@ class LoadedModel(abc.ABC):
 
         The iterator ends at the model's end of generation or when the
         context is full; the caller stops consuming at its own limits and
-        then closes the iterator. Only one generation runs at a time per
-        model. ``tokenize`` and ``render_chat`` may run concurrently with it.
+        then closes the iterator. Up to ``parallel`` generations run at a
+        time per model, each in its own thread; closing one ends just that
+        one. ``tokenize`` and ``render_chat`` may run concurrently with them.
         """
 
     @abc.abstractmethod

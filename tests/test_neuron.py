@@ -343,7 +343,12 @@ async def test_concurrent_requests_and_two_models(
 
 
 async def test_queue_limit(tiny_model_path: Path) -> None:
-    async with running_neuron([("tiny", str(tiny_model_path))], queue_limit=0) as handle:
+    # One sequence at a time: a second request would have to wait (see
+    # test_batching.py for the queue in front of several slots).
+    options = {"n_threads": 1, "parallel": 1}
+    async with running_neuron(
+        [("tiny", str(tiny_model_path))], options=options, queue_limit=0
+    ) as handle:
         async with httpx.AsyncClient(base_url=handle.url, timeout=30) as http:
             body = {"model": "tiny", "prompt": "Go", "max_tokens": 300, "stream": True}
             with trio.fail_after(30):

@@ -30,7 +30,7 @@ from cortex.config import NeuronConfig
 from cortex.errors import ContextOverflow, CortexError, InvalidRequest, Unauthorized
 from cortex.fleet import DeviceSample, Discovery, Health, MemoryBudget, make_converter
 from cortex.harness import ChatPrompt, Sampling, harness_infos, plugin_manager
-from cortex.neuron import discovery
+from cortex.neuron import discovery, tools
 from cortex.neuron.metrics import NeuronMetrics
 from cortex.neuron.models import LoadRequest, ModelManager, ModelSlot
 from cortex.neuron.workers import (
@@ -302,17 +302,20 @@ def create_app(neuron: Neuron) -> QuartTrio:
         arrived = time.perf_counter()
         chat = openai.parse_chat_request(await read_json())
         slot = manager.serving(chat.model)
-        prompt = await render(slot, chat.messages, chat.tools)
+        plan = await output_plan(slot, chat)
+        prompt = await render(slot, chat.messages, plan.tools)
         job = await submit(
             slot,
             prompt_tokens=await tokenize_prompt(slot, prompt),
             max_tokens=chat.max_tokens,
-            sampling=chat.sampling.apply({}),
+            sampling=constrained(chat.sampling.apply({}), plan),
             stops=chat.stop,
             template_stops=prompt.stop,
             endpoint="chat",
         )
         ids = dict(id=openai.new_id("chatcmpl"), created=openai.now(), model=chat.model)
+        if plan.family is not None:
+            return await chat_with_tools(slot, job, arrived, chat, plan.family, ids)
         if not chat.stream:
             text, done = await finish(slot, job, arrived)
             return openai.chat_completion(
@@ -354,6 +357,65 @@ def create_app(neuron: Neuron) -> QuartTrio:
                     yield sse.DONE
                 else:
                     yield sse.encode(openai.error_body(GenerationFailed(event.message)))
+
+        return event_stream(events())
+
+    async def chat_with_tools(
+        slot: ModelSlot,
+        job: Job,
+        arrived: float,
+        chat: openai.ChatRequest,
+        family: str,
+        ids: dict[str, Any],
+    ) -> Any:
+        """A chat answer whose text is read for tool calls in ``family``'s markup."""
+        if not chat.stream:
+            text, done = await finish(slot, job, arrived)
+            content, calls = tools.parse_tool_calls(text, family)
+            finish_reason, stop_sequence = tool_finish(done, calls)
+            return openai.chat_completion(
+                **ids,
+                content=content or (None if calls else ""),
+                tool_calls=[call.to_openai() for call in calls],
+                finish_reason=finish_reason,
+                usage=usage_of(done),
+                stop_sequence=stop_sequence,
+            )
+
+        async def events() -> AsyncIterator[bytes]:
+            parser = tools.ToolCallParser(family)
+            first = True
+            async for event in stream(slot, job, arrived):
+                if isinstance(event, Failed):
+                    yield sse.encode(openai.error_body(GenerationFailed(event.message)))
+                    continue
+                pieces = parser.feed(event.text) if isinstance(event, Delta) else parser.flush()
+                for piece in pieces:
+                    if isinstance(piece, str):
+                        delta: dict[str, Any] = {"content": piece}
+                    else:
+                        delta = {"tool_calls": [piece.to_openai()]}
+                    if first:
+                        # As in plain chat: the role rides with the first piece.
+                        delta = {"role": "assistant", "content": None, **delta}
+                        first = False
+                    yield sse.encode(
+                        openai.chat_chunk(**ids, delta=delta, include_usage=chat.include_usage)
+                    )
+                if isinstance(event, Done):
+                    finish_reason, stop_sequence = tool_finish(event, parser.calls)
+                    yield sse.encode(
+                        openai.chat_chunk(
+                            **ids,
+                            delta={"role": "assistant", "content": ""} if first else {},
+                            finish_reason=finish_reason,
+                            stop_sequence=stop_sequence,
+                            include_usage=chat.include_usage,
+                        )
+                    )
+                    if chat.include_usage:
+                        yield sse.encode(openai.usage_chunk(**ids, usage=usage_of(event)))
+                    yield sse.DONE
 
         return event_stream(events())
 
@@ -443,12 +505,13 @@ def create_app(neuron: Neuron) -> QuartTrio:
         arrived = time.perf_counter()
         req = responses.parse_responses_request(await read_json())
         slot = manager.serving(req.model)
-        prompt = await render(slot, req.messages, req.tools)
+        plan = await output_plan(slot, req)
+        prompt = await render(slot, req.messages, plan.tools)
         job = await submit(
             slot,
             prompt_tokens=await tokenize_prompt(slot, prompt),
             max_tokens=req.max_output_tokens,
-            sampling=req.sampling.apply({}),
+            sampling=constrained(req.sampling.apply({}), plan),
             stops=(),
             template_stops=prompt.stop,
             endpoint="responses",
@@ -456,6 +519,9 @@ def create_app(neuron: Neuron) -> QuartTrio:
         response_id, created_at = "resp_" + uuid.uuid4().hex, openai.now()
         if not req.stream:
             text, done = await finish(slot, job, arrived)
+            calls: list[tools.ToolCall] = []
+            if plan.family is not None:
+                text, calls = tools.parse_tool_calls(text, plan.family)
             status, reason = outcome(done)
             return responses.response_object(
                 id=response_id,
@@ -466,18 +532,47 @@ def create_app(neuron: Neuron) -> QuartTrio:
                 usage=usage_of(done),
                 incomplete_reason=reason,
                 message_id=responses.new_message_id(),
+                function_calls=[
+                    responses.function_call_item(
+                        id=responses.new_function_call_id(),
+                        call_id=call.id,
+                        name=call.name,
+                        arguments=call.arguments,
+                        status=status,
+                    )
+                    for call in calls
+                ],
             )
         builder = responses.ResponsesStream(id=response_id, created_at=created_at, model=req.model)
+        parser = tools.ToolCallParser(plan.family) if plan.family is not None else None
+
+        def output(pieces: list[tools.Piece]) -> list[tuple[str, dict[str, Any]]]:
+            out = []
+            for piece in pieces:
+                if isinstance(piece, str):
+                    out += builder.delta(piece)
+                elif piece.name is not None:
+                    assert piece.id is not None
+                    out += builder.function_call(call_id=piece.id, name=piece.name)
+                    out += builder.arguments(piece.arguments)
+                else:
+                    out += builder.arguments(piece.arguments)
+            return out
 
         async def events() -> AsyncIterator[bytes]:
             for name, payload in builder.start():
                 yield sse.encode(payload, event=name)
             async for event in stream(slot, job, arrived):
                 if isinstance(event, Delta):
-                    out = builder.delta(event.text)
+                    out = (
+                        builder.delta(event.text)
+                        if parser is None
+                        else output(parser.feed(event.text))
+                    )
                 elif isinstance(event, Done):
                     status, reason = outcome(event)
-                    out = builder.finish(
+                    out = [] if parser is None else output(parser.flush())
+                    out += builder.finish(
                         usage=usage_of(event), status=status, incomplete_reason=reason
                     )
                 else:
@@ -507,9 +602,28 @@ def create_app(neuron: Neuron) -> QuartTrio:
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidRequest(f"body is not valid JSON: {exc}") from None
 
-    async def render(slot: ModelSlot, messages: list[dict[str, Any]], tools: Any) -> ChatPrompt:
+    async def render(
+        slot: ModelSlot, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> ChatPrompt:
         assert slot.model is not None
         return await trio.to_thread.run_sync(partial(slot.model.render_chat, messages, tools=tools))
+
+    async def output_plan(
+        slot: ModelSlot, req: openai.ChatRequest | responses.ResponsesRequest
+    ) -> tools.OutputPlan:
+        if req.tools is None and req.response_format is None:
+            return PLAIN
+        # Grammars for many large tool schemas take a while to build.
+        return await trio.to_thread.run_sync(
+            partial(
+                tools.plan_output,
+                family=tools.family_of(slot.model),
+                tools=req.tools,
+                tool_choice=req.tool_choice,
+                parallel_tool_calls=req.parallel_tool_calls,
+                response_format=req.response_format,
+            )
+        )
 
     async def tokenize_prompt(slot: ModelSlot, prompt: ChatPrompt) -> list[int]:
         assert slot.model is not None
@@ -607,6 +721,24 @@ def create_app(neuron: Neuron) -> QuartTrio:
         )
 
     return app
+
+
+PLAIN = tools.OutputPlan()
+
+
+def constrained(sampling: Sampling, plan: tools.OutputPlan) -> Sampling:
+    return sampling if plan.grammar is None else attrs.evolve(sampling, grammar=plan.grammar)
+
+
+def tool_finish(done: Done, calls: Sequence[tools.ToolCall]) -> tuple[str, str | None]:
+    """The finish_reason and stop_sequence of an answer that may hold tool calls.
+
+    A call cut short by the token limit stays ``length``: the client must not
+    run it as if it were whole.
+    """
+    if calls and done.finish_reason != "length":
+        return "tool_calls", None
+    return done.finish_reason, done.stop_sequence
 
 
 def usage_of(done: Done) -> openai.Usage:

@@ -1,4 +1,4 @@
-"""The OpenAI Responses dialect (``POST /v1/responses``), text output only.
+"""The OpenAI Responses dialect (``POST /v1/responses``): text and function calls.
 
 A request's ``input`` items and ``instructions`` become ordinary chat
 messages, so the engine path is the chat one. Nothing is stored: a
@@ -292,6 +292,24 @@ def _response(
     }
 
 
+def new_function_call_id() -> str:
+    return f"fc_{secrets.token_hex(16)}"
+
+
+def function_call_item(
+    *, id: str, call_id: str, name: str, arguments: str, status: str = "completed"
+) -> dict[str, Any]:
+    """A ``function_call`` output item: a tool call the client should run."""
+    return {
+        "type": "function_call",
+        "id": id,
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        "status": status,
+    }
+
+
 def response_object(
     *,
     id: str,
@@ -302,33 +320,42 @@ def response_object(
     usage: Usage,
     incomplete_reason: str | None,
     message_id: str,
+    function_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A whole ``response`` with one assistant message.
+    """A whole ``response``: one assistant message, then any ``function_calls``.
 
     Args:
       status: ``completed`` or ``incomplete``.
       incomplete_reason: ``max_output_tokens`` when the output was cut, else None.
+      function_calls: :func:`function_call_item` values; with them, an empty
+        ``text`` leaves the message out.
     """
     item_status = "completed" if status == "completed" else "incomplete"
+    output = []
+    if text or not function_calls:
+        output.append(_message_item(message_id, item_status, [_text_part(text)]))
+    output += function_calls or []
     return _response(
         id=id,
         created_at=created_at,
         model=model,
         status=status,
-        output=[_message_item(message_id, item_status, [_text_part(text)])],
+        output=output,
         usage=usage_object(usage),
         incomplete_reason=incomplete_reason,
     )
 
 
 class ResponsesStream:
-    """Builds a Responses event stream for one text message.
+    """Builds a Responses event stream: assistant text and function calls.
 
     Each method returns ``(event name, payload)`` pairs to encode with
     ``sse.encode(payload, event=name)``; payloads carry ``type`` and an
     increasing ``sequence_number``. The order is the one the SDK's stream
-    helper checks: created, in_progress, item added, part added, deltas,
-    text done, part done, item done, completed.
+    helper checks: created, in_progress, then per output item: item added,
+    (part added, text deltas, text done, part done | argument deltas,
+    arguments done), item done; then completed. One item is open at a time:
+    text after a function call opens a new message.
     """
 
     def __init__(
@@ -339,13 +366,20 @@ class ResponsesStream:
         self.model = model
         self.message_id = message_id or new_message_id()
         self._sequence = 0
-        self._text: list[str] = []
-        self._opened = False
+        self._items: list[dict[str, Any]] = []  # finished output items
+        self._text: list[str] | None = None  # the open message's text
+        self._call: dict[str, Any] | None = None  # the open function call
+        self._arguments: list[str] = []
+        self._status = "completed"
 
-    def _event(self, name: str, **fields: Any) -> tuple[str, dict[str, Any]]:
-        payload = {"type": name, "sequence_number": self._sequence, **fields}
+    @property
+    def _index(self) -> int:
+        return len(self._items)
+
+    def _event(self, kind: str, /, **fields: Any) -> tuple[str, dict[str, Any]]:
+        payload = {"type": kind, "sequence_number": self._sequence, **fields}
         self._sequence += 1
-        return name, payload
+        return kind, payload
 
     def _snapshot(self, status: str) -> dict[str, Any]:
         return _response(
@@ -359,36 +393,85 @@ class ResponsesStream:
         ]
 
     def _open(self) -> list[tuple[str, dict[str, Any]]]:
-        if self._opened:
+        if self._text is not None:
             return []
-        self._opened = True
+        events = self._close()
+        if any(item["type"] == "message" for item in self._items):
+            self.message_id = new_message_id()
+        self._text = []
         # The message and its part open with the first text, not at start:
         # an early empty item would fake the time to first token.
         return [
+            *events,
             self._event(
                 "response.output_item.added",
-                output_index=0,
+                output_index=self._index,
                 item=_message_item(self.message_id, "in_progress", []),
             ),
             self._event(
                 "response.content_part.added",
                 item_id=self.message_id,
-                output_index=0,
+                output_index=self._index,
                 content_index=0,
                 part=_text_part(""),
             ),
         ]
 
+    def _close(self) -> list[tuple[str, dict[str, Any]]]:
+        """Close the open item, if any."""
+        item_status = "completed" if self._status == "completed" else "incomplete"
+        if self._text is not None:
+            text = "".join(self._text)
+            item = _message_item(self.message_id, item_status, [_text_part(text)])
+            events = [
+                self._event(
+                    "response.output_text.done",
+                    item_id=self.message_id,
+                    output_index=self._index,
+                    content_index=0,
+                    text=text,
+                    logprobs=[],
+                ),
+                self._event(
+                    "response.content_part.done",
+                    item_id=self.message_id,
+                    output_index=self._index,
+                    content_index=0,
+                    part=_text_part(text),
+                ),
+                self._event("response.output_item.done", output_index=self._index, item=item),
+            ]
+            self._text = None
+        elif self._call is not None:
+            arguments = "".join(self._arguments)
+            item = {**self._call, "arguments": arguments, "status": item_status}
+            events = [
+                self._event(
+                    "response.function_call_arguments.done",
+                    item_id=item["id"],
+                    output_index=self._index,
+                    name=item["name"],
+                    arguments=arguments,
+                ),
+                self._event("response.output_item.done", output_index=self._index, item=item),
+            ]
+            self._call = None
+        else:
+            return []
+        self._items.append(item)
+        return events
+
     def delta(self, text: str) -> list[tuple[str, dict[str, Any]]]:
         if not text:
             return []
         events = self._open()
+        assert self._text is not None
         self._text.append(text)
         events.append(
             self._event(
                 "response.output_text.delta",
                 item_id=self.message_id,
-                output_index=0,
+                output_index=self._index,
                 content_index=0,
                 delta=text,
                 logprobs=[],
@@ -396,44 +479,53 @@ class ResponsesStream:
         )
         return events
 
+    def function_call(
+        self, *, call_id: str, name: str, item_id: str | None = None
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Open a ``function_call`` item; its arguments follow as :meth:`arguments`."""
+        events = self._close()
+        self._call = function_call_item(
+            id=item_id or new_function_call_id(),
+            call_id=call_id,
+            name=name,
+            arguments="",
+            status="in_progress",
+        )
+        self._arguments = []
+        events.append(
+            self._event("response.output_item.added", output_index=self._index, item=self._call)
+        )
+        return events
+
+    def arguments(self, delta: str) -> list[tuple[str, dict[str, Any]]]:
+        """A piece of the open function call's arguments."""
+        if not delta or self._call is None:
+            return []
+        self._arguments.append(delta)
+        return [
+            self._event(
+                "response.function_call_arguments.delta",
+                item_id=self._call["id"],
+                output_index=self._index,
+                delta=delta,
+            )
+        ]
+
     def finish(
         self, *, usage: Usage, status: str = "completed", incomplete_reason: str | None = None
     ) -> list[tuple[str, dict[str, Any]]]:
-        """Close the message and end with ``response.completed`` or ``.incomplete``."""
-        text = "".join(self._text)
-        item_status = "completed" if status == "completed" else "incomplete"
-        events = self._open()
-        events += [
-            self._event(
-                "response.output_text.done",
-                item_id=self.message_id,
-                output_index=0,
-                content_index=0,
-                text=text,
-                logprobs=[],
-            ),
-            self._event(
-                "response.content_part.done",
-                item_id=self.message_id,
-                output_index=0,
-                content_index=0,
-                part=_text_part(text),
-            ),
-            self._event(
-                "response.output_item.done",
-                output_index=0,
-                item=_message_item(self.message_id, item_status, [_text_part(text)]),
-            ),
-        ]
-        final = response_object(
+        """Close the open item and end with ``response.completed`` or ``.incomplete``."""
+        self._status = status
+        events = self._open() if not self._items and self._call is None else []
+        events += self._close()
+        final = _response(
             id=self.id,
             created_at=self.created_at,
             model=self.model,
-            text=text,
             status=status,
-            usage=usage,
+            output=self._items,
+            usage=usage_object(usage),
             incomplete_reason=incomplete_reason,
-            message_id=self.message_id,
         )
         name = "response.completed" if status == "completed" else "response.incomplete"
         events.append(self._event(name, response=final))

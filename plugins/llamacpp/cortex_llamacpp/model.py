@@ -7,8 +7,10 @@ a time per model.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import pathlib
+import re
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,8 +27,10 @@ from cortex.errors import (
     ModelLoadError,
 )
 from cortex.harness import ChatPrompt, LoadedModel, LoadSpec, Placement, Sampling, Token
+from cortex.neuron.tools import MARKUP, detect_family
 
-from .options import MIB, LoadOptions, kv_bytes_per_token, plan_n_ctx
+from .batched import BatchedDecoder
+from .options import CTX_STEP, MIB, LoadOptions, kv_bytes_per_token, plan_n_ctx
 
 NAME = "llamacpp"
 GGUF_MAGIC = b"GGUF"
@@ -39,6 +43,8 @@ _load_lock = threading.Lock()
 _backend_ready = False
 
 ChatFormatter = Callable[..., llama_chat_format.ChatFormatterResponse]
+
+_TOJSON_ARGUMENTS = re.compile(r"arguments\s*\|\s*tojson")
 
 
 def is_gguf(path: pathlib.Path) -> bool:
@@ -120,6 +126,24 @@ def _probe(path: pathlib.Path) -> _Hparams | None:
         llama_cpp.llama_model_free(model)
 
 
+def _with_object_arguments(message: dict[str, Any]) -> dict[str, Any]:
+    """``message`` with its tool calls' JSON-string arguments decoded, for templates."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    decoded = []
+    for call in calls:
+        function = call.get("function") or {}
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                function = {**function, "arguments": json.loads(arguments or "{}")}
+            except ValueError:
+                pass  # not JSON: the template gets the string as sent
+        decoded.append({**call, "function": function})
+    return {**message, "tool_calls": decoded}
+
+
 def _registered_formatter(name: str) -> ChatFormatter | None:
     """The chat formatter llama-cpp-python registered under ``name``, if any.
 
@@ -173,15 +197,24 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
             n_ctx_train=hparams.n_ctx_train or None,
             n_ctx_max=options.n_ctx_max,
             weights_bytes=weights_bytes,
-            kv_per_token=hparams.kv_per_token,
+            # Continuous batching: every sequence gets the whole n_ctx.
+            kv_per_token=hparams.kv_per_token * options.parallel,
             budget_mb=placement.memory_budget_mb,
         )
+        if options.parallel > llama_cpp.llama_max_parallel_sequences():
+            raise ModelLoadError(
+                f"{where}: parallel is at most {llama_cpp.llama_max_parallel_sequences()}"
+            )
+        batched = options.parallel > 1
         try:
             llama = llama_cpp.Llama(
                 model_path=str(path),
                 verbose=False,
-                n_ctx=n_ctx,
-                n_batch=options.n_batch,
+                # Batched, this context only serves tokenize and metadata; the
+                # decoder makes its own: keep this one (and its buffers) small.
+                n_ctx=CTX_STEP if batched else n_ctx,
+                n_batch=8 if batched else options.n_batch,
+                n_ubatch=8 if batched else 512,
                 n_threads=options.n_threads,
                 n_threads_batch=options.n_threads,
                 n_gpu_layers=options.n_gpu_layers,
@@ -195,17 +228,44 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
             raise ModelLoadError(
                 f"{where}: llama.cpp failed to load it ({type(exc).__name__})"
             ) from exc
+        # --- continuous batching (batched.py) ---
+        decoder = None
+        kv_tokens = n_ctx
+        if batched:
+            try:
+                decoder = BatchedDecoder(
+                    model=llama.model,
+                    params=llama.context_params,
+                    parallel=options.parallel,
+                    n_ctx=n_ctx,
+                    n_batch=options.n_batch,
+                    prompt_chunk=options.prompt_chunk,
+                    kv_unified=options.kv_unified,
+                    keep_alive=llama,
+                )
+            except HarnessError as exc:
+                llama.close()
+                raise ModelLoadError(f"{where}: {exc.message}") from None
+            kv_tokens = n_ctx * options.parallel + CTX_STEP
+        # --- end continuous batching ---
     return LlamaCppModel(
         model_id=spec.model_id,
         llama=llama,
         n_ctx_train=hparams.n_ctx_train or None,
-        memory_bytes=weights_bytes + n_ctx * hparams.kv_per_token,
+        memory_bytes=weights_bytes + kv_tokens * hparams.kv_per_token,
         chat_format=formatter,
+        decoder=decoder,
+        tool_format=options.tool_format,
     )
 
 
 class LlamaCppModel(LoadedModel):
-    """A GGUF model loaded into one llama.cpp context (one sequence at a time)."""
+    """A GGUF model loaded into llama.cpp.
+
+    With a ``decoder`` it serves up to ``decoder.parallel`` sequences at once
+    (``generate`` may be called from that many threads); without one, one
+    sequence at a time through llama-cpp-python's own ``Llama.generate``.
+    """
 
     harness = NAME
 
@@ -217,12 +277,17 @@ class LlamaCppModel(LoadedModel):
         n_ctx_train: int | None,
         memory_bytes: int,
         chat_format: ChatFormatter | None,
+        decoder: BatchedDecoder | None = None,
+        tool_format: str | None = None,
     ) -> None:
         self.model_id = model_id
-        self.n_ctx = llama.n_ctx()
+        self._decoder = decoder
+        self.parallel = decoder.parallel if decoder else 1
+        self.n_ctx = decoder.n_ctx if decoder else llama.n_ctx()
         self.n_ctx_train = n_ctx_train
         self._llama: llama_cpp.Llama | None = llama
         self._vocab = llama_cpp.llama_model_get_vocab(llama.model)
+        self._markup_tokens: frozenset[int] = frozenset()
         self._memory_bytes = memory_bytes
         self._bos_text = self._special_text(llama.token_bos())
         template = llama.metadata.get("tokenizer.chat_template")
@@ -235,6 +300,20 @@ class LlamaCppModel(LoadedModel):
             )
         else:
             self._formatter = chat_format
+        metadata = llama.metadata
+        self.tool_format = tool_format or detect_family(
+            template, name=metadata.get("general.name") or metadata.get("general.basename")
+        )
+        # Tool-call markup is often one special token (Mistral's [TOOL_CALLS],
+        # Llama's <|python_tag|>): its text must reach the neuron's parser.
+        self._markup_tokens = frozenset(
+            ids[0]
+            for ids in (llama.tokenize(m.encode(), add_bos=False, special=True) for m in MARKUP)
+            if len(ids) == 1
+        )
+        # Most templates write an assistant turn's tool-call arguments with
+        # `| tojson` and expect an object, where OpenAI messages hold a string.
+        self._object_arguments = bool(template and _TOJSON_ARGUMENTS.search(template))
 
     def __repr__(self) -> str:
         return f"<LlamaCppModel {self.model_id!r} n_ctx={self.n_ctx}>"
@@ -256,6 +335,7 @@ class LlamaCppModel(LoadedModel):
         prev_tokens, drops a leading space after BOS, and truncates pieces
         longer than 32 bytes.
         """
+        special = special or token in self._markup_tokens
         buf = ctypes.create_string_buffer(64)
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         if n < 0:
@@ -284,6 +364,8 @@ class LlamaCppModel(LoadedModel):
                 f"model {self.model_id!r} has no chat template; set chat_format "
                 f"(e.g. 'chatml', 'gemma', 'llama-3') in its catalogue entry"
             )
+        if self._object_arguments:
+            messages = [_with_object_arguments(m) for m in messages]
         try:
             rendered = self._formatter(messages=messages, tools=tools)
         except Exception as exc:  # jinja errors and the template's raise_exception
@@ -326,6 +408,8 @@ class LlamaCppModel(LoadedModel):
                 f"the prompt is {len(tokens)} tokens; model {self.model_id!r} "
                 f"has a context of {self.n_ctx}"
             )
+        if self._decoder is not None:
+            return (yield from self._decoder.generate(tokens, sampling, self._piece))
         grammar = None
         if sampling.grammar is not None:
             grammar = self._grammar(sampling.grammar)
@@ -365,4 +449,6 @@ class LlamaCppModel(LoadedModel):
     def unload(self) -> None:
         if self._llama is not None:
             llama, self._llama = self._llama, None
+            if self._decoder is not None:
+                self._decoder.close()
             llama.close()

@@ -15,6 +15,7 @@ import attrs
 
 from cortex.errors import ModelLoadError
 from cortex.harness import Placement
+from cortex.neuron.tools import check_family
 
 #: llama.cpp rounds n_ctx up to a multiple of this internally but the Python
 #: wrapper does not, and long prompts then break (FINDINGS.md).
@@ -43,6 +44,10 @@ def _str(key: str, value: Any) -> str:
     return value
 
 
+def _tool_format(key: str, value: Any) -> str:
+    return check_family(_str(key, value))
+
+
 def _floats(key: str, value: Any) -> tuple[float, ...]:
     if isinstance(value, str | bytes) or not all(
         isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in value
@@ -61,6 +66,10 @@ _CHECKS = {
     "flash_attn": _bool,
     "chat_format": _str,
     "n_batch": _int(1),
+    "tool_format": _tool_format,
+    "parallel": _int(1),
+    "prompt_chunk": _int(1),
+    "kv_unified": _bool,
 }
 
 
@@ -80,6 +89,16 @@ class LoadOptions:
       chat_format: a llama-cpp-python chat format name, used when the file
         has no template.
       n_batch: the prompt-processing batch size.
+      tool_format: the tool-call markup the model writes (hermes, llama3,
+        mistral), when detecting it from the chat template gets it wrong.
+      parallel: sequences decoded at once (continuous batching, see
+        ``cortex_llamacpp.batched``); 1 is the single-sequence engine. Each
+        sequence gets the whole ``n_ctx``: the KV cache holds
+        ``parallel * n_ctx`` tokens (llama-server's ``--parallel`` splits
+        ``n_ctx`` instead), and the memory plan counts it.
+      prompt_chunk: the most prompt tokens evaluated per step while other
+        sequences are decoding; smaller keeps their latency steadier.
+      kv_unified: one KV pool for all sequences (default) or one stream each.
     """
 
     n_ctx: int | None = None
@@ -91,6 +110,10 @@ class LoadOptions:
     flash_attn: bool = False
     chat_format: str | None = None
     n_batch: int = 512
+    tool_format: str | None = None
+    parallel: int = 4
+    prompt_chunk: int = 128
+    kv_unified: bool = True
 
     @classmethod
     def from_spec(

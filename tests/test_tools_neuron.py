@@ -1,0 +1,463 @@
+"""Tool calls end to end: the openai SDK against a neuron with a scripted engine.
+
+The engine (``tests/plugins/cortex_scripted.py``) is installed the way any
+third-party engine is: a dist-info with a ``cortex.harness`` entry point,
+put on ``sys.path`` for these tests only, so other tests' neurons never see it.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import trio
+
+from cortex.neuron.app import NeuronHandle
+from cortex.neuron.models import LoadRequest
+from tests.neuron_helpers import running_neuron
+
+PLUGINS = pathlib.Path(__file__).parent / "plugins"
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+TIME_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+TOOLS = [WEATHER_TOOL, TIME_TOOL]
+
+PARIS_CALL = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
+SCRIPT = {
+    "rules": [
+        {
+            "when": "weather in Paris",
+            "tools": True,
+            "reply": f"Let me check.\n<tool_call>\n{PARIS_CALL}\n</tool_call>",
+        },
+        {"when": "weather in Paris", "tools": False, "reply": "I cannot look that up."},
+        {
+            "when": "Paris and Rome",
+            "reply": (
+                '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+                '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"city": "Rome"}}'
+                "\n</tool_call>"
+            ),
+        },
+        {"when": "sunny, 21", "reply": "It is sunny and 21 °C in Paris."},
+        {"when": "broken", "reply": '<tool_call>{"name": oops}</tool_call> sorry'},
+    ],
+}
+MISTRAL_SCRIPT = {
+    "rules": [
+        {
+            "when": "weather in Paris",
+            "reply": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+            '{"name": "get_time", "arguments": {"city": "Paris"}}]',
+        }
+    ]
+}
+LLAMA3_SCRIPT = {
+    "rules": [
+        {
+            "when": "weather in Paris",
+            "reply": '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}',
+        },
+        {"when": "What is JSON", "reply": '{"answer": "a data format"}'},
+    ]
+}
+
+
+@pytest.fixture
+def scripted_entry_point(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Install the scripted engine through a ``cortex.harness`` entry point."""
+    dist = tmp_path / "site" / "cortex_scripted-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cortex-scripted\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[cortex.harness]\nscripted = cortex_scripted\n")
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+
+
+def write_script(directory: pathlib.Path, name: str, script: dict[str, Any]) -> str:
+    path = directory / f"{name}.script.json"
+    path.write_text(json.dumps(script))
+    return str(path)
+
+
+@pytest.fixture
+async def neuron(scripted_entry_point: None, tmp_path: pathlib.Path):
+    async with running_neuron(
+        [("scripted", write_script(tmp_path, "hermes", SCRIPT))], options={}
+    ) as handle:
+        for model_id, script, family in (
+            ("scripted-mistral", MISTRAL_SCRIPT, "mistral"),
+            ("scripted-llama3", LLAMA3_SCRIPT, "llama3"),
+        ):
+            await handle.neuron.manager.load(
+                LoadRequest(
+                    model_id=model_id,
+                    source=write_script(tmp_path, family, script),
+                    options={"tool_format": family},
+                )
+            )
+        yield handle
+
+
+@pytest.fixture
+async def client(neuron: NeuronHandle):
+    async with openai.AsyncOpenAI(
+        base_url=neuron.url + "/v1", api_key="unused", max_retries=0
+    ) as client:
+        yield client
+
+
+def engine_model(neuron: NeuronHandle, model_id: str = "scripted") -> Any:
+    return neuron.neuron.manager.slots[model_id].model
+
+
+def ask(text: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": text}]
+
+
+async def collect_stream(stream: Any) -> tuple[str | None, list[dict[str, Any]], list[Any]]:
+    """Content, tool calls (accumulated from deltas, checking their shape) and chunks."""
+    chunks = [chunk async for chunk in stream]
+    content: list[str] = []
+    calls: dict[int, dict[str, Any]] = {}
+    for chunk in chunks:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        if delta.content:
+            content.append(delta.content)
+        for piece in delta.tool_calls or ():
+            if piece.index not in calls:
+                # The first fragment of a call names it.
+                assert piece.id and piece.type == "function" and piece.function.name
+                calls[piece.index] = {"id": piece.id, "name": piece.function.name, "arguments": ""}
+            else:
+                assert piece.id is None and piece.function.name is None
+            calls[piece.index]["arguments"] += piece.function.arguments or ""
+    return "".join(content) or None, [calls[i] for i in sorted(calls)], chunks
+
+
+# -- chat completions -------------------------------------------------------------------
+
+
+async def test_engine_comes_from_the_entry_point(neuron: NeuronHandle) -> None:
+    assert "scripted" in {h.name for h in neuron.neuron.discovery.harnesses}
+    assert engine_model(neuron).harness == "scripted"
+    assert engine_model(neuron).tool_format == "hermes"  # detected from its template
+    assert engine_model(neuron, "scripted-mistral").tool_format == "mistral"  # the load option
+
+
+async def test_call_with_text_before_it(client: openai.AsyncOpenAI, neuron: NeuronHandle) -> None:
+    with trio.fail_after(10):
+        reply = await client.chat.completions.create(
+            model="scripted", messages=ask("What's the weather in Paris?"), tools=TOOLS
+        )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Let me check."
+    [call] = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.type == "function"
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "celsius"}
+    # The tools reached the model through its chat template.
+    assert '"name": "get_weather"' in engine_model(neuron).prompts[-1]
+
+
+async def test_call_streams_as_tool_call_deltas(client: openai.AsyncOpenAI) -> None:
+    with trio.fail_after(10):
+        stream = await client.chat.completions.create(
+            model="scripted",
+            messages=ask("What's the weather in Paris?"),
+            tools=TOOLS,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        content, calls, chunks = await collect_stream(stream)
+    assert content == "Let me check."
+    assert [c["name"] for c in calls] == ["get_weather"]
+    assert json.loads(calls[0]["arguments"]) == {"city": "Paris", "unit": "celsius"}
+    # The arguments arrive in several fragments, not as one blob at the end.
+    fragments = [c for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(fragments) > 3
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason == "tool_calls"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert len({c.id for c in chunks}) == 1
+    for chunk in chunks:
+        for choice in chunk.choices:
+            assert "<tool_call>" not in (choice.delta.content or "")
+            assert "tool_call>" not in (choice.delta.content or "")
+
+
+async def test_sdk_stream_helper_accumulates_the_call(client: openai.AsyncOpenAI) -> None:
+    with trio.fail_after(10):
+        async with client.chat.completions.stream(
+            model="scripted", messages=ask("What's the weather in Paris?"), tools=TOOLS
+        ) as stream:
+            final = await stream.get_final_completion()
+    message = final.choices[0].message
+    assert message.content == "Let me check."
+    assert message.tool_calls[0].function.name == "get_weather"
+    assert json.loads(message.tool_calls[0].function.arguments)["city"] == "Paris"
+    assert final.choices[0].finish_reason == "tool_calls"
+
+
+async def test_parallel_calls(client: openai.AsyncOpenAI) -> None:
+    with trio.fail_after(10):
+        whole = await client.chat.completions.create(
+            model="scripted", messages=ask("Paris and Rome, please"), tools=TOOLS
+        )
+        stream = await client.chat.completions.create(
+            model="scripted", messages=ask("Paris and Rome, please"), tools=TOOLS, stream=True
+        )
+        content, calls, _ = await collect_stream(stream)
+    message = whole.choices[0].message
+    assert message.content is None
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_time", {"city": "Rome"}),
+    ]
+    assert len({c.id for c in message.tool_calls}) == 2
+    assert content is None
+    assert [(c["name"], c["arguments"]) for c in calls] == [
+        (c.function.name, c.function.arguments) for c in message.tool_calls
+    ]
+
+
+async def test_three_turns_render_calls_and_results(
+    client: openai.AsyncOpenAI, neuron: NeuronHandle
+) -> None:
+    messages: list[Any] = ask("What's the weather in Paris?")
+    with trio.fail_after(10):
+        first = await client.chat.completions.create(
+            model="scripted", messages=messages, tools=TOOLS
+        )
+        call = first.choices[0].message.tool_calls[0]
+        messages += [
+            first.choices[0].message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"},
+        ]
+        second = await client.chat.completions.create(
+            model="scripted", messages=messages, tools=TOOLS
+        )
+    assert second.choices[0].message.content == "It is sunny and 21 °C in Paris."
+    assert second.choices[0].message.tool_calls is None
+    assert second.choices[0].finish_reason == "stop"
+    prompt = engine_model(neuron).prompts[-1]
+    rendered_call = f"<|assistant|>Let me check.<tool_call>{json.dumps(json.loads(PARIS_CALL))}"
+    assert rendered_call in prompt
+    assert prompt.index(rendered_call) < prompt.index(f"<|tool|>{call.id}: sunny, 21 C")
+
+
+async def test_tool_choice_none_hides_the_tools(
+    client: openai.AsyncOpenAI, neuron: NeuronHandle
+) -> None:
+    with trio.fail_after(10):
+        reply = await client.chat.completions.create(
+            model="scripted",
+            messages=ask("What's the weather in Paris?"),
+            tools=TOOLS,
+            tool_choice="none",
+        )
+    assert reply.choices[0].message.content == "I cannot look that up."
+    assert reply.choices[0].message.tool_calls is None
+    assert reply.choices[0].finish_reason == "stop"
+    assert "# Tools" not in engine_model(neuron).prompts[-1]
+    assert engine_model(neuron).samplings[-1].grammar is None
+
+
+async def test_forced_calls_constrain_with_a_grammar(
+    client: openai.AsyncOpenAI, neuron: NeuronHandle
+) -> None:
+    model = engine_model(neuron)
+    with trio.fail_after(10):
+        await client.chat.completions.create(
+            model="scripted",
+            messages=ask("What's the weather in Paris?"),
+            tools=TOOLS,
+            tool_choice="required",
+        )
+        required = model.samplings[-1].grammar
+        await client.chat.completions.create(
+            model="scripted",
+            messages=ask("What's the weather in Paris?"),
+            tools=TOOLS,
+            tool_choice={"type": "function", "function": {"name": "get_time"}},
+        )
+        named = model.samplings[-1].grammar
+        with pytest.raises(openai.BadRequestError) as unknown:
+            await client.chat.completions.create(
+                model="scripted",
+                messages=ask("hi"),
+                tools=TOOLS,
+                tool_choice={"type": "function", "function": {"name": "nope"}},
+            )
+        await client.chat.completions.create(model="scripted", messages=ask("hi"), tools=TOOLS)
+        auto = model.samplings[-1].grammar
+    assert "<tool_call>" in required and "get_weather" in required and "get_time" in required
+    assert "get_time" in named and "get_weather" not in named
+    assert unknown.value.body["param"] == "tool_choice"
+    assert auto is None
+
+
+async def test_malformed_call_falls_back_to_text(client: openai.AsyncOpenAI) -> None:
+    with trio.fail_after(10):
+        reply = await client.chat.completions.create(
+            model="scripted", messages=ask("broken"), tools=TOOLS
+        )
+        stream = await client.chat.completions.create(
+            model="scripted", messages=ask("broken"), tools=TOOLS, stream=True
+        )
+        content, calls, _ = await collect_stream(stream)
+    expected = '<tool_call>{"name": oops}</tool_call> sorry'
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].message.tool_calls is None
+    assert reply.choices[0].finish_reason == "stop"
+    assert (content, calls) == (expected, [])
+
+
+@pytest.mark.parametrize("model", ["scripted-mistral", "scripted-llama3"])
+async def test_other_families(client: openai.AsyncOpenAI, model: str) -> None:
+    with trio.fail_after(10):
+        whole = await client.chat.completions.create(
+            model=model, messages=ask("What's the weather in Paris?"), tools=TOOLS
+        )
+        stream = await client.chat.completions.create(
+            model=model, messages=ask("What's the weather in Paris?"), tools=TOOLS, stream=True
+        )
+        content, calls, _ = await collect_stream(stream)
+    message = whole.choices[0].message
+    assert whole.choices[0].finish_reason == "tool_calls"
+    assert message.content is None and content is None
+    assert message.tool_calls[0].function.name == "get_weather"
+    assert json.loads(message.tool_calls[0].function.arguments) == {"city": "Paris"}
+    assert [c["arguments"] for c in calls] == [c.function.arguments for c in message.tool_calls]
+
+
+async def test_llama3_json_answer_is_not_a_call(client: openai.AsyncOpenAI) -> None:
+    with trio.fail_after(10):
+        reply = await client.chat.completions.create(
+            model="scripted-llama3", messages=ask("What is JSON?"), tools=TOOLS
+        )
+    assert reply.choices[0].message.content == '{"answer": "a data format"}'
+    assert reply.choices[0].finish_reason == "stop"
+
+
+async def test_without_tools_markup_is_plain_text(client: openai.AsyncOpenAI) -> None:
+    # No tools in the request: the plain path, which parses nothing.
+    with trio.fail_after(10):
+        reply = await client.chat.completions.create(
+            model="scripted", messages=ask("Paris and Rome")
+        )
+    assert reply.choices[0].message.content.startswith("<tool_call>")
+    assert reply.choices[0].finish_reason == "stop"
+
+
+# -- responses --------------------------------------------------------------------------
+
+RESPONSES_TOOLS: list[Any] = [
+    {"type": "function", "name": t["function"]["name"], "parameters": t["function"]["parameters"]}
+    for t in TOOLS
+]
+
+
+async def test_responses_function_calls(client: openai.AsyncOpenAI) -> None:
+    with trio.fail_after(10):
+        whole = await client.responses.create(
+            model="scripted", input="What's the weather in Paris?", tools=RESPONSES_TOOLS
+        )
+        async with client.responses.stream(
+            model="scripted", input="What's the weather in Paris?", tools=RESPONSES_TOOLS
+        ) as stream:
+            events = [event async for event in stream]
+            final = await stream.get_final_response()
+    for response in (whole, final):
+        assert [item.type for item in response.output] == ["message", "function_call"]
+        assert response.output_text == "Let me check."
+        call = response.output[1]
+        assert call.name == "get_weather" and call.call_id.startswith("call_")
+        assert json.loads(call.arguments) == {"city": "Paris", "unit": "celsius"}
+    kinds = [e.type for e in events]
+    assert kinds.count("response.function_call_arguments.delta") > 1
+    assert kinds.index("response.output_text.done") < kinds.index("response.output_item.added", 3)
+    assert kinds[-1] == "response.completed"
+
+
+async def test_responses_parallel_and_round_trip(
+    client: openai.AsyncOpenAI, neuron: NeuronHandle
+) -> None:
+    with trio.fail_after(10):
+        parallel = await client.responses.create(
+            model="scripted", input="Paris and Rome", tools=RESPONSES_TOOLS, stream=False
+        )
+        assert [(i.type, i.name) for i in parallel.output] == [
+            ("function_call", "get_weather"),
+            ("function_call", "get_time"),
+        ]
+        first = await client.responses.create(
+            model="scripted", input="What's the weather in Paris?", tools=RESPONSES_TOOLS
+        )
+        call = first.output[1]
+        answer = await client.responses.create(
+            model="scripted",
+            tools=RESPONSES_TOOLS,
+            input=[
+                {"role": "user", "content": "What's the weather in Paris?"},
+                *[item.model_dump(exclude_none=True) for item in first.output],
+                {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21"},
+            ],
+        )
+    assert answer.output_text == "It is sunny and 21 °C in Paris."
+    assert [item.type for item in answer.output] == ["message"]
+    assert f"<|tool|>{call.call_id}: sunny, 21" in engine_model(neuron).prompts[-1]
+
+
+async def test_response_format_reaches_the_engine_as_a_grammar(
+    neuron: NeuronHandle, client: openai.AsyncOpenAI
+) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    async with httpx.AsyncClient(base_url=neuron.url, timeout=10) as http:
+        with trio.fail_after(10):
+            await client.chat.completions.create(
+                model="scripted",
+                messages=ask("hi"),
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "n", "schema": schema},
+                },
+            )
+            grammar = engine_model(neuron).samplings[-1].grammar
+            bad = await http.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "scripted",
+                    "messages": ask("hi"),
+                    "response_format": {
+                        "type": "json_schema",
+                        "json_schema": {"name": "x", "schema": {"$ref": "#/nope"}},
+                    },
+                },
+            )
+    assert grammar is not None and '"\\"n\\""' in grammar
+    assert bad.status_code == 400
