@@ -46,8 +46,11 @@ class FakeModel(LoadedModel):
         n_ctx: int = 2048,
         token_delay: float = 0.0,
         fail_after: int | None = None,
+        parallel: int = 1,
     ) -> None:
         self.model_id = model_id
+        # generate() keeps no state between calls: any number may run at once.
+        self.parallel = parallel
         self.n_ctx = n_ctx
         self.n_ctx_train = n_ctx
         self._reply = reply
@@ -94,6 +97,7 @@ class FakeEngine:
       reply: the output for a prompt (the rendered prompt text).
       token_delay: seconds per generated token (blocking, as a real engine).
       fail_after: raise after this many tokens, to test failure paths.
+      parallel: the generations a loaded model serves at once.
     """
 
     name = "fake"
@@ -104,10 +108,12 @@ class FakeEngine:
         reply: Callable[[str], str] = lambda prompt: "Hello from the fake engine.",
         token_delay: float = 0.0,
         fail_after: int | None = None,
+        parallel: int = 1,
     ) -> None:
         self.reply = reply
         self.token_delay = token_delay
         self.fail_after = fail_after
+        self.parallel = parallel
         self.loaded: list[FakeModel] = []
 
     @hookimpl
@@ -129,6 +135,7 @@ class FakeEngine:
             n_ctx=int(spec.options.get("n_ctx", 2048)),
             token_delay=self.token_delay,
             fail_after=self.fail_after,
+            parallel=self.parallel,
         )
         self.loaded.append(model)
         return model

@@ -1,15 +1,21 @@
 """Generation workers: the one owner of each loaded model's context.
 
 Each loaded model has one ``GenerationWorker`` task in the neuron's nursery.
-Requests reach it as ``Job``s through a bounded channel and are served in
-turn; the decode loop runs in a worker thread under the model's
-``CapacityLimiter`` and hands text back through the job's own bounded
-channel. This worker is where continuous batching would go.
+Requests reach it as ``Job``s through a bounded channel (the model's queue);
+the worker takes one whenever fewer than ``model.parallel`` are running and
+serves it in a child task: a thread runs the engine's token iterator, the
+stop-string scan and the token limit, and hands text back through the job's
+own bounded channel. An engine with ``parallel == 1`` is served one job at a
+time, in turn; one with more (llama.cpp's continuous batching) decodes the
+running jobs' sequences together, and the worker only dispatches.
+
+Admission: the queue holds at most ``queue_limit`` jobs waiting for a free
+slot; beyond that ``submit`` raises ``QueueFull`` (429 with Retry-After).
 
 Cancellation: a job's ``scope`` covers its thread. ``Job.cancel()`` (the
 client went away, or the model is being unloaded) makes the thread's next
 ``trio.from_thread`` call raise ``Cancelled``; the thread closes the
-engine's generator and the worker moves on to the next job, within a token.
+engine's generator, which ends just that sequence, within a token.
 """
 
 from __future__ import annotations
@@ -75,6 +81,8 @@ class Job:
         self._send, self.events = trio.open_memory_channel[Event](buffer)
         self.scope = trio.CancelScope()
         self.started = trio.Event()
+        #: Tokens generated so far; written by the job's thread.
+        self.completion_tokens = 0
 
     def cancel(self) -> None:
         self.scope.cancel()
@@ -82,30 +90,53 @@ class Job:
 
 @attrs.frozen
 class WorkerStatistics:
+    #: Jobs waiting for a free slot.
     queued: int
+    #: Jobs being generated (at most ``parallel``).
     in_flight: int
     last_used: float | None
     tokens_generated: int
+    #: Jobs the model can generate at once.
+    parallel: int = 1
 
 
 class GenerationWorker:
-    """Serves one model's jobs in turn. Start with ``nursery.start(worker.run)``."""
+    """Dispatches one model's jobs, up to ``model.parallel`` at once.
+
+    Start with ``nursery.start(worker.run)``.
+    """
 
     def __init__(self, model: LoadedModel, *, queue_limit: int = 64) -> None:
         self.model = model
-        self.limiter = trio.CapacityLimiter(1)
-        self._send, self._receive = trio.open_memory_channel[Job](max(0, queue_limit))
-        self._current: Job | None = None
+        self.parallel = max(1, int(getattr(model, "parallel", 1)))
+        #: Slots: the worker takes a job from the queue only with one free.
+        self.limiter = trio.CapacityLimiter(self.parallel)
+        # The threads' own limiter: trio's default one is shared by every
+        # to_thread call in the process and could starve generation.
+        self._threads = trio.CapacityLimiter(self.parallel)
+        self._queue_limit = max(0, queue_limit)
+        # Room for the waiting jobs plus those about to take a free slot:
+        # ``submit`` enforces the limit on the waiting ones.
+        self._send, self._receive = trio.open_memory_channel[Job](self._queue_limit + self.parallel)
+        self._closed = False
+        self._running: set[Job] = set()
         self._cancel_all = False
         self._last_used: float | None = None
         self._tokens_generated = 0
 
+    def _waiting(self) -> int:
+        """Jobs in the queue beyond those the free slots are about to take."""
+        free = self.parallel - len(self._running)
+        return max(0, self._send.statistics().current_buffer_used - free)
+
     def statistics(self) -> WorkerStatistics:
         return WorkerStatistics(
-            queued=self._send.statistics().current_buffer_used,
-            in_flight=0 if self._current is None else 1,
+            queued=self._waiting(),
+            in_flight=len(self._running),
             last_used=self._last_used,
-            tokens_generated=self._tokens_generated,
+            tokens_generated=self._tokens_generated
+            + sum(job.completion_tokens for job in self._running),
+            parallel=self.parallel,
         )
 
     def submit(self, job: Job) -> None:
@@ -115,59 +146,75 @@ class GenerationWorker:
           QueueFull: the model's queue is at its limit.
           Unavailable: the model is being unloaded.
         """
-        try:
-            self._send.send_nowait(job)
-        except trio.WouldBlock:
+        if self._closed:
+            raise Unavailable(f"model {self.model.model_id!r} is unloading")
+        free = self.parallel - len(self._running)
+        if self._send.statistics().current_buffer_used >= free + self._queue_limit:
             raise QueueFull(
-                f"model {self.model.model_id!r} has {self._send.statistics().current_buffer_used} "
-                "requests waiting; retry later",
+                f"model {self.model.model_id!r} has {self._waiting()} requests waiting; "
+                "retry later",
                 retry_after=1,
-            ) from None
-        except trio.ClosedResourceError:
-            raise Unavailable(f"model {self.model.model_id!r} is unloading") from None
+            )
+        self._send.send_nowait(job)
 
     def close(self, *, cancel: bool) -> int:
         """Accept no more jobs; with ``cancel``, also cancel the queued and running ones.
 
         Returns the number of jobs cancelled. ``run`` returns once the queue is empty.
         """
+        self._closed = True
         self._send.close()
         if not cancel:
             return 0
         self._cancel_all = True
         cancelled = self._send.statistics().current_buffer_used
-        if self._current is not None:
-            self._current.cancel()
+        for job in self._running:
+            job.cancel()
             cancelled += 1
         return cancelled
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Take jobs while slots are free; return when the queue is closed and drained."""
         task_status.started()
-        async with self._receive:
-            async for job in self._receive:
+        async with self._receive, trio.open_nursery() as nursery:
+            while True:
+                # A slot first, then a job: waiting jobs stay in the queue,
+                # where they count against its limit and in ``queued``.
+                token = object()
+                await self.limiter.acquire_on_behalf_of(token)
+                try:
+                    job = await self._receive.receive()
+                except trio.EndOfChannel:
+                    self.limiter.release_on_behalf_of(token)
+                    return
+                except BaseException:
+                    self.limiter.release_on_behalf_of(token)
+                    raise
                 if self._cancel_all:
                     job.cancel()
-                self._current = job
-                try:
-                    await self._serve(job)
-                finally:
-                    self._current = None
-                    self._last_used = time.time()
+                self._running.add(job)
+                nursery.start_soon(self._serve, job, token)
 
-    async def _serve(self, job: Job) -> None:
-        async with job._send:
-            with job.scope:
-                job.started.set()
-                try:
-                    await trio.to_thread.run_sync(self._generate, job, limiter=self.limiter)
-                except trio.Cancelled:
-                    raise
-                except Exception as exc:
-                    log.exception("generation failed for %s", self.model.model_id)
-                    with trio.move_on_after(1):
-                        await job._send.send(
-                            Failed(f"generation failed: {type(exc).__name__}: {exc}")
-                        )
+    async def _serve(self, job: Job, token: object) -> None:
+        try:
+            async with job._send:
+                with job.scope:
+                    job.started.set()
+                    try:
+                        await trio.to_thread.run_sync(self._generate, job, limiter=self._threads)
+                    except trio.Cancelled:
+                        raise
+                    except Exception as exc:
+                        log.exception("generation failed for %s", self.model.model_id)
+                        with trio.move_on_after(1):
+                            await job._send.send(
+                                Failed(f"generation failed: {type(exc).__name__}: {exc}")
+                            )
+        finally:
+            self._running.discard(job)
+            self._tokens_generated += job.completion_tokens
+            self._last_used = time.time()
+            self.limiter.release_on_behalf_of(token)
 
     def _generate(self, job: Job) -> None:
         """The decode loop; runs in a worker thread."""
@@ -188,6 +235,7 @@ class GenerationWorker:
                     if first_token is None:
                         first_token = time.perf_counter()
                     emitted += 1
+                    job.completion_tokens = emitted
                     text = scanner.feed(token.piece)
                     if text:
                         emit(Delta(text))
@@ -204,7 +252,6 @@ class GenerationWorker:
                     finish = "length" if full else "stop"
         finally:
             generator.close()
-            self._tokens_generated += emitted
         if scanner.matched is None:
             tail = scanner.flush()
             if tail:

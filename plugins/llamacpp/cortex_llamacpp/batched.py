@@ -1,0 +1,490 @@
+"""Continuous batching: many sequences decoded together in one llama.cpp context.
+
+A ``BatchedDecoder`` owns one llama context with ``n_seq_max = parallel``
+and one thread, the only one that touches the context. Callers of
+``generate`` (any number of threads) put a sequence in the waiting line and
+read its tokens from a small per-sequence buffer; the decode thread runs
+steps:
+
+1. Release the slots of sequences that ended or whose consumer left, and
+   seat waiting sequences in free slots (the slot whose cached tokens share
+   the longest prefix with the prompt, whose KV cells are then kept).
+2. Build one ``llama_batch``: the last sampled token of every decoding
+   sequence, then newcomers' prompt tokens in arrival order, at most
+   ``prompt_chunk`` of them while anyone is decoding (``n_batch`` when
+   nobody is), so a long prompt costs the others a few short stalls
+   instead of one long one.
+3. One ``llama_decode``; then each sequence whose logits were computed
+   samples with its own sampler chain and gets its token.
+
+The KV cache holds ``parallel * n_ctx`` cells, so every sequence can reach
+the full per-sequence ``n_ctx`` whatever the others do, and a step never
+fails for want of cells. By default it is one unified pool
+(``kv_unified``): a step is one compute pass whichever slots are busy.
+Per-sequence streams (``kv_unified=False``) make attention cheaper for long
+contexts, but llama.cpp splits a step into one pass per run of consecutive
+busy slot ids, so a hole (slot 1 idle while 0 and 2 decode) doubles the
+cost of a step. Either way the attention mask keeps each sequence to its
+own cells. A slot keeps
+the tokens it holds after its sequence ends, for prefix reuse; everything
+past the shared prefix is removed (``llama_memory_seq_rm``) before the slot
+is reused, so no stale cell survives.
+
+A lone sequence is decoded the way llama-cpp-python's ``Llama.generate``
+does it (prompt in ``n_batch`` chunks, then one token per step, greedy
+argmax for temperature 0), so its greedy output is the same.
+
+Backpressure: a sequence whose consumer has ``AHEAD`` tokens unread sits
+out of the batch until it reads one, so a slow client never grows a buffer
+and never slows the others.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+import llama_cpp
+import numpy as np
+
+from cortex.errors import HarnessError, InvalidRequest
+from cortex.harness import Sampling, Token
+
+log = logging.getLogger(__name__)
+
+#: Tokens a sequence may have sampled and not yet handed to its consumer.
+AHEAD = 4
+#: The window of recent tokens the repetition penalties look at
+#: (llama-cpp-python's ``last_n_tokens_size``).
+PENALTY_LAST_N = 64
+
+
+@attrs.frozen
+class DecoderStatistics:
+    """A snapshot of a decoder, for metrics and tests.
+
+    Attributes:
+      parallel: the number of slots.
+      active: sequences seated in a slot (prompt processing or decoding).
+      waiting: sequences waiting for a free slot.
+      steps: ``llama_decode`` calls so far.
+      prompt_tokens: prompt tokens evaluated so far.
+      reused_tokens: prompt tokens whose KV cells were reused from the slot.
+      generated_tokens: tokens sampled so far.
+      max_batch: the most tokens one step has held.
+    """
+
+    parallel: int
+    active: int
+    waiting: int
+    steps: int
+    prompt_tokens: int
+    reused_tokens: int
+    generated_tokens: int
+    max_batch: int
+
+
+class _Sequence:
+    """One request's state, shared by its consumer and the decode thread.
+
+    Fields other than ``out``, ``finished``, ``error`` and ``closed`` belong
+    to the decode thread; those four are read and written under the lock.
+    """
+
+    def __init__(self, tokens: list[int], sampler: llama_cpp.llama_sampler_p, wake: Any) -> None:
+        self.tokens = tokens
+        self.n_prompt = len(tokens)
+        self.sampler = sampler
+        self.wake = wake
+        self.slot: _Slot | None = None
+        #: Tokens of ``tokens`` in the slot's KV cells.
+        self.n_past = 0
+        #: The last sampled token, to feed in the next step; None while the
+        #: prompt is being processed.
+        self.next_token: int | None = None
+        self.out: collections.deque[int] = collections.deque()
+        self.finished = False
+        self.error: BaseException | None = None
+        self.closed = False
+
+
+@attrs.define(eq=False)
+class _Slot:
+    seq_id: int
+    #: The tokens whose KV cells this sequence id holds, from position 0.
+    cached: list[int] = attrs.field(factory=list)
+    sequence: _Sequence | None = None
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class BatchedDecoder:
+    """Decodes up to ``parallel`` sequences at once through one context.
+
+    Args:
+      model: the loaded llama model (weights); not owned.
+      params: context parameters to start from (threads, flash attention, ...).
+      parallel: the number of sequences decoded at once.
+      n_ctx: the context of one sequence, a multiple of 256.
+      n_batch: the most prompt tokens evaluated in one step when nobody decodes.
+      prompt_chunk: the most prompt tokens evaluated in one step while others decode.
+      kv_unified: one KV pool for all sequences instead of one stream each.
+      keep_alive: an object the context depends on (the Llama that owns the
+        model), kept referenced until ``close``.
+
+    Raises:
+      HarnessError: llama.cpp cannot create the context.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: llama_cpp.llama_model_p,
+        params: llama_cpp.llama_context_params,
+        parallel: int,
+        n_ctx: int,
+        n_batch: int,
+        prompt_chunk: int,
+        kv_unified: bool = True,
+        keep_alive: object = None,
+    ) -> None:
+        self.parallel = parallel
+        self.n_ctx = n_ctx
+        self._n_batch = n_batch
+        self._prompt_chunk = min(prompt_chunk, n_batch)
+        self._keep_alive = keep_alive
+        capacity = n_batch + parallel
+        params = llama_cpp.llama_context_params.from_buffer_copy(params)
+        params.n_ctx = n_ctx * parallel
+        params.n_seq_max = parallel
+        params.n_batch = capacity
+        params.n_ubatch = min(capacity, max(n_batch, 512))
+        params.kv_unified = kv_unified
+        ctx = llama_cpp.llama_init_from_model(model, params)
+        if not ctx:
+            raise HarnessError(f"llama.cpp could not create a context for {parallel} sequences")
+        self._ctx = ctx
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._n_swa = llama_cpp.llama_model_n_swa(model)
+        self._memory = llama_cpp.llama_get_memory(ctx)
+        self._batch = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self._capacity = capacity
+        self._b_token = np.ctypeslib.as_array(self._batch.token, shape=(capacity,))
+        self._b_pos = np.ctypeslib.as_array(self._batch.pos, shape=(capacity,))
+        self._b_logits = np.ctypeslib.as_array(self._batch.logits, shape=(capacity,))
+        np.ctypeslib.as_array(self._batch.n_seq_id, shape=(capacity,))[:] = 1
+        self._b_seq = [self._batch.seq_id[i] for i in range(capacity)]
+
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._slots = [_Slot(seq_id=i) for i in range(parallel)]
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._active: list[_Sequence] = []
+        self._closing = False
+        self._failure: BaseException | None = None
+        self._steps = 0
+        self._prompt_tokens = 0
+        self._reused_tokens = 0
+        self._generated_tokens = 0
+        self._max_batch = 0
+        self._thread = threading.Thread(target=self._run, name="llama-batched-decode", daemon=True)
+        self._thread.start()
+
+    # -- the consumer side (any thread) ---------------------------------------------------
+
+    def statistics(self) -> DecoderStatistics:
+        with self._lock:
+            return DecoderStatistics(
+                parallel=self.parallel,
+                active=sum(1 for s in self._active if not (s.closed or s.finished)),
+                waiting=len(self._waiting),
+                steps=self._steps,
+                prompt_tokens=self._prompt_tokens,
+                reused_tokens=self._reused_tokens,
+                generated_tokens=self._generated_tokens,
+                max_batch=self._max_batch,
+            )
+
+    def generate(
+        self, tokens: list[int], sampling: Sampling, piece: Callable[[int], bytes]
+    ) -> Iterator[Token]:
+        """Yield the tokens generated after ``tokens``; see ``LoadedModel.generate``.
+
+        The prompt must already be checked (non-empty, ids in the vocabulary,
+        shorter than ``n_ctx``). Ends at end-of-generation or when the
+        sequence's context is full.
+
+        Resource handling: closing the iterator (or dropping it) takes the
+        sequence out of the next step and frees its slot.
+
+        Raises:
+          InvalidRequest: the grammar does not parse.
+          HarnessError: the decoder is closed, or llama.cpp failed.
+        """
+        sampler = self._sampler(sampling)
+        sequence = _Sequence(list(tokens), sampler, threading.Condition(self._lock))
+        with self._lock:
+            if self._closing or self._failure is not None:
+                llama_cpp.llama_sampler_free(sampler)
+                raise HarnessError("the model is unloaded") from self._failure
+            self._waiting.append(sequence)
+            self._work.notify()
+        try:
+            while True:
+                with self._lock:
+                    while not sequence.out and not sequence.finished:
+                        sequence.wake.wait()
+                    if not sequence.out:
+                        if sequence.error is not None:
+                            raise sequence.error
+                        return
+                    token = sequence.out.popleft()
+                    if len(sequence.out) == AHEAD - 1:
+                        # It may have sat out the last steps: let it back in.
+                        self._work.notify()
+                yield Token(id=token, piece=piece(token))
+        finally:
+            with self._lock:
+                sequence.closed = True
+                if sequence.slot is None and sequence in self._waiting:
+                    # Never seated: the decode thread has not touched it.
+                    self._waiting.remove(sequence)
+                    llama_cpp.llama_sampler_free(sampler)
+                else:
+                    self._work.notify()
+
+    def _sampler(self, sampling: Sampling) -> llama_cpp.llama_sampler_p:
+        """A sampler chain for one request, in llama-cpp-python's order."""
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+
+        def add(sampler: llama_cpp.llama_sampler_p) -> None:
+            llama_cpp.llama_sampler_chain_add(chain, sampler)
+
+        if (
+            sampling.repeat_penalty != 1.0
+            or sampling.frequency_penalty != 0.0
+            or sampling.presence_penalty != 0.0
+        ):
+            add(
+                llama_cpp.llama_sampler_init_penalties(
+                    self._n_vocab,
+                    PENALTY_LAST_N,
+                    sampling.repeat_penalty,
+                    sampling.frequency_penalty,
+                    sampling.presence_penalty,
+                )
+            )
+        if sampling.grammar is not None:
+            grammar = llama_cpp.llama_sampler_init_grammar(
+                self._vocab, sampling.grammar.encode("utf-8"), b"root"
+            )
+            if not grammar:
+                # A NULL sampler in a chain would crash the process.
+                llama_cpp.llama_sampler_free(chain)
+                raise InvalidRequest("the grammar does not parse as GBNF", param="grammar")
+            add(grammar)
+        if sampling.temperature == 0.0:
+            add(llama_cpp.llama_sampler_init_greedy())
+        else:
+            seed = llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed
+            add(llama_cpp.llama_sampler_init_top_k(sampling.top_k))
+            add(llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+            add(llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
+            add(llama_cpp.llama_sampler_init_temp(sampling.temperature))
+            add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    def close(self) -> None:
+        """End every sequence, stop the decode thread, free the context. Idempotent."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            self._work.notify()
+        self._thread.join()
+        with self._lock:
+            for sequence in [*self._active, *self._waiting]:
+                self._end(sequence, HarnessError("the model is unloaded"))
+            for sequence in self._waiting:
+                llama_cpp.llama_sampler_free(sequence.sampler)
+            self._waiting.clear()
+            for sequence in self._active:
+                self._release(sequence)
+        llama_cpp.llama_batch_free(self._batch)
+        llama_cpp.llama_free(self._ctx)
+        self._keep_alive = None
+
+    # -- the decode thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while True:
+                        self._reap()
+                        self._seat()
+                        if self._closing:
+                            return
+                        plan = self._plan()
+                        if plan:
+                            break
+                        self._work.wait()
+                self._step(plan)
+        except BaseException as exc:
+            log.exception("the batched decode loop failed")
+            with self._lock:
+                self._failure = exc
+                for sequence in [*self._active, *self._waiting]:
+                    self._end(sequence, HarnessError(f"the decode loop failed: {exc!r}"))
+
+    def _end(self, sequence: _Sequence, error: BaseException | None = None) -> None:
+        """Mark ``sequence`` finished (under the lock) and wake its consumer."""
+        if not sequence.finished:
+            sequence.finished = True
+            sequence.error = error
+            sequence.wake.notify()
+
+    def _release(self, sequence: _Sequence) -> None:
+        """Free the slot and sampler of a seated sequence (under the lock)."""
+        slot = sequence.slot
+        assert slot is not None
+        slot.sequence = None
+        sequence.slot = None
+        self._active.remove(sequence)
+        llama_cpp.llama_sampler_free(sequence.sampler)
+
+    def _reap(self) -> None:
+        for sequence in list(self._active):
+            if sequence.closed or sequence.finished:
+                self._end(sequence)
+                self._release(sequence)
+
+    def _seat(self) -> None:
+        """Seat waiting sequences in free slots, reusing the longest cached prefix."""
+        while self._waiting:
+            free = [slot for slot in self._slots if slot.sequence is None]
+            if not free:
+                return
+            sequence = self._waiting.popleft()
+            # Leave the last prompt token to evaluate: its logits are needed.
+            limit = sequence.n_prompt - 1
+            slot = max(free, key=lambda s: min(_common_prefix(s.cached, sequence.tokens), limit))
+            keep = min(_common_prefix(slot.cached, sequence.tokens), limit)
+            if keep and self._n_swa:
+                # A sliding-window cache may have dropped cells the kept
+                # prefix still needs (llama-server checks the same).
+                pos_min = llama_cpp.llama_memory_seq_pos_min(self._memory, slot.seq_id)
+                if pos_min > max(0, keep - self._n_swa):
+                    keep = 0
+            if keep < len(slot.cached) and not llama_cpp.llama_memory_seq_rm(
+                self._memory, slot.seq_id, keep, -1
+            ):
+                keep = 0  # recurrent state: a partial removal is not possible
+            if keep == 0:
+                llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            del slot.cached[keep:]
+            slot.sequence = sequence
+            sequence.slot = slot
+            sequence.n_past = keep
+            self._reused_tokens += keep
+            self._active.append(sequence)
+
+    def _plan(self) -> list[tuple[_Sequence, int, int]]:
+        """This step's (sequence, first index, count) runs of tokens; empty when idle."""
+        plan = []
+        decoding = False
+        for sequence in self._active:
+            if sequence.next_token is not None:
+                # One sitting out for its consumer still counts: it must not
+                # wait behind a whole prompt once its consumer is back.
+                decoding = True
+                if len(sequence.out) < AHEAD:
+                    plan.append((sequence, sequence.n_past, 1))
+        budget = self._prompt_chunk if decoding else self._n_batch
+        for sequence in self._active:
+            if budget == 0:
+                break
+            if sequence.next_token is None and sequence.n_past < sequence.n_prompt:
+                count = min(budget, sequence.n_prompt - sequence.n_past)
+                plan.append((sequence, sequence.n_past, count))
+                budget -= count
+        # Ascending sequence ids: llama.cpp's per-stream split needs them.
+        plan.sort(key=lambda run: run[0].slot.seq_id)  # type: ignore[union-attr]
+        return plan
+
+    def _step(self, plan: list[tuple[_Sequence, int, int]]) -> None:
+        """Evaluate ``plan`` in one llama_decode and sample; outside the lock."""
+        n = 0
+        samples: list[tuple[_Sequence, int]] = []
+        for sequence, start, count in plan:
+            assert sequence.slot is not None
+            seq_id = sequence.slot.seq_id
+            if sequence.next_token is not None:
+                self._b_token[n] = sequence.next_token
+            else:
+                self._b_token[n : n + count] = sequence.tokens[start : start + count]
+            self._b_pos[n : n + count] = np.arange(start, start + count)
+            self._b_logits[n : n + count] = 0
+            for i in range(n, n + count):
+                self._b_seq[i][0] = seq_id
+            n += count
+            if sequence.next_token is not None or start + count == sequence.n_prompt:
+                self._b_logits[n - 1] = 1
+                samples.append((sequence, n - 1))
+        self._batch.n_tokens = n
+        status = llama_cpp.llama_decode(self._ctx, self._batch)
+
+        with self._lock:
+            self._steps += 1
+            self._max_batch = max(self._max_batch, n)
+            if status != 0:
+                error = HarnessError(f"llama_decode failed with status {status}")
+                for sequence, _, _ in plan:
+                    assert sequence.slot is not None
+                    llama_cpp.llama_memory_seq_rm(self._memory, sequence.slot.seq_id, -1, -1)
+                    sequence.slot.cached.clear()
+                    self._end(sequence, error)
+                return
+            for sequence, start, count in plan:
+                assert sequence.slot is not None
+                if sequence.next_token is not None:
+                    sequence.tokens.append(sequence.next_token)
+                    sequence.slot.cached.append(sequence.next_token)
+                    sequence.next_token = None
+                else:
+                    sequence.slot.cached.extend(sequence.tokens[start : start + count])
+                    self._prompt_tokens += count
+                sequence.n_past += count
+
+        # Sampling reads this step's logits; no one else touches the context.
+        sampled = [
+            (sequence, llama_cpp.llama_sampler_sample(sequence.sampler, self._ctx, index))
+            for sequence, index in samples
+        ]
+
+        with self._lock:
+            for sequence, token in sampled:
+                self._generated_tokens += 1
+                if sequence.closed or sequence.finished:
+                    continue
+                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                    self._end(sequence)
+                    continue
+                sequence.out.append(token)
+                sequence.wake.notify()
+                if len(sequence.tokens) + 1 >= self.n_ctx:
+                    self._end(sequence)  # the context is full
+                else:
+                    sequence.next_token = token

@@ -1,0 +1,289 @@
+"""Continuous batching: the llama.cpp engine's decoder and the neuron's worker.
+
+On tiny F32 models the logits do not depend on what else is in a batch (the
+margins between candidates dwarf the rounding), so a sequence decoded among
+others must give exactly what it gives alone; a sequence that saw another's
+cells, another's logits or a stale cache would not.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from cortex.errors import QueueFull
+from cortex.harness import LoadSpec, Placement, Sampling, plugin_manager
+from cortex.neuron.workers import GenerationRequest, GenerationWorker, Job, collect
+from cortex.testing import FakeEngine, FakeModel
+from tests.neuron_helpers import running_neuron
+
+GREEDY = Sampling(temperature=0.0)
+PROMPTS = [
+    "The quick brown",
+    "Once upon a time",
+    "Hello there",
+    "abc def",
+    "x",
+    "Zebra crossing",
+    "12345",
+    "What is the",
+]
+
+
+@pytest.fixture(scope="module")
+def pm():
+    return plugin_manager()
+
+
+@pytest.fixture
+def load(pm):
+    loaded = []
+
+    def load(path, **options):
+        options.setdefault("n_threads", 1)
+        spec = LoadSpec(model_id="tiny", path=str(path), options=options)
+        model = pm.hook.cortex_harness_load(spec=spec, placement=Placement())
+        loaded.append(model)
+        return model
+
+    yield load
+    for model in loaded:
+        model.unload()
+
+
+def text(model, prompt: str, n: int, sampling: Sampling = GREEDY) -> str:
+    out = []
+    iterator = model.generate(model.tokenize(prompt), sampling)
+    try:
+        for token in iterator:
+            out.append(token.piece)
+            if len(out) == n:
+                break
+    finally:
+        iterator.close()
+    return b"".join(out).decode()
+
+
+def concurrently(model, work: list[tuple[str, int, Sampling]]) -> list[str]:
+    """Run every (prompt, n, sampling) in its own thread at once."""
+    results: list[str | None] = [None] * len(work)
+    barrier = threading.Barrier(len(work))
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = text(model, *work[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(work))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert all(r is not None for r in results)
+    return results  # type: ignore[return-value]
+
+
+def test_same_workload_twice_gives_the_same_texts(load, tiny_model_path):
+    model = load(tiny_model_path, parallel=4)
+    work = [
+        (prompt, 20 + 7 * i, GREEDY if i % 2 else Sampling(temperature=0.9, seed=i))
+        for i, prompt in enumerate(PROMPTS)
+    ]
+    first = concurrently(model, work)
+    assert concurrently(model, work) == first
+    assert len(set(first)) == len(first)
+
+
+def test_eight_prompts_continue_their_own(load, tiny_model_path):
+    # The reference is llama-cpp-python's own single-sequence path.
+    alone = load(tiny_model_path, parallel=1)
+    batched = load(tiny_model_path, parallel=8)
+    expected = [text(alone, prompt, 40) for prompt in PROMPTS]
+    assert len(set(expected)) == len(PROMPTS)  # the continuation depends on the prompt
+    assert concurrently(batched, [(p, 40, GREEDY) for p in PROMPTS]) == expected
+    stats = batched._decoder.statistics()
+    assert stats.max_batch >= 8  # they were decoded together
+    assert stats.active == 0
+
+
+def test_reused_slot_gives_what_a_fresh_model_gives(load, tiny_model_path):
+    fresh = load(tiny_model_path, parallel=2)
+    expected = {prompt: text(fresh, prompt, 30) for prompt in PROMPTS[:3]}
+    seeded = Sampling(temperature=0.8, seed=5)
+    expected_seeded = text(fresh, PROMPTS[3], 30, seeded)
+
+    model = load(tiny_model_path, parallel=2)
+    # Fill both slots with sequences cut short (cancelled) and finished ones.
+    assert concurrently(model, [(PROMPTS[4], 3, GREEDY), (PROMPTS[5], 50, GREEDY)])
+    assert text(model, PROMPTS[6], 7) and text(model, PROMPTS[7], 60)
+    for prompt, want in expected.items():
+        assert text(model, prompt, 30) == want
+    assert text(model, PROMPTS[3], 30, seeded) == expected_seeded
+
+    # A prompt that extends a cached one reuses its cells, with the same result.
+    before = model._decoder.statistics().reused_tokens
+    longer = PROMPTS[0] + " fox"
+    assert text(model, longer, 30) == text(fresh, longer, 30)
+    assert model._decoder.statistics().reused_tokens > before
+
+
+def test_cancelled_sequence_leaves_the_others_intact(load, tiny_model_path):
+    alone = load(tiny_model_path, parallel=1)
+    model = load(tiny_model_path, parallel=4)
+    expected = [text(alone, prompt, 60) for prompt in PROMPTS[:4]]
+    results: dict[int, str] = {}
+    barrier = threading.Barrier(4)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        # The first consumer walks away after 5 tokens, mid-way.
+        results[i] = text(model, PROMPTS[i], 5 if i == 0 else 60)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results[0] == expected[0][: len(results[0])]
+    assert [results[i] for i in (1, 2, 3)] == expected[1:]
+    assert model._decoder.statistics().active == 0
+
+
+def test_long_prompt_is_chunked_between_the_others_steps(load, tiny_model_factory):
+    path = tiny_model_factory(n_ctx=1024)
+    alone = load(path, parallel=1)
+    model = load(path, parallel=4, prompt_chunk=32)
+    long_prompt = " ".join(f"word{i}" for i in range(120))
+    n_long = len(model.tokenize(long_prompt))
+    assert n_long > 8 * 32
+    expected = [text(alone, prompt, 300) for prompt in PROMPTS[:3]]
+    expected_long = text(alone, long_prompt, 20)
+
+    received = [0, 0, 0]
+    results: dict[int, str] = {}
+    decoding = threading.Barrier(4)
+    marks: dict[str, list[int]] = {}
+
+    def other(i: int) -> None:
+        out = []
+        iterator = model.generate(model.tokenize(PROMPTS[i]), GREEDY)
+        for token in iterator:
+            out.append(token.piece)
+            received[i] += 1
+            if len(out) == 5:
+                decoding.wait()
+            if len(out) == 300:
+                break
+        iterator.close()
+        results[i] = b"".join(out).decode()
+
+    def long() -> None:
+        decoding.wait()
+        marks["submitted"] = list(received)
+        out = []
+        iterator = model.generate(model.tokenize(long_prompt), GREEDY)
+        for token in iterator:
+            if not out:
+                marks["first"] = list(received)
+            out.append(token.piece)
+            if len(out) == 20:
+                break
+        iterator.close()
+        results[3] = b"".join(out).decode()
+
+    threads = [threading.Thread(target=other, args=(i,)) for i in range(3)]
+    threads.append(threading.Thread(target=long))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    # The long prompt went through in chunks (in one step it would be all of
+    # it), and the others kept decoding in between...
+    assert model._decoder.statistics().max_batch <= 32 + 4
+    for i in range(3):
+        assert marks["first"][i] - marks["submitted"][i] >= 3
+    # ...and nobody's text was disturbed.
+    assert [results[i] for i in range(3)] == expected
+    assert results[3] == expected_long
+
+
+# -- the neuron ----------------------------------------------------------------------
+
+
+async def test_worker_runs_parallel_jobs_and_queues_the_rest() -> None:
+    model = FakeModel("fake", reply=lambda prompt: "x" * 200, token_delay=0.005)
+    model.parallel = 3
+    worker = GenerationWorker(model, queue_limit=1)
+
+    def job() -> Job:
+        return Job(GenerationRequest(tokens=[1, 2], sampling=GREEDY, max_tokens=200))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            running = [job() for _ in range(3)]
+            for j in running:
+                worker.submit(j)
+            for j in running:
+                await j.started.wait()
+            waiting = job()
+            worker.submit(waiting)
+            stats = worker.statistics()
+            assert (stats.in_flight, stats.queued, stats.parallel) == (3, 1, 3)
+            with pytest.raises(QueueFull):
+                worker.submit(job())
+            running[0].cancel()
+            for j in [*running[1:], waiting]:
+                text, done = await collect(j)
+                assert text == "x" * 200 and done.completion_tokens == 200
+            worker.close(cancel=False)
+    assert worker.statistics().in_flight == 0
+
+
+async def test_neuron_serves_streams_at_once_and_429s_beyond_the_queue(tmp_path: Path) -> None:
+    source = tmp_path / "slow.fake"
+    source.write_text("fake")
+    engine = FakeEngine(reply=lambda prompt: "x" * 10_000, token_delay=0.002, parallel=2)
+    async with running_neuron([("slow", str(source))], plugins=[engine], queue_limit=1) as handle:
+        async with httpx.AsyncClient(base_url=handle.url, timeout=30) as http:
+            body = {"model": "slow", "prompt": "Go", "max_tokens": 5000, "stream": True}
+            queued: list[httpx.Response] = []
+
+            async def wait_in_queue() -> None:
+                short = {**body, "max_tokens": 20, "stream": False}
+                queued.append(await http.post("/v1/completions", json=short))
+
+            with trio.fail_after(30):
+                async with (
+                    http.stream("POST", "/v1/completions", json=body) as first,
+                    http.stream("POST", "/v1/completions", json=body) as second,
+                ):
+                    # Both stream at once: each sends its first chunk. (Keep
+                    # the iterators: a dropped one closes its response.)
+                    streams = [response.aiter_lines() for response in (first, second)]
+                    for lines in streams:
+                        await anext(lines)
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(wait_in_queue)
+                        while (await http.get("/health")).json()["queue_depth"] < 1:  # noqa: ASYNC110
+                            await trio.sleep(0.01)
+                        health = (await http.get("/health")).json()
+                        assert (health["in_flight"], health["queue_depth"]) == (2, 1)
+                        [status] = (await http.get("/models")).json()
+                        assert (status["in_flight"], status["queued"]) == (2, 1)
+                        refused = await http.post("/v1/completions", json=body)
+                        assert refused.status_code == 429
+                        assert refused.headers["retry-after"]
+                        assert refused.json()["error"]["type"] == "rate_limit_error"
+                        metrics = (await http.get("/metrics")).text
+                        assert 'cortex_neuron_requests_rejected_total{model="slow"} 1.0' in metrics
+                        assert 'cortex_neuron_in_flight{model="slow"} 2.0' in metrics
+                        assert 'cortex_neuron_queue_depth{model="slow"} 1.0' in metrics
+                        # A client leaving frees its slot: the queued request is served.
+                        await first.aclose()
+            assert queued[0].status_code == 200
+            assert queued[0].json()["usage"]["completion_tokens"] == 20
