@@ -9,7 +9,9 @@ import pynvml
 import pytest
 import trio
 
+from cortex.harness import LoadedModel, LoadSpec, Placement, hookimpl
 from cortex.neuron import discovery
+from cortex.testing import FakeEngine
 from tests.neuron_helpers import running_neuron
 
 MiB = 1024 * 1024
@@ -146,3 +148,45 @@ async def test_neuron_reports_fake_gpus(monkeypatch: pytest.MonkeyPatch) -> None
                 metrics = (await http.get("/metrics")).text
     assert 'cortex_neuron_device_memory_used_bytes{device="0"}' in metrics
     assert 'cortex_neuron_device_temperature_celsius{device="1"} 55.0' in metrics
+
+
+class RecordingEngine(FakeEngine):
+    """The fake engine, remembering where each load was placed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.placements: list[Placement] = []
+
+    @hookimpl
+    def cortex_harness_load(self, spec: LoadSpec, placement: Placement) -> LoadedModel | None:
+        self.placements.append(placement)
+        return super().cortex_harness_load(spec, placement)
+
+
+async def test_gpu_placement_defaults_to_every_device(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    monkeypatch.setattr(discovery, "pynvml", FakeNvml([dict(card) for card in TWO_GPUS]))
+    model = tmp_path / "m.fake"
+    model.write_text("fake")
+    engine = RecordingEngine()
+    async with running_neuron(plugins=[engine]) as handle:
+        async with httpx.AsyncClient(base_url=handle.url) as http:
+            with trio.fail_after(10):
+                everywhere = await http.post(
+                    "/models/load", json={"model_id": "a", "source": str(model)}
+                )
+                second = await http.post(
+                    "/models/load", json={"model_id": "b", "source": str(model), "devices": [1]}
+                )
+                missing = await http.post(
+                    "/models/load", json={"model_id": "c", "source": str(model), "devices": [5]}
+                )
+    assert everywhere.json()["model"]["devices"] == [0, 1]
+    assert second.json()["model"]["devices"] == [1]
+    assert missing.status_code == 400 and "no such devices" in missing.json()["error"]["message"]
+    # The engine fits the model into 90% of what the devices have free.
+    assert [(p.devices, p.memory_budget_mb) for p in engine.placements] == [
+        ((0, 1), (80535 + 24064) * 9 // 10),
+        ((1,), 24064 * 9 // 10),
+    ]

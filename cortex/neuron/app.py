@@ -140,7 +140,7 @@ async def run_neuron(
                 memory_budget_mb=section.memory_budget_mb or default_memory_budget_mb(),
                 n_ctx_max=section.n_ctx_max,
                 queue_limit=section.queue_limit,
-                has_devices=bool(found.devices),
+                device_free_mb=lambda: {s.index: s.vram_free_mb for s in neuron.samples},
             )
             neuron = Neuron(config=config, pm=pm, nvml=nvml, manager=manager, discovery=found)
             await nursery.start(neuron.sample_devices)
@@ -650,9 +650,10 @@ def create_app(neuron: Neuron) -> QuartTrio:
         assert slot.model is not None and slot.worker is not None
         room = slot.model.n_ctx - len(prompt_tokens)
         if room <= 0:
+            # Anthropic's wording: Claude Code recognises it and compacts.
             raise ContextOverflow(
-                f"the prompt is {len(prompt_tokens)} tokens; model {slot.id!r} has a context of "
-                f"{slot.model.n_ctx}",
+                f"prompt is too long: {len(prompt_tokens)} tokens > {slot.model.n_ctx} maximum "
+                f"(the context of model {slot.id!r})",
                 param="messages",
             )
         # Beyond what the context leaves, max_tokens is clamped (finish_reason

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,8 @@ class ModelManager:
       memory_budget_mb: what models may use on a CPU-only host.
       n_ctx_max: passed to engines as the cap on a model's context.
       queue_limit: per-model queue bound.
+      device_free_mb: free memory per GPU (NVML index -> MiB) from the latest
+        sample; empty on a host without GPUs.
     """
 
     def __init__(
@@ -153,7 +155,7 @@ class ModelManager:
         memory_budget_mb: int,
         n_ctx_max: int,
         queue_limit: int,
-        has_devices: bool = False,
+        device_free_mb: Callable[[], dict[int, int]] = dict,
     ) -> None:
         self._pm = pm
         self._nursery = nursery
@@ -161,7 +163,7 @@ class ModelManager:
         self.memory_budget_mb = memory_budget_mb
         self._n_ctx_max = n_ctx_max
         self._queue_limit = queue_limit
-        self._has_devices = has_devices
+        self._device_free_mb = device_free_mb
         self.slots: dict[str, ModelSlot] = {}
         self._activation_pending: list[str] = []
         self._activation_in_progress: list[str] = []
@@ -223,7 +225,7 @@ class ModelManager:
     async def _load(self, slot: ModelSlot, request: LoadRequest) -> None:
         started = time.perf_counter()
         try:
-            model = await trio.to_thread.run_sync(self._load_blocking, request)
+            model, slot.devices = await trio.to_thread.run_sync(self._load_blocking, request)
         except trio.Cancelled:
             slot.status, slot.error = "failed", "neuron shutting down"
             slot.settled.set()
@@ -249,18 +251,29 @@ class ModelManager:
         for callback in self.on_loaded:
             callback(slot, seconds)
 
-    def _load_blocking(self, request: LoadRequest) -> LoadedModel:
+    def _load_blocking(self, request: LoadRequest) -> tuple[LoadedModel, tuple[int, ...]]:
         path = sources.resolve(request.source, self._model_dirs)
         chat_format = request.chat_format
         if request.source == sources.DEMO and chat_format is None:
             chat_format = sources.DEMO_CHAT_FORMAT
-        if not self._has_devices:
+        free_by_device = self._device_free_mb()
+        if free_by_device:
+            # A GPU host: the devices asked for, or all of them; the engine
+            # fits the context into what they have free, with headroom for
+            # compute buffers.
+            devices = request.devices or tuple(sorted(free_by_device))
+            missing = sorted(set(devices) - set(free_by_device))
+            if missing:
+                raise InvalidRequest(f"no such devices on this host: {missing}", param="devices")
+            budget = sum(free_by_device[d] for d in devices) * 9 // 10
+        else:
+            devices = ()
+            budget = self.memory_budget_mb - self.memory_used_mb()
             need = os.path.getsize(path) // (1024 * 1024)
-            free = self.memory_budget_mb - self.memory_used_mb()
-            if need > free:
+            if need > budget:
                 raise ModelLoadError(
                     f"not enough memory for {request.model_id!r}: needs at least {need} MiB, "
-                    f"{free} MiB of the {self.memory_budget_mb} MiB budget is free"
+                    f"{budget} MiB of the {self.memory_budget_mb} MiB budget is free"
                 )
         options = dict(request.options)
         options.setdefault("n_ctx_max", self._n_ctx_max)
@@ -271,12 +284,7 @@ class ModelManager:
             chat_format=chat_format,
             options=options,
         )
-        placement = Placement(
-            devices=request.devices,
-            memory_budget_mb=None
-            if self._has_devices
-            else self.memory_budget_mb - self.memory_used_mb(),
-        )
+        placement = Placement(devices=devices, memory_budget_mb=budget)
         try:
             model = self._pm.hook.cortex_harness_load(spec=spec, placement=placement)
         except CortexError as exc:
@@ -289,7 +297,7 @@ class ModelManager:
         if model is None:
             wanted = f"engine {request.harness!r}" if request.harness else "engine"
             raise NoHarness(f"no installed {wanted} can load {Path(path).name!r}")
-        return model
+        return model, devices
 
     async def _run_worker(self, slot: ModelSlot, *, task_status: trio.TaskStatus[None]) -> None:
         assert slot.worker is not None
