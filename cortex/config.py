@@ -145,8 +145,14 @@ class RoutingSection:
     scale_out_after: float = 5.0
     #: Seconds an added replica may stay idle before it is unloaded.
     scale_in_idle: float = 300.0
-    #: Seconds after its load during which a model is not evicted (thrash guard).
-    min_residency: float = 30.0
+    #: How long a request waits before evicting models it will likely bring
+    #: back, as a share of the reload seconds the eviction is predicted to
+    #: cost later: 0 evicts at once (lowest latency), 1 waits the whole
+    #: penalty (fewest cold loads); requests for the model wait together.
+    patience: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
+    #: Seconds a model that thrashed (reloaded within thrash_window of its
+    #: eviction) counts three times its reload when evicting it is weighed.
+    min_residency: float = 60.0
     #: An eviction followed by a reload within this many seconds counts as thrash.
     thrash_window: float = 600.0
 

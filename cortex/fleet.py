@@ -104,6 +104,8 @@ class ModelStatus:
     queued: int = 0
     n_ctx: int | None = None
     error: str | None = None
+    #: Requests the model generates at once (the engine's ``parallel``).
+    parallel: int = 1
 
 
 def make_converter(*, strict: bool = False) -> cattrs.Converter:

@@ -29,6 +29,7 @@ from cortex.config import (
     GatewaySection,
     ModelsFile,
     NeuronEndpoint,
+    RoutingSection,
 )
 from cortex.errors import CortexError
 from cortex.fleet import make_converter
@@ -524,9 +525,13 @@ async def running_fleet(
     models: ModelsFile,
     *,
     strategy: str = "lru",
+    routing: dict[str, Any] | None = None,
     **section: Any,
 ) -> AsyncIterator[Fleet]:
-    """Fakes on port 0 and a gateway in front of them; everything stops on exit."""
+    """Fakes on port 0 and a gateway in front of them; everything stops on exit.
+
+    ``routing``: cortex.toml's [routing] keys; ``section``: [gateway] keys.
+    """
     settings: dict[str, Any] = {
         "listen": "127.0.0.1:0",
         "metrics_listen": "127.0.0.1:0",
@@ -545,6 +550,7 @@ async def running_fleet(
         config = GatewayConfig(
             gateway=GatewaySection(**settings),
             eviction=EvictionSection(strategy=strategy),  # type: ignore[arg-type]
+            routing=RoutingSection(**(routing or {})),
             neurons=[NeuronEndpoint(f.name, f.url, f.token) for f in fakes],
         )
         shutdown = trio.Event()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 
 import trio
 import trio.testing
@@ -137,6 +138,25 @@ async def test_client_going_away_closes_the_neuron_stream() -> None:
             neuron = fleet.state.neurons["a"]
             while neuron.in_flight.get("org/small"):
                 await fleet.state.wait_changed()
+
+
+async def test_client_going_away_before_the_answer_closes_the_neuron_request() -> None:
+    a = FakeNeuron("a", preload=["org/small"], hold=trio.Event())
+    with trio.fail_after(10):
+        async with running_fleet([a], MODELS) as fleet:
+            body = {"model": "org/small", "messages": [{"role": "user", "content": "hi"}]}
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(fleet.client.post, "/v1/chat/completions", json=body))
+                await a.request_arrived.wait()
+                nursery.cancel_scope.cancel()
+            while a.in_flight.get("org/small"):
+                await a._changed.wait()
+            neuron = fleet.state.neurons["a"]
+            while neuron.in_flight.get("org/small"):
+                await fleet.state.wait_changed()
+            metrics = await fleet.client.get(fleet.handle.metrics_url + "/metrics")
+            assert 'cortex_request_errors_total{endpoint="chat/completions"' in metrics.text
+            assert 'status="499"' in metrics.text
 
 
 async def test_completions_and_responses_pass_through() -> None:

@@ -96,11 +96,13 @@ def test_sigterm_drains_and_exits_zero(tiny_model_path: Path) -> None:
         text=True,
     )
     try:
-        url = None
+        url, loaded = None, False
+        # The server start and the model's activation run side by side: wait for both.
         for line in process.stderr:
             if "listening on" in line:
                 url = line.rsplit(" ", 1)[-1].strip()
-            if "loaded tiny" in line:
+            loaded = loaded or "loaded tiny" in line
+            if url and loaded:
                 break
         assert url
         reply = httpx.post(

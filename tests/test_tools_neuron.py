@@ -1,8 +1,7 @@
 """Tool calls end to end: the openai SDK against a neuron with a scripted engine.
 
 The engine (``tests/plugins/cortex_scripted.py``) is installed the way any
-third-party engine is: a dist-info with a ``cortex.harness`` entry point,
-put on ``sys.path`` for these tests only, so other tests' neurons never see it.
+third-party engine is (see ``tests/scripted_helpers.py``), for these tests only.
 """
 
 from __future__ import annotations
@@ -19,8 +18,7 @@ import trio
 from cortex.neuron.app import NeuronHandle
 from cortex.neuron.models import LoadRequest
 from tests.neuron_helpers import running_neuron
-
-PLUGINS = pathlib.Path(__file__).parent / "plugins"
+from tests.scripted_helpers import engine_model, install_scripted_engine, write_script
 
 WEATHER_TOOL = {
     "type": "function",
@@ -85,24 +83,8 @@ LLAMA3_SCRIPT = {
 
 
 @pytest.fixture
-def scripted_entry_point(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Install the scripted engine through a ``cortex.harness`` entry point."""
-    dist = tmp_path / "site" / "cortex_scripted-1.0.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cortex-scripted\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[cortex.harness]\nscripted = cortex_scripted\n")
-    monkeypatch.syspath_prepend(str(PLUGINS))
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-
-
-def write_script(directory: pathlib.Path, name: str, script: dict[str, Any]) -> str:
-    path = directory / f"{name}.script.json"
-    path.write_text(json.dumps(script))
-    return str(path)
-
-
-@pytest.fixture
-async def neuron(scripted_entry_point: None, tmp_path: pathlib.Path):
+async def neuron(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch):
+    install_scripted_engine(tmp_path, monkeypatch)
     async with running_neuron(
         [("scripted", write_script(tmp_path, "hermes", SCRIPT))], options={}
     ) as handle:
@@ -126,10 +108,6 @@ async def client(neuron: NeuronHandle):
         base_url=neuron.url + "/v1", api_key="unused", max_retries=0
     ) as client:
         yield client
-
-
-def engine_model(neuron: NeuronHandle, model_id: str = "scripted") -> Any:
-    return neuron.neuron.manager.slots[model_id].model
 
 
 def ask(text: str) -> list[dict[str, Any]]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 from functools import partial
 from typing import Any
 
@@ -38,10 +37,12 @@ from cortex.errors import (
     Unauthorized,
 )
 from cortex.fleet import make_converter
+from cortex.gateway.envelope import error_parts, id_headers
 from cortex.gateway.fleetview import fleet_view
 from cortex.gateway.metrics import UNKNOWN, GatewayMetrics
+from cortex.gateway.passthrough import OPENAI_ENDPOINTS, Passthrough, new_request_id
 from cortex.gateway.poller import poll_neuron
-from cortex.gateway.proxy import CLIENT_CLOSED, Exchange, Proxy, close_quietly, usage_from_body
+from cortex.gateway.proxy import CLIENT_CLOSED, Exchange, Proxy, close_quietly
 from cortex.gateway.router import Router
 from cortex.gateway.state import LOADED, LOADING, FleetState, feasible
 from cortex.gateway.upstream import NeuronAPI
@@ -58,12 +59,6 @@ DEFAULT_NEURON = NeuronEndpoint(name="local", endpoint="http://127.0.0.1:13131")
 COUNT_GRACE = 1.0
 #: Seconds a small neuron call (health, models, tokenize) may take.
 CALL_TIMEOUT = 10.0
-
-OPENAI_ENDPOINTS = {
-    "/v1/chat/completions": "chat/completions",
-    "/v1/completions": "completions",
-    "/v1/responses": "responses",
-}
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
@@ -129,11 +124,16 @@ class Gateway:
             await self.state.wait_polled()
 
     def authenticate(self) -> None:
+        """``check_key`` on the current Quart request."""
+        self.check_key(request.headers.get("x-api-key"), request.headers.get("authorization"))
+
+    def check_key(self, x_api_key: str | None, authorization: str | None) -> None:
+        """Accept the request's key, or raise ``Unauthorized`` (no keys set: all pass)."""
         if not self.api_keys:
             return
-        key = request.headers.get("x-api-key")
+        key = x_api_key
         if key is None:
-            scheme, _, value = request.headers.get("authorization", "").partition(" ")
+            scheme, _, value = (authorization or "").partition(" ")
             key = value.strip() if scheme.lower() == "bearer" else None
         if not key or key not in self.api_keys:
             raise Unauthorized(
@@ -156,13 +156,22 @@ class Gateway:
             data = await request.get_data(cache=False)
         except RequestEntityTooLarge:
             raise PayloadTooLarge(f"request body over the {limit}-byte limit")
+        return self.parse_json(data), data
+
+    @staticmethod
+    def parse_json(data: bytes) -> dict[str, Any]:
+        """``data`` as a JSON object.
+
+        Raises:
+          InvalidRequest: not JSON, or not an object.
+        """
         try:
             body = json.loads(data)
         except ValueError as exc:
             raise InvalidRequest(f"request body is not valid JSON: {exc}")
         if not isinstance(body, dict):
             raise InvalidRequest("request body must be a JSON object")
-        return body, data
+        return body
 
     def apply_defaults(self, model_id: str, body: dict[str, Any]) -> bool:
         """Fill the catalogue's default sampling into ``body``; True if it changed."""
@@ -181,7 +190,7 @@ class Gateway:
 
 
 def _request_id() -> str:
-    return request.headers.get("x-request-id") or f"req_{secrets.token_hex(12)}"
+    return request.headers.get("x-request-id") or new_request_id()
 
 
 def _is_anthropic(path: str) -> bool:
@@ -190,22 +199,18 @@ def _is_anthropic(path: str) -> bool:
 
 def error_response(exc: CortexError, *, anthropic_dialect: bool, request_id: str) -> Response:
     """``exc`` in the caller's dialect, with Retry-After where it applies."""
-    if anthropic_dialect:
-        body, status = anthropic.error_body(exc), anthropic.status_for(exc)
-    else:
-        body, status = openai.error_body(exc), exc.status
-    response = Response(json.dumps(body), status=status, content_type="application/json")
-    retry_after = getattr(exc, "retry_after", None)
-    if retry_after is not None:
-        response.headers["retry-after"] = str(retry_after)
-    _id_headers(response, request_id, anthropic_dialect)
+    status, body, headers = error_parts(
+        exc, anthropic_dialect=anthropic_dialect, request_id=request_id
+    )
+    response = Response(body, status=status, content_type="application/json")
+    for name, value in headers:
+        response.headers[name] = value
     return response
 
 
 def _id_headers(response: Response, request_id: str, anthropic_dialect: bool) -> None:
-    response.headers["x-request-id"] = request_id
-    if anthropic_dialect:
-        response.headers["request-id"] = request_id
+    for name, value in id_headers(request_id, anthropic_dialect):
+        response.headers[name] = value
 
 
 def _http_error(status: int, message: str) -> CortexError:
@@ -232,8 +237,16 @@ def _stream_response(body: Any, content_type: str, request_id: str, anth: bool) 
     return response
 
 
-def create_app(gateway: Gateway) -> QuartTrio:
-    """The gateway's ASGI app (hypercorn on trio serves it)."""
+def create_app(gateway: Gateway) -> Passthrough:
+    """The gateway's ASGI app (hypercorn on trio serves it).
+
+    The OpenAI passthrough POSTs are answered by :class:`Passthrough`, the
+    hot path, without Quart; every other request goes to the Quart app.
+    """
+    return Passthrough(gateway, _quart_app(gateway))
+
+
+def _quart_app(gateway: Gateway) -> QuartTrio:
     app = QuartTrio("cortex.gateway")
     app.config["MAX_CONTENT_LENGTH"] = gateway.config.gateway.max_body_bytes
     state, router, proxy = gateway.state, gateway.router, gateway.proxy
@@ -248,47 +261,16 @@ def create_app(gateway: Gateway) -> QuartTrio:
 
     # -- OpenAI: proxied as sent ----------------------------------------------------
 
-    async def openai_endpoint() -> Response:
-        path = request.path
-        ex = Exchange(
-            endpoint=OPENAI_ENDPOINTS[path],
-            request_id=_request_id(),
-            started=trio.current_time(),
-        )
-        try:
-            gateway.authenticate()
-            body, content = await gateway.read_body()
-            await gateway.ready()
-            name = body.get("model")
-            if not isinstance(name, str) or not name:
-                raise InvalidRequest("model must be a non-empty string", param="model")
-            ex.model = router.resolve(name)
-            # Forward the body as it came unless the gateway changes it.
-            if gateway.apply_defaults(ex.model, body) or ex.model != name:
-                body["model"] = ex.model
-                content = json.dumps(body).encode()
-            ex.stream = body.get("stream") is True
-            await proxy.dispatch(ex, path, content)
-        except CortexError as exc:
-            gateway.count_error(ex, exc.status)
-            return error_response(exc, anthropic_dialect=False, request_id=ex.request_id)
-        except BaseException:
-            if ex.response is not None:
-                await close_quietly(ex.response)
-            gateway.count_error(ex, CLIENT_CLOSED)
-            raise
-        assert ex.response is not None
-        content_type = ex.response.headers.get("content-type", "application/json")
-        if ex.stream:
-            return _stream_response(proxy.relay(ex), content_type, ex.request_id, False)
-        await ex.response.aclose()
-        proxy.finish(ex, status=ex.response.status_code, usage=usage_from_body(ex.first))
-        response = Response(ex.first, status=ex.response.status_code, content_type=content_type)
-        _id_headers(response, ex.request_id, False)
-        return response
+    async def served_by_passthrough() -> Response:
+        """Never runs: ``Passthrough`` answers these POSTs before Quart.
+
+        The rules are registered so that Quart answers the other methods on
+        these paths (405, OPTIONS) as it does everywhere else.
+        """
+        raise RuntimeError(f"{request.path} is served by Passthrough, not Quart")
 
     for path in OPENAI_ENDPOINTS:
-        app.add_url_rule(path, path, openai_endpoint, methods=["POST"])
+        app.add_url_rule(path, path, served_by_passthrough, methods=["POST"])
 
     # -- Anthropic: translated --------------------------------------------------------
 
@@ -353,17 +335,23 @@ def create_app(gateway: Gateway) -> QuartTrio:
         return response
 
     async def count_input(model_id: str, chat: dict[str, Any], request_id: str) -> int:
-        """The prompt's tokens by the neuron's tokenizer; 0 when it cannot say."""
+        """The prompt's tokens by the neuron's tokenizer; 0 when it cannot say.
+
+        Asked of a neuron that has the model loaded (during a cold load,
+        once it is), without ``router.acquire``: that would take a request
+        slot from the very generation this counts for.
+        """
         body = {"model": model_id, "messages": chat["messages"]}
         if chat.get("tools"):
             body["tools"] = chat["tools"]
         try:
             with trio.fail_after(gateway.config.gateway.load_timeout):
-                neuron = await router.acquire(model_id, exclude=set())
-            try:
-                return await gateway.api.tokenize(neuron, body, request_id)
-            finally:
-                router.release(neuron, model_id)
+                while True:
+                    loaded = [n for n in state.routable() if n.status_of(model_id) == LOADED]
+                    if loaded:
+                        break
+                    await state.wait_changed()
+            return await gateway.api.tokenize(loaded[0], body, request_id)
         except (CortexError, trio.TooSlowError) as exc:
             log.debug("request %s: no input token count: %s", request_id, exc)
             return 0
@@ -550,6 +538,11 @@ def model_entries(gateway: Gateway) -> list[dict[str, Any]]:
     for alias, target in state.catalogue.aliases.items():
         fields = described.get(target) or describe(target)
         entries.append(openai.model_entry(alias, alias_of=target, **fields))
+    for tier, members in state.catalogue.tiers.items():
+        # A tier shows the member a request would be routed to now.
+        target = gateway.router.resolve(tier)
+        fields = described.get(target) or describe(target)
+        entries.append(openai.model_entry(tier, alias_of=target, tier=members, **fields))
     return entries
 
 

@@ -4,16 +4,26 @@ Pure planning over ``FleetState``; the router carries the plan out (its
 load task unloads the victims, then loads). A model is a candidate only when
 it is loaded, not pinned on that neuron, has nothing in flight or queued
 (this gateway's count and the neuron's), and is not already being evicted.
+The routing policy may spare more (the thrash guard) and order the
+candidates its own way (``key``); the default order is the ``strategy``'s.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import attrs
 
 from cortex.config import CatalogModel
-from cortex.gateway.state import LOADED, FleetState, NeuronState, model_memory, place
+from cortex.gateway.state import (
+    LOADED,
+    FleetState,
+    NeuronState,
+    capacity,
+    model_memory,
+    place,
+)
 
 Strategy = Literal["lru", "priority"]
 
@@ -26,7 +36,20 @@ class Plan:
     evictions: list[str]
 
 
-def candidates(state: FleetState, neuron: NeuronState, strategy: Strategy) -> list[str]:
+#: Sort key of eviction candidates (model id -> key), first victim first.
+VictimKey = Callable[[str], Any]
+#: True for a model the policy does not let go now.
+Spare = Callable[[str], bool]
+
+
+def candidates(
+    state: FleetState,
+    neuron: NeuronState,
+    strategy: Strategy,
+    *,
+    key: VictimKey | None = None,
+    spare: Spare | None = None,
+) -> list[str]:
     """Models on ``neuron`` that may be evicted, first victim first."""
     pending = {model_id for (name, model_id) in state.pending if name == neuron.name}
     found = []
@@ -38,6 +61,7 @@ def candidates(state: FleetState, neuron: NeuronState, strategy: Strategy) -> li
             or model_id in pending
             or neuron.busy(model_id)
             or (entry is not None and neuron.name in entry.pinned_on)
+            or (spare is not None and spare(model_id))
         ):
             continue
         found.append(model_id)
@@ -47,11 +71,17 @@ def candidates(state: FleetState, neuron: NeuronState, strategy: Strategy) -> li
         priority = entry.priority if entry is not None and strategy == "priority" else 0
         return priority, neuron.recency(model_id)
 
-    return sorted(found, key=order)
+    return sorted(found, key=key or order)
 
 
 def plan(
-    state: FleetState, neuron: NeuronState, model: CatalogModel, strategy: Strategy
+    state: FleetState,
+    neuron: NeuronState,
+    model: CatalogModel,
+    strategy: Strategy,
+    *,
+    key: VictimKey | None = None,
+    spare: Spare | None = None,
 ) -> Plan | None:
     """How to fit ``model`` on ``neuron``, evicting as little as the order allows.
 
@@ -66,7 +96,7 @@ def plan(
         return Plan(devices=devices, evictions=[])
     gpu = neuron.is_gpu
     victims: list[str] = []
-    for model_id in candidates(state, neuron, strategy):
+    for model_id in candidates(state, neuron, strategy, key=key, spare=spare):
         victims.append(model_id)
         _add(free, model_memory(neuron.models[model_id], gpu))
         devices = place(model, free)
@@ -85,6 +115,24 @@ def plan(
     devices = place(model, free)
     assert devices is not None
     return Plan(devices=devices, evictions=victims)
+
+
+def fits_later(state: FleetState, neuron: NeuronState, model: CatalogModel) -> bool:
+    """Whether ``model`` would fit on ``neuron`` once every unpinned model there is gone.
+
+    True means waiting can help: what blocks the load now (requests in
+    flight, loads under way, the thrash guard) ends by itself.
+    """
+    total = capacity(neuron)
+    if total is None:
+        return False
+    free = dict(total)
+    gpu = neuron.is_gpu
+    for model_id, status in neuron.models.items():
+        entry = state.catalogue.models.get(model_id)
+        if entry is not None and neuron.name in entry.pinned_on:
+            _add(free, model_memory(status, gpu), sign=-1)
+    return place(model, free) is not None
 
 
 def _add(free: dict[int, int], memory: dict[int, int], sign: int = 1) -> None:

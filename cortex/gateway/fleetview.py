@@ -96,4 +96,5 @@ def fleet_view(state: FleetState) -> dict[str, Any]:
         "neurons": [_neuron(n) for n in state.neurons.values()],
         "models": models,
         "aliases": dict(state.catalogue.aliases),
+        "tiers": {tier: list(members) for tier, members in state.catalogue.tiers.items()},
     }

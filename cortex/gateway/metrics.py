@@ -35,6 +35,12 @@ class GatewayMetrics:
     in_flight: Gauge
     neuron_up: Gauge
     queue_depth: Gauge
+    route_decisions: Counter
+    predicted_ttft: Histogram
+    observed_ttft: Histogram
+    queue_wait: Histogram
+    gateway_queue: Gauge
+    thrash: Counter
 
     @classmethod
     def create(cls) -> GatewayMetrics:
@@ -113,6 +119,47 @@ class GatewayMetrics:
                 "cortex_neuron_queue_depth",
                 "Requests waiting on the neuron, from its last health report.",
                 ["neuron"],
+                **kw,
+            ),
+            route_decisions=Counter(
+                "cortex_route_decisions",
+                "Routing decisions by kind: loaded, loading, cold, evict, scale_out, "
+                "scale_in, queued (waited for room), rejected.",
+                ["kind"],
+                **kw,
+            ),
+            predicted_ttft=Histogram(
+                "cortex_predicted_time_to_first_token_seconds",
+                "Time to first token the router predicted for the route it took.",
+                ["kind"],
+                buckets=_LATENCY_BUCKETS,
+                **kw,
+            ),
+            observed_ttft=Histogram(
+                "cortex_observed_time_to_first_token_seconds",
+                "Time to first token of the same routes, where the caller reported it "
+                "(compare with the predicted histogram).",
+                ["kind"],
+                buckets=_LATENCY_BUCKETS,
+                **kw,
+            ),
+            queue_wait=Histogram(
+                "cortex_queue_wait_seconds",
+                "Time requests waited in the gateway's per-model queue.",
+                ["model"],
+                buckets=_LATENCY_BUCKETS,
+                **kw,
+            ),
+            gateway_queue=Gauge(
+                "cortex_gateway_queue_depth",
+                "Requests waiting in the gateway's queue, by model.",
+                ["model"],
+                **kw,
+            ),
+            thrash=Counter(
+                "cortex_thrash",
+                "Cold loads of a model evicted less than [routing] thrash_window seconds before.",
+                ["model"],
                 **kw,
             ),
         )

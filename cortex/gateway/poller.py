@@ -10,7 +10,6 @@ does not answer is marked down; the next good poll brings it back and clears
 from __future__ import annotations
 
 import logging
-import time
 
 import trio
 
@@ -18,12 +17,12 @@ from cortex.config import GatewaySection
 from cortex.errors import CortexError
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.gateway.state import FleetState, NeuronState
-from cortex.gateway.upstream import NeuronAPI
+from cortex.gateway.upstream import NeuronLink
 
 log = logging.getLogger(__name__)
 
 
-async def refresh(api: NeuronAPI, state: FleetState, neuron: NeuronState) -> None:
+async def refresh(api: NeuronLink, state: FleetState, neuron: NeuronState) -> None:
     """Fetch health and models of ``neuron`` now and record them.
 
     Raises:
@@ -42,6 +41,11 @@ async def refresh(api: NeuronAPI, state: FleetState, neuron: NeuronState) -> Non
     if neuron.epoch == epoch:
         neuron.health = health
         neuron.models = {m.id: m for m in models}
+        neuron.foreign = {
+            m.id: m.in_flight + m.queued - neuron.in_flight.get(m.id, 0)
+            for m in models
+            if m.in_flight + m.queued > neuron.in_flight.get(m.id, 0)
+        }
     # Our own counts stay only for models the neuron still has.
     for model_id in list(neuron.last_used):
         if model_id not in neuron.models and not neuron.in_flight.get(model_id):
@@ -49,7 +53,7 @@ async def refresh(api: NeuronAPI, state: FleetState, neuron: NeuronState) -> Non
     if not neuron.up:
         log.info("neuron %s is up (%s)", neuron.name, neuron.endpoint)
     neuron.up, neuron.suspect, neuron.last_error = True, False, None
-    neuron.last_seen = time.time()
+    neuron.last_seen = state.clock()
     state.changed()
 
 
@@ -62,7 +66,7 @@ def mark_down(state: FleetState, neuron: NeuronState, reason: str) -> None:
 
 
 async def poll_neuron(
-    api: NeuronAPI,
+    api: NeuronLink,
     state: FleetState,
     neuron: NeuronState,
     section: GatewaySection,

@@ -134,9 +134,13 @@ class Proxy:
     section: GatewaySection
     metrics: GatewayMetrics
 
-    def _timeout(self) -> httpx.Timeout:
-        # Reads are bounded by the first-byte and idle deadlines below.
-        return httpx.Timeout(connect=self.section.connect_timeout, read=None, write=None, pool=None)
+    #: Reads are bounded by the first-byte and idle deadlines below, not by httpx.
+    timeout: httpx.Timeout = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.timeout = httpx.Timeout(
+            connect=self.section.connect_timeout, read=None, write=None, pool=None
+        )
 
     # -- before the first byte ------------------------------------------------
 
@@ -194,7 +198,7 @@ class Proxy:
             neuron.base_url + path,
             content=content,
             headers=headers,
-            timeout=self._timeout(),
+            timeout=self.timeout,
         )
         assert ex.model is not None
         try:

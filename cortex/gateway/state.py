@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import attrs
 import trio
@@ -46,6 +46,10 @@ class PendingLoad:
     evictions: list[str]
     #: True when the neuron was already loading it (we only wait, no cold start).
     joined: bool = False
+    #: trio time the load was started.
+    started: float | None = None
+    #: A further replica of a model already loaded elsewhere (scale-out).
+    replica: bool = False
     done: trio.Event = attrs.field(factory=trio.Event)
     error: Exception | None = None
     waiters: int = 0
@@ -68,6 +72,9 @@ class NeuronState:
     models: dict[str, ModelStatus] = attrs.field(factory=dict)
     #: Requests this gateway has in flight, per model (the neuron's figure lags a poll).
     in_flight: dict[str, int] = attrs.field(factory=dict)
+    #: Requests on each model that are not this gateway's (other gateways',
+    #: direct clients'), as of the last poll: the neuron's count less ours.
+    foreign: dict[str, int] = attrs.field(factory=dict)
     #: Wall-clock time this gateway last sent each model a request.
     last_used: dict[str, float] = attrs.field(factory=dict)
     #: Models chosen for eviction whose unload has not finished.
@@ -104,27 +111,25 @@ class NeuronState:
         return None
 
     def busy(self, model_id: str) -> int:
-        """Requests on the model here: ours, or the neuron's when it knows more."""
-        status = self.models.get(model_id)
-        theirs = status.in_flight + status.queued if status is not None else 0
-        return max(self.in_flight.get(model_id, 0), theirs)
+        """Requests on the model here: ours now, and others' as of the last poll."""
+        return self.in_flight.get(model_id, 0) + self.foreign.get(model_id, 0)
 
     def recency(self, model_id: str) -> float:
         status = self.models.get(model_id)
         theirs = (status.last_used or status.loaded_at or 0.0) if status is not None else 0.0
         return max(self.last_used.get(model_id, 0.0), theirs)
 
-    def begin_request(self, model_id: str) -> None:
+    def begin_request(self, model_id: str, now: float | None = None) -> None:
         self.in_flight[model_id] = self.in_flight.get(model_id, 0) + 1
-        self.last_used[model_id] = time.time()
+        self.last_used[model_id] = time.time() if now is None else now
 
-    def end_request(self, model_id: str) -> None:
+    def end_request(self, model_id: str, now: float | None = None) -> None:
         left = self.in_flight.get(model_id, 0) - 1
         if left > 0:
             self.in_flight[model_id] = left
         else:
             self.in_flight.pop(model_id, None)
-        self.last_used[model_id] = time.time()
+        self.last_used[model_id] = time.time() if now is None else now
 
     def mark_suspect(self, reason: str) -> None:
         self.suspect = True
@@ -134,17 +139,21 @@ class NeuronState:
 
 @attrs.frozen
 class Catalogue:
-    """models.toml, indexed."""
+    """models.toml, indexed: aliases naming one model, tiers naming several."""
 
     models: dict[str, CatalogModel]
     aliases: dict[str, str]
+    #: Alias -> its members in order of preference (the router picks one).
+    tiers: dict[str, list[str]] = attrs.field(factory=dict)
 
     @classmethod
     def from_file(cls, models: ModelsFile) -> Catalogue:
-        return cls(models={m.id: m for m in models.models}, aliases=dict(models.aliases))
+        aliases = {k: v for k, v in models.aliases.items() if isinstance(v, str)}
+        tiers = {k: list(v) for k, v in models.aliases.items() if not isinstance(v, str)}
+        return cls(models={m.id: m for m in models.models}, aliases=aliases, tiers=tiers)
 
     def resolve(self, name: str) -> str:
-        """The concrete id for ``name`` (an alias or an id)."""
+        """The concrete id for ``name`` (an alias or an id; a tier stays as it is)."""
         return self.aliases.get(name, name)
 
 
@@ -219,14 +228,22 @@ class FleetState:
     #: (neuron, model id) -> the load in progress there.
     pending: dict[tuple[str, str], PendingLoad] = attrs.field(factory=dict)
     started_at: float = attrs.field(factory=time.time)
+    #: Wall-clock seconds, the clock of ``last_used`` (the simulation's is virtual).
+    clock: Callable[[], float] = time.time
     _changed: trio.Event = attrs.field(factory=trio.Event)
 
     @classmethod
-    def build(cls, endpoints: Iterable[NeuronEndpoint], models: ModelsFile) -> FleetState:
+    def build(
+        cls,
+        endpoints: Iterable[NeuronEndpoint],
+        models: ModelsFile,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> FleetState:
         neurons = {
             e.name: NeuronState(name=e.name, endpoint=e.endpoint, token=e.token) for e in endpoints
         }
-        return cls(catalogue=Catalogue.from_file(models), neurons=neurons)
+        return cls(catalogue=Catalogue.from_file(models), neurons=neurons, clock=clock)
 
     def changed(self) -> None:
         """Wake everyone in ``wait_changed``."""
@@ -253,9 +270,12 @@ class FleetState:
     def free_memory(self, neuron: NeuronState) -> dict[int, int] | None:
         """Free memory per device (or HOST) as planning should see it.
 
-        The last health sample, plus what models chosen for eviction will
-        give back, minus what this gateway's pending loads will take (neither
-        shows in health until the next sample after it happens).
+        The last health sample, minus what this gateway's pending loads will
+        take of it (neither shows in health until the next sample after it
+        happens). A load that evicts first takes the room its victims give
+        back, so it claims only what they do not cover: their memory is not
+        free for anyone else, since another load could start before they
+        are gone.
         """
         if neuron.discovery is None or neuron.health is None:
             return None
@@ -266,15 +286,16 @@ class FleetState:
                 free.setdefault(device.index, device.vram_total_mb)
         else:
             free = {HOST: neuron.health.memory.free_mb}
-        for model_id in neuron.evicting:
-            status = neuron.models.get(model_id)
-            if status is not None:
-                for index, mb in model_memory(status, gpu).items():
-                    if index in free:
-                        free[index] += mb
         for (name, _), load in self.pending.items():
-            if name == neuron.name and not load.joined:
-                for index, mb in load.reserve_mb.items():
-                    if index in free:
-                        free[index] -= mb
+            if name != neuron.name or load.joined:
+                continue
+            freeing: dict[int, int] = {}
+            for victim in load.evictions:
+                status = neuron.models.get(victim)
+                if status is not None:
+                    for index, mb in model_memory(status, gpu).items():
+                        freeing[index] = freeing.get(index, 0) + mb
+            for index, mb in load.reserve_mb.items():
+                if index in free:
+                    free[index] -= max(0, mb - freeing.get(index, 0))
         return free

@@ -4,13 +4,18 @@ Inference requests are proxied by ``cortex.gateway.proxy``; everything else
 (discovery, health, models, load, unload, tokenize) goes through
 :class:`NeuronAPI`, which turns a neuron's error answers back into the
 ``CortexError`` they stand for, so either dialect can render them.
+
+:class:`NeuronLink` is the narrow part of it the router and the pollers use
+to observe and act on neurons. ``NeuronAPI`` is the one over HTTP;
+``cortex.sim`` has one in process (fake neurons in virtual time), so the
+simulation runs the gateway's own router, evictor and queue.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import cattrs
@@ -81,6 +86,32 @@ def transport_error(neuron: NeuronState, exc: Exception) -> CortexError:
     if isinstance(exc, httpx.TimeoutException):
         return UpstreamTimeout(f"neuron {neuron.name} did not answer in time")
     return UpstreamError(f"neuron {neuron.name} unreachable: {type(exc).__name__}: {exc}")
+
+
+class NeuronLink(Protocol):
+    """What routing does to a neuron: observe it, load and unload models.
+
+    Requests themselves are sent by whoever holds the route that
+    ``Router.acquire`` gives out (the proxy over HTTP; the simulation's
+    clients in process) and end with ``Router.release``.
+
+    Every method raises ``CortexError`` for a neuron that refuses or cannot
+    be reached: ``ModelNotFound`` when unloading a model it does not have.
+    """
+
+    async def discovery(self, neuron: NeuronState) -> Discovery: ...
+
+    async def health(self, neuron: NeuronState) -> Health: ...
+
+    async def models(self, neuron: NeuronState) -> list[ModelStatus]: ...
+
+    async def load(self, neuron: NeuronState, body: dict[str, Any]) -> ModelStatus | None:
+        """Load ``body["model_id"]``; returns once it is loaded (its status, if told)."""
+        ...
+
+    async def unload(self, neuron: NeuronState, model_id: str) -> None:
+        """Unload ``model_id`` once its requests in flight have finished."""
+        ...
 
 
 @attrs.define(eq=False)

@@ -58,9 +58,11 @@ _TURN = re.compile(r"<\|(?:user|tool)\|>")
 class ScriptedModel(LoadedModel):
     harness = NAME
 
-    def __init__(self, model_id: str, script: dict[str, Any], tool_format: str | None) -> None:
+    def __init__(
+        self, model_id: str, script: dict[str, Any], tool_format: str | None, n_ctx: int = 8192
+    ) -> None:
         self.model_id = model_id
-        self.n_ctx = 8192
+        self.n_ctx = n_ctx
         self._script = script
         self._template = jinja2.sandbox.ImmutableSandboxedEnvironment().from_string(TEMPLATE)
         self.tool_format = tool_format or tools.detect_family(TEMPLATE)
@@ -115,4 +117,5 @@ def cortex_harness_load(spec: LoadSpec, placement: Placement) -> LoadedModel | N
     if unknown:
         raise ModelLoadError(f"scripted engine: unknown options {sorted(unknown)}")
     script = json.loads(pathlib.Path(spec.path).read_text())
-    return ScriptedModel(spec.model_id, script, spec.options.get("tool_format"))
+    n_ctx = int(spec.options.get("n_ctx", 8192))
+    return ScriptedModel(spec.model_id, script, spec.options.get("tool_format"), n_ctx)

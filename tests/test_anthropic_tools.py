@@ -1,0 +1,713 @@
+"""Tools through the gateway, end to end: official SDKs -> gateway -> neuron -> scripted engine.
+
+The gateway translates Anthropic messages to chat completions and back
+(``cortex/wire/translate.py``); the neuron renders tools and results through
+the engine's chat template and parses its tool-call markup. The scripted
+engine (``tests/plugins/cortex_scripted.py``) answers per prompt and records
+every rendered prompt, so the tests check both what the client got and what
+the model saw.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+import trio
+
+from cortex.config import CatalogModel, ModelsFile
+from cortex.neuron.app import NeuronHandle
+from cortex.neuron.models import LoadRequest
+from tests.neuron_helpers import running_neuron
+from tests.scripted_helpers import (
+    engine_model,
+    install_scripted_engine,
+    running_gateway,
+    write_script,
+)
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
+        "required": ["city"],
+    },
+}
+TIME = {
+    "name": "get_time",
+    "description": "The local time in a city.",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
+TOOLS: list[Any] = [WEATHER, TIME]
+
+PARIS_CALL = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}
+SCRIPT = {
+    "rules": [
+        {
+            "when": "weather in Paris",
+            "tools": True,
+            "reply": f"Let me check.\n<tool_call>\n{json.dumps(PARIS_CALL)}\n</tool_call>",
+        },
+        {"when": "weather in Paris", "tools": False, "reply": "I cannot look that up."},
+        {
+            "when": "Paris and Rome",
+            "reply": (
+                '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+                '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"city": "Rome"}}'
+                "\n</tool_call>"
+            ),
+        },
+        {"when": "sunny, 21", "reply": "It is sunny and 21 °C in Paris."},
+        {"when": "answer briefly", "reply": "Paris is sunny; the time in Rome is unknown."},
+        {"when": "broken", "reply": '<tool_call>{"name": oops}</tool_call> sorry'},
+        {"when": "count to five", "reply": "one, two, three, four, five"},
+        {"when": "tell a story", "reply": "Once upon a time there was a small model."},
+        {
+            "when": "list the files",
+            "reply": (
+                "I will list them.\n<tool_call>\n"
+                '{"name": "Bash", "arguments": {"command": "ls -la", '
+                '"description": "List the files"}}\n</tool_call>'
+            ),
+        },
+    ],
+    "default": "Hello! How can I help?",
+}
+
+#: Room for a Claude Code-sized prompt (one token a byte), less than its max_tokens.
+BIG_CTX = 60_000
+
+
+@pytest.fixture
+async def neuron(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch):
+    install_scripted_engine(tmp_path, monkeypatch)
+    async with running_neuron(
+        [("scripted", write_script(tmp_path, "hermes", SCRIPT))], options={}
+    ) as handle:
+        await handle.neuron.manager.load(
+            LoadRequest(
+                model_id="scripted-big",
+                source=write_script(tmp_path, "big", SCRIPT),
+                options={"n_ctx": BIG_CTX},
+            )
+        )
+        yield handle
+
+
+@pytest.fixture
+async def gateway_url(neuron: NeuronHandle):
+    models = ModelsFile(
+        models=[
+            CatalogModel(id="scripted", vram_mb=1, sampling={"temperature": 0.25}),
+            CatalogModel(id="scripted-big", vram_mb=1),
+        ],
+        aliases={"claude-sonnet-4-5": "scripted-big", "claude-haiku-4-5": "scripted"},
+    )
+    async with running_gateway(neuron.url, models) as gateway:
+        yield gateway.api_url
+
+
+@pytest.fixture
+async def client(gateway_url: str):
+    async with anthropic.AsyncAnthropic(base_url=gateway_url, api_key="x", max_retries=0) as c:
+        yield c
+
+
+def ask(text: str) -> list[Any]:
+    return [{"role": "user", "content": text}]
+
+
+def without_ids(content: list[Any]) -> list[dict[str, Any]]:
+    """Blocks as dicts, tool_use ids blanked (each generation makes new ones)."""
+    blocks = [b.model_dump(exclude_none=True) for b in content]
+    for block in blocks:
+        if block["type"] == "tool_use":
+            assert block["id"]
+            block["id"] = "*"
+        block.pop("citations", None)
+    return blocks
+
+
+RAW = {
+    "message_start",
+    "content_block_start",
+    "content_block_delta",
+    "content_block_stop",
+    "message_delta",
+    "message_stop",
+}
+
+
+async def stream_message(
+    client: anthropic.AsyncAnthropic, **kwargs: Any
+) -> tuple[list[Any], anthropic.types.Message]:
+    """The raw events of a ``messages.stream()`` and the SDK's final message."""
+    async with client.messages.stream(**kwargs) as stream:
+        events = [event async for event in stream if event.type in RAW]
+        final = await stream.get_final_message()
+    return events, final
+
+
+def attrs_of(data: dict[str, Any]) -> Any:
+    """A raw event dict with attribute access, for ``check_block_order``."""
+    return type("Event", (), data)
+
+
+def check_block_order(events: list[Any]) -> None:
+    """message_start, then per block start -> deltas -> stop, then message_delta, message_stop."""
+    assert events[0].type == "message_start"
+    assert [e.type for e in events[-2:]] == ["message_delta", "message_stop"]
+    open_index: int | None = None
+    seen: list[int] = []
+    for event in events[1:-2]:
+        if event.type == "content_block_start":
+            assert open_index is None, "a block opened before the previous one closed"
+            open_index = event.index
+            seen.append(event.index)
+        elif event.type == "content_block_delta":
+            assert event.index == open_index, "a delta outside its open block"
+        else:
+            assert event.type == "content_block_stop" and event.index == open_index
+            open_index = None
+    assert open_index is None
+    assert seen == list(range(len(seen)))
+
+
+# -- messages, one call ---------------------------------------------------------------
+
+
+async def test_tool_use_non_streaming(client: anthropic.AsyncAnthropic, neuron: NeuronHandle):
+    with trio.fail_after(10):
+        message = await client.messages.create(
+            model="scripted",
+            max_tokens=200,
+            messages=ask("What's the weather in Paris?"),
+            tools=TOOLS,
+        )
+    assert message.stop_reason == "tool_use" and message.stop_sequence is None
+    assert [b.type for b in message.content] == ["text", "tool_use"]
+    text, call = message.content
+    assert text.text == "Let me check."
+    assert call.name == "get_weather" and call.input == {"city": "Paris", "unit": "celsius"}
+    assert message.usage.input_tokens == len(engine_model(neuron).prompts[-1].encode())
+    assert message.usage.output_tokens > 0
+    # The tools reached the model in OpenAI form, through its template.
+    prompt = engine_model(neuron).prompts[-1]
+    assert '"name": "get_weather"' in prompt and "The local time in a city." in prompt
+    # No temperature in the request: the catalogue's default applies.
+    assert engine_model(neuron).samplings[-1].temperature == 0.25
+
+
+async def test_tool_use_streaming_matches_the_whole_answer(
+    client: anthropic.AsyncAnthropic,
+) -> None:
+    kwargs: dict[str, Any] = {
+        "model": "scripted",
+        "max_tokens": 200,
+        "messages": ask("What's the weather in Paris?"),
+        "tools": TOOLS,
+    }
+    with trio.fail_after(10):
+        whole = await client.messages.create(**kwargs)
+        events, final = await stream_message(client, **kwargs)
+    assert without_ids(final.content) == without_ids(whole.content)
+    assert (final.stop_reason, final.stop_sequence) == ("tool_use", None)
+    assert final.usage.input_tokens == whole.usage.input_tokens
+    assert final.usage.output_tokens == whole.usage.output_tokens
+    check_block_order(events)
+    starts = [e.content_block for e in events if e.type == "content_block_start"]
+    assert [b.type for b in starts] == ["text", "tool_use"]
+    assert starts[1].name == "get_weather" and starts[1].input == {} and starts[1].id
+    assert starts[1].id == final.content[1].id
+    fragments = [
+        e.delta.partial_json
+        for e in events
+        if e.type == "content_block_delta" and e.delta.type == "input_json_delta"
+    ]
+    assert len(fragments) > 3  # streamed in pieces, not one blob at the end
+    assert json.loads("".join(fragments)) == {"city": "Paris", "unit": "celsius"}
+    assert events[0].message.usage.input_tokens == whole.usage.input_tokens
+
+
+async def test_parallel_tool_calls(client: anthropic.AsyncAnthropic) -> None:
+    kwargs: dict[str, Any] = {
+        "model": "scripted",
+        "max_tokens": 200,
+        "messages": ask("Paris and Rome, please"),
+        "tools": TOOLS,
+    }
+    with trio.fail_after(10):
+        whole = await client.messages.create(**kwargs)
+        events, final = await stream_message(client, **kwargs)
+    for message in (whole, final):
+        assert [(b.type, b.name, b.input) for b in message.content] == [
+            ("tool_use", "get_weather", {"city": "Paris"}),
+            ("tool_use", "get_time", {"city": "Rome"}),
+        ]
+        assert len({b.id for b in message.content}) == 2
+        assert message.stop_reason == "tool_use"
+    check_block_order(events)
+
+
+async def test_three_turns_place_results_after_their_call(
+    client: anthropic.AsyncAnthropic, neuron: NeuronHandle
+) -> None:
+    messages: list[Any] = ask("What's the weather in Paris?")
+    with trio.fail_after(10):
+        first = await client.messages.create(
+            model="scripted", max_tokens=200, messages=messages, tools=TOOLS
+        )
+        call = first.content[1]
+        messages += [
+            {"role": "assistant", "content": [b.model_dump() for b in first.content]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": call.id, "content": "sunny, 21 C"}
+                ],
+            },
+        ]
+        events, answer = await stream_message(
+            client, model="scripted", max_tokens=200, messages=messages, tools=TOOLS
+        )
+    assert [b.type for b in answer.content] == ["text"]
+    assert answer.content[0].text == "It is sunny and 21 °C in Paris."
+    assert answer.stop_reason == "end_turn"
+    check_block_order(events)
+    prompt = engine_model(neuron).prompts[-1]
+    rendered_call = (
+        "<|assistant|>Let me check.<tool_call>"
+        + '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
+        + "</tool_call><|end|>"
+    )
+    assert prompt.endswith(rendered_call + f"<|tool|>{call.id}: sunny, 21 C<|end|><|assistant|>")
+
+
+async def test_results_go_right_after_their_call(
+    client: anthropic.AsyncAnthropic, neuron: NeuronHandle
+) -> None:
+    messages: list[Any] = ask("Paris and Rome, please")
+    with trio.fail_after(10):
+        first = await client.messages.create(
+            model="scripted", max_tokens=200, messages=messages, tools=TOOLS
+        )
+        paris, rome = first.content
+        messages += [
+            {"role": "assistant", "content": [b.model_dump() for b in first.content]},
+            # Claude Code's mid-conversation system messages may come between the two.
+            {"role": "system", "content": "Reminder: tools may fail."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Here you go; answer briefly."},
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": rome.id,
+                        "content": [{"type": "text", "text": "clock unavailable"}],
+                        "is_error": True,
+                    },
+                    {"type": "tool_result", "tool_use_id": paris.id, "content": "sunny, 21 C"},
+                ],
+            },
+        ]
+        answer = await client.messages.create(
+            model="scripted", max_tokens=200, messages=messages, tools=TOOLS
+        )
+    assert answer.content[0].text == "Paris is sunny; the time in Rome is unknown."
+    assert answer.stop_reason == "end_turn"
+    prompt = engine_model(neuron).prompts[-1]
+    turns = prompt.split("<|end|>")
+    calls = next(i for i, t in enumerate(turns) if t.startswith("<|assistant|><tool_call>"))
+    # Results right after their call (in the order sent), before the system and user text.
+    assert turns[calls + 1 : calls + 5] == [
+        f"<|tool|>{rome.id}: Error: clock unavailable",
+        f"<|tool|>{paris.id}: sunny, 21 C",
+        "<|system|>Reminder: tools may fail.",
+        "<|user|>Here you go; answer briefly.",
+    ]
+
+
+# -- tool_choice and stop reasons ---------------------------------------------------------
+
+
+async def test_tool_choice_mapping(client: anthropic.AsyncAnthropic, neuron: NeuronHandle) -> None:
+    model = engine_model(neuron)
+
+    async def ask_with(choice: Any) -> anthropic.types.Message:
+        return await client.messages.create(
+            model="scripted",
+            max_tokens=200,
+            messages=ask("What's the weather in Paris?"),
+            tools=TOOLS,
+            tool_choice=choice,
+        )
+
+    with trio.fail_after(10):
+        await ask_with({"type": "any"})
+        required = model.samplings[-1].grammar
+        await ask_with({"type": "any", "disable_parallel_tool_use": True})
+        single = model.samplings[-1].grammar
+        await ask_with({"type": "tool", "name": "get_time"})
+        named = model.samplings[-1].grammar
+        auto = await ask_with({"type": "auto"})
+        assert model.samplings[-1].grammar is None
+        none = await ask_with({"type": "none"})
+        none_prompt = model.prompts[-1]
+        with pytest.raises(anthropic.BadRequestError) as unknown:
+            await ask_with({"type": "tool", "name": "nope"})
+    assert "get_weather" in required and "get_time" in required
+    assert "tool-block )*" in required and "tool-block )*" not in single  # one call only
+    assert "get_time" in named and "get_weather" not in named
+    assert auto.stop_reason == "tool_use"
+    assert "# Tools" not in none_prompt and model.samplings[-1].grammar is None
+    assert [b.type for b in none.content] == ["text"]
+    assert none.content[0].text == "I cannot look that up."
+    assert none.stop_reason == "end_turn"
+    assert unknown.value.body["type"] == "error"
+    assert unknown.value.body["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_tool_use_stop_reason_only_with_a_tool_use_block(
+    client: anthropic.AsyncAnthropic, stream: bool
+) -> None:
+    # Tool markup the engine cannot parse stays text: end_turn, not tool_use.
+    kwargs: dict[str, Any] = {
+        "model": "scripted",
+        "max_tokens": 200,
+        "messages": ask("broken"),
+        "tools": TOOLS,
+    }
+    with trio.fail_after(10):
+        if stream:
+            _, message = await stream_message(client, **kwargs)
+        else:
+            message = await client.messages.create(**kwargs)
+    assert [b.type for b in message.content] == ["text"]
+    assert message.content[0].text == '<tool_call>{"name": oops}</tool_call> sorry'
+    assert message.stop_reason == "end_turn"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_stop_sequence_and_max_tokens(client: anthropic.AsyncAnthropic, stream: bool) -> None:
+    async def create(**kwargs: Any) -> anthropic.types.Message:
+        kwargs.setdefault("max_tokens", 200)
+        if stream:
+            return (await stream_message(client, model="scripted", **kwargs))[1]
+        return await client.messages.create(model="scripted", **kwargs)
+
+    with trio.fail_after(10):
+        stopped = await create(messages=ask("count to five"), stop_sequences=["four", "three"])
+        cut = await create(messages=ask("tell a story"), max_tokens=4)
+        plain = await create(messages=ask("count to five"), stop_sequences=["six"])
+    assert stopped.content[0].text == "one, two, "
+    assert (stopped.stop_reason, stopped.stop_sequence) == ("stop_sequence", "three")
+    assert cut.stop_reason == "max_tokens" and cut.stop_sequence is None
+    assert cut.usage.output_tokens == 4
+    assert cut.content[0].text == "Once upo"  # two characters a token
+    assert (plain.stop_reason, plain.stop_sequence) == ("end_turn", None)
+    assert plain.content[0].text == "one, two, three, four, five"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_too_long_prompt_in_anthropic_words(
+    client: anthropic.AsyncAnthropic, stream: bool
+) -> None:
+    # Claude Code recognises "prompt is too long: N tokens > M maximum" and compacts.
+    with trio.fail_after(10), pytest.raises(anthropic.BadRequestError) as too_long:
+        if stream:
+            await stream_message(client, model="scripted", max_tokens=10, messages=ask("x" * 9000))
+        else:
+            await client.messages.create(model="scripted", max_tokens=10, messages=ask("x" * 9000))
+    error = too_long.value.body["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].startswith("prompt is too long: 90")
+    assert " tokens > 8192 maximum" in error["message"]
+
+
+async def test_count_tokens_with_tools(client: anthropic.AsyncAnthropic) -> None:
+    kwargs: dict[str, Any] = {
+        "model": "scripted",
+        "messages": ask("What's the weather in Paris?"),
+        "tools": TOOLS,
+        "system": "Be brief.",
+    }
+    with trio.fail_after(10):
+        count = await client.messages.count_tokens(**kwargs)
+        message = await client.messages.create(max_tokens=200, **kwargs)
+    assert count.input_tokens == message.usage.input_tokens
+
+
+# -- the OpenAI dialects pass through -----------------------------------------------------
+
+OPENAI_TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "function": {
+            "name": t["name"],
+            "description": t["description"],
+            "parameters": t["input_schema"],
+        },
+    }
+    for t in TOOLS
+]
+
+
+async def test_openai_chat_tools_through_the_gateway(gateway_url: str) -> None:
+    async with openai.AsyncOpenAI(
+        base_url=gateway_url + "/v1", api_key="x", max_retries=0
+    ) as client:
+        with trio.fail_after(10):
+            whole = await client.chat.completions.create(
+                model="scripted", messages=ask("What's the weather in Paris?"), tools=OPENAI_TOOLS
+            )
+            async with client.chat.completions.stream(
+                model="scripted", messages=ask("Paris and Rome"), tools=OPENAI_TOOLS
+            ) as stream:
+                parallel = await stream.get_final_completion()
+    assert whole.choices[0].finish_reason == "tool_calls"
+    assert whole.choices[0].message.content == "Let me check."
+    [call] = whole.choices[0].message.tool_calls
+    assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "celsius"}
+    calls = parallel.choices[0].message.tool_calls
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_time", {"city": "Rome"}),
+    ]
+    assert parallel.choices[0].finish_reason == "tool_calls"
+
+
+async def test_responses_tools_through_the_gateway(gateway_url: str, neuron: NeuronHandle) -> None:
+    tools: list[Any] = [
+        {"type": "function", "name": t["name"], "parameters": t["input_schema"]} for t in TOOLS
+    ]
+    async with openai.AsyncOpenAI(
+        base_url=gateway_url + "/v1", api_key="x", max_retries=0
+    ) as client:
+        with trio.fail_after(10):
+            async with client.responses.stream(
+                model="scripted", input="What's the weather in Paris?", tools=tools
+            ) as stream:
+                first = await stream.get_final_response()
+            call = first.output[1]
+            answer = await client.responses.create(
+                model="scripted",
+                tools=tools,
+                input=[
+                    {"role": "user", "content": "What's the weather in Paris?"},
+                    *[item.model_dump(exclude_none=True) for item in first.output],
+                    {
+                        "type": "function_call_output",
+                        "call_id": call.call_id,
+                        "output": "sunny, 21",
+                    },
+                ],
+            )
+    assert [item.type for item in first.output] == ["message", "function_call"]
+    assert call.name == "get_weather"
+    assert json.loads(call.arguments) == {"city": "Paris", "unit": "celsius"}
+    assert answer.output_text == "It is sunny and 21 °C in Paris."
+    assert f"<|tool|>{call.call_id}: sunny, 21" in engine_model(neuron).prompts[-1]
+
+
+# -- a Claude Code-shaped turn ------------------------------------------------------------
+
+CLAUDE_CODE_TOOLS = [
+    "Agent",
+    "Bash",
+    "Glob",
+    "Grep",
+    "ExitPlanMode",
+    "Read",
+    "Edit",
+    "Write",
+    "NotebookEdit",
+    "WebFetch",
+    "TodoWrite",
+    "WebSearch",
+    "BashOutput",
+    "KillShell",
+    "Skill",
+    "SlashCommand",
+    "AskUserQuestion",
+    "EnterPlanMode",
+    "ListMcpResourcesTool",
+    "ReadMcpResourceTool",
+    "TaskOutput",
+    "TaskStop",
+    "LSP",
+    "ToolSearch",
+]
+
+
+def claude_code_tool(name: str) -> dict[str, Any]:
+    """A tool shaped like Claude Code's: draft-07 schema, long description."""
+    properties: dict[str, Any] = {
+        "description": {"type": "string", "description": f"What this {name} call does."},
+        "timeout": {"type": "number", "description": "Milliseconds, at most 600000."},
+        "options": {
+            "type": "object",
+            "properties": {"mode": {"type": "string", "enum": ["fast", "thorough"]}},
+            "additionalProperties": False,
+        },
+        "paths": {"type": "array", "items": {"type": "string"}},
+    }
+    if name == "Bash":
+        properties["command"] = {"type": "string", "description": "The command to execute"}
+    return {
+        "name": name,
+        "description": f"{name}: " + "Use this tool when the task calls for it. " * 12,
+        "input_schema": {
+            "$schema": "http://json-schema.org/draft-07/schema#",
+            "type": "object",
+            "properties": properties,
+            "required": ["command"] if name == "Bash" else ["description"],
+            "additionalProperties": False,
+        },
+    }
+
+
+CLAUDE_CODE_HEADERS = {
+    "anthropic-version": "2023-06-01",
+    "x-api-key": "sk-ant-local",
+    # As claude-cli 2.1.197 sent it (contrib/claude-code/README.md).
+    "anthropic-beta": (
+        "claude-code-20250219,context-1m-2025-08-07,interleaved-thinking-2025-05-14,"
+        "thinking-token-count-2026-05-13,context-management-2025-06-27,"
+        "prompt-caching-scope-2026-01-05,mid-conversation-system-2026-04-07,effort-2025-11-24"
+    ),
+    "anthropic-dangerous-direct-browser-access": "true",
+    "x-app": "cli",
+    "user-agent": "claude-cli/2.1.197 (external, sdk-cli)",
+    "content-type": "application/json",
+    "accept": "application/json",
+}
+
+
+def claude_code_body() -> dict[str, Any]:
+    return {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 32000,
+        "stream": True,
+        "system": [
+            {
+                "type": "text",
+                "text": "x-anthropic-billing-header: cc_version=2.1.197; cc_entrypoint=sdk-cli;",
+            },
+            {
+                "type": "text",
+                "text": "You are Claude Code, Anthropic's official CLI for Claude.",
+                "cache_control": {"type": "ephemeral"},
+            },
+            {
+                "type": "text",
+                "text": "You are an interactive CLI tool. " * 150,
+                "cache_control": {"type": "ephemeral"},
+            },
+        ],
+        "tools": [claude_code_tool(name) for name in CLAUDE_CODE_TOOLS],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "<system-reminder>Be careful.</system-reminder>"},
+                    {
+                        "type": "text",
+                        "text": "Please list the files here.",
+                        "cache_control": {"type": "ephemeral"},
+                    },
+                ],
+            },
+            {"role": "system", "content": "The working directory is /work."},
+        ],
+        "thinking": {"type": "adaptive"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "output_config": {"effort": "high"},
+        "metadata": {
+            "user_id": json.dumps(
+                {"device_id": "ab" * 32, "account_uuid": "", "session_id": "0f" * 16}
+            )
+        },
+    }
+
+
+def sse_events(raw: str) -> list[tuple[str | None, dict[str, Any]]]:
+    """(event name, data) for each SSE frame."""
+    events = []
+    for frame in raw.split("\n\n"):
+        if not frame.strip():
+            continue
+        name, data = None, []
+        for line in frame.split("\n"):
+            if line.startswith("event:"):
+                name = line[len("event:") :].strip()
+            elif line.startswith("data:"):
+                data.append(line[len("data:") :].strip())
+        events.append((name, json.loads("\n".join(data))))
+    return events
+
+
+async def test_a_claude_code_shaped_turn(gateway_url: str, neuron: NeuronHandle) -> None:
+    body = claude_code_body()
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=10) as http:
+        with trio.fail_after(10):
+            response = await http.post(
+                "/v1/messages?beta=true", json=body, headers=CLAUDE_CODE_HEADERS
+            )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["request-id"]
+    events = sse_events(response.text)
+    assert all(name == data["type"] for name, data in events), "every frame names its event"
+    check_block_order([attrs_of(data) for _, data in events])
+    starts = [d["content_block"] for n, d in events if n == "content_block_start"]
+    assert [b["type"] for b in starts] == ["text", "tool_use"]
+    assert starts[1]["name"] == "Bash" and starts[1]["input"] == {}
+    text = "".join(
+        d["delta"]["text"] for n, d in events if n == "content_block_delta" and d["index"] == 0
+    )
+    arguments = "".join(
+        d["delta"]["partial_json"]
+        for n, d in events
+        if n == "content_block_delta" and d["index"] == 1
+    )
+    assert text == "I will list them."
+    assert json.loads(arguments) == {"command": "ls -la", "description": "List the files"}
+    message_start = events[0][1]["message"]
+    message_delta = events[-2][1]
+    prompt = engine_model(neuron, "scripted-big").prompts[-1]
+    assert message_start["usage"]["input_tokens"] == len(prompt.encode()) > 20_000
+    # max_tokens was more than the context leaves: clamped, not refused.
+    assert BIG_CTX - len(prompt.encode()) < body["max_tokens"]
+    assert message_start["model"] == "scripted-big"
+    assert message_delta["delta"] == {"stop_reason": "tool_use", "stop_sequence": None}
+    assert message_delta["usage"]["output_tokens"] > 0
+    # What the model saw: the system blocks, all 24 tools, the reminder kept in place.
+    assert prompt.startswith("<|system|># Tools\n")
+    assert prompt.count('"type": "function"') == 24
+    assert (
+        "<|user|><system-reminder>Be careful.</system-reminder>\nPlease list the files here."
+        "<|end|><|system|>The working directory is /work.<|end|><|assistant|>"
+    ) in prompt
+    assert "You are Claude Code, Anthropic's official CLI for Claude." in prompt
+
+
+async def test_claude_code_shaped_turn_without_streaming(gateway_url: str) -> None:
+    body = claude_code_body() | {"stream": False}
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=10) as http:
+        with trio.fail_after(10):
+            response = await http.post(
+                "/v1/messages?beta=true", json=body, headers=CLAUDE_CODE_HEADERS
+            )
+    assert response.status_code == 200, response.text
+    message = response.json()
+    assert message["stop_reason"] == "tool_use"
+    assert [b["type"] for b in message["content"]] == ["text", "tool_use"]
+    assert message["content"][1]["input"] == {"command": "ls -la", "description": "List the files"}
