@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             trio.run(
                 partial(
                     run_until_signal,
-                    partial(_run_gateway, run_gateway, gateway, models),
+                    partial(_run_gateway, run_gateway, gateway, models, models_path=args.models),
                     reload=partial(_reload, args.models),
                 )
             )
@@ -229,7 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             trio.run(
                 partial(
                     run_until_signal,
-                    partial(_run_gateway, run_standalone, standalone, models),
+                    partial(
+                        _run_gateway, run_standalone, standalone, models, models_path=args.models
+                    ),
                     reload=partial(_reload, args.models),
                 )
             )

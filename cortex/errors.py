@@ -10,6 +10,7 @@ and ``cortex.wire.anthropic.error_body``).
     ├── RequestError              the client's fault (4xx)
     │   ├── InvalidRequest        400: the body is not a valid request
     │   ├── Unauthorized          401: missing or wrong key or token
+    │   ├── PermissionDenied      403: not allowed here
     │   ├── ModelNotFound         404: no such model, nowhere can serve it
     │   ├── PayloadTooLarge       413: the body is over the size limit
     │   └── QueueFull             429: the model's queue is full (Retry-After)
@@ -58,6 +59,11 @@ class Unauthorized(RequestError):
     status = 401
     kind = "authentication_error"
     code = "invalid_api_key"
+
+
+class PermissionDenied(RequestError):
+    status = 403
+    kind = "permission_error"
 
 
 class ModelNotFound(RequestError):

@@ -50,6 +50,7 @@ async def run_standalone(
     models: ModelsFile,
     *,
     shutdown: trio.Event,
+    models_path: str | None = None,
     task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the local neuron, then a gateway whose one neuron it is.
@@ -67,6 +68,12 @@ async def run_standalone(
             NeuronEndpoint(name="local", endpoint=neuron.url, token=config.neuron.token)
         ]
         try:
-            await run_gateway(gateway_config, models, shutdown=shutdown, task_status=task_status)
+            await run_gateway(
+                gateway_config,
+                models,
+                shutdown=shutdown,
+                models_path=models_path,
+                task_status=task_status,
+            )
         finally:
             neuron_shutdown.set()

@@ -7,9 +7,20 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
+import trio
+
+from cortex.config import (
+    GatewayConfig,
+    GatewaySection,
+    ModelsFile,
+    NeuronEndpoint,
+    load_models,
+)
+from cortex.gateway.app import run_gateway
 
 
 def free_port() -> int:
@@ -79,3 +90,59 @@ def test_sighup_reloads_the_catalogue(tmp_path: Path) -> None:
     finally:
         process.kill()
         process.wait()
+
+
+async def test_admin_reload(tmp_path: Path) -> None:
+
+    models = tmp_path / "models.toml"
+    models.write_text('[[models]]\nid = "first"\n')
+    config = GatewayConfig(
+        gateway=GatewaySection(
+            listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", api_keys=["k"], grace_period=1
+        ),
+        neurons=[NeuronEndpoint(name="nowhere", endpoint="http://127.0.0.1:9")],
+    )
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        handle = await nursery.start(
+            partial(
+                run_gateway,
+                config,
+                load_models(models),
+                shutdown=shutdown,
+                models_path=str(models),
+            )
+        )
+        auth = {"authorization": "Bearer k"}
+        async with httpx.AsyncClient(base_url=handle.api_url, timeout=30) as http:
+            with trio.fail_after(30):
+                assert (await http.post("/admin/reload")).status_code == 401
+                models.write_text('[[models]]\nid = "first"\n[[models]]\nid = "second"\n')
+                done = await http.post("/admin/reload", headers=auth)
+                assert done.json() == {"status": "reloaded", "models": 2, "aliases": 0}
+                listed = (await http.get("/v1/models", headers=auth)).json()["data"]
+                assert {m["id"] for m in listed} == {"first", "second"}
+                models.write_text("[[models]]\nid = 3\n")
+                bad = await http.post("/admin/reload", headers=auth)
+                assert bad.status_code == 400
+                assert "kept the old catalogue" in bad.json()["error"]["message"]
+                listed = (await http.get("/v1/models", headers=auth)).json()["data"]
+                assert {m["id"] for m in listed} == {"first", "second"}
+        shutdown.set()
+
+
+async def test_admin_reload_needs_keys(tmp_path: Path) -> None:
+
+    config = GatewayConfig(
+        gateway=GatewaySection(listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", grace_period=1),
+        neurons=[NeuronEndpoint(name="nowhere", endpoint="http://127.0.0.1:9")],
+    )
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        handle = await nursery.start(partial(run_gateway, config, ModelsFile(), shutdown=shutdown))
+        async with httpx.AsyncClient(base_url=handle.api_url, timeout=30) as http:
+            with trio.fail_after(30):
+                refused = await http.post("/admin/reload")
+        assert refused.status_code == 403
+        assert refused.json()["error"]["type"] == "permission_error"
+        shutdown.set()

@@ -28,10 +28,12 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from cortex.config import GatewayConfig, ModelsFile, NeuronEndpoint, read_api_keys
 from cortex.errors import (
+    ConfigError,
     CortexError,
     InvalidRequest,
     ModelNotFound,
     PayloadTooLarge,
+    PermissionDenied,
     RequestError,
     ServiceError,
     Unauthorized,
@@ -43,6 +45,7 @@ from cortex.gateway.metrics import UNKNOWN, GatewayMetrics
 from cortex.gateway.passthrough import OPENAI_ENDPOINTS, Passthrough, new_request_id
 from cortex.gateway.poller import poll_neuron
 from cortex.gateway.proxy import CLIENT_CLOSED, Exchange, Proxy, close_quietly
+from cortex.gateway.reload import reload_catalogue
 from cortex.gateway.router import Router
 from cortex.gateway.state import LOADED, LOADING, FleetState, feasible
 from cortex.gateway.upstream import NeuronAPI
@@ -83,6 +86,8 @@ class Gateway:
     proxy: Proxy
     metrics: GatewayMetrics
     api_keys: frozenset[str]
+    #: models.toml, re-read by SIGHUP and POST /admin/reload; None: nothing to re-read.
+    models_path: str | None = None
 
     @classmethod
     def build(
@@ -457,6 +462,29 @@ def _quart_app(gateway: Gateway) -> QuartTrio:
         except CortexError as exc:
             return error_response(exc, anthropic_dialect=False, request_id=_request_id())
 
+    @app.post("/admin/reload")
+    async def admin_reload() -> Response:
+        try:
+            # Admin routes exist only behind keys: an open gateway has no admin.
+            if not gateway.api_keys:
+                raise PermissionDenied("POST /admin/reload needs [gateway] api_keys to be set")
+            gateway.authenticate()
+            if gateway.models_path is None:
+                raise InvalidRequest("the gateway was started without --models: nothing to reload")
+            try:
+                catalogue = await reload_catalogue(state, gateway.models_path)
+            except ConfigError as exc:
+                raise InvalidRequest(f"kept the old catalogue: {exc.message}") from None
+        except CortexError as exc:
+            return error_response(exc, anthropic_dialect=False, request_id=_request_id())
+        return _json(
+            {
+                "status": "reloaded",
+                "models": len(catalogue.models),
+                "aliases": len(catalogue.aliases),
+            }
+        )
+
     @app.get("/fleet")
     async def fleet() -> Response:
         try:
@@ -579,6 +607,7 @@ async def run_gateway(
     models: ModelsFile,
     *,
     shutdown: trio.Event,
+    models_path: str | None = None,
     task_status: trio.TaskStatus[GatewayHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the gateway until ``shutdown`` is set and in-flight requests drain.
@@ -593,6 +622,7 @@ async def run_gateway(
     section = config.gateway
     async with make_client(config) as client:
         gateway = Gateway.build(config, models, client)
+        gateway.models_path = models_path
         app = create_app(gateway)
         async with trio.open_nursery() as background:
             gateway.router.nursery = background
