@@ -189,6 +189,13 @@ async def _reload(models_path: str | None, handle: Any) -> None:
     await reload_catalogue(handle.state, models_path)
 
 
+def _leaf(exc: BaseException) -> BaseException:
+    """The one error inside nested single-member exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -235,13 +242,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     reload=partial(_reload, args.models),
                 )
             )
-    except ConfigError as exc:
-        print(f"cortex: {exc.message}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        # Most often: the listen address is taken or not ours.
-        print(f"cortex: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    except BaseException as raised:
+        # Errors from inside trio.run arrive wrapped in exception groups.
+        exc = _leaf(raised)
+        if isinstance(exc, ConfigError):
+            print(f"cortex: {exc.message}", file=sys.stderr)
+            return 2
+        if isinstance(exc, OSError):
+            # Most often: the listen address is taken or not ours.
+            print(f"cortex: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, KeyboardInterrupt):
+            return 130
+        raise
     return 0

@@ -42,7 +42,7 @@ def parse_listen(value: str, *, default_port: int) -> tuple[str, int]:
     return host, number
 
 
-def _validate_listen(instance: object, attribute: attrs.Attribute, value: str) -> None:
+def validate_listen(instance: object, attribute: attrs.Attribute, value: str) -> None:
     try:
         parse_listen(value, default_port=0)
     except ConfigError as exc:
@@ -54,7 +54,7 @@ def _validate_listen(instance: object, attribute: attrs.Attribute, value: str) -
 
 @attrs.define
 class NeuronSection:
-    listen: str = attrs.field(default="0.0.0.0:13131", validator=_validate_listen)
+    listen: str = attrs.field(default="0.0.0.0:13131", validator=validate_listen)
     #: Shared secret the gateway sends as ``Authorization: Bearer``; None: open.
     token: str | None = None
     #: Leave /health and /metrics open when a token is set.
@@ -99,8 +99,8 @@ class NeuronConfig:
 
 @attrs.define
 class GatewaySection:
-    listen: str = attrs.field(default="0.0.0.0:31313", validator=_validate_listen)
-    metrics_listen: str = attrs.field(default="0.0.0.0:31314", validator=_validate_listen)
+    listen: str = attrs.field(default="0.0.0.0:31313", validator=validate_listen)
+    metrics_listen: str = attrs.field(default="0.0.0.0:31314", validator=validate_listen)
     #: Client keys accepted as ``Authorization: Bearer`` or ``x-api-key``; empty: open.
     api_keys: list[str] = attrs.field(factory=list)
     #: A file with one key per line, added to api_keys.

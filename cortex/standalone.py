@@ -20,28 +20,36 @@ from cortex.config import (
     NeuronEndpoint,
     NeuronModel,
     NeuronSection,
+    RoutingSection,
+    validate_listen,
 )
 
 
-def _local_neuron() -> NeuronSection:
-    # Loopback only, any free port: the gateway is the way in.
-    return NeuronSection(listen="127.0.0.1:0")
+@attrs.define
+class LocalNeuronSection(NeuronSection):
+    """[neuron] in standalone: loopback only, any free port, unless set.
+
+    The gateway is the way in; the local neuron is not exposed by default.
+    """
+
+    listen: str = attrs.field(default="127.0.0.1:0", validator=validate_listen)
 
 
 @attrs.define
 class StandaloneConfig:
-    """One file for both halves: [gateway], [eviction], [neuron], [[models]]."""
+    """One file for both halves: [gateway], [eviction], [routing], [neuron], [[models]]."""
 
     gateway: GatewaySection = attrs.field(factory=GatewaySection)
     eviction: EvictionSection = attrs.field(factory=EvictionSection)
-    neuron: NeuronSection = attrs.field(factory=_local_neuron)
+    routing: RoutingSection = attrs.field(factory=RoutingSection)
+    neuron: LocalNeuronSection = attrs.field(factory=LocalNeuronSection)
     #: Models the local neuron loads at start.
     models: list[NeuronModel] = attrs.field(factory=list)
 
     def split(self) -> tuple[NeuronConfig, GatewayConfig]:
         return (
             NeuronConfig(neuron=self.neuron, models=self.models),
-            GatewayConfig(gateway=self.gateway, eviction=self.eviction),
+            GatewayConfig(gateway=self.gateway, eviction=self.eviction, routing=self.routing),
         )
 
 

@@ -47,6 +47,7 @@ class FakeModel(LoadedModel):
         token_delay: float = 0.0,
         fail_after: int | None = None,
         parallel: int = 1,
+        tokenize_delay: float = 0.0,
     ) -> None:
         self.model_id = model_id
         # generate() keeps no state between calls: any number may run at once.
@@ -56,17 +57,28 @@ class FakeModel(LoadedModel):
         self._reply = reply
         self._token_delay = token_delay
         self._fail_after = fail_after
+        self._tokenize_delay = tokenize_delay
         self.unloaded = False
+
+    def _check(self) -> None:
+        # A real engine would crash on a freed model; the fake says so loudly.
+        if self.unloaded:
+            raise RuntimeError(f"{self.model_id}: used after unload")
 
     def memory_mb(self) -> int:
         return 1
 
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
+        self._check()
+        if self._tokenize_delay:
+            time.sleep(self._tokenize_delay)
+        self._check()
         return ([BOS] if add_bos else []) + list(text.encode())
 
     def render_chat(
         self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
     ) -> ChatPrompt:
+        self._check()
         lines = []
         for message in messages:
             content = message.get("content") or ""
@@ -76,8 +88,7 @@ class FakeModel(LoadedModel):
         return ChatPrompt(text="".join(lines) + "assistant: ", stop=(END_OF_TURN,))
 
     def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[Token]:
-        if self.unloaded:
-            raise RuntimeError("model unloaded")
+        self._check()
         prompt = bytes(t for t in tokens if t < 256).decode(errors="replace")
         for count, byte in enumerate(self._reply(prompt).encode(), start=1):
             if self._token_delay:
@@ -98,6 +109,7 @@ class FakeEngine:
       token_delay: seconds per generated token (blocking, as a real engine).
       fail_after: raise after this many tokens, to test failure paths.
       parallel: the generations a loaded model serves at once.
+      tokenize_delay: seconds each tokenize call takes (blocking).
     """
 
     name = "fake"
@@ -109,11 +121,13 @@ class FakeEngine:
         token_delay: float = 0.0,
         fail_after: int | None = None,
         parallel: int = 1,
+        tokenize_delay: float = 0.0,
     ) -> None:
         self.reply = reply
         self.token_delay = token_delay
         self.fail_after = fail_after
         self.parallel = parallel
+        self.tokenize_delay = tokenize_delay
         self.loaded: list[FakeModel] = []
 
     @hookimpl
@@ -136,6 +150,7 @@ class FakeEngine:
             token_delay=self.token_delay,
             fail_after=self.fail_after,
             parallel=self.parallel,
+            tokenize_delay=self.tokenize_delay,
         )
         self.loaded.append(model)
         return model

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +122,49 @@ def test_example_configs_parse() -> None:
     root = Path(__file__).parent.parent / "etc"
     neuron = cfg.load(cfg.NeuronConfig, root / "neuron.toml", environ={})
     assert neuron.models[0].source == "demo"
+
+
+def test_errors_from_inside_the_event_loop_are_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "CORTEX_GATEWAY_API_KEYS_FILE": str(tmp_path / "missing")}
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cortex",
+            "--role",
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        f"cortex: {tmp_path / 'missing'}: No such file or directory"
+    ]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = subprocess.run(
+            [sys.executable, "-m", "cortex", "--role", "neuron", "--listen", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert busy.returncode == 1
+    assert busy.stderr.strip().splitlines()[-1] == "cortex: Address already in use"
+    assert "Traceback" not in busy.stderr
+
+
+def test_standalone_neuron_stays_on_loopback() -> None:
+    from cortex.standalone import StandaloneConfig
+
+    configured = cfg.load(StandaloneConfig, None, environ={"CORTEX_NEURON_TOKEN": "x"})
+    assert configured.neuron.listen == "127.0.0.1:0"
+    assert configured.neuron.token == "x"

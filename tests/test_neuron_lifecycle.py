@@ -6,12 +6,14 @@ import json
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
+from cortex.neuron.models import LoadRequest
 from cortex.testing import FakeEngine
 from tests.neuron_helpers import running_neuron
 
@@ -164,3 +166,59 @@ async def test_body_and_header_limits(tmp_path: Path) -> None:
                 assert small.headers["x-request-id"]
                 echoed = await http.get("/health", headers={"x-request-id": "abc-123"})
                 assert echoed.headers["x-request-id"] == "abc-123"
+
+
+async def test_unload_waits_for_a_request_still_tokenizing(tmp_path: Path) -> None:
+    engine = FakeEngine(reply=lambda prompt: "done", tokenize_delay=0.3)
+    async with running_neuron([("m", fake_model(tmp_path))], plugins=[engine]) as handle:
+        async with httpx.AsyncClient(base_url=handle.url, timeout=30) as http:
+            results: dict[str, httpx.Response] = {}
+
+            async def generate() -> None:
+                results["reply"] = await http.post(
+                    "/v1/completions", json={"model": "m", "prompt": "go", "max_tokens": 10}
+                )
+
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(generate)
+                    slot = handle.neuron.manager.slots["m"]
+                    while not slot.users:  # noqa: ASYNC110 (state, not an event)
+                        await trio.sleep(0.001)
+                    unloaded = await http.post("/models/unload", json={"model_id": "m"})
+    # The unload waited for the tokenizing request, which then ran to its end
+    # on a model that was still there.
+    assert unloaded.status_code == 200
+    assert results["reply"].status_code == 200
+    assert results["reply"].json()["choices"][0]["text"] == "done"
+    assert engine.loaded[0].unloaded
+
+
+async def test_load_during_an_unload_loads_again(tmp_path: Path) -> None:
+    engine = FakeEngine(reply=lambda prompt: "z" * 30, token_delay=0.005)
+    source = fake_model(tmp_path)
+    async with running_neuron([("m", source)], plugins=[engine]) as handle:
+        manager = handle.neuron.manager
+        async with httpx.AsyncClient(base_url=handle.url, timeout=30) as http:
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(
+                        partial(
+                            http.post,
+                            "/v1/completions",
+                            json={"model": "m", "prompt": "go", "max_tokens": 30},
+                        )
+                    )
+                    while not manager.slots["m"].worker.statistics().in_flight:  # noqa: ASYNC110
+                        await trio.sleep(0.001)
+                    nursery.start_soon(partial(manager.unload, "m", cancel=False))
+                    while not manager.slots["m"].unloading:  # noqa: ASYNC110
+                        await trio.sleep(0.001)
+                    reloaded = await manager.load(LoadRequest(model_id="m", source=source))
+                assert manager.slots["m"] is reloaded
+                assert reloaded.status == "loaded" and not reloaded.unloading
+                reply = await http.post(
+                    "/v1/completions", json={"model": "m", "prompt": "go", "max_tokens": 3}
+                )
+                assert reply.status_code == 200
+    assert len(engine.loaded) == 2 and engine.loaded[0].unloaded

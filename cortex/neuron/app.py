@@ -27,7 +27,13 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from cortex.config import NeuronConfig
-from cortex.errors import ContextOverflow, CortexError, InvalidRequest, Unauthorized
+from cortex.errors import (
+    ContextOverflow,
+    CortexError,
+    InvalidRequest,
+    Unauthorized,
+    Unavailable,
+)
 from cortex.fleet import DeviceSample, Discovery, Health, MemoryBudget, make_converter
 from cortex.harness import ChatPrompt, Sampling, harness_infos, plugin_manager
 from cortex.neuron import discovery, tools
@@ -89,16 +95,19 @@ class Neuron:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Keep ``samples`` fresh for /health and /metrics (not sampled per request)."""
-        self.samples = await trio.to_thread.run_sync(self.nvml.sample)
+        await self._sample()
         task_status.started()
         if not self.nvml.available:
             return
         while True:
             await trio.sleep(self.config.neuron.sample_interval)
-            try:
-                self.samples = await trio.to_thread.run_sync(self.nvml.sample)
-            except Exception as exc:  # a flaky driver must not take the neuron down
-                log.warning("device sample failed: %s", exc)
+            await self._sample()
+
+    async def _sample(self) -> None:
+        try:
+            self.samples = await trio.to_thread.run_sync(self.nvml.sample)
+        except Exception as exc:  # a flaky driver must not take the neuron down
+            log.warning("device sample failed: %s", exc)
 
 
 @attrs.frozen
@@ -144,9 +153,13 @@ async def run_neuron(
             )
             neuron = Neuron(config=config, pm=pm, nvml=nvml, manager=manager, discovery=found)
             await nursery.start(neuron.sample_devices)
-            nursery.start_soon(
-                manager.activate, [LoadRequest.from_config(m) for m in config.models]
-            )
+            activation = trio.CancelScope()
+
+            async def activate() -> None:
+                with activation:
+                    await manager.activate([LoadRequest.from_config(m) for m in config.models])
+
+            nursery.start_soon(activate)
             async with trio.open_nursery() as server:
                 url = await server.start(
                     partial(
@@ -160,7 +173,11 @@ async def run_neuron(
                 )
                 task_status.started(NeuronHandle(url=url, neuron=neuron))
             # The server has drained: nothing can reach the models any more.
-            with trio.CancelScope(shield=True):
+            # Stop activating first, or it would load models behind unload_all.
+            activation.cancel()
+            # Shielded from the caller's cancellation, bounded by its own deadline.
+            with trio.CancelScope(shield=True) as unloading:
+                unloading.deadline = trio.current_time() + section.grace_period
                 await manager.unload_all()
             nursery.cancel_scope.cancel()
     finally:
@@ -259,7 +276,10 @@ def create_app(neuron: Neuron) -> QuartTrio:
         body = await read_json()
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             raise InvalidRequest("model must be a string", param="model")
-        slot = manager.serving(body["model"])
+        with manager.using(body["model"]) as slot:
+            return await count_tokens(slot, body)
+
+    async def count_tokens(slot: ModelSlot, body: dict[str, Any]) -> dict[str, Any]:
         model = slot.model
         assert model is not None
         if "messages" in body:
@@ -301,18 +321,18 @@ def create_app(neuron: Neuron) -> QuartTrio:
     async def chat_completions() -> Any:
         arrived = time.perf_counter()
         chat = openai.parse_chat_request(await read_json())
-        slot = manager.serving(chat.model)
-        plan = await output_plan(slot, chat)
-        prompt = await render(slot, chat.messages, plan.tools)
-        job = await submit(
-            slot,
-            prompt_tokens=await tokenize_prompt(slot, prompt),
-            max_tokens=chat.max_tokens,
-            sampling=constrained(chat.sampling.apply({}), plan),
-            stops=chat.stop,
-            template_stops=prompt.stop,
-            endpoint="chat",
-        )
+        with manager.using(chat.model) as slot:
+            plan = await output_plan(slot, chat)
+            prompt = await render(slot, chat.messages, plan.tools)
+            job = await submit(
+                slot,
+                prompt_tokens=await tokenize_prompt(slot, prompt),
+                max_tokens=chat.max_tokens,
+                sampling=constrained(chat.sampling.apply({}), plan),
+                stops=chat.stop,
+                template_stops=prompt.stop,
+                endpoint="chat",
+            )
         ids = dict(id=openai.new_id("chatcmpl"), created=openai.now(), model=chat.model)
         if plan.family is not None:
             return await chat_with_tools(slot, job, arrived, chat, plan.family, ids)
@@ -423,13 +443,13 @@ def create_app(neuron: Neuron) -> QuartTrio:
     async def completions() -> Any:
         arrived = time.perf_counter()
         req = openai.parse_completion_request(await read_json())
-        slot = manager.serving(req.model)
-        prompts = []
-        for prompt in req.prompts:
-            if isinstance(prompt, str):
-                prompts.append(await tokenize_text(slot, prompt))
-            else:
-                prompts.append(list(prompt))
+        with manager.using(req.model) as slot:
+            prompts = []
+            for prompt in req.prompts:
+                if isinstance(prompt, str):
+                    prompts.append(await tokenize_text(slot, prompt))
+                else:
+                    prompts.append(list(prompt))
         ids = dict(id=openai.new_id("cmpl"), created=openai.now(), model=req.model)
         sampling = req.sampling.apply({})
 
@@ -464,7 +484,11 @@ def create_app(neuron: Neuron) -> QuartTrio:
         async def events() -> AsyncIterator[bytes]:
             prompt_total = completion_total = 0
             for index, tokens in enumerate(prompts):
-                job = first_job if index == 0 else await run(tokens)
+                try:
+                    job = first_job if index == 0 else await run(tokens)
+                except CortexError as exc:  # unloaded, or the queue filled meanwhile
+                    yield sse.encode(openai.error_body(exc))
+                    return
                 async for event in stream(slot, job, arrived):
                     if isinstance(event, Delta):
                         yield sse.encode(
@@ -504,18 +528,18 @@ def create_app(neuron: Neuron) -> QuartTrio:
     async def create_response() -> Any:
         arrived = time.perf_counter()
         req = responses.parse_responses_request(await read_json())
-        slot = manager.serving(req.model)
-        plan = await output_plan(slot, req)
-        prompt = await render(slot, req.messages, plan.tools)
-        job = await submit(
-            slot,
-            prompt_tokens=await tokenize_prompt(slot, prompt),
-            max_tokens=req.max_output_tokens,
-            sampling=constrained(req.sampling.apply({}), plan),
-            stops=(),
-            template_stops=prompt.stop,
-            endpoint="responses",
-        )
+        with manager.using(req.model) as slot:
+            plan = await output_plan(slot, req)
+            prompt = await render(slot, req.messages, plan.tools)
+            job = await submit(
+                slot,
+                prompt_tokens=await tokenize_prompt(slot, prompt),
+                max_tokens=req.max_output_tokens,
+                sampling=constrained(req.sampling.apply({}), plan),
+                stops=(),
+                template_stops=prompt.stop,
+                endpoint="responses",
+            )
         response_id, created_at = "resp_" + uuid.uuid4().hex, openai.now()
         if not req.stream:
             text, done = await finish(slot, job, arrived)
@@ -576,18 +600,7 @@ def create_app(neuron: Neuron) -> QuartTrio:
                         usage=usage_of(event), status=status, incomplete_reason=reason
                     )
                 else:
-                    out = [
-                        (
-                            "error",
-                            {
-                                "type": "error",
-                                "code": "server_error",
-                                "message": event.message,
-                                "param": None,
-                                "sequence_number": 0,
-                            },
-                        )
-                    ]
+                    out = builder.fail(event.message)
                 for name, payload in out:
                     yield sse.encode(payload, event=name)
 
@@ -647,7 +660,10 @@ def create_app(neuron: Neuron) -> QuartTrio:
         template_stops: Sequence[str],
         endpoint: str,
     ) -> Job:
-        assert slot.model is not None and slot.worker is not None
+        # A request that got past serving() before an unload began still runs:
+        # the unload waits for it (ModelManager.using) and then drains it.
+        if slot.model is None or slot.worker is None:
+            raise Unavailable(f"model {slot.id!r} is being unloaded", retry_after=2)
         room = slot.model.n_ctx - len(prompt_tokens)
         if room <= 0:
             # Anthropic's wording: Claude Code recognises it and compacts.
@@ -682,27 +698,23 @@ def create_app(neuron: Neuron) -> QuartTrio:
         """The job's events; cancels the job if the consumer stops early."""
         first = True
         try:
-            async with job.events:
-                async for event in job.events:
-                    if first and isinstance(event, Delta):
-                        first = False
-                        observe_first_token(slot, arrived)
-                    if isinstance(event, Done):
-                        observe_done(slot, event)
-                    yield event
-                    if not isinstance(event, Delta):
-                        return
+            async for event in job.events:
+                if first and isinstance(event, Delta):
+                    first = False
+                    observe_first_token(slot, arrived)
+                if isinstance(event, Done):
+                    observe_done(slot, event)
+                yield event
+                if not isinstance(event, Delta):
+                    return
             # The worker closed the job without an ending: it was cancelled
             # (the model is being unloaded).
             yield Failed("generation cancelled: the model is being unloaded")
         finally:
-            job.cancel()
+            job.close()
 
     async def finish(slot: ModelSlot, job: Job, arrived: float) -> tuple[str, Done]:
-        try:
-            text, done = await collect(job)
-        finally:
-            job.cancel()
+        text, done = await collect(job)
         if done.completion_tokens:
             neuron.metrics.time_to_first_token.labels(slot.id).observe(
                 time.perf_counter() - arrived - done.decode_seconds

@@ -9,10 +9,11 @@ task in the same nursery.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,13 @@ class ModelSlot:
     settled: trio.Event = attrs.field(factory=trio.Event)
     #: Set when the worker task has returned.
     worker_done: trio.Event = attrs.field(factory=trio.Event)
+    #: Set when the model is freed and the slot left ``slots``.
+    gone: trio.Event = attrs.field(factory=trio.Event)
     unloading: bool = False
+    #: Requests rendering or tokenizing on the model outside its worker.
+    users: int = 0
+    #: Set whenever ``users`` drops to zero; a fresh Event is made per wait.
+    idle: trio.Event = attrs.field(factory=trio.Event)
 
     def status_view(self) -> ModelStatus:
         stats = self.worker.statistics() if self.worker else None
@@ -201,6 +208,22 @@ class ModelManager:
             raise Unavailable(f"model {model_id!r} is not available: {slot.error or 'unloading'}")
         return slot
 
+    @contextlib.contextmanager
+    def using(self, model_id: str) -> Iterator[ModelSlot]:
+        """The serving slot, held for work done on the model outside its worker.
+
+        Rendering and tokenizing run in threads of their own; an unload waits
+        until none is left before it frees the model.
+        """
+        slot = self.serving(model_id)
+        slot.users += 1
+        try:
+            yield slot
+        finally:
+            slot.users -= 1
+            if not slot.users:
+                slot.idle.set()
+
     # -- loading ----------------------------------------------------------------------
 
     async def load(self, request: LoadRequest) -> ModelSlot:
@@ -209,10 +232,9 @@ class ModelManager:
         Raises:
           CortexError: the load failed (the slot stays, marked failed).
         """
-        slot = self.slots.get(request.model_id)
-        if slot is not None and slot.unloading:
-            await slot.worker_done.wait()
-            slot = self.slots.get(request.model_id)
+        # A model being unloaded is gone before it loads again: wait for that.
+        while (slot := self.slots.get(request.model_id)) is not None and slot.unloading:
+            await slot.gone.wait()
         if slot is None or slot.status == "failed":
             slot = ModelSlot(id=request.model_id, status="loading", devices=request.devices)
             self.slots[request.model_id] = slot
@@ -238,11 +260,21 @@ class ModelManager:
             slot.status, slot.error, slot.failure = "failed", exc.message, exc
             slot.settled.set()
             return
-        slot.model = model
-        slot.harness = model.harness
-        slot.memory_mb = model.memory_mb()
-        slot.worker = GenerationWorker(model, queue_limit=self._queue_limit)
-        await self._nursery.start(self._run_worker, slot)
+        try:
+            slot.model = model
+            slot.harness = model.harness
+            slot.memory_mb = model.memory_mb()
+            slot.worker = GenerationWorker(model, queue_limit=self._queue_limit)
+            await self._nursery.start(self._run_worker, slot)
+        except BaseException:
+            # Cancelled (shutdown) after the engine finished loading: free it here,
+            # nobody else knows about it yet.
+            slot.model = None
+            slot.status, slot.error = "failed", "neuron shutting down"
+            slot.settled.set()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(model.unload)
+            raise
         slot.status = "loaded"
         slot.loaded_at = time.time()
         slot.settled.set()
@@ -323,22 +355,32 @@ class ModelManager:
             )
         if slot.status == "loading":
             await slot.settled.wait()
+        if slot.unloading:
+            # Someone else is unloading it; a cancel still applies to what is left.
+            cancelled = slot.worker.close(cancel=True) if cancel and slot.worker else 0
+            await slot.gone.wait()
+            return cancelled
+        slot.unloading = True
+        # Requests past serving() but not yet submitted either submit now or
+        # fail; wait for them before the worker stops taking jobs.
+        while slot.users:
+            slot.idle = trio.Event()
+            await slot.idle.wait()
         cancelled = 0
         if slot.worker is not None:
-            if slot.unloading:
-                cancelled = slot.worker.close(cancel=cancel) if cancel else 0
-            else:
-                slot.unloading = True
-                cancelled = slot.worker.close(cancel=cancel)
+            cancelled = slot.worker.close(cancel=cancel)
             await slot.worker_done.wait()
-        if self.slots.get(model_id) is slot:
-            del self.slots[model_id]
+        try:
             if slot.model is not None:
                 model, slot.model = slot.model, None
                 # Shielded: an unload that has begun finishes even if its caller leaves.
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(model.unload)
                 log.info("unloaded %s (%d cancelled)", model_id, cancelled)
+        finally:
+            if self.slots.get(model_id) is slot:
+                del self.slots[model_id]
+            slot.gone.set()
         return cancelled
 
     async def unload_all(self) -> None:

@@ -33,6 +33,11 @@ from cortex.neuron.stops import StopScanner
 
 log = logging.getLogger(__name__)
 
+#: A job whose consumer reads nothing for this long is cancelled: its
+#: response never started (the client left while the head was sent) or the
+#: client stopped reading. It must not hold a generation slot forever.
+CONSUMER_STALL_SECONDS = 120.0
+
 
 @attrs.frozen
 class GenerationRequest:
@@ -86,6 +91,26 @@ class Job:
 
     def cancel(self) -> None:
         self.scope.cancel()
+
+    def close(self) -> None:
+        """The consumer is done: cancel the generation, then close the channel.
+
+        In this order, so that the thread sees a cancellation rather than a
+        closed channel.
+        """
+        self.scope.cancel()
+        self.events.close()
+
+    async def deliver(self, event: Event) -> None:
+        """Hand ``event`` to the consumer (called from the job's thread)."""
+        with trio.move_on_after(CONSUMER_STALL_SECONDS):
+            await self._send.send(event)
+            return
+        log.warning(
+            "a consumer read nothing for %.0f s: cancelling its job", CONSUMER_STALL_SECONDS
+        )
+        self.scope.cancel()
+        await trio.lowlevel.checkpoint()  # delivers the Cancelled to the thread
 
 
 @attrs.frozen
@@ -204,12 +229,17 @@ class GenerationWorker:
                         await trio.to_thread.run_sync(self._generate, job, limiter=self._threads)
                     except trio.Cancelled:
                         raise
+                    except ConsumerGone:
+                        pass
                     except Exception as exc:
                         log.exception("generation failed for %s", self.model.model_id)
                         with trio.move_on_after(1):
-                            await job._send.send(
-                                Failed(f"generation failed: {type(exc).__name__}: {exc}")
-                            )
+                            try:
+                                await job._send.send(
+                                    Failed(f"generation failed: {type(exc).__name__}: {exc}")
+                                )
+                            except trio.BrokenResourceError:
+                                pass  # nobody is listening any more
         finally:
             self._running.discard(job)
             self._tokens_generated += job.completion_tokens
@@ -226,7 +256,11 @@ class GenerationWorker:
         first_token: float | None = None
 
         def emit(event: Event) -> None:
-            trio.from_thread.run(job._send.send, event)
+            try:
+                trio.from_thread.run(job.deliver, event)
+            except trio.BrokenResourceError:
+                # The consumer closed its end without cancelling first: it is gone.
+                raise ConsumerGone from None
 
         generator = self.model.generate(request.tokens, request.sampling)
         try:
@@ -271,9 +305,12 @@ class GenerationWorker:
 
 
 async def collect(job: Job) -> tuple[str, Done]:
-    """Read a job to its end; the whole text and how it finished."""
+    """Read a job to its end; the whole text and how it finished.
+
+    The job is closed on the way out, whether it ended or the caller left.
+    """
     parts: list[str] = []
-    async with job.events:
+    try:
         async for event in job.events:
             if isinstance(event, Delta):
                 parts.append(event.text)
@@ -281,11 +318,18 @@ async def collect(job: Job) -> tuple[str, Done]:
                 return "".join(parts), event
             else:
                 raise GenerationFailed(event.message)
-    raise GenerationFailed("generation ended without a result")
+    finally:
+        job.close()
+    # The worker closed the job without an ending: the model is being unloaded.
+    raise Unavailable("generation cancelled: the model is being unloaded")
 
 
 class GenerationFailed(ServiceError):
     """The engine failed while generating."""
+
+
+class ConsumerGone(Exception):
+    """Raised in a job's thread when its consumer has closed the channel."""
 
 
 def tokens_per_second(done: Done) -> float:
