@@ -246,17 +246,29 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
             except HarnessError as exc:
                 llama.close()
                 raise ModelLoadError(f"{where}: {exc.message}") from None
+            except BaseException:
+                llama.close()
+                raise
             kv_tokens = n_ctx * options.parallel + CTX_STEP
         # --- end continuous batching ---
-    return LlamaCppModel(
-        model_id=spec.model_id,
-        llama=llama,
-        n_ctx_train=hparams.n_ctx_train or None,
-        memory_bytes=weights_bytes + kv_tokens * hparams.kv_per_token,
-        chat_format=formatter,
-        decoder=decoder,
-        tool_format=options.tool_format,
-    )
+    try:
+        return LlamaCppModel(
+            model_id=spec.model_id,
+            llama=llama,
+            n_ctx_train=hparams.n_ctx_train or None,
+            memory_bytes=weights_bytes + kv_tokens * hparams.kv_per_token,
+            chat_format=formatter,
+            decoder=decoder,
+            tool_format=options.tool_format,
+        )
+    except BaseException as exc:
+        # A broken chat template (say) must not leave the weights loaded.
+        if decoder is not None:
+            decoder.close()
+        llama.close()
+        if isinstance(exc, Exception) and not isinstance(exc, HarnessError):
+            raise ModelLoadError(f"{where}: {type(exc).__name__}: {exc}") from exc
+        raise
 
 
 class LlamaCppModel(LoadedModel):
