@@ -89,7 +89,7 @@ and nothing else:
 for a neuron,
 .I cortex.toml
 for a gateway; the standalone role reads one file with the sections of both
-([gateway], [eviction], [neuron] and [[models]], the neuron's). The model
+([gateway], [eviction], [routing], [neuron] and [[models]], the neuron's). The model
 catalogue,
 .IR models.toml ,
 is given separately with
@@ -288,6 +288,7 @@ CONFIG_TABLES: tuple[tuple[str, type], ...] = (
     ("neuron.toml: [[models]] (loaded at start)", cfg.NeuronModel),
     ("cortex.toml: [gateway]", cfg.GatewaySection),
     ("cortex.toml: [eviction]", cfg.EvictionSection),
+    ("cortex.toml: [routing]", cfg.RoutingSection),
     ("cortex.toml: [[neurons]]", cfg.NeuronEndpoint),
     ("models.toml: [[models]] (the catalogue)", cfg.CatalogModel),
 )
@@ -297,6 +298,7 @@ ENV_SECTIONS: tuple[tuple[str, type], ...] = (
     ("neuron", cfg.NeuronSection),
     ("gateway", cfg.GatewaySection),
     ("eviction", cfg.EvictionSection),
+    ("routing", cfg.RoutingSection),
 )
 
 
@@ -471,7 +473,8 @@ def _configuration() -> Iterator[str]:
     yield '.SS "models.toml: [aliases]"'
     yield (
         "\\fIalias\\fR = \\fImodel id\\fR: other names for catalogue models; a request may use "
-        "either and the neuron sees the real id."
+        "either and the neuron sees the real id. \\fIalias\\fR = [\\fIid\\fR, ...]: a tier; the "
+        "router picks a member, one already loaded and healthy before cold-loading any."
     )
 
 

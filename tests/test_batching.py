@@ -275,6 +275,7 @@ async def test_neuron_serves_streams_at_once_and_429s_beyond_the_queue(tmp_path:
                         assert (health["in_flight"], health["queue_depth"]) == (2, 1)
                         [status] = (await http.get("/models")).json()
                         assert (status["in_flight"], status["queued"]) == (2, 1)
+                        assert status["parallel"] == 2
                         refused = await http.post("/v1/completions", json=body)
                         assert refused.status_code == 429
                         assert refused.headers["retry-after"]

@@ -136,6 +136,7 @@ class ModelSlot:
             queued=stats.queued if stats else 0,
             n_ctx=self.model.n_ctx if self.model else None,
             error=self.error,
+            parallel=stats.parallel if stats else 1,
         )
 
 

@@ -1,0 +1,22 @@
+"""Trace replay: the gateway's own router against fake neurons in virtual time.
+
+``python -m cortex.sim --fleet FLEET.toml --trace TRACE.jsonl`` replays a
+trace of requests against a fleet described in a file and prints, per
+routing policy, cold loads, evictions, thrash, time to first token and the
+requests left unserved; ``--plot FILE.png`` draws queue depth and loaded
+models over time. ``python -m cortex.sim.trace`` writes a trace.
+
+What runs is the gateway's code: ``cortex.gateway.router.Router`` with its
+policy, evictor, queue and predictions, the pollers of
+``cortex.gateway.poller``, over ``cortex.gateway.state.FleetState``. Only
+the neurons are fakes (:mod:`cortex.sim.neuron`): loads, unloads and
+generation take the time the fleet file says, with ``trio.sleep``, under
+``trio.testing.MockClock(autojump_threshold=0)``, so an hour of fleet time
+replays in seconds. The clients (:mod:`cortex.sim.replay`) do what the
+proxy does around a request: ``acquire``, generate, ``release``, and
+retry a 503 after its Retry-After like the OpenAI and Anthropic SDKs do.
+
+Modules: ``fleet`` (the fleet file), ``neuron`` (fake neurons and the
+in-process ``NeuronLink``), ``replay`` (the harness), ``trace`` (the
+generator), ``report`` (table and plot).
+"""

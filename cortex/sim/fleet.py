@@ -1,0 +1,138 @@
+"""The fleet file: neurons, models and routing settings for a replay (TOML).
+
+::
+
+    [routing]                 # optional: overrides of cortex.toml's [routing]
+    max_wait = 300
+
+    [[neurons]]
+    name = "gpu-a"
+    gpus = [24576]            # VRAM per GPU, MiB; leave out for a CPU host ...
+    # memory_mb = 65536       # ... and give its memory for models instead
+    load_mbps = 2000          # how fast it reads weights into memory, MiB/s
+
+    [[models]]
+    id = "org/model-8b"
+    vram_mb = 6000
+    # load_seconds = 5        # default: 1 + vram_mb / the neuron's load_mbps
+    tokens_per_second = 60    # decode speed of one sequence
+    prefill_tokens_per_second = 3000
+    slots = 2                 # sequences generated at once
+
+Sizes and speeds are the ones the fake neurons act out; the router is told
+only what a real gateway knows (the catalogue's ``vram_mb``, what the
+neurons report) and measures the rest.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import attrs
+
+from cortex.config import (
+    CatalogModel,
+    GatewayConfig,
+    GatewaySection,
+    ModelsFile,
+    NeuronEndpoint,
+    RoutingSection,
+    read_toml,
+    structure,
+)
+from cortex.errors import ConfigError
+
+
+@attrs.define
+class SimNeuronSpec:
+    name: str
+    #: VRAM per GPU in MiB; empty: a CPU host with ``memory_mb``.
+    gpus: list[int] = attrs.field(factory=list)
+    memory_mb: int = 0
+    #: MiB/s a load moves into memory.
+    load_mbps: float = 2000.0
+
+
+@attrs.define
+class SimModelSpec:
+    id: str
+    vram_mb: int
+    #: Seconds a load takes; None: 1 + vram_mb / the neuron's load_mbps.
+    load_seconds: float | None = None
+    tokens_per_second: float = 50.0
+    prefill_tokens_per_second: float = 2000.0
+    slots: int = 1
+    pinned_on: list[str] = attrs.field(factory=list)
+    priority: int = 0
+
+    def load_time(self, neuron: SimNeuronSpec) -> float:
+        if self.load_seconds is not None:
+            return self.load_seconds
+        return 1.0 + self.vram_mb / neuron.load_mbps
+
+
+@attrs.define
+class FleetFile:
+    neurons: list[SimNeuronSpec]
+    models: list[SimModelSpec]
+    #: Overrides of cortex.toml's [routing] (policy comes from the command line).
+    routing: dict[str, Any] = attrs.field(factory=dict)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> FleetFile:
+        """Read and check a fleet file.
+
+        Raises:
+          ConfigError: one line naming the file, the key and the reason.
+        """
+        fleet = structure(cls, read_toml(path), source=str(path))
+        names = [n.name for n in fleet.neurons]
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(f"{path}: neurons: names must be present and unique")
+        for neuron in fleet.neurons:
+            if not neuron.gpus and neuron.memory_mb <= 0:
+                raise ConfigError(f"{path}: neurons.{neuron.name}: give gpus or memory_mb")
+        ids = [m.id for m in fleet.models]
+        if not ids or len(set(ids)) != len(ids):
+            raise ConfigError(f"{path}: models: ids must be present and unique")
+        try:
+            structure(RoutingSection, fleet.routing, source=str(path))
+        except ConfigError as exc:
+            raise ConfigError(f"{exc.message} (in [routing])") from None
+        return fleet
+
+    @property
+    def memory_mb(self) -> int:
+        """Memory for models over the whole fleet."""
+        return sum(sum(n.gpus) if n.gpus else n.memory_mb for n in self.neurons)
+
+    def model(self, model_id: str) -> SimModelSpec:
+        return next(m for m in self.models if m.id == model_id)
+
+    def catalogue(self) -> ModelsFile:
+        """The models.toml a gateway in front of this fleet would have."""
+        return ModelsFile(
+            models=[
+                CatalogModel(
+                    id=m.id,
+                    vram_mb=m.vram_mb,
+                    pinned_on=list(m.pinned_on),
+                    priority=m.priority,
+                )
+                for m in self.models
+            ]
+        )
+
+    def gateway_config(self, policy: str, **routing: Any) -> GatewayConfig:
+        """cortex.toml for the replay: the fleet's [routing], ``policy``, ``routing``."""
+        settings = {**self.routing, **routing, "policy": policy}
+        return GatewayConfig(
+            gateway=GatewaySection(
+                poll_interval=5.0,
+                load_timeout=3600.0,
+                first_byte_timeout=3600.0,
+            ),
+            routing=structure(RoutingSection, settings, source="routing"),
+            neurons=[NeuronEndpoint(n.name, f"sim://{n.name}") for n in self.neurons],
+        )

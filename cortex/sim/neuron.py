@@ -1,0 +1,265 @@
+"""Fake neurons in process, and the ``NeuronLink`` the router drives them through.
+
+A :class:`SimNeuron` holds models in device (or host) memory, loads one in
+the time its fleet file gives, unloads once its requests are done, and
+generates with up to ``slots`` sequences at once per model: a request waits
+for a slot, then takes ``prompt_tokens / prefill_tokens_per_second`` to its
+first token and ``max_tokens / tokens_per_second`` more to its last. All of
+it is ``trio.sleep``: under a ``MockClock`` it costs no real time.
+
+It answers what a real neuron's ``/discovery``, ``/health`` and ``/models``
+would, as the same types (``cortex.fleet``), through :class:`SimLink`, so
+the gateway's pollers and router see it as they would a real one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from cortex.errors import ModelNotFound, Unavailable
+from cortex.fleet import (
+    Activation,
+    Cpu,
+    Device,
+    DeviceSample,
+    Discovery,
+    Health,
+    MemoryBudget,
+    ModelStatus,
+)
+from cortex.gateway.state import NeuronState
+from cortex.sim.fleet import SimModelSpec, SimNeuronSpec
+
+#: Seconds an unload takes once the model is idle.
+UNLOAD_SECONDS = 0.5
+
+
+@attrs.define(eq=False)
+class Resident:
+    """A model loaded on a fake neuron."""
+
+    spec: SimModelSpec
+    devices: list[int]
+    loaded_at: float
+    slots: trio.CapacityLimiter
+    last_used: float | None = None
+    in_flight: int = 0
+    queued: int = 0
+    idle: trio.Event = attrs.field(factory=trio.Event)
+
+    def memory(self, gpu: bool) -> dict[int, int]:
+        if not gpu:
+            return {-1: self.spec.vram_mb}
+        share = math.ceil(self.spec.vram_mb / len(self.devices))
+        return dict.fromkeys(self.devices, share)
+
+
+@attrs.frozen
+class Generation:
+    """When a request got its slot, its first token and its last (trio time)."""
+
+    slot_at: float
+    first_token_at: float
+    done_at: float
+    completion_tokens: int
+
+
+@attrs.define(eq=False)
+class SimNeuron:
+    spec: SimNeuronSpec
+    models: dict[str, SimModelSpec]
+    #: The fleet's wall clock (virtual): what ``loaded_at`` and ``last_used`` use.
+    clock: Callable[[], float]
+    resident: dict[str, Resident] = attrs.field(factory=dict)
+    loading: dict[str, trio.Event] = attrs.field(factory=dict)
+    #: Loads and unloads done, for the report: (trio time, "load" | "unload", model).
+    log: list[tuple[float, str, str]] = attrs.field(factory=list)
+
+    @property
+    def gpu(self) -> bool:
+        return bool(self.spec.gpus)
+
+    def used(self) -> dict[int, int]:
+        used = dict.fromkeys(range(len(self.spec.gpus)), 0) if self.gpu else {-1: 0}
+        for resident in self.resident.values():
+            for index, mb in resident.memory(self.gpu).items():
+                used[index] = used.get(index, 0) + mb
+        return used
+
+    def total(self) -> dict[int, int]:
+        return dict(enumerate(self.spec.gpus)) if self.gpu else {-1: self.spec.memory_mb}
+
+    # -- what a neuron reports --------------------------------------------------------
+
+    def discovery(self) -> Discovery:
+        return Discovery(
+            hostname=self.spec.name,
+            os="sim",
+            kernel="sim",
+            cpu=Cpu(model="sim", cores=16),
+            ram_total_mb=self.spec.memory_mb or 65536,
+            devices=[
+                Device(i, f"SIM-{self.spec.name}-{i}", "Sim GPU", vram, "9.0")
+                for i, vram in enumerate(self.spec.gpus)
+            ],
+        )
+
+    def health(self) -> Health:
+        used, total = self.used(), self.total()
+        return Health(
+            uptime_secs=trio.current_time(),
+            devices=[
+                DeviceSample(i, used[i], total[i] - used[i]) for i in range(len(self.spec.gpus))
+            ],
+            memory=MemoryBudget(
+                total_mb=self.spec.memory_mb or 65536,
+                used_mb=0 if self.gpu else used[-1],
+            ),
+            activation=Activation(),
+            queue_depth=sum(r.queued for r in self.resident.values()),
+            in_flight=sum(r.in_flight for r in self.resident.values()),
+        )
+
+    def statuses(self) -> list[ModelStatus]:
+        out = [
+            ModelStatus(
+                id=model_id,
+                harness="sim",
+                status="loaded",
+                devices=list(r.devices),
+                memory_mb=r.spec.vram_mb,
+                loaded_at=r.loaded_at,
+                last_used=r.last_used,
+                in_flight=r.in_flight,
+                queued=r.queued,
+                parallel=r.spec.slots,
+            )
+            for model_id, r in self.resident.items()
+        ]
+        out += [ModelStatus(id=m, harness="sim", status="loading") for m in self.loading]
+        return out
+
+    def status(self, model_id: str) -> ModelStatus:
+        return next(s for s in self.statuses() if s.id == model_id)
+
+    # -- what a neuron does -----------------------------------------------------------
+
+    async def load(self, model_id: str, devices: list[int]) -> ModelStatus:
+        """Load ``model_id`` on ``devices``; join a load of it already under way.
+
+        Raises:
+          ModelNotFound: not a model of the fleet file.
+          Unavailable: it does not fit in the memory free now.
+        """
+        if model_id in self.resident:
+            return self.status(model_id)
+        if model_id in self.loading:
+            await self.loading[model_id].wait()
+            if model_id not in self.resident:
+                raise Unavailable(f"loading {model_id} on {self.spec.name} failed")
+            return self.status(model_id)
+        spec = self.models.get(model_id)
+        if spec is None:
+            raise ModelNotFound(f"{model_id} is not a model of this fleet")
+        if self.gpu and not devices:
+            devices = [0]
+        need = Resident(spec, devices, 0.0, trio.CapacityLimiter(1)).memory(self.gpu)
+        used, total = self.used(), self.total()
+        if any(used.get(i, 0) + mb > total.get(i, 0) for i, mb in need.items()):
+            raise Unavailable(f"no memory for {model_id} on {self.spec.name}")
+        done = self.loading[model_id] = trio.Event()
+        try:
+            await trio.sleep(spec.load_time(self.spec))
+            self.resident[model_id] = Resident(
+                spec=spec,
+                devices=devices,
+                loaded_at=self.clock(),
+                slots=trio.CapacityLimiter(max(1, spec.slots)),
+            )
+            self.resident[model_id].idle.set()
+            self.log.append((trio.current_time(), "load", model_id))
+        finally:
+            del self.loading[model_id]
+            done.set()
+        return self.status(model_id)
+
+    async def unload(self, model_id: str) -> None:
+        """Unload ``model_id`` once its requests are done.
+
+        Raises:
+          ModelNotFound: it is not loaded here.
+        """
+        resident = self.resident.get(model_id)
+        if resident is None:
+            raise ModelNotFound(f"{model_id} is not loaded on {self.spec.name}")
+        while resident.in_flight or resident.queued:
+            await resident.idle.wait()
+        await trio.sleep(UNLOAD_SECONDS)
+        if self.resident.get(model_id) is resident:
+            del self.resident[model_id]
+            self.log.append((trio.current_time(), "unload", model_id))
+
+    async def generate(self, model_id: str, prompt_tokens: int, max_tokens: int) -> Generation:
+        """Serve one request to its last token.
+
+        Raises:
+          ModelNotFound: the model is not loaded here (as a real neuron's 404).
+        """
+        resident = self.resident.get(model_id)
+        if resident is None:
+            raise ModelNotFound(f"model {model_id} is not loaded on {self.spec.name}")
+        if resident.idle.is_set():
+            resident.idle = trio.Event()
+        resident.queued += 1
+        try:
+            try:
+                await resident.slots.acquire()
+            finally:
+                resident.queued -= 1
+            resident.in_flight += 1
+            try:
+                slot_at = trio.current_time()
+                resident.last_used = self.clock()
+                spec = resident.spec
+                await trio.sleep(prompt_tokens / spec.prefill_tokens_per_second)
+                first = trio.current_time()
+                await trio.sleep(max_tokens / spec.tokens_per_second)
+                resident.last_used = self.clock()
+                return Generation(slot_at, first, trio.current_time(), max_tokens)
+            finally:
+                resident.in_flight -= 1
+                resident.slots.release()
+        finally:
+            if not (resident.in_flight or resident.queued):
+                resident.idle.set()
+
+
+@attrs.define(eq=False)
+class SimLink:
+    """``cortex.gateway.upstream.NeuronLink`` over :class:`SimNeuron` s, in process."""
+
+    neurons: dict[str, SimNeuron]
+
+    async def discovery(self, neuron: NeuronState) -> Discovery:
+        await trio.lowlevel.checkpoint()
+        return self.neurons[neuron.name].discovery()
+
+    async def health(self, neuron: NeuronState) -> Health:
+        await trio.lowlevel.checkpoint()
+        return self.neurons[neuron.name].health()
+
+    async def models(self, neuron: NeuronState) -> list[ModelStatus]:
+        await trio.lowlevel.checkpoint()
+        return self.neurons[neuron.name].statuses()
+
+    async def load(self, neuron: NeuronState, body: dict[str, object]) -> ModelStatus | None:
+        devices = body.get("devices") or []
+        assert isinstance(devices, list)
+        return await self.neurons[neuron.name].load(str(body["model_id"]), devices)
+
+    async def unload(self, neuron: NeuronState, model_id: str) -> None:
+        await self.neurons[neuron.name].unload(model_id)
