@@ -13,6 +13,12 @@ non-streaming and streaming:
     when it is installed, else an asyncio client in its own process):
     requests/s at saturation.
 
+``--asgi`` adds a second backend: a bare ASGI app on hypercorn (trio) with
+the same answers, measured directly and through a second gateway in front
+of it. That pair is the like-for-like comparison with ../shared/FINDINGS.md
+(a naive quart-trio proxy reached 33% of a trivial quart-trio route), the
+raw asyncio backend being several times faster than any Python ASGI server.
+
 Everything runs ``--rounds`` times (the machine is shared: read the load
 average printed with each round). The ``cpu`` columns are the gateway
 process's CPU milliseconds per request, steadier than latency on a busy
@@ -24,7 +30,7 @@ p99 under 3 ms, streaming first byte within 1 ms of direct; at 64 clients,
 gateway throughput at least 40% of direct.
 
     .venv/bin/python contrib/bench/gateway.py [--requests 500] [--clients 64] [--duration 5]
-        [--rounds 2] [--loadgen wrk|python] [--cortex DIR]
+        [--rounds 2] [--loadgen wrk|python] [--cortex DIR] [--asgi]
 """
 
 from __future__ import annotations
@@ -74,8 +80,8 @@ def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def canned() -> tuple[dict[str, bytes], list[bytes]]:
-    """Every answer the backend gives, encoded once, and a stream's chunks."""
+def payloads() -> tuple[dict[str, bytes], list[bytes]]:
+    """The bodies of the backend's JSON answers, and a stream's SSE events."""
     ids = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": CREATED}
     frames = []
     for n, word in enumerate(WORDS):
@@ -135,19 +141,28 @@ def canned() -> tuple[dict[str, bytes], list[bytes]]:
         "queue_depth": 0,
         "in_flight": 0,
     }
-    stream_head = (
+    bodies = {
+        "completion": json.dumps(completion).encode(),
+        "/discovery": json.dumps(discovery).encode(),
+        "/health": json.dumps(health).encode(),
+        "/models": json.dumps([model_status]).encode(),
+        "404": b'{"error": {"message": "not found"}}',
+    }
+    return bodies, sse
+
+
+def canned() -> tuple[dict[str, bytes], list[bytes]]:
+    """Every answer the raw backend gives, encoded once, and a stream's chunks."""
+    bodies, sse = payloads()
+    answers = {
+        name: _json_response(body, "404 Not Found" if name == "404" else "200 OK")
+        for name, body in bodies.items()
+    }
+    answers["stream_head"] = (
         b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
         b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
     )
-    answers = {
-        "completion": _json_response(json.dumps(completion).encode()),
-        "stream_head": stream_head,
-        "stream_end": b"0\r\n\r\n",
-        "/discovery": _json_response(json.dumps(discovery).encode()),
-        "/health": _json_response(json.dumps(health).encode()),
-        "/models": _json_response(json.dumps([model_status]).encode()),
-        "404": _json_response(b'{"error": {"message": "not found"}}', "404 Not Found"),
-    }
+    answers["stream_end"] = b"0\r\n\r\n"
     return answers, [_chunk(f) for f in sse]
 
 
@@ -207,6 +222,54 @@ def run_backend(port: int) -> None:
             await server.serve_forever()
 
     asyncio.run(serve())
+
+
+def asgi_backend() -> object:
+    """The same answers as a bare ASGI app (no framework), for hypercorn."""
+    bodies, sse = payloads()
+    json_headers = [(b"content-type", b"application/json")]
+    sse_headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+    async def app(scope: dict, receive, send) -> None:  # type: ignore[no-untyped-def]
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        path = scope["path"]
+        if path.startswith("/v1/") and b'"stream":true' in body.replace(b" ", b""):
+            await send({"type": "http.response.start", "status": 200, "headers": sse_headers})
+            for frame in sse:
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        answer = bodies["completion"] if path.startswith("/v1/") else bodies.get(path)
+        status = 200 if answer is not None else 404
+        await send({"type": "http.response.start", "status": status, "headers": json_headers})
+        await send({"type": "http.response.body", "body": answer or bodies["404"]})
+
+    return app
+
+
+def run_asgi_backend(port: int) -> None:
+    import hypercorn.config
+    import hypercorn.trio
+    import trio
+
+    config = hypercorn.config.Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    config.backlog = 1024
+    # Like the gateway's own server (cortex.serve): no keep-alive limit in the way.
+    config.keep_alive_timeout = 75
+    trio.run(hypercorn.trio.serve, asgi_backend(), config)
 
 
 # -- a raw HTTP/1.1 client --------------------------------------------------------
@@ -455,30 +518,47 @@ def wait_ready(port: int, path: str, needle: bytes, timeout: float = 30.0) -> No
 
 
 def measure(
-    backend_port: int, gateway_port: int, gateway_pid: int, args: argparse.Namespace
+    paths: list[tuple[str, int, int]], args: argparse.Namespace
 ) -> list[tuple[str, dict[str, dict[str, float]], dict[str, dict[str, float]]]]:
-    """One round: both kinds, both paths, in sequence and at saturation.
+    """One round: both kinds, every path, in sequence and at saturation.
 
-    Each result also carries ``cpu``: the gateway process's CPU milliseconds
-    per request while that load ran (about zero on the direct path).
+    ``paths``: (label, port, pid of the gateway that path belongs to). Each
+    result also carries ``cpu``: that gateway process's CPU milliseconds per
+    request while the load ran (about zero on a direct path).
     """
     saturate = saturate_wrk if args.loadgen == "wrk" else saturate_python
-    paths = (("direct", backend_port), ("gateway", gateway_port))
     rows = []
     for stream in (False, True):
         seq, sat = {}, {}
-        for path, port in paths:
-            cpu = cpu_seconds(gateway_pid)
+        for path, port, pid in paths:
+            cpu = cpu_seconds(pid)
             seq[path] = sequential(port, stream, args.requests)
-            spent = cpu_seconds(gateway_pid) - cpu
+            spent = cpu_seconds(pid) - cpu
             seq[path]["cpu"] = spent / (args.requests + min(50, args.requests)) * 1000
-        for path, port in paths:
-            cpu = cpu_seconds(gateway_pid)
+        for path, port, pid in paths:
+            cpu = cpu_seconds(pid)
             sat[path] = saturate(port, stream, args.clients, args.duration)
-            spent = cpu_seconds(gateway_pid) - cpu
+            spent = cpu_seconds(pid) - cpu
             sat[path]["cpu"] = spent / max(1.0, sat[path]["rps"] * args.duration) * 1000
         rows.append(("stream" if stream else "json", seq, sat))
     return rows
+
+
+def start_gateway(backend_port: int, cortex: str | None) -> tuple[subprocess.Popen, int]:
+    gateway_port, metrics_port = free_port(), free_port()
+    command = [
+        *(sys.executable, "-m", "cortex", "--role", "gateway"),
+        *("--neuron", f"b=http://127.0.0.1:{backend_port}"),
+        *("--listen", f"127.0.0.1:{gateway_port}"),
+        *("--metrics-listen", f"127.0.0.1:{metrics_port}"),
+        *("--log-level", "warning"),
+    ]
+    env = dict(os.environ)
+    if cortex:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [cortex, env.get("PYTHONPATH")]))
+    # ``python -m`` puts the working directory first on sys.path: run there too,
+    # or the checkout the bench was started from wins over ``cortex``.
+    return subprocess.Popen(command, env=env, cwd=cortex or None), gateway_port
 
 
 def main() -> None:
@@ -491,40 +571,44 @@ def main() -> None:
     parser.add_argument(
         "--cortex", metavar="DIR", help="run the gateway from the cortex package under DIR"
     )
+    parser.add_argument(
+        "--asgi",
+        action="store_true",
+        help="also measure a bare ASGI backend on hypercorn, directly and through a gateway",
+    )
     parser.add_argument("--backend", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--asgi-backend", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.backend:
         run_backend(args.backend)
         return
+    if args.asgi_backend:
+        run_asgi_backend(args.asgi_backend)
+        return
     args.loadgen = args.loadgen or ("wrk" if shutil.which("wrk") else "python")
-    env = dict(os.environ)
-    if args.cortex:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.cortex, env.get("PYTHONPATH")]))
 
-    backend_port, gateway_port, metrics_port = free_port(), free_port(), free_port()
-    processes = [
-        subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--backend", str(backend_port)]
-        )
-    ]
+    backends = [("direct", "--backend")] + ([("asgi", "--asgi-backend")] if args.asgi else [])
+    processes: list[subprocess.Popen] = []
+    paths: list[tuple[str, int, int]] = []
     try:
-        wait_ready(backend_port, "/health", b"uptime_secs")
-        gateway = [
-            *(sys.executable, "-m", "cortex", "--role", "gateway"),
-            *("--neuron", f"b=http://127.0.0.1:{backend_port}"),
-            *("--listen", f"127.0.0.1:{gateway_port}"),
-            *("--metrics-listen", f"127.0.0.1:{metrics_port}"),
-            *("--log-level", "warning"),
-        ]
-        processes.append(subprocess.Popen(gateway, env=env))
-        wait_ready(gateway_port, "/v1/models", b'"loaded": true')
+        for label, flag in backends:
+            backend_port = free_port()
+            here = os.path.abspath(__file__)
+            processes.append(subprocess.Popen([sys.executable, here, flag, str(backend_port)]))
+            wait_ready(backend_port, "/health", b"uptime_secs")
+            gateway, gateway_port = start_gateway(backend_port, args.cortex)
+            processes.append(gateway)
+            wait_ready(gateway_port, "/v1/models", b'"loaded": true')
+            paths.append((label, backend_port, gateway.pid))
+            paths.append(("gateway" if label == "direct" else "gw>asgi", gateway_port, gateway.pid))
+        print(f"gateway from {args.cortex or 'this checkout'}")
         print(
             f"one client: {args.requests} requests in sequence; {args.clients} clients "
             f"for {args.duration:g} s ({args.loadgen}); {os.cpu_count()} cores"
         )
         for round in range(1, args.rounds + 1):
             load = os.getloadavg()[0]
-            rows = measure(backend_port, gateway_port, processes[1].pid, args)
+            rows = measure(paths, args)
             print(
                 f"\nround {round}, load average {load:.2f} before, {os.getloadavg()[0]:.2f} after"
             )
@@ -536,13 +620,18 @@ def main() -> None:
 
 
 def report(rows: list, clients: int) -> None:
-    """The table, then the targets met or missed."""
+    """The table, then the targets met or missed.
+
+    Rows: ``direct`` the raw asyncio backend, ``gateway`` a gateway in front
+    of it; with ``--asgi``, ``asgi`` the hypercorn ASGI backend and
+    ``gw>asgi`` a gateway in front of that.
+    """
     print(
         f"{'':<7}{'path':<8}| 1 client: {'p50':>6}{'p99':>7}{'first':>7}{'first99':>8}{'cpu':>6}"
         f" | {clients} clients: {'req/s':>6}{'p50':>7}{'p99':>7}{'cpu':>6}"
     )
     for kind, seq, sat in rows:
-        for path in ("direct", "gateway"):
+        for path in seq:
             s, t = seq[path], sat[path]
             print(
                 f"{kind:<7}{path:<8}|{'':>10}{s['p50']:>6.2f}{s['p99']:>7.2f}{s['first50']:>7.2f}"
@@ -564,6 +653,9 @@ def report(rows: list, clients: int) -> None:
         verdict.append(
             f"throughput {ratio:.1%} of direct ({'ok' if ratio >= 0.4 else 'MISS'} >=40%)"
         )
+        if "asgi" in sat:
+            asgi = sat["gw>asgi"]["rps"] / sat["asgi"]["rps"]
+            verdict.append(f"{asgi:.1%} of the ASGI backend (a naive proxy: 33%)")
         print(f"{kind:<7}" + "; ".join(verdict))
 
 

@@ -44,7 +44,7 @@ from cortex.gateway.fleetview import fleet_view
 from cortex.gateway.metrics import UNKNOWN, GatewayMetrics
 from cortex.gateway.passthrough import OPENAI_ENDPOINTS, Passthrough, new_request_id
 from cortex.gateway.poller import poll_neuron
-from cortex.gateway.proxy import CLIENT_CLOSED, Exchange, Proxy, close_quietly
+from cortex.gateway.proxy import CLIENT_CLOSED, Exchange, Proxy
 from cortex.gateway.reload import reload_catalogue
 from cortex.gateway.router import Router
 from cortex.gateway.state import LOADED, LOADING, FleetState, feasible
@@ -110,7 +110,7 @@ class Gateway:
             load_timeout=httpx.Timeout(section.load_timeout, connect=section.connect_timeout),
         )
         router = Router(config=config, state=state, api=api, metrics=metrics)
-        proxy = Proxy(client=client, router=router, section=section, metrics=metrics)
+        proxy = Proxy(router=router, section=section, metrics=metrics)
         return cls(
             config=config,
             state=state,
@@ -320,14 +320,14 @@ def _quart_app(gateway: Gateway) -> QuartTrio:
             return error_response(exc, anthropic_dialect=True, request_id=ex.request_id)
         except BaseException:
             if ex.response is not None:
-                await close_quietly(ex.response)
+                ex.response.close()
             gateway.count_error(ex, CLIENT_CLOSED)
             raise
         assert ex.response is not None and ex.model is not None
         if ex.stream:
             body = relay_anthropic(ex, ex.model, input_tokens)
             return _stream_response(body, "text/event-stream", ex.request_id, True)
-        await ex.response.aclose()
+        ex.response.close()
         try:
             answer = translate.openai_to_anthropic(json.loads(ex.first), model=ex.model)
         except (ValueError, KeyError, IndexError, TypeError) as exc:
@@ -415,7 +415,7 @@ def _quart_app(gateway: Gateway) -> QuartTrio:
                 yield encode(stream.finish())
         finally:
             assert ex.response is not None
-            await close_quietly(ex.response)
+            ex.response.close()
             proxy.finish(ex, status=status, usage=usage)
 
     @app.post("/v1/messages/count_tokens")
@@ -594,7 +594,7 @@ def _metrics_app(metrics: GatewayMetrics) -> Any:
 
 
 def make_client(config: GatewayConfig) -> httpx.AsyncClient:
-    """The one HTTP client to every neuron (connection pool shared by all tasks)."""
+    """The HTTP client of the fleet API calls (requests are proxied by ``Proxy``'s own pools)."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(CALL_TIMEOUT, connect=config.gateway.connect_timeout),
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
@@ -662,6 +662,7 @@ async def run_gateway(
                 task_status.started(GatewayHandle(api_url, metrics_url, gateway.state))
             # Both servers have drained: stop polling and any load under way.
             background.cancel_scope.cancel()
+        gateway.proxy.close()
 
 
 __all__ = ["UNKNOWN", "Gateway", "GatewayHandle", "create_app", "run_gateway"]

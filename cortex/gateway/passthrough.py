@@ -5,10 +5,10 @@ nearly all of a gateway's traffic, and Quart's request and response
 machinery (request context, routing, header objects, the body's events) is
 pure overhead for them: contrib/bench/gateway.py measured about 0.3 ms of
 gateway CPU per request less without it (5-10%; the rest is hypercorn and
-httpx). :class:`Passthrough` answers a POST to those paths itself, straight from
-the ASGI scope, and hands everything else (other paths, other methods, the
-lifespan) to the Quart app, so 405s, ``OPTIONS`` and every other route
-behave as Quart makes them.
+the hop to the neuron). :class:`Passthrough` answers a POST to those paths
+itself, straight from the ASGI scope, and hands everything else (other
+paths, other methods, the lifespan) to the Quart app, so 405s, ``OPTIONS``
+and every other route behave as Quart makes them.
 
 What a client sees is what the Quart route sent before: the same status,
 headers, error envelopes (``openai.error_body`` via ``error_parts``), body
@@ -33,7 +33,7 @@ from werkzeug.exceptions import InternalServerError
 
 from cortex.errors import CortexError, InvalidRequest, PayloadTooLarge
 from cortex.gateway.envelope import error_parts
-from cortex.gateway.proxy import CLIENT_CLOSED, Exchange, close_quietly, usage_from_body
+from cortex.gateway.proxy import CLIENT_CLOSED, Exchange, usage_from_body
 
 if TYPE_CHECKING:
     from cortex.gateway.app import Gateway
@@ -169,7 +169,7 @@ class Passthrough:
             return
         except BaseException:
             if ex.response is not None:
-                await close_quietly(ex.response)
+                ex.response.close()
             self.gateway.count_error(ex, CLIENT_CLOSED)
             raise
         response = ex.response
@@ -177,12 +177,12 @@ class Passthrough:
         content_type = response.headers.get("content-type", "application/json").encode("latin-1")
         id_header = (b"x-request-id", ex.request_id.encode("latin-1"))
         if not ex.stream:
-            await response.aclose()
-            proxy.finish(ex, status=response.status_code, usage=usage_from_body(ex.first))
+            response.close()
+            proxy.finish(ex, status=response.status, usage=usage_from_body(ex.first))
             await send(
                 {
                     "type": "http.response.start",
-                    "status": response.status_code,
+                    "status": response.status,
                     "headers": [
                         (b"content-type", content_type),
                         (b"content-length", b"%d" % len(ex.first)),

@@ -12,9 +12,15 @@ event if the neuron fails; ``relay_anthropic`` translates it.
 Metrics watch the stream without parsing it: the time of the first chunk,
 and the usage found in the last few chunks once the stream ends.
 
+The hop to the neuron is ``cortex.gateway.hop`` (HTTP/1.1 on trio streams,
+one pool of keep-alive connections per neuron), not httpx: httpx and
+httpcore cost about half of the gateway's CPU per request. Its timeouts
+are the cancel scopes here: the connect, the first byte, each chunk.
+
 Resource handling: the upstream response is closed in ``finally`` of each
-relay (shielded, with a short deadline), so a client that goes away closes
-the neuron's connection and the neuron stops generating.
+relay, so a client that goes away closes the neuron's connection and the
+neuron stops generating; only a response read to its end gives its
+connection back for the next request.
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ import collections
 import json
 import logging
 from collections.abc import AsyncIterator, Iterable
+from functools import partial
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
-import httpx
 import trio
 
 from cortex.config import GatewaySection
@@ -37,10 +44,11 @@ from cortex.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from cortex.gateway import hop
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.gateway.router import Router
 from cortex.gateway.state import NeuronState
-from cortex.gateway.upstream import error_from_response, transport_error
+from cortex.gateway.upstream import error_from_response
 from cortex.wire import openai, sse
 
 log = logging.getLogger(__name__)
@@ -62,11 +70,11 @@ class Exchange:
     model: str | None = None
     stream: bool = False
     neuron: NeuronState | None = None
-    response: httpx.Response | None = None
+    #: The neuron's response; a stream's later chunks are read from it.
+    response: hop.Response | None = None
     #: A stream's first chunk, or the whole body when not streaming.
     first: bytes = b""
     first_at: float | None = None
-    chunks: AsyncIterator[bytes] | None = None
     finished: bool = False
 
 
@@ -77,10 +85,8 @@ class _Retry(Exception):
         self.exclude = exclude
 
 
-async def close_quietly(response: httpx.Response) -> None:
-    # Runs in finally blocks, often while cancelled: shield it, briefly.
-    with trio.CancelScope(shield=True, deadline=trio.current_time() + 2):
-        await response.aclose()
+class _ConnectTimeout(hop.HopError):
+    """No connection within ``connect_timeout`` (a TooSlowError would read as no first byte)."""
 
 
 def usage_from_tail(tail: Iterable[bytes]) -> dict[str, Any] | None:
@@ -129,18 +135,34 @@ def token_counts(usage: dict[str, Any] | None) -> tuple[int, int] | None:
 
 @attrs.define(eq=False)
 class Proxy:
-    client: httpx.AsyncClient
     router: Router
     section: GatewaySection
     metrics: GatewayMetrics
+    #: Keep-alive connections, one pool per neuron endpoint.
+    pools: dict[str, hop.Pool] = attrs.field(factory=dict, init=False)
 
-    #: Reads are bounded by the first-byte and idle deadlines below, not by httpx.
-    timeout: httpx.Timeout = attrs.field(init=False)
+    def pool(self, base_url: str) -> hop.Pool:
+        pool = self.pools.get(base_url)
+        if pool is None:
+            pool = self.pools[base_url] = hop.Pool(partial(self._connect, base_url))
+        return pool
 
-    def __attrs_post_init__(self) -> None:
-        self.timeout = httpx.Timeout(
-            connect=self.section.connect_timeout, read=None, write=None, pool=None
-        )
+    async def _connect(self, base_url: str) -> trio.abc.Stream:
+        url = urlsplit(base_url)
+        host = url.hostname or "127.0.0.1"
+        tls = url.scheme == "https"
+        with trio.move_on_after(self.section.connect_timeout):
+            if tls:
+                return await trio.open_ssl_over_tcp_stream(
+                    host, url.port or 443, https_compatible=True
+                )
+            return await trio.open_tcp_stream(host, url.port or 80)
+        raise _ConnectTimeout(f"no connection within {self.section.connect_timeout:g} s")
+
+    def close(self) -> None:
+        """Close the idle connections to every neuron."""
+        for pool in self.pools.values():
+            pool.close()
 
     # -- before the first byte ------------------------------------------------
 
@@ -186,51 +208,51 @@ class Proxy:
         raise last_error
 
     async def _attempt(self, ex: Exchange, neuron: NeuronState, path: str, content: bytes) -> None:
-        headers = {
-            "content-type": "application/json",
-            "accept-encoding": "identity",
-            "x-request-id": ex.request_id,
-        }
+        base_url = neuron.base_url
+        url = urlsplit(base_url)
+        headers = [
+            ("host", url.netloc),
+            ("content-type", "application/json"),
+            ("accept-encoding", "identity"),
+            ("x-request-id", ex.request_id),
+        ]
         if neuron.token:
-            headers["authorization"] = f"Bearer {neuron.token}"
-        request = self.client.build_request(
-            "POST",
-            neuron.base_url + path,
-            content=content,
-            headers=headers,
-            timeout=self.timeout,
-        )
+            headers.append(("authorization", f"Bearer {neuron.token}"))
+        request = hop.encode_request("POST", url.path + path, headers, content)
         assert ex.model is not None
         try:
             with trio.fail_after(self.section.first_byte_timeout):
-                response = await self.client.send(request, stream=True)
+                response = await self.pool(base_url).send(request)
                 try:
-                    if response.status_code >= 400:
-                        body = await response.aread()
-                        error = error_from_response(response.status_code, body, response.headers)
-                        if response.status_code == 404:
+                    if response.status >= 400:
+                        body = await response.read()
+                        error = error_from_response(response.status, body, response.headers)
+                        if response.status == 404:
                             # Unloaded since the last poll: route again.
                             self.router.forget(neuron, ex.model)
                             raise _Retry(error, exclude=False)
-                        if response.status_code in (502, 503):
+                        if response.status in (502, 503):
                             raise _Retry(error, exclude=True)
                         raise error
                     if ex.stream:
-                        chunks = response.aiter_raw()
-                        first = await anext(chunks, b"")
-                        ex.chunks = chunks
+                        first = await anext(response, b"")
                     else:
-                        first = await response.aread()
+                        first = await response.read()
                 except BaseException:
-                    await close_quietly(response)
+                    response.close()
                     raise
         except trio.TooSlowError:
             raise UpstreamTimeout(
                 f"neuron {neuron.name} sent nothing within {self.section.first_byte_timeout:g} s"
             )
-        except httpx.HTTPError as exc:
+        except hop.HopError as exc:
             neuron.mark_suspect(f"{type(exc).__name__}: {exc}")
-            raise _Retry(transport_error(neuron, exc), exclude=True)
+            error: CortexError
+            if isinstance(exc, _ConnectTimeout):
+                error = UpstreamTimeout(f"neuron {neuron.name} did not answer in time")
+            else:
+                error = UpstreamError(f"neuron {neuron.name} unreachable: {exc}")
+            raise _Retry(error, exclude=True)
         ex.neuron, ex.response, ex.first = neuron, response, first
         ex.first_at = trio.current_time()
 
@@ -243,15 +265,15 @@ class Proxy:
           UpstreamTimeout: nothing for ``idle_timeout`` seconds.
           UpstreamError: the neuron dropped the connection.
         """
-        assert ex.chunks is not None and ex.neuron is not None
+        assert ex.response is not None and ex.neuron is not None
         try:
             with trio.fail_after(self.section.idle_timeout):
-                return await anext(ex.chunks, None)
+                return await anext(ex.response, None)
         except trio.TooSlowError:
             raise UpstreamTimeout(
                 f"neuron {ex.neuron.name} sent nothing for {self.section.idle_timeout:g} s"
             )
-        except httpx.HTTPError as exc:
+        except hop.HopError as exc:
             raise UpstreamError(f"neuron {ex.neuron.name} failed mid-stream: {exc}")
 
     async def relay(self, ex: Exchange) -> AsyncIterator[bytes]:
@@ -275,7 +297,7 @@ class Proxy:
                 status = 200
         finally:
             assert ex.response is not None
-            await close_quietly(ex.response)
+            ex.response.close()
             self.finish(ex, status=status, usage=usage_from_tail(tail))
 
     def finish(self, ex: Exchange, *, status: int, usage: dict[str, Any] | None = None) -> None:

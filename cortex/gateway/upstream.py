@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import attrs
@@ -36,14 +37,14 @@ from cortex.gateway.state import NeuronState
 log = logging.getLogger(__name__)
 
 
-def retry_after(headers: httpx.Headers, default: int) -> int:
+def retry_after(headers: Mapping[str, str], default: int) -> int:
     try:
         return max(1, int(headers.get("retry-after", default)))
     except ValueError:
         return default
 
 
-def error_from_response(status: int, body: bytes, headers: httpx.Headers) -> CortexError:
+def error_from_response(status: int, body: bytes, headers: Mapping[str, str]) -> CortexError:
     """The CortexError a neuron's error answer stands for.
 
     The neuron sends OpenAI envelopes; message, param and code are kept, the
