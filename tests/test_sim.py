@@ -121,22 +121,53 @@ def test_thrash_count_and_percentiles() -> None:
 def test_short_replay_against_the_baseline() -> None:
     fleet = FleetFile.read(FLEET)
     trace = generate(fleet, TraceSettings(duration=900, seed=2))
+    max_wait = fleet.gateway_config("predictive").routing.max_wait
     fixed = replay(fleet, trace, "fixed")
     predictive = replay(fleet, trace, "predictive")
     patient = replay(fleet, trace, "predictive", routing={"patience": 1.0})
-    base, ours, fewer = Row.of(fixed), Row.of(predictive), Row.of(patient)
-    print(table([fixed, predictive, patient]))
-    for row in (base, ours, fewer):
+    holding = replay(fleet, trace, "predictive", routing={"patience": 4.0})
+    base, ours, fewer, fewest = (Row.of(r) for r in (fixed, predictive, patient, holding))
+    print(table([fixed, predictive, patient, holding]))
+    for row in (base, ours, fewer, fewest):
         assert row.requests == len(trace) and row.cold_loads > 0
     # Every request served, none waited at the gateway past the maximum.
-    assert ours.unserved == 0 and fewer.unserved == 0
-    assert ours.wait_max <= fleet.gateway_config("predictive").routing.max_wait
-    # Measured on this trace: a shorter tail at about the same loads; with
-    # patience, fewer loads and less thrash than the baseline.
-    assert ours.ttft_p99 < base.ttft_p99
+    for row in (ours, fewer, fewest):
+        assert row.unserved == 0 and row.wait_max <= max_wait
+    # Measured on this trace (fixed ~80 loads, p99 ~26 s; predictive ~86,
+    # ~18.5 s; patience 1: ~62, ~38 s; patience 4: ~52, ~55 s): a shorter
+    # tail at about the same loads, or fewer loads bought with waiting.
+    assert ours.ttft_p99 < 0.85 * base.ttft_p99
     assert ours.cold_loads <= 1.2 * base.cold_loads
-    assert fewer.cold_loads < base.cold_loads and fewer.thrash < base.thrash
+    assert fewer.cold_loads < 0.85 * base.cold_loads and fewer.thrash < base.thrash
+    assert fewest.cold_loads < 0.75 * base.cold_loads
     assert predictive.decisions["queued"] > 0 and fixed.decisions["queued"] == 0
+    # Half the baseline's loads (~40) is out of reach for any router that
+    # serves requests as they come: contrib/sim/bound.py, knowing the whole
+    # trace and pooling the fleet's memory, needs 53 (test below). Getting
+    # under it takes holding requests back, which costs the p99.
+    assert base.cold_loads / 2 < CLAIRVOYANT_SHORT
+    assert fewest.ttft_p99 > base.ttft_p99
+
+
+#: contrib/sim/bound.py's busy bound for the short replay's trace.
+CLAIRVOYANT_SHORT = 53
+
+
+def test_clairvoyant_bound_on_the_short_trace(tmp_path: pathlib.Path) -> None:
+    pytest.importorskip("scipy")
+    path = FLEET.parent / "bound.py"
+    spec = importlib.util.spec_from_file_location("bound", path)
+    assert spec is not None and spec.loader is not None
+    bound = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bound)
+    out = tmp_path / "short.jsonl"
+    with open(out, "w") as f:
+        write(generate(FleetFile.read(FLEET), TraceSettings(duration=900, seed=2)), f)
+    models, memory, trace = bound.read(str(FLEET), str(out))
+    assert bound.bound(models, memory, trace, busy=True) == pytest.approx(CLAIRVOYANT_SHORT)
+    instant = bound.bound(models, memory, trace, busy=False)
+    relaxed = bound.bound(models, memory, trace, busy=False, integral=False)
+    assert len({r["model"] for r in trace}) <= relaxed <= instant <= CLAIRVOYANT_SHORT
 
 
 def test_command_line(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
