@@ -5,6 +5,10 @@ unload, tokenize, the OpenAI endpoints) with canned answers: the reply is
 ``FakeNeuron.reply`` split into one chunk per word. It records what it was
 asked, can hold loads and requests on Events, and can be scripted to fail:
 ``fault`` is one of ``FAULTS``.
+
+``running_fleet`` serves a gateway in front of fakes; ``gateway_app`` gives
+the gateway's ASGI app itself, for clients no HTTP library plays on cue
+(one that leaves while the response head is being sent).
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ from cortex.config import (
 )
 from cortex.errors import CortexError
 from cortex.fleet import make_converter
-from cortex.gateway.app import GatewayHandle, run_gateway
-from cortex.gateway.poller import refresh
+from cortex.gateway.app import Gateway, GatewayHandle, create_app, make_client, run_gateway
+from cortex.gateway.poller import poll_neuron, refresh
 from cortex.gateway.state import FleetState
 from cortex.gateway.upstream import NeuronAPI
 from cortex.serve import serve
@@ -45,6 +49,7 @@ FAULTS = (
     "hang_before_first_byte",  # never sends a byte of body
     "hang_mid_stream",  # two chunks, then nothing
     "error_chunk",  # two chunks, then an OpenAI error object
+    "end_mid_stream",  # two chunks, then the body ends cleanly (no finish, no [DONE])
 )
 
 CREATED = 1_700_000_000
@@ -434,6 +439,8 @@ def create_fake_app(fake: FakeNeuron) -> QuartTrio:
                         raise RuntimeError("fake neuron dies mid-stream")
                     if n == 2 and fake.fault == "hang_mid_stream":
                         await trio.sleep_forever()
+                    if n == 2 and fake.fault == "end_mid_stream":
+                        return
                     if n == 2 and fake.fault == "error_chunk":
                         frame = (
                             b'data: {"error": {"message": "generation failed", '
@@ -519,6 +526,32 @@ class Fleet:
         return await self.client.post("/v1/chat/completions", json=body)
 
 
+def _config(
+    fakes: list[FakeNeuron],
+    strategy: str,
+    routing: dict[str, Any] | None,
+    section: dict[str, Any],
+) -> GatewayConfig:
+    settings: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "metrics_listen": "127.0.0.1:0",
+        "poll_interval": 3600.0,
+        "discovery_interval": 3600.0,
+        "grace_period": 1.0,
+        "connect_timeout": 2.0,
+        "first_byte_timeout": 10.0,
+        "idle_timeout": 10.0,
+        "load_timeout": 10.0,
+    }
+    settings.update(section)
+    return GatewayConfig(
+        gateway=GatewaySection(**settings),
+        eviction=EvictionSection(strategy=strategy),  # type: ignore[arg-type]
+        routing=RoutingSection(**(routing or {})),
+        neurons=[NeuronEndpoint(f.name, f.url, f.token) for f in fakes],
+    )
+
+
 @asynccontextmanager
 async def running_fleet(
     fakes: list[FakeNeuron],
@@ -532,27 +565,10 @@ async def running_fleet(
 
     ``routing``: cortex.toml's [routing] keys; ``section``: [gateway] keys.
     """
-    settings: dict[str, Any] = {
-        "listen": "127.0.0.1:0",
-        "metrics_listen": "127.0.0.1:0",
-        "poll_interval": 3600.0,
-        "discovery_interval": 3600.0,
-        "grace_period": 1.0,
-        "connect_timeout": 2.0,
-        "first_byte_timeout": 10.0,
-        "idle_timeout": 10.0,
-        "load_timeout": 10.0,
-    }
-    settings.update(section)
     async with trio.open_nursery() as nursery:
         for fake in fakes:
             await nursery.start(start_fake, fake)
-        config = GatewayConfig(
-            gateway=GatewaySection(**settings),
-            eviction=EvictionSection(strategy=strategy),  # type: ignore[arg-type]
-            routing=RoutingSection(**(routing or {})),
-            neurons=[NeuronEndpoint(f.name, f.url, f.token) for f in fakes],
-        )
+        config = _config(fakes, strategy, routing, section)
         shutdown = trio.Event()
         handle = await nursery.start(partial(run_gateway, config, models, shutdown=shutdown))
         await handle.state.wait_polled()
@@ -563,3 +579,115 @@ async def running_fleet(
                 shutdown.set()
                 for fake in fakes:
                     fake.shutdown.set()
+
+
+@attrs.define
+class Answer:
+    """What the gateway's app sent for one ASGI call."""
+
+    status: int | None = None
+    headers: dict[str, str] = attrs.field(factory=dict)
+    body: bytes = b""
+
+
+@attrs.define(eq=False)
+class GatewayApp:
+    gateway: Gateway
+    app: Any
+
+    async def call(
+        self,
+        path: str,
+        body: Any,
+        *,
+        headers: dict[str, str] | None = None,
+        leave_at_head: bool = False,
+    ) -> Answer:
+        """POST ``body`` to ``path`` through the app, as hypercorn would.
+
+        ``leave_at_head``: the client goes away while the response head is
+        being sent: that ``send`` never completes and ``receive`` then
+        reports the disconnect.
+        """
+        content = json.dumps(body).encode()
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": [
+                (b"host", b"gateway"),
+                (b"content-type", b"application/json"),
+                (b"content-length", b"%d" % len(content)),
+                *((k.lower().encode(), v.encode()) for k, v in (headers or {}).items()),
+            ],
+            "client": ("127.0.0.1", 50000),
+            "server": ("127.0.0.1", 31313),
+        }
+        answer = Answer()
+        head_sent = trio.Event()
+        body_read = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal body_read
+            if not body_read:
+                body_read = True
+                return {"type": "http.request", "body": content, "more_body": False}
+            if not leave_at_head:
+                await trio.sleep_forever()
+            await head_sent.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                answer.status = message["status"]
+                answer.headers = {k.decode(): v.decode() for k, v in message["headers"]}
+                if leave_at_head:
+                    head_sent.set()
+                    await trio.sleep_forever()
+            elif message["type"] == "http.response.body":
+                answer.body += message.get("body", b"")
+
+        await self.app(scope, receive, send)
+        return answer
+
+
+@asynccontextmanager
+async def gateway_app(
+    fakes: list[FakeNeuron],
+    models: ModelsFile,
+    *,
+    strategy: str = "lru",
+    routing: dict[str, Any] | None = None,
+    **section: Any,
+) -> AsyncIterator[GatewayApp]:
+    """Fakes on port 0 and a gateway's ASGI app over them, with no server of its own."""
+    async with trio.open_nursery() as nursery:
+        for fake in fakes:
+            await nursery.start(start_fake, fake)
+        config = _config(fakes, strategy, routing, section)
+        async with make_client(config) as client:
+            gateway = Gateway.build(config, models, client)
+            gateway.router.nursery = nursery
+            for neuron in gateway.state.neurons.values():
+                nursery.start_soon(
+                    partial(
+                        poll_neuron,
+                        gateway.api,
+                        gateway.state,
+                        neuron,
+                        config.gateway,
+                        gateway.metrics,
+                    )
+                )
+            await gateway.state.wait_polled()
+            try:
+                yield GatewayApp(gateway, create_app(gateway))
+            finally:
+                nursery.cancel_scope.cancel()
+                gateway.proxy.close()

@@ -106,6 +106,43 @@ async def test_api_keys_accepted_as_bearer_or_x_api_key(tmp_path) -> None:
             assert (await fleet.client.get("/health")).status_code == 200
 
 
+async def test_a_wrong_x_api_key_does_not_hide_a_valid_bearer() -> None:
+    a = FakeNeuron("a", preload=["org/small"])
+    both = {"x-api-key": "wrong", "authorization": "Bearer k2"}
+    with trio.fail_after(10):
+        async with running_fleet([a], MODELS, api_keys=["k1", "k2"]) as fleet:
+            ok = await fleet.client.post("/v1/chat/completions", json=CHAT, headers=both)
+            assert ok.status_code == 200, ok.text
+            ok = await fleet.client.post("/v1/messages", json=MESSAGES, headers=both)
+            assert ok.status_code == 200, ok.text
+            assert (await fleet.client.get("/v1/models", headers=both)).status_code == 200
+            # A key that is not ASCII is just another wrong key (not a 500).
+            odd = {"x-api-key": "k\u00e9y".encode("latin-1")}
+            response = await fleet.client.post("/v1/chat/completions", json=CHAT, headers=odd)
+            openai_error(response, 401, "authentication_error")
+            response = await fleet.client.get("/v1/models", headers=odd)
+            assert response.status_code == 401
+
+
+async def test_health_details_need_the_key() -> None:
+    # Health checkers get up/down without a key; endpoints and transport
+    # errors (internal addresses) only with one.
+    a = FakeNeuron("a", preload=["org/small"])
+    with trio.fail_after(10):
+        async with running_fleet([a], MODELS, api_keys=["k1"]) as fleet:
+            for headers in ({}, {"authorization": "Bearer wrong"}):
+                response = await fleet.client.get("/health", headers=headers)
+                assert response.status_code == 200
+                assert response.json() == {"status": "ok", "neurons": [{"name": "a", "up": True}]}
+            response = await fleet.client.get("/health", headers={"x-api-key": "k1"})
+            (neuron,) = response.json()["neurons"]
+            assert neuron["endpoint"] == a.url and neuron["models"] == {"org/small": "loaded"}
+        b = FakeNeuron("b")
+        async with running_fleet([b], MODELS) as fleet:
+            (neuron,) = (await fleet.client.get("/health")).json()["neurons"]
+            assert neuron["endpoint"] == b.url
+
+
 async def test_body_over_the_limit_is_413_in_both_dialects() -> None:
     a = FakeNeuron("a", preload=["org/small"])
     big = {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}

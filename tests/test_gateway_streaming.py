@@ -6,12 +6,13 @@ import json
 import time
 from functools import partial
 
+import pytest
 import trio
 import trio.testing
 
 from cortex.config import CatalogModel
 from cortex.wire.sse import SSEDecoder
-from tests.gateway_helpers import FakeNeuron, catalogue, running_fleet
+from tests.gateway_helpers import FakeNeuron, GatewayApp, catalogue, gateway_app, running_fleet
 
 MODELS = catalogue(CatalogModel(id="org/small", vram_mb=100))
 STREAM = {
@@ -19,6 +20,13 @@ STREAM = {
     "messages": [{"role": "user", "content": "say hello"}],
     "stream": True,
     "stream_options": {"include_usage": True},
+}
+STREAM_PATH = "/v1/chat/completions"
+MESSAGES_STREAM = {
+    "model": "org/small",
+    "max_tokens": 64,
+    "messages": [{"role": "user", "content": "say hello"}],
+    "stream": True,
 }
 
 
@@ -138,6 +146,11 @@ async def test_client_going_away_closes_the_neuron_stream() -> None:
             neuron = fleet.state.neurons["a"]
             while neuron.in_flight.get("org/small"):
                 await fleet.state.wait_changed()
+            metrics = (await fleet.client.get(fleet.handle.metrics_url + "/metrics")).text
+            assert (
+                'cortex_request_errors_total{endpoint="chat/completions",model="org/small",'
+                'status="499"} 1.0' in metrics
+            )
 
 
 async def test_client_going_away_before_the_answer_closes_the_neuron_request() -> None:
@@ -230,3 +243,81 @@ async def test_shutdown_drains_the_stream_in_flight() -> None:
                 await trio.testing.wait_all_tasks_blocked(cushion=0.05)
                 hold.set()
             assert received == [a.sent[-1]]
+
+
+def error_count(gw: GatewayApp, endpoint: str, status: int) -> float | None:
+    return gw.gateway.metrics.registry.get_sample_value(
+        "cortex_request_errors_total",
+        {"endpoint": endpoint, "model": "org/small", "status": str(status)},
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "endpoint"),
+    [
+        (STREAM_PATH, STREAM, "chat/completions"),
+        ("/v1/messages", MESSAGES_STREAM, "messages"),
+    ],
+    ids=["openai", "anthropic"],
+)
+async def test_client_gone_while_the_head_is_sent_closes_the_neuron_stream(
+    path: str, body: dict, endpoint: str
+) -> None:
+    # The stream's relay has not started when the client leaves, so its own
+    # finally never runs: the route must be released and the neuron's
+    # connection closed all the same.
+    a = FakeNeuron("a", preload=["org/small"], fault="hang_mid_stream")
+    with trio.fail_after(10):
+        async with gateway_app([a], MODELS) as gw:
+            answer = await gw.call(path, body, leave_at_head=True)
+            assert answer.status == 200 and answer.body == b""
+            assert gw.gateway.state.neurons["a"].in_flight.get("org/small", 0) == 0
+            assert error_count(gw, endpoint, 499) == 1
+            with trio.fail_after(2):
+                while a.in_flight.get("org/small"):
+                    await a._changed.wait()
+            # The route is free: the next request is served.
+            a.fault = None
+            answer = await gw.call(path, body)
+            assert answer.status == 200
+            assert answer.body.rstrip().endswith(b"[DONE]" if path == STREAM_PATH else b"}")
+            assert (b"message_stop" in answer.body) == (endpoint == "messages")
+
+
+async def test_streams_teach_the_router_first_token_and_decode_speed() -> None:
+    a = FakeNeuron("a", preload=["org/small"])
+    with trio.fail_after(10):
+        async with gateway_app([a], MODELS) as gw:
+            assert (await gw.call("/v1/chat/completions", STREAM)).status == 200
+            assert (await gw.call("/v1/messages", MESSAGES_STREAM)).status == 200
+            registry = gw.gateway.metrics.registry
+            observed = registry.get_sample_value(
+                "cortex_observed_time_to_first_token_seconds_count", {"kind": "loaded"}
+            )
+            assert observed == 2
+            seen = gw.gateway.router.observations
+            assert seen.completion["org/small"].count == 2
+            assert seen.completion["org/small"].value == len(a.reply.split())
+            tps = seen.decode_tps[("a", "org/small")]
+            assert tps.count == 2 and tps.value is not None and tps.value > 0
+
+
+@pytest.mark.parametrize("fault", ["end_mid_stream", "die_mid_stream"])
+async def test_anthropic_stream_cut_short_ends_with_an_error_event(fault: str) -> None:
+    # No finish_reason came: the answer is incomplete, not an end_turn.
+    a = FakeNeuron("a", preload=["org/small"], fault=fault)
+    with trio.fail_after(10):
+        async with running_fleet([a], MODELS) as fleet:
+            response = await fleet.client.post("/v1/messages", json=MESSAGES_STREAM)
+            assert response.status_code == 200
+            events = SSEDecoder().feed(response.content)
+            names = [event.event for event in events]
+            assert names[0] == "message_start" and names[-1] == "error", names
+            assert "message_delta" not in names and "message_stop" not in names
+            error = json.loads(events[-1].data)
+            assert error["type"] == "error" and error["error"]["type"] == "api_error"
+            metrics = (await fleet.client.get(fleet.handle.metrics_url + "/metrics")).text
+            assert (
+                'cortex_request_errors_total{endpoint="messages",model="org/small",'
+                'status="502"} 1.0' in metrics
+            )

@@ -553,6 +553,26 @@ def test_text_stream_events():
     assert (final.usage.input_tokens, final.usage.output_tokens) == (12, 5)
 
 
+def test_stream_without_a_finish_reason_ends_with_an_error():
+    # The chat stream stopped before saying why: cut short, not an end_turn.
+    stream = AnthropicStream(message_id="m", model="c", input_tokens=1)
+    stream.start()
+    stream.feed(_chunk({"role": "assistant", "content": "Hel"}))
+    assert not stream.complete
+    assert stream.finish() == [
+        (
+            "error",
+            {
+                "type": "error",
+                "error": {
+                    "type": "api_error",
+                    "message": "the neuron's stream ended before its answer did (no finish_reason)",
+                },
+            },
+        )
+    ]
+
+
 def test_message_delta_waits_for_finish():
     stream = AnthropicStream(message_id="m", model="c", input_tokens=1)
     stream.start()

@@ -14,6 +14,7 @@ everywhere else.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from functools import partial
@@ -42,7 +43,7 @@ from cortex.fleet import make_converter
 from cortex.gateway.envelope import error_parts, id_headers
 from cortex.gateway.fleetview import fleet_view
 from cortex.gateway.metrics import UNKNOWN, GatewayMetrics
-from cortex.gateway.passthrough import OPENAI_ENDPOINTS, Passthrough, new_request_id
+from cortex.gateway.passthrough import OPENAI_ENDPOINTS, Passthrough, hand_over, new_request_id
 from cortex.gateway.poller import poll_neuron
 from cortex.gateway.proxy import CLIENT_CLOSED, Exchange, Proxy
 from cortex.gateway.reload import reload_catalogue
@@ -133,17 +134,38 @@ class Gateway:
         self.check_key(request.headers.get("x-api-key"), request.headers.get("authorization"))
 
     def check_key(self, x_api_key: str | None, authorization: str | None) -> None:
-        """Accept the request's key, or raise ``Unauthorized`` (no keys set: all pass)."""
+        """Accept the request's key, or raise ``Unauthorized`` (no keys set: all pass).
+
+        Either header may carry it: a wrong ``x-api-key`` (an SDK's
+        default, say) does not hide a good ``Authorization: Bearer``.
+        """
         if not self.api_keys:
             return
-        key = x_api_key
-        if key is None:
-            scheme, _, value = (authorization or "").partition(" ")
-            key = value.strip() if scheme.lower() == "bearer" else None
-        if not key or key not in self.api_keys:
+        offered = [x_api_key] if x_api_key else []
+        scheme, _, value = (authorization or "").partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            offered.append(value.strip())
+        if not any(self._known_key(key) for key in offered):
             raise Unauthorized(
                 "missing or invalid API key (send Authorization: Bearer KEY or x-api-key: KEY)"
             )
+
+    def _known_key(self, key: str) -> bool:
+        # Constant time, and against every key: how long this takes says
+        # nothing of how much of a key matched, nor which.
+        given = key.encode()
+        found = False
+        for known in self.api_keys:
+            found |= hmac.compare_digest(given, known.encode())
+        return found
+
+    def authenticated(self) -> bool:
+        """Whether the current Quart request may see what keys guard (no keys set: yes)."""
+        try:
+            self.authenticate()
+        except Unauthorized:
+            return False
+        return True
 
     async def read_json(self) -> dict[str, Any]:
         """The request body as a JSON object."""
@@ -319,12 +341,14 @@ def _quart_app(gateway: Gateway) -> QuartTrio:
             gateway.count_error(ex, anthropic.status_for(exc))
             return error_response(exc, anthropic_dialect=True, request_id=ex.request_id)
         except BaseException:
-            if ex.response is not None:
-                ex.response.close()
             gateway.count_error(ex, CLIENT_CLOSED)
             raise
         assert ex.response is not None and ex.model is not None
         if ex.stream:
+            # Quart sends the stream after this returns: should it never
+            # start, the relay's finally does not run and Passthrough
+            # finishes the exchange instead.
+            hand_over(request.scope, ex)
             body = relay_anthropic(ex, ex.model, input_tokens)
             return _stream_response(body, "text/event-stream", ex.request_id, True)
         ex.response.close()
@@ -411,11 +435,13 @@ def _quart_app(gateway: Gateway) -> QuartTrio:
                     yield encode(stream.error(exc.message, status=status))
                     break
             else:
-                status = 200
+                # No finish_reason: the neuron's stream was cut short, and
+                # finish() ends it with an error event.
+                status = 200 if stream.complete else 502
+                if not stream.complete:
+                    log.warning("request %s: the neuron's stream ended early", ex.request_id)
                 yield encode(stream.finish())
         finally:
-            assert ex.response is not None
-            ex.response.close()
             proxy.finish(ex, status=status, usage=usage)
 
     @app.post("/v1/messages/count_tokens")
@@ -496,6 +522,16 @@ def _quart_app(gateway: Gateway) -> QuartTrio:
 
     @app.get("/health")
     async def health() -> Response:
+        """Up or down for anyone; endpoints, errors and models behind the API keys.
+
+        Health checkers need no key, but endpoints and transport errors
+        name internal addresses.
+        """
+        up = sum(1 for n in state.neurons.values() if n.up)
+        status = "ok" if up == len(state.neurons) else "degraded" if up else "down"
+        if not gateway.authenticated():
+            brief = [{"name": n.name, "up": n.up} for n in state.neurons.values()]
+            return _json({"status": status, "neurons": brief})
         neurons = [
             {
                 "name": n.name,
@@ -511,8 +547,6 @@ def _quart_app(gateway: Gateway) -> QuartTrio:
             }
             for n in state.neurons.values()
         ]
-        up = sum(1 for n in state.neurons.values() if n.up)
-        status = "ok" if up == len(neurons) else "degraded" if up else "down"
         return _json({"status": status, "neurons": neurons})
 
     return app

@@ -18,6 +18,14 @@ Cancellation: like quart-trio, a task watches for ``http.disconnect`` while
 the request is proxied and cancels it when the client goes away, so the
 relay's ``finally`` closes the neuron's connection and the neuron stops
 generating.
+
+Resource handling: a streamed exchange is finished (neuron connection
+closed, route released, metrics recorded) in a ``finally`` of the task that
+dispatched it, not only in its relay's: a relay that never started (the
+client left while the response head was sent) runs no ``finally``. Quart
+sends a view's response after the view returns, so a Quart view that
+returns a stream hands its exchange over (:func:`hand_over`) and
+``Passthrough`` finishes it once Quart is done with the request.
 """
 
 from __future__ import annotations
@@ -54,6 +62,8 @@ OPENAI_ENDPOINTS = {
 _WANTED = frozenset({b"x-request-id", b"x-api-key", b"authorization", b"content-length"})
 _JSON = b"application/json"
 _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+#: The scope key of the exchanges a Quart view handed over with its response.
+_HANDED_OVER = "cortex.exchanges"
 
 
 class ClientGone(Exception):
@@ -62,6 +72,16 @@ class ClientGone(Exception):
 
 def new_request_id() -> str:
     return f"req_{secrets.token_hex(12)}"
+
+
+def hand_over(scope: Scope, ex: Exchange) -> None:
+    """Let ``Passthrough`` finish ``ex`` if the stream a Quart view returns never runs.
+
+    Args:
+      scope: the request's ASGI scope (Quart's ``request.scope``).
+      ex: the exchange the view's streamed response relays.
+    """
+    scope[_HANDED_OVER].append(ex)
 
 
 def _headers(scope: Scope) -> dict[bytes, str]:
@@ -93,6 +113,13 @@ class Passthrough:
             and scope["path"] in OPENAI_ENDPOINTS
         ):
             await self.serve(scope, receive, send)
+        elif scope["type"] == "http":
+            handed_over: list[Exchange] = []
+            try:
+                await self.app({**scope, _HANDED_OVER: handed_over}, receive, send)
+            finally:
+                for ex in handed_over:
+                    self.gateway.proxy.finish(ex, status=CLIENT_CLOSED)
         else:
             await self.app(scope, receive, send)
 
@@ -168,8 +195,6 @@ class Passthrough:
             await self.send_error(send, exc, ex.request_id)
             return
         except BaseException:
-            if ex.response is not None:
-                ex.response.close()
             self.gateway.count_error(ex, CLIENT_CLOSED)
             raise
         response = ex.response
@@ -177,7 +202,6 @@ class Passthrough:
         content_type = response.headers.get("content-type", "application/json").encode("latin-1")
         id_header = (b"x-request-id", ex.request_id.encode("latin-1"))
         if not ex.stream:
-            response.close()
             proxy.finish(ex, status=response.status, usage=usage_from_body(ex.first))
             await send(
                 {
@@ -205,9 +229,11 @@ class Passthrough:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
         finally:
-            # Cancelled mid-stream: the relay's finally closes the neuron's
-            # connection and records the request.
+            # The relay's finally finishes the exchange (a 499 if cancelled
+            # mid-stream); one never started (the client left while the
+            # head was sent) has no finally to run: finishing again is a no-op.
             await relay.aclose()
+            proxy.finish(ex, status=CLIENT_CLOSED)
 
     async def read_body(self, receive: Receive, declared: str | None) -> bytes:
         """The request body, within ``max_body_bytes``.

@@ -17,10 +17,12 @@ one pool of keep-alive connections per neuron), not httpx: httpx and
 httpcore cost about half of the gateway's CPU per request. Its timeouts
 are the cancel scopes here: the connect, the first byte, each chunk.
 
-Resource handling: the upstream response is closed in ``finally`` of each
-relay, so a client that goes away closes the neuron's connection and the
-neuron stops generating; only a response read to its end gives its
-connection back for the next request.
+Resource handling: ``finish`` closes the upstream response and releases
+the route; each relay calls it in its ``finally``, and so does whoever took
+the exchange from ``dispatch``, in case the relay never started. A client
+that goes away thus closes the neuron's connection and the neuron stops
+generating; only a response read to its end gives its connection back for
+the next request.
 """
 
 from __future__ import annotations
@@ -296,28 +298,47 @@ class Proxy:
             else:
                 status = 200
         finally:
-            assert ex.response is not None
-            ex.response.close()
             self.finish(ex, status=status, usage=usage_from_tail(tail))
 
     def finish(self, ex: Exchange, *, status: int, usage: dict[str, Any] | None = None) -> None:
-        """Release the route and record the request's metrics (once)."""
+        """Close the neuron's response, release the route and record the request (once).
+
+        Whoever takes an exchange from ``dispatch`` calls this in a
+        ``finally``: the relays do, but a relay that never started (the
+        client left while the response head was sent) has no ``finally``
+        to run, so the caller's own ``finally`` must call it as well.
+        Calls after the first only close the response.
+        """
+        if ex.response is not None:
+            ex.response.close()
         if ex.finished:
             return
         ex.finished = True
         end = trio.current_time()
         model = ex.model or "unknown"
         neuron = ex.neuron.name if ex.neuron is not None else ""
+        counts = token_counts(usage)
+        # A stream's first chunk marks its first token and the start of
+        # decoding; a whole body says neither, only how many tokens it holds.
+        first_token_s = decode_s = None
+        if ex.stream and ex.first_at is not None:
+            first_token_s = ex.first_at - ex.started
+            decode_s = end - ex.first_at
         if ex.neuron is not None and ex.model is not None:
-            self.router.release(ex.neuron, ex.model)
+            self.router.release(
+                ex.neuron,
+                ex.model,
+                first_token_s=first_token_s,
+                completion_tokens=counts[1] if counts is not None else None,
+                decode_s=decode_s if counts is not None else None,
+            )
         m = self.metrics
         m.requests.labels(ex.endpoint, model, neuron).inc()
         if status >= 400:
             m.errors.labels(ex.endpoint, model, str(status)).inc()
         m.duration.labels(ex.endpoint, model).observe(end - ex.started)
-        if ex.stream and ex.first_at is not None:
-            m.first_token.labels(ex.endpoint, model, neuron).observe(ex.first_at - ex.started)
-        counts = token_counts(usage)
+        if first_token_s is not None:
+            m.first_token.labels(ex.endpoint, model, neuron).observe(first_token_s)
         if counts is not None and neuron:
             prompt, completion = counts
             m.tokens.labels(model, neuron, "prompt").inc(prompt)

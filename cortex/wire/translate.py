@@ -422,12 +422,24 @@ class AnthropicStream:
             )
         return events
 
-    def finish(self) -> list[tuple[str, dict[str, Any]]]:
-        """Close the open block; ``message_delta`` with the totals; ``message_stop``.
+    @property
+    def complete(self) -> bool:
+        """Whether a finish_reason came: a stream that ends without one was cut short."""
+        return self._finish_reason is not None
 
-        Without a usage chunk, output_tokens falls back to the number of
-        chunks that carried output (one token each from a cortex neuron).
+    def finish(self) -> list[tuple[str, dict[str, Any]]]:
+        """The events that end the stream once the chat stream has ended.
+
+        Complete: close the open block; ``message_delta`` with the totals;
+        ``message_stop``. Without a usage chunk, output_tokens falls back to
+        the number of chunks that carried output (one token each from a
+        cortex neuron). Not complete: the ``error`` event (status 502), as
+        for a stream that failed mid-way; never a clean ``end_turn``.
         """
+        if not self.complete:
+            return self.error(
+                "the neuron's stream ended before its answer did (no finish_reason)", status=502
+            )
         events = self._close()
         usage = self._usage or {}
         output_tokens = usage.get("completion_tokens", self._chunks_with_output)
