@@ -354,11 +354,14 @@ def _quart_app(gateway: Gateway) -> QuartTrio:
         ex.response.close()
         try:
             answer = translate.openai_to_anthropic(json.loads(ex.first), model=ex.model)
+            proxy.finish(ex, status=200, usage=answer["usage"])
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             proxy.finish(ex, status=502)
             error = _http_error(502, f"neuron answered with a malformed completion: {exc}")
             return error_response(error, anthropic_dialect=True, request_id=ex.request_id)
-        proxy.finish(ex, status=200, usage=answer["usage"])
+        finally:
+            # Whatever else goes wrong, the route is released (a no-op once finished).
+            proxy.finish(ex, status=500)
         response = _json(answer)
         _id_headers(response, ex.request_id, True)
         return response
