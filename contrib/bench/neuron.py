@@ -75,7 +75,10 @@ def through_neuron(path: str, args: argparse.Namespace) -> list[tuple[float, flo
         config.write(
             f'[neuron]\nlisten = "127.0.0.1:{port}"\n[[models]]\nid = "demo"\n'
             f'source = "{path}"\nchat_format = "gemma"\n'
-            f"options = {{ n_threads = {args.threads}, n_ctx = {args.n_ctx} }}\n"
+            f"options = {{ n_threads = {args.threads}, n_ctx = {args.n_ctx}"
+            + (f", parallel = {args.parallel}" if args.parallel else "")
+            + "".join(f", {option}" for option in args.option)
+            + " }\n"
         )
     process = subprocess.Popen(
         [
@@ -140,9 +143,22 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--n-ctx", type=int, default=2048)
+    parser.add_argument(
+        "--parallel", type=int, default=None, help="the neuron's parallel (default: the engine's)"
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=TOML",
+        help="another engine option for the neuron, e.g. kv_unified=false",
+    )
     args = parser.parse_args()
     path = demo_path()
-    print(f"demo model, {args.threads} threads, greedy, {args.tokens} tokens, {args.runs} runs")
+    print(
+        f"demo model, {args.threads} threads, greedy, {args.tokens} tokens, {args.runs} runs, "
+        f"parallel {args.parallel or 'default'}"
+    )
     d = direct(path, args)
     n = through_neuron(path, args)
     d_ttft = statistics.median(t for t, _ in d) * 1000
