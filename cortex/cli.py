@@ -103,14 +103,18 @@ def neuron_config(args: argparse.Namespace) -> cfg.NeuronConfig:
     return config
 
 
-def gateway_config(args: argparse.Namespace) -> tuple[cfg.GatewayConfig, cfg.ModelsFile]:
-    config = cfg.load(cfg.GatewayConfig, args.config)
+def _override_gateway_addresses(section: cfg.GatewaySection, args: argparse.Namespace) -> None:
     if args.listen:
         cfg.parse_listen(args.listen, default_port=31313)
-        config.gateway.listen = args.listen
+        section.listen = args.listen
     if args.metrics_listen:
         cfg.parse_listen(args.metrics_listen, default_port=31314)
-        config.gateway.metrics_listen = args.metrics_listen
+        section.metrics_listen = args.metrics_listen
+
+
+def gateway_config(args: argparse.Namespace) -> tuple[cfg.GatewayConfig, cfg.ModelsFile]:
+    config = cfg.load(cfg.GatewayConfig, args.config)
+    _override_gateway_addresses(config.gateway, args)
     for name, url in args.neuron:
         config.neurons.append(cfg.NeuronEndpoint(name=name, endpoint=url))
     return config, cfg.load_models(args.models)
@@ -122,12 +126,7 @@ def standalone_config(args: argparse.Namespace) -> tuple[Any, cfg.ModelsFile]:
     config = cfg.load(StandaloneConfig, args.config)
     if args.neuron:
         raise ConfigError("--neuron: the standalone role has its own local neuron")
-    if args.listen:
-        cfg.parse_listen(args.listen, default_port=31313)
-        config.gateway.listen = args.listen
-    if args.metrics_listen:
-        cfg.parse_listen(args.metrics_listen, default_port=31314)
-        config.gateway.metrics_listen = args.metrics_listen
+    _override_gateway_addresses(config.gateway, args)
     for model_id, source in args.model:
         config.models.append(cfg.NeuronModel(id=model_id, source=source))
     return config, cfg.load_models(args.models)

@@ -48,16 +48,17 @@ class StopScanner:
             self.matched = first[1]
             self._held = ""
             return text[: first[0]]
-        keep = 0 if final else self._partial_suffix(text)
+        keep = 0 if final else partial_suffix(text, self.stops)
         self._held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]
 
-    def _partial_suffix(self, text: str) -> int:
-        """Length of the longest end of ``text`` that begins some stop string."""
-        longest = 0
-        for stop in self.stops:
-            for size in range(min(len(stop) - 1, len(text)), longest, -1):
-                if text.endswith(stop[:size]):
-                    longest = size
-                    break
-        return longest
+
+def partial_suffix(text: str, markers: Iterable[str]) -> int:
+    """Length of the longest end of ``text`` that begins some marker."""
+    longest = 0
+    for marker in markers:
+        for size in range(min(len(marker) - 1, len(text)), longest, -1):
+            if text.endswith(marker[:size]):
+                longest = size
+                break
+    return longest

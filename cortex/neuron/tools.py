@@ -27,6 +27,7 @@ from typing import Any
 import attrs
 
 from cortex.errors import InvalidRequest
+from cortex.neuron.stops import partial_suffix
 
 FAMILIES = ("hermes", "llama3", "mistral")
 #: The family of a model nothing tells us about: ChatML models are the most
@@ -483,7 +484,7 @@ class ToolCallParser:
             raw, self._space = self._space + opener, ""
             self._begin("after_opener", raw=raw)
             return at + len(opener)
-        keep = _partial_suffix(text, self._openers)
+        keep = partial_suffix(text, self._openers)
         self._release(text[: len(text) - keep])
         self._pending = text[len(text) - keep :]
         return len(text)
@@ -566,17 +567,6 @@ class ToolCallParser:
             self._bare_json = True
             return ch == ";"
         return False
-
-
-def _partial_suffix(text: str, markers: Sequence[str]) -> int:
-    """Length of the longest end of ``text`` that begins some marker."""
-    longest = 0
-    for marker in markers:
-        for size in range(min(len(marker) - 1, len(text)), longest, -1):
-            if text.endswith(marker[:size]):
-                longest = size
-                break
-    return longest
 
 
 def parse_tool_calls(
