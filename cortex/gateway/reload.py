@@ -1,4 +1,4 @@
-"""Live catalogue reload: SIGHUP and ``POST /admin/reload``.
+"""Live catalogue reload: SIGHUP (see ``cortex.cli``) and ``POST /admin/reload``.
 
 The model catalogue and aliases are re-read from models.toml and swapped in
 whole; requests already routed keep going. A bad file keeps the old
@@ -8,7 +8,6 @@ catalogue and the reason is logged (and returned to an admin caller).
 from __future__ import annotations
 
 import logging
-import signal
 
 import trio
 
@@ -39,15 +38,3 @@ async def reload_catalogue(state: FleetState, path: str) -> Catalogue:
         len(state.catalogue.aliases),
     )
     return state.catalogue
-
-
-async def reload_on_sighup(
-    state: FleetState, path: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    with trio.open_signal_receiver(signal.SIGHUP) as signals:
-        task_status.started()
-        async for _ in signals:
-            try:
-                await reload_catalogue(state, path)
-            except ConfigError:
-                pass  # logged; the old catalogue serves on

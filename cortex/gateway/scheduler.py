@@ -369,11 +369,6 @@ class WaitQueue:
         if not line:
             self.lines.pop(ticket.model_id, None)
 
-    def first(self, model_id: str) -> Ticket | None:
-        """The request for ``model_id`` that has waited longest."""
-        line = self.lines.get(model_id)
-        return min(line, key=lambda t: t.arrived) if line else None
-
     def depth(self, model_id: str | None = None) -> int:
         if model_id is not None:
             return len(self.lines.get(model_id, ()))
