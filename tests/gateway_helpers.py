@@ -112,6 +112,8 @@ class FakeNeuron:
     load_started: trio.Event = attrs.field(factory=trio.Event)
     request_arrived: trio.Event = attrs.field(factory=trio.Event)
     shutdown: trio.Event = attrs.field(factory=trio.Event)
+    #: Set once the server has stopped after ``shutdown``.
+    stopped: trio.Event = attrs.field(factory=trio.Event)
     url: str = ""
     _changed: trio.Event = attrs.field(factory=trio.Event)
 
@@ -474,18 +476,21 @@ async def start_fake(
 ) -> None:
     """Serve ``fake`` on 127.0.0.1:0 until ``fake.shutdown`` is set."""
 
-    async with trio.open_nursery() as nursery:
-        fake.url = await nursery.start(
-            partial(
-                serve,
-                create_fake_app(fake),
-                "127.0.0.1:0",
-                default_port=0,
-                shutdown_trigger=fake.shutdown.wait,
-                grace_period=0.2,
+    try:
+        async with trio.open_nursery() as nursery:
+            fake.url = await nursery.start(
+                partial(
+                    serve,
+                    create_fake_app(fake),
+                    "127.0.0.1:0",
+                    default_port=0,
+                    shutdown_trigger=fake.shutdown.wait,
+                    grace_period=0.2,
+                )
             )
-        )
-        task_status.started(fake.url)
+            task_status.started(fake.url)
+    finally:
+        fake.stopped.set()
 
 
 def catalogue(*models: CatalogModel, aliases: dict[str, str] | None = None) -> ModelsFile:

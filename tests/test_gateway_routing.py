@@ -168,6 +168,8 @@ async def test_requests_move_off_a_neuron_that_went_down() -> None:
     with trio.fail_after(10):
         async with running_fleet([a, b], MODELS) as fleet:
             a.shutdown.set()
+            # Gone for real: a request must not reach it while it winds down.
+            await a.stopped.wait()
             for _ in range(3):
                 response = await fleet.chat("org/small")
                 assert response.status_code == 200, response.text
