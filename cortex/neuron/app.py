@@ -321,18 +321,9 @@ def create_app(neuron: Neuron) -> QuartTrio:
     async def chat_completions() -> Any:
         arrived = time.perf_counter()
         chat = openai.parse_chat_request(await read_json())
-        with manager.using(chat.model) as slot:
-            plan = await output_plan(slot, chat)
-            prompt = await render(slot, chat.messages, plan.tools)
-            job = await submit(
-                slot,
-                prompt_tokens=await tokenize_prompt(slot, prompt),
-                max_tokens=chat.max_tokens,
-                sampling=constrained(chat.sampling.apply({}), plan),
-                stops=chat.stop,
-                template_stops=prompt.stop,
-                endpoint="chat",
-            )
+        slot, plan, job = await start_chat(
+            chat, max_tokens=chat.max_tokens, stops=chat.stop, endpoint="chat"
+        )
         ids = dict(id=openai.new_id("chatcmpl"), created=openai.now(), model=chat.model)
         if plan.family is not None:
             return await chat_with_tools(slot, job, arrived, chat, plan.family, ids)
@@ -528,18 +519,9 @@ def create_app(neuron: Neuron) -> QuartTrio:
     async def create_response() -> Any:
         arrived = time.perf_counter()
         req = responses.parse_responses_request(await read_json())
-        with manager.using(req.model) as slot:
-            plan = await output_plan(slot, req)
-            prompt = await render(slot, req.messages, plan.tools)
-            job = await submit(
-                slot,
-                prompt_tokens=await tokenize_prompt(slot, prompt),
-                max_tokens=req.max_output_tokens,
-                sampling=constrained(req.sampling.apply({}), plan),
-                stops=(),
-                template_stops=prompt.stop,
-                endpoint="responses",
-            )
+        slot, plan, job = await start_chat(
+            req, max_tokens=req.max_output_tokens, stops=(), endpoint="responses"
+        )
         response_id, created_at = "resp_" + uuid.uuid4().hex, openai.now()
         if not req.stream:
             text, done = await finish(slot, job, arrived)
@@ -614,6 +596,28 @@ def create_app(neuron: Neuron) -> QuartTrio:
             return json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidRequest(f"body is not valid JSON: {exc}") from None
+
+    async def start_chat(
+        req: openai.ChatRequest | responses.ResponsesRequest,
+        *,
+        max_tokens: int | None,
+        stops: Sequence[str],
+        endpoint: str,
+    ) -> tuple[ModelSlot, tools.OutputPlan, Job]:
+        """Render, tokenize and queue a chat-shaped request (chat or Responses)."""
+        with manager.using(req.model) as slot:
+            plan = await output_plan(slot, req)
+            prompt = await render(slot, req.messages, plan.tools)
+            job = await submit(
+                slot,
+                prompt_tokens=await tokenize_prompt(slot, prompt),
+                max_tokens=max_tokens,
+                sampling=constrained(req.sampling.apply({}), plan),
+                stops=stops,
+                template_stops=prompt.stop,
+                endpoint=endpoint,
+            )
+        return slot, plan, job
 
     async def render(
         slot: ModelSlot, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
