@@ -292,3 +292,42 @@ async def test_neuron_serves_streams_at_once_and_429s_beyond_the_queue(tmp_path:
                         await first.aclose()
             assert queued[0].status_code == 200
             assert queued[0].json()["usage"]["completion_tokens"] == 20
+
+
+def test_a_full_pool_ends_the_longest_sequence_and_keeps_the_others_exact(load, tiny_model_path):
+    # Four sequences of ~200 tokens each cannot share a pool of 512 cells.
+    alone = load(tiny_model_path, parallel=1)
+    expected = [text(alone, prompt, 200) for prompt in PROMPTS[:4]]
+    model = load(tiny_model_path, parallel=4, kv_cells=512)
+    assert model._decoder.kv_cells == 512
+    results = concurrently(model, [(p, 200, GREEDY) for p in PROMPTS[:4]])
+    stats = model._decoder.statistics()
+    assert stats.preempted >= 1
+    for got, want in zip(results, expected, strict=True):
+        assert want.startswith(got)  # cut short, never wrong
+    assert any(got == want for got, want in zip(results, expected, strict=True))
+    assert stats.kv_used <= stats.kv_cells
+    # The pool is whole again: a new sequence runs to the end.
+    assert text(model, PROMPTS[5], 200) == text(alone, PROMPTS[5], 200)
+
+
+def test_a_prompt_waits_for_room_and_idle_caches_go_first(load, tiny_model_path):
+    alone = load(tiny_model_path, parallel=1)
+    model = load(tiny_model_path, parallel=4, kv_cells=512)
+    # Three slots end up holding ~160 cells each.
+    work = [(p, 150, GREEDY) for p in PROMPTS[:3]]
+    assert concurrently(model, work) == [text(alone, *w) for w in work]
+    assert model._decoder.statistics().kv_used > 450
+    # A long prompt needs more than the slot it takes frees: the least
+    # recently used idle cache is dropped, and the new sequence runs whole.
+    long_prompt = "the cat sat on the mat " * 25
+    assert 250 < len(model.tokenize(long_prompt)) < 400
+    assert text(model, long_prompt, 20) == text(alone, long_prompt, 20)
+    stats = model._decoder.statistics()
+    assert stats.evicted_tokens >= 150 and stats.preempted == 0
+    assert stats.kv_used <= stats.kv_cells
+    # Caches that were not needed for room are still reused.
+    before = stats.reused_tokens
+    for prompt in PROMPTS[:3]:
+        assert text(model, prompt, 10) == text(alone, prompt, 10)
+    assert model._decoder.statistics().reused_tokens > before

@@ -22,7 +22,8 @@ from cortex.harness import (
     harness_infos,
     plugin_manager,
 )
-from cortex_llamacpp.options import plan_n_ctx
+from cortex_llamacpp.model import use_extra_buffers
+from cortex_llamacpp.options import physical_cores, plan_n_ctx
 
 CPU = Placement()
 GREEDY = Sampling(temperature=0.0)
@@ -116,6 +117,26 @@ def test_unknown_option(load, tiny_model_path):
         load(tiny_model_path, options={"n_ctxx": 1024})
     with pytest.raises(ModelLoadError, match="'flash_attn'"):
         load(tiny_model_path, options={"flash_attn": "yes"})
+    with pytest.raises(ModelLoadError, match="'extra_buffers': expected 'auto', 'on' or 'off'"):
+        load(tiny_model_path, options={"extra_buffers": True})
+
+
+def test_extra_buffers_auto_is_off_only_where_the_build_has_amx():
+    native_amx = b"CPU : SSE3 = 1 | AVX512 = 1 | AVX512_VNNI = 1 | AMX_INT8 = 1 | REPACK = 1 |"
+    native = b"CPU : SSE3 = 1 | AVX512 = 1 | AVX512_VNNI = 1 | REPACK = 1 |"
+    assert use_extra_buffers("auto", native_amx) is False
+    assert use_extra_buffers("auto", native) is True
+    assert use_extra_buffers("on", native_amx) is True
+    assert use_extra_buffers("off", native) is False
+
+
+def test_physical_cores_count_hyperthreads_once():
+    info = "\n\n".join(
+        f"processor\t: {cpu}\nphysical id\t: 0\ncore id\t\t: {cpu // 2}" for cpu in range(8)
+    )
+    assert physical_cores(info, allowed=set(range(8))) == 4
+    assert physical_cores(info, allowed={0, 1, 2}) == 2
+    assert physical_cores("", allowed={0, 1}) == 2  # nothing readable: the logical CPUs
 
 
 def test_n_ctx_options(load, tiny_model_factory):
@@ -136,11 +157,20 @@ def test_n_ctx_fits_memory_budget(load, tiny_model_factory):
     assert model.n_ctx % 256 == 0
     assert 2048 <= model.n_ctx <= 3 * 2048 + 256
     assert model.memory_mb() <= int(size_mb) + 3
-    # Batched, the KV cache holds parallel x n_ctx tokens: n_ctx shrinks to fit.
+    # Batched, the slots share one pool of n_ctx cells: it does not shrink
+    # with parallel (only by the small context that serves tokenize).
     batched = load(path, placement=budget, options={"parallel": 4})
     assert batched.parallel == 4
-    assert batched.n_ctx % 256 == 0
-    assert 512 <= 4 * batched.n_ctx <= model.n_ctx + 4 * 256
+    assert batched.n_ctx == batched._decoder.kv_cells
+    assert model.n_ctx - 512 <= batched.n_ctx <= model.n_ctx
+    assert batched.memory_mb() <= int(size_mb) + 3
+    # One stream per slot holds parallel x n_ctx cells: n_ctx shrinks to fit.
+    streams = load(path, placement=budget, options={"parallel": 4, "kv_unified": False})
+    assert streams.n_ctx % 256 == 0
+    assert 512 <= 4 * streams.n_ctx <= model.n_ctx + 4 * 256
+    # A pool asked for explicitly must fit too.
+    with pytest.raises(ModelLoadError, match="kv_cells=65536, over its memory budget"):
+        load(path, placement=budget, options={"parallel": 4, "kv_cells": 65536})
     with pytest.raises(ModelLoadError, match="memory budget"):
         load(path, placement=Placement(memory_budget_mb=0))
 

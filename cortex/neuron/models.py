@@ -286,9 +286,7 @@ class ModelManager:
 
     def _load_blocking(self, request: LoadRequest) -> tuple[LoadedModel, tuple[int, ...]]:
         path = sources.resolve(request.source, self._model_dirs)
-        chat_format = request.chat_format
-        if request.source == sources.DEMO and chat_format is None:
-            chat_format = sources.DEMO_CHAT_FORMAT
+        chat_format = request.chat_format or sources.DEMO_CHAT_FORMATS.get(request.source)
         free_by_device = self._device_free_mb()
         if free_by_device:
             # A GPU host: the devices asked for, or all of them; the engine

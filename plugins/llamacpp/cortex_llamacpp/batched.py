@@ -17,18 +17,23 @@ steps:
 3. One ``llama_decode``; then each sequence whose logits were computed
    samples with its own sampler chain and gets its token.
 
-The KV cache holds ``parallel * n_ctx`` cells, so every sequence can reach
-the full per-sequence ``n_ctx`` whatever the others do, and a step never
-fails for want of cells. By default it is one unified pool
-(``kv_unified``): a step is one compute pass whichever slots are busy.
-Per-sequence streams (``kv_unified=False``) make attention cheaper for long
-contexts, but llama.cpp splits a step into one pass per run of consecutive
-busy slot ids, so a hole (slot 1 idle while 0 and 2 decode) doubles the
-cost of a step. Either way the attention mask keeps each sequence to its
-own cells. A slot keeps
-the tokens it holds after its sequence ends, for prefix reuse; everything
-past the shared prefix is removed (``llama_memory_seq_rm``) before the slot
-is reused, so no stale cell survives.
+By default the KV cache is one unified pool of ``kv_cells`` cells that all
+slots share (``kv_unified``, as llama-server's ``--kv-unified``): a slot
+costs nothing until it holds tokens, any one sequence can reach the whole
+``n_ctx``, and a step is one compute pass whichever slots are busy. The
+pool is accounted for here, one cell per token: a waiting sequence is
+seated only when its prompt fits beside what the others hold (idle slots'
+cached prefixes are dropped first, least recently used first), and when
+the decoding sequences between them fill the pool, the one holding the
+most cells ends as if its context were full. Per-sequence streams
+(``kv_unified=False``) give every slot its own ``n_ctx`` cells: attention
+is cheaper for long contexts, but llama.cpp splits a step into one pass
+per run of consecutive busy slot ids, so a hole (slot 1 idle while 0 and
+2 decode) doubles the cost of a step. Either way the attention mask keeps
+each sequence to its own cells. A slot keeps the tokens it holds after its
+sequence ends, for prefix reuse; everything past the shared prefix is
+removed (``llama_memory_seq_rm``) before the slot is reused, so no stale
+cell survives.
 
 A lone sequence is decoded the way llama-cpp-python's ``Llama.generate``
 does it (prompt in ``n_batch`` chunks, then one token per step, greedy
@@ -76,6 +81,10 @@ class DecoderStatistics:
       reused_tokens: prompt tokens whose KV cells were reused from the slot.
       generated_tokens: tokens sampled so far.
       max_batch: the most tokens one step has held.
+      kv_cells: the cells of the KV pool.
+      kv_used: cells holding tokens (seated sequences and idle slots' caches).
+      evicted_tokens: cached tokens of idle slots dropped to make room.
+      preempted: sequences ended early because the pool was full.
     """
 
     parallel: int
@@ -86,6 +95,10 @@ class DecoderStatistics:
     reused_tokens: int
     generated_tokens: int
     max_batch: int
+    kv_cells: int
+    kv_used: int
+    evicted_tokens: int
+    preempted: int
 
 
 class _Sequence:
@@ -118,6 +131,8 @@ class _Slot:
     #: The tokens whose KV cells this sequence id holds, from position 0.
     cached: list[int] = attrs.field(factory=list)
     sequence: _Sequence | None = None
+    #: The decode step at which it was last seated or released (LRU order).
+    used_at: int = 0
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -137,6 +152,8 @@ class BatchedDecoder:
       params: context parameters to start from (threads, flash attention, ...).
       parallel: the number of sequences decoded at once.
       n_ctx: the context of one sequence, a multiple of 256.
+      kv_cells: the cells of the unified pool, at least ``n_ctx``; ignored
+        with ``kv_unified=False`` (each slot then has ``n_ctx`` of its own).
       n_batch: the most prompt tokens evaluated in one step when nobody decodes.
       prompt_chunk: the most prompt tokens evaluated in one step while others decode.
       kv_unified: one KV pool for all sequences instead of one stream each.
@@ -156,17 +173,23 @@ class BatchedDecoder:
         n_ctx: int,
         n_batch: int,
         prompt_chunk: int,
+        kv_cells: int | None = None,
         kv_unified: bool = True,
         keep_alive: object = None,
     ) -> None:
         self.parallel = parallel
         self.n_ctx = n_ctx
+        if kv_unified:
+            self.kv_cells = max(kv_cells or n_ctx, n_ctx)
+        else:
+            self.kv_cells = n_ctx * parallel
+        self._kv_unified = kv_unified
         self._n_batch = n_batch
         self._prompt_chunk = min(prompt_chunk, n_batch)
         self._keep_alive = keep_alive
         capacity = n_batch + parallel
         params = llama_cpp.llama_context_params.from_buffer_copy(params)
-        params.n_ctx = n_ctx * parallel
+        params.n_ctx = self.kv_cells
         params.n_seq_max = parallel
         params.n_batch = capacity
         params.n_ubatch = min(capacity, max(n_batch, 512))
@@ -199,6 +222,8 @@ class BatchedDecoder:
         self._reused_tokens = 0
         self._generated_tokens = 0
         self._max_batch = 0
+        self._evicted_tokens = 0
+        self._preempted = 0
         self._thread = threading.Thread(target=self._run, name="llama-batched-decode", daemon=True)
         self._thread.start()
 
@@ -215,6 +240,10 @@ class BatchedDecoder:
                 reused_tokens=self._reused_tokens,
                 generated_tokens=self._generated_tokens,
                 max_batch=self._max_batch,
+                kv_cells=self.kv_cells,
+                kv_used=sum(len(slot.cached) for slot in self._slots),
+                evicted_tokens=self._evicted_tokens,
+                preempted=self._preempted,
             )
 
     def generate(
@@ -361,6 +390,7 @@ class BatchedDecoder:
         slot = sequence.slot
         assert slot is not None
         slot.sequence = None
+        slot.used_at = self._steps
         sequence.slot = None
         self._active.remove(sequence)
         llama_cpp.llama_sampler_free(sequence.sampler)
@@ -372,16 +402,26 @@ class BatchedDecoder:
                 self._release(sequence)
 
     def _seat(self) -> None:
-        """Seat waiting sequences in free slots, reusing the longest cached prefix."""
+        """Seat waiting sequences in free slots, reusing the longest cached prefix.
+
+        In a unified pool a sequence is seated only when its prompt fits in
+        the cells left; it waits (and the ones behind it too: first come,
+        first served) until then.
+        """
         while self._waiting:
             free = [slot for slot in self._slots if slot.sequence is None]
             if not free:
                 return
-            sequence = self._waiting.popleft()
+            sequence = self._waiting[0]
             # Leave the last prompt token to evaluate: its logits are needed.
             limit = sequence.n_prompt - 1
             slot = max(free, key=lambda s: min(_common_prefix(s.cached, sequence.tokens), limit))
             keep = min(_common_prefix(slot.cached, sequence.tokens), limit)
+            if self._kv_unified and not self._make_room(
+                sequence.n_prompt - keep + 1, keep=slot, keep_cells=keep
+            ):
+                return
+            self._waiting.popleft()
             if keep and self._n_swa:
                 # A sliding-window cache may have dropped cells the kept
                 # prefix still needs (llama-server checks the same).
@@ -396,17 +436,73 @@ class BatchedDecoder:
                 llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             del slot.cached[keep:]
             slot.sequence = sequence
+            slot.used_at = self._steps
             sequence.slot = slot
             sequence.n_past = keep
             self._reused_tokens += keep
             self._active.append(sequence)
 
+    def _kv_free(self) -> int:
+        """Cells neither holding tokens nor promised to a seated prompt."""
+        used = sum(len(slot.cached) for slot in self._slots)
+        promised = sum(s.n_prompt - s.n_past for s in self._active if s.next_token is None)
+        return self.kv_cells - used - promised
+
+    def _make_room(self, cells: int, *, keep: _Slot | None = None, keep_cells: int = 0) -> bool:
+        """Drop idle slots' cached prefixes, least recently used first, until
+        ``cells`` are free; True if they are.
+
+        ``keep`` is the slot about to be reused: its first ``keep_cells``
+        cells stay, the rest of its cache is counted as freed.
+        """
+        spare = len(keep.cached) - keep_cells if keep is not None else 0
+        if self._kv_free() + spare >= cells:
+            return True
+        idle = sorted(
+            (s for s in self._slots if s.sequence is None and s.cached and s is not keep),
+            key=lambda s: s.used_at,
+        )
+        for slot in idle:
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            self._evicted_tokens += len(slot.cached)
+            slot.cached.clear()
+            if self._kv_free() + spare >= cells:
+                return True
+        return False
+
+    def _preempt(self, cells: int) -> None:
+        """Free ``cells`` for this step's decoding tokens: idle caches first,
+        then end the decoding sequences holding the most cells (finish
+        ``length``, as at a full context). Under the lock."""
+        if self._make_room(cells):
+            return
+        decoding = sorted(
+            (s for s in self._active if s.next_token is not None and not s.finished),
+            key=lambda s: s.n_past,
+            reverse=True,
+        )
+        for sequence in decoding:
+            assert sequence.slot is not None
+            self._preempted += 1
+            self._end(sequence)
+            sequence.next_token = None
+            llama_cpp.llama_memory_seq_rm(self._memory, sequence.slot.seq_id, -1, -1)
+            sequence.slot.cached.clear()
+            if len(sequence.out) < AHEAD:
+                cells -= 1  # it needed one this step
+            if self._kv_free() >= cells:
+                return
+
     def _plan(self) -> list[tuple[_Sequence, int, int]]:
         """This step's (sequence, first index, count) runs of tokens; empty when idle."""
+        if self._kv_unified:
+            needed = sum(1 for s in self._active if s.next_token is not None and len(s.out) < AHEAD)
+            if needed and self._kv_free() < needed:
+                self._preempt(needed)
         plan = []
         decoding = False
         for sequence in self._active:
-            if sequence.next_token is not None:
+            if sequence.next_token is not None and not sequence.finished:
                 # One sitting out for its consumer still counts: it must not
                 # wait behind a whole prompt once its consumer is back.
                 decoding = True

@@ -6,6 +6,7 @@ a time per model.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -30,7 +31,7 @@ from cortex.harness import ChatPrompt, LoadedModel, LoadSpec, Placement, Samplin
 from cortex.neuron.tools import MARKUP, detect_family
 
 from .batched import BatchedDecoder
-from .options import CTX_STEP, MIB, LoadOptions, kv_bytes_per_token, plan_n_ctx
+from .options import CTX_STEP, MIB, LoadOptions, kv_bytes_per_token, kv_cells, plan_n_ctx
 
 NAME = "llamacpp"
 GGUF_MAGIC = b"GGUF"
@@ -126,6 +127,49 @@ def _probe(path: pathlib.Path) -> _Hparams | None:
         llama_cpp.llama_model_free(model)
 
 
+def use_extra_buffers(setting: str, system_info: bytes | None = None) -> bool:
+    """Whether to load with llama.cpp's extra CPU weight buffers.
+
+    ``auto`` turns them off only where the build carries the AMX buffers:
+    they are compiled in only when the compiler targets AMX (a native build
+    on a CPU with it), and their matrix multiply segfaults on quantized
+    models there (FINDINGS.md; llama.cpp issue 20824). Elsewhere the repacked
+    layouts stay: they are safe, and faster for the types they cover.
+
+    Args:
+      setting: the ``extra_buffers`` option: ``auto``, ``on`` or ``off``.
+      system_info: llama.cpp's system info line; this build's when None.
+    """
+    if setting != "auto":
+        return setting == "on"
+    if system_info is None:
+        system_info = llama_cpp.llama_print_system_info()
+    return b"AMX_INT8 = 1" not in system_info
+
+
+@contextlib.contextmanager
+def model_params(*, use_extra_bufts: bool) -> Iterator[None]:
+    """Make ``llama_cpp.Llama`` load with ``use_extra_bufts`` set as given.
+
+    ``Llama`` takes no argument for it and builds its model parameters from
+    ``llama_model_default_params`` inside ``__init__``: wrap that for the
+    duration. Callers hold ``_load_lock`` (or are alone in the process).
+    """
+    low = llama_cpp.llama_cpp
+    default = low.llama_model_default_params
+
+    def params() -> llama_cpp.llama_model_params:
+        value = default()
+        value.use_extra_bufts = use_extra_bufts
+        return value
+
+    low.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = default
+
+
 def _with_object_arguments(message: dict[str, Any]) -> dict[str, Any]:
     """``message`` with its tool calls' JSON-string arguments decoded, for templates."""
     calls = message.get("tool_calls")
@@ -187,6 +231,7 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
             raise ModelLoadError(f"{where}: unknown chat_format {options.chat_format!r}")
 
     weights_bytes = path.stat().st_size
+    batched = options.parallel > 1
     with _load_lock:
         hparams = _probe(path)
         if hparams is None:
@@ -196,33 +241,45 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
             requested=options.n_ctx,
             n_ctx_train=hparams.n_ctx_train or None,
             n_ctx_max=options.n_ctx_max,
-            weights_bytes=weights_bytes,
-            # Continuous batching: every sequence gets the whole n_ctx.
-            kv_per_token=hparams.kv_per_token * options.parallel,
+            # Batched, a small context for tokenize and metadata comes too.
+            weights_bytes=weights_bytes + (CTX_STEP * hparams.kv_per_token if batched else 0),
+            # Per-sequence streams hold parallel x n_ctx cells; a unified
+            # pool n_ctx, or kv_cells when set (checked below).
+            kv_per_token=hparams.kv_per_token * (1 if options.kv_unified else options.parallel),
             budget_mb=placement.memory_budget_mb,
         )
+        pool = kv_cells(options, n_ctx)
+        if placement.memory_budget_mb is not None:
+            cells = pool + (CTX_STEP if batched else 0)
+            need_mb = -(-(weights_bytes + cells * hparams.kv_per_token) // MIB)
+            if need_mb > placement.memory_budget_mb:
+                raise ModelLoadError(
+                    f"{where}: needs {need_mb} MiB with kv_cells={pool}, over its memory "
+                    f"budget of {placement.memory_budget_mb} MiB"
+                )
         if options.parallel > llama_cpp.llama_max_parallel_sequences():
             raise ModelLoadError(
                 f"{where}: parallel is at most {llama_cpp.llama_max_parallel_sequences()}"
             )
-        batched = options.parallel > 1
+        extra_buffers = use_extra_buffers(options.extra_buffers)
         try:
-            llama = llama_cpp.Llama(
-                model_path=str(path),
-                verbose=False,
-                # Batched, this context only serves tokenize and metadata; the
-                # decoder makes its own: keep this one (and its buffers) small.
-                n_ctx=CTX_STEP if batched else n_ctx,
-                n_batch=8 if batched else options.n_batch,
-                n_ubatch=8 if batched else 512,
-                n_threads=options.n_threads,
-                n_threads_batch=options.n_threads,
-                n_gpu_layers=options.n_gpu_layers,
-                main_gpu=options.main_gpu,
-                tensor_split=list(options.tensor_split) if options.tensor_split else None,
-                flash_attn=options.flash_attn,
-                logits_all=False,
-            )
+            with model_params(use_extra_bufts=extra_buffers):
+                llama = llama_cpp.Llama(
+                    model_path=str(path),
+                    verbose=False,
+                    # Batched, this context only serves tokenize and metadata; the
+                    # decoder makes its own: keep this one (and its buffers) small.
+                    n_ctx=CTX_STEP if batched else n_ctx,
+                    n_batch=8 if batched else options.n_batch,
+                    n_ubatch=8 if batched else 512,
+                    n_threads=options.n_threads,
+                    n_threads_batch=options.n_threads,
+                    n_gpu_layers=options.n_gpu_layers,
+                    main_gpu=options.main_gpu,
+                    tensor_split=list(options.tensor_split) if options.tensor_split else None,
+                    flash_attn=options.flash_attn,
+                    logits_all=False,
+                )
         except Exception as exc:
             # llama-cpp-python's messages carry the full path: keep them out.
             raise ModelLoadError(
@@ -238,6 +295,7 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
                     params=llama.context_params,
                     parallel=options.parallel,
                     n_ctx=n_ctx,
+                    kv_cells=pool,
                     n_batch=options.n_batch,
                     prompt_chunk=options.prompt_chunk,
                     kv_unified=options.kv_unified,
@@ -249,7 +307,8 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
             except BaseException:
                 llama.close()
                 raise
-            kv_tokens = n_ctx * options.parallel + CTX_STEP
+            # The small context above serves tokenize and metadata.
+            kv_tokens = decoder.kv_cells + CTX_STEP
         # --- end continuous batching ---
     try:
         return LlamaCppModel(

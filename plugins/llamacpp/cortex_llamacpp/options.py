@@ -44,6 +44,12 @@ def _str(key: str, value: Any) -> str:
     return value
 
 
+def _switch(key: str, value: Any) -> str:
+    if value not in ("auto", "on", "off"):
+        raise ValueError("expected 'auto', 'on' or 'off'")
+    return value
+
+
 def _tool_format(key: str, value: Any) -> str:
     return check_family(_str(key, value))
 
@@ -70,7 +76,42 @@ _CHECKS = {
     "parallel": _int(1),
     "prompt_chunk": _int(1),
     "kv_unified": _bool,
+    "kv_cells": _int(CTX_STEP),
+    "extra_buffers": _switch,
 }
+
+
+def physical_cores(cpuinfo: str | None = None, allowed: set[int] | None = None) -> int:
+    """The physical cores this process may run on (hyperthreads counted once).
+
+    llama.cpp's threads spin at every barrier: a second thread on a core's
+    sibling, or on a core something else keeps busy, slows every step
+    (llama-server defaults to the physical cores for the same reason).
+
+    Args:
+      cpuinfo: the text of /proc/cpuinfo; read when None.
+      allowed: the logical CPUs this process may use; its affinity when None.
+    """
+    if allowed is None:
+        try:
+            allowed = os.sched_getaffinity(0)
+        except AttributeError:  # not Linux
+            allowed = set(range(os.cpu_count() or 1))
+    try:
+        if cpuinfo is None:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+    except OSError:
+        return max(1, len(allowed))
+    cores = set()
+    for block in cpuinfo.split("\n\n"):
+        fields = dict(
+            (k.strip(), v.strip())
+            for k, _, v in (line.partition(":") for line in block.splitlines())
+        )
+        if fields.get("processor", "").isdigit() and int(fields["processor"]) in allowed:
+            cores.add((fields.get("physical id"), fields.get("core id", fields["processor"])))
+    return max(1, len(cores) or len(allowed))
 
 
 @attrs.frozen(kw_only=True)
@@ -80,7 +121,8 @@ class LoadOptions:
     Attributes:
       n_ctx: the requested context length, or None to plan one (see plan_n_ctx).
       n_ctx_max: the cap on a planned context length.
-      n_threads: CPU threads for decode and prompt processing.
+      n_threads: CPU threads for decode and prompt processing; the physical
+        cores by default (``physical_cores``).
       n_gpu_layers: layers to offload; -1 is all.
       main_gpu: the device that holds the non-split parts.
       tensor_split: the share of each device, indexed by device index; None
@@ -92,13 +134,21 @@ class LoadOptions:
       tool_format: the tool-call markup the model writes (hermes, llama3,
         mistral), when detecting it from the chat template gets it wrong.
       parallel: sequences decoded at once (continuous batching, see
-        ``cortex_llamacpp.batched``); 1 is the single-sequence engine. Each
-        sequence gets the whole ``n_ctx``: the KV cache holds
-        ``parallel * n_ctx`` tokens (llama-server's ``--parallel`` splits
-        ``n_ctx`` instead), and the memory plan counts it.
+        ``cortex_llamacpp.batched``); 1 is the single-sequence engine.
+      kv_cells: the KV cache's cells (tokens), shared by all sequences;
+        ``n_ctx`` by default, as llama-server's unified cache: any one
+        sequence can reach ``n_ctx``, and idle slots cost nothing. Larger
+        keeps more sequences' prefixes cached at once; the memory plan
+        counts it.
       prompt_chunk: the most prompt tokens evaluated per step while other
         sequences are decoding; smaller keeps their latency steadier.
-      kv_unified: one KV pool for all sequences (default) or one stream each.
+      kv_unified: one KV pool for all sequences (default) or one stream of
+        ``n_ctx`` cells each (``parallel * n_ctx`` in all).
+      extra_buffers: llama.cpp's extra CPU weight buffers (repacked
+        layouts, AMX): ``on``, ``off``, or ``auto`` (default), which turns
+        them off only where the llama.cpp build carries AMX, whose kernels
+        crash on quantized models (llama.cpp issue 20824). Weights offloaded
+        to a GPU are not affected.
     """
 
     n_ctx: int | None = None
@@ -114,6 +164,8 @@ class LoadOptions:
     parallel: int = 4
     prompt_chunk: int = 128
     kv_unified: bool = True
+    kv_cells: int | None = None
+    extra_buffers: str = "auto"
 
     @classmethod
     def from_spec(
@@ -146,7 +198,7 @@ class LoadOptions:
             values["chat_format"] = chat_format
 
         devices = placement.devices
-        values.setdefault("n_threads", os.cpu_count() or 1)
+        values.setdefault("n_threads", physical_cores())
         values.setdefault("n_gpu_layers", -1 if devices else 0)
         if devices:
             values.setdefault("main_gpu", devices[0])
@@ -163,6 +215,15 @@ class LoadOptions:
 def kv_bytes_per_token(*, n_layer: int, n_head_kv: int, key_length: int, value_length: int) -> int:
     """The f16 KV cache size of one token: K and V for every layer, 2 bytes each."""
     return n_layer * n_head_kv * (key_length + value_length) * 2
+
+
+def kv_cells(options: LoadOptions, n_ctx: int) -> int:
+    """The KV cache's cells for a per-sequence context of ``n_ctx``."""
+    if options.parallel > 1 and not options.kv_unified:
+        return n_ctx * options.parallel
+    if options.parallel > 1 and options.kv_cells is not None:
+        return max(n_ctx, -(-options.kv_cells // CTX_STEP) * CTX_STEP)
+    return n_ctx
 
 
 def plan_n_ctx(
