@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from cortex.chat_template import (
+    TOOLS_FOOTER,
+    TOOLS_HEADER,
     TemplateSupport,
     adapt_chat,
     fold_system,
@@ -163,3 +166,10 @@ def test_non_text_parts_are_never_folded_away():
         fold_system(messages)
     text_only = [{"role": "system", "content": "S"}, {"role": "user", "content": content[:1]}]
     assert fold_system(text_only) == [{"role": "user", "content": "S\n\na"}]
+
+
+def test_readme_documents_the_tools_text():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    lines = {line.strip() for line in readme.splitlines()}
+    for line in (TOOLS_HEADER + TOOLS_FOOTER).splitlines():
+        assert line.strip() in lines, line
