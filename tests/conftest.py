@@ -5,7 +5,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.fixtures.tinymodel import write_tiny_model
+from tests.fixtures.tinymodel import NO_SYSTEM_NO_TOOLS_TEMPLATE, write_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +19,15 @@ def no_template_model_path(tmp_path_factory: pytest.TempPathFactory) -> pathlib.
     """A tiny llama GGUF without ``tokenizer.chat_template``."""
     path = tmp_path_factory.mktemp("models") / "tiny-no-template.gguf"
     return write_tiny_model(path, name="tiny-no-template", seed=1, chat_template=None)
+
+
+@pytest.fixture(scope="session")
+def no_system_model_path(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A tiny llama GGUF whose Gemma-style template raises on system and ignores tools."""
+    path = tmp_path_factory.mktemp("models") / "tiny-no-system.gguf"
+    return write_tiny_model(
+        path, name="tiny-no-system", seed=2, chat_template=NO_SYSTEM_NO_TOOLS_TEMPLATE
+    )
 
 
 @pytest.fixture

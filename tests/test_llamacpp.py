@@ -7,6 +7,7 @@ import os
 import llama_cpp
 import pytest
 
+from cortex.chat_template import TemplateSupport, tools_text
 from cortex.errors import (
     ChatTemplateMissing,
     ContextOverflow,
@@ -221,6 +222,58 @@ def test_render_chat_without_template(load, no_template_model_path):
     assert "<|im_end|>" in prompt.stop
     with pytest.raises(ModelLoadError, match="'no-such-format'"):
         load(no_template_model_path, chat_format="no-such-format")
+
+
+TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {}}}
+CALL_TURNS = [
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "c1",
+                "type": "function",
+                "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "c1", "content": "noon"},
+]
+
+
+@pytest.mark.parametrize("kind", ["raises on system", "gemma chat_format drops system"])
+def test_system_and_tools_reach_a_template_without_them(
+    load, no_system_model_path, no_template_model_path, kind
+):
+    """A template with no system role and no tools still sees both, as user text."""
+    if kind == "raises on system":
+        model = load(no_system_model_path)
+    else:
+        model = load(no_template_model_path, chat_format="gemma")
+    assert model.template_support == TemplateSupport(system=False, tools=False)
+    assert model.tool_format == "hermes"
+    text = model.render_chat(MESSAGES).text
+    assert "<start_of_turn>user\nBe brief.\n\nHello there<end_of_turn>" in text
+    text = model.render_chat([*MESSAGES, *CALL_TURNS], tools=[TOOL]).text
+    assert f"<start_of_turn>user\nBe brief.\n\n{tools_text([TOOL])}\n\nHello there" in text
+    assert (
+        '<start_of_turn>model\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}'
+        "\n</tool_call><end_of_turn>"
+    ) in text
+    assert "<start_of_turn>user\n<tool_response>\nnoon\n</tool_response><end_of_turn>" in text
+
+
+def test_template_that_takes_everything_is_left_alone(load, tiny_model_path):
+    model = load(tiny_model_path, options={"tool_format": "mistral"})
+    assert model.template_support == TemplateSupport(system=True, tools=True)
+    assert model.tool_format == "mistral"
+    text = model.render_chat(MESSAGES, tools=[TOOL]).text
+    assert text.startswith("<|im_start|>system\n# Tools\n{")
+    assert "<tools>" not in text
+
+
+def test_configured_tool_format_wins_over_the_fallback(load, no_system_model_path):
+    assert load(no_system_model_path, options={"tool_format": "llama3"}).tool_format == "llama3"
 
 
 def test_greedy_matches_create_completion(load, tiny_model_path):

@@ -153,7 +153,7 @@ def test_chat_body_must_be_object(body):
     _invalid(wire.parse_chat_request, body, match="JSON object")
 
 
-def test_chat_keeps_content_parts_and_tool_turns():
+def test_chat_keeps_text_and_tool_turns():
     messages = [
         {"role": "developer", "content": "be brief"},
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
@@ -178,12 +178,47 @@ def test_chat_keeps_content_parts_and_tool_turns():
             "user": "u1",
         }
     )
-    assert req.messages == messages
+    # Text parts become one string, developer the system role templates know.
+    assert req.messages == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "a\nb"},
+        *messages[2:],
+    ]
     assert req.tools == tools
     assert req.tool_choice == {"type": "function", "function": {"name": "f"}}
     assert req.parallel_tool_calls is False
     assert req.response_format["type"] == "json_schema"
     assert req.user == "u1"
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}},
+        {"type": "input_audio", "input_audio": {"data": "AA==", "format": "wav"}},
+        {"type": "file", "file": {"file_id": "f"}},
+        {"type": "video_url", "video_url": {"url": "x"}},
+    ],
+)
+def test_non_text_content_is_refused_by_name(part):
+    """A part no model here can read is a 400 naming it, never dropped or printed."""
+    content = [{"type": "text", "text": "what is this?"}, part]
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": content}],
+    }
+    error = _invalid(wire.parse_chat_request, body, param="messages[1].content[1]")
+    assert error.message == (
+        f"messages[1].content[1]: content block type {part['type']!r} "
+        "is not supported by model 'tiny'"
+    )
+
+
+def test_refusal_parts_are_text():
+    content = [{"type": "refusal", "refusal": "no"}, {"type": "text", "text": "then"}]
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": content}]
+    req = wire.parse_chat_request({"model": "m", "messages": messages})
+    assert req.messages[1] == {"role": "assistant", "content": "no\nthen"}
 
 
 def test_sampling_fields_including_llamacpp_extras():

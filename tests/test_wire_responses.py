@@ -84,13 +84,7 @@ def test_item_list_with_parts_and_function_calls():
                     "call_id": "c2",
                     "output": [{"type": "input_text", "text": "noon"}],
                 },
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "input_text", "text": "and this?"},
-                        {"type": "input_image", "image_url": "data:image/png;base64,AA=="},
-                    ],
-                },
+                {"role": "user", "content": [{"type": "input_text", "text": "and this?"}]},
             ],
         }
     )
@@ -100,7 +94,7 @@ def test_item_list_with_parts_and_function_calls():
         "function": {"name": n, "arguments": "{}"},
     }
     assert req.messages == [
-        {"role": "developer", "content": "rules"},
+        {"role": "system", "content": "rules"},
         {"role": "user", "content": "weather in Oslo?"},
         {
             "role": "assistant",
@@ -109,16 +103,29 @@ def test_item_list_with_parts_and_function_calls():
         },
         {"role": "tool", "tool_call_id": "c1", "content": "rain"},
         {"role": "tool", "tool_call_id": "c2", "content": "noon"},
-        {
-            "role": "user",
-            "content": [
-                {"type": "text", "text": "and this?"},
-                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}},
-            ],
-        },
+        {"role": "user", "content": "and this?"},
     ]
     # The converted conversation is a valid chat request.
     parse_chat_request({"model": "m", "messages": req.messages})
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "input_image", "image_url": "data:image/png;base64,AA=="},
+        {"type": "input_file", "file_id": "file_1"},
+        {"type": "input_audio", "input_audio": {"data": "AA==", "format": "wav"}},
+    ],
+)
+def test_non_text_parts_are_refused_by_name(part):
+    content = [{"type": "input_text", "text": "and this?"}, part]
+    body = {"model": "tiny", "input": [{"role": "user", "content": content}]}
+    with pytest.raises(InvalidRequest) as info:
+        parse_responses_request(body)
+    assert info.value.param == "input[0].content[1]"
+    assert info.value.message == (
+        f"input[0].content[1]: content block type {part['type']!r} is not supported by model 'tiny'"
+    )
 
 
 def test_function_call_without_preceding_text_opens_an_assistant_turn():

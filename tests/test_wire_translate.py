@@ -87,39 +87,60 @@ def test_text_blocks_become_content():
     ]
 
 
-def test_images_become_image_url_parts():
-    out = _to_openai(
-        messages=[
+IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "QQ"}}
+PDF = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf"}}
+
+
+def _refused(**fields) -> InvalidRequest:
+    body = {"model": "claude", "max_tokens": 64, **fields}
+    body.setdefault("messages", [{"role": "user", "content": "hi"}])
+    with pytest.raises(InvalidRequest) as info:
+        anthropic_to_openai(parse_messages_request(body), model="tiny")
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("fields", "where", "kind"),
+    [
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "?"}, IMAGE]}]},
+            "messages.0.content[1]",
+            "image",
+        ),
+        (
             {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": "what is this"},
-                    {
-                        "type": "image",
-                        "source": {"type": "base64", "media_type": "image/jpeg", "data": "AAAA"},
-                    },
-                    {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}},
-                ],
-            }
-        ]
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": [{"type": "search_result", "x": 1}]},
+                ]
+            },
+            "messages.1.content[0]",
+            "search_result",
+        ),
+        (
+            {"system": [{"type": "text", "text": "s"}, {"type": "container_upload"}]},
+            "system[1]",
+            "container_upload",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "system", "content": [{"type": "new_kind_of_block"}]},
+                ]
+            },
+            "messages.1.content[0]",
+            "new_kind_of_block",
+        ),
+    ],
+)
+def test_blocks_that_are_not_text_are_refused_by_name(fields, where, kind):
+    """Images and unknown blocks are a 400 naming them, never dropped in silence."""
+    error = _refused(**fields)
+    assert error.message == (
+        f"{where}: content block type {kind!r} is not supported by model 'tiny'"
     )
-    assert out["messages"][0]["content"] == [
-        {"type": "text", "text": "what is this"},
-        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,AAAA"}},
-        {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
-    ]
-
-
-def test_unsupported_image_source_is_refused():
-    body = {
-        "model": "m",
-        "max_tokens": 5,
-        "messages": [
-            {"role": "user", "content": [{"type": "image", "source": {"type": "file", "id": "f"}}]}
-        ],
-    }
-    with pytest.raises(InvalidRequest, match="image source type 'file'"):
-        anthropic_to_openai(parse_messages_request(body))
+    assert error.param == where
 
 
 def _tool_conversation(user_turn):
@@ -220,29 +241,21 @@ def test_tool_result_error_is_prefixed():
     assert out["messages"][3]["content"] == "Error"
 
 
-def test_tool_result_images_follow_in_a_user_message():
-    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "QQ"}}
-    out = _to_openai(
+def test_images_in_tool_results_are_refused():
+    error = _refused(
         messages=_tool_conversation(
             [
                 {
                     "type": "tool_result",
                     "tool_use_id": "toolu_a",
-                    "content": [{"type": "text", "text": "screenshot"}, image],
+                    "content": [{"type": "text", "text": "screenshot"}, IMAGE],
                 },
                 {"type": "tool_result", "tool_use_id": "toolu_b", "content": "x"},
-                {"type": "text", "text": "look"},
             ]
         )
     )
-    assert out["messages"][2]["content"] == "screenshot"
-    assert out["messages"][4] == {
-        "role": "user",
-        "content": [
-            {"type": "text", "text": "look"},
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,QQ"}},
-        ],
-    }
+    assert error.param == "messages.2.content[0].content[1]"
+    assert "content block type 'image' is not supported by model 'tiny'" in error.message
 
 
 def test_tool_results_stay_next_to_their_call_across_a_system_message():
@@ -721,24 +734,10 @@ def test_ping_and_error_events():
         _final(events)
 
 
-def test_user_parts_keep_their_order():
-    image = {"type": "image", "source": {"type": "url", "url": "u"}}
-    out = _to_openai(
-        messages=[
-            {
-                "role": "user",
-                "content": [{"type": "text", "text": "a"}, image, {"type": "text", "text": "b"}],
-            }
-        ]
-    )
-    assert [p["type"] for p in out["messages"][0]["content"]] == ["text", "image_url", "text"]
-
-
 def test_text_document_becomes_text_other_documents_refused():
     doc = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "D"}}
     out = _to_openai(messages=[{"role": "user", "content": [doc, {"type": "text", "text": "sum"}]}])
     assert out["messages"][0]["content"] == "D\nsum"
-    pdf = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf"}}
-    body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [pdf]}]}
-    with pytest.raises(InvalidRequest, match="document source type 'base64'"):
-        anthropic_to_openai(parse_messages_request(body))
+    error = _refused(messages=[{"role": "user", "content": [{"type": "text", "text": "sum"}, PDF]}])
+    assert error.param == "messages.0.content[1].source"
+    assert "document source type 'base64' is not supported by model 'tiny'" in error.message

@@ -26,6 +26,8 @@ MAX_STOP = 4
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
+#: Content part types that carry text, and the key that holds it.
+TEXT_PARTS = {"text": "text", "refusal": "refusal"}
 
 _MISSING = object()
 
@@ -191,13 +193,34 @@ class SamplingOverrides:
 # -- chat completions ---------------------------------------------------------
 
 
-def _content_parts(parts: list[Any], param: str) -> None:
+def unsupported_content(kind: str, *, model: str, where: str) -> InvalidRequest:
+    """The 400 for a content block that no model here can take.
+
+    Engines render a conversation to prompt text (``LoadedModel.render_chat``):
+    an image, audio or a file cannot reach any model, and dropping it would
+    answer a question the client did not ask. Each dialect names the block by
+    its own type and place.
+    """
+    return InvalidRequest(
+        f"{where}: content block type {kind!r} is not supported by model {model!r}",
+        param=where,
+    )
+
+
+def _content_text(parts: list[Any], param: str, model: str) -> str:
+    """The text of content parts, joined by newlines; any other part is refused."""
+    texts = []
     for j, part in enumerate(parts):
         where = f"{param}[{j}]"
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
             raise InvalidRequest(f"{where} must be an object with a type", param=where)
-        if part["type"] == "text" and not isinstance(part.get("text"), str):
-            raise InvalidRequest(f"{where}.text must be a string", param=f"{where}.text")
+        key = TEXT_PARTS.get(part["type"])
+        if key is None:
+            raise unsupported_content(part["type"], model=model, where=where)
+        if not isinstance(part.get(key), str):
+            raise InvalidRequest(f"{where}.{key} must be a string", param=f"{where}.{key}")
+        texts.append(part[key])
+    return "\n".join(texts)
 
 
 def _tool_calls(calls: Any, param: str) -> None:
@@ -220,12 +243,21 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
         raise InvalidRequest("messages must be a list", param="messages")
     if not messages:
         raise InvalidRequest("messages must not be empty", param="messages")
-    for i, message in enumerate(messages):
-        _check_message(message, f"messages[{i}]")
-    return messages
+    model = _model(body)
+    return [chat_message(m, f"messages[{i}]", model=model) for i, m in enumerate(messages)]
 
 
-def _check_message(message: Any, where: str) -> None:
+def chat_message(message: Any, where: str, *, model: str) -> dict[str, Any]:
+    """A checked chat message, as every chat template takes it.
+
+    Content parts become one string (a template that expects a string would
+    print the list), and a ``developer`` turn becomes ``system``, the role
+    OpenAI renamed: templates know only the old name, and some drop turns
+    whose role they do not know.
+
+    Raises:
+      InvalidRequest: a malformed message, or content that is not text.
+    """
     if not isinstance(message, dict):
         raise InvalidRequest(f"{where} must be an object", param=where)
     role = message.get("role")
@@ -239,7 +271,7 @@ def _check_message(message: Any, where: str) -> None:
     if content is None and role != "assistant":
         raise InvalidRequest(f"{where}.content: field required", param=f"{where}.content")
     if isinstance(content, list):
-        _content_parts(content, f"{where}.content")
+        content = _content_text(content, f"{where}.content", model)
     elif content is not None and not isinstance(content, str):
         raise InvalidRequest(
             f"{where}.content must be a string or a list of parts", param=f"{where}.content"
@@ -250,6 +282,7 @@ def _check_message(message: Any, where: str) -> None:
         raise InvalidRequest(
             f"{where}.tool_call_id must be a string", param=f"{where}.tool_call_id"
         )
+    return {**message, "role": "system" if role == "developer" else role, "content": content}
 
 
 def _tools(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
@@ -326,8 +359,8 @@ def _reject_logprobs(body: Mapping[str, Any], key: str = "logprobs") -> None:
 class ChatRequest:
     """A validated ``POST /v1/chat/completions`` body.
 
-    ``messages`` are the client's dicts, content kept as sent (a string or a
-    list of parts) for the chat template to render.
+    ``messages`` are the client's dicts as :func:`chat_message` returns them:
+    content a string (None only on an assistant turn with tool calls).
     """
 
     model: str

@@ -18,52 +18,52 @@ from cortex.errors import InvalidRequest
 from cortex.wire.openai import (
     SamplingOverrides,
     Usage,
-    _check_message,
     _model,
     _opt_bool,
     _opt_int,
     _opt_str,
     _require_object,
+    chat_message,
+    unsupported_content,
 )
 
 _MESSAGE_ROLES = frozenset({"user", "assistant", "system", "developer"})
 #: Items that carry nothing a local model can use; dropped, not refused,
 #: because clients replay them from earlier turns.
 _IGNORED_ITEMS = frozenset({"reasoning"})
+#: Content part types that carry text, and the key that holds it.
+_TEXT_PARTS = {"input_text": "text", "output_text": "text", "text": "text", "refusal": "refusal"}
 
 
-def _text_of_parts(parts: list[Any], where: str) -> str | list[dict[str, Any]]:
-    """Responses content parts -> chat content: a string when all text."""
-    converted: list[dict[str, Any]] = []
+def _text_of_parts(parts: list[Any], where: str, model: str) -> str:
+    """Responses content parts -> the chat turn's text; any other part is refused."""
+    texts = []
     for j, part in enumerate(parts):
+        here = f"{where}[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
-            converted.append({"type": "text", "text": part["text"]})
-        elif kind == "refusal" and isinstance(part.get("refusal"), str):
-            converted.append({"type": "text", "text": part["refusal"]})
-        elif kind == "input_image" and isinstance(part.get("image_url"), str):
-            converted.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
-        else:
-            raise InvalidRequest(
-                f"{where}[{j}]: unsupported content part {kind!r}", param=f"{where}[{j}]"
-            )
-    if all(p["type"] == "text" for p in converted):
-        return "".join(p["text"] for p in converted)
-    return converted
+        if not isinstance(kind, str):
+            raise InvalidRequest(f"{here} must be an object with a type", param=here)
+        key = _TEXT_PARTS.get(kind)
+        if key is None:
+            raise unsupported_content(kind, model=model, where=here)
+        if not isinstance(part.get(key), str):
+            raise InvalidRequest(f"{here}.{key} must be a string", param=f"{here}.{key}")
+        texts.append(part[key])
+    return "".join(texts)
 
 
-def _content(item: Mapping[str, Any], key: str, where: str) -> str | list[dict[str, Any]]:
+def _content(item: Mapping[str, Any], key: str, where: str, model: str) -> str:
     content = item.get(key)
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return _text_of_parts(content, f"{where}.{key}")
+        return _text_of_parts(content, f"{where}.{key}", model)
     raise InvalidRequest(
         f"{where}.{key} must be a string or a list of parts", param=f"{where}.{key}"
     )
 
 
-def _input_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _input_messages(body: Mapping[str, Any], model: str) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     instructions = _opt_str(body, "instructions")
     if instructions:
@@ -88,7 +88,7 @@ def _input_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
                     f"{where}.role must be one of user, assistant, system, developer",
                     param=f"{where}.role",
                 )
-            messages.append({"role": role, "content": _content(item, "content", where)})
+            messages.append({"role": role, "content": _content(item, "content", where, model)})
         elif kind == "function_call":
             call = _function_call(item, where)
             last = messages[-1] if messages else None
@@ -102,7 +102,7 @@ def _input_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
             call_id = item.get("call_id")
             if not isinstance(call_id, str):
                 raise InvalidRequest(f"{where}.call_id must be a string", param=f"{where}.call_id")
-            output = _content(item, "output", where)
+            output = _content(item, "output", where, model)
             messages.append({"role": "tool", "tool_call_id": call_id, "content": output})
         elif kind in _IGNORED_ITEMS:
             continue
@@ -110,9 +110,7 @@ def _input_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
             raise InvalidRequest(f"{where}: unsupported input item type {kind!r}", param=where)
     if not any(m["role"] != "system" for m in messages):
         raise InvalidRequest("input must not be empty", param="input")
-    for i, message in enumerate(messages):
-        _check_message(message, f"input(converted)[{i}]")
-    return messages
+    return [chat_message(m, f"input(converted)[{i}]", model=model) for i, m in enumerate(messages)]
 
 
 def _function_call(item: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -216,7 +214,7 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
             )
     return ResponsesRequest(
         model=model,
-        messages=_input_messages(body),
+        messages=_input_messages(body, model),
         max_output_tokens=_opt_int(body, "max_output_tokens", minimum=1),
         sampling=SamplingOverrides.from_body(body),
         stream=bool(_opt_bool(body, "stream")),

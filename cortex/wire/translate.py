@@ -6,12 +6,15 @@ from the chat chunks by :class:`AnthropicStream`.
 
 Choices made where the two dialects do not line up:
 
-- Several text blocks of one turn (or of ``system``) are joined with "\\n".
-- ``tool_result`` content that is an error is prefixed with ``"Error: "``;
-  images inside a ``tool_result`` go into the user message that follows the
-  tool messages, since OpenAI tool messages hold text only.
+- Several text blocks of one turn (or of ``system``) are joined with "\\n";
+  a plain-text ``document`` is text too.
+- ``tool_result`` content that is an error is prefixed with ``"Error: "``.
 - ``thinking``, ``redacted_thinking`` and server-tool blocks from earlier
   turns are dropped: a local model cannot use them.
+- Any other block (``image``, a PDF ``document``, a type this module does
+  not know), anywhere in the request, is refused with a 400 that names its
+  type and place: the models take text only, and answering without it would
+  answer another question.
 - Tool arguments that are not a JSON object come back as
   ``input: {"_raw_arguments": "<the text>"}`` so nothing the model wrote is
   lost and the client's schema check reports it to the model.
@@ -25,6 +28,7 @@ from typing import Any
 
 from cortex.errors import InvalidRequest
 from cortex.wire.anthropic import CountTokensRequest, MessagesRequest, error_from
+from cortex.wire.openai import unsupported_content
 
 _DROPPED_BLOCKS = frozenset(
     {"thinking", "redacted_thinking", "server_tool_use", "web_search_tool_result"}
@@ -39,62 +43,59 @@ def _new_tool_id() -> str:
 # -- requests -----------------------------------------------------------------
 
 
-def _blocks(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"type": "text", "text": content}] if isinstance(content, str) else content
+def _kept(content: str | list[dict[str, Any]], where: str) -> list[tuple[str, dict[str, Any]]]:
+    """The blocks of ``content`` that reach the model, each with its place."""
+    if isinstance(content, str):
+        return [(where, {"type": "text", "text": content})]
+    return [
+        (f"{where}[{j}]", block)
+        for j, block in enumerate(content)
+        if block["type"] not in _DROPPED_BLOCKS
+    ]
 
 
-def _joined_text(content: str | list[dict[str, Any]]) -> str:
-    return "\n".join(b["text"] for b in _blocks(content) if b.get("type") == "text")
+def _text(where: str, block: dict[str, Any], model: str) -> str:
+    """The text of a block that must be text (a plain-text document counts).
 
-
-def _image_part(block: dict[str, Any]) -> dict[str, Any]:
-    source = block["source"]
-    if source.get("type") == "base64":
-        url = f"data:{source.get('media_type', 'image/png')};base64,{source.get('data', '')}"
-    elif source.get("type") == "url":
-        url = source.get("url", "")
-    else:
-        raise InvalidRequest(
-            f"image source type {source.get('type')!r} is not supported", param="messages"
-        )
-    return {"type": "image_url", "image_url": {"url": url}}
-
-
-def _part(block: dict[str, Any]) -> dict[str, Any] | None:
-    """One user-side block as an OpenAI content part; None when dropped."""
+    Raises:
+      InvalidRequest: any other block, named by its type and place.
+    """
     kind = block["type"]
     if kind == "text":
-        return {"type": "text", "text": block["text"]}
-    if kind == "image":
-        return _image_part(block)
+        return block["text"]
     if kind == "document":
         source = block.get("source") or {}
         if source.get("type") == "text":
-            return {"type": "text", "text": source.get("data", "")}
+            return source.get("data", "")
         raise InvalidRequest(
-            f"document source type {source.get('type')!r} is not supported", param="messages"
+            f"{where}.source: document source type {source.get('type')!r} is not supported "
+            f"by model {model!r}; only plain-text documents are",
+            param=f"{where}.source",
         )
-    return None
+    raise unsupported_content(kind, model=model, where=where)
 
 
-def _content_of(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
-    # Plain text is what every chat template handles; parts only for images.
-    if all(p["type"] == "text" for p in parts):
-        return "\n".join(p["text"] for p in parts)
-    return parts
+def _joined_text(content: str | list[dict[str, Any]], where: str, model: str) -> str:
+    return "\n".join(_text(here, block, model) for here, block in _kept(content, where))
 
 
-def _assistant(blocks: list[dict[str, Any]]) -> dict[str, Any]:
-    texts = [b["text"] for b in blocks if b["type"] == "text"]
-    calls = [
-        {
-            "id": b["id"],
-            "type": "function",
-            "function": {"name": b["name"], "arguments": json.dumps(b.get("input", {}))},
-        }
-        for b in blocks
-        if b["type"] == "tool_use"
-    ]
+def _assistant(blocks: list[tuple[str, dict[str, Any]]], model: str) -> dict[str, Any]:
+    texts = []
+    calls = []
+    for where, block in blocks:
+        if block["type"] == "tool_use":
+            calls.append(
+                {
+                    "id": block["id"],
+                    "type": "function",
+                    "function": {
+                        "name": block["name"],
+                        "arguments": json.dumps(block.get("input", {})),
+                    },
+                }
+            )
+        else:
+            texts.append(_text(where, block, model))
     message: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts)}
     if calls:
         message["tool_calls"] = calls
@@ -103,15 +104,9 @@ def _assistant(blocks: list[dict[str, Any]]) -> dict[str, Any]:
     return message
 
 
-def _tool_message(block: dict[str, Any], images: list[dict[str, Any]]) -> dict[str, Any]:
+def _tool_message(where: str, block: dict[str, Any], model: str) -> dict[str, Any]:
     content = block.get("content")
-    if content is None:
-        text = ""
-    elif isinstance(content, str):
-        text = content
-    else:
-        text = "\n".join(b["text"] for b in content if b["type"] == "text")
-        images += [_image_part(b) for b in content if b["type"] == "image"]
+    text = "" if content is None else _joined_text(content, f"{where}.content", model)
     if block.get("is_error"):
         text = f"Error: {text}" if text else "Error"
     return {"role": "tool", "tool_call_id": block["tool_use_id"], "content": text}
@@ -136,38 +131,38 @@ def _place_tool_message(out: list[dict[str, Any]], message: dict[str, Any]) -> N
     out.append(message)
 
 
-def _append_user(out: list[dict[str, Any]], blocks: list[dict[str, Any]]) -> None:
-    parts: list[dict[str, Any]] = []
-    tool_images: list[dict[str, Any]] = []
+def _append_user(
+    out: list[dict[str, Any]], blocks: list[tuple[str, dict[str, Any]]], model: str
+) -> None:
+    texts: list[str] = []
     had_results = False
-    for block in blocks:
+    for where, block in blocks:
         if block["type"] == "tool_result":
             had_results = True
-            _place_tool_message(out, _tool_message(block, tool_images))
+            _place_tool_message(out, _tool_message(where, block, model))
         else:
-            part = _part(block)
-            if part is not None:
-                parts.append(part)
-    parts += tool_images
-    if parts or not had_results:
-        out.append({"role": "user", "content": _content_of(parts) if parts else ""})
+            texts.append(_text(where, block, model))
+    if texts or not had_results:
+        out.append({"role": "user", "content": "\n".join(texts)})
 
 
-def _messages(req: MessagesRequest | CountTokensRequest) -> list[dict[str, Any]]:
+def _messages(req: MessagesRequest | CountTokensRequest, model: str) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if req.system is not None:
-        system = _joined_text(req.system)
+        system = _joined_text(req.system, "system", model)
         if system:
             out.append({"role": "system", "content": system})
-    for message in req.messages:
-        blocks = [b for b in _blocks(message["content"]) if b["type"] not in _DROPPED_BLOCKS]
+    for i, message in enumerate(req.messages):
+        where = f"messages.{i}.content"
         if message["role"] == "system":
             # Kept in place: Claude Code's mid-conversation reminders.
-            out.append({"role": "system", "content": _joined_text(blocks)})
+            out.append(
+                {"role": "system", "content": _joined_text(message["content"], where, model)}
+            )
         elif message["role"] == "assistant":
-            out.append(_assistant(blocks))
+            out.append(_assistant(_kept(message["content"], where), model))
         else:
-            _append_user(out, blocks)
+            _append_user(out, _kept(message["content"], where), model)
     return out
 
 
@@ -195,9 +190,11 @@ def anthropic_to_openai(
       model: the concrete model id when the gateway resolved an alias.
 
     Raises:
-      InvalidRequest: an image or document source the chat side cannot carry.
+      InvalidRequest: a block that is not text (an image, a PDF, a type this
+        does not know), named by its type and place.
     """
-    body: dict[str, Any] = {"model": model or req.model, "messages": _messages(req)}
+    model = model or req.model
+    body: dict[str, Any] = {"model": model, "messages": _messages(req, model)}
     if req.tools:
         body["tools"] = _tools(req.tools)
     if not isinstance(req, MessagesRequest):

@@ -20,6 +20,7 @@ import attrs
 import llama_cpp
 from llama_cpp import llama_chat_format
 
+from cortex.chat_template import TemplateSupport, adapt_chat, probe_template
 from cortex.errors import (
     ChatTemplateMissing,
     ContextOverflow,
@@ -35,6 +36,8 @@ from .options import CTX_STEP, MIB, LoadOptions, kv_bytes_per_token, kv_cells, p
 
 NAME = "llamacpp"
 GGUF_MAGIC = b"GGUF"
+
+log = logging.getLogger(__name__)
 
 # llama-cpp-python, with verbose=False, silences llama.cpp during a load by
 # dup2()-ing /dev/null over the process's fds 1 and 2 and back. Two loads
@@ -371,7 +374,15 @@ class LlamaCppModel(LoadedModel):
             )
         else:
             self._formatter = chat_format
+        #: What the template renders; render_chat writes the rest as text.
+        self.template_support = TemplateSupport()
+        if self._formatter is not None:
+            self.template_support = probe_template(self._render_text)
+            self._log_template_support()
         metadata = llama.metadata
+        if tool_format is None and not self.template_support.tools:
+            # render_chat writes the tools in Hermes form and asks for calls in it.
+            tool_format = "hermes"
         self.tool_format = tool_format or detect_family(
             template, name=metadata.get("general.name") or metadata.get("general.basename")
         )
@@ -388,6 +399,27 @@ class LlamaCppModel(LoadedModel):
 
     def __repr__(self) -> str:
         return f"<LlamaCppModel {self.model_id!r} n_ctx={self.n_ctx}>"
+
+    def _render_text(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> str:
+        assert self._formatter is not None
+        return self._formatter(messages=messages, tools=tools).prompt
+
+    def _log_template_support(self) -> None:
+        support = self.template_support
+        if not support.system:
+            log.info(
+                "model %r: its chat template takes no system role; system messages "
+                "are folded into the next user turn",
+                self.model_id,
+            )
+        if not support.tools:
+            log.info(
+                "model %r: its chat template ignores tools; they are written into the "
+                "system text in Hermes form",
+                self.model_id,
+            )
 
     def _live(self) -> llama_cpp.Llama:
         if self._llama is None:
@@ -429,12 +461,23 @@ class LlamaCppModel(LoadedModel):
     def render_chat(
         self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
     ) -> ChatPrompt:
+        """See LoadedModel.render_chat.
+
+        What the template does not take (``template_support``) is written as
+        text first: system messages into the user turn, tools in Hermes form
+        (see ``cortex.chat_template``).
+
+        Raises:
+          ChatTemplateMissing: no template in the file and no chat_format.
+          InvalidRequest: the template failed on these messages.
+        """
         self._live()
         if self._formatter is None:
             raise ChatTemplateMissing(
                 f"model {self.model_id!r} has no chat template; set chat_format "
                 f"(e.g. 'chatml', 'gemma', 'llama-3') in its catalogue entry"
             )
+        messages, tools = adapt_chat(messages, tools, self.template_support)
         if self._object_arguments:
             messages = [_with_object_arguments(m) for m in messages]
         try:
