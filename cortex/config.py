@@ -63,6 +63,9 @@ class NeuronSection:
     memory_budget_mb: int | None = None
     #: Cap on a model's context length (its trained length is the default).
     n_ctx_max: int = 32768
+    #: Tokens a reply may have when the request names no limit (finish
+    #: reason ``length`` when reached); an explicit max_tokens is kept.
+    default_max_tokens: int = attrs.field(default=4096, validator=attrs.validators.ge(1))
     #: Engine plugins (entry point names) that must not be loaded.
     blocked_harnesses: list[str] = attrs.field(factory=list)
     #: Directories that hold models; relative sources resolve against them.
@@ -117,6 +120,11 @@ class GatewaySection:
     #: Seconds a request waits for a model load before giving up.
     load_timeout: float = 900.0
     grace_period: float = 30.0
+    #: max_tokens filled into OpenAI chat and Responses requests that name
+    #: none; None leaves them to the neuron's own default_max_tokens.
+    default_max_tokens: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
+    )
     max_body_bytes: int = 16 * 1024 * 1024
 
 

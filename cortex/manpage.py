@@ -188,16 +188,16 @@ exits non\-zero, after one line saying so, when the gateway cannot be reached.
 """
 
 EXAMPLES = r"""
-One host, the demo model (Gemma 3 270M, from the gemma3\-270m\-q4\-k\-m\-gguf
+One host, the demo model (SmolLM2\-135M\-Instruct, from the llm\-smollm2
 package), then a chat completion through the gateway:
 .PP
 .RS
 .EX
-cortex \-\-role standalone \-\-model gemma3\-270m=demo
+cortex \-\-role standalone \-\-model smollm2=demo
 curl \-s localhost:31313/v1/chat/completions \e
   \-H \(aqcontent\-type: application/json\(aq \e
-  \-d \(aq{"model": "gemma3\-270m", "messages":
-       [{"role": "user", "content": "Hello"}]}\(aq
+  \-d \(aq{"model": "smollm2", "messages": [{"role": "user",
+       "content": "What is the capital of France? Answer in one word."}]}\(aq
 .EE
 .RE
 .PP
@@ -253,7 +253,7 @@ KEY_NOTES = {
     ("NeuronModel", "id"): "The id clients send as model; may contain slashes.",
     ("NeuronModel", "source"): (
         "A .gguf path, a directory holding one, hf:ORG/REPO/FILE.gguf from the local "
-        "Hugging Face cache, or demo."
+        "Hugging Face cache, demo (SmolLM2-135M-Instruct) or demo:gemma3 (Gemma 3 270M)."
     ),
     ("NeuronModel", "harness"): "The engine; default: the first that can read the file.",
     ("NeuronModel", "chat_format"): "Chat format for a file without a chat template.",

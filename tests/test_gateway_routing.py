@@ -76,6 +76,27 @@ async def test_catalogue_sampling_fills_what_the_request_leaves_out() -> None:
             assert sent["temperature"] == 0.9 and sent["top_k"] == 20
 
 
+async def test_default_max_tokens_fills_chat_and_responses_only() -> None:
+    a = FakeNeuron("a", preload=["org/small"])
+    with trio.fail_after(10):
+        async with running_fleet([a], MODELS, default_max_tokens=77) as fleet:
+            assert (await fleet.chat("org/small")).status_code == 200
+            assert a.requests[-1][1]["max_tokens"] == 77
+            assert (await fleet.chat("org/small", max_completion_tokens=5)).status_code == 200
+            sent = a.requests[-1][1]
+            assert sent["max_completion_tokens"] == 5 and "max_tokens" not in sent
+            assert (await fleet.chat("org/small", max_tokens=9)).status_code == 200
+            assert a.requests[-1][1]["max_tokens"] == 9
+            # Completions without max_tokens mean 16 tokens, as OpenAI's: left alone.
+            body = {"model": "org/small", "prompt": "hi"}
+            await fleet.client.post("/v1/completions", json=body)
+            assert "max_tokens" not in a.requests[-1][1]
+        b = FakeNeuron("b", preload=["org/small"])
+        async with running_fleet([b], MODELS) as fleet:
+            assert (await fleet.chat("org/small")).status_code == 200
+            assert "max_tokens" not in b.requests[-1][1]  # the neuron's default applies
+
+
 async def test_prefers_the_least_busy_neuron() -> None:
     hold = trio.Event()
     a = FakeNeuron("a", preload=["org/small"], hold=hold)

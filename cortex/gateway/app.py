@@ -200,10 +200,17 @@ class Gateway:
             raise InvalidRequest("request body must be a JSON object")
         return body
 
-    def apply_defaults(self, model_id: str, body: dict[str, Any]) -> bool:
-        """Fill the catalogue's default sampling into ``body``; True if it changed."""
+    def apply_defaults(self, model_id: str, body: dict[str, Any], endpoint: str) -> bool:
+        """Fill the catalogue's default sampling, and the default reply limit of
+        chat-shaped requests, into ``body``; True if it changed."""
         entry = self.state.catalogue.models.get(model_id)
         changed = False
+        cap = self.config.gateway.default_max_tokens
+        if cap is not None and endpoint in MAX_TOKENS_KEYS:
+            keys = MAX_TOKENS_KEYS[endpoint]
+            if all(body.get(key) is None for key in keys):
+                body[keys[0]] = cap
+                changed = True
         for key, value in (entry.sampling if entry is not None else {}).items():
             if body.get(key) is None:
                 # The catalogue holds floats; top_k is an integer on the wire.
@@ -214,6 +221,14 @@ class Gateway:
     def count_error(self, ex: Exchange, status: int) -> None:
         """Metrics for a request that ended before reaching a neuron."""
         self.proxy.finish(ex, status=status)
+
+
+#: The reply-limit fields of the endpoints whose absent limit means "the
+#: whole context" (completions' absent max_tokens means 16, as OpenAI's).
+MAX_TOKENS_KEYS = {
+    "chat/completions": ("max_tokens", "max_completion_tokens"),
+    "responses": ("max_output_tokens",),
+}
 
 
 def _request_id() -> str:
@@ -312,7 +327,7 @@ def _quart_app(gateway: Gateway) -> QuartTrio:
             ex.model = router.resolve(req.model)
             ex.stream = req.stream
             chat = translate.anthropic_to_openai(req, model=ex.model)
-            gateway.apply_defaults(ex.model, chat)
+            gateway.apply_defaults(ex.model, chat, "chat/completions")
             content = json.dumps(chat).encode()
             if not ex.stream:
                 await proxy.dispatch(ex, "/v1/chat/completions", content)

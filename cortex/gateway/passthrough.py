@@ -164,7 +164,7 @@ class Passthrough:
                 raise InvalidRequest("model must be a non-empty string", param="model")
             ex.model = gateway.router.resolve(name)
             # Forward the body as it came unless the gateway changes it.
-            if gateway.apply_defaults(ex.model, body) or ex.model != name:
+            if gateway.apply_defaults(ex.model, body, ex.endpoint) or ex.model != name:
                 body["model"] = ex.model
                 content = json.dumps(body).encode()
             ex.stream = body.get("stream") is True

@@ -678,7 +678,11 @@ def create_app(neuron: Neuron) -> QuartTrio:
             )
         # Beyond what the context leaves, max_tokens is clamped (finish_reason
         # "length"), never rejected: clients such as Claude Code ask for 32000.
-        limit = room if max_tokens is None else min(max_tokens, room)
+        # A request without one gets the configured default, not the whole
+        # context (minutes of decoding for a runaway reply).
+        if max_tokens is None:
+            max_tokens = neuron.config.neuron.default_max_tokens
+        limit = min(max_tokens, room)
         job = Job(
             GenerationRequest(
                 tokens=prompt_tokens,
