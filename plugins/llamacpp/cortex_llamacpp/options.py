@@ -81,6 +81,20 @@ _CHECKS = {
 }
 
 
+def default_threads() -> int:
+    """The physical cores less one, at least one.
+
+    llama.cpp's threads meet at a spinning barrier every step, so a step
+    runs at the pace of its slowest thread: when anything else wants a core
+    (the neuron's own HTTP server and tokenizer, a gateway in standalone
+    mode, a test suite), a thread on every core stalls them all. Measured on
+    2 cores with a neighbour busy (contrib/bench/engine.py): 2 threads decode
+    at 7.6 tokens/s, 1 thread at 52. Decode is bound by memory bandwidth, so
+    a large host loses little by the core it leaves free.
+    """
+    return max(1, physical_cores() - 1)
+
+
 def physical_cores(cpuinfo: str | None = None, allowed: set[int] | None = None) -> int:
     """The physical cores this process may run on (hyperthreads counted once).
 
@@ -122,7 +136,7 @@ class LoadOptions:
       n_ctx: the requested context length, or None to plan one (see plan_n_ctx).
       n_ctx_max: the cap on a planned context length.
       n_threads: CPU threads for decode and prompt processing; the physical
-        cores by default (``physical_cores``).
+        cores less one by default (``default_threads``).
       n_gpu_layers: layers to offload; -1 is all.
       main_gpu: the device that holds the non-split parts.
       tensor_split: the share of each device, indexed by device index; None
@@ -198,7 +212,7 @@ class LoadOptions:
             values["chat_format"] = chat_format
 
         devices = placement.devices
-        values.setdefault("n_threads", physical_cores())
+        values.setdefault("n_threads", default_threads())
         values.setdefault("n_gpu_layers", -1 if devices else 0)
         if devices:
             values.setdefault("main_gpu", devices[0])
