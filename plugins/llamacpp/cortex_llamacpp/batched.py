@@ -13,7 +13,11 @@ steps:
    sequence, then newcomers' prompt tokens in arrival order, at most
    ``prompt_chunk`` of them while anyone is decoding (``n_batch`` when
    nobody is), so a long prompt costs the others a few short stalls
-   instead of one long one.
+   instead of one long one, and no more prompts once one is complete, so
+   a burst of newcomers starts one after another: on a CPU, prompt
+   processing is bound by compute, so batching prompts saves little, and
+   the median newcomer gets its first token after half the burst's prompts
+   instead of after all of them.
 3. One ``llama_decode``; then each sequence whose logits were computed
    samples with its own sampler chain and gets its token.
 
@@ -516,6 +520,11 @@ class BatchedDecoder:
                 count = min(budget, sequence.n_prompt - sequence.n_past)
                 plan.append((sequence, sequence.n_past, count))
                 budget -= count
+                if sequence.n_past + count == sequence.n_prompt:
+                    # One prompt finishes per step: a burst of newcomers gets
+                    # first tokens one after another (the median waits for
+                    # half the prompts) rather than all after the last.
+                    break
         # Ascending sequence ids: llama.cpp's per-stream split needs them.
         plan.sort(key=lambda run: run[0].slot.seq_id)  # type: ignore[union-attr]
         return plan
