@@ -45,13 +45,13 @@ from cortex.gateway.fleetview import fleet_view
 from cortex.gateway.metrics import UNKNOWN, GatewayMetrics
 from cortex.gateway.passthrough import OPENAI_ENDPOINTS, Passthrough, hand_over, new_request_id
 from cortex.gateway.poller import poll_neuron
-from cortex.gateway.proxy import CLIENT_CLOSED, Exchange, Proxy
+from cortex.gateway.proxy import CLIENT_CLOSED, Exchange, Proxy, abandoned_status
 from cortex.gateway.reload import reload_catalogue
 from cortex.gateway.router import Router
 from cortex.gateway.state import LOADED, LOADING, FleetState, feasible
 from cortex.gateway.upstream import NeuronAPI
 from cortex.serve import serve
-from cortex.wire import anthropic, openai, sse, translate
+from cortex.wire import anthropic, jsonbody, openai, sse, translate
 
 log = logging.getLogger(__name__)
 
@@ -190,15 +190,9 @@ class Gateway:
         """``data`` as a JSON object.
 
         Raises:
-          InvalidRequest: not JSON, or not an object.
+          InvalidRequest: not JSON, nested too deeply, or not an object.
         """
-        try:
-            body = json.loads(data)
-        except ValueError as exc:
-            raise InvalidRequest(f"request body is not valid JSON: {exc}")
-        if not isinstance(body, dict):
-            raise InvalidRequest("request body must be a JSON object")
-        return body
+        return jsonbody.loads_object(data)
 
     def apply_defaults(self, model_id: str, body: dict[str, Any]) -> bool:
         """Fill the catalogue's default sampling into ``body``; True if it changed."""
@@ -340,8 +334,8 @@ def _quart_app(gateway: Gateway) -> QuartTrio:
         except CortexError as exc:
             gateway.count_error(ex, anthropic.status_for(exc))
             return error_response(exc, anthropic_dialect=True, request_id=ex.request_id)
-        except BaseException:
-            gateway.count_error(ex, CLIENT_CLOSED)
+        except BaseException as exc:
+            gateway.count_error(ex, abandoned_status(exc))
             raise
         assert ex.response is not None and ex.model is not None
         if ex.stream:

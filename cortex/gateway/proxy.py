@@ -62,6 +62,15 @@ TAIL_CHUNKS = 8
 CLIENT_CLOSED = 499
 
 
+def abandoned_status(exc: BaseException) -> int:
+    """The status to record for a request that ``exc`` ended before its answer.
+
+    An exception is a bug on our side, which the client sees as a 500; a
+    cancellation (or a group of them) is the client that went away.
+    """
+    return 500 if isinstance(exc, Exception) else CLIENT_CLOSED
+
+
 @attrs.define(eq=False)
 class Exchange:
     """One request on its way through the gateway."""
@@ -332,6 +341,15 @@ class Proxy:
                 completion_tokens=counts[1] if counts is not None else None,
                 decode_s=decode_s if counts is not None else None,
             )
+        log.info(
+            "%s %d model=%s neuron=%s %.3fs request_id=%s",
+            ex.endpoint,
+            status,
+            model,
+            neuron or "-",
+            end - ex.started,
+            ex.request_id,
+        )
         m = self.metrics
         m.requests.labels(ex.endpoint, model, neuron).inc()
         if status >= 400:

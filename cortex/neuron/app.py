@@ -50,7 +50,7 @@ from cortex.neuron.workers import (
     tokens_per_second,
 )
 from cortex.serve import serve
-from cortex.wire import openai, responses, sse
+from cortex.wire import jsonbody, openai, responses, sse
 
 log = logging.getLogger(__name__)
 
@@ -591,11 +591,7 @@ def create_app(neuron: Neuron) -> QuartTrio:
     # -- helpers ----------------------------------------------------------------------
 
     async def read_json() -> Any:
-        data = await request.get_data(cache=False)
-        try:
-            return json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidRequest(f"body is not valid JSON: {exc}") from None
+        return jsonbody.loads(await request.get_data(cache=False))
 
     async def start_chat(
         req: openai.ChatRequest | responses.ResponsesRequest,
