@@ -117,6 +117,8 @@ def test_claude_code_body_is_accepted():
             "max_tokens: field required",
         ),
         (_body(max_tokens=0), "max_tokens", "at least 1"),
+        (_body(max_tokens=1e308), "max_tokens", "at most"),
+        (_body(top_k=2**40), "top_k", "at most"),
         (_body(max_tokens="many"), "max_tokens", "integer"),
         (_body(model=None), "model", "model: field required"),
         (_body(messages=None), "messages", "messages: field required"),

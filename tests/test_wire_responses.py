@@ -200,6 +200,8 @@ def test_text_format_becomes_response_format():
         ),
         ({"model": "m", "input": "x", "conversation": "conv_1"}, "conversation", "not supported"),
         ({"model": "m"}, "input", "input: field required"),
+        ({"model": "m", "input": "x", "max_output_tokens": 1e308}, "max_output_tokens", "at most"),
+        ({"model": "m", "input": "x", "seed": 2**64}, "seed", "at most"),
         ({"model": "m", "input": []}, "input", "must not be empty"),
         ({"model": "m", "input": 5}, "input", "string or a list"),
         ({"input": "x"}, "model", "model"),
