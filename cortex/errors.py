@@ -19,10 +19,15 @@ and ``cortex.wire.anthropic.error_body``).
     │   ├── UpstreamError         502: a neuron failed or answered badly
     │   └── UpstreamTimeout       504: a neuron did not answer in time
     └── HarnessError              an engine could not do what was asked
-        ├── NoHarness             503: no installed engine can load this model
-        ├── ModelLoadError        a load failed (missing file, corrupt, no memory)
+        ├── NoHarness             503: the engine a load names is not installed here
+        ├── ModelLoadError        500: a load failed (no memory, the engine failed)
+        │   ├── InvalidModelFile        422: the file is damaged (truncated, bad header)
+        │   └── UnsupportedModelFormat  422: no installed engine reads files of its kind
         ├── ChatTemplateMissing   400: the model has no chat template or format
         └── ContextOverflow       400: the prompt does not fit the context
+
+A model file is the caller's: a damaged or foreign one is a 4xx with a
+``code`` that says which, never a 5xx that reads as the neuron's fault.
 """
 
 from __future__ import annotations
@@ -122,6 +127,22 @@ class NoHarness(HarnessError):
 
 class ModelLoadError(HarnessError):
     status = 500
+
+
+class InvalidModelFile(ModelLoadError):
+    """The file is of a format an engine reads, but damaged: truncated, a bad header."""
+
+    status = 422
+    kind = "invalid_request_error"
+    code = "invalid_model_file"
+
+
+class UnsupportedModelFormat(ModelLoadError):
+    """No installed engine reads files of this kind (or the one named does not)."""
+
+    status = 422
+    kind = "invalid_request_error"
+    code = "unsupported_model_format"
 
 
 class ChatTemplateMissing(HarnessError):

@@ -98,8 +98,13 @@ async def test_models_lifecycle(http: httpx.AsyncClient, tiny_model_factory) -> 
         assert again.json()["error"]["code"] == "model_not_found"
 
 
+def _truncated_copy(source: Path, path: Path) -> Path:
+    path.write_bytes(source.read_bytes()[:-4096])
+    return path
+
+
 async def test_failed_loads_leave_others_serving(
-    http: httpx.AsyncClient, client: openai.AsyncOpenAI, tmp_path: Path
+    http: httpx.AsyncClient, client: openai.AsyncOpenAI, tmp_path: Path, tiny_model_path: Path
 ) -> None:
     corrupt = tmp_path / "secret-dir" / "corrupt.gguf"
     corrupt.parent.mkdir()
@@ -110,9 +115,25 @@ async def test_failed_loads_leave_others_serving(
         )
         assert missing.status_code == 404
         bad = await http.post("/models/load", json={"model_id": "c", "source": str(corrupt)})
-        assert bad.status_code == 500
-        message = bad.json()["error"]["message"]
-        assert "corrupt.gguf" in message and "secret-dir" not in message
+        assert bad.status_code == 422
+        error = bad.json()["error"]
+        assert error["code"] == "invalid_model_file"
+        assert "corrupt.gguf" in error["message"] and "secret-dir" not in error["message"]
+        truncated = _truncated_copy(tiny_model_path, tmp_path / "truncated.gguf")
+        cut = await http.post("/models/load", json={"model_id": "t", "source": str(truncated)})
+        assert cut.status_code == 422
+        assert cut.json()["error"]["code"] == "invalid_model_file"
+        foreign = tmp_path / "secret-dir" / "weights.zip"
+        foreign.write_bytes(b"PK\x03\x04" + bytes(200))
+        other = await http.post("/models/load", json={"model_id": "z", "source": str(foreign)})
+        assert other.status_code == 422
+        error = other.json()["error"]
+        assert error["code"] == "unsupported_model_format"
+        assert "weights.zip" in error["message"] and "secret-dir" not in error["message"]
+        named = {"model_id": "z", "source": str(foreign), "harness": "llamacpp"}
+        other = await http.post("/models/load", json=named)
+        assert other.status_code == 422
+        assert other.json()["error"]["code"] == "unsupported_model_format"
         nobody = await http.post(
             "/models/load", json={"model_id": "x", "source": str(corrupt), "harness": "nope"}
         )

@@ -29,9 +29,10 @@ from cortex.errors import (
     ModelNotFound,
     NoHarness,
     Unavailable,
+    UnsupportedModelFormat,
 )
 from cortex.fleet import Activation, ActivationFailure, ModelState, ModelStatus
-from cortex.harness import LoadedModel, LoadSpec, Placement
+from cortex.harness import LoadedModel, LoadSpec, Placement, harness_infos
 from cortex.neuron import sources
 from cortex.neuron.workers import GenerationWorker
 
@@ -328,9 +329,18 @@ class ModelManager:
                 f"cannot load {request.model_id!r}: {_hide_path(str(exc), path)}"
             ) from exc
         if model is None:
-            wanted = f"engine {request.harness!r}" if request.harness else "engine"
-            raise NoHarness(f"no installed {wanted} can load {Path(path).name!r}")
+            raise self._unclaimed(request, Path(path).name)
         return model, devices
+
+    def _unclaimed(self, request: LoadRequest, name: str) -> CortexError:
+        """Why no engine loaded ``name``: the named one is missing, or none reads it."""
+        engines = harness_infos(self._pm)
+        if request.harness is not None and request.harness not in {e.name for e in engines}:
+            return NoHarness(f"engine {request.harness!r} is not installed here to load {name!r}")
+        known = ", ".join(f"{e.name} ({', '.join(e.formats)})" for e in engines) or "none"
+        return UnsupportedModelFormat(
+            f"no installed engine reads {name!r}: its format is none of theirs (engines: {known})"
+        )
 
     async def _run_worker(self, slot: ModelSlot, *, task_status: trio.TaskStatus[None]) -> None:
         assert slot.worker is not None

@@ -23,8 +23,10 @@ from cortex.errors import (
     ChatTemplateMissing,
     ContextOverflow,
     HarnessError,
+    InvalidModelFile,
     InvalidRequest,
     ModelLoadError,
+    UnsupportedModelFormat,
 )
 from cortex.harness import ChatPrompt, LoadedModel, LoadSpec, Placement, Sampling, Token
 from cortex.neuron.tools import MARKUP, detect_family
@@ -178,7 +180,7 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
     if not gguf:
         if spec.harness is None:
             return None
-        raise ModelLoadError(f"{where}: not a GGUF file")
+        raise UnsupportedModelFormat(f"{where}: not a GGUF file")
     options = LoadOptions.from_spec(spec.model_id, spec.options, spec.chat_format, placement)
     formatter = None
     if options.chat_format is not None:
@@ -190,7 +192,10 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
     with _load_lock:
         hparams = _probe(path)
         if hparams is None:
-            raise ModelLoadError(f"{where}: llama.cpp cannot read this GGUF file")
+            raise InvalidModelFile(
+                f"{where}: llama.cpp cannot read this GGUF file "
+                "(truncated, damaged, or an architecture it does not know)"
+            )
         n_ctx = plan_n_ctx(
             model_id=spec.model_id,
             requested=options.n_ctx,
