@@ -17,6 +17,7 @@ and ``cortex.wire.anthropic.error_body``).
     ├── ServiceError              our side or a dependency (5xx)
     │   ├── Unavailable           503: known, but nobody can serve it now (Retry-After)
     │   ├── UpstreamError         502: a neuron failed or answered badly
+    │   │   └── NeuronUnreachable 502: no connection to it, or the connection dropped
     │   └── UpstreamTimeout       504: a neuron did not answer in time
     └── HarnessError              an engine could not do what was asked
         ├── NoHarness             503: the engine a load names is not installed here
@@ -108,6 +109,14 @@ class Unavailable(ServiceError):
 class UpstreamError(ServiceError):
     status = 502
     kind = "upstream_error"
+
+
+class NeuronUnreachable(UpstreamError):
+    """The neuron could not be reached: it is down, not the request that failed.
+
+    The gateway routes around it (suspect until a poll reaches it again);
+    the client sees this only when a request has nowhere else to go.
+    """
 
 
 class UpstreamTimeout(ServiceError):

@@ -42,6 +42,7 @@ from cortex.config import GatewaySection
 from cortex.errors import (
     CortexError,
     ModelNotFound,
+    NeuronUnreachable,
     Unavailable,
     UpstreamError,
     UpstreamTimeout,
@@ -194,9 +195,12 @@ class Proxy:
         for _ in range(len(self.router.state.neurons) + 2):
             try:
                 neuron = await self.router.acquire(ex.model, exclude=exclude)
-            except (ModelNotFound, Unavailable):
+            except (ModelNotFound, Unavailable) as exc:
+                # The router's answer (503 with Retry-After, or 404) is the
+                # client's, as for any request with no route; a failed try
+                # (a neuron that died since the last poll) only explains it.
                 if last_error is not None:
-                    raise last_error
+                    exc.message = f"{exc.message} (tried: {last_error.message})"
                 raise
             try:
                 await self._attempt(ex, neuron, path, content)
@@ -262,7 +266,7 @@ class Proxy:
             if isinstance(exc, _ConnectTimeout):
                 error = UpstreamTimeout(f"neuron {neuron.name} did not answer in time")
             else:
-                error = UpstreamError(f"neuron {neuron.name} unreachable: {exc}")
+                error = NeuronUnreachable(f"neuron {neuron.name} unreachable: {exc}")
             raise _Retry(error, exclude=True)
         ex.neuron, ex.response, ex.first = neuron, response, first
         ex.first_at = trio.current_time()
