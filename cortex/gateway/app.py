@@ -41,7 +41,7 @@ from cortex.errors import (
 )
 from cortex.fleet import make_converter
 from cortex.gateway.envelope import error_parts, id_headers
-from cortex.gateway.fleetview import fleet_view
+from cortex.gateway.fleetview import fleet_view, location_status
 from cortex.gateway.metrics import UNKNOWN, GatewayMetrics
 from cortex.gateway.passthrough import OPENAI_ENDPOINTS, Passthrough, hand_over, new_request_id
 from cortex.gateway.poller import poll_neuron
@@ -537,7 +537,7 @@ def _quart_app(gateway: Gateway) -> QuartTrio:
                 "suspect": n.suspect,
                 "last_seen": n.last_seen,
                 "error": n.last_error,
-                "models": {m.id: m.status for m in n.models.values()},
+                "models": {m: location_status(state, n, m) for m in n.models},
                 "loading": sorted(
                     load.model_id for (name, _), load in state.pending.items() if name == n.name
                 ),
