@@ -338,6 +338,31 @@ async def test_disconnect_frees_the_model(neuron: NeuronHandle, http: httpx.Asyn
     assert generated < 100
 
 
+async def test_tokens_of_a_stream_the_client_left_are_counted(
+    neuron: NeuronHandle, http: httpx.AsyncClient
+) -> None:
+    worker = neuron.neuron.manager.slots["tiny"].worker
+    registry = neuron.neuron.metrics.registry
+
+    def counted(name: str) -> float:
+        return registry.get_sample_value(name, {"model": "tiny"}) or 0.0
+
+    before = worker.statistics().tokens_generated
+    counted_before = counted("cortex_neuron_tokens_generated_total")
+    prompt_before = counted("cortex_neuron_prompt_tokens_total")
+    body = {"model": "tiny", "prompt": "Go", "max_tokens": 400, "stream": True}
+    with trio.fail_after(30):
+        async with http.stream("POST", "/v1/completions", json=body) as response:
+            async for _ in response.aiter_lines():
+                break
+        while worker.statistics().in_flight:  # noqa: ASYNC110 (state, not an event)
+            await trio.sleep(0.005)
+    generated = worker.statistics().tokens_generated - before
+    assert generated > 0
+    assert counted("cortex_neuron_tokens_generated_total") - counted_before == generated
+    assert counted("cortex_neuron_prompt_tokens_total") > prompt_before
+
+
 async def test_concurrent_requests_and_two_models(
     neuron: NeuronHandle, client: openai.AsyncOpenAI, tiny_model_factory
 ) -> None:

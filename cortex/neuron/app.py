@@ -77,6 +77,11 @@ class Neuron:
         self.manager.on_loaded.append(
             lambda slot, seconds: self.metrics.load_seconds.labels(slot.id).observe(seconds)
         )
+        self.manager.on_job_finished.append(
+            lambda model_id, job: self.metrics.job_finished(
+                model_id, prompt=job.prompt_tokens, completion=job.completion_tokens
+            )
+        )
 
     def health(self) -> Health:
         statuses = self.manager.statuses()
@@ -726,12 +731,8 @@ def create_app(neuron: Neuron) -> QuartTrio:
         neuron.metrics.time_to_first_token.labels(slot.id).observe(time.perf_counter() - arrived)
 
     def observe_done(slot: ModelSlot, done: Done) -> None:
-        neuron.metrics.generation(
-            slot.id,
-            prompt=done.prompt_tokens,
-            completion=done.completion_tokens,
-            rate=tokens_per_second(done),
-        )
+        # Tokens are counted when the worker ends the job (ModelManager.on_job_finished).
+        neuron.metrics.decode_rate(slot.id, tokens_per_second(done))
 
     return app
 

@@ -113,8 +113,12 @@ class NeuronMetrics:
         )
         r.register(_StateCollector(models, devices))
 
-    def generation(self, model: str, *, prompt: int, completion: int, rate: float) -> None:
+    def job_finished(self, model: str, *, prompt: int, completion: int) -> None:
+        """Count the tokens of a job that ran, however it ended (client gone included)."""
         self.tokens.labels(model).inc(completion)
         self.prompt_tokens.labels(model).inc(prompt)
+
+    def decode_rate(self, model: str, rate: float) -> None:
+        """Observe the decode speed of a generation that ran to its end."""
         if not math.isnan(rate):
             self.tokens_per_second.labels(model).observe(rate)

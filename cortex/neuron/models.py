@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from cortex.errors import (
 from cortex.fleet import Activation, ActivationFailure, ModelState, ModelStatus
 from cortex.harness import LoadedModel, LoadSpec, Placement, harness_infos
 from cortex.neuron import sources
-from cortex.neuron.workers import GenerationWorker
+from cortex.neuron.workers import GenerationWorker, Job
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,8 @@ class ModelManager:
         self._activation_in_progress: list[str] = []
         self._activation_failed: list[ActivationFailure] = []
         self.on_loaded: list[Any] = []
+        #: Called with (model id, job) for every job that ran, once it ended.
+        self.on_job_finished: list[Callable[[str, Job], None]] = []
 
     # -- views ------------------------------------------------------------------------
 
@@ -248,8 +251,14 @@ class ModelManager:
 
     async def _load(self, slot: ModelSlot, request: LoadRequest) -> None:
         started = time.perf_counter()
+        # Read here, in the trio thread that changes them: iterating the slots
+        # from the load thread could race a slot being added.
+        free_by_device = self._device_free_mb()
+        host_free_mb = self.memory_budget_mb - self.memory_used_mb()
         try:
-            model, slot.devices = await trio.to_thread.run_sync(self._load_blocking, request)
+            model, slot.devices = await trio.to_thread.run_sync(
+                self._load_blocking, request, free_by_device, host_free_mb
+            )
         except trio.Cancelled:
             slot.status, slot.error = "failed", "neuron shutting down"
             slot.settled.set()
@@ -266,7 +275,11 @@ class ModelManager:
             slot.model = model
             slot.harness = model.harness
             slot.memory_mb = model.memory_mb()
-            slot.worker = GenerationWorker(model, queue_limit=self._queue_limit)
+            slot.worker = GenerationWorker(
+                model,
+                queue_limit=self._queue_limit,
+                on_finished=partial(self._job_finished, slot.id),
+            )
             await self._nursery.start(self._run_worker, slot)
         except BaseException:
             # Cancelled (shutdown) after the engine finished loading: free it here,
@@ -285,12 +298,19 @@ class ModelManager:
         for callback in self.on_loaded:
             callback(slot, seconds)
 
-    def _load_blocking(self, request: LoadRequest) -> tuple[LoadedModel, tuple[int, ...]]:
+    def _load_blocking(
+        self, request: LoadRequest, free_by_device: dict[int, int], host_free_mb: int
+    ) -> tuple[LoadedModel, tuple[int, ...]]:
+        """Resolve, place and load ``request`` (in a worker thread: touches no shared state).
+
+        Args:
+          free_by_device: free MiB per GPU from the latest sample; empty: no GPUs.
+          host_free_mb: what the memory budget leaves on a host without GPUs.
+        """
         path = sources.resolve(request.source, self._model_dirs)
         chat_format = request.chat_format
         if request.source == sources.DEMO and chat_format is None:
             chat_format = sources.DEMO_CHAT_FORMAT
-        free_by_device = self._device_free_mb()
         if free_by_device:
             # A GPU host: the devices asked for, or all of them; the engine
             # fits the context into what they have free, with headroom for
@@ -302,7 +322,7 @@ class ModelManager:
             budget = sum(free_by_device[d] for d in devices) * 9 // 10
         else:
             devices = ()
-            budget = self.memory_budget_mb - self.memory_used_mb()
+            budget = host_free_mb
             need = os.path.getsize(path) // (1024 * 1024)
             if need > budget:
                 raise ModelLoadError(
@@ -341,6 +361,10 @@ class ModelManager:
         return UnsupportedModelFormat(
             f"no installed engine reads {name!r}: its format is none of theirs (engines: {known})"
         )
+
+    def _job_finished(self, model_id: str, job: Job) -> None:
+        for callback in self.on_job_finished:
+            callback(model_id, job)
 
     async def _run_worker(self, slot: ModelSlot, *, task_status: trio.TaskStatus[None]) -> None:
         assert slot.worker is not None

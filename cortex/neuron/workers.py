@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -88,6 +89,8 @@ class Job:
         self.started = trio.Event()
         #: Tokens generated so far; written by the job's thread.
         self.completion_tokens = 0
+        #: Prompt tokens the engine has processed (all or none); written by the thread.
+        self.prompt_tokens = 0
 
     def cancel(self) -> None:
         self.scope.cancel()
@@ -129,10 +132,25 @@ class GenerationWorker:
     """Dispatches one model's jobs, up to ``model.parallel`` at once.
 
     Start with ``nursery.start(worker.run)``.
+
+    Args:
+      model: the loaded model whose context this worker owns.
+      queue_limit: jobs that may wait for a slot.
+      on_finished: called (in the trio thread) with every job that ran once
+        it has ended, however it ended: finished, cancelled, or left by its
+        consumer. Token counts are final then; metrics count them here, so
+        that a stream whose client went away is counted too.
     """
 
-    def __init__(self, model: LoadedModel, *, queue_limit: int = 64) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        queue_limit: int = 64,
+        on_finished: Callable[[Job], None] | None = None,
+    ) -> None:
         self.model = model
+        self._on_finished = on_finished
         self.parallel = max(1, int(getattr(model, "parallel", 1)))
         #: Slots: the worker takes a job from the queue only with one free.
         self.limiter = trio.CapacityLimiter(self.parallel)
@@ -245,6 +263,8 @@ class GenerationWorker:
             self._tokens_generated += job.completion_tokens
             self._last_used = time.time()
             self.limiter.release_on_behalf_of(token)
+            if self._on_finished is not None:
+                self._on_finished(job)
 
     def _generate(self, job: Job) -> None:
         """The decode loop; runs in a worker thread."""
@@ -268,6 +288,7 @@ class GenerationWorker:
                 for token in generator:
                     if first_token is None:
                         first_token = time.perf_counter()
+                        job.prompt_tokens = len(request.tokens)
                     emitted += 1
                     job.completion_tokens = emitted
                     text = scanner.feed(token.piece)
@@ -286,6 +307,7 @@ class GenerationWorker:
                     finish = "length" if full else "stop"
         finally:
             generator.close()
+        job.prompt_tokens = len(request.tokens)
         if scanner.matched is None:
             tail = scanner.flush()
             if tail:
