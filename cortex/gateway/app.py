@@ -50,7 +50,7 @@ from cortex.gateway.reload import reload_catalogue
 from cortex.gateway.router import Router
 from cortex.gateway.state import LOADED, LOADING, FleetState, feasible
 from cortex.gateway.upstream import NeuronAPI
-from cortex.serve import serve
+from cortex.serve import bound_url, is_loopback, serve
 from cortex.wire import anthropic, jsonbody, openai, sse, translate
 
 log = logging.getLogger(__name__)
@@ -624,6 +624,23 @@ def _metrics_app(metrics: GatewayMetrics) -> Any:
     return app
 
 
+def log_start(gateway: Gateway, api_url: str, metrics_url: str) -> None:
+    """The start line (the addresses bound), and a warning for an open API beyond loopback."""
+    section = gateway.config.gateway
+    log.info(
+        "gateway on %s (metrics %s), %d neuron(s)",
+        bound_url(section.listen, api_url, default_port=DEFAULT_PORT),
+        bound_url(section.metrics_listen, metrics_url, default_port=DEFAULT_METRICS_PORT),
+        len(gateway.state.neurons),
+    )
+    if not gateway.api_keys and not is_loopback(section.listen, default_port=DEFAULT_PORT):
+        log.warning(
+            "the API listens on %s with no API keys: anyone who can reach it can use it "
+            "(set [gateway] api_keys, or listen on 127.0.0.1)",
+            section.listen,
+        )
+
+
 def make_client(config: GatewayConfig) -> httpx.AsyncClient:
     """The HTTP client of the fleet API calls (requests are proxied by ``Proxy``'s own pools)."""
     return httpx.AsyncClient(
@@ -684,12 +701,7 @@ async def run_gateway(
                         grace_period=1.0,
                     )
                 )
-                log.info(
-                    "gateway on %s (metrics %s), %d neuron(s)",
-                    api_url,
-                    metrics_url,
-                    len(gateway.state.neurons),
-                )
+                log_start(gateway, api_url, metrics_url)
                 task_status.started(GatewayHandle(api_url, metrics_url, gateway.state))
             # Both servers have drained: stop polling and any load under way.
             background.cancel_scope.cancel()
