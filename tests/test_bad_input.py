@@ -161,3 +161,40 @@ async def test_deep_json_is_400_on_every_neuron_route(tiny_model_path: Path) -> 
                         assert response.status_code == 400, (path, response.text)
                         assert "nested deeper" in error_of(response, path)["message"]
                 assert (await http.get("/health")).status_code == 200
+
+
+# -- answers given without reading the body ---------------------------------------------
+
+
+def refused_in_a_row(url: str, path: str, headers: dict[str, str], times: int = 40) -> list[int]:
+    """POST ``times`` bodies on one keep-alive connection; the statuses (a hang raises)."""
+    statuses = []
+    with httpx.Client(base_url=url, timeout=5) as client:
+        for n in range(times):
+            body = b'{"model": "m", "filler": "' + b"x" * (n * 37) + b'"}'
+            statuses.append(client.post(path, content=body, headers=headers).status_code)
+    return statuses
+
+
+async def test_refusals_before_reading_the_body_never_hang_the_connection() -> None:
+    a = FakeNeuron("a", preload=["org/small"])
+    with trio.fail_after(60):
+        async with running_fleet([a], MODELS) as open_fleet:
+            statuses = await trio.to_thread.run_sync(
+                refused_in_a_row, open_fleet.url, "/admin/reload", {}
+            )
+            assert set(statuses) == {403}
+        async with running_fleet([a], MODELS, api_keys=["k"]) as fleet:
+            for path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions"):
+                statuses = await trio.to_thread.run_sync(refused_in_a_row, fleet.url, path, {})
+                assert set(statuses) == {401}, path
+
+
+async def test_a_neuron_refusing_a_token_never_hangs_the_connection(
+    tiny_model_path: Path,
+) -> None:
+    with trio.fail_after(60):
+        async with running_neuron([("tiny", str(tiny_model_path))], token="s3cret") as neuron:
+            for path in ("/tokenize", "/v1/chat/completions", "/models/load"):
+                statuses = await trio.to_thread.run_sync(refused_in_a_row, neuron.url, path, {})
+                assert set(statuses) == {401}, path

@@ -234,6 +234,17 @@ def _id_headers(response: Response, request_id: str, anthropic_dialect: bool) ->
         response.headers[name] = value
 
 
+async def drain_body() -> None:
+    """Read the current Quart request's body before anything answers it.
+
+    A view that answers without reading the body (a 401, a 403) leaves the
+    keep-alive connection's next request hanging now and then under
+    quart-trio and hypercorn; read (and cache) it first, within
+    MAX_CONTENT_LENGTH (413 beyond).
+    """
+    await request.get_data()
+
+
 def _http_error(status: int, message: str) -> CortexError:
     exc: CortexError = RequestError(message) if status < 500 else ServiceError(message)
     exc.status = status
@@ -271,6 +282,10 @@ def _quart_app(gateway: Gateway) -> QuartTrio:
     app = QuartTrio("cortex.gateway")
     app.config["MAX_CONTENT_LENGTH"] = gateway.config.gateway.max_body_bytes
     state, router, proxy = gateway.state, gateway.router, gateway.proxy
+
+    @app.before_request
+    async def read_whole_body() -> None:
+        await drain_body()
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
