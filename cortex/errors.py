@@ -23,7 +23,8 @@ and ``cortex.wire.anthropic.error_body``).
         ├── NoHarness             503: the engine a load names is not installed here
         ├── ModelLoadError        500: a load failed (no memory, the engine failed)
         │   ├── InvalidModelFile        422: the file is damaged (truncated, bad header)
-        │   └── UnsupportedModelFormat  422: no installed engine reads files of its kind
+        │   ├── UnsupportedModelFormat  422: no installed engine reads files of its kind
+        │   └── InvalidModelOptions     400: an engine option or chat_format it does not take
         ├── ChatTemplateMissing   400: the model has no chat template or format
         └── ContextOverflow       400: the prompt does not fit the context
 
@@ -152,6 +153,17 @@ class UnsupportedModelFormat(ModelLoadError):
     status = 422
     kind = "invalid_request_error"
     code = "unsupported_model_format"
+
+
+class InvalidModelOptions(ModelLoadError):
+    """A load's engine options (or chat_format) are unknown, mistyped or out of range."""
+
+    status = 400
+    kind = "invalid_request_error"
+    code = "invalid_model_options"
+
+    def __init__(self, message: str, *, param: str | None = "options") -> None:
+        super().__init__(message, param=param)
 
 
 class ChatTemplateMissing(HarnessError):

@@ -130,6 +130,17 @@ async def test_failed_loads_leave_others_serving(
         error = other.json()["error"]
         assert error["code"] == "unsupported_model_format"
         assert "weights.zip" in error["message"] and "secret-dir" not in error["message"]
+        for odd, param in (
+            ({"options": {"n_ctxx": 512}}, "options"),
+            ({"options": {"n_ctx": "big"}}, "options"),
+            ({"options": {"parallel": 10**6}}, "options"),
+            ({"chat_format": "no-such-format"}, "chat_format"),
+        ):
+            load = {"model_id": "o", "source": str(tiny_model_path), **odd}
+            refused = await http.post("/models/load", json=load)
+            assert refused.status_code == 400, refused.text
+            error = refused.json()["error"]
+            assert error["code"] == "invalid_model_options" and error["param"] == param
         named = {"model_id": "z", "source": str(foreign), "harness": "llamacpp"}
         other = await http.post("/models/load", json=named)
         assert other.status_code == 422
@@ -336,6 +347,20 @@ async def test_disconnect_frees_the_model(neuron: NeuronHandle, http: httpx.Asyn
             await trio.sleep(0.005)
     generated = worker.statistics().tokens_generated - before
     assert generated < 100
+
+
+async def test_token_ids_the_model_does_not_have_are_400(http: httpx.AsyncClient) -> None:
+    # The engine sees the vocabulary only when it starts: its refusal must
+    # still be a 400, not a 500 nor a 200 stream that ends in an error.
+    with trio.fail_after(30):
+        for stream in (False, True):
+            body = {"model": "tiny", "prompt": [1, 99999], "max_tokens": 4, "stream": stream}
+            response = await http.post("/v1/completions", json=body)
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["param"] == "prompt" and "token ids" in error["message"]
+        ok = await http.post("/v1/completions", json={"model": "tiny", "prompt": [1, 2]})
+        assert ok.status_code == 200
 
 
 async def test_tokens_of_a_stream_the_client_left_are_counted(

@@ -118,6 +118,8 @@ def test_claude_code_body_is_accepted():
         ),
         (_body(max_tokens=0), "max_tokens", "at least 1"),
         (_body(max_tokens=1e308), "max_tokens", "at most"),
+        (_body(messages=[{"role": {"a": 1}, "content": "x"}]), "messages.0.role", None),
+        (_body(messages=[{"role": ["user"], "content": "x"}]), "messages.0.role", None),
         (_body(top_k=2**40), "top_k", "at most"),
         (_body(max_tokens="many"), "max_tokens", "integer"),
         (_body(model=None), "model", "model: field required"),

@@ -183,6 +183,12 @@ def test_logit_bias_in_range_is_accepted():
     assert wire.parse_chat_request(_chat(logit_bias=None, max_tokens=2**31 - 1))
 
 
+@pytest.mark.parametrize("junk", [{"a": 1}, ["user"], 5])
+def test_unhashable_or_odd_enums_are_400(junk):
+    _invalid(wire.parse_chat_request, _chat(messages=[{"role": junk, "content": "x"}]))
+    _invalid(wire.parse_chat_request, _chat(response_format={"type": junk}), "response_format")
+
+
 def test_token_ids_are_bounded():
     _invalid(wire.parse_completion_request, {"model": "m", "prompt": [2**31]}, "prompt")
 

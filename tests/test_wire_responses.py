@@ -202,6 +202,8 @@ def test_text_format_becomes_response_format():
         ({"model": "m"}, "input", "input: field required"),
         ({"model": "m", "input": "x", "max_output_tokens": 1e308}, "max_output_tokens", "at most"),
         ({"model": "m", "input": "x", "seed": 2**64}, "seed", "at most"),
+        ({"model": "m", "input": [{"role": {"a": 1}, "content": "x"}]}, "input[0].role", None),
+        ({"model": "m", "input": [{"type": ["message"]}]}, "input[0].type", None),
         ({"model": "m", "input": []}, "input", "must not be empty"),
         ({"model": "m", "input": 5}, "input", "string or a list"),
         ({"input": "x"}, "model", "model"),

@@ -22,6 +22,11 @@ from cortex.wire.openai import MAX_STOP
 ROLES = frozenset({"user", "assistant", "system"})
 
 
+def _is_one_of(value: Any, choices: frozenset[str]) -> bool:
+    # A dict or a list is unhashable: `in` a frozenset would raise TypeError.
+    return isinstance(value, str) and value in choices
+
+
 def new_message_id() -> str:
     return f"msg_{secrets.token_hex(12)}"
 
@@ -80,7 +85,7 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
         where = f"messages.{i}"
         if not isinstance(message, dict):
             raise InvalidRequest(f"{where} must be an object", param=where)
-        if message.get("role") not in ROLES:
+        if not _is_one_of(message.get("role"), ROLES):
             raise InvalidRequest(
                 f"{where}.role must be user or assistant, got {message.get('role')!r}",
                 param=f"{where}.role",

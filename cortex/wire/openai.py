@@ -171,7 +171,7 @@ def check_message(message: Any, where: str) -> None:
     if not isinstance(message, dict):
         raise InvalidRequest(f"{where} must be an object", param=where)
     role = message.get("role")
-    if role not in CHAT_ROLES:
+    if not isinstance(role, str) or role not in CHAT_ROLES:
         raise InvalidRequest(
             f"{where}.role must be one of {', '.join(sorted(CHAT_ROLES))}, got {role!r}",
             param=f"{where}.role",
@@ -235,7 +235,11 @@ def _response_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
     fmt = body.get("response_format")
     if fmt is None:
         return None
-    if not isinstance(fmt, dict) or fmt.get("type") not in RESPONSE_FORMATS:
+    if (
+        not isinstance(fmt, dict)
+        or not isinstance(fmt.get("type"), str)
+        or (fmt["type"] not in RESPONSE_FORMATS)
+    ):
         raise InvalidRequest(
             "response_format.type must be one of text, json_object, json_schema",
             param="response_format",

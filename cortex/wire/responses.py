@@ -73,9 +73,11 @@ def _input_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(item, dict):
             raise InvalidRequest(f"{where} must be an object", param=where)
         kind = item.get("type", "message")
+        if not isinstance(kind, str):
+            raise InvalidRequest(f"{where}.type must be a string", param=f"{where}.type")
         if kind == "message":
             role = item.get("role")
-            if role not in _MESSAGE_ROLES:
+            if not isinstance(role, str) or role not in _MESSAGE_ROLES:
                 raise InvalidRequest(
                     f"{where}.role must be one of user, assistant, system, developer",
                     param=f"{where}.role",

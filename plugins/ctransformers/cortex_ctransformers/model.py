@@ -25,6 +25,7 @@ from cortex.errors import (
     ContextOverflow,
     HarnessError,
     InvalidModelFile,
+    InvalidModelOptions,
     InvalidRequest,
     ModelLoadError,
     UnsupportedModelFormat,
@@ -179,9 +180,10 @@ def load(spec: LoadSpec, placement: Placement) -> CTransformersModel | None:
         raise UnsupportedModelFormat(f"{where}: not a GGML or GGUF file")
     options = LoadOptions.from_spec(spec.model_id, spec.options, spec.chat_format)
     if options.chat_format is not None and options.chat_format not in chat.FORMATS:
-        raise ModelLoadError(
+        raise InvalidModelOptions(
             f"{where}: unknown chat_format {options.chat_format!r} "
-            f"(the ctransformers engine knows {', '.join(chat.FORMATS)})"
+            f"(the ctransformers engine knows {', '.join(chat.FORMATS)})",
+            param="chat_format",
         )
     try:
         if container == "gguf":

@@ -24,6 +24,7 @@ from cortex.errors import (
     ContextOverflow,
     HarnessError,
     InvalidModelFile,
+    InvalidModelOptions,
     InvalidRequest,
     ModelLoadError,
     UnsupportedModelFormat,
@@ -186,8 +187,14 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
     if options.chat_format is not None:
         formatter = _registered_formatter(options.chat_format)
         if formatter is None:
-            raise ModelLoadError(f"{where}: unknown chat_format {options.chat_format!r}")
+            raise InvalidModelOptions(
+                f"{where}: unknown chat_format {options.chat_format!r}", param="chat_format"
+            )
 
+    if options.parallel > llama_cpp.llama_max_parallel_sequences():
+        raise InvalidModelOptions(
+            f"{where}: parallel is at most {llama_cpp.llama_max_parallel_sequences()}"
+        )
     weights_bytes = path.stat().st_size
     with _load_lock:
         hparams = _probe(path)
@@ -206,10 +213,6 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
             kv_per_token=hparams.kv_per_token * options.parallel,
             budget_mb=placement.memory_budget_mb,
         )
-        if options.parallel > llama_cpp.llama_max_parallel_sequences():
-            raise ModelLoadError(
-                f"{where}: parallel is at most {llama_cpp.llama_max_parallel_sequences()}"
-            )
         batched = options.parallel > 1
         try:
             llama = llama_cpp.Llama(
