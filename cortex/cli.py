@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--listen",
         metavar="HOST:PORT",
-        help="API address (neuron default 0.0.0.0:13131, gateway 0.0.0.0:31313)",
+        help="API address (neuron default 0.0.0.0:13131, gateway 0.0.0.0:31313, "
+        "standalone 127.0.0.1:31313)",
     )
     parser.add_argument(
         "--log-level",
@@ -64,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     gateway = parser.add_argument_group("gateway")
     gateway.add_argument("--models", metavar="FILE", help="model catalogue (models.toml)")
     gateway.add_argument(
-        "--metrics-listen", metavar="HOST:PORT", help="metrics address (default 0.0.0.0:31314)"
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="metrics address (default 0.0.0.0:31314; standalone 127.0.0.1:31314)",
     )
     gateway.add_argument(
         "--neuron",

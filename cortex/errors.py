@@ -17,12 +17,19 @@ and ``cortex.wire.anthropic.error_body``).
     ├── ServiceError              our side or a dependency (5xx)
     │   ├── Unavailable           503: known, but nobody can serve it now (Retry-After)
     │   ├── UpstreamError         502: a neuron failed or answered badly
+    │   │   └── NeuronUnreachable 502: no connection to it, or the connection dropped
     │   └── UpstreamTimeout       504: a neuron did not answer in time
     └── HarnessError              an engine could not do what was asked
-        ├── NoHarness             503: no installed engine can load this model
-        ├── ModelLoadError        a load failed (missing file, corrupt, no memory)
+        ├── NoHarness             503: the engine a load names is not installed here
+        ├── ModelLoadError        500: a load failed (no memory, the engine failed)
+        │   ├── InvalidModelFile        422: the file is damaged (truncated, bad header)
+        │   ├── UnsupportedModelFormat  422: no installed engine reads files of its kind
+        │   └── InvalidModelOptions     400: an engine option or chat_format it does not take
         ├── ChatTemplateMissing   400: the model has no chat template or format
         └── ContextOverflow       400: the prompt does not fit the context
+
+A model file is the caller's: a damaged or foreign one is a 4xx with a
+``code`` that says which, never a 5xx that reads as the neuron's fault.
 """
 
 from __future__ import annotations
@@ -105,6 +112,14 @@ class UpstreamError(ServiceError):
     kind = "upstream_error"
 
 
+class NeuronUnreachable(UpstreamError):
+    """The neuron could not be reached: it is down, not the request that failed.
+
+    The gateway routes around it (suspect until a poll reaches it again);
+    the client sees this only when a request has nowhere else to go.
+    """
+
+
 class UpstreamTimeout(ServiceError):
     status = 504
     kind = "upstream_timeout"
@@ -122,6 +137,33 @@ class NoHarness(HarnessError):
 
 class ModelLoadError(HarnessError):
     status = 500
+
+
+class InvalidModelFile(ModelLoadError):
+    """The file is of a format an engine reads, but damaged: truncated, a bad header."""
+
+    status = 422
+    kind = "invalid_request_error"
+    code = "invalid_model_file"
+
+
+class UnsupportedModelFormat(ModelLoadError):
+    """No installed engine reads files of this kind (or the one named does not)."""
+
+    status = 422
+    kind = "invalid_request_error"
+    code = "unsupported_model_format"
+
+
+class InvalidModelOptions(ModelLoadError):
+    """A load's engine options (or chat_format) are unknown, mistyped or out of range."""
+
+    status = 400
+    kind = "invalid_request_error"
+    code = "invalid_model_options"
+
+    def __init__(self, message: str, *, param: str | None = "options") -> None:
+        super().__init__(message, param=param)
 
 
 class ChatTemplateMissing(HarnessError):

@@ -43,8 +43,9 @@ ROLES = {
     "standalone": (
         "A gateway and a local neuron in one process, for a single host. The gateway "
         "reaches the neuron over loopback HTTP (the neuron listens on 127.0.0.1, any free "
-        "port), so requests take the same path as in a fleet. Takes the options of both "
-        "roles except --neuron."
+        "port), so requests take the same path as in a fleet. The API and the metrics "
+        "listen on 127.0.0.1 (:31313, :31314) unless --listen, --metrics-listen or "
+        "[gateway] says otherwise. Takes the options of both roles except --neuron."
     ),
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -33,6 +34,25 @@ def hypercorn_config(
     return config
 
 
+def bound_url(listen: str, url: str, *, default_port: int) -> str:
+    """``url`` (what ``serve`` reported) as the address it bound: ``0.0.0.0`` stays."""
+    host, _ = parse_listen(listen, default_port=default_port)
+    if host == "0.0.0.0":
+        return url.replace("://127.0.0.1:", "://0.0.0.0:")
+    return url
+
+
+def is_loopback(listen: str, *, default_port: int) -> bool:
+    """Whether ``listen`` binds only this host (127.0.0.0/8, ::1, localhost)."""
+    host, _ = parse_listen(listen, default_port=default_port)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume it reaches beyond this host
+
+
 async def serve(
     app: Any,
     listen: str,
@@ -53,6 +73,6 @@ async def serve(
         urls = await nursery.start(
             partial(hypercorn.trio.serve, app, config, shutdown_trigger=shutdown_trigger)
         )
-        url = urls[0].replace("://0.0.0.0:", "://127.0.0.1:")
-        log.info("listening on %s", url)
-        task_status.started(url)
+        # The address bound, in the log; one to connect to, for the caller.
+        log.info("listening on %s", urls[0])
+        task_status.started(urls[0].replace("://0.0.0.0:", "://127.0.0.1:"))

@@ -36,10 +36,22 @@ class LocalNeuronSection(NeuronSection):
 
 
 @attrs.define
+class LocalGatewaySection(GatewaySection):
+    """[gateway] in standalone: loopback unless set, as single-host tools do.
+
+    One host's own tool should not be reachable from the network (with no
+    API keys, by anyone) until its operator says so with ``listen``.
+    """
+
+    listen: str = attrs.field(default="127.0.0.1:31313", validator=validate_listen)
+    metrics_listen: str = attrs.field(default="127.0.0.1:31314", validator=validate_listen)
+
+
+@attrs.define
 class StandaloneConfig:
     """One file for both halves: [gateway], [eviction], [routing], [neuron], [[models]]."""
 
-    gateway: GatewaySection = attrs.field(factory=GatewaySection)
+    gateway: LocalGatewaySection = attrs.field(factory=LocalGatewaySection)
     eviction: EvictionSection = attrs.field(factory=EvictionSection)
     routing: RoutingSection = attrs.field(factory=RoutingSection)
     neuron: LocalNeuronSection = attrs.field(factory=LocalNeuronSection)

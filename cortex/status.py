@@ -69,7 +69,7 @@ def render(fleet: dict[str, Any], *, now: float | None = None) -> str:
                 n["endpoint"],
                 devices,
                 used_free,
-                str(n["in_flight"]),
+                "-" if n["in_flight"] is None else str(n["in_flight"]),
                 _ago(n["last_seen"], now),
             ]
         )

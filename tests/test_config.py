@@ -168,3 +168,21 @@ def test_standalone_neuron_stays_on_loopback() -> None:
     configured = cfg.load(StandaloneConfig, None, environ={"CORTEX_NEURON_TOKEN": "x"})
     assert configured.neuron.listen == "127.0.0.1:0"
     assert configured.neuron.token == "x"
+
+
+def test_standalone_listens_on_loopback_unless_told() -> None:
+    from cortex.cli import build_parser, standalone_config
+    from cortex.standalone import StandaloneConfig
+
+    configured = cfg.load(StandaloneConfig, None, environ={})
+    assert configured.gateway.listen == "127.0.0.1:31313"
+    assert configured.gateway.metrics_listen == "127.0.0.1:31314"
+    args = build_parser().parse_args(["--role", "standalone"])
+    config, _ = standalone_config(args)
+    assert config.gateway.listen == "127.0.0.1:31313"
+    args = build_parser().parse_args(["--role", "standalone", "--listen", "0.0.0.0:8080"])
+    assert standalone_config(args)[0].gateway.listen == "0.0.0.0:8080"
+    told = cfg.load(StandaloneConfig, None, environ={"CORTEX_GATEWAY_LISTEN": "0.0.0.0:1"})
+    assert told.gateway.listen == "0.0.0.0:1"
+    # The gateway role itself still serves the network by default.
+    assert cfg.GatewaySection().listen == "0.0.0.0:31313"

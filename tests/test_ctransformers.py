@@ -447,7 +447,8 @@ async def test_gpt2_bpe_gguf_named_for_ctransformers_fails_cleanly(
                     "options": ONE_THREAD,
                 },
             )
-    assert refused.status_code == 500
+    assert refused.status_code == 422
+    assert refused.json()["error"]["code"] == "unsupported_model_format"
     assert "tokenizer 'gpt2'" in refused.json()["error"]["message"]
     with trio.fail_after(30):
         reply = await client.completions.create(model="gpt2", prompt="Hi", max_tokens=3)

@@ -203,6 +203,49 @@ async def test_requests_move_off_a_neuron_that_went_down() -> None:
             assert {n["name"]: n["up"] for n in health["neurons"]} == {"a": False, "b": True}
 
 
+async def test_first_request_after_the_only_holder_died_loads_it_elsewhere() -> None:
+    a = FakeNeuron("a", preload=["org/small"])
+    b = FakeNeuron("b")
+    with trio.fail_after(10):
+        async with running_fleet([a, b], MODELS) as fleet:
+            a.shutdown.set()
+            await a.stopped.wait()
+            # No poll has seen it go: the gateway still thinks a has the model.
+            response = await fleet.chat("org/small")
+            assert response.status_code == 200, response.text
+            assert [c["model_id"] for c in b.load_calls] == ["org/small"]
+
+
+async def test_first_request_after_the_only_holder_died_is_503_with_retry_after() -> None:
+    models = catalogue(
+        *MODELS.models,
+        CatalogModel(id="org/big", vram_mb=5000),
+        CatalogModel(id="org/cold", vram_mb=5000),
+    )
+    a = FakeNeuron("a", preload=["org/big", "extra/model"])
+    b = FakeNeuron("b", memory_mb=1000)
+    with trio.fail_after(10):
+        async with running_fleet([a, b], models) as fleet:
+            a.shutdown.set()
+            await a.stopped.wait()
+            # Loaded there and fits nowhere else; known only from the dead
+            # neuron; not loaded, and it would cold-load only there.
+            for model in ("org/big", "extra/model", "org/cold"):
+                response = await fleet.chat(model)
+                assert response.status_code == 503, response.text
+                assert int(response.headers["retry-after"]) >= 1
+                anthropic = await fleet.client.post(
+                    "/v1/messages",
+                    json={
+                        "model": model,
+                        "max_tokens": 8,
+                        "messages": [{"role": "user", "content": "hi"}],
+                    },
+                )
+                assert anthropic.status_code == 529, anthropic.text
+                assert int(anthropic.headers["retry-after"]) >= 1
+
+
 async def test_model_list() -> None:
     a = FakeNeuron("a", preload=["org/small", "extra/model"], memory_mb=1000)
     b = FakeNeuron("b", memory_mb=50)

@@ -100,6 +100,7 @@ def test_corrupt_gguf(load, tmp_path, tiny_model_path, keep):
     path.write_bytes(data[: int(len(data) * keep)])
     with pytest.raises(ModelLoadError) as info:
         load(path)
+    assert info.value.status == 422 and info.value.code == "invalid_model_file"
     assert "broken.gguf" in info.value.message
     assert str(tmp_path) not in info.value.message
 
@@ -109,8 +110,9 @@ def test_other_engine_or_format_is_not_ours(load, tmp_path, tiny_model_path):
     ggml = tmp_path / "model.bin"
     ggml.write_bytes(b"lmgg" + bytes(100))
     assert load(ggml) is None
-    with pytest.raises(ModelLoadError, match="not a GGUF"):
+    with pytest.raises(ModelLoadError, match="not a GGUF") as info:
         load(ggml, harness="llamacpp")
+    assert info.value.status == 422 and info.value.code == "unsupported_model_format"
 
 
 def test_unknown_option(load, tiny_model_path):

@@ -98,8 +98,13 @@ async def test_models_lifecycle(http: httpx.AsyncClient, tiny_model_factory) -> 
         assert again.json()["error"]["code"] == "model_not_found"
 
 
+def _truncated_copy(source: Path, path: Path) -> Path:
+    path.write_bytes(source.read_bytes()[:-4096])
+    return path
+
+
 async def test_failed_loads_leave_others_serving(
-    http: httpx.AsyncClient, client: openai.AsyncOpenAI, tmp_path: Path
+    http: httpx.AsyncClient, client: openai.AsyncOpenAI, tmp_path: Path, tiny_model_path: Path
 ) -> None:
     corrupt = tmp_path / "secret-dir" / "corrupt.gguf"
     corrupt.parent.mkdir()
@@ -110,9 +115,36 @@ async def test_failed_loads_leave_others_serving(
         )
         assert missing.status_code == 404
         bad = await http.post("/models/load", json={"model_id": "c", "source": str(corrupt)})
-        assert bad.status_code == 500
-        message = bad.json()["error"]["message"]
-        assert "corrupt.gguf" in message and "secret-dir" not in message
+        assert bad.status_code == 422
+        error = bad.json()["error"]
+        assert error["code"] == "invalid_model_file"
+        assert "corrupt.gguf" in error["message"] and "secret-dir" not in error["message"]
+        truncated = _truncated_copy(tiny_model_path, tmp_path / "truncated.gguf")
+        cut = await http.post("/models/load", json={"model_id": "t", "source": str(truncated)})
+        assert cut.status_code == 422
+        assert cut.json()["error"]["code"] == "invalid_model_file"
+        foreign = tmp_path / "secret-dir" / "weights.zip"
+        foreign.write_bytes(b"PK\x03\x04" + bytes(200))
+        other = await http.post("/models/load", json={"model_id": "z", "source": str(foreign)})
+        assert other.status_code == 422
+        error = other.json()["error"]
+        assert error["code"] == "unsupported_model_format"
+        assert "weights.zip" in error["message"] and "secret-dir" not in error["message"]
+        for odd, param in (
+            ({"options": {"n_ctxx": 512}}, "options"),
+            ({"options": {"n_ctx": "big"}}, "options"),
+            ({"options": {"parallel": 10**6}}, "options"),
+            ({"chat_format": "no-such-format"}, "chat_format"),
+        ):
+            load = {"model_id": "o", "source": str(tiny_model_path), **odd}
+            refused = await http.post("/models/load", json=load)
+            assert refused.status_code == 400, refused.text
+            error = refused.json()["error"]
+            assert error["code"] == "invalid_model_options" and error["param"] == param
+        named = {"model_id": "z", "source": str(foreign), "harness": "llamacpp"}
+        other = await http.post("/models/load", json=named)
+        assert other.status_code == 422
+        assert other.json()["error"]["code"] == "unsupported_model_format"
         nobody = await http.post(
             "/models/load", json={"model_id": "x", "source": str(corrupt), "harness": "nope"}
         )
@@ -315,6 +347,45 @@ async def test_disconnect_frees_the_model(neuron: NeuronHandle, http: httpx.Asyn
             await trio.sleep(0.005)
     generated = worker.statistics().tokens_generated - before
     assert generated < 100
+
+
+async def test_token_ids_the_model_does_not_have_are_400(http: httpx.AsyncClient) -> None:
+    # The engine sees the vocabulary only when it starts: its refusal must
+    # still be a 400, not a 500 nor a 200 stream that ends in an error.
+    with trio.fail_after(30):
+        for stream in (False, True):
+            body = {"model": "tiny", "prompt": [1, 99999], "max_tokens": 4, "stream": stream}
+            response = await http.post("/v1/completions", json=body)
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["param"] == "prompt" and "token ids" in error["message"]
+        ok = await http.post("/v1/completions", json={"model": "tiny", "prompt": [1, 2]})
+        assert ok.status_code == 200
+
+
+async def test_tokens_of_a_stream_the_client_left_are_counted(
+    neuron: NeuronHandle, http: httpx.AsyncClient
+) -> None:
+    worker = neuron.neuron.manager.slots["tiny"].worker
+    registry = neuron.neuron.metrics.registry
+
+    def counted(name: str) -> float:
+        return registry.get_sample_value(name, {"model": "tiny"}) or 0.0
+
+    before = worker.statistics().tokens_generated
+    counted_before = counted("cortex_neuron_tokens_generated_total")
+    prompt_before = counted("cortex_neuron_prompt_tokens_total")
+    body = {"model": "tiny", "prompt": "Go", "max_tokens": 400, "stream": True}
+    with trio.fail_after(30):
+        async with http.stream("POST", "/v1/completions", json=body) as response:
+            async for _ in response.aiter_lines():
+                break
+        while worker.statistics().in_flight:  # noqa: ASYNC110 (state, not an event)
+            await trio.sleep(0.005)
+    generated = worker.statistics().tokens_generated - before
+    assert generated > 0
+    assert counted("cortex_neuron_tokens_generated_total") - counted_before == generated
+    assert counted("cortex_neuron_prompt_tokens_total") > prompt_before
 
 
 async def test_concurrent_requests_and_two_models(

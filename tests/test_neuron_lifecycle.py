@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 from functools import partial
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import httpx
 import pytest
 import trio
 
-from cortex.neuron.models import LoadRequest
+from cortex.harness import plugin_manager
+from cortex.neuron.models import LoadRequest, ModelManager
 from cortex.testing import FakeEngine
 from tests.neuron_helpers import running_neuron
 
@@ -222,3 +224,35 @@ async def test_load_during_an_unload_loads_again(tmp_path: Path) -> None:
                 )
                 assert reply.status_code == 200
     assert len(engine.loaded) == 2 and engine.loaded[0].unloaded
+
+
+async def test_a_load_reads_shared_state_in_the_trio_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The slots dict and device samples change in the trio thread; a load
+    # thread iterating them could see "dictionary changed size during iteration".
+    threads: list[bool] = []
+    memory_used_mb = ModelManager.memory_used_mb
+
+    def recording(self: ModelManager) -> int:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return memory_used_mb(self)
+
+    def free_mb() -> dict[int, int]:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return {}
+
+    monkeypatch.setattr(ModelManager, "memory_used_mb", recording)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            manager = ModelManager(
+                plugin_manager(plugins=[FakeEngine()]),
+                nursery,
+                memory_budget_mb=1024,
+                n_ctx_max=2048,
+                queue_limit=4,
+                device_free_mb=free_mb,
+            )
+            await manager.load(LoadRequest(model_id="m", source=fake_model(tmp_path)))
+            await manager.unload_all()
+    assert threads and all(threads)

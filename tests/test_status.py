@@ -8,6 +8,7 @@ import sys
 
 import trio
 
+from cortex import status as status_command
 from cortex.config import CatalogModel
 from tests.gateway_helpers import FakeNeuron, catalogue, running_fleet
 
@@ -54,3 +55,28 @@ def test_status_unreachable_gateway() -> None:
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot reach the gateway" in lines[0]
+
+
+async def test_a_dead_neurons_models_show_as_unreachable() -> None:
+    models = catalogue(CatalogModel(id="small", vram_mb=100))
+    a = FakeNeuron("a", preload=["small"])
+    a.in_flight["small"] = 2  # others' requests, as the neuron reports them
+    async with running_fleet([a], models) as fleet:
+        with trio.fail_after(30):
+            await fleet.refresh()
+            before = (await fleet.client.get("/fleet")).json()
+            assert before["models"][0]["locations"][0]["in_flight"] == 2
+            a.shutdown.set()
+            await a.stopped.wait()
+            await fleet.refresh()
+            document = (await fleet.client.get("/fleet")).json()
+            health = (await fleet.client.get("/health")).json()
+    (neuron,) = document["neurons"]
+    assert not neuron["up"] and neuron["in_flight"] is None and neuron["queue_depth"] is None
+    (location,) = document["models"][0]["locations"]
+    assert location["status"] == "unreachable" and location["in_flight"] == 0
+    assert health["neurons"][0]["models"] == {"small": "unreachable"}
+    text = status_command.render(document)
+    assert "a (unreachable)" in text and "loaded" not in text
+    row = next(line for line in text.splitlines() if line.startswith("a "))
+    assert row.split()[1] == "down"

@@ -148,6 +148,51 @@ def test_chat_validation_errors(body, param, match):
     _invalid(wire.parse_chat_request, body, param, match)
 
 
+@pytest.mark.parametrize(
+    ("extra", "param", "match"),
+    [
+        ({"max_tokens": 1e308}, "max_tokens", "at most 2147483647"),
+        ({"max_tokens": 2**31}, "max_tokens", "at most"),
+        ({"max_completion_tokens": 1e300}, "max_completion_tokens", "at most"),
+        ({"top_k": 1e308}, "top_k", "at most"),
+        ({"seed": 2**64}, "seed", "at most"),
+        ({"seed": -(2**63) - 1}, "seed", "at least"),
+        ({"temperature": 1e308}, "temperature", "in"),
+        ({"logit_bias": "x"}, "logit_bias", "object mapping token ids"),
+        ({"logit_bias": ["1"]}, "logit_bias", "object mapping token ids"),
+        ({"logit_bias": {"x": 1}}, "logit_bias", "is no token id"),
+        ({"logit_bias": {"-1": 1}}, "logit_bias", "is no token id"),
+        ({"logit_bias": {"\u0661": 1}}, "logit_bias", "is no token id"),
+        ({"logit_bias": {"12": 101}}, "logit_bias", "got 101"),
+        ({"logit_bias": {"12": "1"}}, "logit_bias", "got '1'"),
+        ({"logit_bias": {"12": True}}, "logit_bias", "got True"),
+    ],
+)
+def test_numbers_and_biases_are_bounded(extra, param, match):
+    parsers = [wire.parse_chat_request]
+    if param != "max_completion_tokens":  # a chat field only
+        parsers.append(wire.parse_completion_request)
+    for parse in parsers:
+        _invalid(parse, {**_chat(prompt="x"), **extra}, param, match)
+
+
+def test_logit_bias_in_range_is_accepted():
+    bias = {"12": -100, "7": 2.5, "0": 100}
+    assert wire.parse_chat_request(_chat(logit_bias=bias)).logit_bias == bias
+    assert wire.parse_completion_request({"model": "m", "prompt": "x", "logit_bias": {}})
+    assert wire.parse_chat_request(_chat(logit_bias=None, max_tokens=2**31 - 1))
+
+
+@pytest.mark.parametrize("junk", [{"a": 1}, ["user"], 5])
+def test_unhashable_or_odd_enums_are_400(junk):
+    _invalid(wire.parse_chat_request, _chat(messages=[{"role": junk, "content": "x"}]))
+    _invalid(wire.parse_chat_request, _chat(response_format={"type": junk}), "response_format")
+
+
+def test_token_ids_are_bounded():
+    _invalid(wire.parse_completion_request, {"model": "m", "prompt": [2**31]}, "prompt")
+
+
 @pytest.mark.parametrize("body", [None, [], "text", 3])
 def test_chat_body_must_be_object(body):
     _invalid(wire.parse_chat_request, body, match="JSON object")

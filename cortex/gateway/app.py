@@ -41,17 +41,17 @@ from cortex.errors import (
 )
 from cortex.fleet import make_converter
 from cortex.gateway.envelope import error_parts, id_headers
-from cortex.gateway.fleetview import fleet_view
+from cortex.gateway.fleetview import fleet_view, location_status
 from cortex.gateway.metrics import UNKNOWN, GatewayMetrics
 from cortex.gateway.passthrough import OPENAI_ENDPOINTS, Passthrough, hand_over, new_request_id
 from cortex.gateway.poller import poll_neuron
-from cortex.gateway.proxy import CLIENT_CLOSED, Exchange, Proxy
+from cortex.gateway.proxy import CLIENT_CLOSED, Exchange, Proxy, abandoned_status
 from cortex.gateway.reload import reload_catalogue
 from cortex.gateway.router import Router
 from cortex.gateway.state import LOADED, LOADING, FleetState, feasible
 from cortex.gateway.upstream import NeuronAPI
-from cortex.serve import serve
-from cortex.wire import anthropic, openai, sse, translate
+from cortex.serve import bound_url, is_loopback, serve
+from cortex.wire import anthropic, jsonbody, openai, sse, translate
 
 log = logging.getLogger(__name__)
 
@@ -190,15 +190,9 @@ class Gateway:
         """``data`` as a JSON object.
 
         Raises:
-          InvalidRequest: not JSON, or not an object.
+          InvalidRequest: not JSON, nested too deeply, or not an object.
         """
-        try:
-            body = json.loads(data)
-        except ValueError as exc:
-            raise InvalidRequest(f"request body is not valid JSON: {exc}")
-        if not isinstance(body, dict):
-            raise InvalidRequest("request body must be a JSON object")
-        return body
+        return jsonbody.loads_object(data)
 
     def apply_defaults(self, model_id: str, body: dict[str, Any], endpoint: str) -> bool:
         """Fill the catalogue's default sampling, and the default reply limit of
@@ -255,6 +249,17 @@ def _id_headers(response: Response, request_id: str, anthropic_dialect: bool) ->
         response.headers[name] = value
 
 
+async def drain_body() -> None:
+    """Read the current Quart request's body before anything answers it.
+
+    A view that answers without reading the body (a 401, a 403) leaves the
+    keep-alive connection's next request hanging now and then under
+    quart-trio and hypercorn; read (and cache) it first, within
+    MAX_CONTENT_LENGTH (413 beyond).
+    """
+    await request.get_data()
+
+
 def _http_error(status: int, message: str) -> CortexError:
     exc: CortexError = RequestError(message) if status < 500 else ServiceError(message)
     exc.status = status
@@ -292,6 +297,10 @@ def _quart_app(gateway: Gateway) -> QuartTrio:
     app = QuartTrio("cortex.gateway")
     app.config["MAX_CONTENT_LENGTH"] = gateway.config.gateway.max_body_bytes
     state, router, proxy = gateway.state, gateway.router, gateway.proxy
+
+    @app.before_request
+    async def read_whole_body() -> None:
+        await drain_body()
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
@@ -355,8 +364,8 @@ def _quart_app(gateway: Gateway) -> QuartTrio:
         except CortexError as exc:
             gateway.count_error(ex, anthropic.status_for(exc))
             return error_response(exc, anthropic_dialect=True, request_id=ex.request_id)
-        except BaseException:
-            gateway.count_error(ex, CLIENT_CLOSED)
+        except BaseException as exc:
+            gateway.count_error(ex, abandoned_status(exc))
             raise
         assert ex.response is not None and ex.model is not None
         if ex.stream:
@@ -558,7 +567,7 @@ def _quart_app(gateway: Gateway) -> QuartTrio:
                 "suspect": n.suspect,
                 "last_seen": n.last_seen,
                 "error": n.last_error,
-                "models": {m.id: m.status for m in n.models.values()},
+                "models": {m: location_status(state, n, m) for m in n.models},
                 "loading": sorted(
                     load.model_id for (name, _), load in state.pending.items() if name == n.name
                 ),
@@ -645,6 +654,23 @@ def _metrics_app(metrics: GatewayMetrics) -> Any:
     return app
 
 
+def log_start(gateway: Gateway, api_url: str, metrics_url: str) -> None:
+    """The start line (the addresses bound), and a warning for an open API beyond loopback."""
+    section = gateway.config.gateway
+    log.info(
+        "gateway on %s (metrics %s), %d neuron(s)",
+        bound_url(section.listen, api_url, default_port=DEFAULT_PORT),
+        bound_url(section.metrics_listen, metrics_url, default_port=DEFAULT_METRICS_PORT),
+        len(gateway.state.neurons),
+    )
+    if not gateway.api_keys and not is_loopback(section.listen, default_port=DEFAULT_PORT):
+        log.warning(
+            "the API listens on %s with no API keys: anyone who can reach it can use it "
+            "(set [gateway] api_keys, or listen on 127.0.0.1)",
+            section.listen,
+        )
+
+
 def make_client(config: GatewayConfig) -> httpx.AsyncClient:
     """The HTTP client of the fleet API calls (requests are proxied by ``Proxy``'s own pools)."""
     return httpx.AsyncClient(
@@ -705,12 +731,7 @@ async def run_gateway(
                         grace_period=1.0,
                     )
                 )
-                log.info(
-                    "gateway on %s (metrics %s), %d neuron(s)",
-                    api_url,
-                    metrics_url,
-                    len(gateway.state.neurons),
-                )
+                log_start(gateway, api_url, metrics_url)
                 task_status.started(GatewayHandle(api_url, metrics_url, gateway.state))
             # Both servers have drained: stop polling and any load under way.
             background.cancel_scope.cancel()

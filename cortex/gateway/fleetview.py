@@ -12,6 +12,22 @@ from typing import Any
 
 from cortex.gateway.state import LOADING, FleetState, NeuronState
 
+#: A model on a neuron that is down: what it last reported is no longer known.
+UNREACHABLE = "unreachable"
+
+
+def location_status(state: FleetState, neuron: NeuronState, model_id: str) -> str | None:
+    """What ``neuron`` holds of ``model_id`` as shown to operators; None: nothing.
+
+    A neuron that is down serves nothing, whatever its last poll said.
+    """
+    status = neuron.status_of(model_id)
+    if status is None and (neuron.name, model_id) in state.pending:
+        status = LOADING
+    if status is not None and not neuron.up:
+        return UNREACHABLE
+    return status
+
 
 def _devices(neuron: NeuronState) -> list[dict[str, Any]]:
     if neuron.discovery is None:
@@ -52,8 +68,9 @@ def _neuron(neuron: NeuronState) -> dict[str, Any]:
             "used_mb": health.memory.used_mb,
             "free_mb": health.memory.free_mb,
         },
-        "in_flight": health.in_flight if health else 0,
-        "queue_depth": health.queue_depth if health else 0,
+        # A neuron that is down has no work we know of: None, not its last figures.
+        "in_flight": None if not neuron.up else health.in_flight if health else 0,
+        "queue_depth": None if not neuron.up else health.queue_depth if health else 0,
     }
 
 
@@ -67,17 +84,19 @@ def fleet_view(state: FleetState) -> dict[str, Any]:
         entry = catalogue.get(model_id)
         locations = []
         for neuron in state.neurons.values():
-            status = neuron.status_of(model_id)
-            pending = state.pending.get((neuron.name, model_id))
-            if status is None and pending is None:
+            status = location_status(state, neuron, model_id)
+            if status is None:
                 continue
             known = neuron.models.get(model_id)
             locations.append(
                 {
                     "neuron": neuron.name,
-                    "status": status or LOADING,
+                    "status": status,
                     "memory_mb": known.memory_mb if known else None,
-                    "in_flight": neuron.busy(model_id),
+                    # Down: only this gateway's own requests, still failing over.
+                    "in_flight": neuron.busy(model_id)
+                    if neuron.up
+                    else neuron.in_flight.get(model_id, 0),
                     "last_used": neuron.recency(model_id) or None,
                     "error": known.error if known else None,
                 }

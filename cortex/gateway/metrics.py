@@ -56,7 +56,8 @@ class GatewayMetrics:
             ),
             errors=Counter(
                 "cortex_request_errors",
-                "Requests that ended in an error, by HTTP status (mid-stream: the status sent).",
+                "Answers with an error status, by route (mid-stream: the status sent); "
+                "every route's, model unknown where the route has none.",
                 ["endpoint", "model", "status"],
                 **kw,
             ),

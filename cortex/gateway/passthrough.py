@@ -41,7 +41,8 @@ from werkzeug.exceptions import InternalServerError
 
 from cortex.errors import CortexError, InvalidRequest, PayloadTooLarge
 from cortex.gateway.envelope import error_parts
-from cortex.gateway.proxy import CLIENT_CLOSED, Exchange, usage_from_body
+from cortex.gateway.metrics import UNKNOWN
+from cortex.gateway.proxy import CLIENT_CLOSED, Exchange, abandoned_status, usage_from_body
 
 if TYPE_CHECKING:
     from cortex.gateway.app import Gateway
@@ -64,6 +65,44 @@ _JSON = b"application/json"
 _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 #: The scope key of the exchanges a Quart view handed over with its response.
 _HANDED_OVER = "cortex.exchanges"
+
+
+#: Path -> the endpoint label of the routes the Quart app serves (errors only).
+_ROUTE_LABELS = {
+    **OPENAI_ENDPOINTS,
+    "/v1/messages": "messages",
+    "/v1/messages/count_tokens": "messages/count_tokens",
+    "/v1/models": "models",
+    "/fleet": "fleet",
+    "/health": "health",
+    "/admin/reload": "admin/reload",
+}
+
+
+def route_label(path: str) -> str:
+    """The endpoint label for ``path``: one of a fixed few (``other`` for any unknown path)."""
+    if path.startswith("/v1/models/"):
+        return "models"
+    return _ROUTE_LABELS.get(path, "other")
+
+
+class _Answer:
+    """What an ASGI app sent: the status and request id of its response head."""
+
+    def __init__(self) -> None:
+        self.status: int | None = None
+        self.request_id: str | None = None
+
+    def watch(self, send: Send) -> Send:
+        async def watched(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                self.status = message["status"]
+                for name, value in message.get("headers", ()):
+                    if name.lower() == b"x-request-id":
+                        self.request_id = value.decode("latin-1")
+            await send(message)
+
+        return watched
 
 
 class ClientGone(Exception):
@@ -115,13 +154,39 @@ class Passthrough:
             await self.serve(scope, receive, send)
         elif scope["type"] == "http":
             handed_over: list[Exchange] = []
+            answer = _Answer()
             try:
-                await self.app({**scope, _HANDED_OVER: handed_over}, receive, send)
+                await self.app({**scope, _HANDED_OVER: handed_over}, receive, answer.watch(send))
             finally:
                 for ex in handed_over:
                     self.gateway.proxy.finish(ex, status=CLIENT_CLOSED)
+                self.record(scope, answer)
         else:
             await self.app(scope, receive, send)
+
+    def record(self, scope: Scope, answer: _Answer) -> None:
+        """Log and count a request the Quart app answered.
+
+        The Anthropic messages route records its own exchange (with model
+        and neuron) like the passthrough does; every other route's errors
+        are counted here, so that no non-2xx answer goes uncounted.
+        """
+        method, path = scope["method"], scope["path"]
+        if method == "POST" and path == "/v1/messages":
+            return
+        request_id = answer.request_id or _headers(scope).get(b"x-request-id", "-")
+        status = answer.status if answer.status is not None else CLIENT_CLOSED
+        quiet = status < 400 and not path.startswith("/v1/") and method != "POST"
+        log.log(
+            logging.DEBUG if quiet else logging.INFO,
+            "%s %s %d request_id=%s",
+            method,
+            path,
+            status,
+            request_id,
+        )
+        if status >= 400:
+            self.gateway.metrics.errors.labels(route_label(path), UNKNOWN, str(status)).inc()
 
     async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = _headers(scope)
@@ -175,8 +240,8 @@ class Passthrough:
             gateway.count_error(ex, exc.status)
             await self.send_error(send, exc, request_id)
             return
-        except BaseException:
-            gateway.count_error(ex, CLIENT_CLOSED)
+        except BaseException as exc:
+            gateway.count_error(ex, abandoned_status(exc))
             raise
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
@@ -194,8 +259,8 @@ class Passthrough:
             self.gateway.count_error(ex, exc.status)
             await self.send_error(send, exc, ex.request_id)
             return
-        except BaseException:
-            self.gateway.count_error(ex, CLIENT_CLOSED)
+        except BaseException as exc:
+            self.gateway.count_error(ex, abandoned_status(exc))
             raise
         response = ex.response
         assert response is not None

@@ -42,6 +42,7 @@ from cortex.config import GatewaySection
 from cortex.errors import (
     CortexError,
     ModelNotFound,
+    NeuronUnreachable,
     Unavailable,
     UpstreamError,
     UpstreamTimeout,
@@ -60,6 +61,15 @@ log = logging.getLogger(__name__)
 TAIL_CHUNKS = 8
 #: A client that went away, in the error metrics (nginx's number for it).
 CLIENT_CLOSED = 499
+
+
+def abandoned_status(exc: BaseException) -> int:
+    """The status to record for a request that ``exc`` ended before its answer.
+
+    An exception is a bug on our side, which the client sees as a 500; a
+    cancellation (or a group of them) is the client that went away.
+    """
+    return 500 if isinstance(exc, Exception) else CLIENT_CLOSED
 
 
 @attrs.define(eq=False)
@@ -185,9 +195,12 @@ class Proxy:
         for _ in range(len(self.router.state.neurons) + 2):
             try:
                 neuron = await self.router.acquire(ex.model, exclude=exclude)
-            except (ModelNotFound, Unavailable):
+            except (ModelNotFound, Unavailable) as exc:
+                # The router's answer (503 with Retry-After, or 404) is the
+                # client's, as for any request with no route; a failed try
+                # (a neuron that died since the last poll) only explains it.
                 if last_error is not None:
-                    raise last_error
+                    exc.message = f"{exc.message} (tried: {last_error.message})"
                 raise
             try:
                 await self._attempt(ex, neuron, path, content)
@@ -253,7 +266,7 @@ class Proxy:
             if isinstance(exc, _ConnectTimeout):
                 error = UpstreamTimeout(f"neuron {neuron.name} did not answer in time")
             else:
-                error = UpstreamError(f"neuron {neuron.name} unreachable: {exc}")
+                error = NeuronUnreachable(f"neuron {neuron.name} unreachable: {exc}")
             raise _Retry(error, exclude=True)
         ex.neuron, ex.response, ex.first = neuron, response, first
         ex.first_at = trio.current_time()
@@ -332,6 +345,15 @@ class Proxy:
                 completion_tokens=counts[1] if counts is not None else None,
                 decode_s=decode_s if counts is not None else None,
             )
+        log.info(
+            "%s %d model=%s neuron=%s %.3fs request_id=%s",
+            ex.endpoint,
+            status,
+            model,
+            neuron or "-",
+            end - ex.started,
+            ex.request_id,
+        )
         m = self.metrics
         m.requests.labels(ex.endpoint, model, neuron).inc()
         if status >= 400:

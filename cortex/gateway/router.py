@@ -39,7 +39,14 @@ import attrs
 import trio
 
 from cortex.config import CatalogModel, GatewayConfig
-from cortex.errors import CortexError, ModelNotFound, RequestError, Unavailable, UpstreamError
+from cortex.errors import (
+    CortexError,
+    ModelNotFound,
+    NeuronUnreachable,
+    RequestError,
+    Unavailable,
+    UpstreamError,
+)
 from cortex.fleet import ModelStatus
 from cortex.gateway import evictor
 from cortex.gateway.metrics import UNKNOWN, GatewayMetrics
@@ -184,7 +191,10 @@ class Router:
                         load.waiters -= 1
                     if load.error is not None:
                         exclude.add(load.neuron)
-                        last_error = load.error
+                        # A neuron that could not be reached says nothing of
+                        # the model: decide again as if it were not there.
+                        if not isinstance(load.error, NeuronUnreachable):
+                            last_error = load.error
             raise Unavailable(f"timed out waiting for {model_id!r} to load")
         except CortexError:
             self.metrics.route_decisions.labels("rejected").inc()
@@ -516,6 +526,8 @@ class Router:
         except trio.Cancelled:
             raise
         except CortexError as exc:
+            if isinstance(exc, NeuronUnreachable):
+                neuron.mark_suspect(exc.message)
             # A load refused as a bad request (no such source, bad options)
             # is the catalogue's fault, not the client's: a 502 for them.
             if isinstance(exc, RequestError):

@@ -26,6 +26,7 @@ from cortex.errors import (
     CortexError,
     InvalidRequest,
     ModelNotFound,
+    NeuronUnreachable,
     QueueFull,
     Unavailable,
     UpstreamError,
@@ -86,7 +87,7 @@ def error_from_response(status: int, body: bytes, headers: Mapping[str, str]) ->
 def transport_error(neuron: NeuronState, exc: Exception) -> CortexError:
     if isinstance(exc, httpx.TimeoutException):
         return UpstreamTimeout(f"neuron {neuron.name} did not answer in time")
-    return UpstreamError(f"neuron {neuron.name} unreachable: {type(exc).__name__}: {exc}")
+    return NeuronUnreachable(f"neuron {neuron.name} unreachable: {type(exc).__name__}: {exc}")
 
 
 class NeuronLink(Protocol):

@@ -50,7 +50,7 @@ from cortex.neuron.workers import (
     tokens_per_second,
 )
 from cortex.serve import serve
-from cortex.wire import openai, responses, sse
+from cortex.wire import jsonbody, openai, responses, sse
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class Neuron:
         self.manager.on_loaded.append(
             lambda slot, seconds: self.metrics.load_seconds.labels(slot.id).observe(seconds)
         )
+        self.manager.on_job_finished.append(self.metrics.job_finished)
 
     def health(self) -> Health:
         statuses = self.manager.statuses()
@@ -193,6 +194,13 @@ def create_app(neuron: Neuron) -> QuartTrio:
     converter = make_converter()
     manager = neuron.manager
     token = neuron.config.neuron.token
+
+    @app.before_request
+    async def read_whole_body() -> None:
+        # Before authenticating: a 401 sent with the body unread leaves the
+        # keep-alive connection's next request hanging now and then
+        # (quart-trio under hypercorn). Bounded by MAX_CONTENT_LENGTH.
+        await request.get_data()
 
     @app.before_request
     async def authenticate() -> None:
@@ -591,11 +599,7 @@ def create_app(neuron: Neuron) -> QuartTrio:
     # -- helpers ----------------------------------------------------------------------
 
     async def read_json() -> Any:
-        data = await request.get_data(cache=False)
-        try:
-            return json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidRequest(f"body is not valid JSON: {exc}") from None
+        return jsonbody.loads(await request.get_data(cache=False))
 
     async def start_chat(
         req: openai.ChatRequest | responses.ResponsesRequest,
@@ -698,6 +702,13 @@ def create_app(neuron: Neuron) -> QuartTrio:
             neuron.metrics.rejected.labels(slot.id).inc()
             raise
         neuron.metrics.requests.labels(slot.id, endpoint).inc()
+        try:
+            # Before any answer is begun: a request the engine refuses is a
+            # 4xx, not a 200 stream that ends in an error.
+            await job.wait_admitted()
+        except BaseException:
+            job.close()
+            raise
         return job
 
     async def stream(
@@ -711,7 +722,7 @@ def create_app(neuron: Neuron) -> QuartTrio:
                     first = False
                     observe_first_token(slot, arrived)
                 if isinstance(event, Done):
-                    observe_done(slot, event)
+                    observe_done(slot, job, event)
                 yield event
                 if not isinstance(event, Delta):
                     return
@@ -727,19 +738,17 @@ def create_app(neuron: Neuron) -> QuartTrio:
             neuron.metrics.time_to_first_token.labels(slot.id).observe(
                 time.perf_counter() - arrived - done.decode_seconds
             )
-        observe_done(slot, done)
+        observe_done(slot, job, done)
         return text, done
 
     def observe_first_token(slot: ModelSlot, arrived: float) -> None:
         neuron.metrics.time_to_first_token.labels(slot.id).observe(time.perf_counter() - arrived)
 
-    def observe_done(slot: ModelSlot, done: Done) -> None:
-        neuron.metrics.generation(
-            slot.id,
-            prompt=done.prompt_tokens,
-            completion=done.completion_tokens,
-            rate=tokens_per_second(done),
-        )
+    def observe_done(slot: ModelSlot, job: Job, done: Done) -> None:
+        # Counted here, as the answer ends, or by the worker if it never does
+        # (ModelManager.on_job_finished): once either way.
+        neuron.metrics.job_finished(slot.id, job)
+        neuron.metrics.decode_rate(slot.id, tokens_per_second(done))
 
     return app
 

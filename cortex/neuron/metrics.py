@@ -10,6 +10,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from cortex.fleet import DeviceSample, ModelStatus
+from cortex.neuron.workers import Job
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -113,8 +114,19 @@ class NeuronMetrics:
         )
         r.register(_StateCollector(models, devices))
 
-    def generation(self, model: str, *, prompt: int, completion: int, rate: float) -> None:
-        self.tokens.labels(model).inc(completion)
-        self.prompt_tokens.labels(model).inc(prompt)
+    def job_finished(self, model: str, job: Job) -> None:
+        """Count the tokens of a job that ran, once, however it ended (client gone included).
+
+        Called as its answer ends and again when its worker is done with it
+        (which comes first depends on who reads the last event when).
+        """
+        if job.counted:
+            return
+        job.counted = True
+        self.tokens.labels(model).inc(job.completion_tokens)
+        self.prompt_tokens.labels(model).inc(job.prompt_tokens)
+
+    def decode_rate(self, model: str, rate: float) -> None:
+        """Observe the decode speed of a generation that ran to its end."""
         if not math.isnan(rate):
             self.tokens_per_second.labels(model).observe(rate)

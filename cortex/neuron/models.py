@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,12 @@ from cortex.errors import (
     ModelNotFound,
     NoHarness,
     Unavailable,
+    UnsupportedModelFormat,
 )
 from cortex.fleet import Activation, ActivationFailure, ModelState, ModelStatus
-from cortex.harness import LoadedModel, LoadSpec, Placement
+from cortex.harness import LoadedModel, LoadSpec, Placement, harness_infos
 from cortex.neuron import sources
-from cortex.neuron.workers import GenerationWorker
+from cortex.neuron.workers import GenerationWorker, Job
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +179,8 @@ class ModelManager:
         self._activation_in_progress: list[str] = []
         self._activation_failed: list[ActivationFailure] = []
         self.on_loaded: list[Any] = []
+        #: Called with (model id, job) for every job that ran, once it ended.
+        self.on_job_finished: list[Callable[[str, Job], None]] = []
 
     # -- views ------------------------------------------------------------------------
 
@@ -247,8 +251,14 @@ class ModelManager:
 
     async def _load(self, slot: ModelSlot, request: LoadRequest) -> None:
         started = time.perf_counter()
+        # Read here, in the trio thread that changes them: iterating the slots
+        # from the load thread could race a slot being added.
+        free_by_device = self._device_free_mb()
+        host_free_mb = self.memory_budget_mb - self.memory_used_mb()
         try:
-            model, slot.devices = await trio.to_thread.run_sync(self._load_blocking, request)
+            model, slot.devices = await trio.to_thread.run_sync(
+                self._load_blocking, request, free_by_device, host_free_mb
+            )
         except trio.Cancelled:
             slot.status, slot.error = "failed", "neuron shutting down"
             slot.settled.set()
@@ -265,7 +275,11 @@ class ModelManager:
             slot.model = model
             slot.harness = model.harness
             slot.memory_mb = model.memory_mb()
-            slot.worker = GenerationWorker(model, queue_limit=self._queue_limit)
+            slot.worker = GenerationWorker(
+                model,
+                queue_limit=self._queue_limit,
+                on_finished=partial(self._job_finished, slot.id),
+            )
             await self._nursery.start(self._run_worker, slot)
         except BaseException:
             # Cancelled (shutdown) after the engine finished loading: free it here,
@@ -284,10 +298,17 @@ class ModelManager:
         for callback in self.on_loaded:
             callback(slot, seconds)
 
-    def _load_blocking(self, request: LoadRequest) -> tuple[LoadedModel, tuple[int, ...]]:
+    def _load_blocking(
+        self, request: LoadRequest, free_by_device: dict[int, int], host_free_mb: int
+    ) -> tuple[LoadedModel, tuple[int, ...]]:
+        """Resolve, place and load ``request`` (in a worker thread: touches no shared state).
+
+        Args:
+          free_by_device: free MiB per GPU from the latest sample; empty: no GPUs.
+          host_free_mb: what the memory budget leaves on a host without GPUs.
+        """
         path = sources.resolve(request.source, self._model_dirs)
         chat_format = request.chat_format or sources.DEMO_CHAT_FORMATS.get(request.source)
-        free_by_device = self._device_free_mb()
         if free_by_device:
             # A GPU host: the devices asked for, or all of them; the engine
             # fits the context into what they have free, with headroom for
@@ -299,7 +320,7 @@ class ModelManager:
             budget = sum(free_by_device[d] for d in devices) * 9 // 10
         else:
             devices = ()
-            budget = self.memory_budget_mb - self.memory_used_mb()
+            budget = host_free_mb
             need = os.path.getsize(path) // (1024 * 1024)
             if need > budget:
                 raise ModelLoadError(
@@ -326,9 +347,22 @@ class ModelManager:
                 f"cannot load {request.model_id!r}: {_hide_path(str(exc), path)}"
             ) from exc
         if model is None:
-            wanted = f"engine {request.harness!r}" if request.harness else "engine"
-            raise NoHarness(f"no installed {wanted} can load {Path(path).name!r}")
+            raise self._unclaimed(request, Path(path).name)
         return model, devices
+
+    def _unclaimed(self, request: LoadRequest, name: str) -> CortexError:
+        """Why no engine loaded ``name``: the named one is missing, or none reads it."""
+        engines = harness_infos(self._pm)
+        if request.harness is not None and request.harness not in {e.name for e in engines}:
+            return NoHarness(f"engine {request.harness!r} is not installed here to load {name!r}")
+        known = ", ".join(f"{e.name} ({', '.join(e.formats)})" for e in engines) or "none"
+        return UnsupportedModelFormat(
+            f"no installed engine reads {name!r}: its format is none of theirs (engines: {known})"
+        )
+
+    def _job_finished(self, model_id: str, job: Job) -> None:
+        for callback in self.on_job_finished:
+            callback(model_id, job)
 
     async def _run_worker(self, slot: ModelSlot, *, task_status: trio.TaskStatus[None]) -> None:
         assert slot.worker is not None

@@ -12,6 +12,12 @@ running jobs' sequences together, and the worker only dispatches.
 Admission: the queue holds at most ``queue_limit`` jobs waiting for a free
 slot; beyond that ``submit`` raises ``QueueFull`` (429 with Retry-After).
 
+Refusal: an engine may refuse a request only once it sees it (a token id
+outside its vocabulary, a grammar it cannot parse): it raises a 4xx
+``CortexError`` before the first token. That error is the job's
+``refusal``; ``Job.wait_admitted`` raises it, so the client gets a 400 and
+not a 200 stream that ends in an error.
+
 Cancellation: a job's ``scope`` covers its thread. ``Job.cancel()`` (the
 client went away, or the model is being unloaded) makes the thread's next
 ``trio.from_thread`` call raise ``Cancelled``; the thread closes the
@@ -23,11 +29,12 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import attrs
 import trio
 
-from cortex.errors import QueueFull, ServiceError, Unavailable
+from cortex.errors import CortexError, QueueFull, ServiceError, Unavailable
 from cortex.harness import LoadedModel, Sampling
 from cortex.neuron.stops import StopScanner
 
@@ -73,6 +80,8 @@ class Done:
 @attrs.frozen
 class Failed:
     message: str
+    #: The engine's own error when it refused the request (a 4xx), else None.
+    error: CortexError | None = None
 
 
 Event = Delta | Done | Failed
@@ -88,6 +97,25 @@ class Job:
         self.started = trio.Event()
         #: Tokens generated so far; written by the job's thread.
         self.completion_tokens = 0
+        #: Prompt tokens the engine has processed (all or none); written by the thread.
+        self.prompt_tokens = 0
+        #: Set at the first event, or when the job ends without one.
+        self.admitted = trio.Event()
+        #: The engine's 4xx error, when it refused the request before its first token.
+        self.refusal: CortexError | None = None
+        #: Whether the metrics have counted its tokens (NeuronMetrics.job_finished).
+        self.counted = False
+
+    async def wait_admitted(self) -> None:
+        """Wait until the engine has taken the request: its first event, or its end.
+
+        Raises:
+          CortexError: the engine refused it (a 4xx: a token id outside the
+            vocabulary, say).
+        """
+        await self.admitted.wait()
+        if self.refusal is not None:
+            raise self.refusal
 
     def cancel(self) -> None:
         self.scope.cancel()
@@ -103,6 +131,7 @@ class Job:
 
     async def deliver(self, event: Event) -> None:
         """Hand ``event`` to the consumer (called from the job's thread)."""
+        self.admitted.set()
         with trio.move_on_after(CONSUMER_STALL_SECONDS):
             await self._send.send(event)
             return
@@ -129,10 +158,25 @@ class GenerationWorker:
     """Dispatches one model's jobs, up to ``model.parallel`` at once.
 
     Start with ``nursery.start(worker.run)``.
+
+    Args:
+      model: the loaded model whose context this worker owns.
+      queue_limit: jobs that may wait for a slot.
+      on_finished: called (in the trio thread) with every job that ran once
+        it has ended, however it ended: finished, cancelled, or left by its
+        consumer. Token counts are final then; metrics count them here, so
+        that a stream whose client went away is counted too.
     """
 
-    def __init__(self, model: LoadedModel, *, queue_limit: int = 64) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        queue_limit: int = 64,
+        on_finished: Callable[[Job], None] | None = None,
+    ) -> None:
         self.model = model
+        self._on_finished = on_finished
         self.parallel = max(1, int(getattr(model, "parallel", 1)))
         #: Slots: the worker takes a job from the queue only with one free.
         self.limiter = trio.CapacityLimiter(self.parallel)
@@ -232,19 +276,28 @@ class GenerationWorker:
                     except ConsumerGone:
                         pass
                     except Exception as exc:
-                        log.exception("generation failed for %s", self.model.model_id)
+                        failed = self._failure(job, exc)
                         with trio.move_on_after(1):
                             try:
-                                await job._send.send(
-                                    Failed(f"generation failed: {type(exc).__name__}: {exc}")
-                                )
+                                await job._send.send(failed)
                             except trio.BrokenResourceError:
                                 pass  # nobody is listening any more
         finally:
+            job.admitted.set()
             self._running.discard(job)
             self._tokens_generated += job.completion_tokens
             self._last_used = time.time()
             self.limiter.release_on_behalf_of(token)
+            if self._on_finished is not None:
+                self._on_finished(job)
+
+    def _failure(self, job: Job, exc: Exception) -> Failed:
+        """The event for a generation that raised ``exc``: a refusal, or a failure."""
+        if isinstance(exc, CortexError) and exc.status < 500 and not job.admitted.is_set():
+            job.refusal = exc
+            return Failed(exc.message, error=exc)
+        log.exception("generation failed for %s", self.model.model_id, exc_info=exc)
+        return Failed(f"generation failed: {type(exc).__name__}: {exc}")
 
     def _generate(self, job: Job) -> None:
         """The decode loop; runs in a worker thread."""
@@ -268,6 +321,7 @@ class GenerationWorker:
                 for token in generator:
                     if first_token is None:
                         first_token = time.perf_counter()
+                        job.prompt_tokens = len(request.tokens)
                     emitted += 1
                     job.completion_tokens = emitted
                     text = scanner.feed(token.piece)
@@ -286,6 +340,7 @@ class GenerationWorker:
                     finish = "length" if full else "stop"
         finally:
             generator.close()
+        job.prompt_tokens = len(request.tokens)
         if scanner.matched is None:
             tail = scanner.flush()
             if tail:
@@ -317,7 +372,7 @@ async def collect(job: Job) -> tuple[str, Done]:
             elif isinstance(event, Done):
                 return "".join(parts), event
             else:
-                raise GenerationFailed(event.message)
+                raise event.error or GenerationFailed(event.message)
     finally:
         job.close()
     # The worker closed the job without an ending: the model is being unloaded.

@@ -16,16 +16,15 @@ from typing import Any
 import attrs
 
 from cortex.errors import CortexError, InvalidRequest
-from cortex.wire.openai import (
-    MAX_STOP,
-    _model,
-    _opt_bool,
-    _opt_float,
-    _opt_int,
-    _require_object,
-)
+from cortex.wire import fields
+from cortex.wire.openai import MAX_STOP
 
 ROLES = frozenset({"user", "assistant", "system"})
+
+
+def _is_one_of(value: Any, choices: frozenset[str]) -> bool:
+    # A dict or a list is unhashable: `in` a frozenset would raise TypeError.
+    return isinstance(value, str) and value in choices
 
 
 def new_message_id() -> str:
@@ -86,7 +85,7 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
         where = f"messages.{i}"
         if not isinstance(message, dict):
             raise InvalidRequest(f"{where} must be an object", param=where)
-        if message.get("role") not in ROLES:
+        if not _is_one_of(message.get("role"), ROLES):
             raise InvalidRequest(
                 f"{where}.role must be user or assistant, got {message.get('role')!r}",
                 param=f"{where}.role",
@@ -197,9 +196,9 @@ def parse_messages_request(body: Any) -> MessagesRequest:
     Raises:
       InvalidRequest: a required field is missing or a used one is malformed.
     """
-    body = _require_object(body)
-    model = _model(body)
-    max_tokens = _opt_int(body, "max_tokens", minimum=1)
+    body = fields.require_object(body)
+    model = fields.model(body)
+    max_tokens = fields.opt_tokens(body, "max_tokens")
     if max_tokens is None:
         raise InvalidRequest("max_tokens: field required", param="max_tokens")
     return MessagesRequest(
@@ -208,21 +207,21 @@ def parse_messages_request(body: Any) -> MessagesRequest:
         max_tokens=max_tokens,
         system=_system(body),
         stop_sequences=_stop_sequences(body),
-        temperature=_opt_float(body, "temperature", low=0, high=1),
-        top_p=_opt_float(body, "top_p", low=0, high=1),
-        top_k=_opt_int(body, "top_k", minimum=0),
+        temperature=fields.opt_float(body, "temperature", low=0, high=1),
+        top_p=fields.opt_float(body, "top_p", low=0, high=1),
+        top_k=fields.opt_int(body, "top_k", minimum=0, maximum=fields.MAX_TOKENS),
         tools=_tools(body),
         tool_choice=_tool_choice(body),
-        stream=bool(_opt_bool(body, "stream")),
+        stream=bool(fields.opt_bool(body, "stream")),
         metadata=_metadata(body),
     )
 
 
 def parse_count_tokens_request(body: Any) -> CountTokensRequest:
     """Validate a count_tokens body (no ``max_tokens`` needed)."""
-    body = _require_object(body)
+    body = fields.require_object(body)
     return CountTokensRequest(
-        model=_model(body),
+        model=fields.model(body),
         messages=_messages(body),
         system=_system(body),
         tools=_tools(body),

@@ -8,7 +8,6 @@ business: it encodes the chunk dicts with :mod:`cortex.wire.sse`.
 
 from __future__ import annotations
 
-import math
 import secrets
 import time
 from collections.abc import Mapping
@@ -18,6 +17,8 @@ import attrs
 
 from cortex.errors import CortexError, InvalidRequest
 from cortex.harness import Sampling
+from cortex.wire import fields
+from cortex.wire.fields import Integer, Number, real, whole
 
 #: OpenAI's own limit; the engine could take more, but clients written
 #: against OpenAI never send more and a translated Anthropic request is
@@ -43,79 +44,7 @@ def now() -> int:
 
 
 # -- field checks -------------------------------------------------------------
-# Shared by the Responses and Anthropic parsers of this package. Each takes
-# the body and a key and returns the value or raises InvalidRequest; ``param``
-# is the key so the client sees which field was wrong.
-
-
-def _require_object(body: Any, what: str = "request body") -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise InvalidRequest(f"{what} must be a JSON object")
-    return body
-
-
-def _model(body: Mapping[str, Any]) -> str:
-    model = body.get("model")
-    if model is None:
-        raise InvalidRequest("model: field required", param="model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("model must be a non-empty string", param="model")
-    return model
-
-
-def _opt_str(body: Mapping[str, Any], key: str) -> str | None:
-    value = body.get(key)
-    if value is not None and not isinstance(value, str):
-        raise InvalidRequest(f"{key} must be a string", param=key)
-    return value
-
-
-def _opt_bool(body: Mapping[str, Any], key: str) -> bool | None:
-    value = body.get(key)
-    if value is not None and not isinstance(value, bool):
-        raise InvalidRequest(f"{key} must be a boolean", param=key)
-    return value
-
-
-def _opt_int(body: Mapping[str, Any], key: str, *, minimum: int | None = None) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    # bool is an int subclass; `true` is not a token count.
-    if isinstance(value, bool) or not isinstance(value, int):
-        # 16.0 from a JavaScript client is still an integer.
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise InvalidRequest(f"{key} must be an integer", param=key)
-    if minimum is not None and value < minimum:
-        raise InvalidRequest(f"{key} must be at least {minimum}, got {value}", param=key)
-    return value
-
-
-def _opt_float(
-    body: Mapping[str, Any],
-    key: str,
-    *,
-    low: float,
-    high: float | None = None,
-    low_open: bool = False,
-) -> float | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidRequest(f"{key} must be a number", param=key)
-    value = float(value)
-    too_low = value <= low if low_open else value < low
-    too_high = high is not None and value > high
-    if too_low or too_high:
-        if high is None:
-            bound = f"{'above' if low_open else 'at least'} {low:g}"
-        else:
-            bound = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
-        raise InvalidRequest(f"{key} must be {bound}, got {value:g}", param=key)
-    return value
+# The shared ones (model, opt_int, ...) are in cortex.wire.fields.
 
 
 def _stop(body: Mapping[str, Any], key: str = "stop") -> tuple[str, ...]:
@@ -135,7 +64,7 @@ def _stop(body: Mapping[str, Any], key: str = "stop") -> tuple[str, ...]:
 
 
 def _reject_n(body: Mapping[str, Any]) -> None:
-    n = _opt_int(body, "n", minimum=1)
+    n = fields.opt_int(body, "n", minimum=1)
     if n is not None and n > 1:
         raise InvalidRequest("n > 1 is not supported", param="n")
 
@@ -145,32 +74,45 @@ def _reject_n(body: Mapping[str, Any]) -> None:
 _SAMPLING_DEFAULTS = {f.name: f.default for f in attrs.fields(Sampling)}
 
 
+def _optional(validator: Any) -> Any:
+    return attrs.validators.optional(validator)
+
+
+def _float_field(low: float, high: float | None = None, *, low_open: bool = False) -> Any:
+    return attrs.field(
+        default=None, converter=real, validator=_optional(Number(low, high, low_open))
+    )
+
+
+def _int_field(low: int, high: int) -> Any:
+    return attrs.field(default=None, converter=whole, validator=_optional(Integer(low, high)))
+
+
 @attrs.frozen
 class SamplingOverrides:
-    """Sampling fields the client sent; None means it did not send that one."""
+    """Sampling fields the client sent; None means it did not send that one.
 
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repeat_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
+    Each field's type and range is its validator: constructing one from a
+    body is validating it.
+    """
+
+    temperature: float | None = _float_field(0, 2)
+    top_p: float | None = _float_field(0, 1, low_open=True)
+    top_k: int | None = _int_field(0, fields.MAX_TOKENS)
+    min_p: float | None = _float_field(0, 1)
+    repeat_penalty: float | None = _float_field(0)
+    presence_penalty: float | None = _float_field(-2, 2)
+    frequency_penalty: float | None = _float_field(-2, 2)
+    seed: int | None = _int_field(*fields.SEED_RANGE)
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> SamplingOverrides:
-        """Read and range-check the OpenAI fields plus llama.cpp's extras."""
-        return cls(
-            temperature=_opt_float(body, "temperature", low=0, high=2),
-            top_p=_opt_float(body, "top_p", low=0, high=1, low_open=True),
-            top_k=_opt_int(body, "top_k", minimum=0),
-            min_p=_opt_float(body, "min_p", low=0, high=1),
-            repeat_penalty=_opt_float(body, "repeat_penalty", low=0),
-            presence_penalty=_opt_float(body, "presence_penalty", low=-2, high=2),
-            frequency_penalty=_opt_float(body, "frequency_penalty", low=-2, high=2),
-            seed=_opt_int(body, "seed"),
-        )
+        """Read and range-check the OpenAI fields plus llama.cpp's extras.
+
+        Raises:
+          InvalidRequest: a field of the wrong type or out of its range.
+        """
+        return cls(**{field.name: body.get(field.name) for field in attrs.fields(cls)})
 
     def apply(self, defaults: Mapping[str, Any]) -> Sampling:
         """The settings to generate with.
@@ -243,7 +185,7 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
         raise InvalidRequest("messages must be a list", param="messages")
     if not messages:
         raise InvalidRequest("messages must not be empty", param="messages")
-    model = _model(body)
+    model = fields.model(body)
     return [chat_message(m, f"messages[{i}]", model=model) for i, m in enumerate(messages)]
 
 
@@ -261,7 +203,7 @@ def chat_message(message: Any, where: str, *, model: str) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise InvalidRequest(f"{where} must be an object", param=where)
     role = message.get("role")
-    if role not in CHAT_ROLES:
+    if not isinstance(role, str) or role not in CHAT_ROLES:
         raise InvalidRequest(
             f"{where}.role must be one of {', '.join(sorted(CHAT_ROLES))}, got {role!r}",
             param=f"{where}.role",
@@ -326,7 +268,11 @@ def _response_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
     fmt = body.get("response_format")
     if fmt is None:
         return None
-    if not isinstance(fmt, dict) or fmt.get("type") not in RESPONSE_FORMATS:
+    if (
+        not isinstance(fmt, dict)
+        or not isinstance(fmt.get("type"), str)
+        or (fmt["type"] not in RESPONSE_FORMATS)
+    ):
         raise InvalidRequest(
             "response_format.type must be one of text, json_object, json_schema",
             param="response_format",
@@ -344,7 +290,7 @@ def _include_usage(body: Mapping[str, Any], stream: bool) -> bool:
         return False
     if not isinstance(options, dict):
         raise InvalidRequest("stream_options must be an object", param="stream_options")
-    include = _opt_bool(options, "include_usage")
+    include = fields.opt_bool(options, "include_usage")
     # Only a stream has a usage chunk to send.
     return bool(include) and stream
 
@@ -375,6 +321,10 @@ class ChatRequest:
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     user: str | None = None
+    #: Validated, not applied: no engine here biases logits.
+    logit_bias: dict[str, float] | None = attrs.field(
+        default=None, validator=_optional(fields.logit_bias)
+    )
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
@@ -383,15 +333,15 @@ def parse_chat_request(body: Any) -> ChatRequest:
     Raises:
       InvalidRequest: anything the engine cannot honour or the body gets wrong.
     """
-    body = _require_object(body)
-    model = _model(body)
+    body = fields.require_object(body)
+    model = fields.model(body)
     messages = _messages(body)
     _reject_n(body)
     _reject_logprobs(body)
-    max_tokens = _opt_int(body, "max_tokens", minimum=1)
+    max_tokens = fields.opt_tokens(body, "max_tokens")
     # Benchmark tools send only max_completion_tokens; it wins when both come.
-    max_completion = _opt_int(body, "max_completion_tokens", minimum=1)
-    stream = bool(_opt_bool(body, "stream"))
+    max_completion = fields.opt_tokens(body, "max_completion_tokens")
+    stream = bool(fields.opt_bool(body, "stream"))
     return ChatRequest(
         model=model,
         messages=messages,
@@ -402,9 +352,10 @@ def parse_chat_request(body: Any) -> ChatRequest:
         sampling=SamplingOverrides.from_body(body),
         tools=_tools(body),
         tool_choice=_tool_choice(body),
-        parallel_tool_calls=_opt_bool(body, "parallel_tool_calls"),
+        parallel_tool_calls=fields.opt_bool(body, "parallel_tool_calls"),
         response_format=_response_format(body),
-        user=_opt_str(body, "user"),
+        user=fields.opt_str(body, "user"),
+        logit_bias=body.get("logit_bias"),
     )
 
 
@@ -415,7 +366,10 @@ def _is_tokens(value: Any) -> bool:
     return (
         isinstance(value, list)
         and bool(value)
-        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+        and all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= fields.MAX_TOKENS
+            for t in value
+        )
     )
 
 
@@ -451,6 +405,10 @@ class CompletionRequest:
     include_usage: bool = False
     sampling: SamplingOverrides = attrs.field(factory=SamplingOverrides)
     user: str | None = None
+    #: Validated, not applied: no engine here biases logits.
+    logit_bias: dict[str, float] | None = attrs.field(
+        default=None, validator=_optional(fields.logit_bias)
+    )
 
 
 def parse_completion_request(body: Any) -> CompletionRequest:
@@ -462,22 +420,22 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     Raises:
       InvalidRequest: as for :func:`parse_chat_request`.
     """
-    body = _require_object(body)
-    model = _model(body)
+    body = fields.require_object(body)
+    model = fields.model(body)
     prompts = _prompts(body)
     _reject_n(body)
-    if _opt_bool(body, "echo"):
+    if fields.opt_bool(body, "echo"):
         raise InvalidRequest("echo is not supported", param="echo")
-    if _opt_str(body, "suffix"):
+    if fields.opt_str(body, "suffix"):
         raise InvalidRequest("suffix is not supported", param="suffix")
     if body.get("logprobs") is not None:
         raise InvalidRequest("logprobs is not supported", param="logprobs")
-    best_of = _opt_int(body, "best_of", minimum=1)
+    best_of = fields.opt_int(body, "best_of", minimum=1)
     if best_of is not None and best_of > 1:
         raise InvalidRequest("best_of > 1 is not supported", param="best_of")
     # Like OpenAI, an absent or null max_tokens means 16.
-    max_tokens = _opt_int(body, "max_tokens", minimum=1)
-    stream = bool(_opt_bool(body, "stream"))
+    max_tokens = fields.opt_tokens(body, "max_tokens")
+    stream = bool(fields.opt_bool(body, "stream"))
     return CompletionRequest(
         model=model,
         prompts=prompts,
@@ -486,7 +444,8 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         stream=stream,
         include_usage=_include_usage(body, stream),
         sampling=SamplingOverrides.from_body(body),
-        user=_opt_str(body, "user"),
+        user=fields.opt_str(body, "user"),
+        logit_bias=body.get("logit_bias"),
     )
 
 

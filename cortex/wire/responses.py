@@ -15,17 +15,8 @@ from typing import Any
 import attrs
 
 from cortex.errors import InvalidRequest
-from cortex.wire.openai import (
-    SamplingOverrides,
-    Usage,
-    _model,
-    _opt_bool,
-    _opt_int,
-    _opt_str,
-    _require_object,
-    chat_message,
-    unsupported_content,
-)
+from cortex.wire import fields
+from cortex.wire.openai import SamplingOverrides, Usage, chat_message, unsupported_content
 
 _MESSAGE_ROLES = frozenset({"user", "assistant", "system", "developer"})
 #: Items that carry nothing a local model can use; dropped, not refused,
@@ -65,7 +56,7 @@ def _content(item: Mapping[str, Any], key: str, where: str, model: str) -> str:
 
 def _input_messages(body: Mapping[str, Any], model: str) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
-    instructions = _opt_str(body, "instructions")
+    instructions = fields.opt_str(body, "instructions")
     if instructions:
         messages.append({"role": "system", "content": instructions})
     items = body.get("input")
@@ -81,9 +72,11 @@ def _input_messages(body: Mapping[str, Any], model: str) -> list[dict[str, Any]]
         if not isinstance(item, dict):
             raise InvalidRequest(f"{where} must be an object", param=where)
         kind = item.get("type", "message")
+        if not isinstance(kind, str):
+            raise InvalidRequest(f"{where}.type must be a string", param=f"{where}.type")
         if kind == "message":
             role = item.get("role")
-            if role not in _MESSAGE_ROLES:
+            if not isinstance(role, str) or role not in _MESSAGE_ROLES:
                 raise InvalidRequest(
                     f"{where}.role must be one of user, assistant, system, developer",
                     param=f"{where}.role",
@@ -203,8 +196,8 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
       InvalidRequest: on a malformed body, non-function tools, or state the
         gateway does not keep (``previous_response_id``, ``conversation``).
     """
-    body = _require_object(body)
-    model = _model(body)
+    body = fields.require_object(body)
+    model = fields.model(body)
     for key in ("previous_response_id", "conversation"):
         if body.get(key) is not None:
             raise InvalidRequest(
@@ -215,15 +208,15 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
     return ResponsesRequest(
         model=model,
         messages=_input_messages(body, model),
-        max_output_tokens=_opt_int(body, "max_output_tokens", minimum=1),
+        max_output_tokens=fields.opt_tokens(body, "max_output_tokens"),
         sampling=SamplingOverrides.from_body(body),
-        stream=bool(_opt_bool(body, "stream")),
+        stream=bool(fields.opt_bool(body, "stream")),
         tools=_tools(body),
         tool_choice=_tool_choice(body),
-        parallel_tool_calls=_opt_bool(body, "parallel_tool_calls"),
+        parallel_tool_calls=fields.opt_bool(body, "parallel_tool_calls"),
         response_format=_response_format(body),
-        store=_opt_bool(body, "store"),
-        user=_opt_str(body, "user"),
+        store=fields.opt_bool(body, "store"),
+        user=fields.opt_str(body, "user"),
     )
 
 

@@ -24,8 +24,11 @@ from cortex.errors import (
     ChatTemplateMissing,
     ContextOverflow,
     HarnessError,
+    InvalidModelFile,
+    InvalidModelOptions,
     InvalidRequest,
     ModelLoadError,
+    UnsupportedModelFormat,
 )
 from cortex.harness import ChatPrompt, LoadedModel, LoadSpec, Placement, Sampling, Token
 
@@ -86,7 +89,7 @@ def _plan_gguf(where: str, path: pathlib.Path, options: LoadOptions) -> _Plan:
     try:
         info = formats.read_gguf(path)
     except formats.FormatError as exc:
-        raise ModelLoadError(f"{where}: cannot read the GGUF header ({exc})")
+        raise InvalidModelFile(f"{where}: cannot read the GGUF header ({exc})")
     # The llama.cpp inside ctransformers 0.2.27 is from autumn 2023; it
     # crashes on GGUF files it does not know (a gpt2-BPE tokenizer, say).
     if options.model_type not in (None, "llama"):
@@ -95,14 +98,14 @@ def _plan_gguf(where: str, path: pathlib.Path, options: LoadOptions) -> _Plan:
             f"not as model_type {options.model_type!r}"
         )
     if info.architecture != "llama" or info.tokenizer != "llama":
-        raise ModelLoadError(
+        raise UnsupportedModelFormat(
             f"{where}: ctransformers reads GGUF only for llama-architecture models "
             f"with a SentencePiece tokenizer; this file is architecture "
             f"{info.architecture!r} with tokenizer {info.tokenizer!r} (use llamacpp)"
         )
     unknown = sorted(info.tensor_types - formats.GGUF_TENSOR_TYPES)
     if unknown:
-        raise ModelLoadError(
+        raise UnsupportedModelFormat(
             f"{where}: tensor types {unknown} are newer than ctransformers' llama.cpp "
             f"(use llamacpp)"
         )
@@ -140,7 +143,7 @@ def _plan_ggml(where: str, path: pathlib.Path, container: str, options: LoadOpti
     if model_type in ("gpt2", "starcoder", "gpt_bigcode"):
         if hparams is None:
             # ctransformers would "load" zeros as an empty model and crash later.
-            raise ModelLoadError(f"{where}: not a valid {model_type} GGML header")
+            raise InvalidModelFile(f"{where}: not a valid {model_type} GGML header")
         n_ctx_train = hparams.n_ctx
         # F32 K and V for every layer (an upper bound for starcoder's MQA).
         kv_per_token = 2 * hparams.n_layer * hparams.n_embd * 4
@@ -174,12 +177,13 @@ def load(spec: LoadSpec, placement: Placement) -> CTransformersModel | None:
     if spec.harness is None and container in (None, "gguf"):
         return None
     if container is None:
-        raise ModelLoadError(f"{where}: not a GGML or GGUF file")
+        raise UnsupportedModelFormat(f"{where}: not a GGML or GGUF file")
     options = LoadOptions.from_spec(spec.model_id, spec.options, spec.chat_format)
     if options.chat_format is not None and options.chat_format not in chat.FORMATS:
-        raise ModelLoadError(
+        raise InvalidModelOptions(
             f"{where}: unknown chat_format {options.chat_format!r} "
-            f"(the ctransformers engine knows {', '.join(chat.FORMATS)})"
+            f"(the ctransformers engine knows {', '.join(chat.FORMATS)})",
+            param="chat_format",
         )
     try:
         if container == "gguf":

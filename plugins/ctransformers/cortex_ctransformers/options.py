@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from cortex.errors import ModelLoadError
+from cortex.errors import InvalidModelOptions
 
 #: ctransformers 0.2.27's model types (its own spellings), normalised the way
 #: it compares them: lower case, only letters and digits.
@@ -128,27 +128,29 @@ class LoadOptions:
         """Check ``options``; ``chat_format`` (the LoadSpec field) wins over the option.
 
         Raises:
-          ModelLoadError: an unknown key, a value of the wrong type, or two
+          InvalidModelOptions: an unknown key, a value of the wrong type, or two
             spellings of one setting.
         """
         values: dict[str, Any] = {}
         for key, value in options.items():
             known = _OPTIONS.get(key)
             if known is None:
-                raise ModelLoadError(
+                raise InvalidModelOptions(
                     f"model {model_id!r}: unknown ctransformers option {key!r} "
                     f"(known: {', '.join(sorted(_OPTIONS))})"
                 )
             attribute, check = known
             if attribute in values:
-                raise ModelLoadError(
+                raise InvalidModelOptions(
                     f"model {model_id!r}: ctransformers option {key!r} is set twice "
                     f"(under another name too)"
                 )
             try:
                 values[attribute] = check(value)
             except (TypeError, ValueError) as exc:
-                raise ModelLoadError(f"model {model_id!r}: ctransformers option {key!r}: {exc}")
+                raise InvalidModelOptions(
+                    f"model {model_id!r}: ctransformers option {key!r}: {exc}"
+                )
         if chat_format is not None:
             values["chat_format"] = chat_format
         return cls(**values)

@@ -25,8 +25,11 @@ from cortex.errors import (
     ChatTemplateMissing,
     ContextOverflow,
     HarnessError,
+    InvalidModelFile,
+    InvalidModelOptions,
     InvalidRequest,
     ModelLoadError,
+    UnsupportedModelFormat,
 )
 from cortex.harness import ChatPrompt, LoadedModel, LoadSpec, Placement, Sampling, Token
 from cortex.neuron.tools import MARKUP, detect_family
@@ -225,20 +228,29 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
     if not gguf:
         if spec.harness is None:
             return None
-        raise ModelLoadError(f"{where}: not a GGUF file")
+        raise UnsupportedModelFormat(f"{where}: not a GGUF file")
     options = LoadOptions.from_spec(spec.model_id, spec.options, spec.chat_format, placement)
     formatter = None
     if options.chat_format is not None:
         formatter = _registered_formatter(options.chat_format)
         if formatter is None:
-            raise ModelLoadError(f"{where}: unknown chat_format {options.chat_format!r}")
+            raise InvalidModelOptions(
+                f"{where}: unknown chat_format {options.chat_format!r}", param="chat_format"
+            )
 
+    if options.parallel > llama_cpp.llama_max_parallel_sequences():
+        raise InvalidModelOptions(
+            f"{where}: parallel is at most {llama_cpp.llama_max_parallel_sequences()}"
+        )
     weights_bytes = path.stat().st_size
     batched = options.parallel > 1
     with _load_lock:
         hparams = _probe(path)
         if hparams is None:
-            raise ModelLoadError(f"{where}: llama.cpp cannot read this GGUF file")
+            raise InvalidModelFile(
+                f"{where}: llama.cpp cannot read this GGUF file "
+                "(truncated, damaged, or an architecture it does not know)"
+            )
         n_ctx = plan_n_ctx(
             model_id=spec.model_id,
             requested=options.n_ctx,
@@ -260,10 +272,6 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
                     f"{where}: needs {need_mb} MiB with kv_cells={pool}, over its memory "
                     f"budget of {placement.memory_budget_mb} MiB"
                 )
-        if options.parallel > llama_cpp.llama_max_parallel_sequences():
-            raise ModelLoadError(
-                f"{where}: parallel is at most {llama_cpp.llama_max_parallel_sequences()}"
-            )
         extra_buffers = use_extra_buffers(options.extra_buffers)
         try:
             with model_params(use_extra_bufts=extra_buffers):

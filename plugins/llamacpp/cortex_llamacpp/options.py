@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from cortex.errors import ModelLoadError
+from cortex.errors import InvalidModelOptions, ModelLoadError
 from cortex.harness import Placement
 from cortex.neuron.tools import check_family
 
@@ -194,20 +194,20 @@ class LoadOptions:
         ``chat_format`` (the LoadSpec field) wins over an option of that name.
 
         Raises:
-          ModelLoadError: an unknown key or a value of the wrong type.
+          InvalidModelOptions: an unknown key or a value of the wrong type.
         """
         values: dict[str, Any] = {}
         for key, value in options.items():
             check = _CHECKS.get(key)
             if check is None:
-                raise ModelLoadError(
+                raise InvalidModelOptions(
                     f"model {model_id!r}: unknown llamacpp option {key!r} "
                     f"(known: {', '.join(sorted(_CHECKS))})"
                 )
             try:
                 values[key] = check(key, value)
             except (TypeError, ValueError) as exc:
-                raise ModelLoadError(f"model {model_id!r}: llamacpp option {key!r}: {exc}")
+                raise InvalidModelOptions(f"model {model_id!r}: llamacpp option {key!r}: {exc}")
         if chat_format is not None:
             values["chat_format"] = chat_format
 

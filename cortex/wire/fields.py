@@ -1,0 +1,169 @@
+"""Field rules shared by the dialect parsers (OpenAI, Responses, Anthropic).
+
+Types and ranges are attrs validators: a request value declares them on its
+fields (``SamplingOverrides``), and the readers below (``opt_int`` and the
+rest) apply the very same validators to one key of a decoded body. Each
+raises ``InvalidRequest`` naming the field as ``param``, so the client sees
+which field was wrong.
+
+Numbers reach the engines as C integers and floats: token counts and ids
+are bounded to 32 bits, seeds to 64, and no float may be NaN or infinite.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from cortex.errors import InvalidRequest
+
+#: The most tokens a request may ask for (the engines count in C ints).
+MAX_TOKENS = 2**31 - 1
+SEED_RANGE = (-(2**63), 2**64 - 1)
+#: OpenAI's range for one ``logit_bias`` value.
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
+
+
+def whole(value: Any) -> Any:
+    """Converter: an integral float (``16.0`` from a JavaScript client) to int; else as is."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def real(value: Any) -> Any:
+    """Converter: an int to float; else as is (the validator judges it)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _name(attribute: attrs.Attribute) -> str:
+    return attribute.alias or attribute.name
+
+
+@attrs.frozen
+class Integer:
+    """Validator: an int (never a bool) in ``[low, high]``."""
+
+    low: int | None = None
+    high: int | None = None
+
+    def __call__(self, instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        self.check(_name(attribute), value)
+
+    def check(self, key: str, value: Any) -> int:
+        # bool is an int subclass; `true` is not a token count.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidRequest(f"{key} must be an integer", param=key)
+        if self.low is not None and value < self.low:
+            raise InvalidRequest(f"{key} must be at least {self.low}, got {value}", param=key)
+        if self.high is not None and value > self.high:
+            raise InvalidRequest(f"{key} must be at most {self.high}, got {value:.6g}", param=key)
+        return value
+
+
+@attrs.frozen
+class Number:
+    """Validator: a finite float in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+
+    def __call__(self, instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        self.check(_name(attribute), value)
+
+    def check(self, key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, float) or not math.isfinite(value):
+            raise InvalidRequest(f"{key} must be a number", param=key)
+        too_low = value <= self.low if self.low_open else value < self.low
+        too_high = self.high is not None and value > self.high
+        if too_low or too_high:
+            if self.high is None:
+                bound = f"{'above' if self.low_open else 'at least'} {self.low:g}"
+            else:
+                bound = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+            raise InvalidRequest(f"{key} must be {bound}, got {value:g}", param=key)
+        return value
+
+
+def logit_bias(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """Validator: ``{"<token id>": bias}`` with biases in ``LOGIT_BIAS_RANGE``."""
+    key = _name(attribute)
+    low, high = LOGIT_BIAS_RANGE
+    shape = f"{key} must be an object mapping token ids to numbers in [{low:g}, {high:g}]"
+    if not isinstance(value, dict):
+        raise InvalidRequest(shape, param=key)
+    for token, bias in value.items():
+        if not (token.isascii() and token.isdigit() and int(token) <= MAX_TOKENS):
+            raise InvalidRequest(f"{shape}; {token[:32]!r} is no token id", param=key)
+        bias = real(bias)
+        if isinstance(bias, bool) or not isinstance(bias, float) or not low <= bias <= high:
+            raise InvalidRequest(f"{shape}; got {bias!r} for token {token}", param=key)
+
+
+# -- readers: one key of a decoded body -------------------------------------------------
+
+
+def require_object(body: Any, what: str = "request body") -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"{what} must be a JSON object")
+    return body
+
+
+def model(body: Mapping[str, Any]) -> str:
+    """The ``model`` field: a non-empty string."""
+    value = body.get("model")
+    if value is None:
+        raise InvalidRequest("model: field required", param="model")
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest("model must be a non-empty string", param="model")
+    return value
+
+
+def opt_str(body: Mapping[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, str):
+        raise InvalidRequest(f"{key} must be a string", param=key)
+    return value
+
+
+def opt_bool(body: Mapping[str, Any], key: str) -> bool | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidRequest(f"{key} must be a boolean", param=key)
+    return value
+
+
+def opt_int(
+    body: Mapping[str, Any], key: str, *, minimum: int | None = None, maximum: int | None = None
+) -> int | None:
+    """``body[key]`` checked by :class:`Integer`; None when absent or null."""
+    value = body.get(key)
+    if value is None:
+        return None
+    return Integer(minimum, maximum).check(key, whole(value))
+
+
+def opt_tokens(body: Mapping[str, Any], key: str) -> int | None:
+    """A token count: 1 to ``MAX_TOKENS``; None when absent or null."""
+    return opt_int(body, key, minimum=1, maximum=MAX_TOKENS)
+
+
+def opt_float(
+    body: Mapping[str, Any],
+    key: str,
+    *,
+    low: float,
+    high: float | None = None,
+    low_open: bool = False,
+) -> float | None:
+    """``body[key]`` checked by :class:`Number`; None when absent or null."""
+    value = body.get(key)
+    if value is None:
+        return None
+    return Number(low, high, low_open).check(key, real(value))

@@ -1,0 +1,70 @@
+"""Request bodies: bytes to JSON, for every route of both roles.
+
+One parser so that every malformed body fails the same way, as
+``InvalidRequest`` (a 400 in the caller's dialect), never as an exception
+the web framework turns into a 500:
+
+- not UTF-8, not JSON, or JSON's non-values (``NaN``, ``Infinity``);
+- nested deeper than ``MAX_DEPTH``. ``json.loads`` itself raises
+  ``RecursionError`` near the interpreter's recursion limit (100k nested
+  arrays are 200 KB), and what parses may still be too deep for whatever
+  walks it later (re-encoding, a schema converter), so the bound is far
+  below that limit and far above any real request (tool schemas nest a few
+  dozen levels at most).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from cortex.errors import InvalidRequest
+
+#: Containers (objects, arrays) a body may nest, the outermost included.
+MAX_DEPTH = 100
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def loads(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
+    """``data`` decoded as JSON.
+
+    Raises:
+      InvalidRequest: not valid JSON, or nested deeper than ``max_depth``.
+    """
+    try:
+        value = json.loads(data, parse_constant=_not_json)
+    except RecursionError:
+        raise InvalidRequest(f"request body is nested deeper than {max_depth} levels") from None
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    # Depth cannot exceed the number of opening brackets: most bodies need no walk.
+    if data.count(b"[") + data.count(b"{") > max_depth and depth_over(value, max_depth):
+        raise InvalidRequest(f"request body is nested deeper than {max_depth} levels")
+    return value
+
+
+def loads_object(data: bytes, *, max_depth: int = MAX_DEPTH) -> dict[str, Any]:
+    """``data`` decoded as a JSON object.
+
+    Raises:
+      InvalidRequest: as :func:`loads`, or not an object.
+    """
+    value = loads(data, max_depth=max_depth)
+    if not isinstance(value, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return value
+
+
+def depth_over(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests containers more than ``limit`` deep (no recursion)."""
+    stack = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False

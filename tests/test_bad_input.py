@@ -1,0 +1,200 @@
+"""Bad input on every route of both roles: a 4xx in the caller's envelope, always counted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from cortex.config import CatalogModel
+from cortex.errors import InvalidRequest
+from cortex.gateway.router import Router
+from cortex.wire import jsonbody
+from tests.gateway_helpers import FakeNeuron, catalogue, gateway_app, running_fleet
+from tests.neuron_helpers import running_neuron
+
+MODELS = catalogue(CatalogModel(id="org/small", vram_mb=100))
+DEEP = b"[" * 100_000 + b"]" * 100_000
+DEEP_IN_OBJECT = b'{"model": "org/small", "messages": ' + DEEP + b"}"
+
+GATEWAY_POSTS = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+]
+NEURON_POSTS = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/models/load",
+    "/models/unload",
+    "/tokenize",
+]
+
+
+def error_of(response: httpx.Response, path: str) -> dict[str, Any]:
+    """The error object of an answer, checked against the route's dialect."""
+    body = response.json()
+    if path.startswith("/v1/messages"):
+        assert body["type"] == "error", body
+        assert set(body["error"]) == {"type", "message"}
+        return body["error"]
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+def errors_counted(registry: Any, endpoint: str, status: int) -> float:
+    value = registry.get_sample_value(
+        "cortex_request_errors_total",
+        {"endpoint": endpoint, "model": "unknown", "status": str(status)},
+    )
+    return value or 0.0
+
+
+async def scraped_errors(fleet: Any) -> dict[tuple[str, int], float]:
+    """cortex_request_errors_total from the gateway's metrics port, by (endpoint, status)."""
+    text = (await fleet.client.get(fleet.handle.metrics_url + "/metrics")).text
+    found: dict[tuple[str, int], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "cortex_request_errors_total":
+                key = (sample.labels["endpoint"], int(sample.labels["status"]))
+                found[key] = found.get(key, 0.0) + sample.value
+    return found
+
+
+# -- the parser -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [DEEP, DEEP_IN_OBJECT, b"[" * 101 + b"]" * 101, b"NaN", b'{"a": Infinity}', b"\xff\xfe{"],
+)
+def test_parser_refuses_what_is_no_request(data: bytes) -> None:
+    with pytest.raises(InvalidRequest):
+        jsonbody.loads(data)
+
+
+def test_parser_takes_what_nests_within_the_limit() -> None:
+    nested = b"[" * 100 + b"]" * 100
+    assert jsonbody.loads(nested) is not None
+    wide = b"[" + b",".join([b"[]"] * 5000) + b"]"
+    assert len(jsonbody.loads(wide)) == 5000
+    with pytest.raises(InvalidRequest):
+        jsonbody.loads_object(b"[]")
+
+
+# -- the gateway ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", GATEWAY_POSTS)
+async def test_deep_json_is_400_in_the_dialect_on_every_gateway_route(path: str) -> None:
+    a = FakeNeuron("a", preload=["org/small"])
+    with trio.fail_after(20):
+        async with running_fleet([a], MODELS) as fleet:
+            for data in (DEEP, DEEP_IN_OBJECT):
+                response = await fleet.client.post(path, content=data)
+                assert response.status_code == 400, response.text
+                assert "nested deeper" in error_of(response, path)["message"]
+            assert a.requests == []
+
+
+async def test_every_error_answer_is_counted() -> None:
+    a = FakeNeuron("a", preload=["org/small"])
+    with trio.fail_after(20):
+        async with running_fleet([a], MODELS) as fleet:
+            await fleet.client.post("/v1/chat/completions", content=DEEP)
+            await fleet.client.post("/v1/messages", content=DEEP)
+            await fleet.client.post("/v1/messages/count_tokens", content=DEEP)
+            await fleet.client.get("/v1/nothing")
+            await fleet.client.get("/v1/chat/completions")
+            await fleet.client.get("/v1/models/no/such")
+            assert (await fleet.client.get("/health")).status_code == 200
+            assert await scraped_errors(fleet) == {
+                ("chat/completions", 400): 1,
+                ("messages", 400): 1,
+                ("messages/count_tokens", 400): 1,
+                ("other", 404): 1,
+                ("chat/completions", 405): 1,
+                ("models", 404): 1,
+            }
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+async def test_a_bug_answers_500_and_is_counted_as_one(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = FakeNeuron("a", preload=["org/small"])
+
+    def broken(self: Router, name: str) -> str:
+        raise RuntimeError("a bug")
+
+    with trio.fail_after(20):
+        async with gateway_app([a], MODELS) as gw:
+            monkeypatch.setattr(Router, "resolve", broken)
+            body = {"model": "org/small", "max_tokens": 8, "messages": [{"role": "user"}]}
+            body["messages"][0]["content"] = "hi"
+            answer = await gw.call(path, body)
+            assert answer.status == 500
+            registry = gw.gateway.metrics.registry
+            endpoint = path.removeprefix("/v1/")
+            assert errors_counted(registry, endpoint, 500) == 1
+            assert errors_counted(registry, endpoint, 499) == 0
+
+
+# -- the neuron -------------------------------------------------------------------------
+
+
+async def test_deep_json_is_400_on_every_neuron_route(tiny_model_path: Path) -> None:
+    with trio.fail_after(30):
+        async with running_neuron([("tiny", str(tiny_model_path))]) as neuron:
+            async with httpx.AsyncClient(base_url=neuron.url, timeout=20) as http:
+                for path in NEURON_POSTS:
+                    for data in (DEEP, b'{"model": "tiny", "messages": ' + DEEP + b"}"):
+                        response = await http.post(path, content=data)
+                        assert response.status_code == 400, (path, response.text)
+                        assert "nested deeper" in error_of(response, path)["message"]
+                assert (await http.get("/health")).status_code == 200
+
+
+# -- answers given without reading the body ---------------------------------------------
+
+
+def refused_in_a_row(url: str, path: str, headers: dict[str, str], times: int = 40) -> list[int]:
+    """POST ``times`` bodies on one keep-alive connection; the statuses (a hang raises)."""
+    statuses = []
+    with httpx.Client(base_url=url, timeout=5) as client:
+        for n in range(times):
+            body = b'{"model": "m", "filler": "' + b"x" * (n * 37) + b'"}'
+            statuses.append(client.post(path, content=body, headers=headers).status_code)
+    return statuses
+
+
+async def test_refusals_before_reading_the_body_never_hang_the_connection() -> None:
+    a = FakeNeuron("a", preload=["org/small"])
+    with trio.fail_after(60):
+        async with running_fleet([a], MODELS) as open_fleet:
+            statuses = await trio.to_thread.run_sync(
+                refused_in_a_row, open_fleet.url, "/admin/reload", {}
+            )
+            assert set(statuses) == {403}
+        async with running_fleet([a], MODELS, api_keys=["k"]) as fleet:
+            for path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions"):
+                statuses = await trio.to_thread.run_sync(refused_in_a_row, fleet.url, path, {})
+                assert set(statuses) == {401}, path
+
+
+async def test_a_neuron_refusing_a_token_never_hangs_the_connection(
+    tiny_model_path: Path,
+) -> None:
+    with trio.fail_after(60):
+        async with running_neuron([("tiny", str(tiny_model_path))], token="s3cret") as neuron:
+            for path in ("/tokenize", "/v1/chat/completions", "/models/load"):
+                statuses = await trio.to_thread.run_sync(refused_in_a_row, neuron.url, path, {})
+                assert set(statuses) == {401}, path
