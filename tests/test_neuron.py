@@ -12,6 +12,7 @@ import trio
 
 from cortex.neuron.app import NeuronHandle
 from cortex.neuron.models import LoadRequest
+from cortex.testing import FakeEngine
 from tests.neuron_helpers import running_neuron
 
 CHAT = [{"role": "user", "content": "Say something."}]
@@ -426,15 +427,17 @@ async def test_default_max_tokens_caps_requests_that_name_none(tiny_model_path: 
             assert reply.usage.output_tokens == 7 and reply.status == "incomplete"
 
 
-async def test_queue_limit(tiny_model_path: Path) -> None:
+async def test_queue_limit(tmp_path: Path) -> None:
     # One sequence at a time: a second request would have to wait (see
-    # test_batching.py for the queue in front of several slots).
-    options = {"n_threads": 1, "parallel": 1}
-    async with running_neuron(
-        [("tiny", str(tiny_model_path))], options=options, queue_limit=0
-    ) as handle:
+    # test_batching.py for the queue in front of several slots). A slow fake
+    # engine: a real tiny model can finish a whole reply into the socket's
+    # buffers before the second request arrives.
+    source = tmp_path / "slow.fake"
+    source.write_text("fake")
+    engine = FakeEngine(reply=lambda prompt: "x" * 10_000, token_delay=0.01, parallel=1)
+    async with running_neuron([("tiny", str(source))], plugins=[engine], queue_limit=0) as handle:
         async with httpx.AsyncClient(base_url=handle.url, timeout=30) as http:
-            body = {"model": "tiny", "prompt": "Go", "max_tokens": 300, "stream": True}
+            body = {"model": "tiny", "prompt": "Go", "max_tokens": 3000, "stream": True}
             with trio.fail_after(30):
                 async with http.stream("POST", "/v1/completions", json=body) as first:
                     async for _ in first.aiter_lines():

@@ -175,7 +175,7 @@ class LoadOptions:
     chat_format: str | None = None
     n_batch: int = 512
     tool_format: str | None = None
-    parallel: int = 4
+    parallel: int = 8
     prompt_chunk: int = 128
     kv_unified: bool = True
     kv_cells: int | None = None
