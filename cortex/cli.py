@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import signal
 import sys
@@ -211,6 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # One line per proxied request is the gateway's job, not its HTTP client's.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    if args.role in ("neuron", "standalone"):
+        # An engine runs in this process: a crash in its native code (a
+        # segfault in a llama.cpp kernel) would otherwise leave nothing in the
+        # journal. faulthandler writes every thread's Python stack to stderr,
+        # then lets the signal kill the process so systemd restarts it.
+        faulthandler.enable(file=sys.stderr, all_threads=True)
     try:
         if args.role == "neuron":
             from cortex.neuron.app import run_neuron
