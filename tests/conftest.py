@@ -48,10 +48,8 @@ def _installed_demo(source: str) -> pathlib.Path:
     try:
         return sources.resolve(source)
     except ModelNotFound as exc:
-        pytest.fail(
-            f"{exc.message} (the real-weight tests in tests/test_real_weights.py need it)",
-            pytrace=False,
-        )
+        missing = exc.message
+    pytest.fail(f"{missing} (tests/test_real_weights.py needs it)", pytrace=False)
 
 
 @pytest.fixture(scope="session")
