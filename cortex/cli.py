@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, TextIO
 
 import trio
 
@@ -198,6 +200,22 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+def _lasting_stderr() -> TextIO:
+    """A stream on a copy of file descriptor 2, for the log and crash reports.
+
+    llama-cpp-python points descriptors 1 and 2 at /dev/null while it loads
+    a model, for the whole process: log lines from other threads written in
+    that time ("listening on" among them) vanished, and so would the stacks
+    of a crash inside a load. A copy made before any load keeps reaching
+    the real stderr (the journal under systemd).
+    """
+    try:
+        copy = os.dup(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):
+        return sys.stderr  # no descriptor to copy (an embedding host's stream)
+    return os.fdopen(copy, "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -207,13 +225,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status_main(args)
     if args.role is None:
         parser.error("choose a role: --role neuron|gateway|standalone")
+    stderr = _lasting_stderr()
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        stream=stderr,
     )
     # One line per proxied request is the gateway's job, not its HTTP client's.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    if args.role in ("neuron", "standalone"):
+        # An engine runs in this process: a crash in its native code (a
+        # segfault in a llama.cpp kernel) would otherwise leave nothing in the
+        # journal. faulthandler writes every thread's Python stack to stderr,
+        # then lets the signal kill the process so systemd restarts it.
+        faulthandler.enable(file=stderr, all_threads=True)
     try:
         if args.role == "neuron":
             from cortex.neuron.app import run_neuron

@@ -5,6 +5,8 @@ from collections.abc import Callable
 
 import pytest
 
+from cortex.errors import ModelNotFound
+from cortex.neuron import sources
 from tests.fixtures.tinymodel import NO_SYSTEM_NO_TOOLS_TEMPLATE, write_tiny_model
 
 
@@ -38,3 +40,25 @@ def tiny_model_factory(tmp_path: pathlib.Path) -> Callable[..., pathlib.Path]:
         return write_tiny_model(tmp_path / filename, **kwargs)
 
     return factory
+
+
+def _installed_demo(source: str) -> pathlib.Path:
+    # A failure, not a skip: CI installs both packages, and a missing one
+    # must turn it red rather than quietly drop the only quantized tests.
+    try:
+        return sources.resolve(source)
+    except ModelNotFound as exc:
+        missing = exc.message
+    pytest.fail(f"{missing} (tests/test_real_weights.py needs it)", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> pathlib.Path:
+    """SmolLM2-135M-Instruct Q4_1 (``demo``): real quantized weights, a ChatML template."""
+    return _installed_demo(sources.DEMO)
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> pathlib.Path:
+    """Gemma 3 270M Q4_K_M (``demo:gemma3``): a base model whose file has no chat template."""
+    return _installed_demo(sources.DEMO_GEMMA)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
 from cortex.config import NeuronConfig, NeuronModel, NeuronSection
 from cortex.neuron.app import NeuronHandle, run_neuron
 from cortex.neuron.models import LoadRequest
+
+T = TypeVar("T")
 
 
 def neuron_config(models: Iterable[tuple[str, str]] = (), **section: Any) -> NeuronConfig:
@@ -52,3 +56,48 @@ async def running_neuron(
             yield handle
         finally:
             shutdown.set()
+
+
+@contextmanager
+def served_in_a_thread(factory: Callable[[], AbstractAsyncContextManager[T]]) -> Iterator[T]:
+    """Enter ``factory()`` in a trio run on a thread of its own; leave it on exit.
+
+    For servers shared by a module: pytest-trio runs each test and its async
+    fixtures in a ``trio.run`` of their own, so a wider fixture is a sync
+    one whose servers live in another thread's run. Tests reach them over
+    loopback only; the value handed out is for its URLs, not for awaiting.
+
+    Raises:
+      whatever entering ``factory()`` raised; on exit, whatever leaving it did.
+    """
+    entered: queue.Queue[Any] = queue.Queue()
+    failures: list[BaseException] = []
+
+    async def serve() -> None:
+        leave = trio.Event()
+        async with factory() as value:
+            entered.put((trio.lowlevel.current_trio_token(), leave, value))
+            await leave.wait()
+
+    def run() -> None:
+        try:
+            trio.run(serve)
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            entered.put(None)  # wakes the caller if entering failed
+
+    thread = threading.Thread(target=run, name="served_in_a_thread", daemon=True)
+    thread.start()
+    started = entered.get()
+    if started is None:
+        thread.join()
+        raise failures[0]
+    token, leave, value = started
+    try:
+        yield value
+    finally:
+        trio.from_thread.run_sync(leave.set, trio_token=token)
+        thread.join(timeout=60)
+        if failures:
+            raise failures[0]

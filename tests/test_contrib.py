@@ -103,6 +103,24 @@ def test_neuron_unit_reaches_gpus_and_model_storage() -> None:
     assert {"video", "render"} <= set(one(service, "SupplementaryGroups").split())
 
 
+def test_neuron_unit_restarts_after_a_crash() -> None:
+    """An engine that segfaults kills the neuron; systemd must bring it back.
+
+    ``Restart=on-failure`` restarts on a non-zero exit and on death by an
+    unclean signal (SIGSEGV, SIGILL, SIGABRT, SIGKILL); the unit must not list
+    those signals as a success or as a reason not to restart.
+    """
+    service = parse_unit(SYSTEMD / UNITS["neuron"])["Service"]
+    assert one(service, "Restart") == "on-failure"
+    assert 0 < float(one(service, "RestartSec")) <= 30
+    crashes = {"SIGSEGV", "SIGILL", "SIGABRT", "SIGBUS", "SIGKILL", "SEGV", "ILL", "ABRT", "KILL"}
+    for key in ("RestartPreventExitStatus", "SuccessExitStatus"):
+        listed = {word for value in service.get(key, []) for word in value.split()}
+        assert not listed & crashes, f"{key}= keeps a crashed neuron down"
+    # Its last words (faulthandler's stacks, on stderr) must reach the journal.
+    assert service.get("StandardError", ["journal"])[-1] in ("journal", "inherit")
+
+
 def test_gateway_unit_has_no_devices_and_reloads() -> None:
     service = parse_unit(SYSTEMD / UNITS["gateway"])["Service"]
     assert one(service, "PrivateDevices") == "yes"

@@ -1,10 +1,18 @@
-"""The gateway in front of a real neuron with a tiny GGUF model (llama.cpp)."""
+"""The gateway in front of real neurons with a tiny GGUF model (llama.cpp)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 import anthropic
+import attrs
 import httpx
 import openai
 import pytest
@@ -83,5 +91,143 @@ async def test_cold_load_and_both_sdks_against_a_real_neuron(tiny_model_path) ->
                     async with httpx.AsyncClient() as http:
                         metrics = (await http.get(gw.metrics_url + "/metrics")).text
                     assert 'cortex_cold_starts_total{model="t/tiny",neuron="n1"} 1.0' in metrics
+                finally:
+                    shutdown.set()
+
+
+@attrs.define(eq=False)
+class NeuronProcess:
+    """A neuron's process and everything it has written to stderr so far."""
+
+    process: trio.Process
+    url: str = ""
+    stderr: str = ""
+    #: Its stderr reached end of file: it has exited, or is exiting.
+    closed: bool = False
+    _changed: trio.Event = attrs.field(factory=trio.Event)
+
+    async def read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        async for chunk in self.process.stderr:
+            self.stderr += chunk.decode(errors="replace")
+            self._changed.set()
+            self._changed = trio.Event()
+        self.closed = True
+        self._changed.set()
+
+    async def said(self, text: str) -> None:
+        while text not in self.stderr:
+            if self.closed:
+                raise AssertionError(f"the neuron closed its stderr:\n{self.stderr}")
+            await self._changed.wait()
+
+
+@asynccontextmanager
+async def neuron_process(model_id: str, source: Path) -> AsyncIterator[NeuronProcess]:
+    """``cortex --role neuron`` in a process of its own, on a free loopback port."""
+    command = [
+        sys.executable,
+        *("-m", "cortex", "--role", "neuron", "--listen", "127.0.0.1:0"),
+        *("--model", f"{model_id}={source}"),
+    ]
+    process = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE)
+    neuron = NeuronProcess(process)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(neuron.read_stderr)
+            # The server and the model's activation start side by side.
+            await neuron.said("listening on")
+            await neuron.said(f"loaded {model_id}")
+            neuron.url = neuron.stderr.split("listening on ", 1)[1].split()[0]
+            yield neuron
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+
+
+async def test_a_neuron_that_dies_is_marked_down_and_its_models_served_elsewhere(
+    tiny_model_path: Path,
+) -> None:
+    """A neuron process killed by a segfault, what a crash in its engine does to it.
+
+    The request that next picks it cannot connect: the gateway marks it
+    suspect, loads the model on the other neuron and answers from there;
+    the poller then marks it down. (The fake-neuron version, a neuron that
+    shuts down cleanly, is ``test_requests_move_off_a_neuron_that_went_down``
+    in test_gateway_routing.py.)
+    """
+    models = ModelsFile(
+        models=[
+            CatalogModel(
+                id="small",
+                source=str(tiny_model_path),
+                vram_mb=50,
+                options={"n_threads": 1},
+                sampling={"temperature": 0.0},
+            )
+        ]
+    )
+    body = {"model": "small", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    with trio.fail_after(120):
+        async with (
+            neuron_process("small", tiny_model_path) as doomed,
+            # Empty: the loaded replica on the doomed one is the router's choice.
+            running_neuron(memory_budget_mb=2000) as survivor,
+        ):
+            config = GatewayConfig(
+                gateway=GatewaySection(
+                    listen="127.0.0.1:0",
+                    metrics_listen="127.0.0.1:0",
+                    grace_period=1.0,
+                    # Only the failed request can tell it: it pokes the poller.
+                    poll_interval=3600.0,
+                ),
+                neurons=[NeuronEndpoint("doomed", doomed.url), NeuronEndpoint("a", survivor.url)],
+            )
+            shutdown = trio.Event()
+            async with trio.open_nursery() as nursery:
+                gw = await nursery.start(partial(run_gateway, config, models, shutdown=shutdown))
+                state = gw.state
+                try:
+                    async with httpx.AsyncClient(base_url=gw.api_url, timeout=30) as http:
+                        await state.wait_polled()
+                        reply = await http.post("/v1/chat/completions", json=body)
+                        assert reply.status_code == 200, reply.text
+                        assert "small" not in survivor.neuron.manager.slots
+                        fleet = (await http.get("/fleet")).json()
+                        assert {n["name"]: n["up"] for n in fleet["neurons"]} == {
+                            "doomed": True,
+                            "a": True,
+                        }
+
+                        os.kill(doomed.process.pid, signal.SIGSEGV)
+                        assert await doomed.process.wait() == -signal.SIGSEGV
+                        await doomed.said("Fatal Python error: Segmentation fault")
+
+                        # The gateway has not noticed: it still routes to the dead one.
+                        assert state.neurons["doomed"].routable
+                        reply = await http.post("/v1/chat/completions", json=body)
+                        assert reply.status_code == 200, reply.text
+                        assert not state.neurons["doomed"].routable
+                        worker = survivor.neuron.manager.slots["small"].worker
+                        assert worker.statistics().tokens_generated == 4
+
+                        while state.neurons["doomed"].up:
+                            await state.wait_changed()
+                        fleet = (await http.get("/fleet")).json()
+                        assert {n["name"]: n["up"] for n in fleet["neurons"]} == {
+                            "doomed": False,
+                            "a": True,
+                        }
+                        health = (await http.get("/health")).json()
+                        assert health["status"] == "degraded"
+                        listed = (await http.get("/v1/models/small")).json()
+                        assert [where["neuron"] for where in listed["locations"]] == ["a"]
+                        reply = await http.post("/v1/chat/completions", json=body)
+                        assert reply.status_code == 200, reply.text
+                        assert worker.statistics().tokens_generated == 8
                 finally:
                     shutdown.set()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
 import threading
+import time
 from functools import partial
 from pathlib import Path
 
@@ -124,6 +127,70 @@ def test_sigterm_drains_and_exits_zero(tiny_model_path: Path) -> None:
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_crash_leaves_its_last_words_on_stderr() -> None:
+    """A segfault in an engine's native code kills the whole neuron: it must say where.
+
+    faulthandler dumps every thread's Python stack, then the signal kills the
+    process (systemd's Restart=on-failure restarts it: tests/test_contrib.py).
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cortex", "--role", "neuron", "--listen", "127.0.0.1:0"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if "listening on" in line:
+                break
+        else:
+            raise AssertionError(f"the neuron never listened (exit {process.wait()})")
+        os.kill(process.pid, signal.SIGSEGV)
+        assert process.wait(timeout=30) == -signal.SIGSEGV
+        last_words = process.stderr.read()
+    finally:
+        process.kill()
+        process.wait()
+    assert "Fatal Python error: Segmentation fault" in last_words
+    assert "(most recent call first)" in last_words
+    # The main thread's stack: trio's event loop, waiting for I/O.
+    assert re.search(r'File ".*trio.*", line \d+ in ', last_words), last_words
+
+
+def test_a_crash_during_a_load_leaves_its_last_words_too(smollm2_path: Path) -> None:
+    """llama-cpp-python points stderr at /dev/null while it loads a model.
+
+    A crash then (the load is native code too) must still reach the real
+    stderr, and so must the log lines other threads write meanwhile.
+    """
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "cortex", "--role", "neuron", "--listen", "127.0.0.1:0"),
+            *("--model", f"m={smollm2_path}"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        # Caught inside the load: while fd 2 is /dev/null.
+        while os.readlink(f"/proc/{process.pid}/fd/2") != "/dev/null":
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.0005)
+        os.kill(process.pid, signal.SIGSEGV)
+        assert process.wait(timeout=30) == -signal.SIGSEGV
+        assert process.stderr is not None
+        last_words = process.stderr.read()
+    finally:
+        process.kill()
+        process.wait()
+    assert "loaded m" not in last_words
+    assert "Fatal Python error: Segmentation fault" in last_words
+    assert re.search(r'File ".*cortex_llamacpp.model\.py", line \d+ in load', last_words), (
+        last_words
+    )
 
 
 def test_role_is_required() -> None:
