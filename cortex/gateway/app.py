@@ -35,12 +35,11 @@ from cortex.errors import (
     ModelNotFound,
     PayloadTooLarge,
     PermissionDenied,
-    RequestError,
-    ServiceError,
     Unauthorized,
+    UpstreamError,
+    error_for_status,
 )
 from cortex.fleet import make_converter
-from cortex.gateway.envelope import error_parts, id_headers
 from cortex.gateway.fleetview import fleet_view, location_status
 from cortex.gateway.metrics import UNKNOWN, GatewayMetrics
 from cortex.gateway.passthrough import OPENAI_ENDPOINTS, Passthrough, hand_over, new_request_id
@@ -52,6 +51,7 @@ from cortex.gateway.state import LOADED, LOADING, FleetState, feasible
 from cortex.gateway.upstream import NeuronAPI
 from cortex.serve import bound_url, is_loopback, serve
 from cortex.wire import anthropic, jsonbody, openai, sse, translate
+from cortex.wire.envelope import ANTHROPIC, OPENAI, error_parts, id_headers
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def _is_anthropic(path: str) -> bool:
 def error_response(exc: CortexError, *, anthropic_dialect: bool, request_id: str) -> Response:
     """``exc`` in the caller's dialect, with Retry-After where it applies."""
     status, body, headers = error_parts(
-        exc, anthropic_dialect=anthropic_dialect, request_id=request_id
+        exc, dialect=ANTHROPIC if anthropic_dialect else OPENAI, request_id=request_id
     )
     response = Response(body, status=status, content_type="application/json")
     for name, value in headers:
@@ -245,7 +245,7 @@ def error_response(exc: CortexError, *, anthropic_dialect: bool, request_id: str
 
 
 def _id_headers(response: Response, request_id: str, anthropic_dialect: bool) -> None:
-    for name, value in id_headers(request_id, anthropic_dialect):
+    for name, value in id_headers(request_id, ANTHROPIC if anthropic_dialect else OPENAI):
         response.headers[name] = value
 
 
@@ -258,17 +258,6 @@ async def drain_body() -> None:
     MAX_CONTENT_LENGTH (413 beyond).
     """
     await request.get_data()
-
-
-def _http_error(status: int, message: str) -> CortexError:
-    exc: CortexError = RequestError(message) if status < 500 else ServiceError(message)
-    exc.status = status
-    exc.kind = {
-        401: "authentication_error",
-        404: "not_found_error",
-        413: "request_too_large",
-    }.get(status, "invalid_request_error" if status < 500 else "server_error")
-    return exc
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -305,7 +294,7 @@ def _quart_app(gateway: Gateway) -> QuartTrio:
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
-        error = _http_error(status, exc.description or exc.name)
+        error = error_for_status(status, exc.description or exc.name)
         return error_response(
             error, anthropic_dialect=_is_anthropic(request.path), request_id=_request_id()
         )
@@ -381,7 +370,7 @@ def _quart_app(gateway: Gateway) -> QuartTrio:
             proxy.finish(ex, status=200, usage=answer["usage"])
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             proxy.finish(ex, status=502)
-            error = _http_error(502, f"neuron answered with a malformed completion: {exc}")
+            error = UpstreamError(f"neuron answered with a malformed completion: {exc}")
             return error_response(error, anthropic_dialect=True, request_id=ex.request_id)
         finally:
             # Whatever else goes wrong, the route is released (a no-op once finished).

@@ -40,9 +40,9 @@ import trio
 from werkzeug.exceptions import InternalServerError
 
 from cortex.errors import CortexError, InvalidRequest, PayloadTooLarge
-from cortex.gateway.envelope import error_parts
 from cortex.gateway.metrics import UNKNOWN
 from cortex.gateway.proxy import CLIENT_CLOSED, Exchange, abandoned_status, usage_from_body
+from cortex.wire.envelope import error_parts
 
 if TYPE_CHECKING:
     from cortex.gateway.app import Gateway
@@ -328,7 +328,7 @@ class Passthrough:
         return PayloadTooLarge(f"request body over the {self.limit}-byte limit")
 
     async def send_error(self, send: Send, exc: CortexError, request_id: str) -> None:
-        status, body, headers = error_parts(exc, anthropic_dialect=False, request_id=request_id)
+        status, body, headers = error_parts(exc, request_id=request_id)
         await send(
             {
                 "type": "http.response.start",

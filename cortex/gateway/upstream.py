@@ -24,13 +24,10 @@ import httpx
 
 from cortex.errors import (
     CortexError,
-    InvalidRequest,
-    ModelNotFound,
     NeuronUnreachable,
-    QueueFull,
-    Unavailable,
     UpstreamError,
     UpstreamTimeout,
+    error_for_status,
 )
 from cortex.fleet import Discovery, Health, ModelStatus
 from cortex.gateway.state import NeuronState
@@ -38,18 +35,25 @@ from cortex.gateway.state import NeuronState
 log = logging.getLogger(__name__)
 
 
-def retry_after(headers: Mapping[str, str], default: int) -> int:
+def retry_after(headers: Mapping[str, str]) -> int | None:
+    """The Retry-After seconds of an answer; None when absent or not a number."""
+    value = headers.get("retry-after")
+    if value is None:
+        return None
     try:
-        return max(1, int(headers.get("retry-after", default)))
+        return max(1, int(value))
     except ValueError:
-        return default
+        return None
 
 
 def error_from_response(status: int, body: bytes, headers: Mapping[str, str]) -> CortexError:
     """The CortexError a neuron's error answer stands for.
 
-    The neuron sends OpenAI envelopes; message, param and code are kept, the
-    class follows the status so each dialect renders it as its own kind.
+    The neuron sends OpenAI envelopes; message, param and code are kept and
+    the class comes from ``error_for_status``, so each dialect renders it as
+    its own kind. Two answers are the fleet's fault, not the client's, and
+    read as a bad gateway: a refused token (401, 403), and a neuron's own
+    server error (a 5xx other than 503 and 504).
     """
     message, param, code = f"neuron answered {status}", None, None
     try:
@@ -58,30 +62,17 @@ def error_from_response(status: int, body: bytes, headers: Mapping[str, str]) ->
         param, code = error.get("param"), error.get("code")
     except (ValueError, KeyError, TypeError, AttributeError):
         pass
-    exc: CortexError
-    if status == 429:
-        exc = QueueFull(message, retry_after=retry_after(headers, 1))
-    elif status == 503:
-        exc = Unavailable(message, retry_after=retry_after(headers, 5))
-    elif status == 404:
-        exc = ModelNotFound(message)
-    elif status in (401, 403):
-        # Our token was refused: the fleet is misconfigured, not the client.
-        exc = UpstreamError(f"neuron refused the gateway's token: {message}")
-    elif status == 504:
-        exc = UpstreamTimeout(message)
-    elif 400 <= status < 500:
-        exc = InvalidRequest(message)
-        exc.status = status
-    elif status == 502 or status >= 500:
-        exc = UpstreamError(message)
-        exc.status = status if status != 500 else 502
-    else:
-        exc = UpstreamError(message)
-    exc.param = param if isinstance(param, str) else None
-    if isinstance(code, str):
-        exc.code = code
-    return exc
+    if status in (401, 403):
+        return UpstreamError(f"neuron refused the gateway's token: {message}")
+    if status >= 500 and status not in (503, 504):
+        status = UpstreamError.status
+    return error_for_status(
+        status,
+        message,
+        code=code if isinstance(code, str) else None,
+        param=param if isinstance(param, str) else None,
+        retry_after=retry_after(headers),
+    )
 
 
 def transport_error(neuron: NeuronState, exc: Exception) -> CortexError:
