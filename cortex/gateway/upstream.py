@@ -1,9 +1,10 @@
 """The neuron API as the gateway calls it: JSON calls and error mapping.
 
-Inference requests are proxied by ``cortex.gateway.proxy``; everything else
-(discovery, health, models, load, unload, tokenize) goes through
-:class:`NeuronAPI`, which turns a neuron's error answers back into the
-``CortexError`` they stand for, so either dialect can render them.
+Requests (inference, and the tokenize calls of Anthropic's prompt counts)
+are proxied by ``cortex.gateway.proxy``; the fleet's own calls (discovery,
+health, models, load, unload) go through :class:`NeuronAPI`. Both turn a
+neuron's error answers back into the ``CortexError`` they stand for
+(:func:`error_from_response`), so either dialect can render them.
 
 :class:`NeuronLink` is the narrow part of it the router and the pollers use
 to observe and act on neurons. ``NeuronAPI`` is the one over HTTP;
@@ -113,7 +114,7 @@ class NeuronAPI:
 
     client: httpx.AsyncClient
     converter: cattrs.Converter
-    #: Read timeout of the small calls (discovery, health, models, unload).
+    #: Read timeout of the small calls (discovery, health, models).
     call_timeout: httpx.Timeout
     #: Read timeout of a load (the neuron answers when the model is loaded).
     load_timeout: httpx.Timeout
@@ -192,12 +193,3 @@ class NeuronAPI:
             json_body={"model_id": model_id, "cancel": False},
             http_timeout=self.load_timeout,
         )
-
-    async def tokenize(
-        self, neuron: NeuronState, body: dict[str, Any], request_id: str | None = None
-    ) -> int:
-        data = await self.call(neuron, "POST", "/tokenize", json_body=body, request_id=request_id)
-        try:
-            return int(data["count"])
-        except (KeyError, TypeError, ValueError):
-            raise UpstreamError(f"neuron {neuron.name} answered /tokenize without a count")
