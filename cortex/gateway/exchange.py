@@ -5,7 +5,7 @@
 responses, messages, count_tokens) runs through :meth:`Pipeline.exchange`,
 straight from the ASGI scope:
 
-1. read the key and the body (401, 413, 400 in the route's dialect);
+1. read the body and the key (413, 401, 400 in the route's dialect);
 2. ``dialect.parse`` the body, wait for the first polls after a start,
    resolve the model (404, or 503 / 529 with Retry-After);
 3. ``dialect.to_upstream``, then ``dialect.send`` it: routed and retried
@@ -143,7 +143,7 @@ class Pipeline:
         elif scope["method"] == "POST":
             await self.serve(dialect, scope, receive, send)
         else:
-            await self.refuse_method(dialect, scope, send)
+            await self.refuse_method(dialect, scope, receive, send)
 
     def record(self, scope: Scope, answered: _Answered) -> None:
         """Log and count a request the control app answered, so no error goes uncounted."""
@@ -165,8 +165,14 @@ class Pipeline:
         if status >= 400:
             self.gateway.metrics.errors.labels(route_label(path), UNKNOWN, str(status)).inc()
 
-    async def refuse_method(self, dialect: Dialect, scope: Scope, send: Send) -> None:
+    async def refuse_method(
+        self, dialect: Dialect, scope: Scope, receive: Receive, send: Send
+    ) -> None:
         """Answer a method other than POST on an inference route: OPTIONS, or a 405."""
+        try:
+            await self.read_body(receive, None)  # see exchange(): the request's end first
+        except (ClientGone, PayloadTooLarge):
+            pass
         if scope["method"] == "OPTIONS":
             headers = [_ALLOW, (b"content-length", b"0")]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -217,8 +223,11 @@ class Pipeline:
     ) -> None:
         gateway = self.gateway
         try:
-            gateway.check_key(headers.get(b"x-api-key"), headers.get(b"authorization"))
+            # The body before any answer, a refusal too: answered before
+            # hypercorn has seen the request's end, a keep-alive connection
+            # is closed now and then under the client's next request.
             content = await self.read_body(receive, headers.get(b"content-length"))
+            gateway.check_key(headers.get(b"x-api-key"), headers.get(b"authorization"))
             request = dialect.parse(jsonbody.loads_object(content), content)
             await gateway.ready()
             ex.model = gateway.router.resolve(request.model)
