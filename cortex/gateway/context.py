@@ -85,7 +85,13 @@ class Gateway:
         )
 
     async def ready(self) -> None:
-        """Wait (briefly) for the first poll of every neuron after start."""
+        """Wait (briefly) for the first poll of every neuron after start.
+
+        At once, not a checkpoint, once they have been polled (every request
+        passes here).
+        """
+        if self.state.all_polled():
+            return
         with trio.move_on_after(CALL_TIMEOUT + self.config.gateway.connect_timeout):
             await self.state.wait_polled()
 
