@@ -1,9 +1,10 @@
 """The one exception tree of cortex.
 
 Every error cortex raises on purpose is a ``CortexError``. Errors that reach
-an HTTP client carry the status code they map to; each dialect turns them
-into its own envelope in exactly one place (``cortex.wire.openai.error_body``
-and ``cortex.wire.anthropic.error_body``).
+an HTTP client carry the status code they map to (and Retry-After, where
+waiting helps); each dialect turns them into its own envelope in exactly one
+place (``cortex.wire.openai.error_body`` and ``cortex.wire.anthropic.error_body``),
+and ``cortex.wire.envelope`` makes the whole answer, for both roles.
 
     CortexError
     ├── ConfigError               a config file, key or environment value is wrong
@@ -11,7 +12,9 @@ and ``cortex.wire.anthropic.error_body``).
     │   ├── InvalidRequest        400: the body is not a valid request
     │   ├── Unauthorized          401: missing or wrong key or token
     │   ├── PermissionDenied      403: not allowed here
-    │   ├── ModelNotFound         404: no such model, nowhere can serve it
+    │   ├── NotFound              404: no such route
+    │   │   └── ModelNotFound     404: no such model, nowhere can serve it
+    │   ├── MethodNotAllowed      405: the route takes other methods
     │   ├── PayloadTooLarge       413: the body is over the size limit
     │   └── QueueFull             429: the model's queue is full (Retry-After)
     ├── ServiceError              our side or a dependency (5xx)
@@ -25,8 +28,13 @@ and ``cortex.wire.anthropic.error_body``).
         │   ├── InvalidModelFile        422: the file is damaged (truncated, bad header)
         │   ├── UnsupportedModelFormat  422: no installed engine reads files of its kind
         │   └── InvalidModelOptions     400: an engine option or chat_format it does not take
+        ├── GenerationFailed      500: the engine failed while generating
         ├── ChatTemplateMissing   400: the model has no chat template or format
         └── ContextOverflow       400: the prompt does not fit the context
+
+The way back, from an HTTP error answer to the error it stands for (a
+neuron's answer to the gateway, a route the web framework refused), is
+:func:`error_for_status`: the one reverse map.
 
 A model file is the caller's: a damaged or foreign one is a 4xx with a
 ``code`` that says which, never a 5xx that reads as the neuron's fault.
@@ -36,17 +44,30 @@ from __future__ import annotations
 
 
 class CortexError(Exception):
-    """Base of every error cortex raises on purpose."""
+    """Base of every error cortex raises on purpose.
+
+    Args:
+      message: what went wrong, for the client.
+      param: the request field at fault, if one is.
+      retry_after: seconds after which trying again may succeed (the
+        Retry-After header); None: the class's default, if it has one.
+    """
 
     status: int = 500
     #: The OpenAI ``error.type``; the Anthropic type is derived from ``status``.
     kind: str = "server_error"
     code: str | None = None
+    #: Seconds to wait before trying again (Retry-After); None: no header.
+    retry_after: int | None = None
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        if retry_after is not None:
+            self.retry_after = retry_after
 
 
 class ConfigError(CortexError):
@@ -73,10 +94,17 @@ class PermissionDenied(RequestError):
     kind = "permission_error"
 
 
-class ModelNotFound(RequestError):
+class NotFound(RequestError):
     status = 404
     kind = "not_found_error"
+
+
+class ModelNotFound(NotFound):
     code = "model_not_found"
+
+
+class MethodNotAllowed(RequestError):
+    status = 405
 
 
 class PayloadTooLarge(RequestError):
@@ -87,10 +115,7 @@ class PayloadTooLarge(RequestError):
 class QueueFull(RequestError):
     status = 429
     kind = "rate_limit_error"
-
-    def __init__(self, message: str, *, retry_after: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+    retry_after = 1
 
 
 class ServiceError(CortexError):
@@ -101,10 +126,7 @@ class ServiceError(CortexError):
 class Unavailable(ServiceError):
     status = 503
     kind = "service_unavailable"
-
-    def __init__(self, message: str, *, retry_after: int = 5) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+    retry_after = 5
 
 
 class UpstreamError(ServiceError):
@@ -166,6 +188,10 @@ class InvalidModelOptions(ModelLoadError):
         super().__init__(message, param=param)
 
 
+class GenerationFailed(HarnessError):
+    """The engine failed while generating."""
+
+
 class ChatTemplateMissing(HarnessError):
     status = 400
     kind = "invalid_request_error"
@@ -176,3 +202,65 @@ class ContextOverflow(HarnessError):
     status = 400
     kind = "invalid_request_error"
     code = "context_length_exceeded"
+
+
+#: The class an error answer's status stands for, where one class owns it.
+_BY_STATUS: dict[int, type[CortexError]] = {
+    400: InvalidRequest,
+    401: Unauthorized,
+    403: PermissionDenied,
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
+    429: QueueFull,
+    502: UpstreamError,
+    503: Unavailable,
+    504: UpstreamTimeout,
+}
+
+
+def _with_codes(cls: type[CortexError]) -> dict[str, type[CortexError]]:
+    found = {cls.code: cls} if cls.code is not None else {}
+    for sub in cls.__subclasses__():
+        found.update(_with_codes(sub))
+    return found
+
+
+#: The class that owns each ``code``: a finer answer than the status alone.
+_BY_CODE = _with_codes(CortexError)
+
+
+def error_for_status(
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    retry_after: int | None = None,
+) -> CortexError:
+    """The error an HTTP error answer stands for: the reverse of ``status``.
+
+    The class that owns ``code`` when its status is ``status`` (a neuron's
+    400 ``context_length_exceeded`` comes back a ``ContextOverflow``); else
+    the class drawn for ``status``; else the family's base (``RequestError``
+    for a 4xx, ``ServiceError`` for the rest) answering ``status`` itself.
+    ``code`` is kept either way, so the answer renders as it came.
+
+    Args:
+      status: the answer's HTTP status (400 or more).
+      message, param: its envelope's message and param.
+      code: its envelope's code, if any.
+      retry_after: its Retry-After; None: the class's default.
+    """
+    cls = _BY_CODE.get(code) if code is not None else None
+    if cls is None or cls.status != status:
+        cls = _BY_STATUS.get(status) or (RequestError if 400 <= status < 500 else ServiceError)
+    exc = cls(message)
+    exc.param = param
+    if retry_after is not None:
+        exc.retry_after = retry_after
+    if code is not None:
+        exc.code = code
+    if exc.status != status:
+        exc.status = status  # a status no class of the tree owns
+    return exc

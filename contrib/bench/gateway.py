@@ -13,6 +13,11 @@ non-streaming and streaming:
     when it is installed, else an asyncio client in its own process):
     requests/s at saturation.
 
+``--anthropic`` adds the Anthropic route: ``/v1/messages`` through the same
+gateway (translated to chat completions on the way in, back to Anthropic
+JSON or events on the way out), its added latency measured against the
+backend's chat completions called directly.
+
 ``--asgi`` adds a second backend: a bare ASGI app on hypercorn (trio) with
 the same answers, measured directly and through a second gateway in front
 of it. That pair is the like-for-like comparison with ../shared/FINDINGS.md
@@ -30,7 +35,7 @@ p99 under 3 ms, streaming first byte within 1 ms of direct; at 64 clients,
 gateway throughput at least 40% of direct.
 
     .venv/bin/python contrib/bench/gateway.py [--requests 500] [--clients 64] [--duration 5]
-        [--rounds 2] [--loadgen wrk|python] [--cortex DIR] [--asgi]
+        [--rounds 2] [--loadgen wrk|python] [--cortex DIR] [--anthropic] [--asgi]
 """
 
 from __future__ import annotations
@@ -146,6 +151,8 @@ def payloads() -> tuple[dict[str, bytes], list[bytes]]:
         "/discovery": json.dumps(discovery).encode(),
         "/health": json.dumps(health).encode(),
         "/models": json.dumps([model_status]).encode(),
+        # The prompt count an Anthropic stream's message_start carries.
+        "/tokenize": json.dumps({"count": 5}).encode(),
         "404": b'{"error": {"message": "not found"}}',
     }
     return bodies, sse
@@ -340,14 +347,18 @@ class Connection:
         return first - started, done - started, bytes(body)
 
 
-def request_bytes(port: int, body: bytes) -> bytes:
+#: API -> the path its requests go to.
+TARGETS = {"chat": "/v1/chat/completions", "messages": "/v1/messages"}
+
+
+def request_bytes(port: int, body: bytes, api: str = "chat") -> bytes:
     return (
-        f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n"
+        f"POST {TARGETS[api]} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n"
         f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
     ).encode() + body
 
 
-def body_for(stream: bool) -> bytes:
+def body_for(stream: bool, api: str = "chat") -> bytes:
     body: dict[str, object] = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "Say hello"}],
@@ -355,7 +366,8 @@ def body_for(stream: bool) -> bytes:
     }
     if stream:
         body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
+        if api == "chat":
+            body["stream_options"] = {"include_usage": True}
     return json.dumps(body).encode()
 
 
@@ -364,10 +376,10 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def sequential(port: int, stream: bool, count: int) -> dict[str, float]:
+def sequential(port: int, stream: bool, count: int, api: str = "chat") -> dict[str, float]:
     """``count`` requests one after another on one connection (after a warm-up)."""
     conn = Connection(port)
-    request = request_bytes(port, body_for(stream))
+    request = request_bytes(port, body_for(stream, api), api)
     try:
         for _ in range(min(50, count)):
             conn.post(request)
@@ -403,13 +415,15 @@ def _wrk_ms(value: str) -> float:
     return number * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
-def saturate_wrk(port: int, stream: bool, clients: int, duration: float) -> dict[str, float]:
+def saturate_wrk(
+    port: int, stream: bool, clients: int, duration: float, api: str = "chat"
+) -> dict[str, float]:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(_WRK_SCRIPT.format(body=json.dumps(body_for(stream).decode())))
+        script.write(_WRK_SCRIPT.format(body=json.dumps(body_for(stream, api).decode())))
     try:
         command = [
             *("wrk", "-t1", f"-c{clients}", f"-d{duration:g}s", "--latency"),
-            *("-s", script.name, f"http://127.0.0.1:{port}/v1/chat/completions"),
+            *("-s", script.name, f"http://127.0.0.1:{port}{TARGETS[api]}"),
         ]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     finally:
@@ -433,8 +447,10 @@ def saturate_wrk(port: int, stream: bool, clients: int, duration: float) -> dict
     }
 
 
-async def _async_load(port: int, stream: bool, clients: int, duration: float) -> list[float]:
-    request = request_bytes(port, body_for(stream))
+async def _async_load(
+    port: int, stream: bool, clients: int, duration: float, api: str = "chat"
+) -> list[float]:
+    request = request_bytes(port, body_for(stream, api), api)
     latencies: list[float] = []
     deadline = time.perf_counter() + duration
 
@@ -463,14 +479,16 @@ async def _async_load(port: int, stream: bool, clients: int, duration: float) ->
     return latencies
 
 
-def saturate_python(port: int, stream: bool, clients: int, duration: float) -> dict[str, float]:
+def saturate_python(
+    port: int, stream: bool, clients: int, duration: float, api: str = "chat"
+) -> dict[str, float]:
     # In a process of its own, like wrk, so that it does not share our interpreter.
     code = (
         "import asyncio, json, sys; sys.path.insert(0, sys.argv[1]); import gateway as g; "
         "print(json.dumps(asyncio.run(g._async_load(*map(json.loads, sys.argv[2:])))))"
     )
     here = os.path.dirname(os.path.abspath(__file__))
-    args = [str(port), json.dumps(stream), str(clients), str(duration)]
+    args = [str(port), json.dumps(stream), str(clients), str(duration), json.dumps(api)]
     out = subprocess.run(
         [sys.executable, "-c", code, here, *args], capture_output=True, text=True, check=True
     ).stdout
@@ -518,26 +536,26 @@ def wait_ready(port: int, path: str, needle: bytes, timeout: float = 30.0) -> No
 
 
 def measure(
-    paths: list[tuple[str, int, int]], args: argparse.Namespace
+    paths: list[tuple[str, int, int, str]], args: argparse.Namespace
 ) -> list[tuple[str, dict[str, dict[str, float]], dict[str, dict[str, float]]]]:
     """One round: both kinds, every path, in sequence and at saturation.
 
-    ``paths``: (label, port, pid of the gateway that path belongs to). Each
-    result also carries ``cpu``: that gateway process's CPU milliseconds per
-    request while the load ran (about zero on a direct path).
+    ``paths``: (label, port, pid of the gateway that path belongs to, API).
+    Each result also carries ``cpu``: that gateway process's CPU
+    milliseconds per request while the load ran (about zero on a direct path).
     """
     saturate = saturate_wrk if args.loadgen == "wrk" else saturate_python
     rows = []
     for stream in (False, True):
         seq, sat = {}, {}
-        for path, port, pid in paths:
+        for path, port, pid, api in paths:
             cpu = cpu_seconds(pid)
-            seq[path] = sequential(port, stream, args.requests)
+            seq[path] = sequential(port, stream, args.requests, api)
             spent = cpu_seconds(pid) - cpu
             seq[path]["cpu"] = spent / (args.requests + min(50, args.requests)) * 1000
-        for path, port, pid in paths:
+        for path, port, pid, api in paths:
             cpu = cpu_seconds(pid)
-            sat[path] = saturate(port, stream, args.clients, args.duration)
+            sat[path] = saturate(port, stream, args.clients, args.duration, api)
             spent = cpu_seconds(pid) - cpu
             sat[path]["cpu"] = spent / max(1.0, sat[path]["rps"] * args.duration) * 1000
         rows.append(("stream" if stream else "json", seq, sat))
@@ -572,6 +590,11 @@ def main() -> None:
         "--cortex", metavar="DIR", help="run the gateway from the cortex package under DIR"
     )
     parser.add_argument(
+        "--anthropic",
+        action="store_true",
+        help="also measure the Anthropic route (/v1/messages) through the gateway",
+    )
+    parser.add_argument(
         "--asgi",
         action="store_true",
         help="also measure a bare ASGI backend on hypercorn, directly and through a gateway",
@@ -589,7 +612,7 @@ def main() -> None:
 
     backends = [("direct", "--backend")] + ([("asgi", "--asgi-backend")] if args.asgi else [])
     processes: list[subprocess.Popen] = []
-    paths: list[tuple[str, int, int]] = []
+    paths: list[tuple[str, int, int, str]] = []
     try:
         for label, flag in backends:
             backend_port = free_port()
@@ -599,8 +622,12 @@ def main() -> None:
             gateway, gateway_port = start_gateway(backend_port, args.cortex)
             processes.append(gateway)
             wait_ready(gateway_port, "/v1/models", b'"loaded": true')
-            paths.append((label, backend_port, gateway.pid))
-            paths.append(("gateway" if label == "direct" else "gw>asgi", gateway_port, gateway.pid))
+            paths.append((label, backend_port, gateway.pid, "chat"))
+            paths.append(
+                ("gateway" if label == "direct" else "gw>asgi", gateway_port, gateway.pid, "chat")
+            )
+            if label == "direct" and args.anthropic:
+                paths.append(("gw-msgs", gateway_port, gateway.pid, "messages"))
         print(f"gateway from {args.cortex or 'this checkout'}")
         print(
             f"one client: {args.requests} requests in sequence; {args.clients} clients "
@@ -623,8 +650,9 @@ def report(rows: list, clients: int) -> None:
     """The table, then the targets met or missed.
 
     Rows: ``direct`` the raw asyncio backend, ``gateway`` a gateway in front
-    of it; with ``--asgi``, ``asgi`` the hypercorn ASGI backend and
-    ``gw>asgi`` a gateway in front of that.
+    of it; with ``--anthropic``, ``gw-msgs`` that gateway's ``/v1/messages``
+    (against the same direct chat completions); with ``--asgi``, ``asgi``
+    the hypercorn ASGI backend and ``gw>asgi`` a gateway in front of that.
     """
     print(
         f"{'':<7}{'path':<8}| 1 client: {'p50':>6}{'p99':>7}{'first':>7}{'first99':>8}{'cpu':>6}"
@@ -657,6 +685,14 @@ def report(rows: list, clients: int) -> None:
             asgi = sat["gw>asgi"]["rps"] / sat["asgi"]["rps"]
             verdict.append(f"{asgi:.1%} of the ASGI backend (a naive proxy: 33%)")
         print(f"{kind:<7}" + "; ".join(verdict))
+        if "gw-msgs" in seq:
+            m = seq["gw-msgs"]
+            added = m["p50"] - d["p50"]
+            share = sat["gw-msgs"]["rps"] / sat["direct"]["rps"]
+            print(
+                f"{kind:<7}anthropic: added p50 {added:+.2f} ms, p99 {m['p99'] - d['p99']:+.2f}, "
+                f"first byte {m['first50'] - d['first50']:+.2f}; throughput {share:.1%} of direct"
+            )
 
 
 if __name__ == "__main__":

@@ -1,20 +1,22 @@
-"""The gateway: its HTTP API, and ``run_gateway`` that owns every task.
+"""The gateway: its ASGI app, and ``run_gateway`` that owns every task.
 
 ``run_gateway`` opens one nursery holding the API server, the metrics
 server, one poller per neuron, and the model loads the router starts; it
 reports a :class:`GatewayHandle` once both servers are bound and returns
 after ``shutdown`` is set and in-flight requests have drained.
 
-Endpoints: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/responses``
-(proxied as they are), ``/v1/messages`` and ``/v1/messages/count_tokens``
-(Anthropic, translated), ``/v1/models``, ``/health``. Errors come in the
-caller's dialect: Anthropic's envelope under ``/v1/messages``, OpenAI's
-everywhere else.
+The API is two apps, one in front of the other (``create_app``): the
+exchange pipeline (``cortex.gateway.exchange``) serves the inference routes
+of both dialects, ``/v1/chat/completions``, ``/v1/completions``,
+``/v1/responses``, ``/v1/messages`` and ``/v1/messages/count_tokens``; the
+control app here, on Quart, serves the rest: ``/v1/models``, ``/fleet``,
+``/health`` and ``POST /admin/reload``. Errors come in the caller's
+dialect: Anthropic's envelope under ``/v1/messages``, OpenAI's everywhere
+else.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from functools import partial
@@ -25,46 +27,33 @@ import httpx
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException
 
-from cortex.config import GatewayConfig, ModelsFile, NeuronEndpoint, read_api_keys
+from cortex.config import GatewayConfig, ModelsFile
 from cortex.errors import (
     ConfigError,
     CortexError,
     InvalidRequest,
     ModelNotFound,
-    PayloadTooLarge,
     PermissionDenied,
-    RequestError,
-    ServiceError,
     Unauthorized,
+    error_for_status,
 )
-from cortex.fleet import make_converter
-from cortex.gateway.envelope import error_parts, id_headers
+from cortex.gateway.context import CALL_TIMEOUT, Gateway
+from cortex.gateway.exchange import Pipeline, error_dialect, new_request_id
 from cortex.gateway.fleetview import fleet_view, location_status
 from cortex.gateway.metrics import UNKNOWN, GatewayMetrics
-from cortex.gateway.passthrough import OPENAI_ENDPOINTS, Passthrough, hand_over, new_request_id
 from cortex.gateway.poller import poll_neuron
-from cortex.gateway.proxy import CLIENT_CLOSED, Exchange, Proxy, abandoned_status
 from cortex.gateway.reload import reload_catalogue
-from cortex.gateway.router import Router
 from cortex.gateway.state import LOADED, LOADING, FleetState, feasible
-from cortex.gateway.upstream import NeuronAPI
 from cortex.serve import bound_url, is_loopback, serve
-from cortex.wire import anthropic, jsonbody, openai, sse, translate
+from cortex.wire import openai
+from cortex.wire.envelope import OPENAI, error_parts
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 31313
 DEFAULT_METRICS_PORT = 31314
-DEFAULT_NEURON = NeuronEndpoint(name="local", endpoint="http://127.0.0.1:13131")
-
-#: Seconds a stream waits past its first byte for the prompt's token count.
-COUNT_GRACE = 1.0
-#: Seconds a small neuron call (health, models, tokenize) may take.
-CALL_TIMEOUT = 10.0
-
-SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
 @attrs.frozen
@@ -76,177 +65,31 @@ class GatewayHandle:
     state: FleetState
 
 
-@attrs.define(eq=False)
-class Gateway:
-    """Everything a request handler needs, built once per ``run_gateway``."""
-
-    config: GatewayConfig
-    state: FleetState
-    api: NeuronAPI
-    router: Router
-    proxy: Proxy
-    metrics: GatewayMetrics
-    api_keys: frozenset[str]
-    #: models.toml, re-read by SIGHUP and POST /admin/reload; None: nothing to re-read.
-    models_path: str | None = None
-
-    @classmethod
-    def build(
-        cls,
-        config: GatewayConfig,
-        models: ModelsFile,
-        client: httpx.AsyncClient,
-        *,
-        metrics: GatewayMetrics | None = None,
-    ) -> Gateway:
-        section = config.gateway
-        if not config.neurons:
-            config = attrs.evolve(config, neurons=[DEFAULT_NEURON])
-        metrics = metrics or GatewayMetrics.create()
-        state = FleetState.build(config.neurons, models)
-        api = NeuronAPI(
-            client=client,
-            converter=make_converter(),
-            call_timeout=httpx.Timeout(CALL_TIMEOUT, connect=section.connect_timeout),
-            load_timeout=httpx.Timeout(section.load_timeout, connect=section.connect_timeout),
-        )
-        router = Router(config=config, state=state, api=api, metrics=metrics)
-        proxy = Proxy(router=router, section=section, metrics=metrics)
-        return cls(
-            config=config,
-            state=state,
-            api=api,
-            router=router,
-            proxy=proxy,
-            metrics=metrics,
-            api_keys=read_api_keys(section),
-        )
-
-    # -- request helpers ----------------------------------------------------------
-
-    async def ready(self) -> None:
-        """Wait (briefly) for the first poll of every neuron after start."""
-        with trio.move_on_after(CALL_TIMEOUT + self.config.gateway.connect_timeout):
-            await self.state.wait_polled()
-
-    def authenticate(self) -> None:
-        """``check_key`` on the current Quart request."""
-        self.check_key(request.headers.get("x-api-key"), request.headers.get("authorization"))
-
-    def check_key(self, x_api_key: str | None, authorization: str | None) -> None:
-        """Accept the request's key, or raise ``Unauthorized`` (no keys set: all pass).
-
-        Either header may carry it: a wrong ``x-api-key`` (an SDK's
-        default, say) does not hide a good ``Authorization: Bearer``.
-        """
-        if not self.api_keys:
-            return
-        offered = [x_api_key] if x_api_key else []
-        scheme, _, value = (authorization or "").partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            offered.append(value.strip())
-        if not any(self._known_key(key) for key in offered):
-            raise Unauthorized(
-                "missing or invalid API key (send Authorization: Bearer KEY or x-api-key: KEY)"
-            )
-
-    def _known_key(self, key: str) -> bool:
-        # Constant time, and against every key: how long this takes says
-        # nothing of how much of a key matched, nor which.
-        given = key.encode()
-        found = False
-        for known in self.api_keys:
-            found |= hmac.compare_digest(given, known.encode())
-        return found
-
-    def authenticated(self) -> bool:
-        """Whether the current Quart request may see what keys guard (no keys set: yes)."""
-        try:
-            self.authenticate()
-        except Unauthorized:
-            return False
-        return True
-
-    async def read_json(self) -> dict[str, Any]:
-        """The request body as a JSON object."""
-        return (await self.read_body())[0]
-
-    async def read_body(self) -> tuple[dict[str, Any], bytes]:
-        """The request body as a JSON object, and as it came.
-
-        Raises:
-          PayloadTooLarge: over ``max_body_bytes``.
-          InvalidRequest: not JSON, or not an object.
-        """
-        limit = self.config.gateway.max_body_bytes
-        try:
-            data = await request.get_data(cache=False)
-        except RequestEntityTooLarge:
-            raise PayloadTooLarge(f"request body over the {limit}-byte limit")
-        return self.parse_json(data), data
-
-    @staticmethod
-    def parse_json(data: bytes) -> dict[str, Any]:
-        """``data`` as a JSON object.
-
-        Raises:
-          InvalidRequest: not JSON, nested too deeply, or not an object.
-        """
-        return jsonbody.loads_object(data)
-
-    def apply_defaults(self, model_id: str, body: dict[str, Any], endpoint: str) -> bool:
-        """Fill the catalogue's default sampling, and the default reply limit of
-        chat-shaped requests, into ``body``; True if it changed."""
-        entry = self.state.catalogue.models.get(model_id)
-        changed = False
-        cap = self.config.gateway.default_max_tokens
-        if cap is not None and endpoint in MAX_TOKENS_KEYS:
-            keys = MAX_TOKENS_KEYS[endpoint]
-            if all(body.get(key) is None for key in keys):
-                body[keys[0]] = cap
-                changed = True
-        for key, value in (entry.sampling if entry is not None else {}).items():
-            if body.get(key) is None:
-                # The catalogue holds floats; top_k is an integer on the wire.
-                body[key] = int(value) if key == "top_k" else value
-                changed = True
-        return changed
-
-    def count_error(self, ex: Exchange, status: int) -> None:
-        """Metrics for a request that ended before reaching a neuron."""
-        self.proxy.finish(ex, status=status)
-
-
-#: The reply-limit fields of the endpoints whose absent limit means "the
-#: whole context" (completions' absent max_tokens means 16, as OpenAI's).
-MAX_TOKENS_KEYS = {
-    "chat/completions": ("max_tokens", "max_completion_tokens"),
-    "responses": ("max_output_tokens",),
-}
-
-
 def _request_id() -> str:
     return request.headers.get("x-request-id") or new_request_id()
 
 
-def _is_anthropic(path: str) -> bool:
-    return path.startswith("/v1/messages")
+def authenticate(gateway: Gateway) -> None:
+    """``Gateway.check_key`` on the current Quart request."""
+    gateway.check_key(request.headers.get("x-api-key"), request.headers.get("authorization"))
 
 
-def error_response(exc: CortexError, *, anthropic_dialect: bool, request_id: str) -> Response:
-    """``exc`` in the caller's dialect, with Retry-After where it applies."""
-    status, body, headers = error_parts(
-        exc, anthropic_dialect=anthropic_dialect, request_id=request_id
-    )
+def authenticated(gateway: Gateway) -> bool:
+    """Whether the current Quart request may see what keys guard (no keys set: yes)."""
+    try:
+        authenticate(gateway)
+    except Unauthorized:
+        return False
+    return True
+
+
+def error_response(exc: CortexError, *, dialect: str = OPENAI) -> Response:
+    """``exc`` in ``dialect``, with Retry-After where it applies."""
+    status, body, headers = error_parts(exc, dialect=dialect, request_id=_request_id())
     response = Response(body, status=status, content_type="application/json")
     for name, value in headers:
         response.headers[name] = value
     return response
-
-
-def _id_headers(response: Response, request_id: str, anthropic_dialect: bool) -> None:
-    for name, value in id_headers(request_id, anthropic_dialect):
-        response.headers[name] = value
 
 
 async def drain_body() -> None:
@@ -260,43 +103,24 @@ async def drain_body() -> None:
     await request.get_data()
 
 
-def _http_error(status: int, message: str) -> CortexError:
-    exc: CortexError = RequestError(message) if status < 500 else ServiceError(message)
-    exc.status = status
-    exc.kind = {
-        401: "authentication_error",
-        404: "not_found_error",
-        413: "request_too_large",
-    }.get(status, "invalid_request_error" if status < 500 else "server_error")
-    return exc
-
-
 def _json(body: Any, status: int = 200) -> Response:
     return Response(json.dumps(body), status=status, content_type="application/json")
 
 
-def _stream_response(body: Any, content_type: str, request_id: str, anth: bool) -> Response:
-    response = Response(body, status=200, content_type=content_type)
-    response.headers.update(SSE_HEADERS)
-    _id_headers(response, request_id, anth)
-    # Quart's RESPONSE_TIMEOUT (60 s) would cut long generations.
-    response.timeout = None
-    return response
-
-
-def create_app(gateway: Gateway) -> Passthrough:
+def create_app(gateway: Gateway) -> Pipeline:
     """The gateway's ASGI app (hypercorn on trio serves it).
 
-    The OpenAI passthrough POSTs are answered by :class:`Passthrough`, the
-    hot path, without Quart; every other request goes to the Quart app.
+    The exchange pipeline answers the inference routes without a web
+    framework; every other request goes to the Quart control app.
     """
-    return Passthrough(gateway, _quart_app(gateway))
+    return Pipeline(gateway, _control_app(gateway))
 
 
-def _quart_app(gateway: Gateway) -> QuartTrio:
+def _control_app(gateway: Gateway) -> QuartTrio:
+    """The catalogue, health and admin routes: everything but inference."""
     app = QuartTrio("cortex.gateway")
     app.config["MAX_CONTENT_LENGTH"] = gateway.config.gateway.max_body_bytes
-    state, router, proxy = gateway.state, gateway.router, gateway.proxy
+    state = gateway.state
 
     @app.before_request
     async def read_whole_body() -> None:
@@ -304,216 +128,30 @@ def _quart_app(gateway: Gateway) -> QuartTrio:
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
-        status = exc.code or 500
-        error = _http_error(status, exc.description or exc.name)
-        return error_response(
-            error, anthropic_dialect=_is_anthropic(request.path), request_id=_request_id()
-        )
-
-    # -- OpenAI: proxied as sent ----------------------------------------------------
-
-    async def served_by_passthrough() -> Response:
-        """Never runs: ``Passthrough`` answers these POSTs before Quart.
-
-        The rules are registered so that Quart answers the other methods on
-        these paths (405, OPTIONS) as it does everywhere else.
-        """
-        raise RuntimeError(f"{request.path} is served by Passthrough, not Quart")
-
-    for path in OPENAI_ENDPOINTS:
-        app.add_url_rule(path, path, served_by_passthrough, methods=["POST"])
-
-    # -- Anthropic: translated --------------------------------------------------------
-
-    @app.post("/v1/messages")
-    async def messages() -> Response:
-        ex = Exchange(endpoint="messages", request_id=_request_id(), started=trio.current_time())
-        input_tokens = 0
-        try:
-            gateway.authenticate()
-            req = anthropic.parse_messages_request(await gateway.read_json())
-            await gateway.ready()
-            ex.model = router.resolve(req.model)
-            ex.stream = req.stream
-            chat = translate.anthropic_to_openai(req, model=ex.model)
-            gateway.apply_defaults(ex.model, chat, "chat/completions")
-            content = json.dumps(chat).encode()
-            if not ex.stream:
-                await proxy.dispatch(ex, "/v1/chat/completions", content)
-            else:
-
-                async def count() -> None:
-                    nonlocal input_tokens
-                    input_tokens = await count_input(ex.model, chat, ex.request_id)
-
-                # message_start carries the prompt's size: count it while
-                # the neuron processes the prompt, waiting briefly past the
-                # first byte for the count rather than delaying the stream.
-                failure: CortexError | None = None
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(count)
-                    try:
-                        await proxy.dispatch(ex, "/v1/chat/completions", content)
-                    except CortexError as exc:
-                        failure = exc
-                        nursery.cancel_scope.cancel()
-                    else:
-                        nursery.cancel_scope.deadline = trio.current_time() + COUNT_GRACE
-                if failure is not None:
-                    raise failure
-        except CortexError as exc:
-            gateway.count_error(ex, anthropic.status_for(exc))
-            return error_response(exc, anthropic_dialect=True, request_id=ex.request_id)
-        except BaseException as exc:
-            gateway.count_error(ex, abandoned_status(exc))
-            raise
-        assert ex.response is not None and ex.model is not None
-        if ex.stream:
-            # Quart sends the stream after this returns: should it never
-            # start, the relay's finally does not run and Passthrough
-            # finishes the exchange instead.
-            hand_over(request.scope, ex)
-            body = relay_anthropic(ex, ex.model, input_tokens)
-            return _stream_response(body, "text/event-stream", ex.request_id, True)
-        ex.response.close()
-        try:
-            answer = translate.openai_to_anthropic(json.loads(ex.first), model=ex.model)
-            proxy.finish(ex, status=200, usage=answer["usage"])
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            proxy.finish(ex, status=502)
-            error = _http_error(502, f"neuron answered with a malformed completion: {exc}")
-            return error_response(error, anthropic_dialect=True, request_id=ex.request_id)
-        finally:
-            # Whatever else goes wrong, the route is released (a no-op once finished).
-            proxy.finish(ex, status=500)
-        response = _json(answer)
-        _id_headers(response, ex.request_id, True)
-        return response
-
-    async def count_input(model_id: str, chat: dict[str, Any], request_id: str) -> int:
-        """The prompt's tokens by the neuron's tokenizer; 0 when it cannot say.
-
-        Asked of a neuron that has the model loaded (during a cold load,
-        once it is), without ``router.acquire``: that would take a request
-        slot from the very generation this counts for.
-        """
-        body = {"model": model_id, "messages": chat["messages"]}
-        if chat.get("tools"):
-            body["tools"] = chat["tools"]
-        try:
-            with trio.fail_after(gateway.config.gateway.load_timeout):
-                while True:
-                    loaded = [n for n in state.routable() if n.status_of(model_id) == LOADED]
-                    if loaded:
-                        break
-                    await state.wait_changed()
-            return await gateway.api.tokenize(loaded[0], body, request_id)
-        except (CortexError, trio.TooSlowError) as exc:
-            log.debug("request %s: no input token count: %s", request_id, exc)
-            return 0
-
-    async def relay_anthropic(ex: Exchange, model: str, input_tokens: int) -> Any:
-        """The neuron's chat stream as Anthropic events."""
-        stream = translate.AnthropicStream(
-            message_id=anthropic.new_message_id(), model=model, input_tokens=input_tokens
-        )
-        decoder = sse.SSEDecoder()
-        usage: dict[str, Any] | None = None
-
-        def feed(chunk: bytes) -> tuple[list[tuple[str, dict[str, Any]]], int | None]:
-            """Events for ``chunk``, and the status if the stream failed in it."""
-            nonlocal usage
-            events: list[tuple[str, dict[str, Any]]] = []
-            for event in decoder.feed(chunk):
-                if event.data == "[DONE]":
-                    continue
-                try:
-                    data = json.loads(event.data)
-                except ValueError:
-                    return events + stream.error("neuron sent a malformed chunk", status=502), 502
-                if not isinstance(data, dict):
-                    continue
-                if data.get("usage"):
-                    usage = data["usage"]
-                events += stream.feed(data)
-                if "error" in data:  # the neuron's own mid-stream error
-                    return events, 500
-            return events, None
-
-        def encode(events: list[tuple[str, dict[str, Any]]]) -> bytes:
-            return b"".join(sse.encode(payload, event=name) for name, payload in events)
-
-        status = CLIENT_CLOSED
-        try:
-            yield encode(stream.start())
-            chunk: bytes | None = ex.first
-            while chunk is not None:
-                events, failed = feed(chunk)
-                if events:
-                    yield encode(events)
-                if failed is not None:
-                    status = failed
-                    break
-                try:
-                    chunk = await proxy.next_chunk(ex)
-                except CortexError as exc:
-                    log.warning("request %s: %s", ex.request_id, exc.message)
-                    status = anthropic.status_for(exc)
-                    yield encode(stream.error(exc.message, status=status))
-                    break
-            else:
-                # No finish_reason: the neuron's stream was cut short, and
-                # finish() ends it with an error event.
-                status = 200 if stream.complete else 502
-                if not stream.complete:
-                    log.warning("request %s: the neuron's stream ended early", ex.request_id)
-                yield encode(stream.finish())
-        finally:
-            proxy.finish(ex, status=status, usage=usage)
-
-    @app.post("/v1/messages/count_tokens")
-    async def count_tokens() -> Response:
-        request_id = _request_id()
-        try:
-            gateway.authenticate()
-            req = anthropic.parse_count_tokens_request(await gateway.read_json())
-            await gateway.ready()
-            model_id = router.resolve(req.model)
-            chat = translate.anthropic_to_openai(req, model=model_id)
-            # The tokenizer lives with the model: this routes (and cold
-            # loads when needed) exactly like a generation would.
-            neuron = await router.acquire(model_id, exclude=set())
-            try:
-                count = await gateway.api.tokenize(neuron, chat, request_id)
-            finally:
-                router.release(neuron, model_id)
-        except CortexError as exc:
-            return error_response(exc, anthropic_dialect=True, request_id=request_id)
-        response = _json(anthropic.count_tokens_response(count))
-        _id_headers(response, request_id, True)
-        return response
+        error = error_for_status(exc.code or 500, exc.description or exc.name)
+        return error_response(error, dialect=error_dialect(request.path))
 
     # -- the catalogue and health ---------------------------------------------------
 
     @app.get("/v1/models")
     async def list_models() -> Response:
         try:
-            gateway.authenticate()
+            authenticate(gateway)
         except CortexError as exc:
-            return error_response(exc, anthropic_dialect=False, request_id=_request_id())
+            return error_response(exc)
         await gateway.ready()
         return _json(openai.model_list(model_entries(gateway)))
 
     @app.get("/v1/models/<path:model_id>")
     async def get_model(model_id: str) -> Response:
         try:
-            gateway.authenticate()
+            authenticate(gateway)
             for entry in model_entries(gateway):
                 if entry["id"] == model_id:
                     return _json(entry)
             raise _not_found(model_id)
         except CortexError as exc:
-            return error_response(exc, anthropic_dialect=False, request_id=_request_id())
+            return error_response(exc)
 
     @app.post("/admin/reload")
     async def admin_reload() -> Response:
@@ -521,7 +159,7 @@ def _quart_app(gateway: Gateway) -> QuartTrio:
             # Admin routes exist only behind keys: an open gateway has no admin.
             if not gateway.api_keys:
                 raise PermissionDenied("POST /admin/reload needs [gateway] api_keys to be set")
-            gateway.authenticate()
+            authenticate(gateway)
             if gateway.models_path is None:
                 raise InvalidRequest("the gateway was started without --models: nothing to reload")
             try:
@@ -529,7 +167,7 @@ def _quart_app(gateway: Gateway) -> QuartTrio:
             except ConfigError as exc:
                 raise InvalidRequest(f"kept the old catalogue: {exc.message}") from None
         except CortexError as exc:
-            return error_response(exc, anthropic_dialect=False, request_id=_request_id())
+            return error_response(exc)
         return _json(
             {
                 "status": "reloaded",
@@ -541,9 +179,9 @@ def _quart_app(gateway: Gateway) -> QuartTrio:
     @app.get("/fleet")
     async def fleet() -> Response:
         try:
-            gateway.authenticate()
+            authenticate(gateway)
         except CortexError as exc:
-            return error_response(exc, anthropic_dialect=False, request_id=_request_id())
+            return error_response(exc)
         await gateway.ready()
         return _json(fleet_view(state))
 
@@ -556,7 +194,7 @@ def _quart_app(gateway: Gateway) -> QuartTrio:
         """
         up = sum(1 for n in state.neurons.values() if n.up)
         status = "ok" if up == len(state.neurons) else "degraded" if up else "down"
-        if not gateway.authenticated():
+        if not authenticated(gateway):
             brief = [{"name": n.name, "up": n.up} for n in state.neurons.values()]
             return _json({"status": status, "neurons": brief})
         neurons = [

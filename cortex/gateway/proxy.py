@@ -1,4 +1,4 @@
-"""Proxying one request to a neuron: retries before the first byte, relays after.
+"""Proxying one request to a neuron: retries before the first byte, reads after.
 
 ``Proxy.dispatch`` routes the request, sends it, and waits for the first
 byte of the answer (a stream's first chunk, or a whole non-streamed body).
@@ -6,31 +6,26 @@ A neuron that cannot be reached or drops the connection before that byte is
 marked suspect and the request moves to the next route; a neuron that says
 it does not have the model is forgotten for it and the request is routed
 again (which may load it). After the first byte the request is committed:
-``relay`` passes the stream through byte for byte and ends it with an error
-event if the neuron fails; ``relay_anthropic`` translates it.
-
-Metrics watch the stream without parsing it: the time of the first chunk,
-and the usage found in the last few chunks once the stream ends.
+its dialect (``cortex.gateway.dialects``) relays the rest, chunk by chunk
+from ``next_chunk``, and ``finish`` ends the exchange.
 
 The hop to the neuron is ``cortex.gateway.hop`` (HTTP/1.1 on trio streams,
 one pool of keep-alive connections per neuron), not httpx: httpx and
 httpcore cost about half of the gateway's CPU per request. Its timeouts
 are the cancel scopes here: the connect, the first byte, each chunk.
 
-Resource handling: ``finish`` closes the upstream response and releases
-the route; each relay calls it in its ``finally``, and so does whoever took
-the exchange from ``dispatch``, in case the relay never started. A client
-that goes away thus closes the neuron's connection and the neuron stops
-generating; only a response read to its end gives its connection back for
-the next request.
+Resource handling: ``finish`` closes the upstream response, releases the
+route and records the exchange, once; the exchange pipeline
+(``cortex.gateway.exchange``) calls it before the answer's last bytes go
+out, and again in a ``finally`` for an exchange that ended any other way
+(cancelled, failed). A client that goes away thus closes the neuron's
+connection and the neuron stops generating; only a response read to its
+end gives its connection back for the next request.
 """
 
 from __future__ import annotations
 
-import collections
-import json
 import logging
-from collections.abc import AsyncIterator, Iterable
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
@@ -52,30 +47,18 @@ from cortex.gateway.metrics import GatewayMetrics
 from cortex.gateway.router import Router
 from cortex.gateway.state import NeuronState
 from cortex.gateway.upstream import error_from_response
-from cortex.wire import openai, sse
 
 log = logging.getLogger(__name__)
 
-#: Chunks kept to find the final usage in; the usage chunk is the last
-#: before ``[DONE]`` (chat, completions) or the last event (responses).
-TAIL_CHUNKS = 8
 #: A client that went away, in the error metrics (nginx's number for it).
 CLIENT_CLOSED = 499
-
-
-def abandoned_status(exc: BaseException) -> int:
-    """The status to record for a request that ``exc`` ended before its answer.
-
-    An exception is a bug on our side, which the client sees as a 500; a
-    cancellation (or a group of them) is the client that went away.
-    """
-    return 500 if isinstance(exc, Exception) else CLIENT_CLOSED
 
 
 @attrs.define(eq=False)
 class Exchange:
     """One request on its way through the gateway."""
 
+    #: The endpoint label of the metrics (``chat/completions``, ``messages``).
     endpoint: str
     request_id: str
     started: float
@@ -87,6 +70,12 @@ class Exchange:
     #: A stream's first chunk, or the whole body when not streaming.
     first: bytes = b""
     first_at: float | None = None
+    #: The prompt's tokens, counted before the answer starts (0: not counted).
+    prompt_tokens: int = 0
+    #: The status to record: what the client was answered, or how it ended.
+    status: int = CLIENT_CLOSED
+    #: The usage the answer reported (OpenAI, Responses or Anthropic), if any.
+    usage: dict[str, Any] | None = None
     finished: bool = False
 
 
@@ -101,37 +90,10 @@ class _ConnectTimeout(hop.HopError):
     """No connection within ``connect_timeout`` (a TooSlowError would read as no first byte)."""
 
 
-def usage_from_tail(tail: Iterable[bytes]) -> dict[str, Any] | None:
-    """The last non-null ``usage`` object in the stream's last chunks, if any."""
-    data = b"".join(tail)
-    at = data.rfind(b'"usage"')
-    if at < 0:
-        return None
-    start = data.rfind(b"data:", 0, at)
-    end = data.find(b"\n", at)
-    if start < 0:
-        return None
-    try:
-        frame = json.loads(data[start + 5 : end if end >= 0 else None])
-    except ValueError:
-        return None
-    return _usage_of(frame)
-
-
-def _usage_of(payload: Any) -> dict[str, Any] | None:
-    if not isinstance(payload, dict):
-        return None
-    usage = payload.get("usage")
-    if usage is None and isinstance(payload.get("response"), dict):
-        usage = payload["response"].get("usage")  # Responses: response.completed
-    return usage if isinstance(usage, dict) else None
-
-
-def usage_from_body(body: bytes) -> dict[str, Any] | None:
-    try:
-        return _usage_of(json.loads(body))
-    except ValueError:
-        return None
+def _hop_error(neuron: NeuronState, exc: hop.HopError) -> CortexError:
+    if isinstance(exc, _ConnectTimeout):
+        return UpstreamTimeout(f"neuron {neuron.name} did not answer in time")
+    return NeuronUnreachable(f"neuron {neuron.name} unreachable: {exc}")
 
 
 def token_counts(usage: dict[str, Any] | None) -> tuple[int, int] | None:
@@ -222,22 +184,25 @@ class Proxy:
         assert last_error is not None
         raise last_error
 
-    async def _attempt(self, ex: Exchange, neuron: NeuronState, path: str, content: bytes) -> None:
-        base_url = neuron.base_url
-        url = urlsplit(base_url)
+    @staticmethod
+    def _request(neuron: NeuronState, path: str, content: bytes, request_id: str) -> bytes:
+        url = urlsplit(neuron.base_url)
         headers = [
             ("host", url.netloc),
             ("content-type", "application/json"),
             ("accept-encoding", "identity"),
-            ("x-request-id", ex.request_id),
+            ("x-request-id", request_id),
         ]
         if neuron.token:
             headers.append(("authorization", f"Bearer {neuron.token}"))
-        request = hop.encode_request("POST", url.path + path, headers, content)
+        return hop.encode_request("POST", url.path + path, headers, content)
+
+    async def _attempt(self, ex: Exchange, neuron: NeuronState, path: str, content: bytes) -> None:
+        request = self._request(neuron, path, content, ex.request_id)
         assert ex.model is not None
         try:
             with trio.fail_after(self.section.first_byte_timeout):
-                response = await self.pool(base_url).send(request)
+                response = await self.pool(neuron.base_url).send(request)
                 try:
                     if response.status >= 400:
                         body = await response.read()
@@ -262,14 +227,37 @@ class Proxy:
             )
         except hop.HopError as exc:
             neuron.mark_suspect(f"{type(exc).__name__}: {exc}")
-            error: CortexError
-            if isinstance(exc, _ConnectTimeout):
-                error = UpstreamTimeout(f"neuron {neuron.name} did not answer in time")
-            else:
-                error = NeuronUnreachable(f"neuron {neuron.name} unreachable: {exc}")
-            raise _Retry(error, exclude=True)
+            raise _Retry(_hop_error(neuron, exc), exclude=True)
         ex.neuron, ex.response, ex.first = neuron, response, first
         ex.first_at = trio.current_time()
+
+    async def post(self, neuron: NeuronState, path: str, content: bytes, request_id: str) -> bytes:
+        """POST ``content`` to ``neuron`` and read its whole answer, with no route held.
+
+        For a small call beside a request (counting its prompt), on the
+        same keep-alive connections as the requests.
+
+        Raises:
+          CortexError: the neuron's error answer; UpstreamTimeout or
+            NeuronUnreachable when it did not answer.
+        """
+        request = self._request(neuron, path, content, request_id)
+        try:
+            with trio.fail_after(self.section.first_byte_timeout):
+                response = await self.pool(neuron.base_url).send(request)
+                try:
+                    body = await response.read()
+                finally:
+                    response.close()
+        except trio.TooSlowError:
+            raise UpstreamTimeout(
+                f"neuron {neuron.name} sent nothing within {self.section.first_byte_timeout:g} s"
+            )
+        except hop.HopError as exc:
+            raise _hop_error(neuron, exc)
+        if response.status >= 400:
+            raise error_from_response(response.status, body, response.headers)
+        return body
 
     # -- after the first byte -------------------------------------------------
 
@@ -291,36 +279,12 @@ class Proxy:
         except hop.HopError as exc:
             raise UpstreamError(f"neuron {ex.neuron.name} failed mid-stream: {exc}")
 
-    async def relay(self, ex: Exchange) -> AsyncIterator[bytes]:
-        """An OpenAI stream, byte for byte; an error chunk if the neuron fails."""
-        tail: collections.deque[bytes] = collections.deque(maxlen=TAIL_CHUNKS)
-        status = CLIENT_CLOSED
-        try:
-            chunk: bytes | None = ex.first
-            while chunk is not None:
-                if chunk:
-                    tail.append(chunk)
-                    yield chunk
-                try:
-                    chunk = await self.next_chunk(ex)
-                except CortexError as exc:
-                    log.warning("request %s: %s", ex.request_id, exc.message)
-                    status = exc.status
-                    yield sse.encode(openai.error_body(exc))
-                    break
-            else:
-                status = 200
-        finally:
-            self.finish(ex, status=status, usage=usage_from_tail(tail))
+    def finish(self, ex: Exchange) -> None:
+        """Close the neuron's response, release the route and record the exchange (once).
 
-    def finish(self, ex: Exchange, *, status: int, usage: dict[str, Any] | None = None) -> None:
-        """Close the neuron's response, release the route and record the request (once).
-
-        Whoever takes an exchange from ``dispatch`` calls this in a
-        ``finally``: the relays do, but a relay that never started (the
-        client left while the response head was sent) has no ``finally``
-        to run, so the caller's own ``finally`` must call it as well.
-        Calls after the first only close the response.
+        Records ``ex.status`` and ``ex.usage``. Whoever takes an exchange
+        from ``dispatch`` calls this in a ``finally``; calls after the first
+        only close the response.
         """
         if ex.response is not None:
             ex.response.close()
@@ -330,7 +294,8 @@ class Proxy:
         end = trio.current_time()
         model = ex.model or "unknown"
         neuron = ex.neuron.name if ex.neuron is not None else ""
-        counts = token_counts(usage)
+        status = ex.status
+        counts = token_counts(ex.usage)
         # A stream's first chunk marks its first token and the start of
         # decoding; a whole body says neither, only how many tokens it holds.
         first_token_s = decode_s = None

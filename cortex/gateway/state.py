@@ -253,10 +253,19 @@ class FleetState:
     async def wait_changed(self) -> None:
         await self._changed.wait()
 
+    def all_polled(self) -> bool:
+        """Whether every neuron has been polled once (reached or not)."""
+        return all(neuron.polled.is_set() for neuron in self.neurons.values())
+
     async def wait_polled(self) -> None:
-        """Return once every neuron has been polled once (reached or not)."""
+        """Return once every neuron has been polled once (reached or not).
+
+        Not a checkpoint once they have: every request passes here, and a
+        trip through the scheduler costs it more than the rest of the check.
+        """
         for neuron in self.neurons.values():
-            await neuron.polled.wait()
+            if not neuron.polled.is_set():
+                await neuron.polled.wait()
 
     def routable(self) -> Iterator[NeuronState]:
         return (n for n in self.neurons.values() if n.routable)

@@ -1,9 +1,10 @@
 """The neuron API as the gateway calls it: JSON calls and error mapping.
 
-Inference requests are proxied by ``cortex.gateway.proxy``; everything else
-(discovery, health, models, load, unload, tokenize) goes through
-:class:`NeuronAPI`, which turns a neuron's error answers back into the
-``CortexError`` they stand for, so either dialect can render them.
+Requests (inference, and the tokenize calls of Anthropic's prompt counts)
+are proxied by ``cortex.gateway.proxy``; the fleet's own calls (discovery,
+health, models, load, unload) go through :class:`NeuronAPI`. Both turn a
+neuron's error answers back into the ``CortexError`` they stand for
+(:func:`error_from_response`), so either dialect can render them.
 
 :class:`NeuronLink` is the narrow part of it the router and the pollers use
 to observe and act on neurons. ``NeuronAPI`` is the one over HTTP;
@@ -24,13 +25,10 @@ import httpx
 
 from cortex.errors import (
     CortexError,
-    InvalidRequest,
-    ModelNotFound,
     NeuronUnreachable,
-    QueueFull,
-    Unavailable,
     UpstreamError,
     UpstreamTimeout,
+    error_for_status,
 )
 from cortex.fleet import Discovery, Health, ModelStatus
 from cortex.gateway.state import NeuronState
@@ -38,18 +36,25 @@ from cortex.gateway.state import NeuronState
 log = logging.getLogger(__name__)
 
 
-def retry_after(headers: Mapping[str, str], default: int) -> int:
+def retry_after(headers: Mapping[str, str]) -> int | None:
+    """The Retry-After seconds of an answer; None when absent or not a number."""
+    value = headers.get("retry-after")
+    if value is None:
+        return None
     try:
-        return max(1, int(headers.get("retry-after", default)))
+        return max(1, int(value))
     except ValueError:
-        return default
+        return None
 
 
 def error_from_response(status: int, body: bytes, headers: Mapping[str, str]) -> CortexError:
     """The CortexError a neuron's error answer stands for.
 
-    The neuron sends OpenAI envelopes; message, param and code are kept, the
-    class follows the status so each dialect renders it as its own kind.
+    The neuron sends OpenAI envelopes; message, param and code are kept and
+    the class comes from ``error_for_status``, so each dialect renders it as
+    its own kind. Two answers are the fleet's fault, not the client's, and
+    read as a bad gateway: a refused token (401, 403), and a neuron's own
+    server error (a 5xx other than 503 and 504).
     """
     message, param, code = f"neuron answered {status}", None, None
     try:
@@ -58,30 +63,17 @@ def error_from_response(status: int, body: bytes, headers: Mapping[str, str]) ->
         param, code = error.get("param"), error.get("code")
     except (ValueError, KeyError, TypeError, AttributeError):
         pass
-    exc: CortexError
-    if status == 429:
-        exc = QueueFull(message, retry_after=retry_after(headers, 1))
-    elif status == 503:
-        exc = Unavailable(message, retry_after=retry_after(headers, 5))
-    elif status == 404:
-        exc = ModelNotFound(message)
-    elif status in (401, 403):
-        # Our token was refused: the fleet is misconfigured, not the client.
-        exc = UpstreamError(f"neuron refused the gateway's token: {message}")
-    elif status == 504:
-        exc = UpstreamTimeout(message)
-    elif 400 <= status < 500:
-        exc = InvalidRequest(message)
-        exc.status = status
-    elif status == 502 or status >= 500:
-        exc = UpstreamError(message)
-        exc.status = status if status != 500 else 502
-    else:
-        exc = UpstreamError(message)
-    exc.param = param if isinstance(param, str) else None
-    if isinstance(code, str):
-        exc.code = code
-    return exc
+    if status in (401, 403):
+        return UpstreamError(f"neuron refused the gateway's token: {message}")
+    if status >= 500 and status not in (503, 504):
+        status = UpstreamError.status
+    return error_for_status(
+        status,
+        message,
+        code=code if isinstance(code, str) else None,
+        param=param if isinstance(param, str) else None,
+        retry_after=retry_after(headers),
+    )
 
 
 def transport_error(neuron: NeuronState, exc: Exception) -> CortexError:
@@ -122,7 +114,7 @@ class NeuronAPI:
 
     client: httpx.AsyncClient
     converter: cattrs.Converter
-    #: Read timeout of the small calls (discovery, health, models, unload).
+    #: Read timeout of the small calls (discovery, health, models).
     call_timeout: httpx.Timeout
     #: Read timeout of a load (the neuron answers when the model is loaded).
     load_timeout: httpx.Timeout
@@ -201,12 +193,3 @@ class NeuronAPI:
             json_body={"model_id": model_id, "cancel": False},
             http_timeout=self.load_timeout,
         )
-
-    async def tokenize(
-        self, neuron: NeuronState, body: dict[str, Any], request_id: str | None = None
-    ) -> int:
-        data = await self.call(neuron, "POST", "/tokenize", json_body=body, request_id=request_id)
-        try:
-            return int(data["count"])
-        except (KeyError, TypeError, ValueError):
-            raise UpstreamError(f"neuron {neuron.name} answered /tokenize without a count")

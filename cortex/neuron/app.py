@@ -9,7 +9,6 @@ nothing here exists at import time.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import os
 import time
@@ -30,9 +29,11 @@ from cortex.config import NeuronConfig
 from cortex.errors import (
     ContextOverflow,
     CortexError,
+    GenerationFailed,
     InvalidRequest,
     Unauthorized,
     Unavailable,
+    error_for_status,
 )
 from cortex.fleet import DeviceSample, Discovery, Health, MemoryBudget, make_converter
 from cortex.harness import ChatPrompt, Sampling, harness_infos, plugin_manager
@@ -43,14 +44,13 @@ from cortex.neuron.workers import (
     Delta,
     Done,
     Failed,
-    GenerationFailed,
     GenerationRequest,
     Job,
     collect,
     tokens_per_second,
 )
 from cortex.serve import serve
-from cortex.wire import jsonbody, openai, responses, sse
+from cortex.wire import envelope, jsonbody, openai, responses, sse
 
 log = logging.getLogger(__name__)
 
@@ -235,12 +235,7 @@ def create_app(neuron: Neuron) -> QuartTrio:
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
-        status = exc.code or 500
-        return Response(
-            json.dumps(openai.error_from(status, exc.description or exc.name)),
-            status=status,
-            content_type="application/json",
-        )
+        return error_response(error_for_status(exc.code or 500, exc.description or exc.name))
 
     # -- fleet API: what the gateway calls --------------------------------------------
 
@@ -783,12 +778,10 @@ def outcome(done: Done) -> tuple[str, str | None]:
 
 
 def error_response(exc: CortexError) -> Response:
-    response = Response(
-        json.dumps(openai.error_body(exc)), status=exc.status, content_type="application/json"
-    )
-    retry_after = getattr(exc, "retry_after", None)
-    if retry_after is not None:
-        response.headers["Retry-After"] = str(retry_after)
+    """``exc`` as an answer (the request id header is added after each request)."""
+    status, body, headers = envelope.error_parts(exc)
+    response = Response(body, status=status, content_type="application/json")
+    response.headers.update(headers)
     return response
 
 

@@ -34,7 +34,7 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from cortex.errors import CortexError, QueueFull, ServiceError, Unavailable
+from cortex.errors import CortexError, GenerationFailed, QueueFull, Unavailable
 from cortex.harness import LoadedModel, Sampling
 from cortex.neuron.stops import StopScanner
 
@@ -377,10 +377,6 @@ async def collect(job: Job) -> tuple[str, Done]:
         job.close()
     # The worker closed the job without an ending: the model is being unloaded.
     raise Unavailable("generation cancelled: the model is being unloaded")
-
-
-class GenerationFailed(ServiceError):
-    """The engine failed while generating."""
 
 
 class ConsumerGone(Exception):

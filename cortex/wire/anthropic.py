@@ -234,6 +234,8 @@ def count_tokens_response(input_tokens: int) -> dict[str, int]:
 
 # -- errors -------------------------------------------------------------------
 
+#: Anthropic's error types, one per status: the dialect's names for the
+#: statuses the error tree answers with (``CortexError.status``).
 _TYPE_FOR_STATUS = {
     400: "invalid_request_error",
     401: "authentication_error",

@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from cortex.errors import CortexError, InvalidRequest
+from cortex.errors import CortexError, InvalidRequest, ServiceError, error_for_status
 from cortex.harness import Sampling
 from cortex.wire import fields
 from cortex.wire.fields import Integer, Number, real, whole
@@ -598,28 +598,19 @@ def model_list(models: list[dict[str, Any]]) -> dict[str, Any]:
 
 # -- errors -------------------------------------------------------------------
 
-_TYPE_FOR_STATUS = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-}
-
-
-def _envelope(message: str, type: str, param: str | None, code: str | None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
 
 def error_body(exc: CortexError) -> dict[str, Any]:
     """The OpenAI error envelope for ``exc``; also the mid-stream error chunk."""
-    return _envelope(exc.message, exc.kind, exc.param, exc.code)
+    return {
+        "error": {"message": exc.message, "type": exc.kind, "param": exc.param, "code": exc.code}
+    }
 
 
 def error_from(status: int, message: str) -> dict[str, Any]:
-    """The envelope for an error that is no CortexError (a 404 route, a 405)."""
-    kind = _TYPE_FOR_STATUS.get(
-        status, "server_error" if status >= 500 else "invalid_request_error"
-    )
-    return _envelope(message, kind, None, None)
+    """The envelope for an error that is no CortexError (a 404 route, a 405).
+
+    A client error takes the kind of the class its status stands for; a
+    server error is a ``server_error``, whatever its status.
+    """
+    exc = error_for_status(status, message) if status < 500 else ServiceError(message)
+    return error_body(exc)

@@ -247,6 +247,22 @@ def stop_reason(finish_reason: str | None, stop_sequence: str | None, has_tool_u
     return "end_turn"
 
 
+def anthropic_usage(
+    usage: dict[str, Any] | None, *, input_tokens: int = 0, output_tokens: int = 0
+) -> dict[str, Any]:
+    """Anthropic's ``usage`` for an OpenAI one (None: none came yet).
+
+    Args:
+      usage: the chat completion's or the stream's usage chunk's ``usage``.
+      input_tokens, output_tokens: what stands in for a count it lacks.
+    """
+    usage = usage or {}
+    return {
+        "input_tokens": usage.get("prompt_tokens", input_tokens),
+        "output_tokens": usage.get("completion_tokens", output_tokens),
+    }
+
+
 def _tool_input(arguments: str | None) -> dict[str, Any]:
     if not arguments:
         return {}
@@ -281,7 +297,6 @@ def openai_to_anthropic(
             }
         )
     reason = stop_reason(choice.get("finish_reason"), choice.get("stop_sequence"), bool(calls))
-    usage = resp.get("usage") or {}
     return {
         "id": message_id or f"msg_{secrets.token_hex(12)}",
         "type": "message",
@@ -290,10 +305,7 @@ def openai_to_anthropic(
         "content": content,
         "stop_reason": reason,
         "stop_sequence": choice.get("stop_sequence") if reason == "stop_sequence" else None,
-        "usage": {
-            "input_tokens": usage.get("prompt_tokens", 0),
-            "output_tokens": usage.get("completion_tokens", 0),
-        },
+        "usage": anthropic_usage(resp.get("usage")),
     }
 
 
@@ -330,7 +342,7 @@ class AnthropicStream:
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": {"input_tokens": self.input_tokens, "output_tokens": 0},
+            "usage": anthropic_usage(None, input_tokens=self.input_tokens),
         }
         return [("message_start", {"type": "message_start", "message": message})]
 
@@ -438,12 +450,9 @@ class AnthropicStream:
                 "the neuron's stream ended before its answer did (no finish_reason)", status=502
             )
         events = self._close()
-        usage = self._usage or {}
-        output_tokens = usage.get("completion_tokens", self._chunks_with_output)
-        delta_usage = {
-            "input_tokens": usage.get("prompt_tokens", self.input_tokens),
-            "output_tokens": output_tokens,
-        }
+        delta_usage = anthropic_usage(
+            self._usage, input_tokens=self.input_tokens, output_tokens=self._chunks_with_output
+        )
         reason = stop_reason(self._finish_reason, self._stop_sequence, bool(self._tools))
         events.append(
             (

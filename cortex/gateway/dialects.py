@@ -1,0 +1,414 @@
+"""The inference routes' dialects: what the exchange pipeline asks of each.
+
+One :class:`Dialect` object per inference route parameterises the one
+exchange pipeline (``cortex.gateway.exchange``):
+
+- ``parse``: the request body, validated (400 in the dialect's envelope);
+- ``to_upstream``: what to send a neuron, once the model is resolved;
+- ``send``: send it (``Proxy.dispatch``, and for an Anthropic stream the
+  prompt's count beside it);
+- ``answer``: a whole answer from the neuron's whole body;
+- ``relay``: a stream, from the neuron's chunks;
+- ``error``: an error as the dialect's answer.
+
+:class:`OpenAI` passes chat completions, completions and responses through
+as they came (the body is re-encoded only when the gateway changes it) and
+their streams byte for byte, watching only for the usage. :class:`Messages`
+translates Anthropic messages to chat completions and the answers back
+(``cortex.wire.translate``); :class:`CountTokens` asks the model's
+tokenizer. Answers and relays set ``Exchange.status`` and ``usage``; the
+pipeline records them.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+from collections.abc import AsyncGenerator, Iterable
+from typing import Any
+
+import attrs
+import trio
+
+from cortex.errors import CortexError, InvalidRequest, UpstreamError
+from cortex.gateway.context import Gateway
+from cortex.gateway.proxy import Exchange
+from cortex.gateway.state import LOADED
+from cortex.wire import anthropic, envelope, openai, sse, translate
+
+log = logging.getLogger(__name__)
+
+#: Seconds a stream waits past its first byte for the prompt's token count.
+COUNT_GRACE = 1.0
+#: Chunks kept to find the final usage in; the usage chunk is the last
+#: before ``[DONE]`` (chat, completions) or the last event (responses).
+TAIL_CHUNKS = 8
+
+JSON = b"application/json"
+EVENT_STREAM = b"text/event-stream"
+
+
+@attrs.frozen
+class Request:
+    """A parsed request body: the model it names, whether it streams, the dialect's parse."""
+
+    model: str
+    stream: bool
+    data: Any
+
+
+@attrs.frozen
+class Upstream:
+    """What an exchange sends a neuron."""
+
+    path: str
+    content: bytes
+    #: The body to count the prompt of (``/tokenize``) beside the request; None: no count.
+    count: dict[str, Any] | None = None
+
+
+@attrs.frozen
+class Answer:
+    """A whole (non-streamed) answer."""
+
+    status: int
+    content_type: bytes
+    body: bytes
+
+
+class Dialect:
+    """How one inference route reads its requests and writes its answers and errors.
+
+    Attributes:
+      endpoint: the route's label in the metrics and the log.
+      errors: the envelope dialect (``envelope.OPENAI``, ``envelope.ANTHROPIC``).
+    """
+
+    endpoint: str
+    errors: str = envelope.OPENAI
+
+    def parse(self, body: dict[str, Any], content: bytes) -> Request:
+        """Validate the decoded ``body`` (``content`` as it came).
+
+        Raises:
+          InvalidRequest: not a request of this route.
+        """
+        raise NotImplementedError
+
+    def to_upstream(self, gateway: Gateway, ex: Exchange, request: Request) -> Upstream:
+        """What to send a neuron for ``request``, its model resolved to ``ex.model``."""
+        raise NotImplementedError
+
+    async def send(self, gateway: Gateway, ex: Exchange, upstream: Upstream) -> None:
+        """Send ``upstream`` until a neuron answers its first byte (``Proxy.dispatch``).
+
+        Raises:
+          CortexError: for the client (no route, the neuron's own error).
+        """
+        await gateway.proxy.dispatch(ex, upstream.path, upstream.content)
+
+    def answer(self, ex: Exchange) -> Answer:
+        """The answer to a request that does not stream, from the neuron's whole body.
+
+        Raises:
+          UpstreamError: the neuron's body is not what it should be.
+        """
+        raise NotImplementedError
+
+    def stream_type(self, ex: Exchange) -> bytes:
+        """The content type of a stream's answer."""
+        return EVENT_STREAM
+
+    def relay(self, gateway: Gateway, ex: Exchange) -> AsyncGenerator[bytes, None]:
+        """A stream's answer, from ``ex.first`` and the neuron's next chunks.
+
+        Ends with the dialect's error event if the neuron fails mid-way.
+        """
+        raise NotImplementedError
+
+    def error(self, exc: CortexError, request_id: str) -> tuple[int, bytes, list[tuple[str, str]]]:
+        """(status, body, headers besides content-type) answering ``exc``."""
+        return envelope.error_parts(exc, dialect=self.errors, request_id=request_id)
+
+    def id_headers(self, request_id: str) -> list[tuple[bytes, bytes]]:
+        return [
+            (name.encode("latin-1"), value.encode("latin-1"))
+            for name, value in envelope.id_headers(request_id, self.errors)
+        ]
+
+
+# -- OpenAI: passed through ----------------------------------------------------------
+
+
+def usage_from_tail(tail: Iterable[bytes]) -> dict[str, Any] | None:
+    """The last non-null ``usage`` object in the stream's last chunks, if any."""
+    data = b"".join(tail)
+    at = data.rfind(b'"usage"')
+    if at < 0:
+        return None
+    start = data.rfind(b"data:", 0, at)
+    end = data.find(b"\n", at)
+    if start < 0:
+        return None
+    try:
+        frame = json.loads(data[start + 5 : end if end >= 0 else None])
+    except ValueError:
+        return None
+    return _usage_of(frame)
+
+
+def usage_from_body(body: bytes) -> dict[str, Any] | None:
+    try:
+        return _usage_of(json.loads(body))
+    except ValueError:
+        return None
+
+
+def _usage_of(payload: Any) -> dict[str, Any] | None:
+    if not isinstance(payload, dict):
+        return None
+    usage = payload.get("usage")
+    if usage is None and isinstance(payload.get("response"), dict):
+        usage = payload["response"].get("usage")  # Responses: response.completed
+    return usage if isinstance(usage, dict) else None
+
+
+@attrs.frozen
+class OpenAI(Dialect):
+    """An OpenAI route proxied as sent: the body, the answer and the stream as they are.
+
+    Args:
+      endpoint: ``chat/completions``, ``completions`` or ``responses``; the
+        neuron's route of the same name serves it.
+    """
+
+    endpoint: str
+
+    def parse(self, body: dict[str, Any], content: bytes) -> Request:
+        name = body.get("model")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest("model must be a non-empty string", param="model")
+        return Request(name, body.get("stream") is True, (body, content))
+
+    def to_upstream(self, gateway: Gateway, ex: Exchange, request: Request) -> Upstream:
+        assert ex.model is not None
+        body, content = request.data
+        # Forward the body as it came unless the gateway changes it.
+        if gateway.apply_defaults(ex.model, body, self.endpoint) or ex.model != request.model:
+            body["model"] = ex.model
+            content = json.dumps(body).encode()
+        return Upstream(f"/v1/{self.endpoint}", content)
+
+    def answer(self, ex: Exchange) -> Answer:
+        assert ex.response is not None
+        ex.status = ex.response.status
+        ex.usage = usage_from_body(ex.first)
+        return Answer(ex.status, self._content_type(ex), ex.first)
+
+    def stream_type(self, ex: Exchange) -> bytes:
+        return self._content_type(ex)
+
+    @staticmethod
+    def _content_type(ex: Exchange) -> bytes:
+        assert ex.response is not None
+        return ex.response.headers.get("content-type", "application/json").encode("latin-1")
+
+    async def relay(self, gateway: Gateway, ex: Exchange) -> AsyncGenerator[bytes, None]:
+        """The stream byte for byte; an error chunk if the neuron fails."""
+        tail: collections.deque[bytes] = collections.deque(maxlen=TAIL_CHUNKS)
+        chunk: bytes | None = ex.first
+        while chunk is not None:
+            if chunk:
+                tail.append(chunk)
+                yield chunk
+            try:
+                chunk = await gateway.proxy.next_chunk(ex)
+            except CortexError as exc:
+                log.warning("request %s: %s", ex.request_id, exc.message)
+                ex.status, ex.usage = exc.status, usage_from_tail(tail)
+                yield sse.encode(openai.error_body(exc))
+                return
+        ex.status, ex.usage = 200, usage_from_tail(tail)
+
+
+# -- Anthropic: translated ----------------------------------------------------------
+
+
+async def count_input(gateway: Gateway, ex: Exchange, body: dict[str, Any]) -> int:
+    """The prompt's tokens by the neuron's tokenizer; 0 when it cannot say.
+
+    Asked of a neuron that has the model loaded (during a cold load, once
+    it is), without ``Router.acquire``: that would take a request slot from
+    the very generation this counts for.
+    """
+    state = gateway.state
+    try:
+        with trio.fail_after(gateway.config.gateway.load_timeout):
+            while True:
+                loaded = [n for n in state.routable() if n.status_of(ex.model or "") == LOADED]
+                if loaded:
+                    break
+                await state.wait_changed()
+        content = json.dumps(body).encode()
+        answer = await gateway.proxy.post(loaded[0], "/tokenize", content, ex.request_id)
+        return int(json.loads(answer)["count"])
+    except (CortexError, trio.TooSlowError) as exc:
+        log.debug("request %s: no input token count: %s", ex.request_id, exc)
+    except (ValueError, KeyError, TypeError) as exc:
+        log.debug("request %s: no input token count: bad answer: %s", ex.request_id, exc)
+    return 0
+
+
+def _prompt(chat: dict[str, Any]) -> dict[str, Any]:
+    """The part of a chat body the prompt is made of: what ``/tokenize`` counts."""
+    body = {"model": chat["model"], "messages": chat["messages"]}
+    if chat.get("tools"):
+        body["tools"] = chat["tools"]
+    return body
+
+
+@attrs.frozen
+class Messages(Dialect):
+    """``/v1/messages``: Anthropic in, chat completions to the neuron, Anthropic out."""
+
+    endpoint: str = "messages"
+    errors: str = envelope.ANTHROPIC
+
+    def parse(self, body: dict[str, Any], content: bytes) -> Request:
+        req = anthropic.parse_messages_request(body)
+        return Request(req.model, req.stream, req)
+
+    def to_upstream(self, gateway: Gateway, ex: Exchange, request: Request) -> Upstream:
+        assert ex.model is not None
+        chat = translate.anthropic_to_openai(request.data, model=ex.model)
+        gateway.apply_defaults(ex.model, chat, "chat/completions")
+        content = json.dumps(chat).encode()
+        return Upstream("/v1/chat/completions", content, _prompt(chat) if ex.stream else None)
+
+    async def send(self, gateway: Gateway, ex: Exchange, upstream: Upstream) -> None:
+        if upstream.count is None:
+            await gateway.proxy.dispatch(ex, upstream.path, upstream.content)
+            return
+        count = upstream.count
+
+        async def count_prompt() -> None:
+            ex.prompt_tokens = await count_input(gateway, ex, count)
+
+        # message_start carries the prompt's size: count it while the neuron
+        # processes the prompt, waiting briefly past the first byte for the
+        # count rather than delaying the stream.
+        failure: CortexError | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(count_prompt)
+            try:
+                await gateway.proxy.dispatch(ex, upstream.path, upstream.content)
+            except CortexError as exc:
+                failure = exc
+                nursery.cancel_scope.cancel()
+            else:
+                nursery.cancel_scope.deadline = trio.current_time() + COUNT_GRACE
+        if failure is not None:
+            raise failure
+
+    def answer(self, ex: Exchange) -> Answer:
+        assert ex.model is not None
+        try:
+            message = translate.openai_to_anthropic(json.loads(ex.first), model=ex.model)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise UpstreamError(f"neuron answered with a malformed completion: {exc}")
+        ex.status, ex.usage = 200, message["usage"]
+        return Answer(200, JSON, json.dumps(message).encode())
+
+    async def relay(self, gateway: Gateway, ex: Exchange) -> AsyncGenerator[bytes, None]:
+        """The neuron's chat stream as Anthropic events."""
+        assert ex.model is not None
+        stream = translate.AnthropicStream(
+            message_id=anthropic.new_message_id(), model=ex.model, input_tokens=ex.prompt_tokens
+        )
+        decoder = sse.SSEDecoder()
+
+        def feed(chunk: bytes) -> tuple[list[tuple[str, dict[str, Any]]], int | None]:
+            """Events for ``chunk``, and the status if the stream failed in it."""
+            events: list[tuple[str, dict[str, Any]]] = []
+            for event in decoder.feed(chunk):
+                if event.data == "[DONE]":
+                    continue
+                try:
+                    data = json.loads(event.data)
+                except ValueError:
+                    return events + stream.error("neuron sent a malformed chunk", status=502), 502
+                if not isinstance(data, dict):
+                    continue
+                if data.get("usage"):
+                    ex.usage = data["usage"]
+                events += stream.feed(data)
+                if "error" in data:  # the neuron's own mid-stream error
+                    return events, 500
+            return events, None
+
+        yield _encode(stream.start())
+        chunk: bytes | None = ex.first
+        while chunk is not None:
+            events, failed = feed(chunk)
+            if events:
+                yield _encode(events)
+            if failed is not None:
+                ex.status = failed
+                return
+            try:
+                chunk = await gateway.proxy.next_chunk(ex)
+            except CortexError as exc:
+                log.warning("request %s: %s", ex.request_id, exc.message)
+                ex.status = anthropic.status_for(exc)
+                yield _encode(stream.error(exc.message, status=ex.status))
+                return
+        # No finish_reason: the neuron's stream was cut short, and finish()
+        # ends it with an error event.
+        if not stream.complete:
+            log.warning("request %s: the neuron's stream ended early", ex.request_id)
+        ex.status = 200 if stream.complete else 502
+        yield _encode(stream.finish())
+
+
+def _encode(events: list[tuple[str, dict[str, Any]]]) -> bytes:
+    return b"".join(sse.encode(payload, event=name) for name, payload in events)
+
+
+@attrs.frozen
+class CountTokens(Dialect):
+    """``/v1/messages/count_tokens``: the prompt's tokens by the model's own tokenizer.
+
+    The tokenizer lives with the model: this routes (and cold loads when
+    needed) exactly like a generation would.
+    """
+
+    endpoint: str = "messages/count_tokens"
+    errors: str = envelope.ANTHROPIC
+
+    def parse(self, body: dict[str, Any], content: bytes) -> Request:
+        req = anthropic.parse_count_tokens_request(body)
+        return Request(req.model, False, req)
+
+    def to_upstream(self, gateway: Gateway, ex: Exchange, request: Request) -> Upstream:
+        chat = translate.anthropic_to_openai(request.data, model=ex.model)
+        return Upstream("/tokenize", json.dumps(chat).encode())
+
+    def answer(self, ex: Exchange) -> Answer:
+        try:
+            count = int(json.loads(ex.first)["count"])
+        except (ValueError, KeyError, TypeError) as exc:
+            name = ex.neuron.name if ex.neuron is not None else "?"
+            raise UpstreamError(f"neuron {name} answered /tokenize without a count: {exc}")
+        ex.status = 200
+        return Answer(200, JSON, json.dumps(anthropic.count_tokens_response(count)).encode())
+
+
+#: Path -> the dialect of each inference route.
+ROUTES: dict[str, Dialect] = {
+    "/v1/chat/completions": OpenAI("chat/completions"),
+    "/v1/completions": OpenAI("completions"),
+    "/v1/responses": OpenAI("responses"),
+    "/v1/messages": Messages(),
+    "/v1/messages/count_tokens": CountTokens(),
+}

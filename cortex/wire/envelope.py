@@ -1,0 +1,49 @@
+"""An error as an HTTP answer in the caller's dialect, for both roles.
+
+The body comes from the dialect's one envelope maker
+(``openai.error_body``, ``anthropic.error_body``); this adds the status
+(Anthropic's own for "try later": 529) and the headers every error answer
+carries: Retry-After where the error has one, and the request id where the
+caller sets it. The neuron answers in the OpenAI dialect; the gateway in
+the dialect of the route that was called.
+"""
+
+from __future__ import annotations
+
+import json
+
+from cortex.errors import CortexError
+from cortex.wire import anthropic, openai
+
+OPENAI = "openai"
+ANTHROPIC = "anthropic"
+
+
+def id_headers(request_id: str, dialect: str) -> list[tuple[str, str]]:
+    """``x-request-id``, and Anthropic's own ``request-id`` in its dialect."""
+    headers = [("x-request-id", request_id)]
+    if dialect == ANTHROPIC:
+        headers.append(("request-id", request_id))
+    return headers
+
+
+def error_parts(
+    exc: CortexError, *, dialect: str = OPENAI, request_id: str | None = None
+) -> tuple[int, bytes, list[tuple[str, str]]]:
+    """(status, JSON body, headers besides content-type) answering ``exc``.
+
+    Args:
+      exc: the error.
+      dialect: ``OPENAI`` or ``ANTHROPIC``.
+      request_id: the request's id for the id headers; None: none added.
+    """
+    if dialect == ANTHROPIC:
+        body, status = anthropic.error_body(exc), anthropic.status_for(exc)
+    else:
+        body, status = openai.error_body(exc), exc.status
+    headers: list[tuple[str, str]] = []
+    if exc.retry_after is not None:
+        headers.append(("retry-after", str(exc.retry_after)))
+    if request_id is not None:
+        headers += id_headers(request_id, dialect)
+    return status, json.dumps(body).encode(), headers
