@@ -68,6 +68,9 @@ class Done:
     decode_seconds: float
     #: Seconds from the start of the job's thread to its first token.
     first_token_seconds: float | None
+    #: Prompt tokens the engine did not evaluate again (its prompt cache);
+    #: 0 when it says nothing or no token came.
+    cached_tokens: int = 0
 
 
 @attrs.frozen
@@ -254,6 +257,7 @@ class GenerationWorker:
         finish = "length"
         started = time.perf_counter()
         first_token: float | None = None
+        cached = 0
 
         def emit(event: Event) -> None:
             try:
@@ -268,6 +272,7 @@ class GenerationWorker:
                 for token in generator:
                     if first_token is None:
                         first_token = time.perf_counter()
+                        cached = getattr(token, "cached_tokens", 0)
                     emitted += 1
                     job.completion_tokens = emitted
                     text = scanner.feed(token.piece)
@@ -300,6 +305,7 @@ class GenerationWorker:
                 completion_tokens=emitted,
                 decode_seconds=ended - first_token if first_token is not None else 0.0,
                 first_token_seconds=None if first_token is None else first_token - started,
+                cached_tokens=cached,
             )
         )
 

@@ -18,6 +18,15 @@ Choices made where the two dialects do not line up:
 - Tool arguments that are not a JSON object come back as
   ``input: {"_raw_arguments": "<the text>"}`` so nothing the model wrote is
   lost and the client's schema check reports it to the model.
+- Usage: the neuron's ``prompt_tokens_details.cached_tokens`` becomes
+  ``cache_read_input_tokens`` and ``input_tokens`` the rest of the prompt,
+  as Anthropic counts them. ``cache_creation_input_tokens`` is always 0:
+  a neuron caches every prompt by itself, at no extra cost, so nothing is
+  a paid cache write. ``cache_control`` marks in the request are ignored.
+  Streaming, ``message_start`` cannot know the cached part yet (the prompt
+  is not seated): it carries the whole prompt as ``input_tokens`` and the
+  cache fields as 0, and ``message_delta`` the final split (the SDKs
+  overwrite the start's numbers with the delta's).
 """
 
 from __future__ import annotations
@@ -259,6 +268,21 @@ def _tool_input(arguments: str | None) -> dict[str, Any]:
     return {"_raw_arguments": arguments}
 
 
+def anthropic_usage(usage: dict[str, Any], output_tokens: int | None = None) -> dict[str, Any]:
+    """Anthropic usage from an OpenAI chat ``usage`` object (see the module notes)."""
+    prompt = usage.get("prompt_tokens", 0)
+    details = usage.get("prompt_tokens_details") or {}
+    cached = min(details.get("cached_tokens") or 0, prompt)
+    return {
+        "input_tokens": prompt - cached,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
+        "output_tokens": usage.get("completion_tokens", 0)
+        if output_tokens is None
+        else output_tokens,
+    }
+
+
 def openai_to_anthropic(
     resp: dict[str, Any], *, model: str, message_id: str | None = None
 ) -> dict[str, Any]:
@@ -290,10 +314,7 @@ def openai_to_anthropic(
         "content": content,
         "stop_reason": reason,
         "stop_sequence": choice.get("stop_sequence") if reason == "stop_sequence" else None,
-        "usage": {
-            "input_tokens": usage.get("prompt_tokens", 0),
-            "output_tokens": usage.get("completion_tokens", 0),
-        },
+        "usage": anthropic_usage(usage),
     }
 
 
@@ -330,7 +351,12 @@ class AnthropicStream:
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": {"input_tokens": self.input_tokens, "output_tokens": 0},
+            "usage": {
+                "input_tokens": self.input_tokens,
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0,
+                "output_tokens": 0,
+            },
         }
         return [("message_start", {"type": "message_start", "message": message})]
 
@@ -438,12 +464,10 @@ class AnthropicStream:
                 "the neuron's stream ended before its answer did (no finish_reason)", status=502
             )
         events = self._close()
-        usage = self._usage or {}
-        output_tokens = usage.get("completion_tokens", self._chunks_with_output)
-        delta_usage = {
-            "input_tokens": usage.get("prompt_tokens", self.input_tokens),
-            "output_tokens": output_tokens,
-        }
+        usage = self._usage or {"prompt_tokens": self.input_tokens}
+        delta_usage = anthropic_usage(
+            usage, usage.get("completion_tokens", self._chunks_with_output)
+        )
         reason = stop_reason(self._finish_reason, self._stop_sequence, bool(self._tools))
         events.append(
             (
