@@ -156,6 +156,8 @@ class PromptCacheStatistics:
       host_tokens: prompt tokens reused from states restored from host memory.
       host_saves: sequence states copied to host memory.
       host_restores: saved states copied back into a slot.
+      host_failures: restores the engine gave up (the prompt was then
+        evaluated as if nothing were saved).
       host_evictions: saved states dropped for room (least recently used first).
       host_bytes: bytes the saved states hold now.
       host_entries: saved states held now.
@@ -174,6 +176,7 @@ class PromptCacheStatistics:
     host_tokens: int = 0
     host_saves: int = 0
     host_restores: int = 0
+    host_failures: int = 0
     host_evictions: int = 0
     host_bytes: int = 0
     host_entries: int = 0

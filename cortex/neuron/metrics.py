@@ -95,6 +95,11 @@ def _prompt_cache_metrics(statuses: list[ModelStatus]) -> Iterator[Metric]:
         "Saved states restored into a slot",
         labels=["model"],
     )
+    failures = CounterMetricFamily(
+        "cortex_neuron_prompt_cache_host_failures",
+        "Restores given up (no contiguous run of free cells): the prompt was evaluated",
+        labels=["model"],
+    )
     evictions = CounterMetricFamily(
         "cortex_neuron_prompt_cache_host_evictions",
         "Saved states dropped for room",
@@ -121,11 +126,12 @@ def _prompt_cache_metrics(statuses: list[ModelStatus]) -> Iterator[Metric]:
         reused.add_metric([m.id, "host"], cache.host_tokens)
         saves.add_metric([m.id], cache.host_saves)
         restores.add_metric([m.id], cache.host_restores)
+        failures.add_metric([m.id], cache.host_failures)
         evictions.add_metric([m.id], cache.host_evictions)
         held.add_metric([m.id], cache.host_bytes)
         budget.add_metric([m.id], cache.host_budget_bytes)
         entries.add_metric([m.id], cache.host_entries)
-    yield from (requests, reused, saves, restores, evictions, held, budget, entries)
+    yield from (requests, reused, saves, restores, failures, evictions, held, budget, entries)
 
 
 class NeuronMetrics:

@@ -338,6 +338,7 @@ class BatchedDecoder:
             host_tokens=stats.host_tokens,
             host_saves=stats.host_saves,
             host_restores=stats.host_restores,
+            host_failures=stats.host_failures,
             host_evictions=stats.host_evictions,
             host_bytes=stats.host_bytes,
             host_entries=stats.host_entries,
