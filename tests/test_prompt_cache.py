@@ -360,3 +360,24 @@ def test_a_restored_state_continues_like_a_fresh_prefill(load) -> None:
     assert cached >= len(chats[0])
     assert model._decoder.statistics().host_restores == 1
     assert ids == run(fresh, prompt, 16)[0]
+
+
+def test_a_restore_survives_its_own_eviction_from_a_full_host_tier(load, long_model_path):
+    # A 1 MiB tier holds one ~0.75 MB state. Restoring session 1 first saves
+    # the slot it goes into, which evicts session 1's own state. (The pool
+    # holds both slots' sessions: no state is saved for room.)
+    model = load(long_model_path, parallel=2, host_cache_mb=1, kv_cells=4096)
+    fresh = load(long_model_path, parallel=2, host_cache_mb=0)
+    prompts = [
+        model.tokenize(f"Session {i}. " + SYSTEM + document(i) + document(i + 10)) for i in range(4)
+    ]
+    for prompt in prompts:  # 0, 1 into the empty slots; 2, 3 into the least recently used
+        run(model, prompt, 4)
+    stats = model._decoder.statistics()
+    assert (stats.host_saves, stats.host_entries) == (2, 1)
+    again = prompts[1] + model.tokenize(" More?", add_bos=False)
+    ids, cached = run(model, again, 8)
+    assert cached >= len(prompts[1])
+    assert ids == run(fresh, again, 8)[0]
+    stats = model._decoder.statistics()
+    assert stats.host_restores == 1 and stats.host_entries == 1

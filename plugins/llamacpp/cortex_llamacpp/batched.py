@@ -86,6 +86,8 @@ AHEAD = 4
 PENALTY_LAST_N = 64
 #: The most block hashes ``prompt_cache`` reports.
 MAX_BLOCKS = 64
+#: How long ``prompt_cache`` waits for the lock before answering from its last snapshot.
+STATS_WAIT = 0.005
 
 
 @attrs.frozen
@@ -276,6 +278,7 @@ class BatchedDecoder:
         self._misses = 0
         self._host_restores = 0
         self._host_failures = 0
+        self._last_prompt_cache = PromptCacheStatistics()
         self._thread = threading.Thread(target=self._run, name="llama-batched-decode", daemon=True)
         self._thread.start()
 
@@ -317,21 +320,31 @@ class BatchedDecoder:
         Hashes come from the slots (most recently used first), then the host
         tier's states (the same), at most ``MAX_BLOCKS``. The hashing runs
         outside the lock.
+
+        The neuron asks from its event loop, and the decode thread holds the
+        lock while it copies states (milliseconds, more for large models):
+        when the lock is not free within ``STATS_WAIT`` seconds, the last
+        answer is given again.
         """
-        with self._lock:
+        if not self._lock.acquire(timeout=STATS_WAIT):
+            return self._last_prompt_cache
+        try:
             stats = self._statistics()
+            span = MAX_BLOCKS * BLOCK_TOKENS
             held = [
-                list(slot.cached)
+                slot.cached[:span]
                 for slot in sorted(self._slots, key=lambda s: s.used_at, reverse=True)
                 if len(slot.cached) >= BLOCK_TOKENS
             ]
             saved = self._host.blocks() if self._host else []
+        finally:
+            self._lock.release()
         blocks: dict[str, None] = {}
         for hashes in [*(prefix_hashes(tokens) for tokens in held), *saved]:
             for block in hashes:
                 if len(blocks) < MAX_BLOCKS:
                     blocks.setdefault(block)
-        return PromptCacheStatistics(
+        self._last_prompt_cache = PromptCacheStatistics(
             hits=stats.hits,
             misses=stats.misses,
             slot_tokens=stats.reused_tokens,
@@ -345,6 +358,7 @@ class BatchedDecoder:
             host_budget_bytes=stats.host_budget,
             blocks=tuple(blocks),
         )
+        return self._last_prompt_cache
 
     def generate(
         self, tokens: list[int], sampling: Sampling, piece: Callable[[int], bytes]
@@ -529,9 +543,18 @@ class BatchedDecoder:
                 slot.seq_id: min(_common_prefix(slot.cached, sequence.tokens), limit)
                 for slot in free
             }
-            # Ties go to an empty slot, then the least recently used: the
-            # caches worth most stay.
-            slot = max(free, key=lambda s: (shared[s.seq_id], not s.cached, -s.used_at))
+            # A long shared prefix first; else an empty slot (a few shared
+            # tokens, such as a BOS, are not worth another's cache); then the
+            # most shared; then the least recently used.
+            slot = max(
+                free,
+                key=lambda s: (
+                    shared[s.seq_id] if shared[s.seq_id] >= MIN_TOKENS else 0,
+                    not s.cached,
+                    shared[s.seq_id],
+                    -s.used_at,
+                ),
+            )
             keep = shared[slot.seq_id]
             restored = self._restore(sequence, free, limit, keep)
             if restored is not None:
@@ -588,6 +611,8 @@ class BatchedDecoder:
         entry, shared = self._host.match(sequence.prompt, limit)
         if entry is None or shared < keep + MIN_TOKENS:
             return None
+        # Most recently used before the saves below, which may evict for room.
+        self._host.touch(entry)
         slot = min(free, key=lambda s: (bool(s.cached), s.used_at))
         saved = len(entry.tokens)
         if self._kv_unified and not self._make_room(
@@ -611,7 +636,6 @@ class BatchedDecoder:
             return None
         slot.cached = entry.tokens[:shared].tolist()
         self._host_restores += 1
-        self._host.touch(entry)
         return slot, shared
 
     def _set_state(self, slot: _Slot, entry: SavedState) -> bool:

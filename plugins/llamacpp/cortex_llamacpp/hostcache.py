@@ -125,9 +125,10 @@ class HostCache:
         return entry
 
     def touch(self, entry: SavedState) -> None:
-        """Mark ``entry`` the most recently used."""
-        self._entries.remove(entry)
-        self._entries.append(entry)
+        """Mark ``entry`` the most recently used, if it is still held."""
+        if entry in self._entries:
+            self._entries.remove(entry)
+            self._entries.append(entry)
 
     def clear(self) -> None:
         """Drop every state."""
