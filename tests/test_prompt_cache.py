@@ -381,3 +381,10 @@ def test_a_restore_survives_its_own_eviction_from_a_full_host_tier(load, long_mo
     assert ids == run(fresh, again, 8)[0]
     stats = model._decoder.statistics()
     assert stats.host_restores == 1 and stats.host_entries == 1
+
+
+def test_statistics_show_an_empty_host_tier_and_its_budget(load, long_model_path):
+    model = load(long_model_path, parallel=2, host_cache_mb=3)
+    cache = model.prompt_cache()
+    assert (cache.host_budget_bytes, cache.host_entries, cache.host_bytes) == (3 << 20, 0, 0)
+    assert load(long_model_path, parallel=2, host_cache_mb=0).prompt_cache().host_budget_bytes == 0

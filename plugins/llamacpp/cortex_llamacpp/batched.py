@@ -289,6 +289,8 @@ class BatchedDecoder:
             return self._statistics()
 
     def _statistics(self) -> DecoderStatistics:
+        # (A HostCache has a length: test it against None, never for truth.)
+        host = self._host if self._host is not None else HostCache(0)
         return DecoderStatistics(
             parallel=self.parallel,
             active=sum(1 for s in self._active if not (s.closed or s.finished)),
@@ -305,13 +307,13 @@ class BatchedDecoder:
             host_tokens=self._host_tokens,
             hits=self._hits,
             misses=self._misses,
-            host_saves=self._host.saves if self._host else 0,
+            host_saves=host.saves,
             host_restores=self._host_restores,
             host_failures=self._host_failures,
-            host_evictions=self._host.evictions if self._host else 0,
-            host_bytes=self._host.used_bytes if self._host else 0,
-            host_entries=len(self._host) if self._host else 0,
-            host_budget=self._host.budget_bytes if self._host else 0,
+            host_evictions=host.evictions,
+            host_bytes=host.used_bytes,
+            host_entries=len(host),
+            host_budget=host.budget_bytes,
         )
 
     def prompt_cache(self) -> PromptCacheStatistics:
@@ -336,7 +338,7 @@ class BatchedDecoder:
                 for slot in sorted(self._slots, key=lambda s: s.used_at, reverse=True)
                 if len(slot.cached) >= BLOCK_TOKENS
             ]
-            saved = self._host.blocks() if self._host else []
+            saved = self._host.blocks() if self._host is not None else []
         finally:
             self._lock.release()
         blocks: dict[str, None] = {}
