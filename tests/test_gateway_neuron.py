@@ -83,7 +83,12 @@ async def test_cold_load_and_both_sdks_against_a_real_neuron(tiny_model_path) ->
                         ) as events:
                             final = await events.get_final_message()
                         assert final.stop_reason == "max_tokens"
-                        assert final.usage.input_tokens == chat.usage.prompt_tokens
+                        # The same prompt a third time: all but its last token is cached,
+                        # and Anthropic's input_tokens counts only the rest.
+                        usage = final.usage
+                        assert usage.cache_read_input_tokens == chat.usage.prompt_tokens - 1
+                        assert usage.input_tokens == 1
+                        assert usage.cache_creation_input_tokens == 0
                         count = await client.messages.count_tokens(
                             model="tiny", messages=[{"role": "user", "content": "hi"}]
                         )

@@ -379,7 +379,14 @@ def test_ids_and_usage():
     assert isinstance(wire.now(), int)
     usage = Usage(prompt_tokens=3, completion_tokens=4)
     assert usage.total_tokens == 7
-    assert usage.to_openai() == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert usage.to_openai() == {
+        "prompt_tokens": 3,
+        "completion_tokens": 4,
+        "total_tokens": 7,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+    cached = Usage(prompt_tokens=30, completion_tokens=4, cached_tokens=20).to_openai()
+    assert cached["prompt_tokens_details"] == {"cached_tokens": 20}
 
 
 def test_chat_completion_parsed_by_sdk():

@@ -410,7 +410,12 @@ def test_text_answer():
         "content": [{"type": "text", "text": "Hi"}],
         "stop_reason": "end_turn",
         "stop_sequence": None,
-        "usage": {"input_tokens": 11, "output_tokens": 7},
+        "usage": {
+            "input_tokens": 11,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+            "output_tokens": 7,
+        },
     }
     result = _client(msg).messages.create(model="claude", max_tokens=5, messages=[])
     assert result.content[0].text == "Hi"
@@ -548,7 +553,12 @@ def test_text_stream_events():
     assert all(payload["type"] == name for name, payload in events)
     start = events[0][1]["message"]
     assert start["content"] == [] and start["stop_reason"] is None
-    assert start["usage"] == {"input_tokens": 12, "output_tokens": 0}
+    assert start["usage"] == {
+        "input_tokens": 12,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "output_tokens": 0,
+    }
     assert events[1][1] == {
         "type": "content_block_start",
         "index": 0,
@@ -558,7 +568,12 @@ def test_text_stream_events():
     assert events[5][1] == {
         "type": "message_delta",
         "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-        "usage": {"input_tokens": 12, "output_tokens": 5},
+        "usage": {
+            "input_tokens": 12,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+            "output_tokens": 5,
+        },
     }
     final = _final(events)
     assert final.content[0].text == "Hello"
@@ -702,14 +717,24 @@ def test_usage_on_the_finish_chunk_is_used_too():
     last = _chunk({}, finish_reason="stop")
     last["usage"] = Usage(8, 2).to_openai()
     events = _run([_chunk({"content": "a"}), last])
-    assert events[-2][1]["usage"] == {"input_tokens": 8, "output_tokens": 2}
+    assert events[-2][1]["usage"] == {
+        "input_tokens": 8,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "output_tokens": 2,
+    }
 
 
 def test_without_usage_chunk_output_tokens_counts_chunks():
     events = _run(
         [_chunk({"content": "a"}), _chunk({"content": "b"}), _chunk({}, finish_reason="stop")]
     )
-    assert events[-2][1]["usage"] == {"input_tokens": 12, "output_tokens": 2}
+    assert events[-2][1]["usage"] == {
+        "input_tokens": 12,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "output_tokens": 2,
+    }
 
 
 def test_empty_stream_invents_nothing():
@@ -741,3 +766,41 @@ def test_text_document_becomes_text_other_documents_refused():
     error = _refused(messages=[{"role": "user", "content": [{"type": "text", "text": "sum"}, PDF]}])
     assert error.param == "messages.0.content[1].source"
     assert "document source type 'base64' is not supported by model 'tiny'" in error.message
+
+
+def test_cached_prompt_tokens_become_cache_reads():
+    # Anthropic's input_tokens is the uncached part; nothing is a paid cache write.
+    body = openai_to_anthropic(
+        chat_completion(
+            id="c",
+            created=1,
+            model="qwen",
+            content="Hi",
+            finish_reason="stop",
+            usage=Usage(100, 7, cached_tokens=64),
+        ),
+        model="claude",
+        message_id="msg_1",
+    )
+    assert body["usage"] == {
+        "input_tokens": 36,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 64,
+        "output_tokens": 7,
+    }
+    usage = _client(body).messages.create(model="claude", max_tokens=5, messages=[]).usage
+    assert (usage.input_tokens, usage.cache_read_input_tokens) == (36, 64)
+
+
+def test_streamed_cache_reads_arrive_in_message_delta():
+    usage = usage_chunk(
+        id="chatcmpl-s", created=1, model="qwen", usage=Usage(100, 1, cached_tokens=90)
+    )
+    events = _run(
+        [_chunk({"content": "a"}), _chunk({}, finish_reason="stop"), usage], input_tokens=100
+    )
+    assert events[0][1]["message"]["usage"]["input_tokens"] == 100
+    assert events[-2][1]["usage"]["cache_read_input_tokens"] == 90
+    final = _final(events)
+    assert (final.usage.input_tokens, final.usage.cache_read_input_tokens) == (10, 90)
+    assert final.usage.cache_creation_input_tokens == 0

@@ -97,13 +97,19 @@ def _hop_error(neuron: NeuronState, exc: hop.HopError) -> CortexError:
 
 
 def token_counts(usage: dict[str, Any] | None) -> tuple[int, int] | None:
-    """(prompt, completion) from an OpenAI, Responses or Anthropic usage."""
+    """(prompt, completion) from an OpenAI, Responses or Anthropic usage.
+
+    Anthropic's ``input_tokens`` leaves out the cached part: it is added back.
+    """
     if not usage:
         return None
     prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
     completion = usage.get("completion_tokens", usage.get("output_tokens"))
     if not isinstance(prompt, int) or not isinstance(completion, int):
         return None
+    for cached in ("cache_read_input_tokens", "cache_creation_input_tokens"):
+        if isinstance(usage.get(cached), int):
+            prompt += usage[cached]
     return prompt, completion
 
 

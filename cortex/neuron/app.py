@@ -466,6 +466,7 @@ def create_app(neuron: Neuron) -> QuartTrio:
                 usage=openai.Usage(
                     prompt_tokens=sum(done.prompt_tokens for _, done in results),
                     completion_tokens=sum(done.completion_tokens for _, done in results),
+                    cached_tokens=sum(done.cached_tokens for _, done in results),
                 ),
             )
             for choice, (_, done) in zip(body["choices"], results, strict=True):
@@ -476,7 +477,7 @@ def create_app(neuron: Neuron) -> QuartTrio:
         first_job = await run(prompts[0])
 
         async def events() -> AsyncIterator[bytes]:
-            prompt_total = completion_total = 0
+            prompt_total = completion_total = cached_total = 0
             for index, tokens in enumerate(prompts):
                 try:
                     job = first_job if index == 0 else await run(tokens)
@@ -496,6 +497,7 @@ def create_app(neuron: Neuron) -> QuartTrio:
                     elif isinstance(event, Done):
                         prompt_total += event.prompt_tokens
                         completion_total += event.completion_tokens
+                        cached_total += event.cached_tokens
                         yield sse.encode(
                             openai.completion_chunk(
                                 **ids,
@@ -510,7 +512,11 @@ def create_app(neuron: Neuron) -> QuartTrio:
                         yield sse.encode(openai.error_body(GenerationFailed(event.message)))
                         return
             if req.include_usage:
-                usage = openai.Usage(prompt_tokens=prompt_total, completion_tokens=completion_total)
+                usage = openai.Usage(
+                    prompt_tokens=prompt_total,
+                    completion_tokens=completion_total,
+                    cached_tokens=cached_total,
+                )
                 chunk = openai.usage_chunk(**ids, usage=usage)
                 chunk["object"] = "text_completion"
                 yield sse.encode(chunk)
@@ -767,7 +773,11 @@ def tool_finish(done: Done, calls: Sequence[tools.ToolCall]) -> tuple[str, str |
 
 
 def usage_of(done: Done) -> openai.Usage:
-    return openai.Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens)
+    return openai.Usage(
+        prompt_tokens=done.prompt_tokens,
+        completion_tokens=done.completion_tokens,
+        cached_tokens=done.cached_tokens,
+    )
 
 
 def outcome(done: Done) -> tuple[str, str | None]:

@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from cortex.fleet import DeviceSample, ModelStatus
@@ -47,6 +47,7 @@ class _StateCollector(Collector):
         yield queue
         yield in_flight
         yield memory
+        yield from _prompt_cache_metrics(statuses)
         samples = self._devices()
         used = GaugeMetricFamily(
             "cortex_neuron_device_memory_used_bytes", "Device memory in use", labels=["device"]
@@ -71,6 +72,69 @@ class _StateCollector(Collector):
         yield from (used, free, util, temp)
 
 
+def _prompt_cache_metrics(statuses: list[ModelStatus]) -> Iterator[Metric]:
+    """The engines' prompt caches (``PromptCacheStatistics``), per model.
+
+    The counters run from the model's load: a reload starts them again,
+    which Prometheus reads as a counter reset.
+    """
+    requests = CounterMetricFamily(
+        "cortex_neuron_prompt_cache_requests",
+        "Requests by whether they reused cached prompt tokens",
+        labels=["model", "result"],
+    )
+    reused = CounterMetricFamily(
+        "cortex_neuron_prompt_cache_reused_tokens",
+        "Prompt tokens reused, by where their KV state was: a slot or the host tier",
+        labels=["model", "tier"],
+    )
+    saves = CounterMetricFamily(
+        "cortex_neuron_prompt_cache_host_saves", "States saved to host memory", labels=["model"]
+    )
+    restores = CounterMetricFamily(
+        "cortex_neuron_prompt_cache_host_restores",
+        "Saved states restored into a slot",
+        labels=["model"],
+    )
+    failures = CounterMetricFamily(
+        "cortex_neuron_prompt_cache_host_failures",
+        "Restores given up (no contiguous run of free cells): the prompt was evaluated",
+        labels=["model"],
+    )
+    evictions = CounterMetricFamily(
+        "cortex_neuron_prompt_cache_host_evictions",
+        "Saved states dropped for room",
+        labels=["model"],
+    )
+    held = GaugeMetricFamily(
+        "cortex_neuron_prompt_cache_host_bytes", "Bytes the host tier holds", labels=["model"]
+    )
+    budget = GaugeMetricFamily(
+        "cortex_neuron_prompt_cache_host_budget_bytes",
+        "The host tier's byte budget",
+        labels=["model"],
+    )
+    entries = GaugeMetricFamily(
+        "cortex_neuron_prompt_cache_host_entries", "States the host tier holds", labels=["model"]
+    )
+    for m in statuses:
+        cache = m.prompt_cache
+        if cache is None:
+            continue
+        requests.add_metric([m.id, "hit"], cache.hits)
+        requests.add_metric([m.id, "miss"], cache.misses)
+        reused.add_metric([m.id, "slot"], cache.slot_tokens)
+        reused.add_metric([m.id, "host"], cache.host_tokens)
+        saves.add_metric([m.id], cache.host_saves)
+        restores.add_metric([m.id], cache.host_restores)
+        failures.add_metric([m.id], cache.host_failures)
+        evictions.add_metric([m.id], cache.host_evictions)
+        held.add_metric([m.id], cache.host_bytes)
+        budget.add_metric([m.id], cache.host_budget_bytes)
+        entries.add_metric([m.id], cache.host_entries)
+    yield from (requests, reused, saves, restores, failures, evictions, held, budget, entries)
+
+
 class NeuronMetrics:
     def __init__(
         self,
@@ -84,6 +148,12 @@ class NeuronMetrics:
         )
         self.prompt_tokens = Counter(
             "cortex_neuron_prompt_tokens", "Prompt tokens processed", ["model"], registry=r
+        )
+        self.cached_prompt_tokens = Counter(
+            "cortex_neuron_prompt_tokens_cached",
+            "Prompt tokens read from the engine's prompt cache (part of the prompt tokens)",
+            ["model"],
+            registry=r,
         )
         self.requests = Counter(
             "cortex_neuron_requests", "Generation requests", ["model", "endpoint"], registry=r
@@ -125,6 +195,7 @@ class NeuronMetrics:
         job.counted = True
         self.tokens.labels(model).inc(job.completion_tokens)
         self.prompt_tokens.labels(model).inc(job.prompt_tokens)
+        self.cached_prompt_tokens.labels(model).inc(job.cached_tokens)
 
     def decode_rate(self, model: str, rate: float) -> None:
         """Observe the decode speed of a generation that ran to its end."""

@@ -139,6 +139,7 @@ class ModelSlot:
             n_ctx=self.model.n_ctx if self.model else None,
             error=self.error,
             parallel=stats.parallel if stats else 1,
+            prompt_cache=self.model.prompt_cache() if self.model else None,
         )
 
 

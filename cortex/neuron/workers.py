@@ -75,6 +75,9 @@ class Done:
     decode_seconds: float
     #: Seconds from the start of the job's thread to its first token.
     first_token_seconds: float | None
+    #: Prompt tokens the engine did not evaluate again (its prompt cache);
+    #: 0 when it says nothing or no token came.
+    cached_tokens: int = 0
 
 
 @attrs.frozen
@@ -99,6 +102,8 @@ class Job:
         self.completion_tokens = 0
         #: Prompt tokens the engine has processed (all or none); written by the thread.
         self.prompt_tokens = 0
+        #: Prompt tokens whose KV state the engine reused (a prompt cache hit).
+        self.cached_tokens = 0
         #: Set at the first event, or when the job ends without one.
         self.admitted = trio.Event()
         #: The engine's 4xx error, when it refused the request before its first token.
@@ -307,6 +312,7 @@ class GenerationWorker:
         finish = "length"
         started = time.perf_counter()
         first_token: float | None = None
+        cached = 0
 
         def emit(event: Event) -> None:
             try:
@@ -322,6 +328,7 @@ class GenerationWorker:
                     if first_token is None:
                         first_token = time.perf_counter()
                         job.prompt_tokens = len(request.tokens)
+                        cached = job.cached_tokens = getattr(token, "cached_tokens", 0)
                     emitted += 1
                     job.completion_tokens = emitted
                     text = scanner.feed(token.piece)
@@ -355,6 +362,7 @@ class GenerationWorker:
                 completion_tokens=emitted,
                 decode_seconds=ended - first_token if first_token is not None else 0.0,
                 first_token_seconds=None if first_token is None else first_token - started,
+                cached_tokens=cached,
             )
         )
 

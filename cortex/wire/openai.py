@@ -454,20 +454,27 @@ def parse_completion_request(body: Any) -> CompletionRequest:
 
 @attrs.frozen
 class Usage:
-    """Token counts of one request."""
+    """Token counts of one request.
+
+    ``cached_tokens`` are the prompt tokens read from the prompt cache
+    instead of evaluated; they are part of ``prompt_tokens``, as OpenAI
+    counts them.
+    """
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def to_openai(self) -> dict[str, int]:
+    def to_openai(self) -> dict[str, Any]:
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
 
 

@@ -228,10 +228,11 @@ def new_message_id() -> str:
 
 
 def usage_object(usage: Usage) -> dict[str, Any]:
-    """Responses usage; no cache or reasoning here, so those details are 0."""
+    """Responses usage; cortex reasons in no hidden tokens and writes the
+    prompt cache for free, so those details are 0."""
     return {
         "input_tokens": usage.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "input_tokens_details": {"cached_tokens": usage.cached_tokens, "cache_write_tokens": 0},
         "output_tokens": usage.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": usage.total_tokens,

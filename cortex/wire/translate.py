@@ -18,6 +18,15 @@ Choices made where the two dialects do not line up:
 - Tool arguments that are not a JSON object come back as
   ``input: {"_raw_arguments": "<the text>"}`` so nothing the model wrote is
   lost and the client's schema check reports it to the model.
+- Usage: the neuron's ``prompt_tokens_details.cached_tokens`` becomes
+  ``cache_read_input_tokens`` and ``input_tokens`` the rest of the prompt,
+  as Anthropic counts them. ``cache_creation_input_tokens`` is always 0:
+  a neuron caches every prompt by itself, at no extra cost, so nothing is
+  a paid cache write. ``cache_control`` marks in the request are ignored.
+  Streaming, ``message_start`` cannot know the cached part yet (the prompt
+  is not seated): it carries the whole prompt as ``input_tokens`` and the
+  cache fields as 0, and ``message_delta`` the final split (the SDKs
+  overwrite the start's numbers with the delta's).
 """
 
 from __future__ import annotations
@@ -257,8 +266,14 @@ def anthropic_usage(
       input_tokens, output_tokens: what stands in for a count it lacks.
     """
     usage = usage or {}
+    prompt = usage.get("prompt_tokens", input_tokens)
+    details = usage.get("prompt_tokens_details") or {}
+    # Anthropic's input_tokens is the uncached part; see the module notes.
+    cached = min(details.get("cached_tokens") or 0, prompt)
     return {
-        "input_tokens": usage.get("prompt_tokens", input_tokens),
+        "input_tokens": prompt - cached,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
         "output_tokens": usage.get("completion_tokens", output_tokens),
     }
 

@@ -39,6 +39,21 @@ sequence ends, for prefix reuse; everything past the shared prefix is
 removed (``llama_memory_seq_rm``) before the slot is reused, so no stale
 cell survives.
 
+Host tier (``hostcache``): when a slot's cells are about to go (another
+prompt takes the slot and keeps less than it holds, or ``_make_room``
+drops an idle slot's cache), the slot's state is first copied to host
+memory with ``llama_state_seq_get_data``, unless it is shorter than
+``MIN_TOKENS`` or already saved. A prompt that shares at least
+``MIN_TOKENS`` more of its start with a saved state than with any free slot
+gets that state copied into a free slot (``llama_state_seq_set_data``: an
+empty one, else the least recently used, whose own cells are saved
+first), cut to the shared part, and evaluates only the rest. A restore
+needs room for the whole saved state (``_make_room``) and, in a unified
+pool, one contiguous run of free cells for it (llama.cpp's rule); when it
+fails the prompt is evaluated as if nothing were saved. Everything runs on
+the decode thread, under the lock: the copies take milliseconds, a
+re-evaluation seconds.
+
 A lone sequence is decoded the way llama-cpp-python's ``Llama.generate``
 does it (prompt in ``n_batch`` chunks, then one token per step, greedy
 argmax for temperature 0), so its greedy output is the same.
@@ -51,6 +66,7 @@ and never slows the others.
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -61,7 +77,9 @@ import llama_cpp
 import numpy as np
 
 from cortex.errors import HarnessError, InvalidRequest
-from cortex.harness import Sampling, Token
+from cortex.harness import BLOCK_TOKENS, PromptCacheStatistics, Sampling, Token, prefix_hashes
+
+from .hostcache import MIN_TOKENS, HostCache, SavedState
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +88,10 @@ AHEAD = 4
 #: The window of recent tokens the repetition penalties look at
 #: (llama-cpp-python's ``last_n_tokens_size``).
 PENALTY_LAST_N = 64
+#: The most block hashes ``prompt_cache`` reports.
+MAX_BLOCKS = 64
+#: How long ``prompt_cache`` waits for the lock before answering from its last snapshot.
+STATS_WAIT = 0.005
 
 
 @attrs.frozen
@@ -83,12 +105,22 @@ class DecoderStatistics:
       steps: ``llama_decode`` calls so far.
       prompt_tokens: prompt tokens evaluated so far.
       reused_tokens: prompt tokens whose KV cells were reused from the slot.
+      host_tokens: prompt tokens whose KV cells were restored from the host tier.
+      hits: sequences that reused at least one cached prompt token.
+      misses: sequences that reused none.
       generated_tokens: tokens sampled so far.
       max_batch: the most tokens one step has held.
       kv_cells: the cells of the KV pool.
       kv_used: cells holding tokens (seated sequences and idle slots' caches).
       evicted_tokens: cached tokens of idle slots dropped to make room.
       preempted: sequences ended early because the pool was full.
+      host_saves: slot states saved to the host tier.
+      host_restores: saved states restored into a slot.
+      host_failures: restores llama.cpp refused (no contiguous run of cells).
+      host_evictions: saved states dropped for room.
+      host_bytes: bytes the host tier holds.
+      host_entries: states the host tier holds.
+      host_budget: the host tier's byte budget (0: no host tier).
     """
 
     parallel: int
@@ -103,6 +135,16 @@ class DecoderStatistics:
     kv_used: int
     evicted_tokens: int
     preempted: int
+    host_tokens: int = 0
+    hits: int = 0
+    misses: int = 0
+    host_saves: int = 0
+    host_restores: int = 0
+    host_failures: int = 0
+    host_evictions: int = 0
+    host_bytes: int = 0
+    host_entries: int = 0
+    host_budget: int = 0
 
 
 class _Sequence:
@@ -117,6 +159,10 @@ class _Sequence:
         self.n_prompt = len(tokens)
         self.sampler = sampler
         self.wake = wake
+        #: The prompt as int32, for matching against the host tier.
+        self.prompt = np.asarray(tokens, dtype=np.int32)
+        #: Prompt tokens whose cells came from a cache (slot or host tier).
+        self.reused = 0
         self.slot: _Slot | None = None
         #: Tokens of ``tokens`` in the slot's KV cells.
         self.n_past = 0
@@ -163,6 +209,7 @@ class BatchedDecoder:
       kv_unified: one KV pool for all sequences instead of one stream each.
       keep_alive: an object the context depends on (the Llama that owns the
         model), kept referenced until ``close``.
+      host_cache_bytes: the host tier's byte budget; 0 turns it off.
 
     Raises:
       HarnessError: llama.cpp cannot create the context.
@@ -180,6 +227,7 @@ class BatchedDecoder:
         kv_cells: int | None = None,
         kv_unified: bool = True,
         keep_alive: object = None,
+        host_cache_bytes: int = 0,
     ) -> None:
         self.parallel = parallel
         self.n_ctx = n_ctx
@@ -228,6 +276,13 @@ class BatchedDecoder:
         self._max_batch = 0
         self._evicted_tokens = 0
         self._preempted = 0
+        self._host = HostCache(host_cache_bytes) if host_cache_bytes > 0 else None
+        self._host_tokens = 0
+        self._hits = 0
+        self._misses = 0
+        self._host_restores = 0
+        self._host_failures = 0
+        self._last_prompt_cache = PromptCacheStatistics()
         self._thread = threading.Thread(target=self._run, name="llama-batched-decode", daemon=True)
         self._thread.start()
 
@@ -235,20 +290,81 @@ class BatchedDecoder:
 
     def statistics(self) -> DecoderStatistics:
         with self._lock:
-            return DecoderStatistics(
-                parallel=self.parallel,
-                active=sum(1 for s in self._active if not (s.closed or s.finished)),
-                waiting=len(self._waiting),
-                steps=self._steps,
-                prompt_tokens=self._prompt_tokens,
-                reused_tokens=self._reused_tokens,
-                generated_tokens=self._generated_tokens,
-                max_batch=self._max_batch,
-                kv_cells=self.kv_cells,
-                kv_used=sum(len(slot.cached) for slot in self._slots),
-                evicted_tokens=self._evicted_tokens,
-                preempted=self._preempted,
-            )
+            return self._statistics()
+
+    def _statistics(self) -> DecoderStatistics:
+        # (A HostCache has a length: test it against None, never for truth.)
+        host = self._host if self._host is not None else HostCache(0)
+        return DecoderStatistics(
+            parallel=self.parallel,
+            active=sum(1 for s in self._active if not (s.closed or s.finished)),
+            waiting=len(self._waiting),
+            steps=self._steps,
+            prompt_tokens=self._prompt_tokens,
+            reused_tokens=self._reused_tokens,
+            generated_tokens=self._generated_tokens,
+            max_batch=self._max_batch,
+            kv_cells=self.kv_cells,
+            kv_used=sum(len(slot.cached) for slot in self._slots),
+            evicted_tokens=self._evicted_tokens,
+            preempted=self._preempted,
+            host_tokens=self._host_tokens,
+            hits=self._hits,
+            misses=self._misses,
+            host_saves=host.saves,
+            host_restores=self._host_restores,
+            host_failures=self._host_failures,
+            host_evictions=host.evictions,
+            host_bytes=host.used_bytes,
+            host_entries=len(host),
+            host_budget=host.budget_bytes,
+        )
+
+    def prompt_cache(self) -> PromptCacheStatistics:
+        """The prompt cache for ``LoadedModel.prompt_cache``, with block hashes.
+
+        Hashes come from the slots (most recently used first), then the host
+        tier's states (the same), at most ``MAX_BLOCKS``. The hashing runs
+        outside the lock.
+
+        The neuron asks from its event loop, and the decode thread holds the
+        lock while it copies states (milliseconds, more for large models):
+        when the lock is not free within ``STATS_WAIT`` seconds, the last
+        answer is given again.
+        """
+        if not self._lock.acquire(timeout=STATS_WAIT):
+            return self._last_prompt_cache
+        try:
+            stats = self._statistics()
+            span = MAX_BLOCKS * BLOCK_TOKENS
+            held = [
+                slot.cached[:span]
+                for slot in sorted(self._slots, key=lambda s: s.used_at, reverse=True)
+                if len(slot.cached) >= BLOCK_TOKENS
+            ]
+            saved = self._host.blocks() if self._host is not None else []
+        finally:
+            self._lock.release()
+        blocks: dict[str, None] = {}
+        for hashes in [*(prefix_hashes(tokens) for tokens in held), *saved]:
+            for block in hashes:
+                if len(blocks) < MAX_BLOCKS:
+                    blocks.setdefault(block)
+        self._last_prompt_cache = PromptCacheStatistics(
+            hits=stats.hits,
+            misses=stats.misses,
+            slot_tokens=stats.reused_tokens,
+            host_tokens=stats.host_tokens,
+            host_saves=stats.host_saves,
+            host_restores=stats.host_restores,
+            host_failures=stats.host_failures,
+            host_evictions=stats.host_evictions,
+            host_bytes=stats.host_bytes,
+            host_entries=stats.host_entries,
+            host_budget_bytes=stats.host_budget,
+            blocks=tuple(blocks),
+        )
+        return self._last_prompt_cache
 
     def generate(
         self, tokens: list[int], sampling: Sampling, piece: Callable[[int], bytes]
@@ -274,6 +390,7 @@ class BatchedDecoder:
                 raise HarnessError("the model is unloaded") from self._failure
             self._waiting.append(sequence)
             self._work.notify()
+        first = True
         try:
             while True:
                 with self._lock:
@@ -287,7 +404,12 @@ class BatchedDecoder:
                     if len(sequence.out) == AHEAD - 1:
                         # It may have sat out the last steps: let it back in.
                         self._work.notify()
-                yield Token(id=token, piece=piece(token))
+                if first:
+                    first = False
+                    # Seated before its first token: ``reused`` is final.
+                    yield Token(id=token, piece=piece(token), cached_tokens=sequence.reused)
+                else:
+                    yield Token(id=token, piece=piece(token))
         finally:
             with self._lock:
                 sequence.closed = True
@@ -355,6 +477,8 @@ class BatchedDecoder:
             self._waiting.clear()
             for sequence in self._active:
                 self._release(sequence)
+            if self._host is not None:
+                self._host.clear()
         llama_cpp.llama_batch_free(self._batch)
         llama_cpp.llama_free(self._ctx)
         self._keep_alive = None
@@ -408,9 +532,11 @@ class BatchedDecoder:
     def _seat(self) -> None:
         """Seat waiting sequences in free slots, reusing the longest cached prefix.
 
-        In a unified pool a sequence is seated only when its prompt fits in
-        the cells left; it waits (and the ones behind it too: first come,
-        first served) until then.
+        The prefix comes from a free slot's cells or, when it is at least
+        ``MIN_TOKENS`` longer there, from a state in the host tier. In a
+        unified pool a sequence is seated only when its prompt fits in the
+        cells left; it waits (and the ones behind it too: first come, first
+        served) until then.
         """
         while self._waiting:
             free = [slot for slot in self._slots if slot.sequence is None]
@@ -419,32 +545,134 @@ class BatchedDecoder:
             sequence = self._waiting[0]
             # Leave the last prompt token to evaluate: its logits are needed.
             limit = sequence.n_prompt - 1
-            slot = max(free, key=lambda s: min(_common_prefix(s.cached, sequence.tokens), limit))
-            keep = min(_common_prefix(slot.cached, sequence.tokens), limit)
-            if self._kv_unified and not self._make_room(
-                sequence.n_prompt - keep + 1, keep=slot, keep_cells=keep
-            ):
-                return
+            shared = {
+                slot.seq_id: min(_common_prefix(slot.cached, sequence.tokens), limit)
+                for slot in free
+            }
+            # A long shared prefix (or the whole prompt) first; else an empty
+            # slot (a few shared tokens, such as a BOS, are not worth
+            # another's cache); then the most shared; then the least
+            # recently used.
+            slot = max(
+                free,
+                key=lambda s: (
+                    shared[s.seq_id] if shared[s.seq_id] >= min(MIN_TOKENS, limit) else 0,
+                    not s.cached,
+                    shared[s.seq_id],
+                    -s.used_at,
+                ),
+            )
+            keep = shared[slot.seq_id]
+            restored = self._restore(sequence, free, limit, keep)
+            if restored is not None:
+                slot, keep = restored
+                self._host_tokens += keep
+            else:
+                # A restore that failed may have emptied the slot.
+                keep = min(keep, len(slot.cached))
+                if self._kv_unified and not self._make_room(
+                    sequence.n_prompt - keep + 1, keep=slot, keep_cells=keep
+                ):
+                    return
+                if keep and self._n_swa:
+                    # A sliding-window cache may have dropped cells the kept
+                    # prefix still needs (llama-server checks the same).
+                    pos_min = llama_cpp.llama_memory_seq_pos_min(self._memory, slot.seq_id)
+                    if pos_min > max(0, keep - self._n_swa):
+                        keep = 0
+                if len(slot.cached) - keep >= MIN_TOKENS:
+                    self._save(slot)
+                if keep < len(slot.cached) and not llama_cpp.llama_memory_seq_rm(
+                    self._memory, slot.seq_id, keep, -1
+                ):
+                    keep = 0  # recurrent state: a partial removal is not possible
+                if keep == 0:
+                    llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+                del slot.cached[keep:]
+                self._reused_tokens += keep
             self._waiting.popleft()
-            if keep and self._n_swa:
-                # A sliding-window cache may have dropped cells the kept
-                # prefix still needs (llama-server checks the same).
-                pos_min = llama_cpp.llama_memory_seq_pos_min(self._memory, slot.seq_id)
-                if pos_min > max(0, keep - self._n_swa):
-                    keep = 0
-            if keep < len(slot.cached) and not llama_cpp.llama_memory_seq_rm(
-                self._memory, slot.seq_id, keep, -1
-            ):
-                keep = 0  # recurrent state: a partial removal is not possible
-            if keep == 0:
-                llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
-            del slot.cached[keep:]
             slot.sequence = sequence
             slot.used_at = self._steps
             sequence.slot = slot
             sequence.n_past = keep
-            self._reused_tokens += keep
+            sequence.reused = keep
+            if keep:
+                self._hits += 1
+            else:
+                self._misses += 1
             self._active.append(sequence)
+
+    def _restore(
+        self, sequence: _Sequence, free: list[_Slot], limit: int, keep: int
+    ) -> tuple[_Slot, int] | None:
+        """Restore the host tier's best state for ``sequence`` into a free slot.
+
+        Only when it shares at least ``MIN_TOKENS`` more than ``keep`` (what
+        the best free slot holds) and the pool has room for it. Returns the
+        slot, holding the shared prefix, and the prefix's length; None when
+        nothing was restored (the slots are then as they were, but for
+        caches ``_make_room`` dropped).
+        """
+        if self._host is None:
+            return None
+        entry, shared = self._host.match(sequence.prompt, limit)
+        if entry is None or shared < keep + MIN_TOKENS:
+            return None
+        # Most recently used before the saves below, which may evict for room.
+        self._host.touch(entry)
+        slot = min(free, key=lambda s: (bool(s.cached), s.used_at))
+        saved = len(entry.tokens)
+        if self._kv_unified and not self._make_room(
+            max(saved, sequence.n_prompt + 1), keep=slot, keep_cells=0
+        ):
+            return None
+        self._save(slot)
+        slot.cached.clear()
+        if not self._set_state(slot, entry):
+            return None
+        if shared < saved and not llama_cpp.llama_memory_seq_rm(
+            self._memory, slot.seq_id, shared, -1
+        ):
+            shared = 0  # recurrent state: a partial removal is not possible
+        if shared and self._n_swa:
+            pos_min = llama_cpp.llama_memory_seq_pos_min(self._memory, slot.seq_id)
+            if pos_min > max(0, shared - self._n_swa):
+                shared = 0
+        if shared == 0:
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            return None
+        slot.cached = entry.tokens[:shared].tolist()
+        self._host_restores += 1
+        return slot, shared
+
+    def _set_state(self, slot: _Slot, entry: SavedState) -> bool:
+        """Copy ``entry`` into ``slot``'s (emptied) sequence; False if llama.cpp refused."""
+        if llama_cpp.llama_state_seq_set_data(self._ctx, entry.data, entry.nbytes, slot.seq_id):
+            return True
+        # llama.cpp leaves the sequence empty; a unified pool may lack one
+        # contiguous run of free cells for the whole state.
+        self._host_failures += 1
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        return False
+
+    def _save(self, slot: _Slot) -> None:
+        """Copy ``slot``'s state to the host tier, unless it is short, already
+        saved, or larger than the whole budget."""
+        host = self._host
+        if host is None or len(slot.cached) < MIN_TOKENS:
+            return
+        tokens = np.asarray(slot.cached, dtype=np.int32)
+        if host.covers(tokens):
+            return
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, slot.seq_id)
+        if not host.fits(size):
+            return
+        data = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self._ctx, data, size, slot.seq_id)
+        if written != size:
+            log.warning("saving a sequence state wrote %d of %d bytes; not kept", written, size)
+            return
+        host.add(tokens, data)
 
     def _kv_free(self) -> int:
         """Cells neither holding tokens nor promised to a seated prompt."""
@@ -467,6 +695,7 @@ class BatchedDecoder:
             key=lambda s: s.used_at,
         )
         for slot in idle:
+            self._save(slot)
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             self._evicted_tokens += len(slot.cached)
             slot.cached.clear()

@@ -31,7 +31,15 @@ from cortex.errors import (
     ModelLoadError,
     UnsupportedModelFormat,
 )
-from cortex.harness import ChatPrompt, LoadedModel, LoadSpec, Placement, Sampling, Token
+from cortex.harness import (
+    ChatPrompt,
+    LoadedModel,
+    LoadSpec,
+    Placement,
+    PromptCacheStatistics,
+    Sampling,
+    Token,
+)
 from cortex.neuron.tools import MARKUP, detect_family
 
 from .batched import BatchedDecoder
@@ -131,6 +139,15 @@ def _probe(path: pathlib.Path) -> _Hparams | None:
         )
     finally:
         llama_cpp.llama_model_free(model)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def use_extra_buffers(setting: str, system_info: bytes | None = None) -> bool:
@@ -244,6 +261,9 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
         )
     weights_bytes = path.stat().st_size
     batched = options.parallel > 1
+    host_cache_bytes = options.host_cache_mb * MIB if batched else 0
+    # On a CPU host the host tier shares the memory budget with the model.
+    counted_bytes = weights_bytes + (0 if placement.devices else host_cache_bytes)
     with _load_lock:
         hparams = _probe(path)
         if hparams is None:
@@ -257,7 +277,7 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
             n_ctx_train=hparams.n_ctx_train or None,
             n_ctx_max=options.n_ctx_max,
             # Batched, a small context for tokenize and metadata comes too.
-            weights_bytes=weights_bytes + (CTX_STEP * hparams.kv_per_token if batched else 0),
+            weights_bytes=counted_bytes + (CTX_STEP * hparams.kv_per_token if batched else 0),
             # Per-sequence streams hold parallel x n_ctx cells; a unified
             # pool n_ctx, or kv_cells when set (checked below).
             kv_per_token=hparams.kv_per_token * (1 if options.kv_unified else options.parallel),
@@ -266,11 +286,16 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
         pool = kv_cells(options, n_ctx)
         if placement.memory_budget_mb is not None:
             cells = pool + (CTX_STEP if batched else 0)
-            need_mb = -(-(weights_bytes + cells * hparams.kv_per_token) // MIB)
+            need_mb = -(-(counted_bytes + cells * hparams.kv_per_token) // MIB)
             if need_mb > placement.memory_budget_mb:
+                host = (
+                    f" (host_cache_mb={options.host_cache_mb} included)"
+                    if counted_bytes > weights_bytes
+                    else ""
+                )
                 raise ModelLoadError(
                     f"{where}: needs {need_mb} MiB with kv_cells={pool}, over its memory "
-                    f"budget of {placement.memory_budget_mb} MiB"
+                    f"budget of {placement.memory_budget_mb} MiB{host}"
                 )
         extra_buffers = use_extra_buffers(options.extra_buffers)
         try:
@@ -311,6 +336,7 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
                     prompt_chunk=options.prompt_chunk,
                     kv_unified=options.kv_unified,
                     keep_alive=llama,
+                    host_cache_bytes=host_cache_bytes,
                 )
             except HarnessError as exc:
                 llama.close()
@@ -326,7 +352,7 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
             model_id=spec.model_id,
             llama=llama,
             n_ctx_train=hparams.n_ctx_train or None,
-            memory_bytes=weights_bytes + kv_tokens * hparams.kv_per_token,
+            memory_bytes=counted_bytes + kv_tokens * hparams.kv_per_token,
             chat_format=formatter,
             decoder=decoder,
             tool_format=options.tool_format,
@@ -371,6 +397,11 @@ class LlamaCppModel(LoadedModel):
         self._vocab = llama_cpp.llama_model_get_vocab(llama.model)
         self._markup_tokens: frozenset[int] = frozenset()
         self._memory_bytes = memory_bytes
+        # The single-sequence engine's prompt cache (llama-cpp-python's own
+        # prefix reuse); the decoder keeps its own.
+        self._hits = 0
+        self._misses = 0
+        self._reused_tokens = 0
         self._bos_text = self._special_text(llama.token_bos())
         template = llama.metadata.get("tokenizer.chat_template")
         self._formatter: ChatFormatter | None
@@ -454,8 +485,17 @@ class LlamaCppModel(LoadedModel):
             n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
 
+    def prompt_cache(self) -> PromptCacheStatistics:
+        """See LoadedModel.prompt_cache: the slots' reuse and the host tier."""
+        if self._decoder is not None:
+            return self._decoder.prompt_cache()
+        return PromptCacheStatistics(
+            hits=self._hits, misses=self._misses, slot_tokens=self._reused_tokens
+        )
+
     def memory_mb(self) -> int:
-        """The file size plus the f16 KV cache estimate for the full context.
+        """The file size plus the f16 KV cache estimate for the full context,
+        plus the host tier's budget on a CPU host.
 
         llama.cpp's own numbers are not in the Python API (llama_state_get_size
         counts only the cells in use); compute buffers are not counted.
@@ -535,6 +575,15 @@ class LlamaCppModel(LoadedModel):
         grammar = None
         if sampling.grammar is not None:
             grammar = self._grammar(sampling.grammar)
+        # What Llama.generate will keep of its context (its own prefix match,
+        # less the last prompt token it evaluates again for the logits).
+        held = llama._input_ids[: llama.n_tokens].tolist()
+        reused = min(_common_prefix(held, tokens), len(tokens) - 1)
+        self._reused_tokens += reused
+        if reused:
+            self._hits += 1
+        else:
+            self._misses += 1
         # The seed is sticky on the Llama object: reset it on every call.
         llama.set_seed(llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed)
         steps = llama.generate(
@@ -553,7 +602,9 @@ class LlamaCppModel(LoadedModel):
             for n, token in enumerate(steps, start=1):
                 if llama_cpp.llama_vocab_is_eog(self._vocab, token):
                     return
-                yield Token(id=token, piece=self._piece(token))
+                yield Token(
+                    id=token, piece=self._piece(token), cached_tokens=reused if n == 1 else 0
+                )
                 if len(tokens) + n >= self.n_ctx:
                     return
         finally:

@@ -78,7 +78,11 @@ _CHECKS = {
     "kv_unified": _bool,
     "kv_cells": _int(CTX_STEP),
     "extra_buffers": _switch,
+    "host_cache_mb": _int(0),
 }
+
+#: The host tier's budget when nothing else says (no memory budget given).
+HOST_CACHE_MB = 512
 
 
 def default_threads() -> int:
@@ -163,6 +167,13 @@ class LoadOptions:
         them off only where the llama.cpp build carries AMX, whose kernels
         crash on quantized models (llama.cpp issue 20824). Weights offloaded
         to a GPU are not affected.
+      host_cache_mb: the host-memory tier of the prompt cache (see
+        ``cortex_llamacpp.hostcache``): KV states of sequences whose slot
+        was taken are kept in this much host memory and restored when a
+        prompt continues them; 0 turns it off. By default 1/8 of the
+        memory budget on a CPU host (counted in the model's memory, so the
+        context plan fits around it), 512 MiB otherwise. Needs
+        ``parallel`` > 1.
     """
 
     n_ctx: int | None = None
@@ -180,6 +191,7 @@ class LoadOptions:
     kv_unified: bool = True
     kv_cells: int | None = None
     extra_buffers: str = "auto"
+    host_cache_mb: int = HOST_CACHE_MB
 
     @classmethod
     def from_spec(
@@ -214,6 +226,8 @@ class LoadOptions:
         devices = placement.devices
         values.setdefault("n_threads", default_threads())
         values.setdefault("n_gpu_layers", -1 if devices else 0)
+        if not devices and placement.memory_budget_mb is not None:
+            values.setdefault("host_cache_mb", placement.memory_budget_mb // 8)
         if devices:
             values.setdefault("main_gpu", devices[0])
         if len(devices) >= 2 and "tensor_split" not in values:
