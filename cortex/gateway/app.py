@@ -133,6 +133,11 @@ def _control_app(gateway: Gateway) -> QuartTrio:
 
     # -- the catalogue and health ---------------------------------------------------
 
+    @app.get("/")
+    async def root() -> Response:
+        """A liveness answer (HEAD too): Claude Code sends ``HEAD /`` before its first turn."""
+        return _json({"status": "ok", "service": "cortex gateway"})
+
     @app.get("/v1/models")
     async def list_models() -> Response:
         try:

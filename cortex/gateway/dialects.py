@@ -32,6 +32,7 @@ import attrs
 import trio
 
 from cortex.errors import CortexError, InvalidRequest, UpstreamError
+from cortex.gateway import affinity
 from cortex.gateway.context import Gateway
 from cortex.gateway.proxy import Exchange
 from cortex.gateway.state import LOADED
@@ -198,6 +199,7 @@ class OpenAI(Dialect):
         if gateway.apply_defaults(ex.model, body, self.endpoint) or ex.model != request.model:
             body["model"] = ex.model
             content = json.dumps(body).encode()
+        ex.prompt = affinity.prompt_of(content, affinity.session_key(ex.session, body))
         return Upstream(f"/v1/{self.endpoint}", content)
 
     def answer(self, ex: Exchange) -> Answer:
@@ -284,6 +286,8 @@ class Messages(Dialect):
         chat = translate.anthropic_to_openai(request.data, model=ex.model)
         gateway.apply_defaults(ex.model, chat, "chat/completions")
         content = json.dumps(chat).encode()
+        session = affinity.session_key(ex.session, {"metadata": request.data.metadata or {}})
+        ex.prompt = affinity.prompt_of(content, session)
         return Upstream("/v1/chat/completions", content, _prompt(chat) if ex.stream else None)
 
     async def send(self, gateway: Gateway, ex: Exchange, upstream: Upstream) -> None:

@@ -41,6 +41,7 @@ from typing import Any
 import trio
 
 from cortex.errors import CortexError, MethodNotAllowed, PayloadTooLarge
+from cortex.gateway.affinity import SESSION_HEADER
 from cortex.gateway.context import Gateway
 from cortex.gateway.dialects import JSON, ROUTES, Dialect
 from cortex.gateway.metrics import UNKNOWN
@@ -53,7 +54,9 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-_WANTED = frozenset({b"x-request-id", b"x-api-key", b"authorization", b"content-length"})
+_WANTED = frozenset(
+    {b"x-request-id", b"x-api-key", b"authorization", b"content-length", SESSION_HEADER}
+)
 _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _ALLOW = (b"allow", b"OPTIONS, POST")
 
@@ -191,6 +194,7 @@ class Pipeline:
             endpoint=dialect.endpoint,
             request_id=headers.get(b"x-request-id") or new_request_id(),
             started=trio.current_time(),
+            session=headers.get(SESSION_HEADER),
         )
         responded = False
 

@@ -41,6 +41,9 @@ class GatewayMetrics:
     queue_wait: Histogram
     gateway_queue: Gauge
     thrash: Counter
+    affinity: Counter
+    prompt_cache_hit_ratio: Gauge
+    prompt_cache_reused_tokens: Gauge
 
     @classmethod
     def create(cls) -> GatewayMetrics:
@@ -161,6 +164,28 @@ class GatewayMetrics:
                 "cortex_thrash",
                 "Cold loads of a model evicted less than [routing] thrash_window seconds before.",
                 ["model"],
+                **kw,
+            ),
+            affinity=Counter(
+                "cortex_affinity",
+                "Requests routed with a session or prefix affinity: kept (to the replica "
+                "remembered for it), broken (elsewhere: saturated, down, unloaded), new "
+                "(none remembered).",
+                ["result"],
+                **kw,
+            ),
+            prompt_cache_hit_ratio=Gauge(
+                "cortex_prompt_cache_hit_ratio",
+                "Share of requests that reused cached prompt tokens, since the model's load "
+                "on that neuron (from its /models report).",
+                ["model", "neuron"],
+                **kw,
+            ),
+            prompt_cache_reused_tokens=Gauge(
+                "cortex_prompt_cache_reused_tokens",
+                "Prompt tokens reused from the prompt cache (slots and host tier), since the "
+                "model's load on that neuron (from its /models report).",
+                ["model", "neuron"],
                 **kw,
             ),
         )

@@ -4,7 +4,8 @@
 ``/models`` every ``poll_interval``, or at once when something pokes the
 neuron (a request failed on it, a load or unload finished). A neuron that
 does not answer is marked down; the next good poll brings it back and clears
-``suspect``. A model the neuron no longer lists is dropped.
+``suspect``. A model the neuron no longer lists is dropped. Each poll sets
+the gauges of the neuron's queue and of its models' prompt caches.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ async def poll_neuron(
     """Keep ``neuron``'s state current until cancelled."""
     task_status.started()
     next_discovery = trio.current_time()
+    exported: set[str] = set()
     while True:
         if trio.current_time() >= next_discovery or neuron.discovery is None:
             try:
@@ -92,7 +94,37 @@ async def poll_neuron(
         metrics.neuron_up.labels(neuron.name).set(1 if neuron.up else 0)
         if neuron.health is not None:
             metrics.queue_depth.labels(neuron.name).set(neuron.health.queue_depth)
+        exported = export_prompt_cache(neuron, metrics, exported)
         neuron.polled.set()
         with trio.move_on_after(section.poll_interval):
             await neuron.poke.wait()
         neuron.poke = trio.Event()
+
+
+def export_prompt_cache(
+    neuron: NeuronState, metrics: GatewayMetrics, exported: set[str]
+) -> set[str]:
+    """Set the prompt cache gauges of ``neuron``'s models; returns the models exported.
+
+    Those in ``exported`` (the last call's) that no longer report a cache
+    lose their series: the figures count from a load.
+    """
+    now: set[str] = set()
+    for model_id, status in neuron.models.items():
+        cache = status.prompt_cache
+        if cache is None:
+            continue
+        now.add(model_id)
+        served = cache.hits + cache.misses
+        ratio = cache.hits / served if served else 0.0
+        metrics.prompt_cache_hit_ratio.labels(model_id, neuron.name).set(ratio)
+        metrics.prompt_cache_reused_tokens.labels(model_id, neuron.name).set(
+            cache.slot_tokens + cache.host_tokens
+        )
+    for model_id in exported - now:
+        for gauge in (metrics.prompt_cache_hit_ratio, metrics.prompt_cache_reused_tokens):
+            try:
+                gauge.remove(model_id, neuron.name)
+            except KeyError:
+                pass
+    return now

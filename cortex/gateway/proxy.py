@@ -43,6 +43,7 @@ from cortex.errors import (
     UpstreamTimeout,
 )
 from cortex.gateway import hop
+from cortex.gateway.affinity import Prompt
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.gateway.router import Router
 from cortex.gateway.state import NeuronState
@@ -70,6 +71,10 @@ class Exchange:
     #: A stream's first chunk, or the whole body when not streaming.
     first: bytes = b""
     first_at: float | None = None
+    #: The client's session key (``cortex.gateway.affinity.SESSION_HEADER``), if sent.
+    session: str | None = None
+    #: The prompt as session affinity sees it (None: no affinity, count_tokens).
+    prompt: Prompt | None = None
     #: The prompt's tokens, counted before the answer starts (0: not counted).
     prompt_tokens: int = 0
     #: The status to record: what the client was answered, or how it ended.
@@ -111,6 +116,18 @@ def token_counts(usage: dict[str, Any] | None) -> tuple[int, int] | None:
         if isinstance(usage.get(cached), int):
             prompt += usage[cached]
     return prompt, completion
+
+
+def cached_tokens(usage: dict[str, Any] | None) -> int:
+    """Prompt tokens the neuron reused from its prompt cache, per an OpenAI,
+    Responses or Anthropic usage (0 when it does not say)."""
+    if not usage:
+        return 0
+    found = usage.get("cache_read_input_tokens")
+    for details in ("prompt_tokens_details", "input_tokens_details"):
+        if found is None and isinstance(usage.get(details), dict):
+            found = usage[details].get("cached_tokens")
+    return found if isinstance(found, int) and found > 0 else 0
 
 
 @attrs.define(eq=False)
@@ -162,7 +179,7 @@ class Proxy:
         last_error: CortexError | None = None
         for _ in range(len(self.router.state.neurons) + 2):
             try:
-                neuron = await self.router.acquire(ex.model, exclude=exclude)
+                neuron = await self.router.acquire(ex.model, exclude=exclude, prompt=ex.prompt)
             except (ModelNotFound, Unavailable) as exc:
                 # The router's answer (503 with Retry-After, or 404) is the
                 # client's, as for any request with no route; a failed try
@@ -336,6 +353,7 @@ class Proxy:
             prompt, completion = counts
             m.tokens.labels(model, neuron, "prompt").inc(prompt)
             m.tokens.labels(model, neuron, "completion").inc(completion)
+            m.tokens.labels(model, neuron, "cached").inc(cached_tokens(ex.usage))
             # For a non-stream, generation time is all of it (prompt included).
             since = ex.first_at if ex.stream and ex.first_at is not None else ex.started
             if completion > 1 and end > since:

@@ -49,6 +49,7 @@ from cortex.errors import (
 )
 from cortex.fleet import ModelStatus
 from cortex.gateway import evictor
+from cortex.gateway.affinity import Affinity, Prompt
 from cortex.gateway.metrics import UNKNOWN, GatewayMetrics
 from cortex.gateway.poller import refresh
 from cortex.gateway.scheduler import (
@@ -98,6 +99,7 @@ class Router:
     predictor: Predictor = attrs.field(init=False)
     policy: Policy = attrs.field(init=False)
     thrash: ThrashLog = attrs.field(init=False)
+    affinity: Affinity = attrs.field(init=False)
     #: (neuron, model) -> its requests in flight, oldest first.
     _routed: dict[tuple[str, str], collections.deque[_Routed]] = attrs.field(
         factory=dict, init=False
@@ -111,6 +113,7 @@ class Router:
             self.state, self.observations, horizon=routing.thrash_window, thrash=self.thrash
         )
         self.policy = make_policy(self.config, self.state, self.predictor, self.queue, self.thrash)
+        self.affinity = Affinity(self.predictor, self.metrics)
 
     # -- names ----------------------------------------------------------------
 
@@ -139,12 +142,15 @@ class Router:
 
     # -- routes ---------------------------------------------------------------
 
-    async def acquire(self, model_id: str, *, exclude: set[str]) -> NeuronState:
+    async def acquire(
+        self, model_id: str, *, exclude: set[str], prompt: Prompt | None = None
+    ) -> NeuronState:
         """A neuron with ``model_id`` loaded, its request count already raised.
 
         The caller must call ``release`` once the request is over. Neurons
         named in ``exclude`` are skipped; neurons whose load of the model
-        fails are added to it.
+        fails are added to it. ``prompt``: the request's, for session
+        affinity (``cortex.gateway.affinity``).
 
         Raises:
           ModelNotFound: no neuron can ever serve it.
@@ -161,7 +167,7 @@ class Router:
             with trio.move_on_after(self.config.gateway.load_timeout):
                 await self.state.wait_polled()
                 while True:
-                    decision, wants = self._decide(model_id, exclude, last_error, arrived)
+                    decision, wants = self._decide(model_id, exclude, last_error, arrived, prompt)
                     route = decision.route
                     now = trio.current_time()
                     if route is None:
@@ -178,6 +184,7 @@ class Router:
                         kind = "scale_out" if decision.scale_out else route.kind
                         first = _Routed(now, kind, now - arrived + route.predicted)
                     if route.kind == "loaded":
+                        self.affinity.routed(model_id, prompt, route.neuron.name)
                         return self._take(route.neuron, model_id, first)
                     if ticket is None and self.policy.waits:
                         ticket = self._enter_queue(model_id, arrived)
@@ -370,13 +377,16 @@ class Router:
         exclude: set[str],
         last_error: CortexError | None,
         arrived: float,
+        prompt: Prompt | None = None,
     ) -> tuple[Decision, frozenset[str]]:
         """The policy's choice, or None and the neurons to wait for room on (no await).
 
         Raises:
           ModelNotFound, Unavailable, or ``last_error`` when waiting cannot help.
         """
-        options = self.options(model_id, exclude=exclude, arrived=arrived)
+        options = self.affinity.fold(
+            model_id, prompt, self.options(model_id, exclude=exclude, arrived=arrived)
+        )
         now = trio.current_time()
         line = self.queue.lines.get(model_id, [])
         first = min((t.arrived for t in line), default=arrived)
@@ -480,6 +490,7 @@ class Router:
         neuron.models.pop(model_id, None)
         neuron.evicting.discard(model_id)
         neuron.epoch += 1
+        self.affinity.forget(neuron.name, model_id)
 
     async def _run_load(self, load: PendingLoad, entry: CatalogModel | None) -> None:
         """Evict, load, record; errors end up in ``load.error``, never raised."""

@@ -27,6 +27,10 @@ Choices made where the two dialects do not line up:
   is not seated): it carries the whole prompt as ``input_tokens`` and the
   cache fields as 0, and ``message_delta`` the final split (the SDKs
   overwrite the start's numbers with the delta's).
+- Claude Code's ``x-anthropic-billing-header: ...`` system block is client
+  metadata, not prompt: dropped. Some versions put a per-request hash in
+  it; reaching the model, it would change the prompt's first tokens on
+  every turn and no prefix would ever be reused.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ _DROPPED_BLOCKS = frozenset(
     {"thinking", "redacted_thinking", "server_tool_use", "web_search_tool_result"}
 )
 _TOOL_CHOICE = {"auto": "auto", "any": "required", "none": "none"}
+#: How Claude Code's client-metadata system block starts.
+BILLING_HEADER = "x-anthropic-billing-header:"
 
 
 def _new_tool_id() -> str:
@@ -155,10 +161,19 @@ def _append_user(
         out.append({"role": "user", "content": "\n".join(texts)})
 
 
+def _is_billing_header(block: dict[str, Any]) -> bool:
+    text = block.get("text")
+    return block["type"] == "text" and isinstance(text, str) and text.startswith(BILLING_HEADER)
+
+
 def _messages(req: MessagesRequest | CountTokensRequest, model: str) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if req.system is not None:
-        system = _joined_text(req.system, "system", model)
+        system = "\n".join(
+            _text(where, block, model)
+            for where, block in _kept(req.system, "system")
+            if isinstance(req.system, str) or not _is_billing_header(block)
+        )
         if system:
             out.append({"role": "system", "content": system})
     for i, message in enumerate(req.messages):

@@ -1,0 +1,241 @@
+"""Session affinity: send a request to the replica most likely to hold its prefix.
+
+A neuron reuses the KV cells of a prompt's longest cached prefix (its slots,
+then its host tier): the next turn of a conversation sent where the last one
+went skips most of its prompt processing. The router learns where it sent
+what, per model, and tells the predictive policy how much prompt each
+replica is expected to hold:
+
+- a **session key**, when the client sends one: Claude Code's
+  ``x-claude-code-session-id`` header or the ``session_id`` inside its
+  ``metadata.user_id`` (any other ``metadata.user_id`` as it is), OpenAI's
+  ``prompt_cache_key``, else its ``user``. The replica a session was last
+  sent to is taken to hold as much of the new prompt as the last one sent;
+- a **prefix index** for every request: the rendered request (what the
+  neuron is sent, from its ``messages`` / ``input`` / ``prompt`` on) cut into
+  ``BLOCK_BYTES`` blocks, each named by a hash of everything up to its end,
+  the first ``MAX_BLOCKS`` of them. A replica holds a prompt's first ``k``
+  blocks when a request whose ``k``-th hash was the same went there. This
+  keeps a conversation on one replica without any key, and sends a new
+  session where a shared system prompt is cached already.
+
+Both are bounded LRU maps (``MAX_SESSIONS``, ``MAX_BLOCK_ENTRIES``),
+remembered when a request is routed. Folded into the predicted time to first
+token (``fold``) as the prompt processing each option still has to do, the
+expected saving competes with queues and cold loads: a replica keeps its
+sessions while it has a free slot ("sticky until saturated", llm-d's rule);
+once it is saturated (requests in flight reach its ``parallel`` slots) a
+request goes to the next best replica and the affinity counts as broken.
+
+The neurons' own ``prompt_cache.blocks`` hash token ids; matching them would
+cost a tokenizer call per request and candidate, so the gateway keeps its
+own byte-level index instead.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from cortex.gateway.metrics import GatewayMetrics
+from cortex.gateway.scheduler import PRIOR_DECODE, Option, Predictor
+
+#: Bytes in one block of the prefix index.
+BLOCK_BYTES = 2048
+#: Blocks of a request indexed: its first 512 KiB (Claude Code's system
+#: prompt is about 30 KiB, its tools follow the messages).
+MAX_BLOCKS = 256
+#: (model, block hash) entries kept, least recently used dropped first.
+MAX_BLOCK_ENTRIES = 65536
+#: (model, session) entries kept, least recently used dropped first.
+MAX_SESSIONS = 16384
+#: Rendered request bytes per prompt token (JSON of English text and code).
+BYTES_PER_TOKEN = 4.0
+#: Prompt processing is this many times faster than decoding, per token.
+PREFILL_OVER_DECODE = 10.0
+#: Where the prompt starts in a request body: everything before (the model,
+#: sampling settings) may change from turn to turn.
+_ANCHORS = (b'"messages"', b'"instructions"', b'"input"', b'"prompt"')
+#: Claude Code's header and the key of its ``metadata.user_id`` JSON.
+SESSION_HEADER = b"x-claude-code-session-id"
+
+
+@attrs.frozen
+class Prompt:
+    """What the router knows of one request's prompt."""
+
+    #: The client's session key, if it sent one.
+    session: str | None
+    #: Hashes of the rendered prompt's whole blocks, in order.
+    blocks: tuple[bytes, ...]
+    #: Bytes of the rendered prompt.
+    size: int
+
+
+def session_key(header: str | None, body: Mapping[str, Any]) -> str | None:
+    """The request's session key: the header, then the body's (None: none sent).
+
+    ``body`` is the client's own: Anthropic's ``metadata.user_id`` (its
+    ``session_id`` when it is Claude Code's JSON), OpenAI's
+    ``prompt_cache_key`` or ``user``.
+    """
+    if header:
+        return header
+    metadata = body.get("metadata")
+    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+    if isinstance(user_id, str) and user_id:
+        if user_id.startswith("{"):
+            try:
+                found = json.loads(user_id).get("session_id")
+            except (ValueError, AttributeError):
+                found = None
+            if isinstance(found, str) and found:
+                return found
+        return user_id
+    for key in ("prompt_cache_key", "user"):
+        value = body.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def prompt_of(content: bytes, session: str | None) -> Prompt:
+    """The prompt of a request whose (rendered) body is ``content``."""
+    found = [at for at in (content.find(a) for a in _ANCHORS) if at >= 0]
+    view = memoryview(content)[min(found, default=0) :]
+    hasher = hashlib.blake2b(digest_size=8)
+    blocks = []
+    for start in range(0, min(len(view), BLOCK_BYTES * MAX_BLOCKS) - BLOCK_BYTES + 1, BLOCK_BYTES):
+        hasher.update(view[start : start + BLOCK_BYTES])
+        blocks.append(hasher.copy().digest())
+    return Prompt(session=session, blocks=tuple(blocks), size=len(view))
+
+
+@attrs.frozen
+class AffinityStatistics:
+    sessions: int
+    blocks: int
+    kept: int
+    broken: int
+    new: int
+
+
+@attrs.define(eq=False)
+class Affinity:
+    """Where this gateway sent each session and prefix, per model (bounded LRU maps)."""
+
+    predictor: Predictor
+    metrics: GatewayMetrics
+    #: (model, session) -> (neuron, prompt bytes it was sent).
+    _sessions: collections.OrderedDict[tuple[str, str], tuple[str, int]] = attrs.field(
+        factory=collections.OrderedDict, init=False
+    )
+    #: (model, block hash) -> the neurons sent that prefix, most recent last.
+    _blocks: collections.OrderedDict[tuple[str, bytes], dict[str, None]] = attrs.field(
+        factory=collections.OrderedDict, init=False
+    )
+    _counts: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
+
+    def cached(self, model_id: str, prompt: Prompt) -> dict[str, int]:
+        """Neuron -> bytes of ``prompt`` it is expected to hold (only neurons with some)."""
+        held: dict[str, int] = {}
+        for depth, block in enumerate(prompt.blocks, 1):
+            neurons = self._blocks.get((model_id, block))
+            if neurons is None:
+                break
+            self._blocks.move_to_end((model_id, block))
+            for name in neurons:
+                held[name] = depth * BLOCK_BYTES
+        if prompt.session is not None:
+            found = self._sessions.get((model_id, prompt.session))
+            if found is not None:
+                name, size = found
+                held[name] = max(held.get(name, 0), min(size, prompt.size))
+        return held
+
+    def remembered(self, model_id: str, prompt: Prompt) -> set[str]:
+        """The replicas the request has affinity to: its session's, else the longest prefix's."""
+        if prompt.session is not None:
+            found = self._sessions.get((model_id, prompt.session))
+            if found is not None:
+                return {found[0]}
+        held = self.cached(model_id, prompt)
+        best = max(held.values(), default=0)
+        return {name for name, size in held.items() if size == best and best > 0}
+
+    def prefill(self, option: Option, model_id: str, tokens: float) -> float:
+        """Seconds ``option``'s neuron takes to process ``tokens`` prompt tokens."""
+        measured = self.predictor.observations.decode_tps.get((option.neuron.name, model_id))
+        if measured is not None and measured.value:
+            decode = measured.value
+        else:
+            decode = min(500.0, max(2.0, PRIOR_DECODE / max(self.predictor.size(model_id), 1)))
+        return tokens / (decode * PREFILL_OVER_DECODE)
+
+    def fold(self, model_id: str, prompt: Prompt | None, options: list[Option]) -> list[Option]:
+        """``options`` with the prompt processing each still needs added to its prediction.
+
+        A loaded replica expected to hold part of the prompt processes only
+        the rest; a load or a replica without it, all of it.
+        """
+        if prompt is None or not options:
+            return options
+        held = self.cached(model_id, prompt)
+        folded = []
+        for option in options:
+            reused = held.get(option.neuron.name, 0) if option.kind == "loaded" else 0
+            tokens = max(prompt.size - reused, 0) / BYTES_PER_TOKEN
+            predicted = option.predicted + self.prefill(option, model_id, tokens)
+            folded.append(attrs.evolve(option, predicted=predicted))
+        return folded
+
+    def routed(self, model_id: str, prompt: Prompt | None, neuron: str) -> None:
+        """``prompt`` goes to ``neuron``: count kept / broken / new, and remember it."""
+        if prompt is None:
+            return
+        remembered = self.remembered(model_id, prompt)
+        result = "new" if not remembered else "kept" if neuron in remembered else "broken"
+        self._counts[result] += 1
+        self.metrics.affinity.labels(result).inc()
+        if prompt.session is not None:
+            key = (model_id, prompt.session)
+            self._sessions[key] = (neuron, prompt.size)
+            self._sessions.move_to_end(key)
+            while len(self._sessions) > MAX_SESSIONS:
+                self._sessions.popitem(last=False)
+        for block in prompt.blocks:
+            entry = (model_id, block)
+            neurons = self._blocks.get(entry)
+            if neurons is None:
+                neurons = self._blocks[entry] = {}
+            else:
+                self._blocks.move_to_end(entry)
+            neurons.pop(neuron, None)
+            neurons[neuron] = None
+        while len(self._blocks) > MAX_BLOCK_ENTRIES:
+            self._blocks.popitem(last=False)
+
+    def forget(self, neuron: str, model_id: str) -> None:
+        """``model_id`` left ``neuron`` (unloaded, evicted): it holds none of its prefixes."""
+        for key in [k for k in self._sessions if k[0] == model_id]:
+            if self._sessions[key][0] == neuron:
+                del self._sessions[key]
+        for key in [k for k in self._blocks if k[0] == model_id]:
+            neurons = self._blocks[key]
+            neurons.pop(neuron, None)
+            if not neurons:
+                del self._blocks[key]
+
+    def statistics(self) -> AffinityStatistics:
+        return AffinityStatistics(
+            sessions=len(self._sessions),
+            blocks=len(self._blocks),
+            kept=self._counts["kept"],
+            broken=self._counts["broken"],
+            new=self._counts["new"],
+        )
