@@ -61,7 +61,9 @@ PREFILL_OVER_DECODE = 10.0
 #: Where the prompt starts in a request body: everything before (the model,
 #: sampling settings) may change from turn to turn.
 _ANCHORS = (b'"messages"', b'"instructions"', b'"input"', b'"prompt"')
-#: Claude Code's header and the key of its ``metadata.user_id`` JSON.
+#: The ``result`` labels of ``cortex_affinity_total``.
+RESULTS = ("kept", "broken", "new")
+#: Claude Code's session header.
 SESSION_HEADER = b"x-claude-code-session-id"
 
 
@@ -140,6 +142,10 @@ class Affinity:
         factory=collections.OrderedDict, init=False
     )
     _counts: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        for result in RESULTS:
+            self.metrics.affinity.labels(result)
 
     def cached(self, model_id: str, prompt: Prompt) -> dict[str, int]:
         """Neuron -> bytes of ``prompt`` it is expected to hold (only neurons with some)."""
