@@ -108,6 +108,8 @@ async def test_claude_code_answers_in_text(fleet: Any, tmp_path: pathlib.Path) -
     assert result["stop_reason"] == "end_turn"
     prompt = engine_model(neuron).prompts[-1]
     assert prompt.startswith("<|system|># Tools\n") and '"name": "Bash"' in prompt
+    # Its first system block is client metadata, not prompt (WIRE.md).
+    assert "x-anthropic-billing-header" not in prompt
 
 
 async def test_claude_code_runs_a_tool_and_sends_the_result(
