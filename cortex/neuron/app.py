@@ -25,6 +25,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from cortex import toolcalls
 from cortex.config import NeuronConfig
 from cortex.errors import (
     ContextOverflow,
@@ -37,9 +38,10 @@ from cortex.errors import (
 )
 from cortex.fleet import DeviceSample, Discovery, Health, MemoryBudget, make_converter
 from cortex.harness import ChatPrompt, Sampling, harness_infos, plugin_manager
-from cortex.neuron import discovery, tools
+from cortex.neuron import discovery
 from cortex.neuron.metrics import NeuronMetrics
 from cortex.neuron.models import LoadRequest, ModelManager, ModelSlot
+from cortex.neuron.tools import PLAIN, OutputPlan, plan_output
 from cortex.neuron.workers import (
     Delta,
     Done,
@@ -385,7 +387,7 @@ def create_app(neuron: Neuron) -> QuartTrio:
         """A chat answer whose text is read for tool calls in ``family``'s markup."""
         if not chat.stream:
             text, done = await finish(slot, job, arrived)
-            content, calls = tools.parse_tool_calls(text, family)
+            content, calls = toolcalls.parse_tool_calls(text, family)
             finish_reason, stop_sequence = tool_finish(done, calls)
             return openai.chat_completion(
                 **ids,
@@ -397,7 +399,7 @@ def create_app(neuron: Neuron) -> QuartTrio:
             )
 
         async def events() -> AsyncIterator[bytes]:
-            parser = tools.ToolCallParser(family)
+            parser = toolcalls.ToolCallParser(family)
             first = True
             async for event in stream(slot, job, arrived):
                 if isinstance(event, Failed):
@@ -534,9 +536,9 @@ def create_app(neuron: Neuron) -> QuartTrio:
         response_id, created_at = "resp_" + uuid.uuid4().hex, openai.now()
         if not req.stream:
             text, done = await finish(slot, job, arrived)
-            calls: list[tools.ToolCall] = []
+            calls: list[toolcalls.ToolCall] = []
             if plan.family is not None:
-                text, calls = tools.parse_tool_calls(text, plan.family)
+                text, calls = toolcalls.parse_tool_calls(text, plan.family)
             status, reason = outcome(done)
             return responses.response_object(
                 id=response_id,
@@ -559,9 +561,9 @@ def create_app(neuron: Neuron) -> QuartTrio:
                 ],
             )
         builder = responses.ResponsesStream(id=response_id, created_at=created_at, model=req.model)
-        parser = tools.ToolCallParser(plan.family) if plan.family is not None else None
+        parser = toolcalls.ToolCallParser(plan.family) if plan.family is not None else None
 
-        def output(pieces: list[tools.Piece]) -> list[tuple[str, dict[str, Any]]]:
+        def output(pieces: list[toolcalls.Piece]) -> list[tuple[str, dict[str, Any]]]:
             out = []
             for piece in pieces:
                 if isinstance(piece, str):
@@ -608,10 +610,10 @@ def create_app(neuron: Neuron) -> QuartTrio:
         max_tokens: int | None,
         stops: Sequence[str],
         endpoint: str,
-    ) -> tuple[ModelSlot, tools.OutputPlan, Job]:
+    ) -> tuple[ModelSlot, OutputPlan, Job]:
         """Render, tokenize and queue a chat-shaped request (chat or Responses)."""
         with manager.using(req.model) as slot:
-            plan = await output_plan(slot, req)
+            plan = output_plan(slot, req)
             prompt = await render(slot, req.messages, plan.tools)
             job = await submit(
                 slot,
@@ -630,21 +632,17 @@ def create_app(neuron: Neuron) -> QuartTrio:
         assert slot.model is not None
         return await trio.to_thread.run_sync(partial(slot.model.render_chat, messages, tools=tools))
 
-    async def output_plan(
+    def output_plan(
         slot: ModelSlot, req: openai.ChatRequest | responses.ResponsesRequest
-    ) -> tools.OutputPlan:
+    ) -> OutputPlan:
         if req.tools is None and req.response_format is None:
             return PLAIN
-        # Grammars for many large tool schemas take a while to build.
-        return await trio.to_thread.run_sync(
-            partial(
-                tools.plan_output,
-                family=tools.family_of(slot.model),
-                tools=req.tools,
-                tool_choice=req.tool_choice,
-                parallel_tool_calls=req.parallel_tool_calls,
-                response_format=req.response_format,
-            )
+        return plan_output(
+            family=toolcalls.family_of(slot.model),
+            tools=req.tools,
+            tool_choice=req.tool_choice,
+            parallel_tool_calls=req.parallel_tool_calls,
+            response_format=req.response_format,
         )
 
     async def tokenize_prompt(slot: ModelSlot, prompt: ChatPrompt) -> list[int]:
@@ -754,14 +752,13 @@ def create_app(neuron: Neuron) -> QuartTrio:
     return app
 
 
-PLAIN = tools.OutputPlan()
+def constrained(sampling: Sampling, plan: OutputPlan) -> Sampling:
+    if plan.constraint is None:
+        return sampling
+    return attrs.evolve(sampling, constraint=plan.constraint)
 
 
-def constrained(sampling: Sampling, plan: tools.OutputPlan) -> Sampling:
-    return sampling if plan.grammar is None else attrs.evolve(sampling, grammar=plan.grammar)
-
-
-def tool_finish(done: Done, calls: Sequence[tools.ToolCall]) -> tuple[str, str | None]:
+def tool_finish(done: Done, calls: Sequence[toolcalls.ToolCall]) -> tuple[str, str | None]:
     """The finish_reason and stop_sequence of an answer that may hold tool calls.
 
     A call cut short by the token limit stays ``length``: the client must not
