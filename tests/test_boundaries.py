@@ -42,3 +42,25 @@ def test_public_engine_modules_import_only_neuron_free_helpers(path: pathlib.Pat
     inside = {n for n in imported(path) if n.startswith("cortex.neuron")}
     # stops.partial_suffix is a pure string helper the parser shares.
     assert inside <= {"cortex.neuron.stops", "cortex.neuron.stops.partial_suffix"}
+
+
+#: The request path: the app's routes, the session prologue, the stream builders.
+REQUEST_PATH = [
+    ROOT / "cortex" / "neuron" / "app.py",
+    ROOT / "cortex" / "neuron" / "session.py",
+    ROOT / "cortex" / "wire" / "openai_stream.py",
+]
+MAX_FUNCTION_LINES = 80
+
+
+@pytest.mark.parametrize("path", REQUEST_PATH, ids=lambda p: p.name)
+def test_request_path_functions_are_short(path: pathlib.Path) -> None:
+    tree = ast.parse(path.read_text(), str(path))
+    long = [
+        f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno is not None
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert not long, f"{path.relative_to(ROOT)}: split {', '.join(long)}"
