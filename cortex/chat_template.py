@@ -33,7 +33,7 @@ from typing import Any
 import attrs
 
 from cortex.errors import InvalidRequest
-from cortex.neuron.tools import HERMES_CLOSE, HERMES_OPEN
+from cortex.toolcalls import HERMES_CLOSE, HERMES_OPEN
 
 #: Renders (messages, tools) to the template's prompt text; may raise.
 Render = Callable[[list[dict[str, Any]], list[dict[str, Any]] | None], str]

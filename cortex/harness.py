@@ -70,6 +70,50 @@ class LoadSpec:
 
 
 @attrs.frozen
+class JsonSchema:
+    """Constrains the output to one JSON value that matches ``schema``.
+
+    ``schema`` is a JSON schema as the client gave it (OpenAI
+    ``response_format`` json_schema); None asks for any JSON object
+    (``json_object``).
+    """
+
+    schema: Mapping[str, Any] | None = None
+    #: The request field a refusal names.
+    param: str = "response_format"
+
+
+@attrs.frozen
+class ToolCalls:
+    """Constrains the output to tool calls, and nothing else.
+
+    The calls are written in ``family``'s markup (``cortex.toolcalls``: the
+    neuron parses them with ``ToolCallParser(family)``), each to one of
+    ``functions`` with arguments that follow its ``parameters`` schema where
+    the engine can enforce that.
+
+    Attributes:
+      family: one of ``cortex.toolcalls.FAMILIES``; the model's
+        ``tool_format``, or the neuron's default when it has none.
+      functions: OpenAI ``tool.function`` objects (name, description,
+        parameters); never empty.
+      parallel: whether several calls may follow each other; False asks for
+        exactly one.
+    """
+
+    family: str
+    functions: tuple[Mapping[str, Any], ...]
+    parallel: bool = True
+    #: The request field a refusal names.
+    param: str = "tool_choice"
+
+
+#: What the output must look like: engine-neutral, each engine enforces it
+#: its own way (llama.cpp with a grammar) or refuses it.
+OutputConstraint = JsonSchema | ToolCalls
+
+
+@attrs.frozen
 class Sampling:
     """Sampling settings for one generation; None means the engine default."""
 
@@ -81,8 +125,9 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
-    #: A GBNF grammar that constrains the output, or None.
-    grammar: str | None = None
+    #: The shape the output must have, or None. An engine that cannot
+    #: enforce it raises ``InvalidRequest`` before the first token.
+    constraint: OutputConstraint | None = None
 
 
 @attrs.frozen
@@ -199,7 +244,7 @@ class LoadedModel(abc.ABC):
     #: The context length the model was trained with, when known.
     n_ctx_train: int | None = None
     #: The markup the model writes tool calls in ("hermes", "llama3",
-    #: "mistral"; see ``cortex.neuron.tools``), or None when the engine cannot
+    #: "mistral"; see ``cortex.toolcalls``), or None when the engine cannot
     #: tell: the neuron then assumes "hermes".
     tool_format: str | None = None
     #: How many ``generate`` calls may run at once, each from its own thread.

@@ -351,13 +351,13 @@ async def test_tool_choice_mapping(client: anthropic.AsyncAnthropic, neuron: Neu
 
     with trio.fail_after(10):
         await ask_with({"type": "any"})
-        required = model.samplings[-1].grammar
+        required = model.grammars[-1]
         await ask_with({"type": "any", "disable_parallel_tool_use": True})
-        single = model.samplings[-1].grammar
+        single = model.grammars[-1]
         await ask_with({"type": "tool", "name": "get_time"})
-        named = model.samplings[-1].grammar
+        named = model.grammars[-1]
         auto = await ask_with({"type": "auto"})
-        assert model.samplings[-1].grammar is None
+        assert model.grammars[-1] is None
         none = await ask_with({"type": "none"})
         none_prompt = model.prompts[-1]
         with pytest.raises(anthropic.BadRequestError) as unknown:
@@ -366,7 +366,7 @@ async def test_tool_choice_mapping(client: anthropic.AsyncAnthropic, neuron: Neu
     assert "tool-block )*" in required and "tool-block )*" not in single  # one call only
     assert "get_time" in named and "get_weather" not in named
     assert auto.stop_reason == "tool_use"
-    assert "# Tools" not in none_prompt and model.samplings[-1].grammar is None
+    assert "# Tools" not in none_prompt and model.grammars[-1] is None
     assert [b.type for b in none.content] == ["text"]
     assert none.content[0].text == "I cannot look that up."
     assert none.stop_reason == "end_turn"

@@ -23,7 +23,14 @@ from cortex.errors import (
     InvalidRequest,
     ModelLoadError,
 )
-from cortex.harness import LoadSpec, Placement, Sampling, harness_infos, plugin_manager
+from cortex.harness import (
+    JsonSchema,
+    LoadSpec,
+    Placement,
+    Sampling,
+    harness_infos,
+    plugin_manager,
+)
 from tests.fixtures.ggml import write_tiny_gpt2_ggml, write_tiny_llama_spm_gguf
 from tests.neuron_helpers import running_neuron
 
@@ -296,7 +303,7 @@ def test_generate_refuses(load, gpt2_path):
     with pytest.raises(ContextOverflow):
         list(model.generate([65] * 256, GREEDY))
     with pytest.raises(InvalidRequest, match="grammar"):
-        list(model.generate([65], Sampling(grammar='root ::= "a"')))
+        list(model.generate([65], Sampling(constraint=JsonSchema(None))))
 
 
 def test_unload(load, gpt2_path):

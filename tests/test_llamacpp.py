@@ -17,6 +17,7 @@ from cortex.errors import (
 )
 from cortex.harness import (
     ChatPrompt,
+    JsonSchema,
     LoadSpec,
     Placement,
     Sampling,
@@ -323,12 +324,15 @@ def test_seeded_sampling_is_reproducible(load, tiny_model_path):
 
 def test_grammar(load, tiny_model_path):
     model = load(tiny_model_path)
-    sampling = Sampling(temperature=1.0, seed=1, grammar='root ::= "yes" | "no"')
+    yes_no = JsonSchema({"enum": ["yes", "no"]})
+    sampling = Sampling(temperature=1.0, seed=1, constraint=yes_no)
     pieces = b"".join(t.piece for t in model.generate(model.tokenize("Answer:"), sampling))
-    assert pieces in (b"yes", b"no")
+    assert pieces in (b'"yes"', b'"no"')
     # llama-cpp-python would pass a NULL sampler on and crash the process.
     with pytest.raises(InvalidRequest, match="grammar"):
-        next(model.generate([1, 2], Sampling(grammar="root ::= (")))
+        model._grammar("root ::= (")
+    with pytest.raises(InvalidRequest, match="grammar"):
+        next(model.generate([1, 2], Sampling(constraint=JsonSchema({"$ref": "#/nope"}))))
     assert len(take(model.generate(model.tokenize("Hi"), GREEDY), 3)) == 3
 
 

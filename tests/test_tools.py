@@ -1,4 +1,4 @@
-"""Tool-call families, the streaming parser and the output plan (no engine)."""
+"""Tool-call families, the streaming parser, the output plan and its grammars (no engine)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import random
 
 import pytest
 
+from cortex import toolcalls
 from cortex.errors import InvalidRequest
-from cortex.neuron import tools
-from cortex.neuron.tools import ToolCallDelta, ToolCallParser, parse_tool_calls
+from cortex.harness import JsonSchema, ToolCalls
+from cortex.neuron.tools import OutputPlan, plan_output
+from cortex.toolcalls import ToolCallDelta, ToolCallParser, parse_tool_calls
+from cortex_llamacpp.grammar import grammar_for, tool_call_grammar
 
 
 def ids():
@@ -214,7 +217,7 @@ def test_random_output_never_crashes_or_loses_text() -> None:
     rng = random.Random(5)
     for _ in range(600):
         text = "".join(rng.choice(fragments) for _ in range(rng.randint(1, 14)))
-        for family in tools.FAMILIES:
+        for family in toolcalls.FAMILIES:
             content, calls, out = run([text], family)
             assert check_deltas(out) == calls
             cut = rng.randint(0, len(text))
@@ -267,16 +270,16 @@ CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\\n{{ m.content }}<|im_
     ],
 )
 def test_detect_family(template: str | None, name: str | None, family: str | None) -> None:
-    assert tools.detect_family(template, name=name) == family
+    assert toolcalls.detect_family(template, name=name) == family
 
 
 def test_family_of_a_model() -> None:
     class Model:
         tool_format = None
 
-    assert tools.family_of(Model()) == tools.DEFAULT_FAMILY
+    assert toolcalls.family_of(Model()) == toolcalls.DEFAULT_FAMILY
     Model.tool_format = "mistral"
-    assert tools.family_of(Model()) == "mistral"
+    assert toolcalls.family_of(Model()) == "mistral"
 
 
 # -- the output plan --------------------------------------------------------------------
@@ -299,39 +302,62 @@ def plan(**kwargs):
         response_format=None,
     )
     values.update(kwargs)
-    return tools.plan_output(**values)
+    return plan_output(**values)
+
+
+def grammar(plan: OutputPlan) -> str | None:
+    """The llama.cpp grammar for the plan's constraint, as that engine builds it."""
+    return None if plan.constraint is None else grammar_for(plan.constraint)
 
 
 def test_plan_output() -> None:
     assert plan().plain
     auto = plan(tools=[TOOL])
-    assert (auto.tools, auto.family, auto.grammar) == ([TOOL], "hermes", None)
+    assert (auto.tools, auto.family, grammar(auto)) == ([TOOL], "hermes", None)
     none = plan(tools=[TOOL], tool_choice="none")
     assert none.plain and none.tools is None
     required = plan(tools=[TOOL], tool_choice="required")
-    assert required.family == "hermes" and "<tool_call>" in required.grammar
+    assert required.family == "hermes" and "<tool_call>" in grammar(required)
     named = plan(
         tools=[TOOL], tool_choice={"type": "function", "function": {"name": "get_weather"}}
     )
-    assert '"\\"get_weather\\""' in named.grammar
+    assert '"\\"get_weather\\""' in grammar(named)
     with pytest.raises(InvalidRequest):
         plan(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "other"}})
     with pytest.raises(InvalidRequest):
         plan(tool_choice="required")
     assert plan(response_format={"type": "text"}).plain
     json_object = plan(response_format={"type": "json_object"})
-    assert json_object.family is None and "root ::=" in json_object.grammar
+    assert json_object.family is None and "root ::=" in grammar(json_object)
     # A forced call wins over a response format.
     both = plan(tools=[TOOL], tool_choice="required", response_format={"type": "json_object"})
-    assert both.grammar == required.grammar
+    assert grammar(both) == grammar(required)
 
 
-@pytest.mark.parametrize("family", tools.FAMILIES)
+@pytest.mark.parametrize("family", toolcalls.FAMILIES)
 def test_tool_call_grammar_markup(family: str) -> None:
-    grammar = tools.tool_call_grammar(family, [TOOL["function"]], parallel=False)
+    grammar = tool_call_grammar(family, [TOOL["function"]], parallel=False)
     assert grammar.startswith("root ::= ")
     head = "\n".join(grammar.splitlines()[:2])
     markup = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS][", "llama3": "tool-any"}[family]
     assert markup in head
     key = "parameters" if family == "llama3" else "arguments"
     assert f'"\\"{key}\\""' in grammar
+
+
+def test_constraints_are_engine_neutral() -> None:
+    required = plan(tools=[TOOL], tool_choice="required", parallel_tool_calls=False)
+    assert required.constraint == ToolCalls(
+        family="hermes", functions=(TOOL["function"],), parallel=False
+    )
+    schema = {"type": "object"}
+    spec = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    json_schema = plan(response_format=spec)
+    assert json_schema.constraint == JsonSchema(schema, param="response_format.json_schema")
+    assert plan(response_format={"type": "json_object"}).constraint == JsonSchema(None)
+
+
+def test_a_schema_that_does_not_convert_is_the_clients_fault() -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        grammar_for(JsonSchema({"$ref": "#/nope"}, param="response_format.json_schema"))
+    assert refused.value.param == "response_format.json_schema"

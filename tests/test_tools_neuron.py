@@ -262,7 +262,7 @@ async def test_tool_choice_none_hides_the_tools(
     assert reply.choices[0].message.tool_calls is None
     assert reply.choices[0].finish_reason == "stop"
     assert "# Tools" not in engine_model(neuron).prompts[-1]
-    assert engine_model(neuron).samplings[-1].grammar is None
+    assert engine_model(neuron).grammars[-1] is None
 
 
 async def test_forced_calls_constrain_with_a_grammar(
@@ -276,14 +276,14 @@ async def test_forced_calls_constrain_with_a_grammar(
             tools=TOOLS,
             tool_choice="required",
         )
-        required = model.samplings[-1].grammar
+        required = model.grammars[-1]
         await client.chat.completions.create(
             model="scripted",
             messages=ask("What's the weather in Paris?"),
             tools=TOOLS,
             tool_choice={"type": "function", "function": {"name": "get_time"}},
         )
-        named = model.samplings[-1].grammar
+        named = model.grammars[-1]
         with pytest.raises(openai.BadRequestError) as unknown:
             await client.chat.completions.create(
                 model="scripted",
@@ -292,7 +292,7 @@ async def test_forced_calls_constrain_with_a_grammar(
                 tool_choice={"type": "function", "function": {"name": "nope"}},
             )
         await client.chat.completions.create(model="scripted", messages=ask("hi"), tools=TOOLS)
-        auto = model.samplings[-1].grammar
+        auto = model.grammars[-1]
     assert "<tool_call>" in required and "get_weather" in required and "get_time" in required
     assert "get_time" in named and "get_weather" not in named
     assert unknown.value.body["param"] == "tool_choice"
@@ -425,7 +425,7 @@ async def test_response_format_reaches_the_engine_as_a_grammar(
                     "json_schema": {"name": "n", "schema": schema},
                 },
             )
-            grammar = engine_model(neuron).samplings[-1].grammar
+            grammar = engine_model(neuron).grammars[-1]
             bad = await http.post(
                 "/v1/chat/completions",
                 json={

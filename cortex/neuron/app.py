@@ -13,11 +13,12 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from functools import partial
 from typing import Any
 
 import attrs
+import cattrs
 import pluggy
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -25,32 +26,35 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from cortex import toolcalls
 from cortex.config import NeuronConfig
 from cortex.errors import (
-    ContextOverflow,
     CortexError,
     GenerationFailed,
     InvalidRequest,
     Unauthorized,
-    Unavailable,
     error_for_status,
 )
 from cortex.fleet import DeviceSample, Discovery, Health, MemoryBudget, make_converter
-from cortex.harness import ChatPrompt, Sampling, harness_infos, plugin_manager
-from cortex.neuron import discovery, tools
+from cortex.harness import harness_infos, plugin_manager
+from cortex.neuron import discovery
 from cortex.neuron.metrics import NeuronMetrics
 from cortex.neuron.models import LoadRequest, ModelManager, ModelSlot
-from cortex.neuron.workers import (
-    Delta,
-    Done,
-    Failed,
-    GenerationRequest,
-    Job,
-    collect,
-    tokens_per_second,
+from cortex.neuron.session import (
+    Generation,
+    Sessions,
+    outcome,
+    render,
+    tokenize_prompt,
+    tokenize_text,
+    tool_finish,
+    usage_of,
 )
+from cortex.neuron.workers import Delta, Done, Failed
 from cortex.serve import serve
 from cortex.wire import envelope, jsonbody, openai, responses, sse
+from cortex.wire.openai_stream import ChatStream, CompletionStream, Frame
+from cortex.wire.responses import ResponsesStream
 
 log = logging.getLogger(__name__)
 
@@ -191,74 +195,112 @@ async def run_neuron(
 def create_app(neuron: Neuron) -> QuartTrio:
     app = QuartTrio("cortex.neuron")
     app.config["MAX_CONTENT_LENGTH"] = neuron.config.neuron.max_body_bytes
-    converter = make_converter()
-    manager = neuron.manager
-    token = neuron.config.neuron.token
+    api = NeuronApi(neuron)
+    app.before_request(read_whole_body)
+    app.before_request(api.authenticate)
+    app.after_request(add_request_id)
+    app.register_error_handler(CortexError, cortex_error)
+    app.register_error_handler(HTTPException, http_error)
+    for method, rule, view in api.routes():
+        app.add_url_rule(rule, view_func=view, methods=[method])
+    return app
 
-    @app.before_request
-    async def read_whole_body() -> None:
-        # Before authenticating: a 401 sent with the body unread leaves the
-        # keep-alive connection's next request hanging now and then
-        # (quart-trio under hypercorn). Bounded by MAX_CONTENT_LENGTH.
-        await request.get_data()
 
-    @app.before_request
-    async def authenticate() -> None:
+async def read_whole_body() -> None:
+    # Before authenticating: a 401 sent with the body unread leaves the
+    # keep-alive connection's next request hanging now and then
+    # (quart-trio under hypercorn). Bounded by MAX_CONTENT_LENGTH.
+    await request.get_data()
+
+
+async def add_request_id(response: Response) -> Response:
+    request_id = g.get("request_id")
+    if request_id:
+        response.headers["x-request-id"] = request_id
+    if request.path.startswith("/v1/") or request.method == "POST":
+        log.info(
+            "%s %s %d request_id=%s", request.method, request.path, response.status_code, request_id
+        )
+    return response
+
+
+async def cortex_error(exc: CortexError) -> Response:
+    return error_response(exc)
+
+
+async def http_error(exc: HTTPException) -> Response:
+    return error_response(error_for_status(exc.code or 500, exc.description or exc.name))
+
+
+async def read_json() -> Any:
+    return jsonbody.loads(await request.get_data(cache=False))
+
+
+View = Callable[..., Awaitable[Any]]
+
+
+@attrs.define(eq=False)
+class NeuronApi:
+    """The neuron's routes: the fleet API the gateway calls, and inference."""
+
+    neuron: Neuron
+    converter: cattrs.Converter = attrs.field(factory=make_converter)
+    sessions: Sessions = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.sessions = Sessions(
+            manager=self.neuron.manager,
+            metrics=self.neuron.metrics,
+            default_max_tokens=self.neuron.config.neuron.default_max_tokens,
+        )
+
+    def routes(self) -> list[tuple[str, str, View]]:
+        return [
+            # The fleet API: what the gateway calls.
+            ("GET", "/discovery", self.get_discovery),
+            ("GET", "/health", self.get_health),
+            ("GET", "/models", self.list_models),
+            ("POST", "/models/load", self.load_model),
+            ("POST", "/models/unload", self.unload_model),
+            ("GET", "/models/<path:model_id>/endpoint", self.model_endpoint),
+            ("POST", "/tokenize", self.tokenize),
+            ("GET", "/metrics", self.metrics),
+            # Inference: the OpenAI dialects.
+            ("GET", "/v1/models", self.v1_models),
+            ("POST", "/v1/chat/completions", self.chat_completions),
+            ("POST", "/v1/completions", self.completions),
+            ("POST", "/v1/responses", self.create_response),
+        ]
+
+    async def authenticate(self) -> None:
+        section = self.neuron.config.neuron
         # The gateway passes its request id on; a direct client may not send one.
         g.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        if token is None:
+        if section.token is None:
             return
-        if neuron.config.neuron.open_health and request.path in HEALTH_ROUTES:
+        if section.open_health and request.path in HEALTH_ROUTES:
             return
         given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        if not hmac.compare_digest(given.encode(), f"Bearer {section.token}".encode()):
             raise Unauthorized("missing or wrong neuron token (Authorization: Bearer ...)")
 
-    @app.after_request
-    async def add_request_id(response: Response) -> Response:
-        request_id = g.get("request_id")
-        if request_id:
-            response.headers["x-request-id"] = request_id
-        if request.path.startswith("/v1/") or request.method == "POST":
-            log.info(
-                "%s %s %d request_id=%s",
-                request.method,
-                request.path,
-                response.status_code,
-                request_id,
-            )
-        return response
+    # -- the fleet API --
 
-    @app.errorhandler(CortexError)
-    async def cortex_error(exc: CortexError) -> Response:
-        return error_response(exc)
+    async def get_discovery(self) -> Any:
+        return self.converter.unstructure(self.neuron.discovery)
 
-    @app.errorhandler(HTTPException)
-    async def http_error(exc: HTTPException) -> Response:
-        return error_response(error_for_status(exc.code or 500, exc.description or exc.name))
+    async def get_health(self) -> Any:
+        return self.converter.unstructure(self.neuron.health())
 
-    # -- fleet API: what the gateway calls --------------------------------------------
+    async def list_models(self) -> Any:
+        return self.converter.unstructure(self.neuron.manager.statuses())
 
-    @app.get("/discovery")
-    async def get_discovery() -> Any:
-        return converter.unstructure(neuron.discovery)
-
-    @app.get("/health")
-    async def get_health() -> Any:
-        return converter.unstructure(neuron.health())
-
-    @app.get("/models")
-    async def list_models() -> Any:
-        return converter.unstructure(manager.statuses())
-
-    @app.post("/models/load")
-    async def load_model() -> Any:
+    async def load_model(self) -> Any:
         load = LoadRequest.from_json(await read_json())
-        slot = await manager.load(load)
-        return {"status": "loaded", "model": converter.unstructure(slot.status_view())}
+        slot = await self.neuron.manager.load(load)
+        return {"status": "loaded", "model": self.converter.unstructure(slot.status_view())}
 
-    @app.post("/models/unload")
-    async def unload_model() -> Any:
+    async def unload_model(self) -> Any:
         body = await read_json()
         model_id = body.get("model_id") if isinstance(body, dict) else None
         if not isinstance(model_id, str) or not model_id:
@@ -266,189 +308,60 @@ def create_app(neuron: Neuron) -> QuartTrio:
         cancel = body.get("cancel", False)
         if not isinstance(cancel, bool):
             raise InvalidRequest("cancel must be a boolean", param="cancel")
-        cancelled = await manager.unload(model_id, cancel=cancel)
+        cancelled = await self.neuron.manager.unload(model_id, cancel=cancel)
         return {"status": "unloaded", "model_id": model_id, "cancelled": cancelled}
 
-    @app.get("/models/<path:model_id>/endpoint")
-    async def model_endpoint(model_id: str) -> Any:
-        manager.serving(model_id)
+    async def model_endpoint(self, model_id: str) -> Any:
+        self.neuron.manager.serving(model_id)
         return {"url": request.host_url.rstrip("/") + "/v1"}
 
-    @app.post("/tokenize")
-    async def tokenize() -> Any:
+    async def tokenize(self) -> Any:
         body = await read_json()
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             raise InvalidRequest("model must be a string", param="model")
-        with manager.using(body["model"]) as slot:
+        with self.neuron.manager.using(body["model"]) as slot:
             return await count_tokens(slot, body)
 
-    async def count_tokens(slot: ModelSlot, body: dict[str, Any]) -> dict[str, Any]:
-        model = slot.model
-        assert model is not None
-        if "messages" in body:
-            chat = openai.parse_chat_request(
-                {"model": body["model"], "messages": body["messages"], "tools": body.get("tools")}
-            )
-            prompt = await trio.to_thread.run_sync(
-                partial(model.render_chat, chat.messages, tools=chat.tools)
-            )
-            tokens = await trio.to_thread.run_sync(
-                partial(model.tokenize, prompt.text, add_bos=prompt.add_bos, special=prompt.special)
-            )
-            return {"count": len(tokens)}
-        text = body.get("text")
-        if not isinstance(text, str):
-            raise InvalidRequest("give text (a string) or messages", param="text")
-        tokens = await trio.to_thread.run_sync(partial(model.tokenize, text, add_bos=False))
-        return {"count": len(tokens), "tokens": tokens}
+    async def metrics(self) -> Response:
+        registry = self.neuron.metrics.registry
+        return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(neuron.metrics.registry), content_type=CONTENT_TYPE_LATEST)
+    # -- inference --
 
-    # -- inference: OpenAI dialect ----------------------------------------------------
-
-    @app.get("/v1/models")
-    async def v1_models() -> Any:
+    async def v1_models(self) -> Any:
         return openai.model_list(
             [
                 openai.model_entry(
                     s.id, created=int(s.loaded_at or 0), owned_by="cortex", status=s.status
                 )
-                for s in manager.statuses()
+                for s in self.neuron.manager.statuses()
                 if s.status == "loaded"
             ]
         )
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions() -> Any:
+    async def chat_completions(self) -> Any:
         arrived = time.perf_counter()
         chat = openai.parse_chat_request(await read_json())
-        slot, plan, job = await start_chat(
-            chat, max_tokens=chat.max_tokens, stops=chat.stop, endpoint="chat"
+        generation = await self.sessions.start_chat(
+            chat, max_tokens=chat.max_tokens, stops=chat.stop, endpoint="chat", arrived=arrived
         )
         ids = dict(id=openai.new_id("chatcmpl"), created=openai.now(), model=chat.model)
-        if plan.family is not None:
-            return await chat_with_tools(slot, job, arrived, chat, plan.family, ids)
         if not chat.stream:
-            text, done = await finish(slot, job, arrived)
-            return openai.chat_completion(
-                **ids,
-                content=text,
-                finish_reason=done.finish_reason,
-                usage=usage_of(done),
-                stop_sequence=done.stop_sequence,
-            )
+            return await chat_answer(generation, ids)
+        builder = ChatStream(**ids, include_usage=chat.include_usage)
+        return event_stream(chat_events(generation, builder))
 
-        async def events() -> AsyncIterator[bytes]:
-            first = True
-            async for event in stream(slot, job, arrived):
-                if isinstance(event, Delta):
-                    # The role rides with the first text: a role-only chunk sent
-                    # before any token would fake the time to first token.
-                    delta = (
-                        {"role": "assistant", "content": event.text}
-                        if first
-                        else {"content": event.text}
-                    )
-                    first = False
-                    yield sse.encode(
-                        openai.chat_chunk(**ids, delta=delta, include_usage=chat.include_usage)
-                    )
-                elif isinstance(event, Done):
-                    delta = {"role": "assistant", "content": ""} if first else {}
-                    yield sse.encode(
-                        openai.chat_chunk(
-                            **ids,
-                            delta=delta,
-                            finish_reason=event.finish_reason,
-                            stop_sequence=event.stop_sequence,
-                            include_usage=chat.include_usage,
-                        )
-                    )
-                    if chat.include_usage:
-                        yield sse.encode(openai.usage_chunk(**ids, usage=usage_of(event)))
-                    yield sse.DONE
-                else:
-                    yield sse.encode(openai.error_body(GenerationFailed(event.message)))
-
-        return event_stream(events())
-
-    async def chat_with_tools(
-        slot: ModelSlot,
-        job: Job,
-        arrived: float,
-        chat: openai.ChatRequest,
-        family: str,
-        ids: dict[str, Any],
-    ) -> Any:
-        """A chat answer whose text is read for tool calls in ``family``'s markup."""
-        if not chat.stream:
-            text, done = await finish(slot, job, arrived)
-            content, calls = tools.parse_tool_calls(text, family)
-            finish_reason, stop_sequence = tool_finish(done, calls)
-            return openai.chat_completion(
-                **ids,
-                content=content or (None if calls else ""),
-                tool_calls=[call.to_openai() for call in calls],
-                finish_reason=finish_reason,
-                usage=usage_of(done),
-                stop_sequence=stop_sequence,
-            )
-
-        async def events() -> AsyncIterator[bytes]:
-            parser = tools.ToolCallParser(family)
-            first = True
-            async for event in stream(slot, job, arrived):
-                if isinstance(event, Failed):
-                    yield sse.encode(openai.error_body(GenerationFailed(event.message)))
-                    continue
-                pieces = parser.feed(event.text) if isinstance(event, Delta) else parser.flush()
-                for piece in pieces:
-                    if isinstance(piece, str):
-                        delta: dict[str, Any] = {"content": piece}
-                    else:
-                        delta = {"tool_calls": [piece.to_openai()]}
-                    if first:
-                        # As in plain chat: the role rides with the first piece.
-                        delta = {"role": "assistant", "content": None, **delta}
-                        first = False
-                    yield sse.encode(
-                        openai.chat_chunk(**ids, delta=delta, include_usage=chat.include_usage)
-                    )
-                if isinstance(event, Done):
-                    finish_reason, stop_sequence = tool_finish(event, parser.calls)
-                    yield sse.encode(
-                        openai.chat_chunk(
-                            **ids,
-                            delta={"role": "assistant", "content": ""} if first else {},
-                            finish_reason=finish_reason,
-                            stop_sequence=stop_sequence,
-                            include_usage=chat.include_usage,
-                        )
-                    )
-                    if chat.include_usage:
-                        yield sse.encode(openai.usage_chunk(**ids, usage=usage_of(event)))
-                    yield sse.DONE
-
-        return event_stream(events())
-
-    @app.post("/v1/completions")
-    async def completions() -> Any:
+    async def completions(self) -> Any:
         arrived = time.perf_counter()
         req = openai.parse_completion_request(await read_json())
-        with manager.using(req.model) as slot:
-            prompts = []
-            for prompt in req.prompts:
-                if isinstance(prompt, str):
-                    prompts.append(await tokenize_text(slot, prompt))
-                else:
-                    prompts.append(list(prompt))
-        ids = dict(id=openai.new_id("cmpl"), created=openai.now(), model=req.model)
+        with self.neuron.manager.using(req.model) as slot:
+            prompts = [
+                await tokenize_text(slot, p) if isinstance(p, str) else list(p) for p in req.prompts
+            ]
         sampling = req.sampling.apply({})
 
-        async def run(tokens: list[int]) -> Job:
-            return await submit(
+        async def run(tokens: list[int]) -> Generation:
+            return await self.sessions.submit(
                 slot,
                 prompt_tokens=tokens,
                 max_tokens=req.max_tokens,
@@ -456,335 +369,215 @@ def create_app(neuron: Neuron) -> QuartTrio:
                 stops=req.stop,
                 template_stops=(),
                 endpoint="completions",
+                arrived=arrived,
             )
 
+        ids = dict(id=openai.new_id("cmpl"), created=openai.now(), model=req.model)
         if not req.stream:
-            results = [await finish(slot, await run(tokens), arrived) for tokens in prompts]
-            body = openai.text_completion(
-                **ids,
-                choices=[(text, done.finish_reason) for text, done in results],
-                usage=openai.Usage(
-                    prompt_tokens=sum(done.prompt_tokens for _, done in results),
-                    completion_tokens=sum(done.completion_tokens for _, done in results),
-                    cached_tokens=sum(done.cached_tokens for _, done in results),
-                ),
-            )
-            for choice, (_, done) in zip(body["choices"], results, strict=True):
-                if done.stop_sequence is not None:
-                    choice["stop_sequence"] = done.stop_sequence
-            return body
+            return await completion_answer(prompts, run, ids)
+        first = await run(prompts[0])
+        builder = CompletionStream(**ids, include_usage=req.include_usage)
+        return event_stream(completion_events(first, prompts[1:], run, builder))
 
-        first_job = await run(prompts[0])
-
-        async def events() -> AsyncIterator[bytes]:
-            prompt_total = completion_total = cached_total = 0
-            for index, tokens in enumerate(prompts):
-                try:
-                    job = first_job if index == 0 else await run(tokens)
-                except CortexError as exc:  # unloaded, or the queue filled meanwhile
-                    yield sse.encode(openai.error_body(exc))
-                    return
-                async for event in stream(slot, job, arrived):
-                    if isinstance(event, Delta):
-                        yield sse.encode(
-                            openai.completion_chunk(
-                                **ids,
-                                text=event.text,
-                                index=index,
-                                include_usage=req.include_usage,
-                            )
-                        )
-                    elif isinstance(event, Done):
-                        prompt_total += event.prompt_tokens
-                        completion_total += event.completion_tokens
-                        cached_total += event.cached_tokens
-                        yield sse.encode(
-                            openai.completion_chunk(
-                                **ids,
-                                text="",
-                                index=index,
-                                finish_reason=event.finish_reason,
-                                stop_sequence=event.stop_sequence,
-                                include_usage=req.include_usage,
-                            )
-                        )
-                    else:
-                        yield sse.encode(openai.error_body(GenerationFailed(event.message)))
-                        return
-            if req.include_usage:
-                usage = openai.Usage(
-                    prompt_tokens=prompt_total,
-                    completion_tokens=completion_total,
-                    cached_tokens=cached_total,
-                )
-                chunk = openai.usage_chunk(**ids, usage=usage)
-                chunk["object"] = "text_completion"
-                yield sse.encode(chunk)
-            yield sse.DONE
-
-        return event_stream(events())
-
-    @app.post("/v1/responses")
-    async def create_response() -> Any:
+    async def create_response(self) -> Any:
         arrived = time.perf_counter()
         req = responses.parse_responses_request(await read_json())
-        slot, plan, job = await start_chat(
-            req, max_tokens=req.max_output_tokens, stops=(), endpoint="responses"
+        generation = await self.sessions.start_chat(
+            req, max_tokens=req.max_output_tokens, stops=(), endpoint="responses", arrived=arrived
         )
         response_id, created_at = "resp_" + uuid.uuid4().hex, openai.now()
         if not req.stream:
-            text, done = await finish(slot, job, arrived)
-            calls: list[tools.ToolCall] = []
-            if plan.family is not None:
-                text, calls = tools.parse_tool_calls(text, plan.family)
-            status, reason = outcome(done)
-            return responses.response_object(
-                id=response_id,
-                created_at=created_at,
-                model=req.model,
-                text=text,
-                status=status,
-                usage=usage_of(done),
-                incomplete_reason=reason,
-                message_id=responses.new_message_id(),
-                function_calls=[
-                    responses.function_call_item(
-                        id=responses.new_function_call_id(),
-                        call_id=call.id,
-                        name=call.name,
-                        arguments=call.arguments,
-                        status=status,
-                    )
-                    for call in calls
-                ],
-            )
-        builder = responses.ResponsesStream(id=response_id, created_at=created_at, model=req.model)
-        parser = tools.ToolCallParser(plan.family) if plan.family is not None else None
+            return await response_answer(generation, response_id, created_at, req.model)
+        builder = ResponsesStream(id=response_id, created_at=created_at, model=req.model)
+        return event_stream(response_events(generation, builder))
 
-        def output(pieces: list[tools.Piece]) -> list[tuple[str, dict[str, Any]]]:
-            out = []
-            for piece in pieces:
-                if isinstance(piece, str):
-                    out += builder.delta(piece)
-                elif piece.name is not None:
-                    assert piece.id is not None
-                    out += builder.function_call(call_id=piece.id, name=piece.name)
-                    out += builder.arguments(piece.arguments)
-                else:
-                    out += builder.arguments(piece.arguments)
-            return out
 
-        async def events() -> AsyncIterator[bytes]:
-            for name, payload in builder.start():
-                yield sse.encode(payload, event=name)
-            async for event in stream(slot, job, arrived):
-                if isinstance(event, Delta):
-                    out = (
-                        builder.delta(event.text)
-                        if parser is None
-                        else output(parser.feed(event.text))
-                    )
-                elif isinstance(event, Done):
-                    status, reason = outcome(event)
-                    out = [] if parser is None else output(parser.flush())
-                    out += builder.finish(
-                        usage=usage_of(event), status=status, incomplete_reason=reason
-                    )
-                else:
-                    out = builder.fail(event.message)
-                for name, payload in out:
-                    yield sse.encode(payload, event=name)
-
-        return event_stream(events())
-
-    # -- helpers ----------------------------------------------------------------------
-
-    async def read_json() -> Any:
-        return jsonbody.loads(await request.get_data(cache=False))
-
-    async def start_chat(
-        req: openai.ChatRequest | responses.ResponsesRequest,
-        *,
-        max_tokens: int | None,
-        stops: Sequence[str],
-        endpoint: str,
-    ) -> tuple[ModelSlot, tools.OutputPlan, Job]:
-        """Render, tokenize and queue a chat-shaped request (chat or Responses)."""
-        with manager.using(req.model) as slot:
-            plan = await output_plan(slot, req)
-            prompt = await render(slot, req.messages, plan.tools)
-            job = await submit(
-                slot,
-                prompt_tokens=await tokenize_prompt(slot, prompt),
-                max_tokens=max_tokens,
-                sampling=constrained(req.sampling.apply({}), plan),
-                stops=stops,
-                template_stops=prompt.stop,
-                endpoint=endpoint,
-            )
-        return slot, plan, job
-
-    async def render(
-        slot: ModelSlot, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
-    ) -> ChatPrompt:
-        assert slot.model is not None
-        return await trio.to_thread.run_sync(partial(slot.model.render_chat, messages, tools=tools))
-
-    async def output_plan(
-        slot: ModelSlot, req: openai.ChatRequest | responses.ResponsesRequest
-    ) -> tools.OutputPlan:
-        if req.tools is None and req.response_format is None:
-            return PLAIN
-        # Grammars for many large tool schemas take a while to build.
-        return await trio.to_thread.run_sync(
-            partial(
-                tools.plan_output,
-                family=tools.family_of(slot.model),
-                tools=req.tools,
-                tool_choice=req.tool_choice,
-                parallel_tool_calls=req.parallel_tool_calls,
-                response_format=req.response_format,
-            )
+async def count_tokens(slot: ModelSlot, body: dict[str, Any]) -> dict[str, Any]:
+    model = slot.model
+    assert model is not None
+    if "messages" in body:
+        chat = openai.parse_chat_request(
+            {"model": body["model"], "messages": body["messages"], "tools": body.get("tools")}
         )
-
-    async def tokenize_prompt(slot: ModelSlot, prompt: ChatPrompt) -> list[int]:
-        assert slot.model is not None
-        return await trio.to_thread.run_sync(
-            partial(
-                slot.model.tokenize, prompt.text, add_bos=prompt.add_bos, special=prompt.special
-            )
-        )
-
-    async def tokenize_text(slot: ModelSlot, text: str) -> list[int]:
-        assert slot.model is not None
-        return await trio.to_thread.run_sync(partial(slot.model.tokenize, text))
-
-    async def submit(
-        slot: ModelSlot,
-        *,
-        prompt_tokens: list[int],
-        max_tokens: int | None,
-        sampling: Sampling,
-        stops: Sequence[str],
-        template_stops: Sequence[str],
-        endpoint: str,
-    ) -> Job:
-        # A request that got past serving() before an unload began still runs:
-        # the unload waits for it (ModelManager.using) and then drains it.
-        if slot.model is None or slot.worker is None:
-            raise Unavailable(f"model {slot.id!r} is being unloaded", retry_after=2)
-        room = slot.model.n_ctx - len(prompt_tokens)
-        if room <= 0:
-            # Anthropic's wording: Claude Code recognises it and compacts.
-            raise ContextOverflow(
-                f"prompt is too long: {len(prompt_tokens)} tokens > {slot.model.n_ctx} maximum "
-                f"(the context of model {slot.id!r})",
-                param="messages",
-            )
-        # Beyond what the context leaves, max_tokens is clamped (finish_reason
-        # "length"), never rejected: clients such as Claude Code ask for 32000.
-        # A request without one gets the configured default, not the whole
-        # context (minutes of decoding for a runaway reply).
-        if max_tokens is None:
-            max_tokens = neuron.config.neuron.default_max_tokens
-        limit = min(max_tokens, room)
-        job = Job(
-            GenerationRequest(
-                tokens=prompt_tokens,
-                sampling=sampling,
-                max_tokens=limit,
-                stops=tuple(stops),
-                template_stops=tuple(template_stops),
-            )
-        )
-        try:
-            slot.worker.submit(job)
-        except CortexError:
-            neuron.metrics.rejected.labels(slot.id).inc()
-            raise
-        neuron.metrics.requests.labels(slot.id, endpoint).inc()
-        try:
-            # Before any answer is begun: a request the engine refuses is a
-            # 4xx, not a 200 stream that ends in an error.
-            await job.wait_admitted()
-        except BaseException:
-            job.close()
-            raise
-        return job
-
-    async def stream(
-        slot: ModelSlot, job: Job, arrived: float
-    ) -> AsyncIterator[Delta | Done | Failed]:
-        """The job's events; cancels the job if the consumer stops early."""
-        first = True
-        try:
-            async for event in job.events:
-                if first and isinstance(event, Delta):
-                    first = False
-                    observe_first_token(slot, arrived)
-                if isinstance(event, Done):
-                    observe_done(slot, job, event)
-                yield event
-                if not isinstance(event, Delta):
-                    return
-            # The worker closed the job without an ending: it was cancelled
-            # (the model is being unloaded).
-            yield Failed("generation cancelled: the model is being unloaded")
-        finally:
-            job.close()
-
-    async def finish(slot: ModelSlot, job: Job, arrived: float) -> tuple[str, Done]:
-        text, done = await collect(job)
-        if done.completion_tokens:
-            neuron.metrics.time_to_first_token.labels(slot.id).observe(
-                time.perf_counter() - arrived - done.decode_seconds
-            )
-        observe_done(slot, job, done)
-        return text, done
-
-    def observe_first_token(slot: ModelSlot, arrived: float) -> None:
-        neuron.metrics.time_to_first_token.labels(slot.id).observe(time.perf_counter() - arrived)
-
-    def observe_done(slot: ModelSlot, job: Job, done: Done) -> None:
-        # Counted here, as the answer ends, or by the worker if it never does
-        # (ModelManager.on_job_finished): once either way.
-        neuron.metrics.job_finished(slot.id, job)
-        neuron.metrics.decode_rate(slot.id, tokens_per_second(done))
-
-    return app
+        prompt = await render(slot, chat.messages, chat.tools)
+        return {"count": len(await tokenize_prompt(slot, prompt))}
+    text = body.get("text")
+    if not isinstance(text, str):
+        raise InvalidRequest("give text (a string) or messages", param="text")
+    tokens = await trio.to_thread.run_sync(partial(model.tokenize, text, add_bos=False))
+    return {"count": len(tokens), "tokens": tokens}
 
 
-PLAIN = tools.OutputPlan()
+# -- answers: whole, and as event streams ----------------------------------------------
 
 
-def constrained(sampling: Sampling, plan: tools.OutputPlan) -> Sampling:
-    return sampling if plan.grammar is None else attrs.evolve(sampling, grammar=plan.grammar)
-
-
-def tool_finish(done: Done, calls: Sequence[tools.ToolCall]) -> tuple[str, str | None]:
-    """The finish_reason and stop_sequence of an answer that may hold tool calls.
-
-    A call cut short by the token limit stays ``length``: the client must not
-    run it as if it were whole.
-    """
-    if calls and done.finish_reason != "length":
-        return "tool_calls", None
-    return done.finish_reason, done.stop_sequence
-
-
-def usage_of(done: Done) -> openai.Usage:
-    return openai.Usage(
-        prompt_tokens=done.prompt_tokens,
-        completion_tokens=done.completion_tokens,
-        cached_tokens=done.cached_tokens,
+async def chat_answer(generation: Generation, ids: dict[str, Any]) -> dict[str, Any]:
+    text, done = await generation.finish()
+    content: str | None = text
+    calls: list[toolcalls.ToolCall] = []
+    if generation.plan.family is not None:
+        text, calls = toolcalls.parse_tool_calls(text, generation.plan.family)
+        content = text or (None if calls else "")
+    finish_reason, stop_sequence = tool_finish(done, calls)
+    return openai.chat_completion(
+        **ids,
+        content=content,
+        tool_calls=[call.to_openai() for call in calls],
+        finish_reason=finish_reason,
+        usage=usage_of(done),
+        stop_sequence=stop_sequence,
     )
 
 
-def outcome(done: Done) -> tuple[str, str | None]:
-    """A Responses status and incomplete reason for how generation ended."""
-    if done.finish_reason == "length":
-        return "incomplete", "max_output_tokens"
-    return "completed", None
+async def chat_events(generation: Generation, builder: ChatStream) -> AsyncIterator[bytes]:
+    """A chat answer as chunks; with tools, its text is read for tool calls."""
+    parser = generation.parser()
+    async for event in generation.events():
+        if isinstance(event, Failed):
+            frames = builder.fail(event.message)
+        elif parser is None:
+            frames = builder.text(event.text) if isinstance(event, Delta) else []
+        else:
+            pieces = parser.feed(event.text) if isinstance(event, Delta) else parser.flush()
+            frames = chat_pieces(builder, pieces)
+        if isinstance(event, Done):
+            reason, stop_sequence = tool_finish(event, [] if parser is None else parser.calls)
+            frames += builder.finish(
+                finish_reason=reason, stop_sequence=stop_sequence, usage=usage_of(event)
+            )
+        for name, payload in frames:
+            yield sse.encode(payload, event=name)
+
+
+def chat_pieces(builder: ChatStream, pieces: list[toolcalls.Piece]) -> list[Frame]:
+    frames = []
+    for piece in pieces:
+        if isinstance(piece, str):
+            frames += builder.text(piece)
+        else:
+            frames += builder.tool_call(piece.to_openai())
+    return frames
+
+
+async def completion_answer(
+    prompts: list[list[int]],
+    run: Callable[[list[int]], Awaitable[Generation]],
+    ids: dict[str, Any],
+) -> dict[str, Any]:
+    """Each prompt's choice, generated one after the other."""
+    results = [await (await run(tokens)).finish() for tokens in prompts]
+    body = openai.text_completion(
+        **ids,
+        choices=[(text, done.finish_reason) for text, done in results],
+        usage=openai.Usage(
+            prompt_tokens=sum(done.prompt_tokens for _, done in results),
+            completion_tokens=sum(done.completion_tokens for _, done in results),
+            cached_tokens=sum(done.cached_tokens for _, done in results),
+        ),
+    )
+    for choice, (_, done) in zip(body["choices"], results, strict=True):
+        if done.stop_sequence is not None:
+            choice["stop_sequence"] = done.stop_sequence
+    return body
+
+
+async def completion_events(
+    first: Generation,
+    rest: list[list[int]],
+    run: Callable[[list[int]], Awaitable[Generation]],
+    builder: CompletionStream,
+) -> AsyncIterator[bytes]:
+    """Each prompt's choice in turn; the later prompts queue as the earlier end."""
+    for index in range(len(rest) + 1):
+        try:
+            generation = first if index == 0 else await run(rest[index - 1])
+        except CortexError as exc:  # unloaded, or the queue filled meanwhile
+            yield sse.encode(openai.error_body(exc))
+            return
+        async for event in generation.events():
+            if isinstance(event, Delta):
+                frames = builder.text(index, event.text)
+            elif isinstance(event, Done):
+                frames = builder.finish_choice(
+                    index,
+                    finish_reason=event.finish_reason,
+                    stop_sequence=event.stop_sequence,
+                    usage=usage_of(event),
+                )
+            else:
+                yield sse.encode(openai.error_body(GenerationFailed(event.message)))
+                return
+            for name, payload in frames:
+                yield sse.encode(payload, event=name)
+    for name, payload in builder.finish():
+        yield sse.encode(payload, event=name)
+
+
+async def response_answer(
+    generation: Generation, response_id: str, created_at: int, model: str
+) -> dict[str, Any]:
+    text, done = await generation.finish()
+    calls: list[toolcalls.ToolCall] = []
+    if generation.plan.family is not None:
+        text, calls = toolcalls.parse_tool_calls(text, generation.plan.family)
+    status, reason = outcome(done)
+    return responses.response_object(
+        id=response_id,
+        created_at=created_at,
+        model=model,
+        text=text,
+        status=status,
+        usage=usage_of(done),
+        incomplete_reason=reason,
+        message_id=responses.new_message_id(),
+        function_calls=[
+            responses.function_call_item(
+                id=responses.new_function_call_id(),
+                call_id=call.id,
+                name=call.name,
+                arguments=call.arguments,
+                status=status,
+            )
+            for call in calls
+        ],
+    )
+
+
+async def response_events(generation: Generation, builder: ResponsesStream) -> AsyncIterator[bytes]:
+    parser = generation.parser()
+    for name, payload in builder.start():
+        yield sse.encode(payload, event=name)
+    async for event in generation.events():
+        if isinstance(event, Delta):
+            out = (
+                builder.delta(event.text)
+                if parser is None
+                else response_pieces(builder, parser.feed(event.text))
+            )
+        elif isinstance(event, Done):
+            status, reason = outcome(event)
+            out = [] if parser is None else response_pieces(builder, parser.flush())
+            out += builder.finish(usage=usage_of(event), status=status, incomplete_reason=reason)
+        else:
+            out = builder.fail(event.message)
+        for name, payload in out:
+            yield sse.encode(payload, event=name)
+
+
+def response_pieces(
+    builder: ResponsesStream, pieces: list[toolcalls.Piece]
+) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for piece in pieces:
+        if isinstance(piece, str):
+            out += builder.delta(piece)
+        elif piece.name is not None:
+            assert piece.id is not None
+            out += builder.function_call(call_id=piece.id, name=piece.name)
+            out += builder.arguments(piece.arguments)
+        else:
+            out += builder.arguments(piece.arguments)
+    return out
 
 
 def error_response(exc: CortexError) -> Response:

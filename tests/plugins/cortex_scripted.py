@@ -12,6 +12,11 @@ The first rule whose ``when`` occurs in the last user or tool turn, and
 whose ``tools`` (when given) says whether the prompt shows tools, gives the
 reply. Prompts render through a Hermes-style Jinja template, so assistant
 tool calls and tool results from earlier turns show up in the prompt text.
+
+It takes output constraints the way a third-party engine with a GBNF
+sampler would: through ``cortex.toolcalls`` and the llama.cpp engine's
+public ``grammar_for``, never the neuron's internals. It records the grammar
+(and ignores it: replies are scripted).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 
 import jinja2.sandbox
 
+from cortex import toolcalls
 from cortex.errors import ModelLoadError
 from cortex.harness import (
     ChatPrompt,
@@ -35,7 +41,7 @@ from cortex.harness import (
     Token,
     hookimpl,
 )
-from cortex.neuron import tools
+from cortex_llamacpp.grammar import grammar_for
 
 NAME = "scripted"
 END = "<|end|>"
@@ -51,7 +57,7 @@ TEMPLATE = (
     "{%- else %}<|{{ m.role }}|>{{ m.content }}" + END + "\n"
     "{%- endif %}{% endfor %}<|assistant|>"
 )
-_TOKEN = re.compile("|".join(re.escape(m) for m in tools.MARKUP) + r"|[\s\S]{1,2}", re.DOTALL)
+_TOKEN = re.compile("|".join(re.escape(m) for m in toolcalls.MARKUP) + r"|[\s\S]{1,2}", re.DOTALL)
 _TURN = re.compile(r"<\|(?:user|tool)\|>")
 
 
@@ -65,10 +71,12 @@ class ScriptedModel(LoadedModel):
         self.n_ctx = n_ctx
         self._script = script
         self._template = jinja2.sandbox.ImmutableSandboxedEnvironment().from_string(TEMPLATE)
-        self.tool_format = tool_format or tools.detect_family(TEMPLATE)
-        #: Every rendered prompt and the sampling of every generation, for assertions.
+        self.tool_format = tool_format or toolcalls.detect_family(TEMPLATE)
+        #: Every rendered prompt, and the sampling and grammar of every
+        #: generation, for assertions.
         self.prompts: list[str] = []
         self.samplings: list[Sampling] = []
+        self.grammars: list[str | None] = []
 
     def memory_mb(self) -> int:
         return 1
@@ -94,6 +102,10 @@ class ScriptedModel(LoadedModel):
 
     def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[Token]:
         self.samplings.append(sampling)
+        constraint = sampling.constraint
+        # Built before the first token, as a real engine would: a schema that
+        # does not convert is the client's 400.
+        self.grammars.append(None if constraint is None else grammar_for(constraint))
         # Markup comes out as one token, the rest two characters a token.
         for piece in _TOKEN.findall(self.reply(bytes(tokens).decode())):
             yield Token(0, piece.encode())

@@ -309,13 +309,14 @@ class CTransformersModel(LoadedModel):
 
         Sampling is ctransformers' own: temperature, top_k, top_p and the
         repetition penalty. min_p and the presence and frequency penalties are
-        ignored; a grammar is refused. Closing the iterator early leaves the
+        ignored; an output constraint (JSON schema, forced tool calls) is
+        refused: ctransformers has no grammar sampler. Closing the iterator early leaves the
         context reusable: the next call evaluates only what differs.
 
         Raises:
           ContextOverflow: the prompt does not leave room for one token.
           InvalidRequest: an empty prompt, a token id outside the vocabulary,
-            or a grammar.
+            or an output constraint.
         """
         llm = self._live()
         if not tokens:
@@ -328,9 +329,12 @@ class CTransformersModel(LoadedModel):
                 f"the prompt is {len(tokens)} tokens; model {self.model_id!r} "
                 f"has a context of {self.n_ctx}"
             )
-        if sampling.grammar is not None:
+        if sampling.constraint is not None:
             raise InvalidRequest(
-                "grammars are not supported by the ctransformers engine", param="grammar"
+                f"model {self.model_id!r} cannot constrain its output: the ctransformers "
+                "engine has no grammar sampler (use a llama.cpp model for response_format "
+                "or a forced tool_choice)",
+                param=sampling.constraint.param,
             )
         if sampling.temperature <= 0:
             # Its sampler divides by the temperature: greedy is top_k=1.

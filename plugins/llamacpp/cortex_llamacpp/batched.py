@@ -367,7 +367,12 @@ class BatchedDecoder:
         return self._last_prompt_cache
 
     def generate(
-        self, tokens: list[int], sampling: Sampling, piece: Callable[[int], bytes]
+        self,
+        tokens: list[int],
+        sampling: Sampling,
+        piece: Callable[[int], bytes],
+        *,
+        grammar: str | None = None,
     ) -> Iterator[Token]:
         """Yield the tokens generated after ``tokens``; see ``LoadedModel.generate``.
 
@@ -378,11 +383,14 @@ class BatchedDecoder:
         Resource handling: closing the iterator (or dropping it) takes the
         sequence out of the next step and frees its slot.
 
+        Args:
+          grammar: GBNF text that constrains the output, or None.
+
         Raises:
           InvalidRequest: the grammar does not parse.
           HarnessError: the decoder is closed, or llama.cpp failed.
         """
-        sampler = self._sampler(sampling)
+        sampler = self._sampler(sampling, grammar)
         sequence = _Sequence(list(tokens), sampler, threading.Condition(self._lock))
         with self._lock:
             if self._closing or self._failure is not None:
@@ -420,7 +428,7 @@ class BatchedDecoder:
                 else:
                     self._work.notify()
 
-    def _sampler(self, sampling: Sampling) -> llama_cpp.llama_sampler_p:
+    def _sampler(self, sampling: Sampling, grammar: str | None) -> llama_cpp.llama_sampler_p:
         """A sampler chain for one request, in llama-cpp-python's order."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
 
@@ -441,15 +449,15 @@ class BatchedDecoder:
                     sampling.presence_penalty,
                 )
             )
-        if sampling.grammar is not None:
-            grammar = llama_cpp.llama_sampler_init_grammar(
-                self._vocab, sampling.grammar.encode("utf-8"), b"root"
+        if grammar is not None:
+            constraint = llama_cpp.llama_sampler_init_grammar(
+                self._vocab, grammar.encode("utf-8"), b"root"
             )
-            if not grammar:
+            if not constraint:
                 # A NULL sampler in a chain would crash the process.
                 llama_cpp.llama_sampler_free(chain)
                 raise InvalidRequest("the grammar does not parse as GBNF", param="grammar")
-            add(grammar)
+            add(constraint)
         if sampling.temperature == 0.0:
             add(llama_cpp.llama_sampler_init_greedy())
         else:

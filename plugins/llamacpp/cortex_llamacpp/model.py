@@ -40,9 +40,10 @@ from cortex.harness import (
     Sampling,
     Token,
 )
-from cortex.neuron.tools import MARKUP, detect_family
+from cortex.toolcalls import MARKUP, detect_family
 
 from .batched import BatchedDecoder
+from .grammar import grammar_for
 from .options import CTX_STEP, MIB, LoadOptions, kv_bytes_per_token, kv_cells, plan_n_ctx
 
 NAME = "llamacpp"
@@ -555,7 +556,7 @@ class LlamaCppModel(LoadedModel):
         Raises:
           ContextOverflow: the prompt does not leave room for one token.
           InvalidRequest: an empty prompt, a token id outside the vocabulary,
-            or a grammar that does not parse.
+            or a constraint that cannot be made a grammar.
         """
         llama = self._live()
         if not tokens:
@@ -570,11 +571,10 @@ class LlamaCppModel(LoadedModel):
                 f"the prompt is {len(tokens)} tokens; model {self.model_id!r} "
                 f"has a context of {self.n_ctx}"
             )
+        text = None if sampling.constraint is None else grammar_for(sampling.constraint)
         if self._decoder is not None:
-            return (yield from self._decoder.generate(tokens, sampling, self._piece))
-        grammar = None
-        if sampling.grammar is not None:
-            grammar = self._grammar(sampling.grammar)
+            return (yield from self._decoder.generate(tokens, sampling, self._piece, grammar=text))
+        grammar = None if text is None else self._grammar(text)
         # What Llama.generate will keep of its context (its own prefix match,
         # less the last prompt token it evaluates again for the logits).
         held = llama._input_ids[: llama.n_tokens].tolist()

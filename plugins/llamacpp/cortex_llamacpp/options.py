@@ -15,7 +15,7 @@ import attrs
 
 from cortex.errors import InvalidModelOptions, ModelLoadError
 from cortex.harness import Placement
-from cortex.neuron.tools import check_family
+from cortex.toolcalls import check_family
 
 #: llama.cpp rounds n_ctx up to a multiple of this internally but the Python
 #: wrapper does not, and long prompts then break (FINDINGS.md).

@@ -1,0 +1,114 @@
+"""From cortex's engine-neutral output constraints to llama.cpp grammars (GBNF).
+
+The neuron asks for a shape (``cortex.harness.JsonSchema`` or
+``ToolCalls``); this module writes the grammar that holds sampling to it.
+JSON schemas go through llama-cpp-python's own converter; tool calls are
+the family's markup (``cortex.toolcalls``) around one JSON object per call.
+
+Other engines with a GBNF sampler may import :func:`grammar_for` as it is.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from llama_cpp.llama_grammar import SchemaConverter
+
+from cortex.errors import InvalidRequest
+from cortex.harness import JsonSchema, OutputConstraint, ToolCalls
+from cortex.toolcalls import HERMES_CLOSE, HERMES_OPEN, MISTRAL_OPEN, check_family
+
+
+def grammar_for(constraint: OutputConstraint) -> str:
+    """The GBNF grammar that enforces ``constraint``.
+
+    Grammars for many large tool schemas take a while to build: call it
+    from a worker thread, as ``generate`` is.
+
+    Raises:
+      InvalidRequest: a JSON schema that does not convert, or a constraint
+        of a kind this engine does not know.
+    """
+    if isinstance(constraint, JsonSchema):
+        return json_grammar(constraint.schema, param=constraint.param)
+    if isinstance(constraint, ToolCalls):
+        return tool_call_grammar(
+            constraint.family, constraint.functions, parallel=constraint.parallel
+        )
+    raise InvalidRequest(
+        f"the llama.cpp engine cannot enforce a {type(constraint).__name__} constraint"
+    )
+
+
+def _schema_converter() -> Any:
+    return SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+
+
+def _literal(text: str) -> str:
+    # JSON string escapes are valid GBNF literal escapes.
+    return json.dumps(text, ensure_ascii=False)
+
+
+def json_grammar(schema: Mapping[str, Any] | None, *, param: str = "response_format") -> str:
+    """A GBNF grammar for JSON text matching ``schema`` (None: any JSON object).
+
+    Raises:
+      InvalidRequest: the schema cannot be turned into a grammar.
+    """
+    converter = _schema_converter()
+    try:
+        resolved = converter.resolve_refs(dict(schema or {"type": "object"}), "schema")
+        converter.visit(resolved, "")
+        return converter.format_grammar()
+    except InvalidRequest:
+        raise
+    except Exception as exc:
+        raise InvalidRequest(f"cannot build a grammar from the JSON schema: {exc}", param=param)
+
+
+def tool_call_grammar(
+    family: str, functions: Sequence[Mapping[str, Any]], *, parallel: bool = True
+) -> str:
+    """A GBNF grammar whose every output is a call (or, with ``parallel``, calls)
+    in ``family``'s markup to one of ``functions``.
+
+    ``functions`` are OpenAI ``tool.function`` objects; each call's arguments
+    follow the function's ``parameters`` schema, or are any JSON object where
+    that schema does not convert.
+    """
+    check_family(family)
+    converter = _schema_converter()
+    arguments_key = "parameters" if family == "llama3" else "arguments"
+    names = []
+    for i, function in enumerate(functions):
+        name = f"tool-call-{i}"
+        parameters = function.get("parameters") or {"type": "object"}
+        for arguments in (parameters, {"type": "object"}):
+            schema = {
+                "type": "object",
+                "properties": {"name": {"const": function["name"]}, arguments_key: arguments},
+                "required": ["name", arguments_key],
+                "additionalProperties": False,
+            }
+            try:
+                converter.visit(converter.resolve_refs(schema, name), name)
+                break
+            except Exception:
+                continue
+        names.append(name)
+    if not names:
+        raise InvalidRequest("no function to call", param="tool_choice")
+    call = " | ".join(names)
+    if family == "hermes":
+        one = f"{_literal(HERMES_OPEN + chr(10))} ( {call} ) {_literal(chr(10) + HERMES_CLOSE)}"
+        root = f"tool-block ( {_literal(chr(10))} tool-block )*" if parallel else "tool-block"
+        rules = f"root ::= {root}\ntool-block ::= {one}\n"
+    elif family == "llama3":
+        root = 'tool-any ( "; " tool-any )*' if parallel else "tool-any"
+        rules = f"root ::= {root}\ntool-any ::= {call}\n"
+    else:
+        more = ' ( ", " tool-any )*' if parallel else ""
+        rules = f'root ::= {_literal(MISTRAL_OPEN + "[")} tool-any{more} "]"\ntool-any ::= {call}\n'
+    return rules + converter.format_grammar()
