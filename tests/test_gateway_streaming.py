@@ -84,7 +84,8 @@ async def test_death_before_first_byte_retries_on_the_next_neuron() -> None:
             favoured(a)
             await fleet.refresh()
             assert not fleet.state.neurons["a"].suspect
-            response = await fleet.chat("org/small")
+            # Another conversation: the first one's prefix is at b now (affinity).
+            response = await fleet.chat("org/small", "a new conversation")
             assert response.status_code == 200
             assert len(a.requests) == 2 and len(b.requests) == 2
 

@@ -176,11 +176,19 @@ class Affinity:
 
     def prefill(self, option: Option, model_id: str, tokens: float) -> float:
         """Seconds ``option``'s neuron takes to process ``tokens`` prompt tokens."""
-        measured = self.predictor.observations.decode_tps.get((option.neuron.name, model_id))
+        speeds = self.predictor.observations.decode_tps
+        measured = speeds.get((option.neuron.name, model_id))
         if measured is not None and measured.value:
             decode = measured.value
         else:
-            decode = min(500.0, max(2.0, PRIOR_DECODE / max(self.predictor.size(model_id), 1)))
+            # A neuron not measured yet gets what the others do with this
+            # model, not a prior: a prior slower than the measured ones would
+            # keep every request away from the neuron it is meant for.
+            known = [v.value for (_, m), v in speeds.items() if m == model_id and v.value]
+            if known:
+                decode = sum(known) / len(known)
+            else:
+                decode = min(500.0, max(2.0, PRIOR_DECODE / max(self.predictor.size(model_id), 1)))
         return tokens / (decode * PREFILL_OVER_DECODE)
 
     def fold(self, model_id: str, prompt: Prompt | None, options: list[Option]) -> list[Option]:
