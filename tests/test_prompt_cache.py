@@ -388,3 +388,15 @@ def test_statistics_show_an_empty_host_tier_and_its_budget(load, long_model_path
     cache = model.prompt_cache()
     assert (cache.host_budget_bytes, cache.host_entries, cache.host_bytes) == (3 << 20, 0, 0)
     assert load(long_model_path, parallel=2, host_cache_mb=0).prompt_cache().host_budget_bytes == 0
+
+
+def test_the_single_sequence_engine_reports_its_prefix_reuse(load, long_model_path):
+    model = load(long_model_path, parallel=1)
+    prompt = model.tokenize(SYSTEM + document(1))
+    first, cached = run(model, prompt, 4)
+    assert cached == 0
+    again, cached = run(model, prompt, 4)
+    assert again == first and cached == len(prompt) - 1
+    cache = model.prompt_cache()
+    assert (cache.hits, cache.misses, cache.slot_tokens) == (1, 1, len(prompt) - 1)
+    assert cache.host_budget_bytes == 0

@@ -256,7 +256,9 @@ def main() -> None:
     parser.add_argument("--document", type=int, default=1500, help="per-session document tokens")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parallel", type=int, default=4)
-    parser.add_argument("--concurrency", type=int, default=None, help="default: --parallel")
+    parser.add_argument(
+        "--concurrency", type=int, default=None, help="default: --parallel x --neurons"
+    )
     parser.add_argument("--n-ctx", type=int, default=8192)
     parser.add_argument("--kv-cells", type=int, default=20480)
     parser.add_argument("--host-cache-mb", type=int, default=None, help="default: the engine's")
@@ -264,7 +266,7 @@ def main() -> None:
     parser.add_argument("--neurons", type=int, choices=(1, 2), default=1)
     parser.add_argument("--json", help="write every turn's numbers here")
     args = parser.parse_args()
-    args.concurrency = args.concurrency or args.parallel
+    args.concurrency = args.concurrency or args.parallel * args.neurons
 
     rows, results = [], []
     for tier in args.tiers:

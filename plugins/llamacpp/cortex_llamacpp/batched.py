@@ -557,18 +557,14 @@ class BatchedDecoder:
                 slot.seq_id: min(_common_prefix(slot.cached, sequence.tokens), limit)
                 for slot in free
             }
-            # A long shared prefix (or the whole prompt) first; else an empty
-            # slot (a few shared tokens, such as a BOS, are not worth
-            # another's cache); then the most shared; then the least
-            # recently used.
+            # A long shared prefix (or all of a short prompt) first; else an
+            # empty slot (a few shared tokens, such as a BOS, are not worth
+            # another's cache); then the most shared; then the least recently
+            # used.
+            worth = {i: n if n >= MIN_TOKENS or n == limit else 0 for i, n in shared.items()}
             slot = max(
                 free,
-                key=lambda s: (
-                    shared[s.seq_id] if shared[s.seq_id] >= min(MIN_TOKENS, limit) else 0,
-                    not s.cached,
-                    shared[s.seq_id],
-                    -s.used_at,
-                ),
+                key=lambda s: (worth[s.seq_id], not s.cached, shared[s.seq_id], -s.used_at),
             )
             keep = shared[slot.seq_id]
             restored = self._restore(sequence, free, limit, keep)
