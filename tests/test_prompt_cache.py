@@ -33,7 +33,7 @@ from cortex.neuron import sources
 pytest.importorskip("cortex_llamacpp")
 
 from cortex_llamacpp.hostcache import MIN_TOKENS, HostCache
-from cortex_llamacpp.options import LoadOptions
+from cortex_llamacpp.options import MIB, LoadOptions, default_host_cache_mb
 from tests.fixtures.tinymodel import write_tiny_model
 from tests.neuron_helpers import running_neuron
 
@@ -137,11 +137,13 @@ def test_prefix_hashes_name_whole_blocks_of_a_prefix():
     assert prefix_hashes(tokens[: BLOCK_TOKENS - 1]) == []
 
 
-def test_host_cache_mb_defaults_to_an_eighth_of_a_cpu_budget():
-    assert LoadOptions.from_spec("m", {}, None, Placement(memory_budget_mb=8000)).host_cache_mb == (
-        1000
-    )
-    assert LoadOptions.from_spec("m", {}, None, Placement(devices=(0,))).host_cache_mb == 512
+def test_host_cache_mb_defaults_to_eight_pools_within_an_eighth_of_a_cpu_budget():
+    pool = 180 * MIB  # SmolLM2's 8192 cells
+    assert default_host_cache_mb(budget_mb=21000, gpu=False, pool_bytes=pool) == 1440
+    assert default_host_cache_mb(budget_mb=8000, gpu=False, pool_bytes=pool) == 1000
+    assert default_host_cache_mb(budget_mb=None, gpu=True, pool_bytes=pool) == 512
+    assert default_host_cache_mb(budget_mb=None, gpu=True, pool_bytes=MIB) == 8
+    assert LoadOptions.from_spec("m", {}, None, Placement()).host_cache_mb is None
     options = LoadOptions.from_spec("m", {"host_cache_mb": 0}, None, Placement())
     assert options.host_cache_mb == 0
 

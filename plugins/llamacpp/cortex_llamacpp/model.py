@@ -44,7 +44,15 @@ from cortex.toolcalls import MARKUP, detect_family
 
 from .batched import BatchedDecoder
 from .grammar import grammar_for
-from .options import CTX_STEP, MIB, LoadOptions, kv_bytes_per_token, kv_cells, plan_n_ctx
+from .options import (
+    CTX_STEP,
+    MIB,
+    LoadOptions,
+    default_host_cache_mb,
+    kv_bytes_per_token,
+    kv_cells,
+    plan_n_ctx,
+)
 
 NAME = "llamacpp"
 GGUF_MAGIC = b"GGUF"
@@ -262,9 +270,6 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
         )
     weights_bytes = path.stat().st_size
     batched = options.parallel > 1
-    host_cache_bytes = options.host_cache_mb * MIB if batched else 0
-    # On a CPU host the host tier shares the memory budget with the model.
-    counted_bytes = weights_bytes + (0 if placement.devices else host_cache_bytes)
     with _load_lock:
         hparams = _probe(path)
         if hparams is None:
@@ -272,6 +277,17 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
                 f"{where}: llama.cpp cannot read this GGUF file "
                 "(truncated, damaged, or an architecture it does not know)"
             )
+        host_cache_mb = options.host_cache_mb
+        if host_cache_mb is None:
+            longest = min(hparams.n_ctx_train or options.n_ctx_max, options.n_ctx_max)
+            host_cache_mb = default_host_cache_mb(
+                budget_mb=placement.memory_budget_mb,
+                gpu=bool(placement.devices),
+                pool_bytes=longest * hparams.kv_per_token,
+            )
+        host_cache_bytes = host_cache_mb * MIB if batched else 0
+        # On a CPU host the host tier shares the memory budget with the model.
+        counted_bytes = weights_bytes + (0 if placement.devices else host_cache_bytes)
         n_ctx = plan_n_ctx(
             model_id=spec.model_id,
             requested=options.n_ctx,
@@ -290,7 +306,7 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
             need_mb = -(-(counted_bytes + cells * hparams.kv_per_token) // MIB)
             if need_mb > placement.memory_budget_mb:
                 host = (
-                    f" (host_cache_mb={options.host_cache_mb} included)"
+                    f" (host_cache_mb={host_cache_mb} included)"
                     if counted_bytes > weights_bytes
                     else ""
                 )

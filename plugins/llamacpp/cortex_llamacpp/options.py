@@ -83,6 +83,20 @@ _CHECKS = {
 
 #: The host tier's budget when nothing else says (no memory budget given).
 HOST_CACHE_MB = 512
+#: The host tier holds at most this many full KV pools' worth by default.
+HOST_CACHE_POOLS = 8
+
+
+def default_host_cache_mb(*, budget_mb: int | None, gpu: bool, pool_bytes: int) -> int:
+    """The host tier's budget when ``host_cache_mb`` is not set.
+
+    Eight full KV pools' worth (sessions beyond the slots: ten agent sessions
+    of 4.5k tokens on the SmolLM2 demo take about 1 GiB), at most 1/8 of the
+    memory budget on a CPU host, where it counts in the model's memory, and
+    at most ``HOST_CACHE_MB`` on a GPU host.
+    """
+    cap = budget_mb // 8 if budget_mb is not None and not gpu else HOST_CACHE_MB
+    return max(0, min(cap, -(-HOST_CACHE_POOLS * pool_bytes // MIB)))
 
 
 def default_threads() -> int:
@@ -170,10 +184,10 @@ class LoadOptions:
       host_cache_mb: the host-memory tier of the prompt cache (see
         ``cortex_llamacpp.hostcache``): KV states of sequences whose slot
         was taken are kept in this much host memory and restored when a
-        prompt continues them; 0 turns it off. By default 1/8 of the
-        memory budget on a CPU host (counted in the model's memory, so the
-        context plan fits around it), 512 MiB otherwise. Needs
-        ``parallel`` > 1.
+        prompt continues them; 0 turns it off. By default eight KV pools'
+        worth, at most 1/8 of the memory budget on a CPU host (counted in
+        the model's memory, so the context plan fits around it) and 512 MiB
+        on a GPU host (``default_host_cache_mb``). Needs ``parallel`` > 1.
     """
 
     n_ctx: int | None = None
@@ -191,7 +205,7 @@ class LoadOptions:
     kv_unified: bool = True
     kv_cells: int | None = None
     extra_buffers: str = "auto"
-    host_cache_mb: int = HOST_CACHE_MB
+    host_cache_mb: int | None = None
 
     @classmethod
     def from_spec(
@@ -226,8 +240,6 @@ class LoadOptions:
         devices = placement.devices
         values.setdefault("n_threads", default_threads())
         values.setdefault("n_gpu_layers", -1 if devices else 0)
-        if not devices and placement.memory_budget_mb is not None:
-            values.setdefault("host_cache_mb", placement.memory_budget_mb // 8)
         if devices:
             values.setdefault("main_gpu", devices[0])
         if len(devices) >= 2 and "tensor_split" not in values:
