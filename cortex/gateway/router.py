@@ -142,7 +142,9 @@ class Router:
         Raises:
           ModelNotFound: no neuron can ever serve it.
           Unavailable: none can now (all busy, down, the queue for the model
-            is full, or the wait or the load timed out); Retry-After set.
+            is full, or the wait or the load timed out: under a policy that
+            queues, no request waits here longer than ``max_wait``);
+            Retry-After set.
           CortexError: the load failed everywhere it was tried (its error).
         """
         arrived = trio.current_time()
@@ -179,9 +181,19 @@ class Router:
                     load = route.load or self._start(route, model_id, decision)
                     load.waiters += 1
                     try:
-                        await load.done.wait()
+                        # Under a policy that queues, max_wait bounds all of a
+                        # request's time here, the load it waits on included
+                        # (the load goes on for those who come later).
+                        with trio.move_on_at(self._deadline(arrived)):
+                            await load.done.wait()
                     finally:
                         load.waiters -= 1
+                    if not load.done.is_set():
+                        raise Unavailable(
+                            f"{model_id!r} is still loading after "
+                            f"{self.config.routing.max_wait:g} s",
+                            retry_after=self._retry_after(model_id),
+                        )
                     if load.error is not None:
                         exclude.add(load.neuron)
                         last_error = load.error
@@ -277,6 +289,10 @@ class Router:
         ]
         guess = min(waits) if waits else self.config.routing.max_wait / 10
         return max(1, min(60, math.ceil(guess)))
+
+    def _deadline(self, arrived: float) -> float:
+        """When a request that came at ``arrived`` stops waiting at the gateway."""
+        return arrived + self.config.routing.max_wait if self.policy.waits else math.inf
 
     async def _wait_for_room(self, ticket: Ticket, recheck: float) -> None:
         """Wait for the fleet to change, or ``recheck`` seconds, or until the ticket's time is up.
