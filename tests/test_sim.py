@@ -333,8 +333,8 @@ def test_short_replay_against_the_baseline() -> None:
     max_wait = fleet.gateway_config("predictive").routing.max_wait
     fixed = replay(fleet, trace, "fixed")
     predictive = replay(fleet, trace, "predictive")
-    patient = replay(fleet, trace, "predictive", routing={"patience": 1.0})
-    holding = replay(fleet, trace, "predictive", routing={"patience": 4.0})
+    patient = replay(fleet, trace, "predictive", routing={"patience": 30.0})
+    holding = replay(fleet, trace, "predictive", routing={"patience": 4.0, "patience_limit": 300})
     base, ours, fewer, fewest = (Row.of(r) for r in (fixed, predictive, patient, holding))
     print(table([fixed, predictive, patient, holding]))
     for row in (base, ours, fewer, fewest):
@@ -343,12 +343,16 @@ def test_short_replay_against_the_baseline() -> None:
     for row in (ours, fewer, fewest):
         assert row.unserved == 0 and row.late == 0 and row.wait_max <= max_wait
     # Measured (closed loop, seed 0): fixed 85 loads, p99 21.6 s; predictive
-    # 94, 17.1 s; patience 1: 70, 36.7 s; patience 4: 67, 69 s.
+    # 94, 17.1 s; patience 30 (held to the tail of the others): 77, 18.6 s;
+    # patience 4 held up to 300 s: 57, 73 s.
     assert ours.ttft_p99 < 0.9 * base.ttft_p99
     assert ours.cold_loads <= 1.2 * base.cold_loads
-    assert fewer.cold_loads < 0.9 * base.cold_loads and fewer.thrash < base.thrash
-    assert fewest.cold_loads < 0.85 * base.cold_loads
-    assert fewest.ttft_p99 > base.ttft_p99
+    # Patience within the tail: fewer loads and less thrash, and a shorter tail still.
+    assert fewer.cold_loads < 0.95 * base.cold_loads and fewer.thrash < base.thrash
+    assert fewer.ttft_p99 < base.ttft_p99
+    # Patience without a limit: fewer loads yet, bought with waiting.
+    assert fewest.cold_loads < 0.75 * base.cold_loads
+    assert fewest.ttft_p99 > 2 * base.ttft_p99
     assert predictive.decisions["queued"] > 0 and fixed.decisions["queued"] == 0
 
 
@@ -394,7 +398,8 @@ def test_bounds_on_the_short_trace(tmp_path: pathlib.Path) -> None:
     # The on-arrival optima are no floor for a router that holds requests
     # back; the floor is: no replay (open loop: the trace's own times) goes
     # below it.
-    holding = replay(fleet, short, "predictive", routing={"patience": 10.0}, loop="open")
+    settings = {"patience": 10.0, "patience_limit": 300}
+    holding = replay(fleet, short, "predictive", routing=settings, loop="open")
     assert FLOOR_SHORT <= holding.cold_loads < BUSY_SHORT
     # The script in contrib runs the same program.
     out = tmp_path / "short.jsonl"

@@ -76,6 +76,8 @@ class _Routed:
     at: float
     kind: str
     predicted: float
+    #: The policy held it back (patience) before routing it.
+    held: bool = False
 
 
 @attrs.define(eq=False)
@@ -152,6 +154,7 @@ class Router:
         last_error: CortexError | None = None
         ticket: Ticket | None = None
         first: _Routed | None = None
+        held = False
         try:
             with trio.move_on_after(self.config.gateway.load_timeout):
                 await self.state.wait_polled()
@@ -160,6 +163,7 @@ class Router:
                     route = decision.route
                     now = trio.current_time()
                     if route is None:
+                        held = held or decision.hold
                         ticket = ticket or self._enter_queue(model_id, arrived)
                         if not ticket.waiting:
                             self.metrics.route_decisions.labels("queued").inc()
@@ -173,7 +177,7 @@ class Router:
                         kind = "scale_out" if decision.scale_out else route.kind
                         first = _Routed(now, kind, now - arrived + route.predicted)
                     if route.kind == "loaded":
-                        return self._take(route.neuron, model_id, first)
+                        return self._take(route.neuron, model_id, attrs.evolve(first, held=held))
                     if ticket is None and self.policy.waits:
                         ticket = self._enter_queue(model_id, arrived)
                     if ticket is not None:
@@ -237,6 +241,9 @@ class Router:
             )
             if first_token_s is not None:
                 self.metrics.observed_ttft.labels(done.kind).observe(first_token_s)
+                if not done.held:
+                    # What requests wait anyway: patience may hold others that long.
+                    self.observations.record_first_token(first_token_s)
         if self.queue.depth():
             # A model with nothing in flight may be evicted now.
             self.state.changed()
@@ -389,7 +396,7 @@ class Router:
         waited = now - min(arrived, first)
         ahead = sum(1 for t in line if t.waiting == "slot" and t.arrived < arrived)
         decision = self.policy.choose(model_id, options, now, waited, ahead)
-        if decision.route is not None or decision.slot:
+        if decision.route is not None or decision.slot or decision.hold:
             return decision, frozenset()
         entry = self.state.catalogue.models.get(model_id)
         if entry is None:
