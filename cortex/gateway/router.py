@@ -244,8 +244,9 @@ class Router:
                 if not done.held:
                     # What requests wait anyway: patience may hold others that long.
                     self.observations.record_first_token(first_token_s)
-        if self.queue.depth():
-            # A model with nothing in flight may be evicted now.
+        if self.queue.depth(model_id) or (self.queue.depth() and not neuron.busy(model_id)):
+            # A slot of this model is free for its waiting requests; or,
+            # with nothing in flight, the model may be evicted for others'.
             self.state.changed()
 
     def forget(self, neuron: NeuronState, model_id: str) -> None:
@@ -319,8 +320,16 @@ class Router:
 
     # -- decisions ------------------------------------------------------------
 
-    def options(self, model_id: str, *, exclude: set[str], arrived: float) -> list[Option]:
-        """Every way to serve ``model_id`` open now, with its predicted time to first token."""
+    def options(
+        self, model_id: str, *, exclude: set[str], arrived: float, ahead: int | None = None
+    ) -> list[Option]:
+        """Every way to serve ``model_id`` open now, with its predicted time to first token.
+
+        ``ahead``: requests for it waiting for a slot before this one; given,
+        the loads are left out when the policy settles on a loaded replica
+        or a load in progress whatever they are (planning them is most of a
+        decision's cost).
+        """
         now = trio.current_time()
         predictor, policy = self.predictor, self.policy
         usable = [n for n in self.state.routable() if n.name not in exclude]
@@ -348,14 +357,14 @@ class Router:
                 predicted = predictor.loading(neuron, model_id, None, now)
                 options.append(Option("loading", neuron, predicted))
         entry = self.state.catalogue.models.get(model_id)
-        if entry is None:
+        if entry is None or (ahead is not None and policy.settled(model_id, options, ahead)):
             return options
         strategy = self.config.eviction.strategy
         for neuron in usable:
             if (
                 neuron.name in holding
-                or not feasible(entry, neuron)
                 or not policy.loads_on(neuron, model_id)
+                or not feasible(entry, neuron)
             ):
                 continue
             if policy.waits and self.queue.blocks(model_id, neuron.name, arrived):
@@ -389,12 +398,12 @@ class Router:
         Raises:
           ModelNotFound, Unavailable, or ``last_error`` when waiting cannot help.
         """
-        options = self.options(model_id, exclude=exclude, arrived=arrived)
         now = trio.current_time()
         line = self.queue.lines.get(model_id, [])
         first = min((t.arrived for t in line), default=arrived)
         waited = now - min(arrived, first)
         ahead = sum(1 for t in line if t.waiting == "slot" and t.arrived < arrived)
+        options = self.options(model_id, exclude=exclude, arrived=arrived, ahead=ahead)
         decision = self.policy.choose(model_id, options, now, waited, ahead)
         if decision.route is not None or decision.slot or decision.hold:
             return decision, frozenset()

@@ -484,6 +484,10 @@ class Policy:
         """Whether ``model_id`` may be loaded on ``neuron``."""
         return True
 
+    def settled(self, model_id: str, options: list[Option], ahead: int) -> bool:
+        """Whether ``choose`` takes one of ``options`` (loaded, loading), whatever the loads."""
+        return False
+
     def choose(
         self, model_id: str, options: list[Option], now: float, waited: float, ahead: int
     ) -> Decision:
@@ -508,6 +512,9 @@ class FixedPolicy(Policy):
     """Loaded (least busy, most recent) > loading > cold load with fewest evictions."""
 
     name = "fixed"
+
+    def settled(self, model_id: str, options: list[Option], ahead: int) -> bool:
+        return any(o.kind in ("loaded", "loading") for o in options)
 
     def choose(
         self, model_id: str, options: list[Option], now: float, waited: float, ahead: int
@@ -610,6 +617,15 @@ class PredictivePolicy(Policy):
             return bool(self.queue.depth(victim))  # its requests are waiting to be served
 
         return spare
+
+    def settled(self, model_id: str, options: list[Option], ahead: int) -> bool:
+        # Loads matter when nothing is loaded (unless a load is under way:
+        # it is joined) or when every slot is taken (a replica may be added).
+        loaded = [o for o in options if o.kind == "loaded"]
+        if not loaded:
+            return any(o.kind == "loading" for o in options)
+        spare = sum(max(0, slots_of(o.neuron, model_id) - o.neuron.busy(model_id)) for o in loaded)
+        return spare > ahead
 
     def choose(
         self, model_id: str, options: list[Option], now: float, waited: float, ahead: int
