@@ -158,6 +158,12 @@ class RoutingSection:
     #: cost later: 0 evicts at once (lowest latency), 1 waits the whole
     #: penalty (fewest cold loads); requests for the model wait together.
     patience: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
+    #: ... but never so long that its first token, after the load, comes
+    #: later than this many seconds after it arrived. Unset: the time to
+    #: first token of the slowest 1% of requests not held (at least 10 s).
+    patience_limit: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(0))
+    )
     #: Seconds a model that thrashed (reloaded within thrash_window of its
     #: eviction) counts three times its reload when evicting it is weighed.
     min_residency: float = 60.0

@@ -232,7 +232,7 @@ def test_thrash_log_counts_reloads_within_the_window_and_guards_them() -> None:
 async def test_thrash_guard_makes_requests_wait_before_evicting_a_model_that_thrashed() -> None:
     a = gpu("a", 16 * GIB, ("hot", 12 * GIB, 30))
     models = [M, CatalogModel(id="hot", vram_mb=12 * GIB)]
-    r = router(a, models=models, patience=1.0)
+    r = router(a, models=models, patience=1.0, patience_limit=60.0)
     r.observations.record_load("a", "hot", 12 * GIB, 10.0)
     plain = decide(r, "m")
     # "hot" was evicted and reloaded within ten minutes: it thrashed.
@@ -243,7 +243,47 @@ async def test_thrash_guard_makes_requests_wait_before_evicting_a_model_that_thr
         assert plain.route.penalty < 10
     # Three times its reload: the request waits that long first.
     assert guarded.route is None and guarded.recheck > 10
-    assert not guarded.slot
+    assert not guarded.slot and guarded.hold
+
+
+async def test_patience_holds_a_request_no_longer_than_its_limit() -> None:
+    a = gpu("a", 16 * GIB, ("hot", 12 * GIB, 1))
+    models = [M, CatalogModel(id="hot", vram_mb=12 * GIB)]
+    r = router(a, models=models, patience=100.0, patience_limit=20.0)
+    r.observations.record_load("a", "other", 8 * GIB, 5.0)
+    load = r.observations.load_seconds("a", "m", M.vram_mb)
+    t = trio.current_time()
+    # Its penalty times 100 is far off; its first token may come 20 s after
+    # it came, the load takes ~5 s: it is held up to ~15 s, and claims no room.
+    held, wants = r._decide("m", set(), None, t)
+    assert held.route is None and held.hold and wants == frozenset()
+    assert held.recheck == pytest.approx(20.0 - load, abs=0.6)
+    # Past that, it evicts, cheap or not.
+    decision, _ = r._decide("m", set(), None, t - held.recheck - 0.01)
+    assert decision.route.kind == "evict" and decision.route.penalty * 100 > 20
+
+
+async def test_a_request_held_by_patience_does_not_block_others() -> None:
+    a = gpu("a", 18 * GIB, ("hot", 12 * GIB, 1))
+    small = CatalogModel(id="small", vram_mb=4 * GIB)
+    models = [M, small, CatalogModel(id="hot", vram_mb=12 * GIB)]
+    r = router(a, models=models, patience=100.0, patience_limit=60.0)
+    t = trio.current_time()
+    held, wants = r._decide("m", set(), None, t - 1)
+    assert held.hold and wants == frozenset()
+    r.queue.enter("m", t - 1).wants = wants
+    # A later request that fits in the free room is not kept out of it.
+    assert [o.kind for o in r.options("small", exclude=set(), arrived=t)] == ["cold"]
+
+
+def test_the_patience_limit_follows_the_tail_of_requests_not_held() -> None:
+    r = router(gpu("a", 24 * GIB), models=[M], patience=1.0)
+    assert r.policy.patience_limit() == 10.0  # too few requests measured yet
+    for n in range(200):
+        r.observations.record_first_token(0.5 if n % 50 else 30.0)
+    # The slowest 1% (here 2% take 30 s): held to 30 s at most.
+    assert r.policy.patience_limit() == 30.0
+    assert router(gpu("a", 24 * GIB), models=[M], patience_limit=7.0).policy.patience_limit() == 7
 
 
 async def test_patience_zero_evicts_at_once() -> None:

@@ -84,6 +84,8 @@ class _Routed:
     at: float
     kind: str
     predicted: float
+    #: The policy held it back (patience) before routing it.
+    held: bool = False
 
 
 @attrs.define(eq=False)
@@ -155,7 +157,9 @@ class Router:
         Raises:
           ModelNotFound: no neuron can ever serve it.
           Unavailable: none can now (all busy, down, the queue for the model
-            is full, or the wait or the load timed out); Retry-After set.
+            is full, or the wait or the load timed out: under a policy that
+            queues, no request waits here longer than ``max_wait``);
+            Retry-After set.
           CortexError: the load failed everywhere it was tried (its error).
         """
         arrived = trio.current_time()
@@ -163,6 +167,7 @@ class Router:
         last_error: CortexError | None = None
         ticket: Ticket | None = None
         first: _Routed | None = None
+        held = False
         try:
             with trio.move_on_after(self.config.gateway.load_timeout):
                 await self.state.wait_polled()
@@ -171,6 +176,7 @@ class Router:
                     route = decision.route
                     now = trio.current_time()
                     if route is None:
+                        held = held or decision.hold
                         ticket = ticket or self._enter_queue(model_id, arrived)
                         if not ticket.waiting:
                             self.metrics.route_decisions.labels("queued").inc()
@@ -185,7 +191,7 @@ class Router:
                         first = _Routed(now, kind, now - arrived + route.predicted)
                     if route.kind == "loaded":
                         self.affinity.routed(model_id, prompt, route.neuron.name)
-                        return self._take(route.neuron, model_id, first)
+                        return self._take(route.neuron, model_id, attrs.evolve(first, held=held))
                     if ticket is None and self.policy.waits:
                         ticket = self._enter_queue(model_id, arrived)
                     if ticket is not None:
@@ -193,9 +199,19 @@ class Router:
                     load = route.load or self._start(route, model_id, decision)
                     load.waiters += 1
                     try:
-                        await load.done.wait()
+                        # Under a policy that queues, max_wait bounds all of a
+                        # request's time here, the load it waits on included
+                        # (the load goes on for those who come later).
+                        with trio.move_on_at(self._deadline(arrived)):
+                            await load.done.wait()
                     finally:
                         load.waiters -= 1
+                    if not load.done.is_set():
+                        raise Unavailable(
+                            f"{model_id!r} is still loading after "
+                            f"{self.config.routing.max_wait:g} s",
+                            retry_after=self._retry_after(model_id),
+                        )
                     if load.error is not None:
                         exclude.add(load.neuron)
                         # A neuron that could not be reached says nothing of
@@ -242,8 +258,12 @@ class Router:
             )
             if first_token_s is not None:
                 self.metrics.observed_ttft.labels(done.kind).observe(first_token_s)
-        if self.queue.depth():
-            # A model with nothing in flight may be evicted now.
+                if not done.held:
+                    # What requests wait anyway: patience may hold others that long.
+                    self.observations.record_first_token(first_token_s)
+        if self.queue.depth(model_id) or (self.queue.depth() and not neuron.busy(model_id)):
+            # A slot of this model is free for its waiting requests; or,
+            # with nothing in flight, the model may be evicted for others'.
             self.state.changed()
 
     def forget(self, neuron: NeuronState, model_id: str) -> None:
@@ -295,6 +315,10 @@ class Router:
         guess = min(waits) if waits else self.config.routing.max_wait / 10
         return max(1, min(60, math.ceil(guess)))
 
+    def _deadline(self, arrived: float) -> float:
+        """When a request that came at ``arrived`` stops waiting at the gateway."""
+        return arrived + self.config.routing.max_wait if self.policy.waits else math.inf
+
     async def _wait_for_room(self, ticket: Ticket, recheck: float) -> None:
         """Wait for the fleet to change, or ``recheck`` seconds, or until the ticket's time is up.
 
@@ -313,8 +337,16 @@ class Router:
 
     # -- decisions ------------------------------------------------------------
 
-    def options(self, model_id: str, *, exclude: set[str], arrived: float) -> list[Option]:
-        """Every way to serve ``model_id`` open now, with its predicted time to first token."""
+    def options(
+        self, model_id: str, *, exclude: set[str], arrived: float, ahead: int | None = None
+    ) -> list[Option]:
+        """Every way to serve ``model_id`` open now, with its predicted time to first token.
+
+        ``ahead``: requests for it waiting for a slot before this one; given,
+        the loads are left out when the policy settles on a loaded replica
+        or a load in progress whatever they are (planning them is most of a
+        decision's cost).
+        """
         now = trio.current_time()
         predictor, policy = self.predictor, self.policy
         usable = [n for n in self.state.routable() if n.name not in exclude]
@@ -342,14 +374,14 @@ class Router:
                 predicted = predictor.loading(neuron, model_id, None, now)
                 options.append(Option("loading", neuron, predicted))
         entry = self.state.catalogue.models.get(model_id)
-        if entry is None:
+        if entry is None or (ahead is not None and policy.settled(model_id, options, ahead)):
             return options
         strategy = self.config.eviction.strategy
         for neuron in usable:
             if (
                 neuron.name in holding
-                or not feasible(entry, neuron)
                 or not policy.loads_on(neuron, model_id)
+                or not feasible(entry, neuron)
             ):
                 continue
             if policy.waits and self.queue.blocks(model_id, neuron.name, arrived):
@@ -384,16 +416,18 @@ class Router:
         Raises:
           ModelNotFound, Unavailable, or ``last_error`` when waiting cannot help.
         """
-        options = self.affinity.fold(
-            model_id, prompt, self.options(model_id, exclude=exclude, arrived=arrived)
-        )
         now = trio.current_time()
         line = self.queue.lines.get(model_id, [])
         first = min((t.arrived for t in line), default=arrived)
         waited = now - min(arrived, first)
         ahead = sum(1 for t in line if t.waiting == "slot" and t.arrived < arrived)
+        options = self.affinity.fold(
+            model_id,
+            prompt,
+            self.options(model_id, exclude=exclude, arrived=arrived, ahead=ahead),
+        )
         decision = self.policy.choose(model_id, options, now, waited, ahead)
-        if decision.route is not None or decision.slot:
+        if decision.route is not None or decision.slot or decision.hold:
             return decision, frozenset()
         entry = self.state.catalogue.models.get(model_id)
         if entry is None:

@@ -22,7 +22,12 @@ Policies (``[routing] policy``):
   so models in use stay. A model with requests waiting at the gateway is not
   evicted, nor one that thrashed (reloaded within ``thrash_window`` of its
   eviction) in the ``min_residency`` seconds after that reload: the thrash
-  guard; requests for others wait and are served together. When the
+  guard; requests for others wait and are served together. With
+  ``patience``, a request waits before an eviction that its penalty times
+  ``patience`` is more than it has waited, never so long that its first
+  token would come later than ``patience_limit`` (by default: the slowest
+  1% of the requests it did not hold); a request held so claims no room,
+  and others take what frees meanwhile. When the
   predicted wait on a model's replicas has stayed above ``scale_out_wait``
   for ``scale_out_after`` seconds and a neuron has room (or only stale
   models to evict), a further replica is loaded; it goes again after
@@ -38,6 +43,7 @@ Everything here is synchronous: the router calls it between awaits.
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Any, ClassVar, Literal
 
@@ -82,6 +88,12 @@ SESSION_GAP = 60.0
 #: Seconds ahead an eviction's penalty looks: a model asked for again within
 #: them would have been better kept.
 RETURN_HORIZON = 300.0
+#: Times to first token kept to find the tail that patience may hold requests to.
+FIRST_TOKEN_WINDOW = 1000
+#: ... that tail's percentile ...
+PATIENCE_TAIL = 99.0
+#: ... and the least of it (also used until enough requests were measured), seconds.
+PATIENCE_LIMIT_FLOOR = 10.0
 
 
 @attrs.define
@@ -124,6 +136,11 @@ class Observations:
     intersession: dict[str, Ewma] = attrs.field(factory=dict)
     last_arrival: dict[str, float] = attrs.field(factory=dict)
     session_start: dict[str, float] = attrs.field(factory=dict)
+    #: Seconds to first token of the latest requests that patience did not
+    #: hold back (what requests wait anyway), where the proxy could tell.
+    first_token: collections.deque[float] = attrs.field(
+        factory=lambda: collections.deque(maxlen=FIRST_TOKEN_WINDOW)
+    )
 
     def record_load(self, neuron: str, model_id: str, size_mb: int, seconds: float) -> None:
         seconds = max(seconds, 1e-3)
@@ -145,6 +162,16 @@ class Observations:
             _ewma(self.completion, model_id).add(completion_tokens)
             if decode_s and decode_s > 0 and completion_tokens > 1:
                 _ewma(self.decode_tps, (neuron, model_id)).add(completion_tokens / decode_s)
+
+    def record_first_token(self, seconds: float) -> None:
+        self.first_token.append(seconds)
+
+    def first_token_percentile(self, q: float) -> float | None:
+        """The ``q``-th percentile of ``first_token``; None until a tenth of it is filled."""
+        if len(self.first_token) < FIRST_TOKEN_WINDOW // 10:
+            return None
+        ordered = sorted(self.first_token)
+        return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
     def record_arrival(self, model_id: str, now: float) -> None:
         """A request for ``model_id`` came at ``now`` (trio time)."""
@@ -235,6 +262,9 @@ class Decision:
     #: at the gateway (``expected`` seconds, as predicted).
     slot: bool = False
     expected: float = 0.0
+    #: No route: one is open, but the policy holds the request back for now
+    #: (patience). It claims no room, so others may take what frees meanwhile.
+    hold: bool = False
 
 
 @attrs.define(eq=False)
@@ -454,6 +484,10 @@ class Policy:
         """Whether ``model_id`` may be loaded on ``neuron``."""
         return True
 
+    def settled(self, model_id: str, options: list[Option], ahead: int) -> bool:
+        """Whether ``choose`` takes one of ``options`` (loaded, loading), whatever the loads."""
+        return False
+
     def choose(
         self, model_id: str, options: list[Option], now: float, waited: float, ahead: int
     ) -> Decision:
@@ -478,6 +512,9 @@ class FixedPolicy(Policy):
     """Loaded (least busy, most recent) > loading > cold load with fewest evictions."""
 
     name = "fixed"
+
+    def settled(self, model_id: str, options: list[Option], ahead: int) -> bool:
+        return any(o.kind in ("loaded", "loading") for o in options)
 
     def choose(
         self, model_id: str, options: list[Option], now: float, waited: float, ahead: int
@@ -581,6 +618,15 @@ class PredictivePolicy(Policy):
 
         return spare
 
+    def settled(self, model_id: str, options: list[Option], ahead: int) -> bool:
+        # Loads matter when nothing is loaded (unless a load is under way:
+        # it is joined) or when every slot is taken (a replica may be added).
+        loaded = [o for o in options if o.kind == "loaded"]
+        if not loaded:
+            return any(o.kind == "loading" for o in options)
+        spare = sum(max(0, slots_of(o.neuron, model_id) - o.neuron.busy(model_id)) for o in loaded)
+        return spare > ahead
+
     def choose(
         self, model_id: str, options: list[Option], now: float, waited: float, ahead: int
     ) -> Decision:
@@ -600,14 +646,19 @@ class PredictivePolicy(Policy):
             # will likely cause) times ``patience`` is more than the request
             # has waited yet is put off; the request waits, and others for
             # its model join it. No request waits longer than that share of
-            # the penalty it spares, and meanwhile the victim may go quiet or
-            # something cheaper free up.
+            # the penalty it spares, nor past its patience limit, and
+            # meanwhile the victim may go quiet or something cheaper free up.
             patience = self.config.routing.patience
             ready = [o for o in loads if o.penalty * patience <= waited]
             if ready:
                 return Decision(min(ready, key=rank))
-            later = min((o.penalty * patience - waited for o in loads), default=math.inf)
-            return Decision(None, recheck=later)
+            if not loads:
+                return Decision(None)
+            limit = self.hold_limit(loads)
+            if waited >= limit:
+                return Decision(min(loads, key=rank))
+            later = min(min(o.penalty * patience for o in loads), limit) - waited
+            return Decision(None, recheck=later, hold=True)
         # Requests are held here rather than queued on a neuron, so each
         # goes to the first slot that frees on any replica, new ones included.
         free = [o for o in loaded if o.neuron.busy(model_id) < slots_of(o.neuron, model_id)]
@@ -628,6 +679,30 @@ class PredictivePolicy(Policy):
         if new.predicted < expected:
             return Decision(new, scale_out=True)
         return Decision(None, slot=True, expected=expected)
+
+    def hold_limit(self, loads: list[Option]) -> float:
+        """Seconds patience may hold a request whose loads are ``loads``.
+
+        Short enough that its first token, after the quickest of the loads,
+        still comes within the patience limit, and the load ends well
+        within ``max_wait``; then it takes the best of them, cheap or not.
+        """
+        quickest = min(o.predicted - o.penalty for o in loads)
+        limit = min(self.patience_limit(), 0.9 * self.config.routing.max_wait)
+        return max(0.0, limit - quickest)
+
+    def patience_limit(self) -> float:
+        """Seconds to first token that patience may hold a request to.
+
+        ``patience_limit`` when set; else the slowest 1% of the requests
+        patience did not hold (cold loads of big models, busy replicas):
+        holding others no longer than that leaves the p99 about where it is.
+        """
+        limit = self.config.routing.patience_limit
+        if limit is not None:
+            return limit
+        tail = self.predictor.observations.first_token_percentile(PATIENCE_TAIL)
+        return max(PATIENCE_LIMIT_FLOOR, tail or 0.0)
 
     def slot_wait(self, model_id: str, replicas: list[NeuronState], ahead: int) -> float:
         """Seconds until a slot frees for a request with ``ahead`` others before it."""

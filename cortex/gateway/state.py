@@ -12,6 +12,7 @@ next update of any neuron, a ``PendingLoad`` sets ``done`` when it ends.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -208,7 +209,21 @@ def capacity(neuron: NeuronState) -> dict[int, int] | None:
 def feasible(model: CatalogModel, neuron: NeuronState) -> bool:
     """Whether ``model`` could ever fit on ``neuron`` (all of its memory free)."""
     total = capacity(neuron)
-    return total is not None and place(model, total) is not None
+    if total is None:
+        return False
+    shape = (model.vram_mb, model.min_devices, model.min_device_vram_mb)
+    return _fits_empty(shape, tuple(total.items()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _fits_empty(shape: tuple[int, int, int], total: tuple[tuple[int, int], ...]) -> bool:
+    # The router asks this of every neuron for every decision; the answer
+    # changes only with the model's shape and the neuron's devices.
+    vram_mb, min_devices, min_device_vram_mb = shape
+    model = CatalogModel(
+        id="", vram_mb=vram_mb, min_devices=min_devices, min_device_vram_mb=min_device_vram_mb
+    )
+    return place(model, dict(total)) is not None
 
 
 def model_memory(status: ModelStatus, gpu: bool) -> dict[int, int]:

@@ -3,8 +3,10 @@
 ``python -m cortex.sim --fleet FLEET.toml --trace TRACE.jsonl`` replays a
 trace of requests against a fleet described in a file and prints, per
 routing policy, cold loads, evictions, thrash, time to first token and the
-requests left unserved; ``--plot FILE.png`` draws queue depth and loaded
-models over time. ``python -m cortex.sim.trace`` writes a trace.
+requests left unserved, and lower bounds on the cold loads; ``--plot
+FILE.png`` draws queue depth and loaded models over time.
+``python -m cortex.sim.trace`` writes a trace, ``python -m cortex.sim.bound``
+computes the bounds.
 
 What runs is the gateway's code: ``cortex.gateway.router.Router`` with its
 policy, evictor, queue and predictions, the pollers of
@@ -13,10 +15,12 @@ the neurons are fakes (:mod:`cortex.sim.neuron`): loads, unloads and
 generation take the time the fleet file says, with ``trio.sleep``, under
 ``trio.testing.MockClock(autojump_threshold=0)``, so an hour of fleet time
 replays in seconds. The clients (:mod:`cortex.sim.replay`) do what the
-proxy does around a request: ``acquire``, generate, ``release``, and
-retry a 503 after its Retry-After like the OpenAI and Anthropic SDKs do.
+proxy does around a request: ``acquire``, generate, ``release`` with what
+the proxy can measure, and retry a 503 after its Retry-After like the OpenAI
+and Anthropic SDKs do; a session sends its next request after the previous
+answer.
 
 Modules: ``fleet`` (the fleet file), ``neuron`` (fake neurons and the
 in-process ``NeuronLink``), ``replay`` (the harness), ``trace`` (the
-generator), ``report`` (table and plot).
+generator), ``report`` (table and plot), ``bound`` (lower bounds).
 """

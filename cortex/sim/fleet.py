@@ -5,6 +5,9 @@
     [routing]                 # optional: overrides of cortex.toml's [routing]
     max_wait = 300
 
+    [gateway]                 # optional: overrides of cortex.toml's [gateway]
+    poll_interval = 10        # (only the timings matter here)
+
     [[neurons]]
     name = "gpu-a"
     gpus = [24576]            # VRAM per GPU, MiB; leave out for a CPU host ...
@@ -21,7 +24,8 @@
 
 Sizes and speeds are the ones the fake neurons act out; the router is told
 only what a real gateway knows (the catalogue's ``vram_mb``, what the
-neurons report) and measures the rest.
+neurons report) and measures the rest. Everything the file leaves out is
+the gateway's default, as a real gateway would run with no cortex.toml.
 """
 
 from __future__ import annotations
@@ -78,6 +82,8 @@ class FleetFile:
     models: list[SimModelSpec]
     #: Overrides of cortex.toml's [routing] (policy comes from the command line).
     routing: dict[str, Any] = attrs.field(factory=dict)
+    #: Overrides of cortex.toml's [gateway] (poll_interval, load_timeout, ...).
+    gateway: dict[str, Any] = attrs.field(factory=dict)
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> FleetFile:
@@ -100,6 +106,10 @@ class FleetFile:
             structure(RoutingSection, fleet.routing, source=str(path))
         except ConfigError as exc:
             raise ConfigError(f"{exc.message} (in [routing])") from None
+        try:
+            structure(GatewaySection, fleet.gateway, source=str(path))
+        except ConfigError as exc:
+            raise ConfigError(f"{exc.message} (in [gateway])") from None
         return fleet
 
     @property
@@ -125,14 +135,13 @@ class FleetFile:
         )
 
     def gateway_config(self, policy: str, **routing: Any) -> GatewayConfig:
-        """cortex.toml for the replay: the fleet's [routing], ``policy``, ``routing``."""
+        """cortex.toml for the replay: the fleet's [gateway] and [routing], ``policy``, ``routing``.
+
+        What the fleet file leaves out keeps the gateway's defaults.
+        """
         settings = {**self.routing, **routing, "policy": policy}
         return GatewayConfig(
-            gateway=GatewaySection(
-                poll_interval=5.0,
-                load_timeout=3600.0,
-                first_byte_timeout=3600.0,
-            ),
+            gateway=structure(GatewaySection, self.gateway, source="gateway"),
             routing=structure(RoutingSection, settings, source="routing"),
             neurons=[NeuronEndpoint(n.name, f"sim://{n.name}") for n in self.neurons],
         )

@@ -4,8 +4,11 @@ A :class:`SimNeuron` holds models in device (or host) memory, loads one in
 the time its fleet file gives, unloads once its requests are done, and
 generates with up to ``slots`` sequences at once per model: a request waits
 for a slot, then takes ``prompt_tokens / prefill_tokens_per_second`` to its
-first token and ``max_tokens / tokens_per_second`` more to its last. All of
-it is ``trio.sleep``: under a ``MockClock`` it costs no real time.
+first token, then decodes ``max_tokens`` in a batch with the model's other
+sequences (:class:`Decoder`): batched decode is faster in all but slower per
+sequence, along :data:`BATCH_SPEEDUP`. It refuses a load that does not fit
+beside what is loaded and what is loading, as a real neuron's memory would.
+All of it is ``trio.sleep``: under a ``MockClock`` it costs no real time.
 
 It answers what a real neuron's ``/discovery``, ``/health`` and ``/models``
 would, as the same types (``cortex.fleet``), through :class:`SimLink`, so
@@ -14,6 +17,7 @@ the gateway's pollers and router see it as they would a real one.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -36,6 +40,73 @@ from cortex.sim.fleet import SimModelSpec, SimNeuronSpec
 
 #: Seconds an unload takes once the model is idle.
 UNLOAD_SECONDS = 0.5
+#: Aggregate decode throughput of one model against the number of sequences
+#: it decodes at once, over its single-sequence speed: a batched llama.cpp
+#: neuron as contrib/bench/concurrency.py measures it (rounded, and the
+#: same for every model). Between the points it is linear, past the last flat.
+BATCH_SPEEDUP = ((1, 1.0), (2, 1.6), (4, 2.0), (8, 2.4))
+
+
+def batch_speedup(streams: int) -> float:
+    """Aggregate decode throughput at ``streams`` sequences, in single-sequence units."""
+    if streams <= 1:
+        return 1.0
+    for (n0, x0), (n1, x1) in itertools.pairwise(BATCH_SPEEDUP):
+        if streams <= n1:
+            return x0 + (x1 - x0) * (streams - n0) / (n1 - n0)
+    return BATCH_SPEEDUP[-1][1]
+
+
+@attrs.define(eq=False)
+class Decoder:
+    """The sequences one loaded model decodes together.
+
+    Each sequence advances at ``tokens_per_second * batch_speedup(n) / n``
+    for the ``n`` sequences decoding at that moment: whenever one joins or
+    leaves, every one's progress is brought up to date and its end
+    recomputed. Prefill is not part of it (it runs at its own speed).
+    """
+
+    tokens_per_second: float
+    #: Each sequence decoding (a key per sequence) -> tokens it has left.
+    left: dict[object, float] = attrs.field(factory=dict)
+    updated: float = 0.0
+    changed: trio.Event = attrs.field(factory=trio.Event)
+
+    def per_sequence(self) -> float:
+        streams = max(1, len(self.left))
+        return self.tokens_per_second * batch_speedup(streams) / streams
+
+    def _advance(self) -> None:
+        now = trio.current_time()
+        if self.left:
+            done = (now - self.updated) * self.per_sequence()
+            for key in self.left:
+                self.left[key] -= done
+        self.updated = now
+
+    def _kick(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def decode(self, tokens: int) -> None:
+        """Return once ``tokens`` are decoded, at the batch's speed as it changes."""
+        self._advance()
+        key = object()
+        self.left[key] = float(tokens)
+        self._kick()
+        try:
+            while True:
+                self._advance()
+                # Within a millionth of a token: float rounding, not work left.
+                if self.left[key] <= 1e-6:
+                    return
+                with trio.move_on_after(self.left[key] / self.per_sequence()):
+                    await self.changed.wait()
+        finally:
+            self._advance()
+            del self.left[key]
+            self._kick()
 
 
 @attrs.define(eq=False)
@@ -50,6 +121,10 @@ class Resident:
     in_flight: int = 0
     queued: int = 0
     idle: trio.Event = attrs.field(factory=trio.Event)
+    decoder: Decoder = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.decoder = Decoder(self.spec.tokens_per_second)
 
     def memory(self, gpu: bool) -> dict[int, int]:
         if not gpu:
@@ -76,17 +151,24 @@ class SimNeuron:
     clock: Callable[[], float]
     resident: dict[str, Resident] = attrs.field(factory=dict)
     loading: dict[str, trio.Event] = attrs.field(factory=dict)
-    #: Loads and unloads done, for the report: (trio time, "load" | "unload", model).
+    #: Memory each load in progress takes, per device (or -1: host memory).
+    reserved: dict[str, dict[int, int]] = attrs.field(factory=dict)
+    #: Loads and unloads done, and loads refused for want of memory, for the
+    #: report: (trio time, "load" | "unload" | "refused", model).
     log: list[tuple[float, str, str]] = attrs.field(factory=list)
 
     @property
     def gpu(self) -> bool:
         return bool(self.spec.gpus)
 
-    def used(self) -> dict[int, int]:
+    def used(self, *, loading: bool = False) -> dict[int, int]:
+        """Memory held by loaded models (and with ``loading``, by loads in progress)."""
         used = dict.fromkeys(range(len(self.spec.gpus)), 0) if self.gpu else {-1: 0}
-        for resident in self.resident.values():
-            for index, mb in resident.memory(self.gpu).items():
+        held = [r.memory(self.gpu) for r in self.resident.values()]
+        if loading:
+            held += self.reserved.values()
+        for memory in held:
+            for index, mb in memory.items():
                 used[index] = used.get(index, 0) + mb
         return used
 
@@ -153,7 +235,7 @@ class SimNeuron:
 
         Raises:
           ModelNotFound: not a model of the fleet file.
-          Unavailable: it does not fit in the memory free now.
+          Unavailable: it does not fit beside the models loaded and loading.
         """
         if model_id in self.resident:
             return self.status(model_id)
@@ -168,10 +250,12 @@ class SimNeuron:
         if self.gpu and not devices:
             devices = [0]
         need = Resident(spec, devices, 0.0, trio.CapacityLimiter(1)).memory(self.gpu)
-        used, total = self.used(), self.total()
+        used, total = self.used(loading=True), self.total()
         if any(used.get(i, 0) + mb > total.get(i, 0) for i, mb in need.items()):
+            self.log.append((trio.current_time(), "refused", model_id))
             raise Unavailable(f"no memory for {model_id} on {self.spec.name}")
         done = self.loading[model_id] = trio.Event()
+        self.reserved[model_id] = need
         try:
             await trio.sleep(spec.load_time(self.spec))
             self.resident[model_id] = Resident(
@@ -184,6 +268,7 @@ class SimNeuron:
             self.log.append((trio.current_time(), "load", model_id))
         finally:
             del self.loading[model_id]
+            del self.reserved[model_id]
             done.set()
         return self.status(model_id)
 
@@ -204,7 +289,7 @@ class SimNeuron:
             self.log.append((trio.current_time(), "unload", model_id))
 
     async def generate(self, model_id: str, prompt_tokens: int, max_tokens: int) -> Generation:
-        """Serve one request to its last token.
+        """Serve one request to its last token: a slot, prefill, batched decode.
 
         Raises:
           ModelNotFound: the model is not loaded here (as a real neuron's 404).
@@ -227,7 +312,7 @@ class SimNeuron:
                 spec = resident.spec
                 await trio.sleep(prompt_tokens / spec.prefill_tokens_per_second)
                 first = trio.current_time()
-                await trio.sleep(max_tokens / spec.tokens_per_second)
+                await resident.decoder.decode(max_tokens)
                 resident.last_used = self.clock()
                 return Generation(slot_at, first, trio.current_time(), max_tokens)
             finally:

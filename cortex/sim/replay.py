@@ -3,21 +3,36 @@
 :func:`replay` builds what ``run_gateway`` builds for routing (fleet state,
 router with its policy, one poller per neuron) over :class:`SimNeuron` s and
 runs it under ``MockClock(autojump_threshold=0)``: whenever every task
-waits, the clock jumps to the next deadline. Each trace line becomes a
-client that does what the proxy does (``acquire``, send, ``release``; a
-neuron that no longer has the model is ``forget`` -ten and the request is
-routed again) and what an SDK does with a 503 or 429: wait its Retry-After
-and try again, up to ``retries`` times and never past ``max_wait`` after it
-came.
+waits, the clock jumps to the next deadline.
+
+Each request becomes a client that does what the proxy does (``acquire``,
+send, ``release`` with what the proxy can tell: a stream's time to first
+token, token counts only where the answer carries usage; a neuron that no
+longer has the model is ``forget`` -ten and the request is routed again) and
+what an SDK does with a 503 or 429: wait its Retry-After and try again, up
+to ``retries`` times and never past ``max_wait`` after it came; then it is
+unserved.
+
+Sessions are closed-loop by default: a session's next request is sent once
+the previous one was answered (or given up) plus its think time, so a
+request held back delays the rest of its session as it would a real agent.
+Open-loop replays send every request at its time in the trace.
+
+A replay is reproducible: trio's scheduler, which runs ready tasks in a
+random order, is made deterministic for a ``seed`` (pytest-trio does the
+same under Hypothesis). Different seeds give the run-to-run spread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
-from collections.abc import Iterable
+import random
+from collections.abc import Iterable, Iterator
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import trio
@@ -36,15 +51,29 @@ EPOCH = 1_700_000_000.0
 #: Retries a client makes after a 503 (Claude Code's default is 10; the SDKs' 2).
 RETRIES = 10
 
+Loop = Literal["closed", "open"]
+
 
 @attrs.frozen
 class TraceRequest:
-    """One line of a trace: ``{"t": s, "model": id, "prompt_tokens": n, "max_tokens": n}``."""
+    """One line of a trace.
+
+    ``{"t": s, "model": id, "prompt_tokens": n, "max_tokens": n, "stream": b,
+    "usage": b, "session": n, "think": s}``; only ``t`` and ``model`` are
+    required. ``usage``: the answer carries token counts (a non-streamed
+    answer always does; a stream only when the client asked for them).
+    ``think``: in a closed-loop replay, seconds after the session's previous
+    answer that this request is sent (the first of a session goes at ``t``).
+    """
 
     t: float
     model: str
     prompt_tokens: int = 500
     max_tokens: int = 200
+    stream: bool = True
+    usage: bool = False
+    session: int | None = None
+    think: float = 0.0
 
 
 def read_trace(path: str | os.PathLike[str]) -> list[TraceRequest]:
@@ -60,12 +89,17 @@ def read_trace(path: str | os.PathLike[str]) -> list[TraceRequest]:
                 continue
             try:
                 data = json.loads(line)
+                session = data.get("session")
                 requests.append(
                     TraceRequest(
                         t=float(data["t"]),
                         model=str(data["model"]),
                         prompt_tokens=int(data.get("prompt_tokens", 500)),
                         max_tokens=int(data.get("max_tokens", 200)),
+                        stream=bool(data.get("stream", True)),
+                        usage=bool(data.get("usage", False)),
+                        session=None if session is None else int(session),
+                        think=float(data.get("think", 0.0)),
                     )
                 )
             except (ValueError, KeyError, TypeError) as exc:
@@ -76,9 +110,13 @@ def read_trace(path: str | os.PathLike[str]) -> list[TraceRequest]:
 @attrs.define
 class Outcome:
     request: TraceRequest
-    #: Seconds from arrival to the first token; None: never served.
+    #: Seconds after the trace's start it was sent (closed loop: after its
+    #: session's previous answer and think time).
+    sent: float | None = None
+    #: Seconds from sending to the first token; None: never served.
     ttft: float | None = None
-    #: Seconds from arrival until a neuron took it (queue, loads, retries).
+    #: Seconds from sending until a neuron started on it (the gateway's
+    #: queue, loads, retries and the neuron's own queue).
     wait: float | None = None
     retries: int = 0
     neuron: str | None = None
@@ -107,6 +145,9 @@ class Result:
     max_wait: float
     duration: float
     decisions: dict[str, int]
+    #: Loads a neuron refused for want of memory (the router misjudged it).
+    refused: int = 0
+    seed: int = 0
 
     @property
     def served(self) -> list[Outcome]:
@@ -116,6 +157,15 @@ class Result:
     def unserved(self) -> int:
         return len(self.outcomes) - len(self.served)
 
+    @property
+    def late(self) -> int:
+        """Requests served after waiting longer than ``max_wait``."""
+        return sum(1 for o in self.served if o.wait is not None and o.wait > self.max_wait)
+
+    def ttfts(self) -> list[float]:
+        """Every request's time to first token; ``inf`` for one never served."""
+        return [math.inf if o.ttft is None else o.ttft for o in self.outcomes]
+
 
 def thrash_count(logs: Iterable[tuple[float, str, str]], window: float) -> int:
     """Loads of a model within ``window`` seconds after its last unload anywhere."""
@@ -124,90 +174,124 @@ def thrash_count(logs: Iterable[tuple[float, str, str]], window: float) -> int:
     for t, what, model_id in sorted(logs):
         if what == "unload":
             unloaded[model_id] = t
-        elif model_id in unloaded:
+        elif what == "load" and model_id in unloaded:
             count += t - unloaded.pop(model_id) <= window
     return count
 
 
-def _metric(metrics: GatewayMetrics, name: str, **labels: str) -> float:
-    return metrics.registry.get_sample_value(name, labels) or 0.0
+def _samples(metrics: GatewayMetrics, *names: str) -> dict[tuple[str, frozenset], float]:
+    """The values of the counters ``names``, by (name, labels), in one pass over the registry."""
+    found: dict[tuple[str, frozenset], float] = {}
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name in names:
+                key = (sample.name, frozenset(sample.labels.items()))
+                found[key] = found.get(key, 0.0) + sample.value
+    return found
 
 
-async def _client(
-    router: Router,
-    sims: dict[str, SimNeuron],
-    request: TraceRequest,
-    outcome: Outcome,
-    backing_off: list[int],
-    *,
-    max_wait: float,
-    retries: int,
-) -> None:
-    came = trio.current_time()
-    exclude: set[str] = set()
-    while True:
-        try:
-            neuron = await router.acquire(request.model, exclude=exclude)
-        except (Unavailable, QueueFull) as exc:
-            later = trio.current_time() + exc.retry_after
-            if outcome.retries >= retries or later - came > max_wait:
+@attrs.define(eq=False)
+class _Clients:
+    """What every simulated client shares: the router, the neurons, the rules."""
+
+    router: Router
+    sims: dict[str, SimNeuron]
+    max_wait: float
+    retries: int
+    start: float
+    #: Clients sleeping on a Retry-After now (for the samples).
+    backing_off: int = 0
+
+    async def send(self, outcome: Outcome) -> None:
+        """Send one request as a client would, until served or given up."""
+        request = outcome.request
+        came = trio.current_time()
+        outcome.sent = came - self.start
+        router = self.router
+        exclude: set[str] = set()
+        while True:
+            attempt = trio.current_time()
+            try:
+                neuron = await router.acquire(request.model, exclude=exclude)
+            except (Unavailable, QueueFull) as exc:
+                later = trio.current_time() + exc.retry_after
+                if outcome.retries >= self.retries or later - came > self.max_wait:
+                    outcome.error = exc.message
+                    return
+                outcome.retries += 1
+                self.backing_off += 1
+                try:
+                    await trio.sleep_until(later)
+                finally:
+                    self.backing_off -= 1
+                continue
+            except CortexError as exc:
                 outcome.error = exc.message
                 return
-            outcome.retries += 1
-            backing_off[0] += 1
             try:
-                await trio.sleep_until(later)
-            finally:
-                backing_off[0] -= 1
-            continue
-        except CortexError as exc:
-            outcome.error = exc.message
-            return
-        routed = trio.current_time()
-        try:
-            generation = await sims[neuron.name].generate(
-                request.model, request.prompt_tokens, request.max_tokens
+                generation = await self.sims[neuron.name].generate(
+                    request.model, request.prompt_tokens, request.max_tokens
+                )
+            except ModelNotFound:
+                router.release(neuron, request.model)
+                router.forget(neuron, request.model)
+                continue
+            except BaseException:
+                router.release(neuron, request.model)
+                raise
+            outcome.ttft = generation.first_token_at - came
+            outcome.wait = generation.slot_at - came
+            outcome.neuron = neuron.name
+            # What the proxy can tell (proxy.finish): a stream's first chunk
+            # marks its first token and the start of decoding; a whole body
+            # says neither. Token counts come only with usage in the answer.
+            counts = request.usage or not request.stream
+            first_token_s = generation.first_token_at - attempt if request.stream else None
+            decode_s = generation.done_at - generation.first_token_at
+            router.release(
+                neuron,
+                request.model,
+                first_token_s=first_token_s,
+                completion_tokens=generation.completion_tokens if counts else None,
+                decode_s=decode_s if counts and request.stream else None,
             )
-        except ModelNotFound:
-            router.release(neuron, request.model)
-            router.forget(neuron, request.model)
-            continue
-        except BaseException:
-            router.release(neuron, request.model)
-            raise
-        outcome.ttft = generation.first_token_at - came
-        outcome.wait = routed - came
-        outcome.neuron = neuron.name
-        router.release(
-            neuron,
-            request.model,
-            first_token_s=outcome.ttft,
-            completion_tokens=generation.completion_tokens,
-            decode_s=generation.done_at - generation.first_token_at,
-        )
-        return
+            return
+
+    async def session(self, outcomes: list[Outcome]) -> None:
+        """A session's requests in turn, each its think time after the previous answer."""
+        for n, outcome in enumerate(outcomes):
+            if n:
+                await trio.sleep(outcome.request.think)
+            await self.send(outcome)
 
 
 async def _sample(
-    router: Router,
-    sims: dict[str, SimNeuron],
-    samples: list[Sample],
-    backing_off: list[int],
-    every: float,
+    clients: _Clients, samples: list[Sample], every: float, *, until: trio.Event
 ) -> None:
-    while True:
+    router, sims = clients.router, clients.sims
+    while not until.is_set():
         samples.append(
             Sample(
-                t=trio.current_time(),
+                t=trio.current_time() - clients.start,
                 # At the gateway, on the neurons, and clients told to retry later.
                 waiting=router.queue.depth()
                 + sum(r.queued for s in sims.values() for r in s.resident.values())
-                + backing_off[0],
+                + clients.backing_off,
                 loaded=sum(len(s.resident) for s in sims.values()),
                 loading=sum(len(s.loading) for s in sims.values()),
             )
         )
-        await trio.sleep(every)
+        with trio.move_on_after(every):
+            await until.wait()
+
+
+def sessions(outcomes: list[Outcome]) -> list[list[Outcome]]:
+    """The trace's sessions in order of their first request; a request without one alone."""
+    grouped: dict[object, list[Outcome]] = {}
+    for n, outcome in enumerate(outcomes):
+        session = outcome.request.session
+        grouped.setdefault(("alone", n) if session is None else session, []).append(outcome)
+    return sorted(grouped.values(), key=lambda s: s[0].request.t)
 
 
 async def run_replay(
@@ -218,6 +302,7 @@ async def run_replay(
     retries: int = RETRIES,
     sample_every: float = 10.0,
     routing: dict[str, Any] | None = None,
+    loop: Loop = "closed",
 ) -> Result:
     """Replay ``trace`` on ``fleet`` under ``policy``; call under a MockClock."""
     config = fleet.gateway_config(policy, **(routing or {}))
@@ -232,65 +317,90 @@ async def run_replay(
     router = Router(config=config, state=state, api=link, metrics=metrics)
     outcomes = [Outcome(r) for r in trace]
     samples: list[Sample] = []
-    backing_off = [0]
-    start = trio.current_time()
+    clients = _Clients(router, sims, max_wait, retries, trio.current_time())
+    over = trio.Event()
     async with trio.open_nursery() as background:
         router.nursery = background
         for neuron in state.neurons.values():
             background.start_soon(
                 partial(poll_neuron, link, state, neuron, config.gateway, metrics)
             )
-        background.start_soon(_sample, router, sims, samples, backing_off, sample_every)
         await state.wait_polled()
-        async with trio.open_nursery() as clients:
-            for outcome in outcomes:
-                await trio.sleep_until(start + outcome.request.t)
-                clients.start_soon(
-                    partial(
-                        _client,
-                        router,
-                        sims,
-                        outcome.request,
-                        outcome,
-                        backing_off,
-                        max_wait=max_wait,
-                        retries=retries,
-                    )
-                )
-        duration = trio.current_time() - start
+        clients.start = trio.current_time()
+        background.start_soon(partial(_sample, clients, samples, sample_every, until=over))
+        groups = sessions(outcomes) if loop == "closed" else [[o] for o in outcomes]
+        async with trio.open_nursery() as nursery:
+            for group in groups:
+                await trio.sleep_until(clients.start + group[0].request.t)
+                nursery.start_soon(clients.session, group)
+        duration = trio.current_time() - clients.start
+        over.set()
         background.cancel_scope.cancel()
     logs = [entry for s in sims.values() for entry in s.log]
     kinds = ("loaded", "loading", "cold", "evict", "scale_out", "scale_in", "queued", "rejected")
+    counters = _samples(metrics, "cortex_evictions_total", "cortex_route_decisions_total")
+    decisions = {
+        k: int(counters.get(("cortex_route_decisions_total", frozenset({("kind", k)})), 0))
+        for k in kinds
+    }
     return Result(
         policy=policy,
         outcomes=outcomes,
         samples=samples,
         cold_loads=sum(1 for _, what, _ in logs if what == "load"),
         evictions=int(
-            sum(
-                _metric(metrics, "cortex_evictions_total", model=m, neuron=n)
-                for m in models
-                for n in sims
-            )
+            sum(v for (name, _), v in counters.items() if name == "cortex_evictions_total")
         ),
-        scale_ins=int(_metric(metrics, "cortex_route_decisions_total", kind="scale_in")),
+        scale_ins=decisions["scale_in"],
         thrash=thrash_count(logs, config.routing.thrash_window),
         max_wait=max_wait,
         duration=duration,
-        decisions={k: int(_metric(metrics, "cortex_route_decisions_total", kind=k)) for k in kinds},
+        decisions=decisions,
+        refused=sum(1 for _, what, _ in logs if what == "refused"),
     )
+
+
+@contextlib.contextmanager
+def seeded_scheduling(seed: int) -> Iterator[bool]:
+    """trio's scheduler, deterministic for ``seed``, for one ``trio.run`` inside.
+
+    trio runs the tasks ready at one moment in a random order from a
+    generator of its own, and orders equal deadlines by object address.
+    Sorting each batch by task number, then shuffling it with that
+    generator seeded (what pytest-trio does under Hypothesis), makes the
+    order depend on the seed alone. Yields False, changing nothing, on a
+    trio without these internals: the replay then varies run to run.
+    """
+    run = getattr(getattr(trio, "_core", None), "_run", None)
+    rng = getattr(run, "_r", None)
+    if not isinstance(rng, random.Random) or not hasattr(run, "_ALLOW_DETERMINISTIC_SCHEDULING"):
+        yield False
+        return
+    saved, flag = rng.getstate(), run._ALLOW_DETERMINISTIC_SCHEDULING  # type: ignore[union-attr]
+    rng.seed(seed)
+    run._ALLOW_DETERMINISTIC_SCHEDULING = True  # type: ignore[union-attr]
+    try:
+        yield True
+    finally:
+        rng.setstate(saved)
+        run._ALLOW_DETERMINISTIC_SCHEDULING = flag  # type: ignore[union-attr]
 
 
 def replay(
     fleet: FleetFile,
     trace: list[TraceRequest],
     policy: str,
+    *,
+    seed: int = 0,
     **kwargs: Any,
 ) -> Result:
-    """:func:`run_replay` in a ``trio.run`` of its own, in virtual time.
+    """:func:`run_replay` in a ``trio.run`` of its own, in virtual time, for ``seed``.
 
-    Two replays of one trace differ by a few per cent: trio runs ready tasks
-    in a deliberately random order, and equal deadlines fire in any order.
+    The same seed gives the same result; other seeds show the spread that
+    task order alone causes (:func:`cortex.sim.report.summarise`).
     """
     clock = trio.testing.MockClock(autojump_threshold=0)
-    return trio.run(partial(run_replay, fleet, trace, policy, **kwargs), clock=clock)
+    with seeded_scheduling(seed):
+        result = trio.run(partial(run_replay, fleet, trace, policy, **kwargs), clock=clock)
+    result.seed = seed
+    return result

@@ -1,9 +1,22 @@
-"""The replay's output: a table per policy, and a plot over time (matplotlib optional)."""
+"""The replay's output: a table per configuration, and a plot over time (matplotlib optional).
+
+Requests never served count as an infinite time to first token: a policy
+that drops 2% of its requests has an infinite p99, not a good one. With
+several replays of a configuration (different seeds) each figure is their
+median, and cold loads and p99 also show their range.
+
+With the bounds of :mod:`cortex.sim.bound`, the table ends with two rows
+and each configuration's cold loads are also shown as the share of the way
+it went from ``fixed``'s to each bound: ``to B``, the optimum of a router
+that serves every request on arrival, and ``to floor``, the proven floor of
+any router that serves every request within ``max_wait``.
+"""
 
 from __future__ import annotations
 
 import math
 import os
+import statistics
 from collections.abc import Sequence
 
 import attrs
@@ -22,6 +35,8 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 @attrs.frozen
 class Row:
+    """One replay's figures."""
+
     policy: str
     requests: int
     cold_loads: int
@@ -32,10 +47,14 @@ class Row:
     ttft_max: float
     wait_max: float
     unserved: int
+    #: Served, but after waiting longer than max_wait.
+    late: int = 0
+    #: Loads a neuron refused for want of memory.
+    refused: int = 0
 
     @classmethod
     def of(cls, result: Result) -> Row:
-        ttfts = [o.ttft for o in result.served if o.ttft is not None]
+        ttfts = result.ttfts()
         waits = [o.wait for o in result.served if o.wait is not None]
         return cls(
             policy=result.policy,
@@ -48,13 +67,56 @@ class Row:
             ttft_max=max(ttfts, default=math.nan),
             wait_max=max(waits, default=math.nan),
             unserved=result.unserved,
+            late=result.late,
+            refused=result.refused,
         )
+
+
+@attrs.frozen
+class Summary:
+    """One configuration over one or more replays (seeds)."""
+
+    policy: str
+    rows: tuple[Row, ...]
+
+    @classmethod
+    def of(cls, results: Sequence[Result]) -> Summary:
+        return cls(policy=results[0].policy, rows=tuple(Row.of(r) for r in results))
+
+    def median(self, name: str) -> float:
+        return statistics.median(getattr(row, name) for row in self.rows)
+
+    def spread(self, name: str) -> tuple[float, float]:
+        values = [getattr(row, name) for row in self.rows]
+        return min(values), max(values)
+
+
+def summarise(results: Sequence[Result]) -> list[Summary]:
+    """Results grouped by configuration (``policy``), in order of first appearance."""
+    groups: dict[str, list[Result]] = {}
+    for result in results:
+        groups.setdefault(result.policy, []).append(result)
+    return [Summary.of(group) for group in groups.values()]
+
+
+@attrs.frozen
+class Bounds:
+    """What :mod:`cortex.sim.bound` found for the trace (None: not computed)."""
+
+    #: Fewest cold loads of a router that serves every request on arrival.
+    instant: float | None = None
+    #: [proven lower bound, best schedule found] on the cold loads of any
+    #: router that serves every request within ``max_wait``.
+    floor: tuple[float, float] | None = None
+    max_wait: float = 300.0
 
 
 HEADERS = (
     "policy",
     "requests",
     "cold loads",
+    "to B",
+    "to floor",
     "evictions",
     "thrash",
     "TTFT p50 s",
@@ -62,28 +124,64 @@ HEADERS = (
     "TTFT max s",
     "wait max s",
     "unserved",
+    "late",
+    "refused",
 )
 
 
-def table(results: Sequence[Result]) -> str:
-    """A plain-text table, one row per policy, first row the header."""
+def _seconds(value: float) -> str:
+    return "inf" if math.isinf(value) else f"{value:.2f}"
+
+
+def _share(fixed: float | None, value: float, bound: float | None) -> str:
+    """How far ``value`` went from ``fixed`` towards ``bound``, in per cent."""
+    if fixed is None or bound is None or fixed <= bound:
+        return ""
+    return f"{100 * (fixed - value) / (fixed - bound):.0f}%"
+
+
+def table(results: Sequence[Result | Summary], bounds: Bounds | None = None) -> str:
+    """A plain-text table, one row per configuration, first row the header."""
+    summaries = [r for r in results if isinstance(r, Summary)]
+    summaries += summarise([r for r in results if isinstance(r, Result)])
+    bounds = bounds or Bounds()
+    fixed = next((s.median("cold_loads") for s in summaries if s.policy == "fixed"), None)
+    floor = bounds.floor[0] if bounds.floor is not None else None
     rows = [HEADERS]
-    for result in results:
-        row = Row.of(result)
+    for summary in summaries:
+        loads = summary.median("cold_loads")
+        p99 = summary.median("ttft_p99")
+        loads_cell, p99_cell = f"{loads:g}", _seconds(p99)
+        if len(summary.rows) > 1:
+            low, high = summary.spread("cold_loads")
+            loads_cell += f" ({low:g}-{high:g})"
+            low, high = summary.spread("ttft_p99")
+            p99_cell += f" ({_seconds(low)}-{_seconds(high)})"
         rows.append(
             (
-                row.policy,
-                str(row.requests),
-                str(row.cold_loads),
-                str(row.evictions),
-                str(row.thrash),
-                f"{row.ttft_p50:.2f}",
-                f"{row.ttft_p99:.2f}",
-                f"{row.ttft_max:.2f}",
-                f"{row.wait_max:.2f}",
-                str(row.unserved),
+                summary.policy,
+                f"{summary.median('requests'):g}",
+                loads_cell,
+                _share(fixed, loads, bounds.instant),
+                _share(fixed, loads, floor),
+                f"{summary.median('evictions'):g}",
+                f"{summary.median('thrash'):g}",
+                _seconds(summary.median("ttft_p50")),
+                p99_cell,
+                _seconds(summary.median("ttft_max")),
+                _seconds(summary.median("wait_max")),
+                f"{summary.median('unserved'):g}",
+                f"{summary.median('late'):g}",
+                f"{summary.median('refused'):g}",
             )
         )
+    blank = ("",) * (len(HEADERS) - 3)
+    if bounds.instant is not None:
+        rows.append(("B: serves on arrival", "", f"{bounds.instant:g}", *blank))
+    if bounds.floor is not None:
+        low, high = bounds.floor
+        cell = f"{low:g}" if low == high else f"[{low:g}, {high:g}]"
+        rows.append((f"floor: waits <= {bounds.max_wait:g} s", "", cell, *blank))
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADERS))]
     lines = []
     for n, row in enumerate(rows):
@@ -98,7 +196,7 @@ def table(results: Sequence[Result]) -> str:
 
 
 def plot(results: Sequence[Result], path: str | os.PathLike[str]) -> None:
-    """Queue depth and models loaded over time, one line per policy, as a PNG.
+    """Queue depth and models loaded over time, one line per replay, as a PNG.
 
     Raises:
       ImportError: matplotlib is not installed (``pip install cortex[sim]``).

@@ -10,8 +10,13 @@ would have been answered on an idle fleet plus an exponential think time
 and completion lengths are log-normal. The session rate is chosen so that
 the working set (memory of the distinct models asked for in a
 ``--window``, averaged over the trace) is ``--working-set`` times the
-fleet's memory. Every request is a JSON line
-``{"t": seconds, "model": id, "prompt_tokens": n, "max_tokens": n}``.
+fleet's memory. A share ``--stream`` of requests stream, and a share
+``--usage`` of those ask for token counts (a non-streamed answer always has
+them): what the gateway's proxy can measure. Every request is a JSON line
+``{"t": seconds, "model": id, "prompt_tokens": n, "max_tokens": n,
+"stream": b, "usage": b, "session": n, "think": seconds}``; a closed-loop
+replay sends a session's next request ``think`` seconds after the previous
+answer instead of at ``t``.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ class TraceSettings:
     window: float = 600.0
     #: Sessions per minute; None: chosen to reach ``working_set``.
     sessions_per_minute: float | None = None
+    #: Share of requests that stream, and of streams that ask for usage.
+    stream: float = 0.8
+    usage: float = 0.5
 
 
 def _sessions(
@@ -56,25 +64,40 @@ def _sessions(
     models = list(specs)
     rng.shuffle(models)
     weights = [1 / (rank + 1) ** settings.zipf for rank in range(len(models))]
+    # Flags from a generator of their own: the same seed gives the same times
+    # and lengths whatever the shares.
+    flags = random.Random(f"{settings.seed}-flags")
     requests = []
     t = rng.expovariate(rate / 60)
+    session = 0
     while t < settings.duration:
         model = rng.choices(models, weights)[0]
         count = 1 + int(math.log(1 - rng.random()) / math.log(1 - 1 / settings.burst))
         at = t
         spec = specs[model]
+        think = 0.0
         for _ in range(count):
             if at >= settings.duration:
                 break
             prompt = max(16, int(rng.lognormvariate(math.log(settings.prompt_tokens), 0.6)))
             completion = max(8, int(rng.lognormvariate(math.log(settings.max_tokens), 0.5)))
+            stream = flags.random() < settings.stream
             requests.append(
                 TraceRequest(
-                    t=round(at, 3), model=model, prompt_tokens=prompt, max_tokens=completion
+                    t=round(at, 3),
+                    model=model,
+                    prompt_tokens=prompt,
+                    max_tokens=completion,
+                    stream=stream,
+                    usage=not stream or flags.random() < settings.usage,
+                    session=session,
+                    think=round(think, 3),
                 )
             )
             answered = prompt / spec.prefill_tokens_per_second + completion / spec.tokens_per_second
-            at += answered + rng.expovariate(1 / settings.think)
+            think = rng.expovariate(1 / settings.think)
+            at += answered + think
+        session += 1
         t += rng.expovariate(rate / 60)
     return sorted(requests, key=lambda r: r.t)
 
@@ -123,12 +146,17 @@ def generate(fleet: FleetFile, settings: TraceSettings) -> list[TraceRequest]:
 
 def write(requests: Sequence[TraceRequest], out: object) -> None:
     for r in requests:
-        line = {
+        line: dict[str, object] = {
             "t": r.t,
             "model": r.model,
             "prompt_tokens": r.prompt_tokens,
             "max_tokens": r.max_tokens,
+            "stream": r.stream,
+            "usage": r.usage,
         }
+        if r.session is not None:
+            line["session"] = r.session
+            line["think"] = r.think
         print(json.dumps(line), file=out)  # type: ignore[arg-type]
 
 
@@ -160,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sessions-per-minute", type=float, default=None, help="fixed rate (no working-set target)"
     )
+    parser.add_argument(
+        "--stream", type=float, default=defaults.stream, help="share of requests that stream"
+    )
+    parser.add_argument(
+        "--usage", type=float, default=defaults.usage, help="share of streams that ask for usage"
+    )
     return parser
 
 
@@ -181,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         working_set=args.working_set,
         window=args.window,
         sessions_per_minute=args.sessions_per_minute,
+        stream=args.stream,
+        usage=args.usage,
     )
     requests = generate(fleet, settings)
     found = working_set(fleet, requests, settings.window)
