@@ -169,7 +169,7 @@ class Observations:
         self.first_token.append(seconds)
 
     def first_token_percentile(self, q: float) -> float | None:
-        """The ``q``-th percentile of ``first_token``; None until a tenth of it is filled."""
+        """The ``q``-th percentile of ``first_token``; None until ``FIRST_TOKEN_ENOUGH`` came."""
         if len(self.first_token) < FIRST_TOKEN_ENOUGH:
             return None
         ordered = sorted(self.first_token)
