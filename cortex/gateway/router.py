@@ -259,7 +259,9 @@ class Router:
             if first_token_s is not None:
                 self.metrics.observed_ttft.labels(done.kind).observe(first_token_s)
                 if not done.held:
-                    # What requests wait anyway: patience may hold others that long.
+                    # What requests wait anyway: patience may hold others that
+                    # long. (Paired oldest-first, a flag may now and then go
+                    # to a neighbour of its request: close enough for a tail.)
                     self.observations.record_first_token(first_token_s)
         if self.queue.depth(model_id) or (self.queue.depth() and not neuron.busy(model_id)):
             # A slot of this model is free for its waiting requests; or,

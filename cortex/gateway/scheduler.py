@@ -90,6 +90,8 @@ SESSION_GAP = 60.0
 RETURN_HORIZON = 300.0
 #: Times to first token kept to find the tail that patience may hold requests to.
 FIRST_TOKEN_WINDOW = 1000
+#: ... and how many must have been measured before that tail is trusted.
+FIRST_TOKEN_ENOUGH = 100
 #: ... that tail's percentile ...
 PATIENCE_TAIL = 99.0
 #: ... and the least of it (also used until enough requests were measured), seconds.
@@ -167,8 +169,8 @@ class Observations:
         self.first_token.append(seconds)
 
     def first_token_percentile(self, q: float) -> float | None:
-        """The ``q``-th percentile of ``first_token``; None until a tenth of it is filled."""
-        if len(self.first_token) < FIRST_TOKEN_WINDOW // 10:
+        """The ``q``-th percentile of ``first_token``; None until ``FIRST_TOKEN_ENOUGH`` came."""
+        if len(self.first_token) < FIRST_TOKEN_ENOUGH:
             return None
         ordered = sorted(self.first_token)
         return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
