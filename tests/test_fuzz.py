@@ -15,9 +15,8 @@ whole bodies that are not requests at all.
 
 from __future__ import annotations
 
-import os
-
 import json
+import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
