@@ -185,7 +185,8 @@ class _Slot:
     used_at: int = 0
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """The number of leading tokens ``a`` and ``b`` share."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -554,7 +555,7 @@ class BatchedDecoder:
             # Leave the last prompt token to evaluate: its logits are needed.
             limit = sequence.n_prompt - 1
             shared = {
-                slot.seq_id: min(_common_prefix(slot.cached, sequence.tokens), limit)
+                slot.seq_id: min(common_prefix(slot.cached, sequence.tokens), limit)
                 for slot in free
             }
             # A long shared prefix (or all of a short prompt) first; else an

@@ -42,7 +42,7 @@ from cortex.harness import (
 )
 from cortex.toolcalls import MARKUP, detect_family
 
-from .batched import BatchedDecoder
+from .batched import BatchedDecoder, common_prefix
 from .grammar import grammar_for
 from .options import (
     CTX_STEP,
@@ -148,15 +148,6 @@ def _probe(path: pathlib.Path) -> _Hparams | None:
         )
     finally:
         llama_cpp.llama_model_free(model)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def use_extra_buffers(setting: str, system_info: bytes | None = None) -> bool:
@@ -594,7 +585,7 @@ class LlamaCppModel(LoadedModel):
         # What Llama.generate will keep of its context (its own prefix match,
         # less the last prompt token it evaluates again for the logits).
         held = llama._input_ids[: llama.n_tokens].tolist()
-        reused = min(_common_prefix(held, tokens), len(tokens) - 1)
+        reused = min(common_prefix(held, tokens), len(tokens) - 1)
         self._reused_tokens += reused
         if reused:
             self._hits += 1
