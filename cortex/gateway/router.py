@@ -270,8 +270,8 @@ class Router:
 
     def forget(self, neuron: NeuronState, model_id: str) -> None:
         """The neuron said it does not have ``model_id``: stop routing there."""
-        if neuron.models.pop(model_id, None) is not None:
-            neuron.epoch += 1
+        if model_id in neuron.models:
+            neuron.model_gone(model_id)
             neuron.poke.set()
             self.state.changed()
 
@@ -474,7 +474,6 @@ class Router:
             return self._launch(load, entry)
         assert entry is not None
         plan = route.plan
-        neuron.evicting.update(plan.evictions)
         load = PendingLoad(
             neuron=neuron.name,
             model_id=model_id,
@@ -500,7 +499,7 @@ class Router:
 
     def _launch(self, load: PendingLoad, entry: CatalogModel | None) -> PendingLoad:
         assert self.nursery is not None, "run_gateway sets the router's nursery"
-        self.state.pending[(load.neuron, load.model_id)] = load
+        self.state.load_started(load)
         self.nursery.start_soon(self._run_load, load, entry)
         return load
 
@@ -523,9 +522,8 @@ class Router:
             await self.api.unload(neuron, model_id)
         except ModelNotFound:
             pass  # already gone: the room is there all the same
-        neuron.models.pop(model_id, None)
-        neuron.evicting.discard(model_id)
-        neuron.epoch += 1
+        neuron.model_gone(model_id)
+        neuron.end_evicting([model_id])
         self.affinity.forget(neuron.name, model_id)
 
     async def _run_load(self, load: PendingLoad, entry: CatalogModel | None) -> None:
@@ -553,8 +551,7 @@ class Router:
                     status=LOADED,
                     memory_mb=entry.vram_mb if entry else 0,
                 )
-            neuron.models[load.model_id] = status
-            neuron.epoch += 1
+            neuron.model_loaded(load.model_id, status)
             elapsed = trio.current_time() - start
             if not load.joined:
                 now = trio.current_time()
@@ -586,12 +583,8 @@ class Router:
             load.error = UpstreamError(f"loading {load.model_id!r} on {neuron.name} failed: {exc}")
             log.exception("loading %s on %s failed", load.model_id, neuron.name)
         finally:
-            neuron.evicting.difference_update(load.evictions)
-            # Drop the reservation in the same step as the health that shows
-            # the model (or its failure): no moment counts it twice or never.
-            del self.state.pending[(load.neuron, load.model_id)]
-            load.done.set()
-            self.state.changed()
+            # In the same step as the refresh that shows the model (or its failure).
+            self.state.load_finished(load)
 
     async def _refresh(self, neuron: NeuronState) -> None:
         try:
@@ -618,13 +611,13 @@ class Router:
             quiet = not neuron.busy(model_id) and not self.queue.depth(model_id)
             if others and quiet and idle >= idle_limit:
                 log.info("unloading %s from %s: an extra replica, idle", model_id, neuron.name)
-                neuron.evicting.add(model_id)
+                neuron.begin_evicting([model_id])
                 try:
                     await self._unload(neuron, model_id)
                 except CortexError as exc:
                     log.warning("unloading %s from %s failed: %s", model_id, neuron.name, exc)
                 finally:
-                    neuron.evicting.discard(model_id)
+                    neuron.end_evicting([model_id])
                 self.metrics.route_decisions.labels("scale_in").inc()
                 await self._refresh(neuron)
                 self.state.changed()
