@@ -94,8 +94,6 @@ class Router:
     state: FleetState
     api: NeuronLink
     metrics: GatewayMetrics
-    #: Owns the load tasks; set by ``run_gateway`` before any request arrives.
-    nursery: trio.Nursery | None = None
     observations: Observations = attrs.field(factory=Observations)
     queue: WaitQueue = attrs.field(init=False)
     predictor: Predictor = attrs.field(init=False)
@@ -106,6 +104,8 @@ class Router:
     _routed: dict[tuple[str, str], collections.deque[_Routed]] = attrs.field(
         factory=dict, init=False
     )
+    #: Owns the loads, evictions and scale-ins; open while ``run`` runs.
+    _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         routing = self.config.routing
@@ -116,6 +116,20 @@ class Router:
         )
         self.policy = make_policy(self.config, self.state, self.predictor, self.queue, self.thrash)
         self.affinity = Affinity(self.predictor, self.metrics)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the loads, evictions and scale-ins that routes start, until cancelled.
+
+        Start it with ``await nursery.start(router.run)`` before any request
+        arrives: ``acquire`` needs it running to start a load.
+
+        Cancellation:
+          Cancels every load, eviction and scale-in under way.
+        """
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
 
     # -- names ----------------------------------------------------------------
 
@@ -498,9 +512,9 @@ class Router:
         )
 
     def _launch(self, load: PendingLoad, entry: CatalogModel | None) -> PendingLoad:
-        assert self.nursery is not None, "run_gateway sets the router's nursery"
+        assert self._nursery is not None, "start Router.run first"
         self.state.load_started(load)
-        self.nursery.start_soon(self._run_load, load, entry)
+        self._nursery.start_soon(self._run_load, load, entry)
         return load
 
     def _load_body(self, load: PendingLoad, entry: CatalogModel | None) -> dict[str, Any]:
@@ -564,8 +578,8 @@ class Router:
                     self.metrics.thrash.labels(load.model_id).inc()
                 log.info("loaded %s on %s in %.1f s", load.model_id, neuron.name, elapsed)
                 if load.replica and self.policy.scales_in:
-                    assert self.nursery is not None
-                    self.nursery.start_soon(self._scale_in, neuron, load.model_id)
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._scale_in, neuron, load.model_id)
             await self._refresh(neuron)
         except trio.Cancelled:
             raise
