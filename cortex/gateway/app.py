@@ -346,7 +346,7 @@ async def run_gateway(
         gateway.models_path = models_path
         app = create_app(gateway)
         async with trio.open_nursery() as background:
-            gateway.router.nursery = background
+            await background.start(gateway.router.run)
             for neuron in gateway.state.neurons.values():
                 background.start_soon(
                     partial(

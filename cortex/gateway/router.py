@@ -94,8 +94,6 @@ class Router:
     state: FleetState
     api: NeuronLink
     metrics: GatewayMetrics
-    #: Owns the load tasks; set by ``run_gateway`` before any request arrives.
-    nursery: trio.Nursery | None = None
     observations: Observations = attrs.field(factory=Observations)
     queue: WaitQueue = attrs.field(init=False)
     predictor: Predictor = attrs.field(init=False)
@@ -106,6 +104,8 @@ class Router:
     _routed: dict[tuple[str, str], collections.deque[_Routed]] = attrs.field(
         factory=dict, init=False
     )
+    #: Owns the loads, evictions and scale-ins; open while ``run`` runs.
+    _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         routing = self.config.routing
@@ -116,6 +116,20 @@ class Router:
         )
         self.policy = make_policy(self.config, self.state, self.predictor, self.queue, self.thrash)
         self.affinity = Affinity(self.predictor, self.metrics)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the loads, evictions and scale-ins that routes start, until cancelled.
+
+        Start it with ``await nursery.start(router.run)`` before any request
+        arrives: ``acquire`` needs it running to start a load.
+
+        Cancellation:
+          Cancels every load, eviction and scale-in under way.
+        """
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
 
     # -- names ----------------------------------------------------------------
 
@@ -270,8 +284,8 @@ class Router:
 
     def forget(self, neuron: NeuronState, model_id: str) -> None:
         """The neuron said it does not have ``model_id``: stop routing there."""
-        if neuron.models.pop(model_id, None) is not None:
-            neuron.epoch += 1
+        if model_id in neuron.models:
+            neuron.model_gone(model_id)
             neuron.poke.set()
             self.state.changed()
 
@@ -474,7 +488,6 @@ class Router:
             return self._launch(load, entry)
         assert entry is not None
         plan = route.plan
-        neuron.evicting.update(plan.evictions)
         load = PendingLoad(
             neuron=neuron.name,
             model_id=model_id,
@@ -499,9 +512,9 @@ class Router:
         )
 
     def _launch(self, load: PendingLoad, entry: CatalogModel | None) -> PendingLoad:
-        assert self.nursery is not None, "run_gateway sets the router's nursery"
-        self.state.pending[(load.neuron, load.model_id)] = load
-        self.nursery.start_soon(self._run_load, load, entry)
+        assert self._nursery is not None, "start Router.run first"
+        self.state.load_started(load)
+        self._nursery.start_soon(self._run_load, load, entry)
         return load
 
     def _load_body(self, load: PendingLoad, entry: CatalogModel | None) -> dict[str, Any]:
@@ -523,9 +536,8 @@ class Router:
             await self.api.unload(neuron, model_id)
         except ModelNotFound:
             pass  # already gone: the room is there all the same
-        neuron.models.pop(model_id, None)
-        neuron.evicting.discard(model_id)
-        neuron.epoch += 1
+        neuron.model_gone(model_id)
+        neuron.end_evicting([model_id])
         self.affinity.forget(neuron.name, model_id)
 
     async def _run_load(self, load: PendingLoad, entry: CatalogModel | None) -> None:
@@ -553,8 +565,7 @@ class Router:
                     status=LOADED,
                     memory_mb=entry.vram_mb if entry else 0,
                 )
-            neuron.models[load.model_id] = status
-            neuron.epoch += 1
+            neuron.model_loaded(load.model_id, status)
             elapsed = trio.current_time() - start
             if not load.joined:
                 now = trio.current_time()
@@ -567,8 +578,8 @@ class Router:
                     self.metrics.thrash.labels(load.model_id).inc()
                 log.info("loaded %s on %s in %.1f s", load.model_id, neuron.name, elapsed)
                 if load.replica and self.policy.scales_in:
-                    assert self.nursery is not None
-                    self.nursery.start_soon(self._scale_in, neuron, load.model_id)
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._scale_in, neuron, load.model_id)
             await self._refresh(neuron)
         except trio.Cancelled:
             raise
@@ -586,12 +597,8 @@ class Router:
             load.error = UpstreamError(f"loading {load.model_id!r} on {neuron.name} failed: {exc}")
             log.exception("loading %s on %s failed", load.model_id, neuron.name)
         finally:
-            neuron.evicting.difference_update(load.evictions)
-            # Drop the reservation in the same step as the health that shows
-            # the model (or its failure): no moment counts it twice or never.
-            del self.state.pending[(load.neuron, load.model_id)]
-            load.done.set()
-            self.state.changed()
+            # In the same step as the refresh that shows the model (or its failure).
+            self.state.load_finished(load)
 
     async def _refresh(self, neuron: NeuronState) -> None:
         try:
@@ -618,13 +625,13 @@ class Router:
             quiet = not neuron.busy(model_id) and not self.queue.depth(model_id)
             if others and quiet and idle >= idle_limit:
                 log.info("unloading %s from %s: an extra replica, idle", model_id, neuron.name)
-                neuron.evicting.add(model_id)
+                neuron.begin_evicting([model_id])
                 try:
                     await self._unload(neuron, model_id)
                 except CortexError as exc:
                     log.warning("unloading %s from %s failed: %s", model_id, neuron.name, exc)
                 finally:
-                    neuron.evicting.discard(model_id)
+                    neuron.end_evicting([model_id])
                 self.metrics.route_decisions.labels("scale_in").inc()
                 await self._refresh(neuron)
                 self.state.changed()

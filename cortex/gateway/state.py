@@ -137,6 +137,27 @@ class NeuronState:
         self.last_error = reason
         self.poke.set()
 
+    def model_loaded(self, model_id: str, status: ModelStatus) -> None:
+        """A load of ours has the model ready: route to it before the next poll shows it."""
+        self.models[model_id] = status
+        self.epoch += 1
+
+    def model_gone(self, model_id: str) -> bool:
+        """The model is no longer here; False if it was not known to be.
+
+        Either way a poll under way is stale now (it may still show the model).
+        """
+        self.epoch += 1
+        return self.models.pop(model_id, None) is not None
+
+    def begin_evicting(self, model_ids: Iterable[str]) -> None:
+        """These models are being unloaded: route nothing new to them, plan no room with them."""
+        self.evicting.update(model_ids)
+
+    def end_evicting(self, model_ids: Iterable[str]) -> None:
+        """The unloads of these models are over (done or failed)."""
+        self.evicting.difference_update(model_ids)
+
 
 @attrs.frozen
 class Catalogue:
@@ -259,6 +280,22 @@ class FleetState:
             e.name: NeuronState(name=e.name, endpoint=e.endpoint, token=e.token) for e in endpoints
         }
         return cls(catalogue=Catalogue.from_file(models), neurons=neurons, clock=clock)
+
+    def load_started(self, load: PendingLoad) -> None:
+        """A load of ours begins: its room is reserved, its victims are being evicted."""
+        self.pending[(load.neuron, load.model_id)] = load
+        self.neurons[load.neuron].begin_evicting(load.evictions)
+
+    def load_finished(self, load: PendingLoad) -> None:
+        """A load of ours is over (its ``error`` says how); wakes its waiters and everyone else.
+
+        Call it in the same step as the refresh that shows the model (or its
+        failure): dropping the reservation then, no moment counts it twice or never.
+        """
+        self.neurons[load.neuron].end_evicting(load.evictions)
+        del self.pending[(load.neuron, load.model_id)]
+        load.done.set()
+        self.changed()
 
     def changed(self) -> None:
         """Wake everyone in ``wait_changed``."""

@@ -1,0 +1,112 @@
+"""Scheduling: what the router predicts, which route it takes, who waits.
+
+For each request the router lists its :class:`Option` s, each with a
+predicted time to first token: a loaded replica, a load in progress, a cold
+load on a neuron with room, a cold load after evictions. Its :class:`Policy`
+takes one. When none is open (memory held by busy models, the thrash guard,
+an older waiter first in line) a policy that ``waits`` parks the request in
+the :class:`WaitQueue` until something changes; the others answer 503.
+
+Predictions (:class:`Predictor`) come from :class:`Observations`, what this
+gateway measured: load seconds per model and neuron (else that neuron's load
+throughput applied to the model's size, else a prior from the size), seconds
+per request and decode tokens/s per model and neuron, the time between a
+model's requests; and the requests queued and in flight against the model's
+slots, from the neurons' /models and the gateway's own counts.
+
+Policies (``[routing] policy``):
+
+- ``predictive``, the default: the option with the smallest predicted time
+  to first token. An eviction adds a penalty: the victim's reload time times
+  the chance it is asked for again soon (from its recency and request rate),
+  so models in use stay. A model with requests waiting at the gateway is not
+  evicted, nor one that thrashed (reloaded within ``thrash_window`` of its
+  eviction) in the ``min_residency`` seconds after that reload: the thrash
+  guard; requests for others wait and are served together. With
+  ``patience``, a request waits before an eviction that its penalty times
+  ``patience`` is more than it has waited, never so long that its first
+  token would come later than ``patience_limit`` (by default: the slowest
+  1% of the requests it did not hold); a request held so claims no room,
+  and others take what frees meanwhile. When the
+  predicted wait on a model's replicas has stayed above ``scale_out_wait``
+  for ``scale_out_after`` seconds and a neuron has room (or only stale
+  models to evict), a further replica is loaded; it goes again after
+  ``scale_in_idle`` seconds idle.
+- ``fixed``: loaded > loading > cold load, evicting by [eviction] strategy:
+  the order LocalAI and most gateways use. No queue: 503 when nothing fits.
+- ``static``: every model has one home neuron (llama-swap's groups) where it
+  is swapped in on demand, evicting the least recently used; requests wait
+  for busy models to finish.
+
+Everything here is synchronous: the router calls it between awaits.
+
+The parts: ``observations`` (priors and measurements), ``predictor``
+(options, decisions, predictions), ``queue`` (who waits), ``thrash`` (the
+thrash guard), ``policies`` (who picks).
+"""
+
+from cortex.gateway.scheduler.observations import (
+    ALPHA,
+    FIRST_TOKEN_ENOUGH,
+    FIRST_TOKEN_WINDOW,
+    GUARD_FACTOR,
+    LOAD_OVERHEAD_S,
+    PATIENCE_LIMIT_FLOOR,
+    PATIENCE_TAIL,
+    PRIOR_COMPLETION_TOKENS,
+    PRIOR_DECODE,
+    PRIOR_LOAD_MBPS,
+    REPLICA_PENALTY,
+    RETURN_HORIZON,
+    SESSION_GAP,
+    UNKNOWN_SIZE_MB,
+    UNLOAD_S,
+    Ewma,
+    Observations,
+)
+from cortex.gateway.scheduler.policies import (
+    POLICIES,
+    FixedPolicy,
+    Policy,
+    PredictivePolicy,
+    StaticPolicy,
+    make_policy,
+)
+from cortex.gateway.scheduler.predictor import Decision, Kind, Option, Predictor, slots_of
+from cortex.gateway.scheduler.queue import QueueStatistics, Ticket, WaitQueue
+from cortex.gateway.scheduler.thrash import ThrashLog
+
+__all__ = [
+    "ALPHA",
+    "FIRST_TOKEN_ENOUGH",
+    "FIRST_TOKEN_WINDOW",
+    "GUARD_FACTOR",
+    "LOAD_OVERHEAD_S",
+    "PATIENCE_LIMIT_FLOOR",
+    "PATIENCE_TAIL",
+    "POLICIES",
+    "PRIOR_COMPLETION_TOKENS",
+    "PRIOR_DECODE",
+    "PRIOR_LOAD_MBPS",
+    "REPLICA_PENALTY",
+    "RETURN_HORIZON",
+    "SESSION_GAP",
+    "UNKNOWN_SIZE_MB",
+    "UNLOAD_S",
+    "Decision",
+    "Ewma",
+    "FixedPolicy",
+    "Kind",
+    "Observations",
+    "Option",
+    "Policy",
+    "PredictivePolicy",
+    "Predictor",
+    "QueueStatistics",
+    "StaticPolicy",
+    "ThrashLog",
+    "Ticket",
+    "WaitQueue",
+    "make_policy",
+    "slots_of",
+]

@@ -1,0 +1,150 @@
+"""Options, decisions, and the time-to-first-token predictions behind them."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import attrs
+import trio
+
+from cortex.gateway.evictor import Plan
+from cortex.gateway.scheduler.observations import (
+    GUARD_FACTOR,
+    REPLICA_PENALTY,
+    RETURN_HORIZON,
+    UNKNOWN_SIZE_MB,
+    UNLOAD_S,
+    Observations,
+)
+from cortex.gateway.scheduler.thrash import ThrashLog
+from cortex.gateway.state import (
+    LOADED,
+    FleetState,
+    NeuronState,
+    PendingLoad,
+)
+
+Kind = Literal["loaded", "loading", "cold", "evict"]
+
+
+def slots_of(neuron: NeuronState, model_id: str) -> int:
+    """Requests the model generates at once there (the neuron's ``parallel``; else 1)."""
+    status = neuron.models.get(model_id)
+    return max(1, status.parallel) if status is not None else 1
+
+
+@attrs.frozen
+class Option:
+    """One way to serve a request, and its predicted time to first token."""
+
+    kind: Kind
+    neuron: NeuronState
+    predicted: float
+    #: cold, evict: where to load and what to unload first.
+    plan: Plan | None = None
+    #: loading: our load in progress (None: one the neuron reports, to join).
+    load: PendingLoad | None = None
+    #: The part of ``predicted`` that is the evictions' penalty.
+    penalty: float = 0.0
+
+
+@attrs.frozen
+class Decision:
+    """The option a policy takes (None: wait, or refuse when it does not wait)."""
+
+    route: Option | None
+    #: A further replica being added for this model (counted as scale-out).
+    scale_out: bool = False
+    #: No route: seconds after which deciding again may give one, whatever
+    #: else happens (inf: only once the fleet changes).
+    recheck: float = math.inf
+    #: No route: the model is loaded but its slots are taken; wait for one
+    #: at the gateway (``expected`` seconds, as predicted).
+    slot: bool = False
+    expected: float = 0.0
+    #: No route: one is open, but the policy holds the request back for now
+    #: (patience). It claims no room, so others may take what frees meanwhile.
+    hold: bool = False
+
+
+@attrs.define(eq=False)
+class Predictor:
+    """Time-to-first-token predictions over the fleet state and the observations."""
+
+    state: FleetState
+    observations: Observations
+    #: Seconds after which an idle model is as good as gone (the thrash window).
+    horizon: float = 600.0
+    #: Guarded models (they thrashed lately) cost this many times their reload.
+    thrash: ThrashLog | None = None
+
+    def size(self, model_id: str) -> int:
+        entry = self.state.catalogue.models.get(model_id)
+        if entry is not None and entry.vram_mb:
+            return entry.vram_mb
+        for neuron in self.state.neurons.values():
+            status = neuron.models.get(model_id)
+            if status is not None and status.memory_mb:
+                return status.memory_mb
+        return UNKNOWN_SIZE_MB
+
+    def service(self, neuron: NeuronState, model_id: str) -> float:
+        return self.observations.service_seconds(neuron.name, model_id, self.size(model_id))
+
+    def load(self, neuron: NeuronState, model_id: str) -> float:
+        return self.observations.load_seconds(neuron.name, model_id, self.size(model_id))
+
+    def replica_wait(self, neuron: NeuronState, model_id: str, ahead: int | None = None) -> float:
+        """Seconds until a new request gets a slot of the loaded model there.
+
+        ``ahead``: requests before it (default: the ones there now).
+        """
+        slots = slots_of(neuron, model_id)
+        busy = neuron.busy(model_id) if ahead is None else ahead
+        if busy < slots:
+            return 0.0
+        return (busy - slots + 1) * self.service(neuron, model_id) / slots
+
+    def loading(
+        self, neuron: NeuronState, model_id: str, load: PendingLoad | None, now: float
+    ) -> float:
+        """Seconds until a request that joins this load gets a slot."""
+        started = load.started if load is not None else None
+        total = self.load(neuron, model_id)
+        left = total - (now - started) if started is not None else total / 2
+        # Past the prediction it is still loading: assume a little more.
+        left = max(left, 0.1 * total)
+        waiting = load.waiters if load is not None else 0
+        return left + self.replica_wait(neuron, model_id, ahead=waiting)
+
+    def return_chance(self, model_id: str, idle: float) -> float:
+        """How likely ``model_id`` is asked for within ``RETURN_HORIZON`` seconds.
+
+        Either its current session goes on (likely while it has been idle for
+        less than a few of its usual gaps) or a new one starts (as often as
+        sessions of it have been starting).
+        """
+        gap = self.observations.mean_interarrival(model_id)
+        scale = min(max(3.0 * gap, 30.0), self.horizon) if gap is not None else 60.0
+        going_on = math.exp(-max(idle, 0.0) / scale)
+        between = self.observations.session_gap(model_id, trio.current_time())
+        new = 1.0 - math.exp(-RETURN_HORIZON / between) if between else 0.0
+        return 1.0 - (1.0 - going_on) * (1.0 - new)
+
+    def penalty(self, neuron: NeuronState, victim: str) -> float:
+        """Expected seconds of reload that evicting ``victim`` from ``neuron`` costs later."""
+        idle = self.state.clock() - neuron.recency(victim)
+        cost = self.return_chance(victim, idle) * self.load(neuron, victim)
+        if self.thrash is not None and self.thrash.guarded(victim, trio.current_time()):
+            cost *= GUARD_FACTOR
+        others = any(
+            n is not neuron and n.routable and n.status_of(victim) == LOADED
+            for n in self.state.neurons.values()
+        )
+        return cost * REPLICA_PENALTY if others else cost
+
+    def cold(self, neuron: NeuronState, model_id: str, plan: Plan) -> tuple[float, float]:
+        """(predicted seconds, of which penalty) for loading after ``plan``'s evictions."""
+        penalty = sum(self.penalty(neuron, v) for v in plan.evictions)
+        return self.load(neuron, model_id) + UNLOAD_S * len(plan.evictions) + penalty, penalty
