@@ -48,7 +48,15 @@ def rate(times: list[float], tokens: int) -> float:
 def direct(path: str, args: argparse.Namespace) -> list[tuple[float, float]]:
     from llama_cpp import Llama
 
-    llama = Llama(model_path=path, n_ctx=args.n_ctx, n_threads=args.threads, verbose=False)
+    # n_threads_batch too: llama-cpp-python's default is every core, which
+    # the neuron does not use for prompts either.
+    llama = Llama(
+        model_path=path,
+        n_ctx=args.n_ctx,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        verbose=False,
+    )
     results = []
     try:
         for run in range(args.runs + 1):
