@@ -3,9 +3,12 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Callable
 
+import httpx
+import openai
 import pytest
 
 from cortex.errors import ModelNotFound
+from cortex.harness import LoadSpec, Placement, plugin_manager
 from cortex.neuron import sources
 from tests.fixtures.tinymodel import NO_SYSTEM_NO_TOOLS_TEMPLATE, write_tiny_model
 
@@ -62,3 +65,46 @@ def smollm2_path() -> pathlib.Path:
 def gemma3_path() -> pathlib.Path:
     """Gemma 3 270M Q4_K_M (``demo:gemma3``): a base model whose file has no chat template."""
     return _installed_demo(sources.DEMO_GEMMA)
+
+
+# -- shared by the engine and neuron test modules (a module's own fixture of
+# the same name wins: test_llamacpp.py and test_ctransformers.py load differently)
+
+
+@pytest.fixture(scope="module")
+def pm():
+    return plugin_manager()
+
+
+@pytest.fixture
+def load(pm):
+    """``load(path, **options)``: a tiny model through the engine hook, one
+    thread, unloaded after the test."""
+    loaded = []
+
+    def load(path, **options):
+        options.setdefault("n_threads", 1)
+        spec = LoadSpec(model_id="tiny", path=str(path), options=options)
+        model = pm.hook.cortex_harness_load(spec=spec, placement=Placement())
+        loaded.append(model)
+        return model
+
+    yield load
+    for model in loaded:
+        model.unload()
+
+
+@pytest.fixture
+async def http(neuron):
+    """An httpx client for the module's ``neuron`` fixture."""
+    async with httpx.AsyncClient(base_url=neuron.url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+async def client(neuron):
+    """The official OpenAI SDK against the module's ``neuron`` fixture."""
+    async with openai.AsyncOpenAI(
+        base_url=neuron.url + "/v1", api_key="unused", max_retries=0
+    ) as client:
+        yield client

@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from cortex.errors import QueueFull
-from cortex.harness import LoadSpec, Placement, Sampling, plugin_manager
+from cortex.harness import Sampling
 from cortex.neuron.workers import GenerationRequest, GenerationWorker, Job, collect
 from cortex.testing import FakeEngine, FakeModel
 from tests.neuron_helpers import running_neuron
@@ -32,27 +32,6 @@ PROMPTS = [
     "12345",
     "What is the",
 ]
-
-
-@pytest.fixture(scope="module")
-def pm():
-    return plugin_manager()
-
-
-@pytest.fixture
-def load(pm):
-    loaded = []
-
-    def load(path, **options):
-        options.setdefault("n_threads", 1)
-        spec = LoadSpec(model_id="tiny", path=str(path), options=options)
-        model = pm.hook.cortex_harness_load(spec=spec, placement=Placement())
-        loaded.append(model)
-        return model
-
-    yield load
-    for model in loaded:
-        model.unload()
 
 
 def text(model, prompt: str, n: int, sampling: Sampling = GREEDY) -> str:

@@ -24,20 +24,6 @@ async def neuron(tiny_model_path: Path):
         yield handle
 
 
-@pytest.fixture
-async def http(neuron: NeuronHandle):
-    async with httpx.AsyncClient(base_url=neuron.url, timeout=30) as client:
-        yield client
-
-
-@pytest.fixture
-async def client(neuron: NeuronHandle):
-    async with openai.AsyncOpenAI(
-        base_url=neuron.url + "/v1", api_key="unused", max_retries=0
-    ) as client:
-        yield client
-
-
 # -- fleet API ------------------------------------------------------------------------
 
 

@@ -22,10 +22,8 @@ from cortex.config import CatalogModel, GatewayConfig, GatewaySection, ModelsFil
 from cortex.gateway.app import run_gateway
 from cortex.harness import (
     BLOCK_TOKENS,
-    LoadSpec,
     Placement,
     Sampling,
-    plugin_manager,
     prefix_hashes,
 )
 from cortex.neuron import sources
@@ -43,27 +41,6 @@ SYSTEM = "You are a careful assistant who answers briefly. " * 8
 
 def document(i: int) -> str:
     return f"Document {i}: " + " ".join(f"item{i}-{k}" for k in range(60))
-
-
-@pytest.fixture(scope="module")
-def pm():
-    return plugin_manager()
-
-
-@pytest.fixture
-def load(pm):
-    loaded = []
-
-    def load(path, **options):
-        options.setdefault("n_threads", 1)
-        spec = LoadSpec(model_id="tiny", path=str(path), options=options)
-        model = pm.hook.cortex_harness_load(spec=spec, placement=Placement())
-        loaded.append(model)
-        return model
-
-    yield load
-    for model in loaded:
-        model.unload()
 
 
 @pytest.fixture(scope="module")

@@ -78,20 +78,6 @@ async def neuron(tiny_model_path: Path, no_system_model_path: Path, no_template_
 
 
 @pytest.fixture
-async def http(neuron: NeuronHandle):
-    async with httpx.AsyncClient(base_url=neuron.url, timeout=30) as client:
-        yield client
-
-
-@pytest.fixture
-async def client(neuron: NeuronHandle):
-    async with openai.AsyncOpenAI(
-        base_url=neuron.url + "/v1", api_key="unused", max_retries=0
-    ) as client:
-        yield client
-
-
-@pytest.fixture
 async def gateway_url(neuron: NeuronHandle):
     catalog = ModelsFile(
         models=[CatalogModel(id=m, vram_mb=1) for m in ("no-system", "gemma-format", "chatml")]

@@ -102,14 +102,6 @@ async def neuron(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch):
         yield handle
 
 
-@pytest.fixture
-async def client(neuron: NeuronHandle):
-    async with openai.AsyncOpenAI(
-        base_url=neuron.url + "/v1", api_key="unused", max_retries=0
-    ) as client:
-        yield client
-
-
 def ask(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}]
 
