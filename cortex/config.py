@@ -169,6 +169,10 @@ class RoutingSection:
     min_residency: float = 60.0
     #: An eviction followed by a reload within this many seconds counts as thrash.
     thrash_window: float = 600.0
+    #: Session affinity (``cortex.gateway.affinity``): the predictive policy
+    #: counts the prompt a replica is expected to hold in cache. False: it
+    #: ignores it (affinity is still counted in ``cortex_affinity_total``).
+    affinity: bool = True
 
 
 @attrs.define

@@ -16,6 +16,7 @@ import trio
 
 from cortex.config import GatewaySection
 from cortex.errors import ConfigError, ModelNotFound, Unavailable
+from cortex.gateway.affinity import Prompt
 from cortex.gateway.state import NeuronState
 from cortex.sim import bound
 from cortex.sim.__main__ import main
@@ -204,9 +205,13 @@ class RecordingRouter:
     def __init__(self) -> None:
         self.neuron = NeuronState(name="n", endpoint="sim://n")
         self.released: list[dict[str, Any]] = []
+        self.prompts: list[Prompt | None] = []
 
-    async def acquire(self, model_id: str, *, exclude: set[str]) -> NeuronState:
+    async def acquire(
+        self, model_id: str, *, exclude: set[str], prompt: Prompt | None = None
+    ) -> NeuronState:
         await trio.lowlevel.checkpoint()
+        self.prompts.append(prompt)
         return self.neuron
 
     def release(self, neuron: NeuronState, model_id: str, **figures: Any) -> None:

@@ -133,6 +133,9 @@ class Affinity:
 
     predictor: Predictor
     metrics: GatewayMetrics
+    #: ``[routing] affinity``: False, ``fold`` leaves the predictions as they
+    #: are; routes are still remembered and counted kept / broken / new.
+    enabled: bool = True
     #: (model, session) -> (neuron, prompt bytes it was sent).
     _sessions: collections.OrderedDict[tuple[str, str], tuple[str, int]] = attrs.field(
         factory=collections.OrderedDict, init=False
@@ -197,7 +200,7 @@ class Affinity:
         A loaded replica expected to hold part of the prompt processes only
         the rest; a load or a replica without it, all of it.
         """
-        if prompt is None or not options:
+        if prompt is None or not options or not self.enabled:
             return options
         held = self.cached(model_id, prompt)
         folded = []

@@ -115,7 +115,7 @@ class Router:
             self.state, self.observations, horizon=routing.thrash_window, thrash=self.thrash
         )
         self.policy = make_policy(self.config, self.state, self.predictor, self.queue, self.thrash)
-        self.affinity = Affinity(self.predictor, self.metrics)
+        self.affinity = Affinity(self.predictor, self.metrics, enabled=routing.affinity)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the loads, evictions and scale-ins that routes start, until cancelled.

@@ -19,7 +19,7 @@ from cortex.gateway.scheduler import POLICIES
 from cortex.sim import bound
 from cortex.sim.fleet import FleetFile
 from cortex.sim.replay import RETRIES, Result, TraceRequest, read_trace, replay
-from cortex.sim.report import Bounds, plot, table
+from cortex.sim.report import Bounds, plot, sessions_table, table
 
 KEYS = frozenset(f.name for f in attrs.fields(RoutingSection))
 
@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Replay a request trace through the gateway's router against fake neurons "
             "in virtual time; print cold loads, evictions, thrash, time to first token "
-            "and unserved requests per routing policy, and lower bounds on the cold loads."
+            "and unserved requests per routing policy, and lower bounds on the cold loads; "
+            "for agent sessions, prompt cache reads and affinity (--compare affinity=false)."
         ),
     )
     parser.add_argument("--fleet", required=True, help="the fleet file (TOML)")
@@ -190,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             bounds = _bounds(fleet, trace, args.floor)
             results = [future.result() for future in futures]
     print(table(results, bounds))
+    if any(r.agent for r in trace):
+        print()
+        print(sessions_table(results))
     if args.plot:
         try:
             plot([r for r in results if r.seed == args.seed], args.plot)

@@ -21,6 +21,9 @@
     tokens_per_second = 60    # decode speed of one sequence
     prefill_tokens_per_second = 3000
     slots = 2                 # sequences generated at once
+    # host_cache_mb = 512     # the prompt cache's host tier (0: none)
+    # kv_kib_per_token = 22.5 # KV state a cached token takes (host tier, restores)
+    # restore_mbps = 2000     # how fast a saved state is copied back into a slot
 
 Sizes and speeds are the ones the fake neurons act out; the router is told
 only what a real gateway knows (the catalogue's ``vram_mb``, what the
@@ -67,8 +70,26 @@ class SimModelSpec:
     tokens_per_second: float = 50.0
     prefill_tokens_per_second: float = 2000.0
     slots: int = 1
+    #: The prompt cache's host tier in MiB (the llama.cpp engine's
+    #: ``host_cache_mb``; its default on a GPU host); 0: none.
+    host_cache_mb: int = 512
+    #: KV state of one token: SmolLM2-135M's 22.5 KiB (``2 x layers x KV
+    #: heads x head size x 2 bytes``; an 8B model with GQA takes ~128).
+    kv_kib_per_token: float = 22.5
+    #: MiB/s a saved state is copied back into a slot: 2150-2800 measured
+    #: with llama.cpp's state API on SmolLM2 (a 2000-token state, 44 MiB, in
+    #: 16-21 ms, where its prefill took over a minute on the same 2 cores).
+    restore_mbps: float = 2000.0
     pinned_on: list[str] = attrs.field(factory=list)
     priority: int = 0
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return round(self.kv_kib_per_token * 1024)
+
+    def restore_time(self, tokens: int) -> float:
+        """Seconds to copy ``tokens`` tokens' saved state back into a slot."""
+        return tokens * self.kv_bytes_per_token / (self.restore_mbps * 2**20)
 
     def load_time(self, neuron: SimNeuronSpec) -> float:
         if self.load_seconds is not None:

@@ -3,10 +3,14 @@
 A :class:`SimNeuron` holds models in device (or host) memory, loads one in
 the time its fleet file gives, unloads once its requests are done, and
 generates with up to ``slots`` sequences at once per model: a request waits
-for a slot, then takes ``prompt_tokens / prefill_tokens_per_second`` to its
-first token, then decodes ``max_tokens`` in a batch with the model's other
-sequences (:class:`Decoder`): batched decode is faster in all but slower per
-sequence, along :data:`BATCH_SPEEDUP`. It refuses a load that does not fit
+for a slot, is seated by the model's prompt cache (:mod:`cortex.sim.cache`:
+the slot holding its longest prefix, or a state restored from the host
+tier), then takes its uncached prompt tokens over
+``prefill_tokens_per_second`` (plus the restore's copy at ``restore_mbps``)
+to its first token, then decodes ``max_tokens`` in a batch with the model's
+other sequences (:class:`Decoder`): batched decode is faster in all but
+slower per sequence, along :data:`BATCH_SPEEDUP`. The cache goes with the
+model when it is unloaded. It refuses a load that does not fit
 beside what is loaded and what is loading, as a real neuron's memory would.
 All of it is ``trio.sleep``: under a ``MockClock`` it costs no real time.
 
@@ -36,6 +40,7 @@ from cortex.fleet import (
     ModelStatus,
 )
 from cortex.gateway.state import NeuronState
+from cortex.sim.cache import PromptCache, Runs, length
 from cortex.sim.fleet import SimModelSpec, SimNeuronSpec
 
 #: Seconds an unload takes once the model is idle.
@@ -122,9 +127,15 @@ class Resident:
     queued: int = 0
     idle: trio.Event = attrs.field(factory=trio.Event)
     decoder: Decoder = attrs.field(init=False)
+    cache: PromptCache = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.decoder = Decoder(self.spec.tokens_per_second)
+        self.cache = PromptCache(
+            slots=self.spec.slots,
+            budget_bytes=self.spec.host_cache_mb * 2**20,
+            kv_bytes_per_token=self.spec.kv_bytes_per_token,
+        )
 
     def memory(self, gpu: bool) -> dict[int, int]:
         if not gpu:
@@ -141,6 +152,10 @@ class Generation:
     first_token_at: float
     done_at: float
     completion_tokens: int
+    #: Prompt tokens read from the prompt cache (slot and host tier).
+    cached_tokens: int = 0
+    #: ... of which restored from the host tier.
+    restored_tokens: int = 0
 
 
 @attrs.define(eq=False)
@@ -156,6 +171,10 @@ class SimNeuron:
     #: Loads and unloads done, and loads refused for want of memory, for the
     #: report: (trio time, "load" | "unload" | "refused", model).
     log: list[tuple[float, str, str]] = attrs.field(factory=list)
+    #: Cached prompt tokens (slots and host tier) that unloads threw away.
+    dropped_tokens: int = 0
+    #: Names of token runs no other prompt shares.
+    _unique: itertools.count[int] = attrs.field(factory=itertools.count, init=False)
 
     @property
     def gpu(self) -> bool:
@@ -219,6 +238,7 @@ class SimNeuron:
                 in_flight=r.in_flight,
                 queued=r.queued,
                 parallel=r.spec.slots,
+                prompt_cache=r.cache.statistics(),
             )
             for model_id, r in self.resident.items()
         ]
@@ -286,10 +306,24 @@ class SimNeuron:
         await trio.sleep(UNLOAD_SECONDS)
         if self.resident.get(model_id) is resident:
             del self.resident[model_id]
+            self.dropped_tokens += resident.cache.held_tokens()
             self.log.append((trio.current_time(), "unload", model_id))
 
-    async def generate(self, model_id: str, prompt_tokens: int, max_tokens: int) -> Generation:
+    async def generate(
+        self,
+        model_id: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        *,
+        prompt: Runs | None = None,
+        answer: str | None = None,
+    ) -> Generation:
         """Serve one request to its last token: a slot, prefill, batched decode.
+
+        ``prompt``: its token runs (``cortex.sim.cache``; ``prompt_tokens``
+        is then their length); None: tokens no other prompt shares.
+        ``answer``: the name of the run its completion is (a later prompt
+        that repeats the answer shares it); None: tokens of its own.
 
         Raises:
           ModelNotFound: the model is not loaded here (as a real neuron's 404).
@@ -306,16 +340,34 @@ class SimNeuron:
             finally:
                 resident.queued -= 1
             resident.in_flight += 1
+            seat = None
             try:
                 slot_at = trio.current_time()
                 resident.last_used = self.clock()
                 spec = resident.spec
-                await trio.sleep(prompt_tokens / spec.prefill_tokens_per_second)
+                if prompt is None:
+                    prompt = ((f"{self.spec.name}-{next(self._unique)}", prompt_tokens),)
+                prompt_tokens = length(prompt)
+                seat = resident.cache.seat(prompt)
+                await trio.sleep(
+                    (prompt_tokens - seat.cached) / spec.prefill_tokens_per_second
+                    + spec.restore_time(seat.host_tokens)
+                )
                 first = trio.current_time()
                 await resident.decoder.decode(max_tokens)
                 resident.last_used = self.clock()
-                return Generation(slot_at, first, trio.current_time(), max_tokens)
+                return Generation(
+                    slot_at,
+                    first,
+                    trio.current_time(),
+                    max_tokens,
+                    cached_tokens=seat.cached,
+                    restored_tokens=seat.host_tokens,
+                )
             finally:
+                if seat is not None:
+                    output = (answer or f"{self.spec.name}-{next(self._unique)}", max_tokens)
+                    resident.cache.done(seat, (*prompt, output))
                 resident.in_flight -= 1
                 resident.slots.release()
         finally:

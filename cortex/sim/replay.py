@@ -13,6 +13,18 @@ what an SDK does with a 503 or 429: wait its Retry-After and try again, up
 to ``retries`` times and never past ``max_wait`` after it came; then it is
 unserved.
 
+A request with token runs (``prompt``, an agent session's turn) is sent as
+a body whose prompt bytes are those runs (``cortex.sim.cache.render``), with
+its session ``key`` as Claude Code's session header: the router's session
+affinity (``cortex.gateway.affinity``) sees what it would see from a real
+client, and the fake neuron's prompt cache serves what a real one would.
+Every other request is a prompt of its own that the fake neurons cache like
+any other (it takes a slot, pushing a session's tokens to the host tier),
+but the router is not shown it: the real gateway would index it too and add
+its prefill to every option's prediction, which shifts the policies'
+figures on the ordinary traces (patience 30 on the short test trace: 81
+cold loads instead of 77) with nothing cached to gain.
+
 Sessions are closed-loop by default: a session's next request is sent once
 the previous one was answered (or given up) plus its think time, so a
 request held back delays the rest of its session as it would a real agent.
@@ -39,10 +51,12 @@ import trio
 import trio.testing
 
 from cortex.errors import CortexError, ModelNotFound, QueueFull, Unavailable
+from cortex.gateway import affinity
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.gateway.poller import poll_neuron
 from cortex.gateway.router import Router
 from cortex.gateway.state import FleetState
+from cortex.sim.cache import Runs, length, render
 from cortex.sim.fleet import FleetFile
 from cortex.sim.neuron import SimLink, SimNeuron
 
@@ -59,11 +73,15 @@ class TraceRequest:
     """One line of a trace.
 
     ``{"t": s, "model": id, "prompt_tokens": n, "max_tokens": n, "stream": b,
-    "usage": b, "session": n, "think": s}``; only ``t`` and ``model`` are
-    required. ``usage``: the answer carries token counts (a non-streamed
-    answer always does; a stream only when the client asked for them).
-    ``think``: in a closed-loop replay, seconds after the session's previous
-    answer that this request is sent (the first of a session goes at ``t``).
+    "usage": b, "session": n, "think": s, "prompt": [[name, n], ...],
+    "answer": name, "key": str}``; only ``t`` and ``model`` are required.
+    ``usage``: the answer carries token counts (a non-streamed answer always
+    does; a stream only when the client asked for them). ``think``: in a
+    closed-loop replay, seconds after the session's previous answer that
+    this request is sent (the first of a session goes at ``t``). ``prompt``:
+    its tokens as named runs (``cortex.sim.cache``; ``prompt_tokens`` is
+    then their sum), ``answer`` the name of the run its completion is (the
+    next turn repeats it), ``key`` the session key the client sends.
     """
 
     t: float
@@ -74,6 +92,14 @@ class TraceRequest:
     usage: bool = False
     session: int | None = None
     think: float = 0.0
+    prompt: Runs = ()
+    answer: str | None = None
+    key: str | None = None
+
+    @property
+    def agent(self) -> bool:
+        """A turn of an agent session (its prompt given as token runs)."""
+        return bool(self.prompt)
 
 
 def read_trace(path: str | os.PathLike[str]) -> list[TraceRequest]:
@@ -90,16 +116,23 @@ def read_trace(path: str | os.PathLike[str]) -> list[TraceRequest]:
             try:
                 data = json.loads(line)
                 session = data.get("session")
+                runs = tuple((str(name), int(n)) for name, n in data.get("prompt", ()))
+                if any(n <= 0 for _, n in runs):
+                    raise ValueError("a prompt run has no tokens")
+                answer, key = data.get("answer"), data.get("key")
                 requests.append(
                     TraceRequest(
                         t=float(data["t"]),
                         model=str(data["model"]),
-                        prompt_tokens=int(data.get("prompt_tokens", 500)),
+                        prompt_tokens=length(runs) or int(data.get("prompt_tokens", 500)),
                         max_tokens=int(data.get("max_tokens", 200)),
                         stream=bool(data.get("stream", True)),
                         usage=bool(data.get("usage", False)),
                         session=None if session is None else int(session),
                         think=float(data.get("think", 0.0)),
+                        prompt=runs,
+                        answer=None if answer is None else str(answer),
+                        key=None if key is None else str(key),
                     )
                 )
             except (ValueError, KeyError, TypeError) as exc:
@@ -121,6 +154,12 @@ class Outcome:
     retries: int = 0
     neuron: str | None = None
     error: str | None = None
+    #: Its place in its session (0: the first request).
+    turn: int = 0
+    #: Prompt tokens the neuron read from its prompt cache (slot or host
+    #: tier), and of those restored from the host tier.
+    cached: int = 0
+    restored: int = 0
 
 
 @attrs.frozen
@@ -148,6 +187,11 @@ class Result:
     #: Loads a neuron refused for want of memory (the router misjudged it).
     refused: int = 0
     seed: int = 0
+    #: The router's session affinity: requests routed to the replica it
+    #: remembered for them, elsewhere, and with none remembered.
+    affinity: dict[str, int] = attrs.field(factory=dict)
+    #: Cached prompt tokens (slots and host tiers) thrown away by unloads.
+    dropped_tokens: int = 0
 
     @property
     def served(self) -> list[Outcome]:
@@ -209,10 +253,14 @@ class _Clients:
         outcome.sent = came - self.start
         router = self.router
         exclude: set[str] = set()
+        prompt = None
+        if request.agent:
+            session = affinity.session_key(request.key, {})
+            prompt = affinity.prompt_of(body(request), session)
         while True:
             attempt = trio.current_time()
             try:
-                neuron = await router.acquire(request.model, exclude=exclude)
+                neuron = await router.acquire(request.model, exclude=exclude, prompt=prompt)
             except (Unavailable, QueueFull) as exc:
                 later = trio.current_time() + exc.retry_after
                 if outcome.retries >= self.retries or later - came > self.max_wait:
@@ -230,7 +278,11 @@ class _Clients:
                 return
             try:
                 generation = await self.sims[neuron.name].generate(
-                    request.model, request.prompt_tokens, request.max_tokens
+                    request.model,
+                    request.prompt_tokens,
+                    request.max_tokens,
+                    prompt=request.prompt or None,
+                    answer=request.answer,
                 )
             except ModelNotFound:
                 router.release(neuron, request.model)
@@ -242,6 +294,8 @@ class _Clients:
             outcome.ttft = generation.first_token_at - came
             outcome.wait = generation.slot_at - came
             outcome.neuron = neuron.name
+            outcome.cached = generation.cached_tokens
+            outcome.restored = generation.restored_tokens
             # What the proxy can tell (proxy.finish): a stream's first chunk
             # marks its first token and the start of decoding; a whole body
             # says neither. Token counts come only with usage in the answer.
@@ -260,6 +314,7 @@ class _Clients:
     async def session(self, outcomes: list[Outcome]) -> None:
         """A session's requests in turn, each its think time after the previous answer."""
         for n, outcome in enumerate(outcomes):
+            outcome.turn = n
             if n:
                 await trio.sleep(outcome.request.think)
             await self.send(outcome)
@@ -283,6 +338,12 @@ async def _sample(
         )
         with trio.move_on_after(every):
             await until.wait()
+
+
+def body(request: TraceRequest) -> bytes:
+    """The request as the gateway's affinity reads it: the prompt's bytes after ``"messages"``."""
+    head = json.dumps({"model": request.model, "stream": request.stream})[:-1]
+    return f'{head}, "messages": "'.encode() + render(request.prompt) + b'"}'
 
 
 def sessions(outcomes: list[Outcome]) -> list[list[Outcome]]:
@@ -357,6 +418,8 @@ async def run_replay(
         duration=duration,
         decisions=decisions,
         refused=sum(1 for _, what, _ in logs if what == "refused"),
+        affinity=attrs.asdict(router.affinity.statistics()),
+        dropped_tokens=sum(s.dropped_tokens for s in sims.values()),
     )
 
 

@@ -10,6 +10,13 @@ and each configuration's cold loads are also shown as the share of the way
 it went from ``fixed``'s to each bound: ``to B``, the optimum of a router
 that serves every request on arrival, and ``to floor``, the proven floor of
 any router that serves every request within ``max_wait``.
+
+A trace with agent sessions (``python -m cortex.sim.trace --agents N``)
+gets a second table (:func:`sessions_table`): per configuration, the share
+of the prompt tokens read from a prompt cache and the time to first token
+of first turns against later ones, later turns that did not find their
+whole previous conversation cached, the router's affinity kept / broken /
+new, and the cached tokens that unloads threw away.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from collections.abc import Sequence
 
 import attrs
 
-from cortex.sim.replay import Result
+from cortex.sim.replay import Outcome, Result
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -51,11 +58,37 @@ class Row:
     late: int = 0
     #: Loads a neuron refused for want of memory.
     refused: int = 0
+    #: Agent sessions and their turns (the rest: nan without any).
+    agents: int = 0
+    turns: int = 0
+    #: Share of prompt tokens read from cache, first turns and later turns.
+    cached_first: float = math.nan
+    cached_later: float = math.nan
+    ttft_first_p50: float = math.nan
+    ttft_later_p50: float = math.nan
+    ttft_later_p99: float = math.nan
+    #: Later turns served without their whole previous conversation cached.
+    missed: int = 0
+    kept: int = 0
+    broken: int = 0
+    new: int = 0
+    #: Cached prompt tokens that unloads threw away.
+    dropped_tokens: int = 0
+
+    @property
+    def later_over_first(self) -> float:
+        """Median time to first token of later turns over first turns'."""
+        if not self.ttft_first_p50 or math.isnan(self.ttft_first_p50):
+            return math.nan
+        return self.ttft_later_p50 / self.ttft_first_p50
 
     @classmethod
     def of(cls, result: Result) -> Row:
         ttfts = result.ttfts()
         waits = [o.wait for o in result.served if o.wait is not None]
+        turns = [o for o in result.outcomes if o.request.agent]
+        first = [o for o in turns if o.turn == 0]
+        later = [o for o in turns if o.turn > 0]
         return cls(
             policy=result.policy,
             requests=len(result.outcomes),
@@ -69,7 +102,36 @@ class Row:
             unserved=result.unserved,
             late=result.late,
             refused=result.refused,
+            agents=len(first),
+            turns=len(turns),
+            cached_first=cached_share(first),
+            cached_later=cached_share(later),
+            ttft_first_p50=percentile(_ttfts(first), 50),
+            ttft_later_p50=percentile(_ttfts(later), 50),
+            ttft_later_p99=percentile(_ttfts(later), 99),
+            missed=sum(1 for o in later if o.ttft is not None and o.cached < _previous(o)),
+            kept=result.affinity.get("kept", 0),
+            broken=result.affinity.get("broken", 0),
+            new=result.affinity.get("new", 0),
+            dropped_tokens=result.dropped_tokens,
         )
+
+
+def _ttfts(outcomes: Sequence[Outcome]) -> list[float]:
+    return [math.inf if o.ttft is None else o.ttft for o in outcomes]
+
+
+def _previous(outcome: Outcome) -> int:
+    """Tokens of an agent turn's prompt that its session sent before (all but the new message)."""
+    request = outcome.request
+    return request.prompt_tokens - request.prompt[-1][1]
+
+
+def cached_share(outcomes: Sequence[Outcome]) -> float:
+    """Prompt tokens read from cache over prompt tokens, of the served ``outcomes``."""
+    served = [o for o in outcomes if o.ttft is not None]
+    total = sum(o.request.prompt_tokens for o in served)
+    return sum(o.cached for o in served) / total if total else math.nan
 
 
 @attrs.frozen
@@ -182,7 +244,61 @@ def table(results: Sequence[Result | Summary], bounds: Bounds | None = None) -> 
         low, high = bounds.floor
         cell = f"{low:g}" if low == high else f"[{low:g}, {high:g}]"
         rows.append((f"floor: waits <= {bounds.max_wait:g} s", "", cell, *blank))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADERS))]
+    return _layout(rows)
+
+
+SESSION_HEADERS = (
+    "policy",
+    "sessions",
+    "turns",
+    "cached 1st",
+    "cached later",
+    "TTFT 1st p50 s",
+    "later p50 s",
+    "later/1st",
+    "later p99 s",
+    "later missed",
+    "kept",
+    "broken",
+    "new",
+    "dropped tokens",
+)
+
+
+def _percent(value: float) -> str:
+    return "" if math.isnan(value) else f"{100 * value:.0f}%"
+
+
+def sessions_table(results: Sequence[Result | Summary]) -> str:
+    """The agent sessions' figures, one row per configuration (medians over replays)."""
+    summaries = [r for r in results if isinstance(r, Summary)]
+    summaries += summarise([r for r in results if isinstance(r, Result)])
+    rows = [SESSION_HEADERS]
+    for summary in summaries:
+        ratio = statistics.median(row.later_over_first for row in summary.rows)
+        rows.append(
+            (
+                summary.policy,
+                f"{summary.median('agents'):g}",
+                f"{summary.median('turns'):g}",
+                _percent(summary.median("cached_first")),
+                _percent(summary.median("cached_later")),
+                _seconds(summary.median("ttft_first_p50")),
+                _seconds(summary.median("ttft_later_p50")),
+                "" if math.isnan(ratio) else f"{ratio:.2f}",
+                _seconds(summary.median("ttft_later_p99")),
+                f"{summary.median('missed'):g}",
+                f"{summary.median('kept'):g}",
+                f"{summary.median('broken'):g}",
+                f"{summary.median('new'):g}",
+                f"{summary.median('dropped_tokens'):g}",
+            )
+        )
+    return _layout(rows)
+
+
+def _layout(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):
         cells = [

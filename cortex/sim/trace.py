@@ -17,6 +17,23 @@ them): what the gateway's proxy can measure. Every request is a JSON line
 "stream": b, "usage": b, "session": n, "think": seconds}``; a closed-loop
 replay sends a session's next request ``think`` seconds after the previous
 answer instead of at ``t``.
+
+``--agents N`` adds N agent sessions (Claude Code, an IDE agent) to that
+traffic, all on one model (``--agent-model``, default the most popular),
+starting at uniform times over ``--agent-spread`` seconds. Each is a
+conversation that the client re-sends whole every turn: a system prompt
+shared by every session of its kind (``--agent-kinds`` of them,
+``--system-tokens`` long), an opening document of its own
+(``--document-tokens``), then per turn a user or tool message (log-normal,
+median ``--turn-tokens``) and the model's answer (median
+``--answer-tokens``), which the next turn repeats. Turns per session are
+geometric with mean ``--turns``; the next turn goes ``--agent-think``
+seconds (exponential) after the answer. Their lines carry the prompt as
+named token runs (``"prompt": [["system-0", 3000], ["document-4", 1500],
+["user-4-0", 310], ["answer-4-0", 140], ...]``), the run the answer is
+(``"answer"``), and a session key (``"key"``, Claude Code's session header)
+for a share ``--agent-keys`` of the sessions; the others count on the
+gateway's prefix index alone.
 """
 
 from __future__ import annotations
@@ -55,6 +72,19 @@ class TraceSettings:
     #: Share of requests that stream, and of streams that ask for usage.
     stream: float = 0.8
     usage: float = 0.5
+    #: Agent sessions (0: none); see the module docstring.
+    agents: int = 0
+    agent_model: str | None = None
+    agent_kinds: int = 2
+    agent_spread: float = 300.0
+    system_tokens: int = 3000
+    document_tokens: int = 1500
+    turn_tokens: int = 300
+    answer_tokens: int = 150
+    turns: float = 12.0
+    agent_think: float = 10.0
+    #: Share of agent sessions that send a session key.
+    agent_keys: float = 1.0
 
 
 def _sessions(
@@ -67,7 +97,9 @@ def _sessions(
     # Flags from a generator of their own: the same seed gives the same times
     # and lengths whatever the shares.
     flags = random.Random(f"{settings.seed}-flags")
-    requests = []
+    requests: list[TraceRequest] = []
+    if rate <= 0:
+        return requests
     t = rng.expovariate(rate / 60)
     session = 0
     while t < settings.duration:
@@ -102,6 +134,60 @@ def _sessions(
     return sorted(requests, key=lambda r: r.t)
 
 
+def _agents(fleet: FleetFile, settings: TraceSettings, first: int) -> list[TraceRequest]:
+    """``settings.agents`` agent sessions, numbered from ``first`` (deterministic for a seed)."""
+    if settings.agents <= 0:
+        return []
+    rng = random.Random(f"{settings.seed}-agents")
+    if settings.agent_model is not None:
+        spec = fleet.model(settings.agent_model)
+    else:
+        # The most popular model of the ordinary traffic (its rank order).
+        models = [m.id for m in fleet.models]
+        random.Random(settings.seed).shuffle(models)
+        spec = fleet.model(models[0])
+    requests = []
+    for n in range(settings.agents):
+        at = rng.uniform(0, settings.agent_spread)
+        kind = rng.randrange(max(1, settings.agent_kinds))
+        keyed = rng.random() < settings.agent_keys
+        count = 1 + int(math.log(1 - rng.random()) / math.log(1 - 1 / max(settings.turns, 1.0)))
+        runs: list[tuple[str, int]] = [
+            (f"system-{kind}", settings.system_tokens),
+            (f"document-{n}", settings.document_tokens),
+        ]
+        think, new = 0.0, sum(size for _, size in runs)
+        for turn in range(count):
+            if at >= settings.duration:
+                break
+            message = max(8, int(rng.lognormvariate(math.log(settings.turn_tokens), 0.6)))
+            answer = max(8, int(rng.lognormvariate(math.log(settings.answer_tokens), 0.5)))
+            runs.append((f"user-{n}-{turn}", message))
+            new += message
+            requests.append(
+                TraceRequest(
+                    t=round(at, 3),
+                    model=spec.id,
+                    prompt_tokens=sum(size for _, size in runs),
+                    max_tokens=answer,
+                    stream=True,
+                    usage=True,
+                    session=first + n,
+                    think=round(think, 3),
+                    prompt=tuple(runs),
+                    answer=f"answer-{n}-{turn}",
+                    key=f"agent-{n}" if keyed else None,
+                )
+            )
+            # Answered on an idle fleet that kept the conversation cached.
+            answered = new / spec.prefill_tokens_per_second + answer / spec.tokens_per_second
+            think = rng.expovariate(1 / settings.agent_think)
+            at += answered + think
+            runs.append((f"answer-{n}-{turn}", answer))
+            new = answer
+    return requests
+
+
 def working_set(fleet: FleetFile, requests: Sequence[TraceRequest], window: float) -> float:
     """Mean memory of the distinct models asked for per ``window``, over the fleet's memory."""
     if not requests:
@@ -125,7 +211,21 @@ def working_set(fleet: FleetFile, requests: Sequence[TraceRequest], window: floa
 
 
 def generate(fleet: FleetFile, settings: TraceSettings) -> list[TraceRequest]:
-    """A trace for ``fleet`` (deterministic for a seed)."""
+    """A trace for ``fleet`` (deterministic for a seed): the traffic, then its agents.
+
+    Raises:
+      ConfigError: ``agent_model`` is not a model of the fleet.
+    """
+    if settings.agent_model is not None and settings.agent_model not in {
+        m.id for m in fleet.models
+    }:
+        raise ConfigError(f"--agent-model: {settings.agent_model!r} is not a model of the fleet")
+    traffic = _traffic(fleet, settings)
+    first = 1 + max((r.session for r in traffic if r.session is not None), default=-1)
+    return sorted([*traffic, *_agents(fleet, settings, first)], key=lambda r: r.t)
+
+
+def _traffic(fleet: FleetFile, settings: TraceSettings) -> list[TraceRequest]:
     if settings.sessions_per_minute is not None:
         return _sessions(
             fleet, settings, settings.sessions_per_minute, random.Random(settings.seed)
@@ -157,6 +257,12 @@ def write(requests: Sequence[TraceRequest], out: object) -> None:
         if r.session is not None:
             line["session"] = r.session
             line["think"] = r.think
+        if r.prompt:
+            line["prompt"] = [list(run) for run in r.prompt]
+        if r.answer is not None:
+            line["answer"] = r.answer
+        if r.key is not None:
+            line["key"] = r.key
         print(json.dumps(line), file=out)  # type: ignore[arg-type]
 
 
@@ -194,6 +300,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--usage", type=float, default=defaults.usage, help="share of streams that ask for usage"
     )
+    agents = parser.add_argument_group("agent sessions (shared prefix, growing context)")
+    agents.add_argument(
+        "--agents", type=int, default=defaults.agents, help="agent sessions to add (default 0)"
+    )
+    agents.add_argument("--agent-model", help="their model (default: the most popular)")
+    agents.add_argument(
+        "--agent-kinds", type=int, default=defaults.agent_kinds, help="distinct system prompts"
+    )
+    agents.add_argument(
+        "--agent-spread",
+        type=float,
+        default=defaults.agent_spread,
+        help="seconds over which they start",
+    )
+    agents.add_argument("--system-tokens", type=int, default=defaults.system_tokens)
+    agents.add_argument("--document-tokens", type=int, default=defaults.document_tokens)
+    agents.add_argument(
+        "--turn-tokens", type=int, default=defaults.turn_tokens, help="median message per turn"
+    )
+    agents.add_argument(
+        "--answer-tokens", type=int, default=defaults.answer_tokens, help="median answer"
+    )
+    agents.add_argument(
+        "--turns", type=float, default=defaults.turns, help="mean turns per session"
+    )
+    agents.add_argument(
+        "--agent-think",
+        type=float,
+        default=defaults.agent_think,
+        help="mean seconds from an answer to the next turn",
+    )
+    agents.add_argument(
+        "--agent-keys",
+        type=float,
+        default=defaults.agent_keys,
+        help="share of sessions that send a session key",
+    )
     return parser
 
 
@@ -217,11 +360,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         sessions_per_minute=args.sessions_per_minute,
         stream=args.stream,
         usage=args.usage,
+        agents=args.agents,
+        agent_model=args.agent_model,
+        agent_kinds=args.agent_kinds,
+        agent_spread=args.agent_spread,
+        system_tokens=args.system_tokens,
+        document_tokens=args.document_tokens,
+        turn_tokens=args.turn_tokens,
+        answer_tokens=args.answer_tokens,
+        turns=args.turns,
+        agent_think=args.agent_think,
+        agent_keys=args.agent_keys,
     )
-    requests = generate(fleet, settings)
+    try:
+        requests = generate(fleet, settings)
+    except ConfigError as exc:
+        print(f"cortex.sim.trace: {exc.message}", file=sys.stderr)
+        return 2
     found = working_set(fleet, requests, settings.window)
+    agent_turns = sum(1 for r in requests if r.agent)
     print(
-        f"{len(requests)} requests over {settings.duration:g} s, "
+        f"{len(requests)} requests over {settings.duration:g} s ({agent_turns} agent turns), "
         f"working set {found:.2f}x the fleet's memory",
         file=sys.stderr,
     )
