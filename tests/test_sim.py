@@ -4,6 +4,7 @@ bounds, and a short replay checked against the baseline policy."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 import pathlib
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
@@ -18,7 +20,8 @@ from cortex.config import GatewaySection
 from cortex.errors import ConfigError, ModelNotFound, Unavailable
 from cortex.gateway.affinity import Prompt
 from cortex.gateway.state import NeuronState
-from cortex.sim import bound
+from cortex.harness import prefix_hashes
+from cortex.sim import bound, cache
 from cortex.sim.__main__ import main
 from cortex.sim.fleet import FleetFile, SimModelSpec, SimNeuronSpec
 from cortex.sim.neuron import Decoder, SimNeuron, batch_speedup
@@ -32,8 +35,9 @@ from cortex.sim.replay import (
     sessions,
     thrash_count,
 )
-from cortex.sim.report import Bounds, Row, percentile, table
+from cortex.sim.report import Bounds, Row, percentile, sessions_table, table
 from cortex.sim.trace import TraceSettings, generate, working_set, write
+from cortex.sim.trace import main as trace_main
 
 FLEET = pathlib.Path(__file__).resolve().parent.parent / "contrib" / "sim" / "fleet.toml"
 
@@ -456,3 +460,261 @@ def test_command_line(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
     assert rows[0].split()[2:4] == ["1", "(1-1)"]
     # One model, asked for five times: one load, and nothing to win.
     assert rows[3].split()[-1] == rows[4].split()[-1] == "1"
+
+
+# -- prompt caches and agent sessions ------------------------------------------------------
+
+
+def test_prompts_share_a_prefix_as_far_as_their_runs_agree() -> None:
+    one = (("system", 100), ("document-1", 50), ("user-1-0", 10))
+    assert cache.shared(one, (*one, ("answer-1-0", 5))) == 160
+    assert cache.shared(one, (("system", 100), ("document-2", 50))) == 100
+    assert cache.shared(one, (("system", 40),)) == 40
+    assert cache.cut(one, 120) == (("system", 100), ("document-1", 20))
+    # The bytes, and the token ids, of a run cut short start the whole run's.
+    assert cache.render(one).startswith(cache.render(cache.cut(one, 120)))
+    assert len(cache.render(one)) == 4 * 160
+    assert list(cache.token_ids(one))[:120] == list(cache.token_ids(cache.cut(one, 120)))
+
+
+def test_the_prompt_cache_seats_restores_and_saves_as_the_engine_does() -> None:
+    # Two slots, a host tier for two 1000-token states (1 KiB a token).
+    pc = cache.PromptCache(slots=2, budget_bytes=2000 * 1024, kv_bytes_per_token=1024)
+    system = ("system", 600)
+
+    def turn(n: int, *more: cache.Run) -> cache.Runs:
+        return (system, (f"document-{n}", 300), *more)
+
+    first = [pc.seat(turn(n, (f"user-{n}", 50))) for n in range(2)]
+    assert [s.cached for s in first] == [0, 0]  # nothing cached yet, two slots
+    for n, seat in enumerate(first):
+        pc.done(seat, turn(n, (f"user-{n}", 50), (f"answer-{n}", 50)))
+    # Session 2 shares the system prompt with both: it takes the least
+    # recently used slot (session 0's), whose state goes to the host tier.
+    third = pc.seat(turn(2, ("user-2", 50)))
+    assert (third.slot_tokens, third.host_tokens, pc.host_saves) == (600, 0, 1)
+    pc.done(third, turn(2, ("user-2", 50), ("answer-2", 50)))
+    # Session 0's next turn: its whole conversation comes back from the host
+    # tier, into the least recently used slot (session 1's, saved first).
+    again = turn(0, ("user-0", 50), ("answer-0", 50), ("user-0b", 40))
+    seat = pc.seat(again)
+    assert (seat.slot_tokens, seat.host_tokens) == (0, 1000)
+    assert (pc.host_restores, pc.host_saves, pc.host_evictions) == (1, 2, 0)
+    stats = pc.statistics()
+    assert (stats.hits, stats.misses, stats.slot_tokens, stats.host_tokens) == (2, 2, 600, 1000)
+    assert stats.host_entries == 2 and stats.host_bytes == 2000 * 1024
+    # The block hashes a real neuron reports, most recently used slot first
+    # (the restored 1000 tokens: three whole blocks), then the other's.
+    restored = tuple(prefix_hashes(cache.token_ids(turn(0, ("user-0", 50), ("answer-0", 50)))))
+    other = prefix_hashes(cache.token_ids(turn(2, ("user-2", 50), ("answer-2", 50))))
+    assert len(restored) == 3 and stats.blocks[:3] == restored
+    assert stats.blocks[3] == other[2]  # the system prompt's two are there already
+    # A saved state that a newer one extends is dropped; the budget evicts LRU.
+    pc.done(seat, (*again, ("answer-0b", 30)))
+    assert pc.seat(turn(3, ("user-3", 50))).slot_tokens == 600
+    assert pc.statistics().host_entries == 2 and pc.host_evictions == 1
+
+
+async def test_a_sim_neuron_serves_a_cached_prefix_faster_and_reports_it(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    spec = SimModelSpec(
+        id="m", vram_mb=1, tokens_per_second=100, prefill_tokens_per_second=1000, slots=1
+    )
+    neuron = SimNeuron(SimNeuronSpec(name="n", gpus=[10]), {"m": spec}, clock=trio.current_time)
+    await neuron.load("m", [0])
+    prompt = (("system", 2000), ("user-0", 48))
+    first = await neuron.generate("m", 0, 100, prompt=prompt, answer="answer-0")
+    assert first.first_token_at - first.slot_at == pytest.approx(2.048)
+    assert first.cached_tokens == 0
+    again = (*prompt, ("answer-0", 100), ("user-1", 52))
+    second = await neuron.generate("m", 0, 10, prompt=again)
+    assert second.cached_tokens == 2148 and second.restored_tokens == 0
+    assert second.first_token_at - second.slot_at == pytest.approx(0.052)
+    # Another prompt takes the one slot; the session's state is restored
+    # from the host tier at restore_mbps: milliseconds, not seconds.
+    await neuron.generate("m", 0, 10, prompt=(("other", 500),))
+    third = await neuron.generate("m", 0, 10, prompt=(*again, ("x", 10), ("user-2", 40)))
+    assert third.restored_tokens == 2200 and third.cached_tokens == 2200
+    restore = 2200 * 22.5 * 1024 / (2000 * 2**20)
+    assert third.first_token_at - third.slot_at == pytest.approx(0.050 + restore)
+    reported = neuron.status("m").prompt_cache
+    assert reported is not None
+    assert (reported.hits, reported.misses, reported.host_restores) == (2, 2, 1)
+    # Unloading throws the cache away, counted: the host tier (the session's
+    # 2210 tokens, the other prompt's 510 saved when the restore took its
+    # slot) and the slot (the third prompt, 2250 tokens, and its answer).
+    assert reported.host_bytes == (2210 + 510) * spec.kv_bytes_per_token
+    held = 2210 + 510 + 2250 + 10
+    await neuron.unload("m")
+    assert neuron.dropped_tokens == held
+
+
+def agent_fleet(*, slots: int, host_cache_mb: int, neurons: int = 2) -> FleetFile:
+    return FleetFile(
+        neurons=[SimNeuronSpec(name, gpus=[10000], activate=["m"]) for name in "ab"[:neurons]],
+        models=[
+            SimModelSpec(
+                "m",
+                vram_mb=6000,
+                tokens_per_second=50,
+                prefill_tokens_per_second=1000,
+                slots=slots,
+                host_cache_mb=host_cache_mb,
+                kv_kib_per_token=128,
+            )
+        ],
+    )
+
+
+AGENTS = TraceSettings(
+    duration=1800,
+    seed=1,
+    sessions_per_minute=0,
+    agents=6,
+    agent_kinds=1,
+    turns=6,
+    agent_spread=60,
+    agent_think=5,
+)
+
+
+def test_agent_sessions_in_the_trace_generator(tmp_path: pathlib.Path) -> None:
+    fleet = FleetFile.read(FLEET)
+    settings = attrs.evolve(AGENTS, agents=5, agent_kinds=2, agent_keys=0.5)
+    agents = generate(fleet, settings)
+    assert agents == generate(fleet, settings) and all(r.agent for r in agents)
+    grouped = sessions([Outcome(r) for r in agents])
+    assert len(grouped) == 5 and len(agents) > 10
+    kinds = set()
+    for group in grouped:
+        turns = [o.request for o in group]
+        assert len({r.model for r in turns}) == 1 and len({r.key for r in turns}) == 1
+        kinds.add(turns[0].prompt[0])
+        assert turns[0].prompt[0][1] == 3000 and turns[0].prompt[1][1] == 1500
+        for before, after in itertools.pairwise(turns):
+            # Each turn re-sends the conversation: the last prompt, its answer, a message.
+            assert after.prompt[:-2] == before.prompt
+            assert after.prompt[-2] == (before.answer, before.max_tokens)
+            assert after.prompt_tokens == cache.length(after.prompt) > before.prompt_tokens
+            assert after.think > 0
+    assert len(kinds) == 2
+    assert {r.key is None for r in agents} == {True, False}
+    # Agents come on top of the ordinary traffic, which they leave as it was.
+    plain = generate(fleet, TraceSettings(duration=1800, seed=7))
+    mixed = generate(fleet, attrs.evolve(settings, seed=7, sessions_per_minute=None))
+    assert [r for r in mixed if not r.agent] == plain
+    assert min(r.session for r in mixed if r.agent) > max(r.session for r in plain)
+    out = tmp_path / "agents.jsonl"
+    with open(out, "w") as f:
+        write(mixed, f)
+    assert read_trace(out) == mixed
+    with pytest.raises(ConfigError):
+        generate(fleet, attrs.evolve(settings, agent_model="nope"))
+
+
+def test_affinity_keeps_sessions_on_the_replica_that_holds_their_cache() -> None:
+    # Two replicas of two slots, no host tier, six agent sessions of ~4.7k
+    # tokens growing by a turn: only affinity keeps a session on its cache.
+    fleet = agent_fleet(slots=2, host_cache_mb=0)
+    trace = generate(fleet, AGENTS)
+    on = replay(fleet, trace, "predictive", seed=1)
+    off = replay(fleet, trace, "predictive", routing={"affinity": False}, seed=1)
+    assert replay(fleet, trace, "predictive", seed=1).outcomes == on.outcomes
+    off.policy = "predictive, affinity off"
+    with_, without = Row.of(on), Row.of(off)
+    print(sessions_table([on, off]))
+    for row in (with_, without):
+        assert row.agents == 6 and row.turns == len(trace) and row.unserved == 0
+    assert with_.cached_later >= 0.85
+    assert without.cached_later <= with_.cached_later - 0.2
+    assert with_.ttft_later_p50 < 0.25 * without.ttft_later_p50
+    assert with_.broken <= 0.1 * with_.kept and without.broken >= 0.4 * without.kept
+    assert with_.missed < without.missed / 3
+    assert on.cold_loads == off.cold_loads == 0  # both replicas activated at start
+
+
+def test_sessions_beyond_the_slots_keep_their_caches_in_the_host_tier() -> None:
+    # One replica of two slots, six sessions at once: without the host tier a
+    # session's slot has gone to another by its next turn.
+    trace = generate(agent_fleet(slots=2, host_cache_mb=0, neurons=1), AGENTS)
+    tier = replay(agent_fleet(slots=2, host_cache_mb=4096, neurons=1), trace, "predictive")
+    bare = replay(agent_fleet(slots=2, host_cache_mb=0, neurons=1), trace, "predictive")
+    bare.policy = "predictive, no host tier"
+    with_, without = Row.of(tier), Row.of(bare)
+    print(sessions_table([tier, bare]))
+    # Every later turn found the whole previous conversation cached.
+    assert with_.missed == 0 and with_.cached_later >= 0.95
+    assert sum(o.restored for o in tier.outcomes) > 0
+    assert without.missed > with_.turns / 4 and without.cached_later < 0.85
+    assert sum(o.restored for o in bare.outcomes) == 0
+    assert with_.ttft_later_p50 < without.ttft_later_p50
+
+
+def test_a_session_whose_replica_is_evicted_loses_its_cache() -> None:
+    # One GPU fits one model: a request for another model evicts the agent's
+    # (idle during its think time); the next turn reloads it and finds nothing.
+    fleet = agent_fleet(slots=2, host_cache_mb=4096, neurons=1)
+    fleet.neurons[0].activate = []
+    fleet.models.append(SimModelSpec("other", vram_mb=6000, slots=1))
+    turn0 = (("system-0", 3000), ("document-0", 1500), ("user-0-0", 100))
+    turn1 = (*turn0, ("answer-0-0", 50), ("user-0-1", 100))
+    turn2 = (*turn1, ("answer-0-1", 50), ("user-0-2", 100))
+    agent = [
+        TraceRequest(0.0, "m", cache.length(p), 50, session=0, think=60.0, prompt=p, key="s")
+        for p in (turn0, turn1, turn2)
+    ]
+    for n, request in enumerate(agent):
+        agent[n] = attrs.evolve(request, answer=f"answer-0-{n}", think=0.0 if n == 0 else 60.0)
+    other = TraceRequest(30.0, "other", prompt_tokens=400, max_tokens=20, session=1)
+    result = replay(fleet, sorted([*agent, other], key=lambda r: r.t), "predictive")
+    turns = [o for o in result.outcomes if o.request.agent]
+    assert [o.turn for o in turns] == [0, 1, 2]
+    # Loads: m, other (evicting m), m again (evicting other).
+    assert result.cold_loads == 3 and result.evictions == 2
+    assert [o.cached for o in turns] == [0, 0, cache.length(turn1) + 50]
+    # What the evictions threw away: m's slot (turn 0 and its answer), then
+    # other's (its prompt and answer).
+    assert result.dropped_tokens == cache.length(turn0) + 50 + 400 + 20
+    # The router forgot the evicted replica's prefixes: turn 1 was new to it.
+    assert result.affinity["new"] == 2 and result.affinity["kept"] == 1
+    row = Row.of(result)
+    assert row.missed == 1 and row.cached_later == pytest.approx(
+        (cache.length(turn1) + 50) / (cache.length(turn1) + cache.length(turn2))
+    )
+
+
+def test_command_line_compares_affinity_on_agent_traces(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        '[[neurons]]\nname = "a"\ngpus = [10000]\nactivate = ["m"]\n'
+        '[[neurons]]\nname = "b"\ngpus = [10000]\nactivate = ["m"]\n'
+        '[[models]]\nid = "m"\nvram_mb = 6000\ntokens_per_second = 50\n'
+        "prefill_tokens_per_second = 1000\nslots = 2\nhost_cache_mb = 0\n"
+    )
+    trace = tmp_path / "agents.jsonl"
+    assert (
+        trace_main(
+            [
+                *("--fleet", str(fleet), "--out", str(trace), "--sessions-per-minute", "0"),
+                *("--agents", "4", "--turns", "4", "--agent-spread", "30", "--duration", "900"),
+            ]
+        )
+        == 0
+    )
+    assert "agent turns" in capsys.readouterr().err
+    args = ["--fleet", str(fleet), "--trace", str(trace), "--policy", "predictive"]
+    assert main([*args, "--compare", "affinity=false", "--floor", "0", "--jobs", "1"]) == 0
+    out = capsys.readouterr().out.split("\n\n")
+    assert len(out) == 2
+    sessions_rows = out[1].splitlines()
+    assert sessions_rows[0].split()[:4] == ["policy", "sessions", "turns", "cached"]
+    assert [r.split()[:3] for r in sessions_rows[2:]] == [
+        ["predictive", "4", sessions_rows[2].split()[2]],
+        ["predictive", "affinity=False", "4"],
+    ]
+    bad = tmp_path / "bad.toml"
+    bad.write_text(fleet.read_text().replace('activate = ["m"]', 'activate = ["x"]', 1))
+    assert main(["--fleet", str(bad), "--trace", str(trace)]) == 2

@@ -13,6 +13,7 @@
     gpus = [24576]            # VRAM per GPU, MiB; leave out for a CPU host ...
     # memory_mb = 65536       # ... and give its memory for models instead
     load_mbps = 2000          # how fast it reads weights into memory, MiB/s
+    # activate = ["org/model-8b"]  # loaded when the replay starts (not a cold load)
 
     [[models]]
     id = "org/model-8b"
@@ -59,6 +60,9 @@ class SimNeuronSpec:
     memory_mb: int = 0
     #: MiB/s a load moves into memory.
     load_mbps: float = 2000.0
+    #: Models loaded when the replay starts, as a real neuron's activation
+    #: list (neuron.toml's ``[[models]]``); not counted as cold loads.
+    activate: list[str] = attrs.field(factory=list)
 
 
 @attrs.define
@@ -123,6 +127,12 @@ class FleetFile:
         ids = [m.id for m in fleet.models]
         if not ids or len(set(ids)) != len(ids):
             raise ConfigError(f"{path}: models: ids must be present and unique")
+        for neuron in fleet.neurons:
+            for model_id in neuron.activate:
+                if model_id not in ids:
+                    raise ConfigError(
+                        f"{path}: neurons.{neuron.name}.activate: {model_id!r} is not a model"
+                    )
         try:
             structure(RoutingSection, fleet.routing, source=str(path))
         except ConfigError as exc:

@@ -250,6 +250,24 @@ class SimNeuron:
 
     # -- what a neuron does -----------------------------------------------------------
 
+    def activate(self) -> None:
+        """Load the models of the spec's ``activate`` list at once (before a replay starts).
+
+        Raises:
+          Unavailable: one does not fit beside the others.
+        """
+        for model_id in self.spec.activate:
+            spec = self.models[model_id]
+            resident = Resident(
+                spec, [0] if self.gpu else [], self.clock(), trio.CapacityLimiter(1)
+            )
+            used, total = self.used(), self.total()
+            if any(used[i] + mb > total[i] for i, mb in resident.memory(self.gpu).items()):
+                raise Unavailable(f"{model_id} does not fit on {self.spec.name} at start")
+            resident.slots = trio.CapacityLimiter(max(1, spec.slots))
+            resident.idle.set()
+            self.resident[model_id] = resident
+
     async def load(self, model_id: str, devices: list[int]) -> ModelStatus:
         """Load ``model_id`` on ``devices``; join a load of it already under way.
 

@@ -373,6 +373,8 @@ async def run_replay(
     )
     models = {m.id: m for m in fleet.models}
     sims = {n.name: SimNeuron(n, models, state.clock) for n in fleet.neurons}
+    for sim in sims.values():
+        sim.activate()
     link = SimLink(sims)
     metrics = GatewayMetrics.create()
     router = Router(config=config, state=state, api=link, metrics=metrics)
