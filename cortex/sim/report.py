@@ -291,7 +291,7 @@ def sessions_table(results: Sequence[Result | Summary]) -> str:
                 f"{summary.median('kept'):g}",
                 f"{summary.median('broken'):g}",
                 f"{summary.median('new'):g}",
-                f"{summary.median('dropped_tokens'):g}",
+                f"{summary.median('dropped_tokens'):.0f}",
             )
         )
     return _layout(rows)
