@@ -13,7 +13,8 @@ any router that serves every request within ``max_wait``.
 
 A trace with agent sessions (``python -m cortex.sim.trace --agents N``)
 gets a second table (:func:`sessions_table`): per configuration, the share
-of the prompt tokens read from a prompt cache and the time to first token
+of the prompt tokens read from a prompt cache (and, for later turns, from a
+host tier) and the time to first token
 of first turns against later ones, later turns that did not find their
 whole previous conversation cached, the router's affinity kept / broken /
 new, and the cached tokens that unloads threw away.
@@ -64,6 +65,8 @@ class Row:
     #: Share of prompt tokens read from cache, first turns and later turns.
     cached_first: float = math.nan
     cached_later: float = math.nan
+    #: ... of later turns' prompt tokens, the share restored from a host tier.
+    restored_later: float = math.nan
     ttft_first_p50: float = math.nan
     ttft_later_p50: float = math.nan
     ttft_later_p99: float = math.nan
@@ -106,6 +109,7 @@ class Row:
             turns=len(turns),
             cached_first=cached_share(first),
             cached_later=cached_share(later),
+            restored_later=cached_share(later, restored=True),
             ttft_first_p50=percentile(_ttfts(first), 50),
             ttft_later_p50=percentile(_ttfts(later), 50),
             ttft_later_p99=percentile(_ttfts(later), 99),
@@ -127,11 +131,13 @@ def _previous(outcome: Outcome) -> int:
     return request.prompt_tokens - request.prompt[-1][1]
 
 
-def cached_share(outcomes: Sequence[Outcome]) -> float:
-    """Prompt tokens read from cache over prompt tokens, of the served ``outcomes``."""
+def cached_share(outcomes: Sequence[Outcome], *, restored: bool = False) -> float:
+    """Prompt tokens read from cache (``restored``: from a host tier) over
+    prompt tokens, of the served ``outcomes``."""
     served = [o for o in outcomes if o.ttft is not None]
     total = sum(o.request.prompt_tokens for o in served)
-    return sum(o.cached for o in served) / total if total else math.nan
+    read = sum(o.restored if restored else o.cached for o in served)
+    return read / total if total else math.nan
 
 
 @attrs.frozen
@@ -253,6 +259,7 @@ SESSION_HEADERS = (
     "turns",
     "cached 1st",
     "cached later",
+    "from host",
     "TTFT 1st p50 s",
     "later p50 s",
     "later/1st",
@@ -283,6 +290,7 @@ def sessions_table(results: Sequence[Result | Summary]) -> str:
                 f"{summary.median('turns'):g}",
                 _percent(summary.median("cached_first")),
                 _percent(summary.median("cached_later")),
+                _percent(summary.median("restored_later")),
                 _seconds(summary.median("ttft_first_p50")),
                 _seconds(summary.median("ttft_later_p50")),
                 "" if math.isnan(ratio) else f"{ratio:.2f}",
