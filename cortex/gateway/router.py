@@ -48,7 +48,6 @@ from cortex.errors import (
     UpstreamError,
 )
 from cortex.fleet import ModelStatus
-from cortex.gateway import evictor
 from cortex.gateway.affinity import Affinity, Prompt
 from cortex.gateway.metrics import UNKNOWN, GatewayMetrics
 from cortex.gateway.poller import refresh
@@ -58,18 +57,18 @@ from cortex.gateway.scheduler import (
     Option,
     Policy,
     Predictor,
+    Request,
     ThrashLog,
     Ticket,
     WaitQueue,
+    decide,
     make_policy,
 )
 from cortex.gateway.state import (
     LOADED,
-    LOADING,
     FleetState,
     NeuronState,
     PendingLoad,
-    feasible,
     reservation,
 )
 from cortex.gateway.upstream import NeuronLink
@@ -186,7 +185,7 @@ class Router:
             with trio.move_on_after(self.config.gateway.load_timeout):
                 await self.state.wait_polled()
                 while True:
-                    decision, wants = self._decide(model_id, exclude, last_error, arrived, prompt)
+                    decision = self._decide(model_id, exclude, last_error, arrived, prompt)
                     route = decision.route
                     now = trio.current_time()
                     if route is None:
@@ -197,7 +196,7 @@ class Router:
                         if first is None and decision.slot:
                             first = _Routed(now, "queued", now - arrived + decision.expected)
                         ticket.waiting = "slot" if decision.slot else "room"
-                        ticket.wants = wants
+                        ticket.wants = decision.wants
                         await self._wait_for_room(ticket, decision.recheck)
                         continue
                     if first is None:
@@ -353,72 +352,6 @@ class Router:
 
     # -- decisions ------------------------------------------------------------
 
-    def options(
-        self, model_id: str, *, exclude: set[str], arrived: float, ahead: int | None = None
-    ) -> list[Option]:
-        """Every way to serve ``model_id`` open now, with its predicted time to first token.
-
-        ``ahead``: requests for it waiting for a slot before this one; given,
-        the loads are left out when the policy settles on a loaded replica
-        or a load in progress whatever they are (planning them is most of a
-        decision's cost).
-        """
-        now = trio.current_time()
-        predictor, policy = self.predictor, self.policy
-        usable = [n for n in self.state.routable() if n.name not in exclude]
-        options: list[Option] = []
-        holding: set[str] = set()
-        for neuron in usable:
-            status = neuron.status_of(model_id)
-            if status == LOADED and model_id not in neuron.evicting:
-                options.append(Option("loaded", neuron, predictor.replica_wait(neuron, model_id)))
-            if status in (LOADED, LOADING):
-                holding.add(neuron.name)
-        for (name, pending_id), load in self.state.pending.items():
-            neuron = self.state.neurons[name]
-            if pending_id == model_id and name not in exclude and neuron.routable:
-                predicted = predictor.loading(neuron, model_id, load, now)
-                options.append(Option("loading", neuron, predicted, load=load))
-                holding.add(name)
-        # A load the neuron reports (activation at its start, another
-        # gateway's load): the neuron loads each id once, so asking it to
-        # load joins that load and answers when it is done.
-        for neuron in usable:
-            if neuron.status_of(model_id) == LOADING and (neuron.name, model_id) not in (
-                self.state.pending
-            ):
-                predicted = predictor.loading(neuron, model_id, None, now)
-                options.append(Option("loading", neuron, predicted))
-        entry = self.state.catalogue.models.get(model_id)
-        if entry is None or (ahead is not None and policy.settled(model_id, options, ahead)):
-            return options
-        strategy = self.config.eviction.strategy
-        for neuron in usable:
-            if (
-                neuron.name in holding
-                or not policy.loads_on(neuron, model_id)
-                or not feasible(entry, neuron)
-            ):
-                continue
-            if policy.waits and self.queue.blocks(model_id, neuron.name, arrived):
-                continue  # an older waiter is first in line for room here
-            plan = evictor.plan(
-                self.state,
-                neuron,
-                entry,
-                strategy,
-                key=policy.victim_key(neuron),
-                spare=policy.spare(neuron),
-            )
-            if plan is None:
-                continue
-            if plan.evictions:
-                predicted, penalty = predictor.cold(neuron, model_id, plan)
-                options.append(Option("evict", neuron, predicted, plan=plan, penalty=penalty))
-            else:
-                options.append(Option("cold", neuron, predictor.load(neuron, model_id), plan=plan))
-        return options
-
     def _decide(
         self,
         model_id: str,
@@ -426,47 +359,21 @@ class Router:
         last_error: CortexError | None,
         arrived: float,
         prompt: Prompt | None = None,
-    ) -> tuple[Decision, frozenset[str]]:
-        """The policy's choice, or None and the neurons to wait for room on (no await).
+    ) -> Decision:
+        """``scheduler.decide`` on this gateway's fleet state, now (no await).
 
         Raises:
           ModelNotFound, Unavailable, or ``last_error`` when waiting cannot help.
         """
-        now = trio.current_time()
-        line = self.queue.lines.get(model_id, [])
-        first = min((t.arrived for t in line), default=arrived)
-        waited = now - min(arrived, first)
-        ahead = sum(1 for t in line if t.waiting == "slot" and t.arrived < arrived)
-        options = self.affinity.fold(
-            model_id,
-            prompt,
-            self.options(model_id, exclude=exclude, arrived=arrived, ahead=ahead),
+        request = Request(model_id, arrived, frozenset(exclude), prompt, last_error)
+        return decide(
+            self.state,
+            request,
+            now=trio.current_time(),
+            policy=self.policy,
+            queue=self.queue,
+            affinity=self.affinity,
         )
-        decision = self.policy.choose(model_id, options, now, waited, ahead)
-        if decision.route is not None or decision.slot or decision.hold:
-            return decision, frozenset()
-        entry = self.state.catalogue.models.get(model_id)
-        if entry is None:
-            if last_error is not None:
-                raise last_error
-            if self.state.known(model_id):
-                raise Unavailable(f"no neuron that has {model_id!r} is available")
-            raise ModelNotFound(f"model {model_id!r} does not exist", param="model")
-        usable = [n for n in self.state.routable() if n.name not in exclude]
-        candidates = [n for n in usable if feasible(entry, n)]
-        if not candidates:
-            raise last_error or self._no_candidate(entry)
-        wants = frozenset(
-            n.name
-            for n in candidates
-            if self.policy.loads_on(n, model_id) and evictor.fits_later(self.state, n, entry)
-        )
-        if not self.policy.waits or not wants:
-            raise last_error or Unavailable(
-                f"no room for {model_id!r} on {', '.join(n.name for n in candidates)} now: "
-                "the models there are pinned or busy"
-            )
-        return decision, wants
 
     # -- loads ----------------------------------------------------------------
 
@@ -498,18 +405,6 @@ class Router:
             replica=decision.scale_out,
         )
         return self._launch(load, entry)
-
-    def _no_candidate(self, entry: CatalogModel) -> CortexError:
-        neurons = list(self.state.neurons.values())
-        if any(n.discovery is not None and feasible(entry, n) for n in neurons) or any(
-            n.discovery is None for n in neurons
-        ):
-            return Unavailable(f"no neuron that can load {entry.id!r} is available now")
-        return ModelNotFound(
-            f"model {entry.id!r} fits on no neuron of the fleet "
-            f"(needs {entry.vram_mb} MiB over at least {entry.min_devices} device(s))",
-            param="model",
-        )
 
     def _launch(self, load: PendingLoad, entry: CatalogModel | None) -> PendingLoad:
         assert self._nursery is not None, "start Router.run first"
