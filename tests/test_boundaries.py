@@ -77,3 +77,10 @@ def test_the_scheduler_decides_without_trio_or_io(path: pathlib.Path) -> None:
         n for n in imported(path) if any(n == a or n.startswith(a + ".") for a in ACTING)
     )
     assert not reached, f"{path.relative_to(ROOT)} imports {reached}"
+
+
+def test_the_router_decides_and_the_loader_acts() -> None:
+    source = (ROOT / "cortex" / "gateway" / "router.py").read_text()
+    # No task of its own and no call to a neuron: loads go to its Loader.
+    for acting in ("start_soon", "open_nursery", "self.api.", "sleep"):
+        assert acting not in source, f"router.py: {acting}"

@@ -1,6 +1,8 @@
 """Routing: from a model name to a neuron that has the model loaded.
 
-For each request the router lists its options (``scheduler.Option``):
+For each request the router asks ``scheduler.decide``, a pure function of
+the fleet state, for the policy's choice among the options open now
+(``scheduler.Option``):
 
 - ``loaded``: a replica on a routable neuron (up, not suspect);
 - ``loading``: a load already under way (this gateway's, or one the neuron
@@ -9,52 +11,43 @@ For each request the router lists its options (``scheduler.Option``):
   discovered devices and free memory;
 - ``evict``: a load there after unloading what ``evictor.plan`` chooses;
 
-each with a predicted time to first token, and the policy
-(``[routing] policy``, see ``cortex.gateway.scheduler``) takes one. When none
-is open the request waits in the gateway's queue for this model, bounded in
-length and time, until the fleet changes (a load ends, a request ends, a
-poll) and it decides again; or, under a policy that does not wait, it gets a
-503 at once.
+each with a predicted time to first token (``[routing] policy``, see
+``cortex.gateway.scheduler``). When none is open the request waits in the
+gateway's queue for this model, bounded in length and time, until the fleet
+changes (a load ends, a request ends, a poll) and it decides again; or,
+under a policy that does not wait, it gets a 503 at once.
 
-A load runs as a task in the gateway's nursery, not in the request that
-started it: when that client goes away the load still finishes for the
-others waiting on it. Each (neuron, model) has at most one load in
-progress; every request that wants it waits on its ``done`` Event, so two
-requests for one cold model cause one load. A replica added to scale out
-gets a task of its own that unloads it once it has been idle long enough.
-
-The router acts on neurons only through ``NeuronLink`` (HTTP in the
-gateway, in process in ``cortex.sim``) and learns from what it sees there
+The router acts on nothing itself: a decision that needs a load goes to
+the ``Loader`` (``cortex.gateway.loader``), which runs it, its evictions and
+later the scale-in of an added replica in its own nursery. Each (neuron,
+model) has at most one load in progress; every request that wants it waits
+on its ``done`` Event, so two requests for one cold model cause one load.
+The router keeps the names (aliases, tiers, metrics labels), the requests
+in flight and waiting, and what it learns from them
 (``scheduler.Observations``): the simulation runs this very code.
 """
 
 from __future__ import annotations
 
 import collections
-import logging
 import math
-from typing import Any
 
 import attrs
 import trio
 
-from cortex.config import CatalogModel, GatewayConfig
+from cortex.config import GatewayConfig
 from cortex.errors import (
     CortexError,
     ModelNotFound,
     NeuronUnreachable,
-    RequestError,
     Unavailable,
-    UpstreamError,
 )
-from cortex.fleet import ModelStatus
 from cortex.gateway.affinity import Affinity, Prompt
+from cortex.gateway.loader import Loader
 from cortex.gateway.metrics import UNKNOWN, GatewayMetrics
-from cortex.gateway.poller import refresh
 from cortex.gateway.scheduler import (
     Decision,
     Observations,
-    Option,
     Policy,
     Predictor,
     Request,
@@ -68,12 +61,8 @@ from cortex.gateway.state import (
     LOADED,
     FleetState,
     NeuronState,
-    PendingLoad,
-    reservation,
 )
 from cortex.gateway.upstream import NeuronLink
-
-log = logging.getLogger(__name__)
 
 
 @attrs.frozen
@@ -89,6 +78,8 @@ class _Routed:
 
 @attrs.define(eq=False)
 class Router:
+    """Names to models, requests to routes: decides, waits, and hands loads to ``loader``."""
+
     config: GatewayConfig
     state: FleetState
     api: NeuronLink
@@ -103,8 +94,8 @@ class Router:
     _routed: dict[tuple[str, str], collections.deque[_Routed]] = attrs.field(
         factory=dict, init=False
     )
-    #: Owns the loads, evictions and scale-ins; open while ``run`` runs.
-    _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+    #: Carries out the loads, evictions and scale-ins decided here.
+    loader: Loader = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         routing = self.config.routing
@@ -115,20 +106,18 @@ class Router:
         )
         self.policy = make_policy(self.config, self.state, self.predictor, self.queue, self.thrash)
         self.affinity = Affinity(self.predictor, self.metrics)
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the loads, evictions and scale-ins that routes start, until cancelled.
-
-        Start it with ``await nursery.start(router.run)`` before any request
-        arrives: ``acquire`` needs it running to start a load.
-
-        Cancellation:
-          Cancels every load, eviction and scale-in under way.
-        """
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            await trio.sleep_forever()
+        self.loader = Loader(
+            config=self.config,
+            state=self.state,
+            api=self.api,
+            metrics=self.metrics,
+            observations=self.observations,
+            predictor=self.predictor,
+            thrash=self.thrash,
+            affinity=self.affinity,
+            policy=self.policy,
+            queue=self.queue,
+        )
 
     # -- names ----------------------------------------------------------------
 
@@ -195,8 +184,7 @@ class Router:
                             self.metrics.route_decisions.labels("queued").inc()
                         if first is None and decision.slot:
                             first = _Routed(now, "queued", now - arrived + decision.expected)
-                        ticket.waiting = "slot" if decision.slot else "room"
-                        ticket.wants = decision.wants
+                        ticket.wait_for("slot" if decision.slot else "room", decision.wants)
                         await self._wait_for_room(ticket, decision.recheck)
                         continue
                     if first is None:
@@ -208,9 +196,9 @@ class Router:
                     if ticket is None and self.policy.waits:
                         ticket = self._enter_queue(model_id, arrived)
                     if ticket is not None:
-                        ticket.waiting, ticket.wants = "load", frozenset()
-                    load = route.load or self._start(route, model_id, decision)
-                    load.waiters += 1
+                        ticket.wait_for("load")
+                    load = route.load or self.loader.start(decision, model_id)
+                    load.add_waiter()
                     try:
                         # Under a policy that queues, max_wait bounds all of a
                         # request's time here, the load it waits on included
@@ -218,7 +206,7 @@ class Router:
                         with trio.move_on_at(self._deadline(arrived)):
                             await load.done.wait()
                     finally:
-                        load.waiters -= 1
+                        load.drop_waiter()
                     if not load.done.is_set():
                         raise Unavailable(
                             f"{model_id!r} is still loading after "
@@ -283,10 +271,7 @@ class Router:
 
     def forget(self, neuron: NeuronState, model_id: str) -> None:
         """The neuron said it does not have ``model_id``: stop routing there."""
-        if model_id in neuron.models:
-            neuron.model_gone(model_id)
-            neuron.poke.set()
-            self.state.changed()
+        self.state.model_missing(neuron, model_id)
 
     def _take(self, neuron: NeuronState, model_id: str, routed: _Routed) -> NeuronState:
         neuron.begin_request(model_id, now=self.state.clock())
@@ -374,161 +359,3 @@ class Router:
             queue=self.queue,
             affinity=self.affinity,
         )
-
-    # -- loads ----------------------------------------------------------------
-
-    def _start(self, route: Option, model_id: str, decision: Decision) -> PendingLoad:
-        """Start the load ``route`` stands for and return it (no await in here)."""
-        entry = self.state.catalogue.models.get(model_id)
-        neuron = route.neuron
-        now = trio.current_time()
-        if route.plan is None:
-            load = PendingLoad(
-                neuron=neuron.name,
-                model_id=model_id,
-                reserve_mb={},
-                devices=[],
-                evictions=[],
-                joined=True,
-                started=now,
-            )
-            return self._launch(load, entry)
-        assert entry is not None
-        plan = route.plan
-        load = PendingLoad(
-            neuron=neuron.name,
-            model_id=model_id,
-            reserve_mb=reservation(entry, plan.devices),
-            devices=plan.devices,
-            evictions=plan.evictions,
-            started=now,
-            replica=decision.scale_out,
-        )
-        return self._launch(load, entry)
-
-    def _launch(self, load: PendingLoad, entry: CatalogModel | None) -> PendingLoad:
-        assert self._nursery is not None, "start Router.run first"
-        self.state.load_started(load)
-        self._nursery.start_soon(self._run_load, load, entry)
-        return load
-
-    def _load_body(self, load: PendingLoad, entry: CatalogModel | None) -> dict[str, Any]:
-        body: dict[str, Any] = {"model_id": load.model_id, "source": load.model_id}
-        if entry is not None:
-            body["source"] = entry.source or entry.id
-            if entry.harness:
-                body["harness"] = entry.harness
-            if entry.chat_format:
-                body["chat_format"] = entry.chat_format
-            if entry.options:
-                body["options"] = entry.options
-        if load.devices:
-            body["devices"] = load.devices
-        return body
-
-    async def _unload(self, neuron: NeuronState, model_id: str) -> None:
-        try:
-            await self.api.unload(neuron, model_id)
-        except ModelNotFound:
-            pass  # already gone: the room is there all the same
-        neuron.model_gone(model_id)
-        neuron.end_evicting([model_id])
-        self.affinity.forget(neuron.name, model_id)
-
-    async def _run_load(self, load: PendingLoad, entry: CatalogModel | None) -> None:
-        """Evict, load, record; errors end up in ``load.error``, never raised."""
-        neuron = self.state.neurons[load.neuron]
-        start = trio.current_time()
-        try:
-            for victim in load.evictions:
-                log.warning(
-                    "evicting %s from %s to make room for %s", victim, neuron.name, load.model_id
-                )
-                await self._unload(neuron, victim)
-                self.thrash.evicted(victim, trio.current_time())
-                self.metrics.evictions.labels(victim, neuron.name).inc()
-            if load.evictions:
-                await self._refresh(neuron)
-            if not load.joined:
-                log.info("loading %s on %s", load.model_id, neuron.name)
-            load_start = trio.current_time()
-            status = await self.api.load(neuron, self._load_body(load, entry))
-            if status is None or status.status != LOADED:
-                status = ModelStatus(
-                    id=load.model_id,
-                    harness=entry.harness if entry else None,
-                    status=LOADED,
-                    memory_mb=entry.vram_mb if entry else 0,
-                )
-            neuron.model_loaded(load.model_id, status)
-            elapsed = trio.current_time() - start
-            if not load.joined:
-                now = trio.current_time()
-                self.observations.record_load(
-                    neuron.name, load.model_id, self.predictor.size(load.model_id), now - load_start
-                )
-                self.metrics.cold_starts.labels(load.model_id, neuron.name).inc()
-                self.metrics.load_seconds.labels(load.model_id, neuron.name).observe(elapsed)
-                if self.thrash.loaded(load.model_id, now):
-                    self.metrics.thrash.labels(load.model_id).inc()
-                log.info("loaded %s on %s in %.1f s", load.model_id, neuron.name, elapsed)
-                if load.replica and self.policy.scales_in:
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self._scale_in, neuron, load.model_id)
-            await self._refresh(neuron)
-        except trio.Cancelled:
-            raise
-        except CortexError as exc:
-            if isinstance(exc, NeuronUnreachable):
-                neuron.mark_suspect(exc.message)
-            # A load refused as a bad request (no such source, bad options)
-            # is the catalogue's fault, not the client's: a 502 for them.
-            if isinstance(exc, RequestError):
-                exc = UpstreamError(exc.message)
-            exc.message = f"loading {load.model_id!r} on {neuron.name} failed: {exc.message}"
-            load.error = exc
-            log.warning("%s", exc.message)
-        except Exception as exc:
-            load.error = UpstreamError(f"loading {load.model_id!r} on {neuron.name} failed: {exc}")
-            log.exception("loading %s on %s failed", load.model_id, neuron.name)
-        finally:
-            # In the same step as the refresh that shows the model (or its failure).
-            self.state.load_finished(load)
-
-    async def _refresh(self, neuron: NeuronState) -> None:
-        try:
-            await refresh(self.api, self.state, neuron)
-        except CortexError:
-            pass  # marked down by refresh; the router will look elsewhere
-
-    async def _scale_in(self, neuron: NeuronState, model_id: str) -> None:
-        """Unload a replica added to scale out once it has idled ``scale_in_idle`` seconds.
-
-        Only while another replica is loaded; returns once it is gone,
-        whoever unloaded it.
-        """
-        idle_limit = self.config.routing.scale_in_idle
-        while True:
-            status = neuron.models.get(model_id)
-            if status is None or status.status != LOADED or model_id in neuron.evicting:
-                return
-            idle = self.state.clock() - neuron.recency(model_id)
-            others = any(
-                n is not neuron and n.status_of(model_id) == LOADED and model_id not in n.evicting
-                for n in self.state.routable()
-            )
-            quiet = not neuron.busy(model_id) and not self.queue.depth(model_id)
-            if others and quiet and idle >= idle_limit:
-                log.info("unloading %s from %s: an extra replica, idle", model_id, neuron.name)
-                neuron.begin_evicting([model_id])
-                try:
-                    await self._unload(neuron, model_id)
-                except CortexError as exc:
-                    log.warning("unloading %s from %s failed: %s", model_id, neuron.name, exc)
-                finally:
-                    neuron.end_evicting([model_id])
-                self.metrics.route_decisions.labels("scale_in").inc()
-                await self._refresh(neuron)
-                self.state.changed()
-                return
-            await trio.sleep(max(1.0, idle_limit - idle) if quiet else idle_limit)

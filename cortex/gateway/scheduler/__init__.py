@@ -49,7 +49,14 @@ thrash guard), ``policies`` (who picks), ``decide`` (the options open to a
 request and the policy's choice among them).
 """
 
-from cortex.gateway.scheduler.decide import Request, decide, no_candidate, options
+from cortex.gateway.scheduler.decide import (
+    Request,
+    ScaleIn,
+    decide,
+    no_candidate,
+    options,
+    scale_in,
+)
 from cortex.gateway.scheduler.observations import (
     ALPHA,
     FIRST_TOKEN_ENOUGH,
@@ -109,6 +116,7 @@ __all__ = [
     "Predictor",
     "QueueStatistics",
     "Request",
+    "ScaleIn",
     "StaticPolicy",
     "ThrashLog",
     "Ticket",
@@ -117,5 +125,6 @@ __all__ = [
     "make_policy",
     "no_candidate",
     "options",
+    "scale_in",
     "slots_of",
 ]

@@ -25,7 +25,7 @@ from cortex.gateway import evictor
 from cortex.gateway.scheduler.policies import Policy
 from cortex.gateway.scheduler.predictor import Decision, Option
 from cortex.gateway.scheduler.queue import WaitQueue
-from cortex.gateway.state import LOADED, LOADING, FleetState, feasible
+from cortex.gateway.state import LOADED, LOADING, FleetState, NeuronState, feasible
 
 if TYPE_CHECKING:
     # affinity imports this package: a runtime import would be a cycle.
@@ -203,3 +203,36 @@ def no_candidate(state: FleetState, entry: CatalogModel) -> CortexError:
         f"(needs {entry.vram_mb} MiB over at least {entry.min_devices} device(s))",
         param="model",
     )
+
+
+@attrs.frozen
+class ScaleIn:
+    """What to do now with a replica added to scale out (``scale_in``)."""
+
+    #: Unload it now.
+    unload: bool = False
+    #: Else, seconds after which to look again; None: stop, it is gone or going.
+    recheck: float | None = None
+
+
+def scale_in(
+    state: FleetState, queue: WaitQueue, neuron: NeuronState, model_id: str, idle_limit: float
+) -> ScaleIn:
+    """Whether the replica of ``model_id`` added on ``neuron`` goes now.
+
+    It goes once it has idled ``idle_limit`` seconds with nothing of it in
+    flight or waiting, while another replica is loaded; nobody watches it
+    any longer once it is gone or being unloaded, whoever unloads it.
+    """
+    status = neuron.models.get(model_id)
+    if status is None or status.status != LOADED or model_id in neuron.evicting:
+        return ScaleIn()
+    idle = state.clock() - neuron.recency(model_id)
+    others = any(
+        n is not neuron and n.status_of(model_id) == LOADED and model_id not in n.evicting
+        for n in state.routable()
+    )
+    quiet = not neuron.busy(model_id) and not queue.depth(model_id)
+    if others and quiet and idle >= idle_limit:
+        return ScaleIn(unload=True)
+    return ScaleIn(recheck=max(1.0, idle_limit - idle) if quiet else idle_limit)
