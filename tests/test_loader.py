@@ -68,10 +68,8 @@ def eviction(r: Router) -> scheduler.Decision:
     return decision
 
 
-async def test_a_decided_eviction_then_load_is_carried_out_in_order() -> None:
-    link = Link()
-    a = gpu("a", 16 * GIB, ("old", 12 * GIB, 3000))
-    r = router(link, a)
+async def carry_out(r: Router) -> PendingLoad:
+    """Start the loader, hand it the eviction ``r`` decides on, and wait for the load to end."""
     decision = eviction(r)
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -79,9 +77,17 @@ async def test_a_decided_eviction_then_load_is_carried_out_in_order() -> None:
             load = r.loader.start(decision, "m")
             # Recorded before any await: no other request can plan with this room.
             assert r.state.pending == {("a", "m"): load}
-            assert a.evicting == {"old"} and load.reserve_mb == {0: 8 * GIB}
+            assert r.state.neurons["a"].evicting == {"old"} and load.reserve_mb == {0: 8 * GIB}
             await load.done.wait()
             nursery.cancel_scope.cancel()
+    return load
+
+
+async def test_a_decided_eviction_then_load_is_carried_out_in_order() -> None:
+    link = Link()
+    a = gpu("a", 16 * GIB, ("old", 12 * GIB, 3000))
+    r = router(link, a)
+    load = await carry_out(r)
     assert link.calls == [
         ("unload", "a", "old"),
         ("load", "a", {"model_id": "m", "source": "m", "harness": "llamacpp", "devices": [0]}),
@@ -101,13 +107,7 @@ async def test_a_failed_load_ends_with_its_error(refused: Exception, kind: type)
     link = Link(refuse=refused)
     a = gpu("a", 16 * GIB, ("old", 12 * GIB, 3000))
     r = router(link, a)
-    decision = eviction(r)
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(r.loader.run)
-            load = r.loader.start(decision, "m")
-            await load.done.wait()
-            nursery.cancel_scope.cancel()
+    load = await carry_out(r)
     assert type(load.error) is kind
     assert load.error.message == f"loading 'm' on a failed: {reason}"
     assert r.state.pending == {} and "m" not in a.models
