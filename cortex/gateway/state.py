@@ -1,10 +1,13 @@
 """The gateway's view of the fleet: what each neuron has, and the catalogue.
 
-The pollers write it, the router reads it and records what it starts (loads,
-evictions, requests in flight). Everything here is plain synchronous code:
-trio only switches tasks at an ``await``, so a read-decide-mark sequence with
-no ``await`` in it is atomic, and the router relies on that (a model chosen
-for eviction is marked before any request can be routed to it).
+The pollers write it; the router reads it (``scheduler.decide``) and records
+the requests in flight; the loader records the loads and evictions it
+carries out. Every change is a named method here. Everything here is plain
+synchronous code: trio only switches tasks at an ``await``, so a
+read-decide-mark sequence with no ``await`` in it is atomic, and the router
+relies on that: between ``decide`` and ``Loader.start`` there is no
+``await``, so a model chosen for eviction is marked before any request can
+be routed to it.
 
 Waiting is done on Events: ``FleetState.wait_changed()`` returns after the
 next update of any neuron, a ``PendingLoad`` sets ``done`` when it ends.
