@@ -9,7 +9,8 @@ FILE.png`` draws queue depth and loaded models over time.
 computes the bounds.
 
 What runs is the gateway's code: ``cortex.gateway.router.Router`` with its
-policy, evictor, queue and predictions, the pollers of
+policy, evictor, queue and predictions (``cortex.gateway.scheduler.decide``),
+its ``cortex.gateway.loader.Loader`` for the loads, the pollers of
 ``cortex.gateway.poller``, over ``cortex.gateway.state.FleetState``. Only
 the neurons are fakes (:mod:`cortex.sim.neuron`): loads, unloads and
 generation take the time the fleet file says, with ``trio.sleep``, under
