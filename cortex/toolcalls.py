@@ -513,22 +513,15 @@ class ToolCallParser:
             self._raw = []
             self._mode = "after_call"
             return result == _DONE
-        if mode == "after_opener":
+        if mode in ("after_opener", "mistral_item"):
+            # Whitespace, then the call's object; Mistral's opener may first
+            # open a list of them.
             if ch in _WS:
                 self._raw.append(ch)
                 return True
-            if self.family == "mistral" and ch == "[":
+            if mode == "after_opener" and self.family == "mistral" and ch == "[":
                 self._raw.append(ch)
                 self._mode = "mistral_item"
-                return True
-            if ch == "{":
-                self._begin("object", raw="".join(self._raw))
-                return False
-            self._fail()
-            return False
-        if mode == "mistral_item":
-            if ch in _WS:
-                self._raw.append(ch)
                 return True
             if ch == "{":
                 self._begin("object", raw="".join(self._raw))

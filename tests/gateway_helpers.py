@@ -678,7 +678,7 @@ async def gateway_app(
         config = _config(fakes, strategy, routing, section)
         async with make_client(config) as client:
             gateway = Gateway.build(config, models, client)
-            await nursery.start(gateway.router.run)
+            await nursery.start(gateway.router.loader.run)
             for neuron in gateway.state.neurons.values():
                 nursery.start_soon(
                     partial(

@@ -103,10 +103,10 @@ def test_reused_slot_gives_what_a_fresh_model_gives(load, tiny_model_path):
     assert text(model, PROMPTS[3], 30, seeded) == expected_seeded
 
     # A prompt that extends a cached one reuses its cells, with the same result.
-    before = model._decoder.statistics().reused_tokens
+    before = model._decoder.statistics().prompt_cache.slot_tokens
     longer = PROMPTS[0] + " fox"
     assert text(model, longer, 30) == text(fresh, longer, 30)
-    assert model._decoder.statistics().reused_tokens > before
+    assert model._decoder.statistics().prompt_cache.slot_tokens > before
 
 
 def test_cancelled_sequence_leaves_the_others_intact(load, tiny_model_path):

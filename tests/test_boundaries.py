@@ -64,3 +64,23 @@ def test_request_path_functions_are_short(path: pathlib.Path) -> None:
         and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
     ]
     assert not long, f"{path.relative_to(ROOT)}: split {', '.join(long)}"
+
+
+SCHEDULER = sorted((ROOT / "cortex" / "gateway" / "scheduler").glob("*.py"))
+#: What deciding must not reach for: the event loop, the network, the router.
+ACTING = ("trio", "httpx", "cortex.gateway.upstream", "cortex.gateway.router")
+
+
+@pytest.mark.parametrize("path", SCHEDULER, ids=lambda p: p.name)
+def test_the_scheduler_decides_without_trio_or_io(path: pathlib.Path) -> None:
+    reached = sorted(
+        n for n in imported(path) if any(n == a or n.startswith(a + ".") for a in ACTING)
+    )
+    assert not reached, f"{path.relative_to(ROOT)} imports {reached}"
+
+
+def test_the_router_decides_and_the_loader_acts() -> None:
+    source = (ROOT / "cortex" / "gateway" / "router.py").read_text()
+    # No task of its own and no call to a neuron: loads go to its Loader.
+    for acting in ("start_soon", "open_nursery", "self.api.", "sleep"):
+        assert acting not in source, f"router.py: {acting}"

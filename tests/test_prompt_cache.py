@@ -148,8 +148,8 @@ def test_sessions_beyond_the_slots_get_their_cache_back(load, long_model_path):
                 assert cached > fresh_cached
             sessions[i] = prompt + ids
     stats = model._decoder.statistics()
-    assert stats.host_restores >= 10 and stats.host_failures == 0
-    assert stats.host_tokens >= 10 * len(sessions[0]) // 2
+    assert stats.prompt_cache.host_restores >= 10 and stats.prompt_cache.host_failures == 0
+    assert stats.prompt_cache.host_tokens >= 10 * len(sessions[0]) // 2
     cache = model.prompt_cache()
     assert cache.host_entries >= 3  # at least the sessions not in a slot
     assert cache.hits == 14 and cache.misses == 1
@@ -165,9 +165,9 @@ def test_the_host_tier_stays_within_its_budget(load, long_model_path):
     for prompt in prompts:
         run(model, prompt, 4)
     stats = model._decoder.statistics()
-    assert stats.host_saves >= 4 and stats.host_evictions >= 1
-    assert 0 < stats.host_bytes <= 1024 * 1024
-    assert stats.host_entries <= 2
+    assert stats.prompt_cache.host_saves >= 4 and stats.prompt_cache.host_evictions >= 1
+    assert 0 < stats.prompt_cache.host_bytes <= 1024 * 1024
+    assert stats.prompt_cache.host_entries <= 2
     # The most recently saved comes back; the oldest is gone.
     assert run(model, prompts[3] + [65], 4)[1] >= len(prompts[3])
     assert run(model, prompts[0] + [65], 4)[1] < len(prompts[0]) - MIN_TOKENS
@@ -177,7 +177,7 @@ def test_short_prompts_are_not_saved(load, long_model_path):
     model = load(long_model_path, parallel=2)
     for i in range(6):
         run(model, model.tokenize(f"Hello {i}"), 4)
-    assert model._decoder.statistics().host_saves == 0
+    assert model._decoder.statistics().prompt_cache.host_saves == 0
 
 
 def test_concurrent_sessions_keep_exact_outputs(load, long_model_path):
@@ -199,7 +199,7 @@ def test_concurrent_sessions_keep_exact_outputs(load, long_model_path):
         for thread in threads:
             thread.join(timeout=120)
         assert results == expected
-    assert model._decoder.statistics().host_restores >= 1
+    assert model._decoder.statistics().prompt_cache.host_restores >= 1
 
 
 # -- usage and reporting through a neuron and a gateway --------------------------------
@@ -337,7 +337,7 @@ def test_a_restored_state_continues_like_a_fresh_prefill(load) -> None:
     prompt = chats[0] + question
     ids, cached = run(model, prompt, 16)
     assert cached >= len(chats[0])
-    assert model._decoder.statistics().host_restores == 1
+    assert model._decoder.statistics().prompt_cache.host_restores == 1
     assert ids == run(fresh, prompt, 16)[0]
 
 
@@ -353,13 +353,13 @@ def test_a_restore_survives_its_own_eviction_from_a_full_host_tier(load, long_mo
     for prompt in prompts:  # 0, 1 into the empty slots; 2, 3 into the least recently used
         run(model, prompt, 4)
     stats = model._decoder.statistics()
-    assert (stats.host_saves, stats.host_entries) == (2, 1)
+    assert (stats.prompt_cache.host_saves, stats.prompt_cache.host_entries) == (2, 1)
     again = prompts[1] + model.tokenize(" More?", add_bos=False)
     ids, cached = run(model, again, 8)
     assert cached >= len(prompts[1])
     assert ids == run(fresh, again, 8)[0]
     stats = model._decoder.statistics()
-    assert stats.host_restores == 1 and stats.host_entries == 1
+    assert stats.prompt_cache.host_restores == 1 and stats.prompt_cache.host_entries == 1
 
 
 def test_statistics_show_an_empty_host_tier_and_its_budget(load, long_model_path):

@@ -21,9 +21,10 @@ from cortex.fleet import (
     MemoryBudget,
     ModelStatus,
 )
+from cortex.gateway import scheduler
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.gateway.router import Router
-from cortex.gateway.scheduler import ThrashLog
+from cortex.gateway.scheduler import Request, ThrashLog
 from cortex.gateway.state import FleetState, NeuronState, PendingLoad
 from tests.gateway_helpers import FakeNeuron, catalogue, running_fleet
 
@@ -80,9 +81,19 @@ def router(*neurons: NeuronState, models: list[CatalogModel], **routing: Any) ->
     return Router(config=config, state=state, api=NoNeurons(), metrics=GatewayMetrics.create())
 
 
-def decide(r: Router, model_id: str) -> Any:
-    decision, _ = r._decide(model_id, set(), None, trio.current_time())
-    return decision
+def decide(r: Router, model_id: str, arrived: float | None = None) -> Any:
+    """``scheduler.decide`` on the router's fleet state now, for a request come at ``arrived``."""
+    now = trio.current_time()
+    request = Request(model_id, now if arrived is None else arrived)
+    return scheduler.decide(r.state, request, now=now, policy=r.policy, queue=r.queue)
+
+
+def options(r: Router, model_id: str, arrived: float) -> list[str]:
+    """The kinds of ``scheduler.options`` open now to a request that came at ``arrived``."""
+    found = scheduler.options(
+        r.state, model_id, now=trio.current_time(), policy=r.policy, queue=r.queue, arrived=arrived
+    )
+    return [o.kind for o in found]
 
 
 M = CatalogModel(id="m", vram_mb=8 * GIB)
@@ -255,11 +266,11 @@ async def test_patience_holds_a_request_no_longer_than_its_limit() -> None:
     t = trio.current_time()
     # Its penalty times 100 is far off; its first token may come 20 s after
     # it came, the load takes ~5 s: it is held up to ~15 s, and claims no room.
-    held, wants = r._decide("m", set(), None, t)
-    assert held.route is None and held.hold and wants == frozenset()
+    held = decide(r, "m", t)
+    assert held.route is None and held.hold and held.wants == frozenset()
     assert held.recheck == pytest.approx(20.0 - load, abs=0.6)
     # Past that, it evicts, cheap or not.
-    decision, _ = r._decide("m", set(), None, t - held.recheck - 0.01)
+    decision = decide(r, "m", t - held.recheck - 0.01)
     assert decision.route.kind == "evict" and decision.route.penalty * 100 > 20
 
 
@@ -269,11 +280,11 @@ async def test_a_request_held_by_patience_does_not_block_others() -> None:
     models = [M, small, CatalogModel(id="hot", vram_mb=12 * GIB)]
     r = router(a, models=models, patience=100.0, patience_limit=60.0)
     t = trio.current_time()
-    held, wants = r._decide("m", set(), None, t - 1)
-    assert held.hold and wants == frozenset()
-    r.queue.enter("m", t - 1).wants = wants
+    held = decide(r, "m", t - 1)
+    assert held.hold and held.wants == frozenset()
+    r.queue.enter("m", t - 1).wants = held.wants
     # A later request that fits in the free room is not kept out of it.
-    assert [o.kind for o in r.options("small", exclude=set(), arrived=t)] == ["cold"]
+    assert options(r, "small", arrived=t) == ["cold"]
 
 
 def test_the_patience_limit_follows_the_tail_of_requests_not_held() -> None:
@@ -431,10 +442,10 @@ async def test_the_longest_waiting_model_gets_the_room_first() -> None:
     )
     r.state.neurons["a"].in_flight["busy"] = 1
     t = trio.current_time()
-    decision, wants = r._decide("old", set(), None, t - 5)
-    assert decision.route is None and wants == {"a"}
-    r.queue.enter("old", t - 5).wants = wants
+    decision = decide(r, "old", t - 5)
+    assert decision.route is None and decision.wants == {"a"}
+    r.queue.enter("old", t - 5).wants = decision.wants
     # The busy model is done: "new" arrives now, but "old" has waited longer.
     r.state.neurons["a"].in_flight.clear()
-    assert [o.kind for o in r.options("new", exclude=set(), arrived=t)] == []
-    assert [o.kind for o in r.options("old", exclude=set(), arrived=t - 5)] == ["evict"]
+    assert options(r, "new", arrived=t) == []
+    assert options(r, "old", arrived=t - 5) == ["evict"]

@@ -1,7 +1,8 @@
 """The gateway: its ASGI app, and ``run_gateway`` that owns every task.
 
 ``run_gateway`` opens one nursery holding the API server, the metrics
-server, one poller per neuron, and the model loads the router starts; it
+server, one poller per neuron, and the router's ``Loader`` (the model
+loads, evictions and scale-ins the router decides on); it
 reports a :class:`GatewayHandle` once both servers are bound and returns
 after ``shutdown`` is set and in-flight requests have drained.
 
@@ -346,7 +347,7 @@ async def run_gateway(
         gateway.models_path = models_path
         app = create_app(gateway)
         async with trio.open_nursery() as background:
-            await background.start(gateway.router.run)
+            await background.start(gateway.router.loader.run)
             for neuron in gateway.state.neurons.values():
                 background.start_soon(
                     partial(

@@ -1,9 +1,10 @@
 """Choosing what to unload so that a model fits on a neuron.
 
-Pure planning over ``FleetState``; the router carries the plan out (its
-load task unloads the victims, then loads). A model is a candidate only when
-it is loaded, not pinned on that neuron, has nothing in flight or queued
-(this gateway's count and the neuron's), and is not already being evicted.
+Pure planning over ``FleetState``; the loader carries the plan out
+(``cortex.gateway.loader``: its load task unloads the victims, then
+loads). A model is a candidate only when it is loaded, not pinned on that
+neuron, has nothing in flight or queued (this gateway's count and the
+neuron's), and is not already being evicted.
 The routing policy may spare more (the thrash guard) and order the
 candidates its own way (``key``); the default order is the ``strategy``'s.
 """

@@ -1,6 +1,8 @@
 """Routing: from a model name to a neuron that has the model loaded.
 
-For each request the router lists its options (``scheduler.Option``):
+For each request the router asks ``scheduler.decide``, a pure function of
+the fleet state, for the policy's choice among the options open now
+(``scheduler.Option``):
 
 - ``loaded``: a replica on a routable neuron (up, not suspect);
 - ``loading``: a load already under way (this gateway's, or one the neuron
@@ -9,72 +11,58 @@ For each request the router lists its options (``scheduler.Option``):
   discovered devices and free memory;
 - ``evict``: a load there after unloading what ``evictor.plan`` chooses;
 
-each with a predicted time to first token, and the policy
-(``[routing] policy``, see ``cortex.gateway.scheduler``) takes one. When none
-is open the request waits in the gateway's queue for this model, bounded in
-length and time, until the fleet changes (a load ends, a request ends, a
-poll) and it decides again; or, under a policy that does not wait, it gets a
-503 at once.
+each with a predicted time to first token (``[routing] policy``, see
+``cortex.gateway.scheduler``). When none is open the request waits in the
+gateway's queue for this model, bounded in length and time, until the fleet
+changes (a load ends, a request ends, a poll) and it decides again; or,
+under a policy that does not wait, it gets a 503 at once.
 
-A load runs as a task in the gateway's nursery, not in the request that
-started it: when that client goes away the load still finishes for the
-others waiting on it. Each (neuron, model) has at most one load in
-progress; every request that wants it waits on its ``done`` Event, so two
-requests for one cold model cause one load. A replica added to scale out
-gets a task of its own that unloads it once it has been idle long enough.
-
-The router acts on neurons only through ``NeuronLink`` (HTTP in the
-gateway, in process in ``cortex.sim``) and learns from what it sees there
+The router acts on nothing itself: a decision that needs a load goes to
+the ``Loader`` (``cortex.gateway.loader``), which runs it, its evictions and
+later the scale-in of an added replica in its own nursery. Each (neuron,
+model) has at most one load in progress; every request that wants it waits
+on its ``done`` Event, so two requests for one cold model cause one load.
+The router keeps the names (aliases, tiers, metrics labels), the requests
+in flight and waiting, and what it learns from them
 (``scheduler.Observations``): the simulation runs this very code.
 """
 
 from __future__ import annotations
 
 import collections
-import logging
 import math
-from typing import Any
 
 import attrs
 import trio
 
-from cortex.config import CatalogModel, GatewayConfig
+from cortex.config import GatewayConfig
 from cortex.errors import (
     CortexError,
     ModelNotFound,
     NeuronUnreachable,
-    RequestError,
     Unavailable,
-    UpstreamError,
 )
-from cortex.fleet import ModelStatus
-from cortex.gateway import evictor
 from cortex.gateway.affinity import Affinity, Prompt
+from cortex.gateway.loader import Loader
 from cortex.gateway.metrics import UNKNOWN, GatewayMetrics
-from cortex.gateway.poller import refresh
 from cortex.gateway.scheduler import (
     Decision,
     Observations,
-    Option,
     Policy,
     Predictor,
+    Request,
     ThrashLog,
     Ticket,
     WaitQueue,
+    decide,
     make_policy,
 )
 from cortex.gateway.state import (
     LOADED,
-    LOADING,
     FleetState,
     NeuronState,
-    PendingLoad,
-    feasible,
-    reservation,
 )
 from cortex.gateway.upstream import NeuronLink
-
-log = logging.getLogger(__name__)
 
 
 @attrs.frozen
@@ -90,6 +78,8 @@ class _Routed:
 
 @attrs.define(eq=False)
 class Router:
+    """Names to models, requests to routes: decides, waits, and hands loads to ``loader``."""
+
     config: GatewayConfig
     state: FleetState
     api: NeuronLink
@@ -104,8 +94,8 @@ class Router:
     _routed: dict[tuple[str, str], collections.deque[_Routed]] = attrs.field(
         factory=dict, init=False
     )
-    #: Owns the loads, evictions and scale-ins; open while ``run`` runs.
-    _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+    #: Carries out the loads, evictions and scale-ins decided here.
+    loader: Loader = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         routing = self.config.routing
@@ -116,20 +106,18 @@ class Router:
         )
         self.policy = make_policy(self.config, self.state, self.predictor, self.queue, self.thrash)
         self.affinity = Affinity(self.predictor, self.metrics, enabled=routing.affinity)
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the loads, evictions and scale-ins that routes start, until cancelled.
-
-        Start it with ``await nursery.start(router.run)`` before any request
-        arrives: ``acquire`` needs it running to start a load.
-
-        Cancellation:
-          Cancels every load, eviction and scale-in under way.
-        """
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            await trio.sleep_forever()
+        self.loader = Loader(
+            config=self.config,
+            state=self.state,
+            api=self.api,
+            metrics=self.metrics,
+            observations=self.observations,
+            predictor=self.predictor,
+            thrash=self.thrash,
+            affinity=self.affinity,
+            policy=self.policy,
+            queue=self.queue,
+        )
 
     # -- names ----------------------------------------------------------------
 
@@ -186,7 +174,7 @@ class Router:
             with trio.move_on_after(self.config.gateway.load_timeout):
                 await self.state.wait_polled()
                 while True:
-                    decision, wants = self._decide(model_id, exclude, last_error, arrived, prompt)
+                    decision = self._decide(model_id, exclude, last_error, arrived, prompt)
                     route = decision.route
                     now = trio.current_time()
                     if route is None:
@@ -196,8 +184,7 @@ class Router:
                             self.metrics.route_decisions.labels("queued").inc()
                         if first is None and decision.slot:
                             first = _Routed(now, "queued", now - arrived + decision.expected)
-                        ticket.waiting = "slot" if decision.slot else "room"
-                        ticket.wants = wants
+                        ticket.wait_for("slot" if decision.slot else "room", decision.wants)
                         await self._wait_for_room(ticket, decision.recheck)
                         continue
                     if first is None:
@@ -209,9 +196,9 @@ class Router:
                     if ticket is None and self.policy.waits:
                         ticket = self._enter_queue(model_id, arrived)
                     if ticket is not None:
-                        ticket.waiting, ticket.wants = "load", frozenset()
-                    load = route.load or self._start(route, model_id, decision)
-                    load.waiters += 1
+                        ticket.wait_for("load")
+                    load = route.load or self.loader.start(decision, model_id)
+                    load.add_waiter()
                     try:
                         # Under a policy that queues, max_wait bounds all of a
                         # request's time here, the load it waits on included
@@ -219,7 +206,7 @@ class Router:
                         with trio.move_on_at(self._deadline(arrived)):
                             await load.done.wait()
                     finally:
-                        load.waiters -= 1
+                        load.drop_waiter()
                     if not load.done.is_set():
                         raise Unavailable(
                             f"{model_id!r} is still loading after "
@@ -284,10 +271,7 @@ class Router:
 
     def forget(self, neuron: NeuronState, model_id: str) -> None:
         """The neuron said it does not have ``model_id``: stop routing there."""
-        if model_id in neuron.models:
-            neuron.model_gone(model_id)
-            neuron.poke.set()
-            self.state.changed()
+        self.state.model_missing(neuron, model_id)
 
     def _take(self, neuron: NeuronState, model_id: str, routed: _Routed) -> NeuronState:
         neuron.begin_request(model_id, now=self.state.clock())
@@ -353,72 +337,6 @@ class Router:
 
     # -- decisions ------------------------------------------------------------
 
-    def options(
-        self, model_id: str, *, exclude: set[str], arrived: float, ahead: int | None = None
-    ) -> list[Option]:
-        """Every way to serve ``model_id`` open now, with its predicted time to first token.
-
-        ``ahead``: requests for it waiting for a slot before this one; given,
-        the loads are left out when the policy settles on a loaded replica
-        or a load in progress whatever they are (planning them is most of a
-        decision's cost).
-        """
-        now = trio.current_time()
-        predictor, policy = self.predictor, self.policy
-        usable = [n for n in self.state.routable() if n.name not in exclude]
-        options: list[Option] = []
-        holding: set[str] = set()
-        for neuron in usable:
-            status = neuron.status_of(model_id)
-            if status == LOADED and model_id not in neuron.evicting:
-                options.append(Option("loaded", neuron, predictor.replica_wait(neuron, model_id)))
-            if status in (LOADED, LOADING):
-                holding.add(neuron.name)
-        for (name, pending_id), load in self.state.pending.items():
-            neuron = self.state.neurons[name]
-            if pending_id == model_id and name not in exclude and neuron.routable:
-                predicted = predictor.loading(neuron, model_id, load, now)
-                options.append(Option("loading", neuron, predicted, load=load))
-                holding.add(name)
-        # A load the neuron reports (activation at its start, another
-        # gateway's load): the neuron loads each id once, so asking it to
-        # load joins that load and answers when it is done.
-        for neuron in usable:
-            if neuron.status_of(model_id) == LOADING and (neuron.name, model_id) not in (
-                self.state.pending
-            ):
-                predicted = predictor.loading(neuron, model_id, None, now)
-                options.append(Option("loading", neuron, predicted))
-        entry = self.state.catalogue.models.get(model_id)
-        if entry is None or (ahead is not None and policy.settled(model_id, options, ahead)):
-            return options
-        strategy = self.config.eviction.strategy
-        for neuron in usable:
-            if (
-                neuron.name in holding
-                or not policy.loads_on(neuron, model_id)
-                or not feasible(entry, neuron)
-            ):
-                continue
-            if policy.waits and self.queue.blocks(model_id, neuron.name, arrived):
-                continue  # an older waiter is first in line for room here
-            plan = evictor.plan(
-                self.state,
-                neuron,
-                entry,
-                strategy,
-                key=policy.victim_key(neuron),
-                spare=policy.spare(neuron),
-            )
-            if plan is None:
-                continue
-            if plan.evictions:
-                predicted, penalty = predictor.cold(neuron, model_id, plan)
-                options.append(Option("evict", neuron, predicted, plan=plan, penalty=penalty))
-            else:
-                options.append(Option("cold", neuron, predictor.load(neuron, model_id), plan=plan))
-        return options
-
     def _decide(
         self,
         model_id: str,
@@ -426,214 +344,18 @@ class Router:
         last_error: CortexError | None,
         arrived: float,
         prompt: Prompt | None = None,
-    ) -> tuple[Decision, frozenset[str]]:
-        """The policy's choice, or None and the neurons to wait for room on (no await).
+    ) -> Decision:
+        """``scheduler.decide`` on this gateway's fleet state, now (no await).
 
         Raises:
           ModelNotFound, Unavailable, or ``last_error`` when waiting cannot help.
         """
-        now = trio.current_time()
-        line = self.queue.lines.get(model_id, [])
-        first = min((t.arrived for t in line), default=arrived)
-        waited = now - min(arrived, first)
-        ahead = sum(1 for t in line if t.waiting == "slot" and t.arrived < arrived)
-        options = self.affinity.fold(
-            model_id,
-            prompt,
-            self.options(model_id, exclude=exclude, arrived=arrived, ahead=ahead),
+        request = Request(model_id, arrived, frozenset(exclude), prompt, last_error)
+        return decide(
+            self.state,
+            request,
+            now=trio.current_time(),
+            policy=self.policy,
+            queue=self.queue,
+            affinity=self.affinity,
         )
-        decision = self.policy.choose(model_id, options, now, waited, ahead)
-        if decision.route is not None or decision.slot or decision.hold:
-            return decision, frozenset()
-        entry = self.state.catalogue.models.get(model_id)
-        if entry is None:
-            if last_error is not None:
-                raise last_error
-            if self.state.known(model_id):
-                raise Unavailable(f"no neuron that has {model_id!r} is available")
-            raise ModelNotFound(f"model {model_id!r} does not exist", param="model")
-        usable = [n for n in self.state.routable() if n.name not in exclude]
-        candidates = [n for n in usable if feasible(entry, n)]
-        if not candidates:
-            raise last_error or self._no_candidate(entry)
-        wants = frozenset(
-            n.name
-            for n in candidates
-            if self.policy.loads_on(n, model_id) and evictor.fits_later(self.state, n, entry)
-        )
-        if not self.policy.waits or not wants:
-            raise last_error or Unavailable(
-                f"no room for {model_id!r} on {', '.join(n.name for n in candidates)} now: "
-                "the models there are pinned or busy"
-            )
-        return decision, wants
-
-    # -- loads ----------------------------------------------------------------
-
-    def _start(self, route: Option, model_id: str, decision: Decision) -> PendingLoad:
-        """Start the load ``route`` stands for and return it (no await in here)."""
-        entry = self.state.catalogue.models.get(model_id)
-        neuron = route.neuron
-        now = trio.current_time()
-        if route.plan is None:
-            load = PendingLoad(
-                neuron=neuron.name,
-                model_id=model_id,
-                reserve_mb={},
-                devices=[],
-                evictions=[],
-                joined=True,
-                started=now,
-            )
-            return self._launch(load, entry)
-        assert entry is not None
-        plan = route.plan
-        load = PendingLoad(
-            neuron=neuron.name,
-            model_id=model_id,
-            reserve_mb=reservation(entry, plan.devices),
-            devices=plan.devices,
-            evictions=plan.evictions,
-            started=now,
-            replica=decision.scale_out,
-        )
-        return self._launch(load, entry)
-
-    def _no_candidate(self, entry: CatalogModel) -> CortexError:
-        neurons = list(self.state.neurons.values())
-        if any(n.discovery is not None and feasible(entry, n) for n in neurons) or any(
-            n.discovery is None for n in neurons
-        ):
-            return Unavailable(f"no neuron that can load {entry.id!r} is available now")
-        return ModelNotFound(
-            f"model {entry.id!r} fits on no neuron of the fleet "
-            f"(needs {entry.vram_mb} MiB over at least {entry.min_devices} device(s))",
-            param="model",
-        )
-
-    def _launch(self, load: PendingLoad, entry: CatalogModel | None) -> PendingLoad:
-        assert self._nursery is not None, "start Router.run first"
-        self.state.load_started(load)
-        self._nursery.start_soon(self._run_load, load, entry)
-        return load
-
-    def _load_body(self, load: PendingLoad, entry: CatalogModel | None) -> dict[str, Any]:
-        body: dict[str, Any] = {"model_id": load.model_id, "source": load.model_id}
-        if entry is not None:
-            body["source"] = entry.source or entry.id
-            if entry.harness:
-                body["harness"] = entry.harness
-            if entry.chat_format:
-                body["chat_format"] = entry.chat_format
-            if entry.options:
-                body["options"] = entry.options
-        if load.devices:
-            body["devices"] = load.devices
-        return body
-
-    async def _unload(self, neuron: NeuronState, model_id: str) -> None:
-        try:
-            await self.api.unload(neuron, model_id)
-        except ModelNotFound:
-            pass  # already gone: the room is there all the same
-        neuron.model_gone(model_id)
-        neuron.end_evicting([model_id])
-        self.affinity.forget(neuron.name, model_id)
-
-    async def _run_load(self, load: PendingLoad, entry: CatalogModel | None) -> None:
-        """Evict, load, record; errors end up in ``load.error``, never raised."""
-        neuron = self.state.neurons[load.neuron]
-        start = trio.current_time()
-        try:
-            for victim in load.evictions:
-                log.warning(
-                    "evicting %s from %s to make room for %s", victim, neuron.name, load.model_id
-                )
-                await self._unload(neuron, victim)
-                self.thrash.evicted(victim, trio.current_time())
-                self.metrics.evictions.labels(victim, neuron.name).inc()
-            if load.evictions:
-                await self._refresh(neuron)
-            if not load.joined:
-                log.info("loading %s on %s", load.model_id, neuron.name)
-            load_start = trio.current_time()
-            status = await self.api.load(neuron, self._load_body(load, entry))
-            if status is None or status.status != LOADED:
-                status = ModelStatus(
-                    id=load.model_id,
-                    harness=entry.harness if entry else None,
-                    status=LOADED,
-                    memory_mb=entry.vram_mb if entry else 0,
-                )
-            neuron.model_loaded(load.model_id, status)
-            elapsed = trio.current_time() - start
-            if not load.joined:
-                now = trio.current_time()
-                self.observations.record_load(
-                    neuron.name, load.model_id, self.predictor.size(load.model_id), now - load_start
-                )
-                self.metrics.cold_starts.labels(load.model_id, neuron.name).inc()
-                self.metrics.load_seconds.labels(load.model_id, neuron.name).observe(elapsed)
-                if self.thrash.loaded(load.model_id, now):
-                    self.metrics.thrash.labels(load.model_id).inc()
-                log.info("loaded %s on %s in %.1f s", load.model_id, neuron.name, elapsed)
-                if load.replica and self.policy.scales_in:
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self._scale_in, neuron, load.model_id)
-            await self._refresh(neuron)
-        except trio.Cancelled:
-            raise
-        except CortexError as exc:
-            if isinstance(exc, NeuronUnreachable):
-                neuron.mark_suspect(exc.message)
-            # A load refused as a bad request (no such source, bad options)
-            # is the catalogue's fault, not the client's: a 502 for them.
-            if isinstance(exc, RequestError):
-                exc = UpstreamError(exc.message)
-            exc.message = f"loading {load.model_id!r} on {neuron.name} failed: {exc.message}"
-            load.error = exc
-            log.warning("%s", exc.message)
-        except Exception as exc:
-            load.error = UpstreamError(f"loading {load.model_id!r} on {neuron.name} failed: {exc}")
-            log.exception("loading %s on %s failed", load.model_id, neuron.name)
-        finally:
-            # In the same step as the refresh that shows the model (or its failure).
-            self.state.load_finished(load)
-
-    async def _refresh(self, neuron: NeuronState) -> None:
-        try:
-            await refresh(self.api, self.state, neuron)
-        except CortexError:
-            pass  # marked down by refresh; the router will look elsewhere
-
-    async def _scale_in(self, neuron: NeuronState, model_id: str) -> None:
-        """Unload a replica added to scale out once it has idled ``scale_in_idle`` seconds.
-
-        Only while another replica is loaded; returns once it is gone,
-        whoever unloaded it.
-        """
-        idle_limit = self.config.routing.scale_in_idle
-        while True:
-            status = neuron.models.get(model_id)
-            if status is None or status.status != LOADED or model_id in neuron.evicting:
-                return
-            idle = self.state.clock() - neuron.recency(model_id)
-            others = any(
-                n is not neuron and n.status_of(model_id) == LOADED and model_id not in n.evicting
-                for n in self.state.routable()
-            )
-            quiet = not neuron.busy(model_id) and not self.queue.depth(model_id)
-            if others and quiet and idle >= idle_limit:
-                log.info("unloading %s from %s: an extra replica, idle", model_id, neuron.name)
-                neuron.begin_evicting([model_id])
-                try:
-                    await self._unload(neuron, model_id)
-                except CortexError as exc:
-                    log.warning("unloading %s from %s failed: %s", model_id, neuron.name, exc)
-                finally:
-                    neuron.end_evicting([model_id])
-                self.metrics.route_decisions.labels("scale_in").inc()
-                await self._refresh(neuron)
-                self.state.changed()
-                return
-            await trio.sleep(max(1.0, idle_limit - idle) if quiet else idle_limit)

@@ -1,10 +1,13 @@
 """The gateway's view of the fleet: what each neuron has, and the catalogue.
 
-The pollers write it, the router reads it and records what it starts (loads,
-evictions, requests in flight). Everything here is plain synchronous code:
-trio only switches tasks at an ``await``, so a read-decide-mark sequence with
-no ``await`` in it is atomic, and the router relies on that (a model chosen
-for eviction is marked before any request can be routed to it).
+The pollers write it; the router reads it (``scheduler.decide``) and records
+the requests in flight; the loader records the loads and evictions it
+carries out. Every change is a named method here. Everything here is plain
+synchronous code: trio only switches tasks at an ``await``, so a
+read-decide-mark sequence with no ``await`` in it is atomic, and the router
+relies on that: between ``decide`` and ``Loader.start`` there is no
+``await``, so a model chosen for eviction is marked before any request can
+be routed to it.
 
 Waiting is done on Events: ``FleetState.wait_changed()`` returns after the
 next update of any neuron, a ``PendingLoad`` sets ``done`` when it ends.
@@ -52,8 +55,18 @@ class PendingLoad:
     #: A further replica of a model already loaded elsewhere (scale-out).
     replica: bool = False
     done: trio.Event = attrs.field(factory=trio.Event)
+    #: Why it failed, once ``done``; None: it succeeded (``FleetState.load_finished``).
     error: Exception | None = None
+    #: Requests waiting on it now (what a request that joins it waits behind).
     waiters: int = 0
+
+    def add_waiter(self) -> None:
+        """A request starts waiting on this load."""
+        self.waiters += 1
+
+    def drop_waiter(self) -> None:
+        """A request stops waiting on this load (it ended, or the request gave up)."""
+        self.waiters -= 1
 
 
 @attrs.define(eq=False)
@@ -149,6 +162,11 @@ class NeuronState:
         """
         self.epoch += 1
         return self.models.pop(model_id, None) is not None
+
+    def model_unloaded(self, model_id: str) -> None:
+        """An unload of ours is over: the model is gone and no longer being evicted."""
+        self.model_gone(model_id)
+        self.end_evicting([model_id])
 
     def begin_evicting(self, model_ids: Iterable[str]) -> None:
         """These models are being unloaded: route nothing new to them, plan no room with them."""
@@ -286,16 +304,24 @@ class FleetState:
         self.pending[(load.neuron, load.model_id)] = load
         self.neurons[load.neuron].begin_evicting(load.evictions)
 
-    def load_finished(self, load: PendingLoad) -> None:
-        """A load of ours is over (its ``error`` says how); wakes its waiters and everyone else.
+    def load_finished(self, load: PendingLoad, error: Exception | None = None) -> None:
+        """A load of ours is over (``error``: why it failed); wakes its waiters and everyone else.
 
         Call it in the same step as the refresh that shows the model (or its
         failure): dropping the reservation then, no moment counts it twice or never.
         """
+        load.error = error
         self.neurons[load.neuron].end_evicting(load.evictions)
         del self.pending[(load.neuron, load.model_id)]
         load.done.set()
         self.changed()
+
+    def model_missing(self, neuron: NeuronState, model_id: str) -> None:
+        """``neuron`` said it does not have ``model_id``: route nothing there, poll it now."""
+        if model_id in neuron.models:
+            neuron.model_gone(model_id)
+            neuron.poke.set()
+            self.changed()
 
     def changed(self) -> None:
         """Wake everyone in ``wait_changed``."""

@@ -6,10 +6,10 @@ health, models, load, unload) go through :class:`NeuronAPI`. Both turn a
 neuron's error answers back into the ``CortexError`` they stand for
 (:func:`error_from_response`), so either dialect can render them.
 
-:class:`NeuronLink` is the narrow part of it the router and the pollers use
+:class:`NeuronLink` is the narrow part of it the loader and the pollers use
 to observe and act on neurons. ``NeuronAPI`` is the one over HTTP;
 ``cortex.sim`` has one in process (fake neurons in virtual time), so the
-simulation runs the gateway's own router, evictor and queue.
+simulation runs the gateway's own router, loader, evictor and queue.
 """
 
 from __future__ import annotations

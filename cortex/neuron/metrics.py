@@ -15,6 +15,110 @@ from cortex.neuron.workers import Job
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
+MIB = 1024 * 1024
+
+#: Gauges with a sample per model: (name, help, its value in a ModelStatus).
+_MODEL_GAUGES: tuple[tuple[str, str, Callable[[ModelStatus], float]], ...] = (
+    ("cortex_neuron_queue_depth", "Requests waiting for a model", lambda m: m.queued),
+    ("cortex_neuron_in_flight", "Requests being generated", lambda m: m.in_flight),
+    (
+        "cortex_neuron_model_memory_bytes",
+        "Memory a loaded model uses",
+        lambda m: m.memory_mb * MIB,
+    ),
+)
+
+#: Gauges with a sample per device: (name, help, its value in a DeviceSample;
+#: None when the device does not tell, and then no sample).
+_DEVICE_GAUGES: tuple[tuple[str, str, Callable[[DeviceSample], float | None]], ...] = (
+    (
+        "cortex_neuron_device_memory_used_bytes",
+        "Device memory in use",
+        lambda d: d.vram_used_mb * MIB,
+    ),
+    (
+        "cortex_neuron_device_memory_free_bytes",
+        "Device memory free",
+        lambda d: d.vram_free_mb * MIB,
+    ),
+    (
+        "cortex_neuron_device_utilization_ratio",
+        "Device utilisation",
+        lambda d: d.utilization_pct / 100 if d.utilization_pct is not None else None,
+    ),
+    ("cortex_neuron_device_temperature_celsius", "Device temperature", lambda d: d.temp_c),
+)
+
+#: The engines' prompt caches (``PromptCacheStatistics``), a family per row:
+#: (family, name, help, labels besides ``model``, label values -> the field).
+_Family = type[CounterMetricFamily] | type[GaugeMetricFamily]
+_PROMPT_CACHE: tuple[tuple[_Family, str, str, list[str], dict[tuple[str, ...], str]], ...] = (
+    (
+        CounterMetricFamily,
+        "cortex_neuron_prompt_cache_requests",
+        "Requests by whether they reused cached prompt tokens",
+        ["result"],
+        {("hit",): "hits", ("miss",): "misses"},
+    ),
+    (
+        CounterMetricFamily,
+        "cortex_neuron_prompt_cache_reused_tokens",
+        "Prompt tokens reused, by where their KV state was: a slot or the host tier",
+        ["tier"],
+        {("slot",): "slot_tokens", ("host",): "host_tokens"},
+    ),
+    (
+        CounterMetricFamily,
+        "cortex_neuron_prompt_cache_host_saves",
+        "States saved to host memory",
+        [],
+        {(): "host_saves"},
+    ),
+    (
+        CounterMetricFamily,
+        "cortex_neuron_prompt_cache_host_restores",
+        "Saved states restored into a slot",
+        [],
+        {(): "host_restores"},
+    ),
+    (
+        CounterMetricFamily,
+        "cortex_neuron_prompt_cache_host_failures",
+        "Restores given up (no contiguous run of free cells): the prompt was evaluated",
+        [],
+        {(): "host_failures"},
+    ),
+    (
+        CounterMetricFamily,
+        "cortex_neuron_prompt_cache_host_evictions",
+        "Saved states dropped for room",
+        [],
+        {(): "host_evictions"},
+    ),
+    (
+        GaugeMetricFamily,
+        "cortex_neuron_prompt_cache_host_bytes",
+        "Bytes the host tier holds",
+        [],
+        {(): "host_bytes"},
+    ),
+    (
+        GaugeMetricFamily,
+        "cortex_neuron_prompt_cache_host_budget_bytes",
+        "The host tier's byte budget",
+        [],
+        {(): "host_budget_bytes"},
+    ),
+    (
+        GaugeMetricFamily,
+        "cortex_neuron_prompt_cache_host_entries",
+        "States the host tier holds",
+        [],
+        {(): "host_entries"},
+    ),
+)
+
+
 class _StateCollector(Collector):
     """Reads live state at scrape time: queues, loaded models, devices."""
 
@@ -31,108 +135,35 @@ class _StateCollector(Collector):
         loaded = GaugeMetricFamily("cortex_neuron_loaded_models", "Models loaded and serving")
         loaded.add_metric([], sum(1 for m in statuses if m.status == "loaded"))
         yield loaded
-        queue = GaugeMetricFamily(
-            "cortex_neuron_queue_depth", "Requests waiting for a model", labels=["model"]
-        )
-        in_flight = GaugeMetricFamily(
-            "cortex_neuron_in_flight", "Requests being generated", labels=["model"]
-        )
-        memory = GaugeMetricFamily(
-            "cortex_neuron_model_memory_bytes", "Memory a loaded model uses", labels=["model"]
-        )
-        for m in statuses:
-            queue.add_metric([m.id], m.queued)
-            in_flight.add_metric([m.id], m.in_flight)
-            memory.add_metric([m.id], m.memory_mb * 1024 * 1024)
-        yield queue
-        yield in_flight
-        yield memory
+        for name, documentation, value in _MODEL_GAUGES:
+            family = GaugeMetricFamily(name, documentation, labels=["model"])
+            for m in statuses:
+                family.add_metric([m.id], value(m))
+            yield family
         yield from _prompt_cache_metrics(statuses)
         samples = self._devices()
-        used = GaugeMetricFamily(
-            "cortex_neuron_device_memory_used_bytes", "Device memory in use", labels=["device"]
-        )
-        free = GaugeMetricFamily(
-            "cortex_neuron_device_memory_free_bytes", "Device memory free", labels=["device"]
-        )
-        util = GaugeMetricFamily(
-            "cortex_neuron_device_utilization_ratio", "Device utilisation", labels=["device"]
-        )
-        temp = GaugeMetricFamily(
-            "cortex_neuron_device_temperature_celsius", "Device temperature", labels=["device"]
-        )
-        for d in samples:
-            label = [str(d.index)]
-            used.add_metric(label, d.vram_used_mb * 1024 * 1024)
-            free.add_metric(label, d.vram_free_mb * 1024 * 1024)
-            if d.utilization_pct is not None:
-                util.add_metric(label, d.utilization_pct / 100)
-            if d.temp_c is not None:
-                temp.add_metric(label, d.temp_c)
-        yield from (used, free, util, temp)
+        for name, documentation, reading in _DEVICE_GAUGES:
+            family = GaugeMetricFamily(name, documentation, labels=["device"])
+            for d in samples:
+                found = reading(d)
+                if found is not None:
+                    family.add_metric([str(d.index)], found)
+            yield family
 
 
 def _prompt_cache_metrics(statuses: list[ModelStatus]) -> Iterator[Metric]:
-    """The engines' prompt caches (``PromptCacheStatistics``), per model.
+    """The engines' prompt caches, per model (``_PROMPT_CACHE``).
 
     The counters run from the model's load: a reload starts them again,
     which Prometheus reads as a counter reset.
     """
-    requests = CounterMetricFamily(
-        "cortex_neuron_prompt_cache_requests",
-        "Requests by whether they reused cached prompt tokens",
-        labels=["model", "result"],
-    )
-    reused = CounterMetricFamily(
-        "cortex_neuron_prompt_cache_reused_tokens",
-        "Prompt tokens reused, by where their KV state was: a slot or the host tier",
-        labels=["model", "tier"],
-    )
-    saves = CounterMetricFamily(
-        "cortex_neuron_prompt_cache_host_saves", "States saved to host memory", labels=["model"]
-    )
-    restores = CounterMetricFamily(
-        "cortex_neuron_prompt_cache_host_restores",
-        "Saved states restored into a slot",
-        labels=["model"],
-    )
-    failures = CounterMetricFamily(
-        "cortex_neuron_prompt_cache_host_failures",
-        "Restores given up (no contiguous run of free cells): the prompt was evaluated",
-        labels=["model"],
-    )
-    evictions = CounterMetricFamily(
-        "cortex_neuron_prompt_cache_host_evictions",
-        "Saved states dropped for room",
-        labels=["model"],
-    )
-    held = GaugeMetricFamily(
-        "cortex_neuron_prompt_cache_host_bytes", "Bytes the host tier holds", labels=["model"]
-    )
-    budget = GaugeMetricFamily(
-        "cortex_neuron_prompt_cache_host_budget_bytes",
-        "The host tier's byte budget",
-        labels=["model"],
-    )
-    entries = GaugeMetricFamily(
-        "cortex_neuron_prompt_cache_host_entries", "States the host tier holds", labels=["model"]
-    )
-    for m in statuses:
-        cache = m.prompt_cache
-        if cache is None:
-            continue
-        requests.add_metric([m.id, "hit"], cache.hits)
-        requests.add_metric([m.id, "miss"], cache.misses)
-        reused.add_metric([m.id, "slot"], cache.slot_tokens)
-        reused.add_metric([m.id, "host"], cache.host_tokens)
-        saves.add_metric([m.id], cache.host_saves)
-        restores.add_metric([m.id], cache.host_restores)
-        failures.add_metric([m.id], cache.host_failures)
-        evictions.add_metric([m.id], cache.host_evictions)
-        held.add_metric([m.id], cache.host_bytes)
-        budget.add_metric([m.id], cache.host_budget_bytes)
-        entries.add_metric([m.id], cache.host_entries)
-    yield from (requests, reused, saves, restores, failures, evictions, held, budget, entries)
+    caches = [(m.id, m.prompt_cache) for m in statuses if m.prompt_cache is not None]
+    for kind, name, documentation, labels, fields in _PROMPT_CACHE:
+        family = kind(name, documentation, labels=["model", *labels])
+        for model_id, cache in caches:
+            for values, field in fields.items():
+                family.add_metric([model_id, *values], getattr(cache, field))
+        yield family
 
 
 class NeuronMetrics:

@@ -383,7 +383,7 @@ async def run_replay(
     clients = _Clients(router, sims, max_wait, retries, trio.current_time())
     over = trio.Event()
     async with trio.open_nursery() as background:
-        await background.start(router.run)
+        await background.start(router.loader.run)
         for neuron in state.neurons.values():
             background.start_soon(
                 partial(poll_neuron, link, state, neuron, config.gateway, metrics)

@@ -39,12 +39,24 @@ Policies (``[routing] policy``):
   for busy models to finish.
 
 Everything here is synchronous: the router calls it between awaits.
+:func:`decide` is the whole decision for one request, a pure function of
+the fleet state, the queue, the policy and the time: the router, the
+simulation and the tests call it alike.
 
 The parts: ``observations`` (priors and measurements), ``predictor``
 (options, decisions, predictions), ``queue`` (who waits), ``thrash`` (the
-thrash guard), ``policies`` (who picks).
+thrash guard), ``policies`` (who picks), ``decide`` (the options open to a
+request and the policy's choice among them).
 """
 
+from cortex.gateway.scheduler.decide import (
+    Request,
+    ScaleIn,
+    decide,
+    no_candidate,
+    options,
+    scale_in,
+)
 from cortex.gateway.scheduler.observations import (
     ALPHA,
     FIRST_TOKEN_ENOUGH,
@@ -103,10 +115,16 @@ __all__ = [
     "PredictivePolicy",
     "Predictor",
     "QueueStatistics",
+    "Request",
+    "ScaleIn",
     "StaticPolicy",
     "ThrashLog",
     "Ticket",
     "WaitQueue",
+    "decide",
     "make_policy",
+    "no_candidate",
+    "options",
+    "scale_in",
     "slots_of",
 ]

@@ -43,8 +43,8 @@ class Policy:
     queue: WaitQueue
     thrash: ThrashLog
 
-    def victim_key(self, neuron: NeuronState) -> VictimKey | None:
-        """Eviction order on ``neuron`` (None: the [eviction] strategy's)."""
+    def victim_key(self, neuron: NeuronState, now: float) -> VictimKey | None:
+        """Eviction order on ``neuron`` at trio time ``now`` (None: the [eviction] strategy's)."""
         return None
 
     def spare(self, neuron: NeuronState) -> Spare | None:
@@ -157,7 +157,7 @@ class StaticPolicy(FixedPolicy):
         homes = self.homes()
         return homes is None or homes.get(model_id, neuron.name) == neuron.name
 
-    def victim_key(self, neuron: NeuronState) -> VictimKey | None:
+    def victim_key(self, neuron: NeuronState, now: float) -> VictimKey | None:
         return neuron.recency
 
 
@@ -169,7 +169,7 @@ class PredictivePolicy(Policy):
     waits = True
     scales_in = True
 
-    def victim_key(self, neuron: NeuronState) -> VictimKey | None:
+    def victim_key(self, neuron: NeuronState, now: float) -> VictimKey | None:
         by_priority = self.config.eviction.strategy == "priority"
 
         def key(victim: str) -> tuple[int, int, float]:
@@ -178,7 +178,7 @@ class PredictivePolicy(Policy):
             # The least likely to be asked for again first; chances within
             # a tenth of each other are alike: least recently used first.
             idle = self.state.clock() - neuron.recency(victim)
-            chance = round(10 * self.predictor.return_chance(victim, idle))
+            chance = round(10 * self.predictor.return_chance(victim, idle, now))
             return priority, chance, neuron.recency(victim)
 
         return key

@@ -6,7 +6,6 @@ import math
 from typing import Literal
 
 import attrs
-import trio
 
 from cortex.gateway.evictor import Plan
 from cortex.gateway.scheduler.observations import (
@@ -66,6 +65,9 @@ class Decision:
     #: No route: one is open, but the policy holds the request back for now
     #: (patience). It claims no room, so others may take what frees meanwhile.
     hold: bool = False
+    #: No route, no slot, no hold: the neurons to wait for room on (set by
+    #: ``decide``; an older waiter for room there keeps newer ones out).
+    wants: frozenset[str] = frozenset()
 
 
 @attrs.define(eq=False)
@@ -118,8 +120,8 @@ class Predictor:
         waiting = load.waiters if load is not None else 0
         return left + self.replica_wait(neuron, model_id, ahead=waiting)
 
-    def return_chance(self, model_id: str, idle: float) -> float:
-        """How likely ``model_id`` is asked for within ``RETURN_HORIZON`` seconds.
+    def return_chance(self, model_id: str, idle: float, now: float) -> float:
+        """How likely ``model_id`` is asked for within ``RETURN_HORIZON`` seconds of ``now``.
 
         Either its current session goes on (likely while it has been idle for
         less than a few of its usual gaps) or a new one starts (as often as
@@ -128,15 +130,15 @@ class Predictor:
         gap = self.observations.mean_interarrival(model_id)
         scale = min(max(3.0 * gap, 30.0), self.horizon) if gap is not None else 60.0
         going_on = math.exp(-max(idle, 0.0) / scale)
-        between = self.observations.session_gap(model_id, trio.current_time())
+        between = self.observations.session_gap(model_id, now)
         new = 1.0 - math.exp(-RETURN_HORIZON / between) if between else 0.0
         return 1.0 - (1.0 - going_on) * (1.0 - new)
 
-    def penalty(self, neuron: NeuronState, victim: str) -> float:
-        """Expected seconds of reload that evicting ``victim`` from ``neuron`` costs later."""
+    def penalty(self, neuron: NeuronState, victim: str, now: float) -> float:
+        """Expected seconds of reload that evicting ``victim`` from ``neuron`` now costs later."""
         idle = self.state.clock() - neuron.recency(victim)
-        cost = self.return_chance(victim, idle) * self.load(neuron, victim)
-        if self.thrash is not None and self.thrash.guarded(victim, trio.current_time()):
+        cost = self.return_chance(victim, idle, now) * self.load(neuron, victim)
+        if self.thrash is not None and self.thrash.guarded(victim, now):
             cost *= GUARD_FACTOR
         others = any(
             n is not neuron and n.routable and n.status_of(victim) == LOADED
@@ -144,7 +146,9 @@ class Predictor:
         )
         return cost * REPLICA_PENALTY if others else cost
 
-    def cold(self, neuron: NeuronState, model_id: str, plan: Plan) -> tuple[float, float]:
+    def cold(
+        self, neuron: NeuronState, model_id: str, plan: Plan, now: float
+    ) -> tuple[float, float]:
         """(predicted seconds, of which penalty) for loading after ``plan``'s evictions."""
-        penalty = sum(self.penalty(neuron, v) for v in plan.evictions)
+        penalty = sum(self.penalty(neuron, v, now) for v in plan.evictions)
         return self.load(neuron, model_id) + UNLOAD_S * len(plan.evictions) + penalty, penalty

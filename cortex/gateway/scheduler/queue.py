@@ -17,6 +17,10 @@ class Ticket:
     #: What for: "room", "slot" (on a loaded replica), "load"; "" at first.
     waiting: str = ""
 
+    def wait_for(self, what: str, wants: frozenset[str] = frozenset()) -> None:
+        """It waits for ``what`` now ("room", "slot", "load"), on ``wants`` for room."""
+        self.waiting, self.wants = what, wants
+
 
 @attrs.frozen
 class QueueStatistics:

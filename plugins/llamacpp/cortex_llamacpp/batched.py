@@ -104,23 +104,16 @@ class DecoderStatistics:
       waiting: sequences waiting for a free slot.
       steps: ``llama_decode`` calls so far.
       prompt_tokens: prompt tokens evaluated so far.
-      reused_tokens: prompt tokens whose KV cells were reused from the slot.
-      host_tokens: prompt tokens whose KV cells were restored from the host tier.
-      hits: sequences that reused at least one cached prompt token.
-      misses: sequences that reused none.
       generated_tokens: tokens sampled so far.
       max_batch: the most tokens one step has held.
       kv_cells: the cells of the KV pool.
       kv_used: cells holding tokens (seated sequences and idle slots' caches).
       evicted_tokens: cached tokens of idle slots dropped to make room.
       preempted: sequences ended early because the pool was full.
-      host_saves: slot states saved to the host tier.
-      host_restores: saved states restored into a slot.
-      host_failures: restores llama.cpp refused (no contiguous run of cells).
-      host_evictions: saved states dropped for room.
-      host_bytes: bytes the host tier holds.
-      host_entries: states the host tier holds.
-      host_budget: the host tier's byte budget (0: no host tier).
+      prompt_cache: hits and misses, prompt tokens reused from a slot
+        (``slot_tokens``) or restored from the host tier, and the host
+        tier's saves, restores, failures (llama.cpp found no contiguous
+        run of cells), evictions and size; ``blocks`` left empty.
     """
 
     parallel: int
@@ -128,23 +121,13 @@ class DecoderStatistics:
     waiting: int
     steps: int
     prompt_tokens: int
-    reused_tokens: int
     generated_tokens: int
     max_batch: int
     kv_cells: int
     kv_used: int
     evicted_tokens: int
     preempted: int
-    host_tokens: int = 0
-    hits: int = 0
-    misses: int = 0
-    host_saves: int = 0
-    host_restores: int = 0
-    host_failures: int = 0
-    host_evictions: int = 0
-    host_bytes: int = 0
-    host_entries: int = 0
-    host_budget: int = 0
+    prompt_cache: PromptCacheStatistics
 
 
 class _Sequence:
@@ -302,23 +285,25 @@ class BatchedDecoder:
             waiting=len(self._waiting),
             steps=self._steps,
             prompt_tokens=self._prompt_tokens,
-            reused_tokens=self._reused_tokens,
             generated_tokens=self._generated_tokens,
             max_batch=self._max_batch,
             kv_cells=self.kv_cells,
             kv_used=sum(len(slot.cached) for slot in self._slots),
             evicted_tokens=self._evicted_tokens,
             preempted=self._preempted,
-            host_tokens=self._host_tokens,
-            hits=self._hits,
-            misses=self._misses,
-            host_saves=host.saves,
-            host_restores=self._host_restores,
-            host_failures=self._host_failures,
-            host_evictions=host.evictions,
-            host_bytes=host.used_bytes,
-            host_entries=len(host),
-            host_budget=host.budget_bytes,
+            prompt_cache=PromptCacheStatistics(
+                hits=self._hits,
+                misses=self._misses,
+                slot_tokens=self._reused_tokens,
+                host_tokens=self._host_tokens,
+                host_saves=host.saves,
+                host_restores=self._host_restores,
+                host_failures=self._host_failures,
+                host_evictions=host.evictions,
+                host_bytes=host.used_bytes,
+                host_entries=len(host),
+                host_budget_bytes=host.budget_bytes,
+            ),
         )
 
     def prompt_cache(self) -> PromptCacheStatistics:
@@ -351,20 +336,7 @@ class BatchedDecoder:
             for block in hashes:
                 if len(blocks) < MAX_BLOCKS:
                     blocks.setdefault(block)
-        self._last_prompt_cache = PromptCacheStatistics(
-            hits=stats.hits,
-            misses=stats.misses,
-            slot_tokens=stats.reused_tokens,
-            host_tokens=stats.host_tokens,
-            host_saves=stats.host_saves,
-            host_restores=stats.host_restores,
-            host_failures=stats.host_failures,
-            host_evictions=stats.host_evictions,
-            host_bytes=stats.host_bytes,
-            host_entries=stats.host_entries,
-            host_budget_bytes=stats.host_budget,
-            blocks=tuple(blocks),
-        )
+        self._last_prompt_cache = attrs.evolve(stats.prompt_cache, blocks=tuple(blocks))
         return self._last_prompt_cache
 
     def generate(

@@ -1,0 +1,238 @@
+"""The decision: from one request and the fleet state to a route, a wait, or a refusal.
+
+:func:`decide` is a pure function of what it is given: the fleet state
+(neurons, the loads in progress, the catalogue), the gateway's wait queue,
+the policy with its predictor and observations, the request's facts and the
+time. It does no I/O, needs no trio (``now`` is an argument) and changes
+nothing; the router acts on what it returns (takes a slot, joins or starts
+a load through ``cortex.gateway.loader``, or waits in the queue), and the
+simulation and the tests call it directly on a fleet state of their own.
+
+Two reads are not arguments: the fleet state's ``clock`` (the wall clock
+of the neurons' ``last_used``, a fixed function in tests and virtual time in
+``cortex.sim``), and the affinity's LRU maps, which a lookup refreshes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import attrs
+
+from cortex.config import CatalogModel
+from cortex.errors import CortexError, ModelNotFound, Unavailable
+from cortex.gateway import evictor
+from cortex.gateway.scheduler.policies import Policy
+from cortex.gateway.scheduler.predictor import Decision, Option
+from cortex.gateway.scheduler.queue import WaitQueue
+from cortex.gateway.state import LOADED, LOADING, FleetState, NeuronState, feasible
+
+if TYPE_CHECKING:
+    # affinity imports this package: a runtime import would be a cycle.
+    from cortex.gateway.affinity import Affinity, Prompt
+
+
+@attrs.frozen
+class Request:
+    """What a decision knows of one request."""
+
+    model_id: str
+    #: trio time it came.
+    arrived: float
+    #: Neurons not to route it to (they failed it, or their load of it did).
+    exclude: frozenset[str] = frozenset()
+    #: Its prompt, for session affinity; None: no affinity.
+    prompt: Prompt | None = None
+    #: The error of the last load it waited on, raised when waiting cannot help.
+    last_error: CortexError | None = None
+
+
+def options(
+    state: FleetState,
+    model_id: str,
+    *,
+    now: float,
+    policy: Policy,
+    queue: WaitQueue,
+    exclude: frozenset[str] | set[str] = frozenset(),
+    arrived: float,
+    ahead: int | None = None,
+) -> list[Option]:
+    """Every way to serve ``model_id`` open at ``now``, with its predicted time to first token.
+
+    ``arrived``: when the request came (an older waiter for room on a neuron
+    keeps it out of there). ``ahead``: requests for it waiting for a slot
+    before this one; given, the loads are left out when the policy settles
+    on a loaded replica or a load in progress whatever they are (planning
+    them is most of a decision's cost).
+    """
+    predictor = policy.predictor
+    usable = [n for n in state.routable() if n.name not in exclude]
+    found: list[Option] = []
+    holding: set[str] = set()
+    for neuron in usable:
+        status = neuron.status_of(model_id)
+        if status == LOADED and model_id not in neuron.evicting:
+            found.append(Option("loaded", neuron, predictor.replica_wait(neuron, model_id)))
+        if status in (LOADED, LOADING):
+            holding.add(neuron.name)
+    for (name, pending_id), load in state.pending.items():
+        neuron = state.neurons[name]
+        if pending_id == model_id and name not in exclude and neuron.routable:
+            predicted = predictor.loading(neuron, model_id, load, now)
+            found.append(Option("loading", neuron, predicted, load=load))
+            holding.add(name)
+    # A load the neuron reports (activation at its start, another
+    # gateway's load): the neuron loads each id once, so asking it to
+    # load joins that load and answers when it is done.
+    for neuron in usable:
+        if neuron.status_of(model_id) == LOADING and (neuron.name, model_id) not in state.pending:
+            predicted = predictor.loading(neuron, model_id, None, now)
+            found.append(Option("loading", neuron, predicted))
+    entry = state.catalogue.models.get(model_id)
+    if entry is None or (ahead is not None and policy.settled(model_id, found, ahead)):
+        return found
+    strategy = policy.config.eviction.strategy
+    for neuron in usable:
+        if (
+            neuron.name in holding
+            or not policy.loads_on(neuron, model_id)
+            or not feasible(entry, neuron)
+        ):
+            continue
+        if policy.waits and queue.blocks(model_id, neuron.name, arrived):
+            continue  # an older waiter is first in line for room here
+        plan = evictor.plan(
+            state,
+            neuron,
+            entry,
+            strategy,
+            key=policy.victim_key(neuron, now),
+            spare=policy.spare(neuron),
+        )
+        if plan is None:
+            continue
+        if plan.evictions:
+            predicted, penalty = predictor.cold(neuron, model_id, plan, now)
+            found.append(Option("evict", neuron, predicted, plan=plan, penalty=penalty))
+        else:
+            found.append(Option("cold", neuron, predictor.load(neuron, model_id), plan=plan))
+    return found
+
+
+def decide(
+    state: FleetState,
+    request: Request,
+    *,
+    now: float,
+    policy: Policy,
+    queue: WaitQueue,
+    affinity: Affinity | None = None,
+) -> Decision:
+    """The policy's choice for ``request`` at trio time ``now``.
+
+    ``policy`` must be the one built over ``state`` (its predictor reads it
+    too); ``queue``: the requests waiting at the gateway, ``request`` among
+    them or not; ``affinity``: where prompts were sent (None: no affinity).
+
+    Returns:
+      A ``Decision`` with a route; or with none, and then either a slot to
+      wait for (``slot``), a hold (``hold``), or the neurons to wait for
+      room on (``wants``, never empty then).
+
+    Raises:
+      ModelNotFound: no neuron can ever serve the model.
+      Unavailable: waiting cannot help now (the policy does not wait, or
+        every model where it fits is pinned).
+      CortexError: ``request.last_error``, where waiting cannot help.
+    """
+    model_id, arrived = request.model_id, request.arrived
+    line = queue.lines.get(model_id, [])
+    first = min((t.arrived for t in line), default=arrived)
+    waited = now - min(arrived, first)
+    ahead = sum(1 for t in line if t.waiting == "slot" and t.arrived < arrived)
+    found = options(
+        state,
+        model_id,
+        now=now,
+        policy=policy,
+        queue=queue,
+        exclude=request.exclude,
+        arrived=arrived,
+        ahead=ahead,
+    )
+    if affinity is not None:
+        found = affinity.fold(model_id, request.prompt, found)
+    decision = policy.choose(model_id, found, now, waited, ahead)
+    if decision.route is not None or decision.slot or decision.hold:
+        return decision
+    last_error = request.last_error
+    entry = state.catalogue.models.get(model_id)
+    if entry is None:
+        if last_error is not None:
+            raise last_error
+        if state.known(model_id):
+            raise Unavailable(f"no neuron that has {model_id!r} is available")
+        raise ModelNotFound(f"model {model_id!r} does not exist", param="model")
+    usable = [n for n in state.routable() if n.name not in request.exclude]
+    candidates = [n for n in usable if feasible(entry, n)]
+    if not candidates:
+        raise last_error or no_candidate(state, entry)
+    wants = frozenset(
+        n.name
+        for n in candidates
+        if policy.loads_on(n, model_id) and evictor.fits_later(state, n, entry)
+    )
+    if not policy.waits or not wants:
+        raise last_error or Unavailable(
+            f"no room for {model_id!r} on {', '.join(n.name for n in candidates)} now: "
+            "the models there are pinned or busy"
+        )
+    return attrs.evolve(decision, wants=wants)
+
+
+def no_candidate(state: FleetState, entry: CatalogModel) -> CortexError:
+    """The error for a model no routable neuron could hold: 503 if one may come back, else 404."""
+    neurons = list(state.neurons.values())
+    if any(n.discovery is not None and feasible(entry, n) for n in neurons) or any(
+        n.discovery is None for n in neurons
+    ):
+        return Unavailable(f"no neuron that can load {entry.id!r} is available now")
+    return ModelNotFound(
+        f"model {entry.id!r} fits on no neuron of the fleet "
+        f"(needs {entry.vram_mb} MiB over at least {entry.min_devices} device(s))",
+        param="model",
+    )
+
+
+@attrs.frozen
+class ScaleIn:
+    """What to do now with a replica added to scale out (``scale_in``)."""
+
+    #: Unload it now.
+    unload: bool = False
+    #: Else, seconds after which to look again; None: stop, it is gone or going.
+    recheck: float | None = None
+
+
+def scale_in(
+    state: FleetState, queue: WaitQueue, neuron: NeuronState, model_id: str, idle_limit: float
+) -> ScaleIn:
+    """Whether the replica of ``model_id`` added on ``neuron`` goes now.
+
+    It goes once it has idled ``idle_limit`` seconds with nothing of it in
+    flight or waiting, while another replica is loaded; nobody watches it
+    any longer once it is gone or being unloaded, whoever unloads it.
+    """
+    status = neuron.models.get(model_id)
+    if status is None or status.status != LOADED or model_id in neuron.evicting:
+        return ScaleIn()
+    idle = state.clock() - neuron.recency(model_id)
+    others = any(
+        n is not neuron and n.status_of(model_id) == LOADED and model_id not in n.evicting
+        for n in state.routable()
+    )
+    quiet = not neuron.busy(model_id) and not queue.depth(model_id)
+    if others and quiet and idle >= idle_limit:
+        return ScaleIn(unload=True)
+    return ScaleIn(recheck=max(1.0, idle_limit - idle) if quiet else idle_limit)
