@@ -646,6 +646,9 @@ def test_sessions_beyond_the_slots_keep_their_caches_in_the_host_tier() -> None:
     # Every later turn found the whole previous conversation cached.
     assert with_.missed == 0 and with_.cached_later >= 0.95
     assert sum(o.restored for o in tier.outcomes) > 0 and with_.restored_later > 0.2
+    # The gateway's pollers read the fake neuron's prompt cache as a real one's.
+    assert 0.5 * sum(o.cached for o in tier.outcomes) < tier.reported_cached_tokens
+    assert tier.reported_cached_tokens <= sum(o.cached for o in tier.outcomes)
     assert without.missed > with_.turns / 4 and without.cached_later < 0.85
     assert sum(o.restored for o in bare.outcomes) == 0 and without.restored_later == 0
     assert with_.ttft_later_p50 < without.ttft_later_p50

@@ -192,6 +192,10 @@ class Result:
     affinity: dict[str, int] = attrs.field(factory=dict)
     #: Cached prompt tokens (slots and host tiers) thrown away by unloads.
     dropped_tokens: int = 0
+    #: Prompt tokens reused, as the gateway's pollers last read them from
+    #: the neurons' model listings (``cortex_prompt_cache_reused_tokens``,
+    #: summed over models and neurons; since each model's load).
+    reported_cached_tokens: int = 0
 
     @property
     def served(self) -> list[Outcome]:
@@ -401,7 +405,12 @@ async def run_replay(
         background.cancel_scope.cancel()
     logs = [entry for s in sims.values() for entry in s.log]
     kinds = ("loaded", "loading", "cold", "evict", "scale_out", "scale_in", "queued", "rejected")
-    counters = _samples(metrics, "cortex_evictions_total", "cortex_route_decisions_total")
+    counters = _samples(
+        metrics,
+        "cortex_evictions_total",
+        "cortex_route_decisions_total",
+        "cortex_prompt_cache_reused_tokens",
+    )
     decisions = {
         k: int(counters.get(("cortex_route_decisions_total", frozenset({("kind", k)})), 0))
         for k in kinds
@@ -422,6 +431,13 @@ async def run_replay(
         refused=sum(1 for _, what, _ in logs if what == "refused"),
         affinity=attrs.asdict(router.affinity.statistics()),
         dropped_tokens=sum(s.dropped_tokens for s in sims.values()),
+        reported_cached_tokens=int(
+            sum(
+                v
+                for (name, _), v in counters.items()
+                if name == "cortex_prompt_cache_reused_tokens"
+            )
+        ),
     )
 
 
