@@ -173,6 +173,11 @@ class RoutingSection:
     #: counts the prompt a replica is expected to hold in cache. False: it
     #: ignores it (affinity is still counted in ``cortex_affinity_total``).
     affinity: bool = True
+    #: With affinity: evicting a model counts the prompt cache it holds for
+    #: sessions still going on (their prompts' re-processing, weighed by the
+    #: chance each comes back), and a request waits up to that many seconds
+    #: for something cheaper to free. False: only reloads are weighed.
+    weigh_caches: bool = True
 
 
 @attrs.define

@@ -27,6 +27,28 @@ sessions while it has a free slot ("sticky until saturated", llm-d's rule);
 once it is saturated (requests in flight reach its ``parallel`` slots) a
 request goes to the next best replica and the affinity counts as broken.
 
+Unloading a model throws its prompt cache away. ``eviction_cost`` is what
+that costs, in seconds of prompt processing: every session last sent to that
+replica, its last prompt's tokens re-prefilled when it comes back, weighed by
+the chance it does (``exp(-idle / scale)``, ``scale`` three of the model's
+usual gaps between a session's turns, at least ``SESSION_SCALE_FLOOR`` and at
+most the predictor's horizon; sessions idle longer than the horizon count
+for nothing). The predictor adds it to an eviction's penalty (in full, even
+where another replica holds the model: the sessions re-prefill wherever they
+go) and the predictive policy to its victim order, so ordinary traffic
+evicts a model whose agents are between turns last; a request that can only
+be served by such an eviction waits up to that many seconds for something
+cheaper to free (``Option.hold``). A model whose engine keeps no prompt
+cache (no ``prompt_cache`` in its status) has none to lose; ``[routing]
+weigh_caches = false`` counts none.
+
+Prompt tokens are turned into seconds at the prefill rate measured where
+the request went (``Observations.prefill_tps``: the tokens a request routed
+to a free slot was expected to process, over its time to first token), else
+measured elsewhere, else ``PREFILL_OVER_DECODE`` times the decode rate. A
+replica's slot wait counts the prompt processing still to do there, as a
+new replica's load counts the whole prompt (``Option.prefill``).
+
 The neurons' own ``prompt_cache.blocks`` hash token ids; matching them would
 cost a tokenizer call per request and candidate, so the gateway keeps its
 own byte-level index instead.
@@ -37,13 +59,15 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
 from cortex.gateway.metrics import GatewayMetrics
-from cortex.gateway.scheduler import PRIOR_DECODE, Option, Predictor
+from cortex.gateway.scheduler import PRIOR_DECODE, Ewma, Option, Predictor
+from cortex.gateway.state import NeuronState
 
 #: Bytes in one block of the prefix index.
 BLOCK_BYTES = 2048
@@ -58,6 +82,9 @@ MAX_SESSIONS = 16384
 BYTES_PER_TOKEN = 4.0
 #: Prompt processing is this many times faster than decoding, per token.
 PREFILL_OVER_DECODE = 10.0
+#: Seconds over which a session's chance of another turn decays, at least
+#: (until its model's gaps between turns are measured: this).
+SESSION_SCALE_FLOOR = 30.0
 #: Where the prompt starts in a request body: everything before (the model,
 #: sampling settings) may change from turn to turn.
 _ANCHORS = (b'"messages"', b'"instructions"', b'"input"', b'"prompt"')
@@ -136,10 +163,16 @@ class Affinity:
     #: ``[routing] affinity``: False, ``fold`` leaves the predictions as they
     #: are; routes are still remembered and counted kept / broken / new.
     enabled: bool = True
-    #: (model, session) -> (neuron, prompt bytes it was sent).
-    _sessions: collections.OrderedDict[tuple[str, str], tuple[str, int]] = attrs.field(
+    #: ``[routing] weigh_caches``: False, ``eviction_cost`` is 0.
+    weigh_caches: bool = True
+    #: (model, session) -> (neuron, prompt bytes it was sent, when: the fleet clock).
+    _sessions: collections.OrderedDict[tuple[str, str], tuple[str, int, float]] = attrs.field(
         factory=collections.OrderedDict, init=False
     )
+    #: (neuron, model) -> the sessions last sent there (the keys of ``_sessions``).
+    _placed: dict[tuple[str, str], set[str]] = attrs.field(factory=dict, init=False)
+    #: model -> seconds between two turns of one of its sessions.
+    _turn_gap: dict[str, Ewma] = attrs.field(factory=dict, init=False)
     #: (model, block hash) -> the neurons sent that prefix, most recent last.
     _blocks: collections.OrderedDict[tuple[str, bytes], dict[str, None]] = attrs.field(
         factory=collections.OrderedDict, init=False
@@ -163,7 +196,7 @@ class Affinity:
         if prompt.session is not None:
             found = self._sessions.get((model_id, prompt.session))
             if found is not None:
-                name, size = found
+                name, size, _ = found
                 held[name] = max(held.get(name, 0), min(size, prompt.size))
         return held
 
@@ -179,8 +212,28 @@ class Affinity:
 
     def prefill(self, option: Option, model_id: str, tokens: float) -> float:
         """Seconds ``option``'s neuron takes to process ``tokens`` prompt tokens."""
-        speeds = self.predictor.observations.decode_tps
-        measured = speeds.get((option.neuron.name, model_id))
+        return self.prefill_seconds(option.neuron, model_id, tokens)
+
+    def prefill_seconds(self, neuron: NeuronState, model_id: str, tokens: float) -> float:
+        """Seconds ``neuron`` takes to process ``tokens`` prompt tokens of ``model_id``.
+
+        At the prefill rate measured there (``Observations.prefill_tps``),
+        else the mean of the rates measured elsewhere, else
+        ``PREFILL_OVER_DECODE`` times its decode rate.
+        """
+        observations = self.predictor.observations
+        rate = observations.prefill_tps(neuron.name, model_id)
+        if rate is None:
+            elsewhere = [
+                found
+                for name, m in observations.prefill_tokens
+                if m == model_id and (found := observations.prefill_tps(name, m)) is not None
+            ]
+            rate = sum(elsewhere) / len(elsewhere) if elsewhere else None
+        if rate is not None:
+            return tokens / rate
+        speeds = observations.decode_tps
+        measured = speeds.get((neuron.name, model_id))
         if measured is not None and measured.value:
             decode = measured.value
         else:
@@ -207,9 +260,18 @@ class Affinity:
         for option in options:
             reused = held.get(option.neuron.name, 0) if option.kind == "loaded" else 0
             tokens = max(prompt.size - reused, 0) / BYTES_PER_TOKEN
-            predicted = option.predicted + self.prefill(option, model_id, tokens)
-            folded.append(attrs.evolve(option, predicted=predicted))
+            prefill = self.prefill(option, model_id, tokens)
+            folded.append(
+                attrs.evolve(option, predicted=option.predicted + prefill, prefill=prefill)
+            )
         return folded
+
+    def uncached_tokens(self, model_id: str, prompt: Prompt | None, neuron: str) -> float:
+        """Tokens of ``prompt`` that ``neuron`` is expected to process (not cached there)."""
+        if prompt is None:
+            return 0.0
+        held = self.cached(model_id, prompt).get(neuron, 0)
+        return max(prompt.size - held, 0) / BYTES_PER_TOKEN
 
     def routed(self, model_id: str, prompt: Prompt | None, neuron: str) -> None:
         """``prompt`` goes to ``neuron``: count kept / broken / new, and remember it."""
@@ -221,10 +283,18 @@ class Affinity:
         self.metrics.affinity.labels(result).inc()
         if prompt.session is not None:
             key = (model_id, prompt.session)
-            self._sessions[key] = (neuron, prompt.size)
+            now = self.predictor.state.clock()
+            last = self._sessions.get(key)
+            if last is not None:
+                self._unplace(last[0], *key)
+                gap = self._turn_gap.setdefault(model_id, Ewma())
+                gap.add(max(now - last[2], 0.0))
+            self._sessions[key] = (neuron, prompt.size, now)
             self._sessions.move_to_end(key)
+            self._placed.setdefault((neuron, model_id), set()).add(prompt.session)
             while len(self._sessions) > MAX_SESSIONS:
-                self._sessions.popitem(last=False)
+                (old_model, old_session), (old_neuron, _, _) = self._sessions.popitem(last=False)
+                self._unplace(old_neuron, old_model, old_session)
         for block in prompt.blocks:
             entry = (model_id, block)
             neurons = self._blocks.get(entry)
@@ -237,11 +307,47 @@ class Affinity:
         while len(self._blocks) > MAX_BLOCK_ENTRIES:
             self._blocks.popitem(last=False)
 
+    def _unplace(self, neuron: str, model_id: str, session: str) -> None:
+        placed = self._placed.get((neuron, model_id))
+        if placed is not None:
+            placed.discard(session)
+            if not placed:
+                del self._placed[(neuron, model_id)]
+
+    def eviction_cost(self, neuron: NeuronState, model_id: str) -> float:
+        """Expected seconds of prompt processing that unloading ``model_id`` from ``neuron`` costs.
+
+        The sum over the sessions last sent there of their last prompt's
+        tokens, each weighed by the chance the session comes back
+        (``exp(-idle / scale)``; none past the predictor's horizon), at the
+        neuron's prefill rate. 0 with affinity off (routes do not count on
+        where sessions are), with ``weigh_caches`` off, and for a model
+        that reports no prompt cache.
+        """
+        placed = self._placed.get((neuron.name, model_id))
+        status = neuron.models.get(model_id)
+        if not (self.enabled and self.weigh_caches and placed):
+            return 0.0
+        if status is None or status.prompt_cache is None:
+            return 0.0
+        horizon = self.predictor.horizon
+        gap = self._turn_gap.get(model_id)
+        scale = SESSION_SCALE_FLOOR
+        if gap is not None and gap.value is not None:
+            scale = min(max(3.0 * gap.value, SESSION_SCALE_FLOOR), horizon)
+        now = self.predictor.state.clock()
+        tokens = 0.0
+        for session in placed:
+            _, size, seen = self._sessions[(model_id, session)]
+            idle = max(now - seen, 0.0)
+            if idle < horizon:
+                tokens += size / BYTES_PER_TOKEN * math.exp(-idle / scale)
+        return self.prefill_seconds(neuron, model_id, tokens) if tokens else 0.0
+
     def forget(self, neuron: str, model_id: str) -> None:
         """``model_id`` left ``neuron`` (unloaded, evicted): it holds none of its prefixes."""
-        for key in [k for k in self._sessions if k[0] == model_id]:
-            if self._sessions[key][0] == neuron:
-                del self._sessions[key]
+        for session in self._placed.pop((neuron, model_id), ()):
+            del self._sessions[(model_id, session)]
         for key in [k for k in self._blocks if k[0] == model_id]:
             neurons = self._blocks[key]
             neurons.pop(neuron, None)

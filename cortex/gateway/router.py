@@ -56,6 +56,7 @@ from cortex.gateway.scheduler import (
     WaitQueue,
     decide,
     make_policy,
+    slots_of,
 )
 from cortex.gateway.state import (
     LOADED,
@@ -74,6 +75,11 @@ class _Routed:
     predicted: float
     #: The policy held it back (patience) before routing it.
     held: bool = False
+    #: Routed to a free slot: the prompt tokens it was expected to process
+    #: there, and the seconds it had waited for the route (its first token
+    #: then measures the prefill rate); else 0.
+    prefill_tokens: float = 0.0
+    waited: float = 0.0
 
 
 @attrs.define(eq=False)
@@ -105,7 +111,14 @@ class Router:
             self.state, self.observations, horizon=routing.thrash_window, thrash=self.thrash
         )
         self.policy = make_policy(self.config, self.state, self.predictor, self.queue, self.thrash)
-        self.affinity = Affinity(self.predictor, self.metrics, enabled=routing.affinity)
+        self.affinity = Affinity(
+            self.predictor,
+            self.metrics,
+            enabled=routing.affinity,
+            weigh_caches=routing.weigh_caches,
+        )
+        # Evictions weigh the prompt caches the affinity knows sessions by.
+        self.predictor.caches = self.affinity.eviction_cost
         self.loader = Loader(
             config=self.config,
             state=self.state,
@@ -191,8 +204,15 @@ class Router:
                         kind = "scale_out" if decision.scale_out else route.kind
                         first = _Routed(now, kind, now - arrived + route.predicted)
                     if route.kind == "loaded":
-                        self.affinity.routed(model_id, prompt, route.neuron.name)
-                        return self._take(route.neuron, model_id, attrs.evolve(first, held=held))
+                        neuron = route.neuron
+                        tokens = 0.0
+                        if neuron.busy(model_id) < slots_of(neuron, model_id):
+                            tokens = self.affinity.uncached_tokens(model_id, prompt, neuron.name)
+                        self.affinity.routed(model_id, prompt, neuron.name)
+                        routed = attrs.evolve(
+                            first, held=held, prefill_tokens=tokens, waited=now - arrived
+                        )
+                        return self._take(neuron, model_id, routed)
                     if ticket is None and self.policy.waits:
                         ticket = self._enter_queue(model_id, arrived)
                     if ticket is not None:
@@ -264,6 +284,10 @@ class Router:
                     # long. (Paired oldest-first, a flag may now and then go
                     # to a neighbour of its request: close enough for a tail.)
                     self.observations.record_first_token(first_token_s)
+                if done.prefill_tokens:
+                    self.observations.record_prefill(
+                        neuron.name, model_id, done.prefill_tokens, first_token_s - done.waited
+                    )
         if self.queue.depth(model_id) or (self.queue.depth() and not neuron.busy(model_id)):
             # A slot of this model is free for its waiting requests; or,
             # with nothing in flight, the model may be evicted for others'.

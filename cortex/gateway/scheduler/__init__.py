@@ -10,7 +10,7 @@ the :class:`WaitQueue` until something changes; the others answer 503.
 Predictions (:class:`Predictor`) come from :class:`Observations`, what this
 gateway measured: load seconds per model and neuron (else that neuron's load
 throughput applied to the model's size, else a prior from the size), seconds
-per request and decode tokens/s per model and neuron, the time between a
+per request, decode tokens/s and prefill tokens/s per model and neuron, the time between a
 model's requests; and the requests queued and in flight against the model's
 slots, from the neurons' /models and the gateway's own counts.
 
@@ -19,19 +19,21 @@ Policies (``[routing] policy``):
 - ``predictive``, the default: the option with the smallest predicted time
   to first token. An eviction adds a penalty: the victim's reload time times
   the chance it is asked for again soon (from its recency and request rate),
-  so models in use stay. A model with requests waiting at the gateway is not
-  evicted, nor one that thrashed (reloaded within ``thrash_window`` of its
-  eviction) in the ``min_residency`` seconds after that reload: the thrash
-  guard; requests for others wait and are served together. With
-  ``patience``, a request waits before an eviction that its penalty times
-  ``patience`` is more than it has waited, never so long that its first
-  token would come later than ``patience_limit`` (by default: the slowest
-  1% of the requests it did not hold); a request held so claims no room,
-  and others take what frees meanwhile. When the
-  predicted wait on a model's replicas has stayed above ``scale_out_wait``
-  for ``scale_out_after`` seconds and a neuron has room (or only stale
-  models to evict), a further replica is loaded; it goes again after
-  ``scale_in_idle`` seconds idle.
+  so models in use stay; plus, with session affinity, the prompt cache it
+  holds for sessions still going on (``Affinity.eviction_cost``), which a
+  request waits that many seconds before throwing away. A model with
+  requests waiting at the gateway is not evicted, nor one that thrashed
+  (reloaded within ``thrash_window`` of its eviction) in the
+  ``min_residency`` seconds after that reload: the thrash guard; requests
+  for others wait and are served together. With ``patience``, a request
+  waits before an eviction that its penalty times ``patience`` is more than
+  it has waited, never so long that its first token would come later than
+  ``patience_limit`` (by default: the slowest 1% of the requests it did not
+  hold); a request held so claims no room, and others take what frees
+  meanwhile. When the predicted wait on a model's replicas has stayed above
+  ``scale_out_wait`` for ``scale_out_after`` seconds and a neuron has room
+  (or only stale models to evict), a further replica is loaded; it goes
+  again after ``scale_in_idle`` seconds idle.
 - ``fixed``: loaded > loading > cold load, evicting by [eviction] strategy:
   the order LocalAI and most gateways use. No queue: 503 when nothing fits.
 - ``static``: every model has one home neuron (llama-swap's groups) where it
@@ -65,6 +67,8 @@ from cortex.gateway.scheduler.observations import (
     LOAD_OVERHEAD_S,
     PATIENCE_LIMIT_FLOOR,
     PATIENCE_TAIL,
+    PREFILL_ENOUGH,
+    PREFILL_SAMPLE_TOKENS,
     PRIOR_COMPLETION_TOKENS,
     PRIOR_DECODE,
     PRIOR_LOAD_MBPS,
@@ -84,7 +88,14 @@ from cortex.gateway.scheduler.policies import (
     StaticPolicy,
     make_policy,
 )
-from cortex.gateway.scheduler.predictor import Decision, Kind, Option, Predictor, slots_of
+from cortex.gateway.scheduler.predictor import (
+    CacheCost,
+    Decision,
+    Kind,
+    Option,
+    Predictor,
+    slots_of,
+)
 from cortex.gateway.scheduler.queue import QueueStatistics, Ticket, WaitQueue
 from cortex.gateway.scheduler.thrash import ThrashLog
 
@@ -97,6 +108,8 @@ __all__ = [
     "PATIENCE_LIMIT_FLOOR",
     "PATIENCE_TAIL",
     "POLICIES",
+    "PREFILL_ENOUGH",
+    "PREFILL_SAMPLE_TOKENS",
     "PRIOR_COMPLETION_TOKENS",
     "PRIOR_DECODE",
     "PRIOR_LOAD_MBPS",
@@ -105,6 +118,7 @@ __all__ = [
     "SESSION_GAP",
     "UNKNOWN_SIZE_MB",
     "UNLOAD_S",
+    "CacheCost",
     "Decision",
     "Ewma",
     "FixedPolicy",

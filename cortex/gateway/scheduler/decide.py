@@ -114,7 +114,10 @@ def options(
             continue
         if plan.evictions:
             predicted, penalty = predictor.cold(neuron, model_id, plan, now)
-            found.append(Option("evict", neuron, predicted, plan=plan, penalty=penalty))
+            caches = sum(predictor.cache_cost(neuron, v) for v in plan.evictions)
+            found.append(
+                Option("evict", neuron, predicted, plan=plan, penalty=penalty, caches=caches)
+            )
         else:
             found.append(Option("cold", neuron, predictor.load(neuron, model_id), plan=plan))
     return found

@@ -32,6 +32,11 @@ SESSION_GAP = 60.0
 #: Seconds ahead an eviction's penalty looks: a model asked for again within
 #: them would have been better kept.
 RETURN_HORIZON = 300.0
+#: Prompt tokens a request must have had to process for its time to first
+#: token to measure the prefill rate ...
+PREFILL_SAMPLE_TOKENS = 256
+#: ... and the samples after which that rate is trusted.
+PREFILL_ENOUGH = 3
 #: Times to first token kept to find the tail that patience may hold requests to.
 FIRST_TOKEN_WINDOW = 1000
 #: ... and how many must have been measured before that tail is trusted.
@@ -80,6 +85,11 @@ class Observations:
     #: model -> seconds between the starts of two sessions (requests after
     #: ``SESSION_GAP`` idle): how popular it is.
     intersession: dict[str, Ewma] = attrs.field(factory=dict)
+    #: (neuron, model) -> prompt tokens a request processed, and the seconds
+    #: to its first token, averaged apart: their ratio is the prefill rate,
+    #: whichever request's time is paired with whose tokens.
+    prefill_tokens: dict[tuple[str, str], Ewma] = attrs.field(factory=dict)
+    prefill_s: dict[tuple[str, str], Ewma] = attrs.field(factory=dict)
     last_arrival: dict[str, float] = attrs.field(factory=dict)
     session_start: dict[str, float] = attrs.field(factory=dict)
     #: Seconds to first token of the latest requests that patience did not
@@ -108,6 +118,25 @@ class Observations:
             _ewma(self.completion, model_id).add(completion_tokens)
             if decode_s and decode_s > 0 and completion_tokens > 1:
                 _ewma(self.decode_tps, (neuron, model_id)).add(completion_tokens / decode_s)
+
+    def record_prefill(self, neuron: str, model_id: str, tokens: float, seconds: float) -> None:
+        """A request with ``tokens`` prompt tokens to process got its first token in ``seconds``.
+
+        Only a request that found a free slot tells the prefill rate; fewer
+        than ``PREFILL_SAMPLE_TOKENS`` tell mostly overheads, and are left out.
+        """
+        if tokens >= PREFILL_SAMPLE_TOKENS and seconds > 0:
+            _ewma(self.prefill_tokens, (neuron, model_id)).add(tokens)
+            _ewma(self.prefill_s, (neuron, model_id)).add(seconds)
+
+    def prefill_tps(self, neuron: str, model_id: str) -> float | None:
+        """Prompt tokens/s of ``model_id`` on ``neuron``; None until ``PREFILL_ENOUGH`` samples."""
+        tokens = self.prefill_tokens.get((neuron, model_id))
+        seconds = self.prefill_s.get((neuron, model_id))
+        if tokens is None or seconds is None or tokens.count < PREFILL_ENOUGH:
+            return None
+        assert tokens.value is not None and seconds.value
+        return tokens.value / seconds.value
 
     def record_first_token(self, seconds: float) -> None:
         self.first_token.append(seconds)

@@ -177,9 +177,13 @@ class PredictivePolicy(Policy):
             priority = entry.priority if entry is not None and by_priority else 0
             # The least likely to be asked for again first; chances within
             # a tenth of each other are alike: least recently used first.
+            # The prompt cache it holds counts as that many reloads more.
             idle = self.state.clock() - neuron.recency(victim)
-            chance = round(10 * self.predictor.return_chance(victim, idle, now))
-            return priority, chance, neuron.recency(victim)
+            chance = self.predictor.return_chance(victim, idle, now)
+            chance += self.predictor.cache_cost(neuron, victim) / self.predictor.load(
+                neuron, victim
+            )
+            return priority, round(10 * chance), neuron.recency(victim)
 
         return key
 
@@ -220,7 +224,7 @@ class PredictivePolicy(Policy):
             # the penalty it spares, nor past its patience limit, and
             # meanwhile the victim may go quiet or something cheaper free up.
             patience = self.config.routing.patience
-            ready = [o for o in loads if o.penalty * patience <= waited]
+            ready = [o for o in loads if o.hold(patience) <= waited]
             if ready:
                 return Decision(min(ready, key=rank))
             if not loads:
@@ -228,7 +232,7 @@ class PredictivePolicy(Policy):
             limit = self.hold_limit(loads)
             if waited >= limit:
                 return Decision(min(loads, key=rank))
-            later = min(min(o.penalty * patience for o in loads), limit) - waited
+            later = min(min(o.hold(patience) for o in loads), limit) - waited
             return Decision(None, recheck=later, hold=True)
         # Requests are held here rather than queued on a neuron, so each
         # goes to the first slot that frees on any replica, new ones included.
@@ -236,7 +240,10 @@ class PredictivePolicy(Policy):
         spare_slots = sum(slots_of(o.neuron, model_id) - o.neuron.busy(model_id) for o in free)
         if spare_slots > ahead:
             return Decision(min(free, key=rank))
+        # A slot there still leaves the prompt to process (what the replicas
+        # hold of it spared), as a new replica's load does the whole prompt.
         expected = self.slot_wait(model_id, [o.neuron for o in loaded], ahead)
+        expected += min(o.prefill for o in loaded)
         routing = self.config.routing
         # Scale out once requests have waited scale_out_after and the wait
         # ahead is still over scale_out_wait, where a new replica is sooner.

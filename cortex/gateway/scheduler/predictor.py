@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import attrs
@@ -25,6 +26,9 @@ from cortex.gateway.state import (
 )
 
 Kind = Literal["loaded", "loading", "cold", "evict"]
+#: Expected seconds of prompt processing that unloading a model from a
+#: neuron throws away (its prompt cache for sessions still going on).
+CacheCost = Callable[[NeuronState, str], float]
 
 
 def slots_of(neuron: NeuronState, model_id: str) -> int:
@@ -44,8 +48,23 @@ class Option:
     plan: Plan | None = None
     #: loading: our load in progress (None: one the neuron reports, to join).
     load: PendingLoad | None = None
-    #: The part of ``predicted`` that is the evictions' penalty.
+    #: The part of ``predicted`` that is the evictions' penalty ...
     penalty: float = 0.0
+    #: ... and of that, the prompt caches they throw away (``Predictor.cache_cost``).
+    caches: float = 0.0
+    #: The part of ``predicted`` that is the prompt processing still to do
+    #: (``Affinity.fold``; 0 without affinity).
+    prefill: float = 0.0
+
+    def hold(self, patience: float) -> float:
+        """Seconds a request should have waited before taking this option.
+
+        ``patience`` times its reload penalty; and the prompt caches it
+        throws away in full: waiting that long for something cheaper to
+        free costs the request no more than taking it now costs the
+        sessions it evicts (rent before buying, whatever ``patience``).
+        """
+        return (self.penalty - self.caches) * patience + self.caches
 
 
 @attrs.frozen
@@ -80,6 +99,9 @@ class Predictor:
     horizon: float = 600.0
     #: Guarded models (they thrashed lately) cost this many times their reload.
     thrash: ThrashLog | None = None
+    #: What an eviction throws away of the prompt caches
+    #: (``Affinity.eviction_cost``); None: nothing counted.
+    caches: CacheCost | None = None
 
     def size(self, model_id: str) -> int:
         entry = self.state.catalogue.models.get(model_id)
@@ -134,8 +156,20 @@ class Predictor:
         new = 1.0 - math.exp(-RETURN_HORIZON / between) if between else 0.0
         return 1.0 - (1.0 - going_on) * (1.0 - new)
 
+    def cache_cost(self, neuron: NeuronState, victim: str) -> float:
+        """Expected seconds of prompt processing that evicting ``victim`` from ``neuron`` costs.
+
+        The sessions it holds the prompts of re-prefill them wherever they
+        go next, another replica or not: unlike a reload, this is not shared.
+        """
+        return self.caches(neuron, victim) if self.caches is not None else 0.0
+
     def penalty(self, neuron: NeuronState, victim: str, now: float) -> float:
-        """Expected seconds of reload that evicting ``victim`` from ``neuron`` now costs later."""
+        """Expected seconds that evicting ``victim`` from ``neuron`` now costs later.
+
+        Its reload, times the chance it is asked for again (a tenth of that
+        when another replica holds it), plus the prompt cache it throws away.
+        """
         idle = self.state.clock() - neuron.recency(victim)
         cost = self.return_chance(victim, idle, now) * self.load(neuron, victim)
         if self.thrash is not None and self.thrash.guarded(victim, now):
@@ -144,7 +178,8 @@ class Predictor:
             n is not neuron and n.routable and n.status_of(victim) == LOADED
             for n in self.state.neurons.values()
         )
-        return cost * REPLICA_PENALTY if others else cost
+        reload = cost * REPLICA_PENALTY if others else cost
+        return reload + self.cache_cost(neuron, victim)
 
     def cold(
         self, neuron: NeuronState, model_id: str, plan: Plan, now: float
