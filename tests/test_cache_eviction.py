@@ -8,6 +8,7 @@ then a seeded replay in ``cortex.sim``.
 from __future__ import annotations
 
 import math
+import pathlib
 from typing import Any
 
 import attrs
@@ -40,6 +41,10 @@ from cortex.gateway.scheduler import (
 )
 from cortex.gateway.state import FleetState, NeuronState
 from cortex.harness import PromptCacheStatistics
+from cortex.sim.fleet import FleetFile
+from cortex.sim.replay import replay
+from cortex.sim.report import Row, sessions_table
+from cortex.sim.trace import TraceSettings, generate
 from tests.test_scheduling import GIB, NOW, gpu, router
 
 #: trio time of every decision here.
@@ -300,3 +305,35 @@ async def test_the_router_measures_the_prefill_rate_from_free_slots_only(
     r.release(waiting, "m", first_token_s=4.4)
     assert tokens.count == 5 and tokens.value == pytest.approx(1_580 + 0.3 * (3_000 - 1_580))
     assert seconds.value == pytest.approx(0.41 + 0.3 * (0.4 - 0.41))
+
+
+AGENTS_FLEET = pathlib.Path(__file__).resolve().parent.parent / "contrib" / "sim" / "agents.toml"
+
+
+def test_ordinary_traffic_throws_fewer_agent_caches_away_at_about_the_same_cold_loads() -> None:
+    # The README's agents workload, half as long: 40 agent sessions on
+    # Qwen3-8B among ordinary traffic at twice the fleet's memory.
+    fleet = FleetFile.read(AGENTS_FLEET)
+    settings = TraceSettings(
+        duration=1800,
+        seed=1,
+        agents=40,
+        turns=20,
+        agent_spread=300,
+        agent_model="Qwen/Qwen3-8B",
+    )
+    trace = generate(fleet, settings)
+    weighed = replay(fleet, trace, "predictive", seed=0)
+    blind = replay(fleet, trace, "predictive", seed=0, routing={"weigh_caches": False})
+    blind.policy = "predictive, weigh_caches off"
+    print(sessions_table([weighed, blind]))
+    on, off = Row.of(weighed), Row.of(blind)
+    assert on.unserved == off.unserved == 0
+    # Measured: 1.54M against 1.99M tokens dropped; 74% against 60% of later
+    # turns' prompts read from cache; 372 against 455 later turns missing
+    # part of their conversation; 177 against 172 cold loads (seeds 0-2:
+    # 171-177 against 164-178).
+    assert weighed.dropped_tokens < 0.85 * blind.dropped_tokens
+    assert on.cached_later > off.cached_later + 0.08
+    assert on.missed < 0.9 * off.missed
+    assert weighed.cold_loads <= 1.05 * blind.cold_loads
