@@ -288,13 +288,46 @@ async def test_a_request_held_by_patience_does_not_block_others() -> None:
 
 
 def test_the_patience_limit_follows_the_tail_of_requests_not_held() -> None:
-    r = router(gpu("a", 24 * GIB), models=[M], patience=1.0)
+    r = router(gpu("a", 24 * GIB), models=[M], patience=1.0, patience_tail=99.0)
     assert r.policy.patience_limit() == 10.0  # too few requests measured yet
     for n in range(200):
         r.observations.record_first_token(0.5 if n % 50 else 30.0)
     # The slowest 1% (here 2% take 30 s): held to 30 s at most.
     assert r.policy.patience_limit() == 30.0
     assert router(gpu("a", 24 * GIB), models=[M], patience_limit=7.0).policy.patience_limit() == 7
+
+
+def test_the_patience_limit_is_the_slowest_3_percent_by_default() -> None:
+    r = router(gpu("a", 24 * GIB), models=[M], patience=1.0)
+    assert r.config.routing.patience_tail == 97.0
+    for n in range(200):
+        r.observations.record_first_token(0.5 if n % 50 else 30.0)
+    # 2% take 30 s, the 97th percentile is 0.5 s: the floor.
+    assert r.policy.patience_limit() == 10.0
+    for n in range(100):
+        r.observations.record_first_token(20.0 if n % 10 == 0 else 0.5)
+    # Of 300, 4 take 30 s and 10 take 20 s: the slowest 3% (9) start at 20 s.
+    assert r.policy.patience_limit() == 20.0
+    assert router(gpu("a", 24 * GIB), models=[M], patience_tail=50.0).policy.patience_limit() == 10
+
+
+def test_patience_tail_is_a_percentile() -> None:
+    with pytest.raises(ValueError):
+        RoutingSection(patience_tail=0)
+    with pytest.raises(ValueError):
+        RoutingSection(patience_tail=100.5)
+
+
+async def test_a_thrash_window_of_zero_counts_idle_models_as_gone() -> None:
+    a = gpu("a", 16 * GIB, ("old", 12 * GIB, 5))
+    r = router(a, models=[M, CatalogModel(id="old", vram_mb=12 * GIB)], thrash_window=0)
+    t = trio.current_time()
+    r.observations.record_arrival("old", t - 10)
+    r.observations.record_arrival("old", t - 5)  # a gap within its session measured
+    decision = decide(r, "m")
+    assert decision.route.kind == "evict" and decision.route.penalty == 0
+    with pytest.raises(ValueError):
+        RoutingSection(thrash_window=-1)
 
 
 async def test_patience_zero_evicts_at_once() -> None:

@@ -28,12 +28,12 @@ Policies (``[routing] policy``):
   for others wait and are served together. With ``patience``, a request
   waits before an eviction that its penalty times ``patience`` is more than
   it has waited, never so long that its first token would come later than
-  ``patience_limit`` (by default: the slowest 1% of the requests it did not
-  hold); a request held so claims no room, and others take what frees
-  meanwhile. When the predicted wait on a model's replicas has stayed above
-  ``scale_out_wait`` for ``scale_out_after`` seconds and a neuron has room
-  (or only stale models to evict), a further replica is loaded; it goes
-  again after ``scale_in_idle`` seconds idle.
+  ``patience_limit`` (by default: the slowest 3% of the requests it did not
+  hold, ``patience_tail``); a request held so claims no room, and others
+  take what frees meanwhile. When the predicted wait on a model's replicas
+  has stayed above ``scale_out_wait`` for ``scale_out_after`` seconds and a
+  neuron has room (or only stale models to evict), a further replica is
+  loaded; it goes again after ``scale_in_idle`` seconds idle.
 - ``fixed``: loaded > loading > cold load, evicting by [eviction] strategy:
   the order LocalAI and most gateways use. No queue: 503 when nothing fits.
 - ``static``: every model has one home neuron (llama-swap's groups) where it
@@ -66,7 +66,6 @@ from cortex.gateway.scheduler.observations import (
     GUARD_FACTOR,
     LOAD_OVERHEAD_S,
     PATIENCE_LIMIT_FLOOR,
-    PATIENCE_TAIL,
     PREFILL_ENOUGH,
     PREFILL_SAMPLE_TOKENS,
     PRIOR_COMPLETION_TOKENS,
@@ -106,7 +105,6 @@ __all__ = [
     "GUARD_FACTOR",
     "LOAD_OVERHEAD_S",
     "PATIENCE_LIMIT_FLOOR",
-    "PATIENCE_TAIL",
     "POLICIES",
     "PREFILL_ENOUGH",
     "PREFILL_SAMPLE_TOKENS",

@@ -41,9 +41,8 @@ PREFILL_ENOUGH = 3
 FIRST_TOKEN_WINDOW = 1000
 #: ... and how many must have been measured before that tail is trusted.
 FIRST_TOKEN_ENOUGH = 100
-#: ... that tail's percentile ...
-PATIENCE_TAIL = 99.0
-#: ... and the least of it (also used until enough requests were measured), seconds.
+#: ... and the least of that tail (its percentile: ``[routing] patience_tail``;
+#: also used until enough requests were measured), seconds.
 PATIENCE_LIMIT_FLOOR = 10.0
 
 

@@ -11,7 +11,6 @@ from cortex.config import GatewayConfig
 from cortex.gateway.evictor import Spare, VictimKey
 from cortex.gateway.scheduler.observations import (
     PATIENCE_LIMIT_FLOOR,
-    PATIENCE_TAIL,
 )
 from cortex.gateway.scheduler.predictor import Decision, Option, Predictor, slots_of
 from cortex.gateway.scheduler.queue import WaitQueue
@@ -272,14 +271,20 @@ class PredictivePolicy(Policy):
     def patience_limit(self) -> float:
         """Seconds to first token that patience may hold a request to.
 
-        ``patience_limit`` when set; else the slowest 1% of the requests
-        patience did not hold (cold loads of big models, busy replicas):
-        holding others no longer than that leaves the p99 about where it is.
+        ``patience_limit`` when set; else the ``patience_tail`` percentile
+        of the times to first token of the requests patience did not hold
+        (cold loads of big models, busy replicas). Held requests then come
+        no later than the slowest 3% (by default) of the others: the p99
+        stays about where it is. At the 99th percentile itself they crowd
+        just under it, and what holding costs the rest (requests wait for
+        room behind the loads it delays) lifts it: on the generator's
+        traces ``patience = 30`` then ends above ``fixed``'s p99 on two
+        seeds in five; at the 97th, on none.
         """
-        limit = self.config.routing.patience_limit
-        if limit is not None:
-            return limit
-        tail = self.predictor.observations.first_token_percentile(PATIENCE_TAIL)
+        routing = self.config.routing
+        if routing.patience_limit is not None:
+            return routing.patience_limit
+        tail = self.predictor.observations.first_token_percentile(routing.patience_tail)
         return max(PATIENCE_LIMIT_FLOOR, tail or 0.0)
 
     def slot_wait(self, model_id: str, replicas: list[NeuronState], ahead: int) -> float:

@@ -151,7 +151,8 @@ class Predictor:
         """
         gap = self.observations.mean_interarrival(model_id)
         scale = min(max(3.0 * gap, 30.0), self.horizon) if gap is not None else 60.0
-        going_on = math.exp(-max(idle, 0.0) / scale)
+        # A horizon of 0 (thrash_window = 0): an idle model is as good as gone.
+        going_on = math.exp(-max(idle, 0.0) / scale) if scale > 0 else 0.0
         between = self.observations.session_gap(model_id, now)
         new = 1.0 - math.exp(-RETURN_HORIZON / between) if between else 0.0
         return 1.0 - (1.0 - going_on) * (1.0 - new)
