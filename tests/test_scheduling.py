@@ -311,6 +311,22 @@ def test_the_patience_limit_is_the_slowest_3_percent_by_default() -> None:
     assert router(gpu("a", 24 * GIB), models=[M], patience_tail=50.0).policy.patience_limit() == 10
 
 
+def test_the_first_token_tail_follows_every_new_sample() -> None:
+    observations = scheduler.Observations()
+    for n in range(scheduler.FIRST_TOKEN_WINDOW):
+        observations.record_first_token(float(n % 100))
+    assert observations.first_token_percentile(99.0) == 98.0
+    assert observations.first_token_percentile(50.0) == 49.0
+    # A new sample counts at once (and the oldest, a 0, leaves the window).
+    observations.record_first_token(500.0)
+    assert observations.first_token_percentile(50.0) == 50.0
+    for _ in range(19):
+        observations.record_first_token(500.0)
+    assert observations.first_token_percentile(99.0) == 500.0
+    assert observations.first_token_percentile(97.0) == 98.0
+    assert observations.first_token_percentile(50.0) == 51.0
+
+
 def test_patience_tail_is_a_percentile() -> None:
     with pytest.raises(ValueError):
         RoutingSection(patience_tail=0)

@@ -96,6 +96,10 @@ class Observations:
     first_token: collections.deque[float] = attrs.field(
         factory=lambda: collections.deque(maxlen=FIRST_TOKEN_WINDOW)
     )
+    #: ``first_token`` in order, kept until the next sample: every held
+    #: request asks for the tail at each decision, far more often than
+    #: requests end.
+    _first_token_ordered: list[float] | None = attrs.field(default=None, init=False)
 
     def record_load(self, neuron: str, model_id: str, size_mb: int, seconds: float) -> None:
         seconds = max(seconds, 1e-3)
@@ -139,12 +143,15 @@ class Observations:
 
     def record_first_token(self, seconds: float) -> None:
         self.first_token.append(seconds)
+        self._first_token_ordered = None
 
     def first_token_percentile(self, q: float) -> float | None:
         """The ``q``-th percentile of ``first_token``; None until ``FIRST_TOKEN_ENOUGH`` came."""
         if len(self.first_token) < FIRST_TOKEN_ENOUGH:
             return None
-        ordered = sorted(self.first_token)
+        ordered = self._first_token_ordered
+        if ordered is None:
+            ordered = self._first_token_ordered = sorted(self.first_token)
         return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
     def record_arrival(self, model_id: str, now: float) -> None:
