@@ -288,7 +288,7 @@ async def test_a_request_held_by_patience_does_not_block_others() -> None:
 
 
 def test_the_patience_limit_follows_the_tail_of_requests_not_held() -> None:
-    r = router(gpu("a", 24 * GIB), models=[M], patience=1.0, patience_tail=99.0)
+    r = router(gpu("a", 24 * GIB), models=[M], patience=1.0)
     assert r.policy.patience_limit() == 10.0  # too few requests measured yet
     for n in range(200):
         r.observations.record_first_token(0.5 if n % 50 else 30.0)
@@ -297,9 +297,9 @@ def test_the_patience_limit_follows_the_tail_of_requests_not_held() -> None:
     assert router(gpu("a", 24 * GIB), models=[M], patience_limit=7.0).policy.patience_limit() == 7
 
 
-def test_the_patience_limit_is_the_slowest_3_percent_by_default() -> None:
-    r = router(gpu("a", 24 * GIB), models=[M], patience=1.0)
-    assert r.config.routing.patience_tail == 97.0
+def test_patience_tail_sets_the_percentile_of_the_limit() -> None:
+    assert RoutingSection().patience_tail == 99.0
+    r = router(gpu("a", 24 * GIB), models=[M], patience=1.0, patience_tail=97.0)
     for n in range(200):
         r.observations.record_first_token(0.5 if n % 50 else 30.0)
     # 2% take 30 s, the 97th percentile is 0.5 s: the floor.

@@ -28,8 +28,8 @@ Policies (``[routing] policy``):
   for others wait and are served together. With ``patience``, a request
   waits before an eviction that its penalty times ``patience`` is more than
   it has waited, never so long that its first token would come later than
-  ``patience_limit`` (by default: the slowest 3% of the requests it did not
-  hold, ``patience_tail``); a request held so claims no room, and others
+  ``patience_limit`` (by default: the slowest 1% of the requests it did not
+  hold; ``patience_tail`` sets the percentile); a request held so claims no room, and others
   take what frees meanwhile. When the predicted wait on a model's replicas
   has stayed above ``scale_out_wait`` for ``scale_out_after`` seconds and a
   neuron has room (or only stale models to evict), a further replica is

@@ -273,13 +273,13 @@ class PredictivePolicy(Policy):
 
         ``patience_limit`` when set; else the ``patience_tail`` percentile
         of the times to first token of the requests patience did not hold
-        (cold loads of big models, busy replicas). Held requests then come
-        no later than the slowest 3% (by default) of the others: the p99
-        stays about where it is. At the 99th percentile itself they crowd
-        just under it, and what holding costs the rest (requests wait for
-        room behind the loads it delays) lifts it: on the generator's
-        traces ``patience = 30`` then ends above ``fixed``'s p99 on two
-        seeds in five; at the 97th, on none.
+        (cold loads of big models, busy replicas), the 99th by default:
+        held requests then come no later than the slowest 1% of the others
+        and the p99 stays about where it is. But they crowd just under it,
+        and what holding costs the rest (requests wait for room behind the
+        loads it delays) lifts it: on the generator's traces
+        ``patience = 30`` ends above ``fixed``'s p99 on two seeds in five;
+        held to the 97th percentile, on none.
         """
         routing = self.config.routing
         if routing.patience_limit is not None:
