@@ -1,0 +1,144 @@
+"""Idle slots' cached prefixes: what they cost a stream decoding beside them.
+
+A slot keeps the KV cells of its last sequence for prefix reuse. With the
+unified KV pool (``kv_unified = true``, the default) llama.cpp computes a
+step's attention over every cell up to the highest one in use, masked to
+each sequence's own cells, so the cells idle slots keep are attended to by
+every stream that decodes: the more cached prefixes a model holds, the
+slower each token. Per-sequence streams (``kv_unified = false``) give each
+slot its own cells, at ``parallel`` times the KV memory.
+
+Loads the SmolLM2 demo through the llamacpp engine once per candidate and,
+in interleaved rounds, times one stream alone (a fresh prompt of
+``--prompt-tokens`` words, ``--tokens`` greedy tokens): on ``parallel 1``,
+and on ``parallel N`` before and after ``--fill`` idle slots were given
+cached sequences of ``--fill-tokens`` words each. Prints the median time
+to first token and decode tokens/s of each and their ratio to
+``parallel 1``.
+
+    .venv/bin/python contrib/bench/idle_slots.py [--parallel 8] [--fill 7]
+        [--fill-tokens 1200] [--n-ctx 2048] [--rounds 5] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+SENTENCE = (
+    "the system reads each request and checks the file before it writes a new version "
+    "of the module while tests run in parallel on every change that reaches the branch"
+)
+WORDS = SENTENCE.split(" ")
+
+
+def text(seed: int, words: int) -> str:
+    return " ".join(WORDS[(seed * 7 + i) % len(WORDS)] for i in range(words)) + f" ({seed})"
+
+
+def load(pm: Any, path: str, options: dict[str, Any]) -> Any:
+    from cortex.harness import LoadSpec, Placement
+
+    spec = LoadSpec(model_id="bench", path=path, options=options)
+    return pm.hook.cortex_harness_load(spec=spec, placement=Placement())
+
+
+def stream(model: Any, prompt: str, tokens: int) -> tuple[float, float]:
+    """(seconds to the first token, decode tokens/s after it), greedy."""
+    from cortex.harness import Sampling
+
+    started = time.perf_counter()
+    first = end = started
+    n = 0
+    iterator = model.generate(model.tokenize(prompt), Sampling(temperature=0.0))
+    try:
+        for _ in iterator:
+            n += 1
+            end = time.perf_counter()
+            if n == 1:
+                first = end
+            if n == tokens:
+                break
+    finally:
+        iterator.close()
+    return first - started, (n - 1) / max(end - first, 1e-9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parallel", type=int, default=8)
+    parser.add_argument("--fill", type=int, default=7, help="idle slots given a cached sequence")
+    parser.add_argument("--fill-tokens", type=int, default=1200)
+    parser.add_argument("--n-ctx", type=int, default=2048, help="context of one sequence")
+    parser.add_argument("--prompt-tokens", type=int, default=200)
+    parser.add_argument("--tokens", type=int, default=96)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+
+    from cortex.harness import plugin_manager
+    from cortex.neuron import sources
+
+    pm = plugin_manager()
+    path = str(sources.resolve(sources.DEMO))
+    base = {"n_threads": args.threads, "n_ctx": args.n_ctx}
+    # The unified pool gets the same cells as the split streams have in
+    # all, so neither runs out of room for the idle slots' sequences.
+    cells = args.n_ctx * args.parallel
+    unified = {"parallel": args.parallel, "kv_cells": cells}
+    split = {"parallel": args.parallel, "kv_unified": False}
+    candidates = {
+        "parallel 1": (base | {"parallel": 1}, False),
+        f"parallel {args.parallel}, unified, idle slots empty": (base | unified, False),
+        f"parallel {args.parallel}, unified, {args.fill} idle slots cached": (base | unified, True),
+        f"parallel {args.parallel}, per-slot streams, idle slots empty": (base | split, False),
+        f"parallel {args.parallel}, per-slot streams, {args.fill} idle slots cached": (
+            base | split,
+            True,
+        ),
+    }
+    # Filled candidates stay loaded (their idle slots keep what they were
+    # given; each round's prompt takes a slot of its own or the last
+    # round's). Empty ones are loaded afresh every round, so no earlier
+    # round's sequence stays cached beside the stream.
+    models = {}
+    for name, (options, fill) in candidates.items():
+        if fill:
+            model = models[name] = load(pm, path, options)
+            for i in range(args.fill):
+                stream(model, text(1000 + i, args.fill_tokens), 2)
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in candidates}
+    for round_ in range(args.rounds):
+        prompt = f"Round {round_}: tell a long story. " + text(round_, args.prompt_tokens)
+        for name, (options, fill) in candidates.items():
+            if fill:
+                results[name].append(stream(models[name], prompt, args.tokens))
+                continue
+            model = load(pm, path, options)
+            try:
+                results[name].append(stream(model, prompt, args.tokens))
+            finally:
+                model.unload()
+    print(
+        f"SmolLM2 demo, {args.threads} thread(s), one stream alone: "
+        f"{args.prompt_tokens}-word prompt, {args.tokens} greedy tokens; "
+        f"{args.fill} idle slots of {args.fill_tokens} words; median of {args.rounds} rounds"
+    )
+    print(f"{'':<56}{'TTFT ms':>9}{'decode tok/s':>14}{'TTFT x':>8}{'decode x':>10}")
+    first = None
+    for name, rows in results.items():
+        ttft = statistics.median(r[0] for r in rows)
+        rate = statistics.median(r[1] for r in rows)
+        first = first or (ttft, rate)
+        print(
+            f"{name:<56}{ttft * 1000:>9.0f}{rate:>14.1f}"
+            f"{ttft / first[0]:>8.2f}{rate / first[1]:>10.2f}"
+        )
+    for model in models.values():
+        model.unload()
+
+
+if __name__ == "__main__":
+    main()
