@@ -14,16 +14,21 @@ in interleaved rounds, times one stream alone (a fresh prompt of
 and on ``parallel N`` before and after ``--fill`` idle slots were given
 cached sequences of ``--fill-tokens`` words each. Prints the median time
 to first token and decode tokens/s of each and their ratio to
-``parallel 1``.
+``parallel 1``. ``--concurrent 2 4 8`` then times that many streams started
+at once on fresh models, unified pool against per-slot streams (which
+split a step into one pass per run of consecutive busy slots): median time
+to first token and tokens/s in all.
 
     .venv/bin/python contrib/bench/idle_slots.py [--parallel 8] [--fill 7]
         [--fill-tokens 1200] [--n-ctx 2048] [--rounds 5] [--threads 1]
+        [--concurrent 2 4 8]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import threading
 import time
 from typing import Any
 
@@ -66,6 +71,26 @@ def stream(model: Any, prompt: str, tokens: int) -> tuple[float, float]:
     return first - started, (n - 1) / max(end - first, 1e-9)
 
 
+def together(model: Any, n: int, round_: int, words: int, tokens: int) -> tuple[float, float]:
+    """(median seconds to first token, tokens/s in all) of ``n`` streams started at once."""
+    results: list[tuple[float, float]] = [(0.0, 0.0)] * n
+    barrier = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        prompt = f"Round {round_}, stream {i}: " + text(round_ * 100 + i, words)
+        results[i] = stream(model, prompt, tokens)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    return statistics.median(r[0] for r in results), n * (tokens - 1) / wall
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parallel", type=int, default=8)
@@ -76,6 +101,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--concurrent", type=int, nargs="*", default=[])
     args = parser.parse_args()
 
     from cortex.harness import plugin_manager
@@ -138,6 +164,22 @@ def main() -> None:
         )
     for model in models.values():
         model.unload()
+    if not args.concurrent:
+        return
+    print(f"\nstreams started at once on a fresh model, median of {args.rounds} rounds")
+    print(f"{'':<40}{'TTFT p50 ms':>13}{'tokens/s':>10}")
+    for n in args.concurrent:
+        for name, options in (("unified", base | unified), ("per-slot streams", base | split)):
+            rows = []
+            for round_ in range(args.rounds):
+                model = load(pm, path, options)
+                try:
+                    rows.append(together(model, n, round_, args.prompt_tokens, args.tokens))
+                finally:
+                    model.unload()
+            ttft = statistics.median(r[0] for r in rows)
+            rate = statistics.median(r[1] for r in rows)
+            print(f"{f'{n} streams, {name}':<40}{ttft * 1000:>13.0f}{rate:>10.1f}")
 
 
 if __name__ == "__main__":
