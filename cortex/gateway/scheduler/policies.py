@@ -235,7 +235,15 @@ class PredictivePolicy(Policy):
         free = [o for o in loaded if o.neuron.busy(model_id) < slots_of(o.neuron, model_id)]
         spare_slots = sum(slots_of(o.neuron, model_id) - o.neuron.busy(model_id) for o in free)
         if spare_slots > ahead:
-            return Decision(min(free, key=rank))
+            best = min(free, key=rank)
+            # A saturated replica that holds the prompt (session affinity
+            # folded in) may still be sooner than processing it elsewhere:
+            # then wait for a slot there.
+            full = [o for o in loaded if o not in free]
+            home = min(full, key=rank, default=None)
+            if home is not None and home.predicted < best.predicted:
+                return Decision(None, slot=True, expected=home.predicted)
+            return Decision(best)
         expected = self.slot_wait(model_id, [o.neuron for o in loaded], ahead)
         routing = self.config.routing
         # Scale out once requests have waited scale_out_after and the wait
