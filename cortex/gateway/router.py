@@ -259,7 +259,10 @@ class Router:
         The optional figures (time to first token since the request came,
         completion tokens and the seconds spent decoding them) sharpen the
         predictions; without them the router learns from how long requests
-        hold their route. ``prompt``: the one given to ``acquire``.
+        hold their route. ``prompt``: the one given to ``acquire``; a
+        caller that routes with a prompt must pass it here too (or to
+        ``answering`` first), or its prompt processing stays counted
+        against the neuron (``Affinity.pending``).
         """
         self.affinity.answered(neuron.name, model_id, prompt)
         neuron.end_request(model_id, now=self.state.clock())
