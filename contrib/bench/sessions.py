@@ -36,7 +36,8 @@ as one neuron, and a context of ``--parallel`` times the longest session.
     .venv/bin/python contrib/bench/sessions.py [--sessions 4 10] [--turns 3]
         [--max-tokens 8] [--threads 1] [--parallel 4] [--kv-cells 20480]
         [--host-cache-mb MB] [--tiers host slots] [--neurons 1|2]
-        [--routing affinity least-loaded] [--llama-server BIN] [--json out.json]
+        [--routing affinity least-loaded] [--llama-server BIN [--no-cortex]]
+        [--json out.json]
 """
 
 from __future__ import annotations
