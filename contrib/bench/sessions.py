@@ -108,8 +108,11 @@ def wait_until(check, what: str, proc: subprocess.Popen, timeout: float = 180) -
 
 
 @contextmanager
-def process(command: list[str]) -> Iterator[subprocess.Popen]:
-    proc = subprocess.Popen(command)
+def process(command: list[str], log: int | None = None) -> Iterator[subprocess.Popen]:
+    """``command`` running; ``log``: a file its output goes to (default: ours)."""
+    proc = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT if log is not None else None
+    )
     try:
         yield proc
     finally:
@@ -206,9 +209,19 @@ def llama_server(args: argparse.Namespace) -> Iterator[str]:
         "-t", str(args.threads), "-tb", str(args.threads), "--log-disable",
     ]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    with process(command) as proc, httpx.Client(base_url=url, timeout=10) as client:
-        wait_until(lambda: client.get("/health").status_code == 200, "llama-server", proc)
-        yield url
+    # It logs every request even with --log-disable: kept aside, shown if it fails to start.
+    with tempfile.TemporaryFile() as log:
+        with (
+            process(command, log.fileno()) as proc,
+            httpx.Client(base_url=url, timeout=10) as client,
+        ):
+            try:
+                wait_until(lambda: client.get("/health").status_code == 200, "llama-server", proc)
+            except SystemExit:
+                log.seek(0)
+                sys.stderr.write(log.read()[-4000:].decode(errors="replace"))
+                raise
+            yield url
 
 
 def text_of(tokens: int, rng: random.Random, count: Callable[[str], int]) -> str:
