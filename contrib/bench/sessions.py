@@ -206,10 +206,10 @@ def llama_server(args: argparse.Namespace) -> Iterator[str]:
         args.llama_server, "-m", demo_path(), "-a", MODEL, "--host", "127.0.0.1",
         "--port", str(port), "-np", str(args.parallel), "-c", str(per_slot * args.parallel),
         "--cache-ram", str(LLAMA_SERVER_CACHE_RAM), "--no-repack",
-        "-t", str(args.threads), "-tb", str(args.threads), "--log-disable",
+        "-t", str(args.threads), "-tb", str(args.threads),
     ]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    # It logs every request even with --log-disable: kept aside, shown if it fails to start.
+    # Its log is kept aside, shown when it fails (and how it exited).
     with tempfile.TemporaryFile() as log:
         with (
             process(command, log.fileno()) as proc,
@@ -217,11 +217,12 @@ def llama_server(args: argparse.Namespace) -> Iterator[str]:
         ):
             try:
                 wait_until(lambda: client.get("/health").status_code == 200, "llama-server", proc)
-            except SystemExit:
+                yield url
+            except BaseException:
                 log.seek(0)
                 sys.stderr.write(log.read()[-4000:].decode(errors="replace"))
+                sys.stderr.write(f"llama-server: exit status {proc.poll()}\n")
                 raise
-            yield url
 
 
 def text_of(tokens: int, rng: random.Random, count: Callable[[str], int]) -> str:
@@ -265,7 +266,12 @@ def cached_of(chunk: dict) -> int | None:
 
 
 async def run_sessions(
-    url: str, args: argparse.Namespace, n: int, system: str, documents: list[str]
+    url: str,
+    args: argparse.Namespace,
+    n: int,
+    system: str,
+    documents: list[str],
+    keepalive: bool = True,
 ) -> list[Turn]:
     conversations = [
         [
@@ -278,7 +284,8 @@ async def run_sessions(
     in_flight = trio.Semaphore(args.concurrency)
 
     # No read timeout: on a busy machine a queued first turn waits minutes.
-    async with httpx.AsyncClient(base_url=url, timeout=None) as client:
+    limits = httpx.Limits(max_keepalive_connections=None if keepalive else 0)
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
 
         async def one(session: int, turn: int) -> None:
             messages = conversations[session]
@@ -422,11 +429,11 @@ def texts(n: int, args: argparse.Namespace, count: Callable[[str], int]) -> tupl
 
 
 def measure(
-    url: str, args: argparse.Namespace, n: int, count: Callable[[str], int]
+    url: str, args: argparse.Namespace, n: int, count: Callable[[str], int], keepalive: bool = True
 ) -> tuple[list[Turn], float]:
     system, documents = texts(n, args, count)
     started = time.perf_counter()
-    turns = trio.run(run_sessions, url, args, n, system, documents)
+    turns = trio.run(run_sessions, url, args, n, system, documents, keepalive)
     return turns, time.perf_counter() - started
 
 
@@ -454,7 +461,9 @@ def run_cortex(
 
 def run_llama_server(args: argparse.Namespace, n: int) -> tuple[Row, list[Turn]]:
     with llama_server(args) as url, httpx.Client(base_url=url, timeout=30) as client:
-        turns, wall = measure(url, args, n, counter(client, "llama-server"))
+        # Its HTTP server drops idle keep-alive connections (after 5 s) with
+        # no answer to a request just sent on one: a new connection each.
+        turns, wall = measure(url, args, n, counter(client, "llama-server"), keepalive=False)
     return Row(
         sessions=n,
         mode="llama-server",
