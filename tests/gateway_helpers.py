@@ -99,6 +99,8 @@ class FakeNeuron:
     hold: trio.Event | None = None
     #: Model ids whose load fails.
     failing: set[str] = attrs.field(factory=set)
+    #: The ``parallel`` (slots) each loaded model reports.
+    parallel: int = 1
 
     loaded: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     loading: dict[str, trio.Event] = attrs.field(factory=dict)
@@ -140,6 +142,7 @@ class FakeNeuron:
             "in_flight": 0,
             "queued": 0,
             "n_ctx": 4096,
+            "parallel": self.parallel,
             "error": None,
         }
 

@@ -1,12 +1,18 @@
-"""contrib/: the systemd units and the RPM spec.
+"""contrib/: the systemd units, the RPM spec and the sessions bench.
 
 The units are parsed for the keys operators rely on (hardening, the drain on
 SIGTERM, GPU access) and, where systemd-analyze exists, verified by systemd
-itself; the spec is parsed by ``rpmspec -P`` where rpm is installed.
+itself; the spec is parsed by ``rpmspec -P`` where rpm is installed. The
+sessions bench runs at a tiny size over two neurons behind a gateway, so it
+cannot rot unseen; llama-server beside it only where ``CORTEX_LLAMA_SERVER``
+names a binary.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -22,6 +28,7 @@ from cortex.cli import build_parser
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "contrib" / "systemd"
 SPEC = ROOT / "contrib" / "rpm" / "cortex.spec"
+SESSIONS_BENCH = ROOT / "contrib" / "bench" / "sessions.py"
 UNITS = {"neuron": "cortex-neuron.service", "gateway": "cortex-gateway.service"}
 
 
@@ -187,3 +194,49 @@ def test_rpm_spec_parses() -> None:
         assert installed in parsed
     for config in ("cortex.toml", "neuron.toml", "models.toml"):
         assert f"%config(noreplace) %attr(0640,root,cortex) /etc/cortex/{config}" in parsed
+
+
+@pytest.mark.slow
+def test_sessions_bench_over_two_neurons(tmp_path: Path, smollm2_path: Path) -> None:
+    """Two sessions, two turns, each routing: the table, the JSON, every turn accounted for."""
+    out = tmp_path / "sessions.json"
+    sessions, turns = 2, 2
+    command = [
+        sys.executable, str(SESSIONS_BENCH), "--sessions", str(sessions), "--turns", str(turns),
+        "--system", "160", "--document", "40", "--max-tokens", "2", "--tiers", "host",
+        "--neurons", "2", "--n-ctx", "1024", "--kv-cells", "4096", "--json", str(out),
+    ]  # fmt: skip
+    modes = ["affinity, host", "least-loaded, host"]
+    llama_server = os.environ.get("CORTEX_LLAMA_SERVER")
+    if llama_server:
+        command += ["--llama-server", llama_server]
+        modes.append("llama-server")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    table = result.stdout[result.stdout.index("  N  mode") :].splitlines()
+    assert [line[5:27].strip() for line in table[1:]] == modes
+
+    runs = json.loads(out.read_text())
+    assert [run["row"]["mode"] for run in runs] == modes
+    for run in runs:
+        row, done = run["row"], run["turns"]
+        assert sorted((t["session"], t["turn"]) for t in done) == [
+            (s, t) for s in range(sessions) for t in range(turns)
+        ]
+        for s in range(sessions):
+            ordered = sorted((t for t in done if t["session"] == s), key=lambda t: t["turn"])
+            prompts = [t["prompt_tokens"] for t in ordered]
+            assert prompts[0] > 160 and all(a < b for a, b in itertools.pairwise(prompts))
+        # Every request counted at a neuron, and both neurons used: two
+        # sessions at once never share one replica while the other is idle.
+        assert sum(row["per_neuron"]) == sessions * turns
+        if row["mode"] != "llama-server":
+            assert len(row["per_neuron"]) == 2 and min(row["per_neuron"]) > 0
+            assert sum(row["affinity"].values()) == sessions * turns
+        # Both neurons hold the shared system prompt after the first turns; a
+        # later turn reads it from cache unless another request seated at the
+        # same moment took the slot holding it: at least one of two does.
+        later = [t for t in done if t["turn"] > 0]
+        assert max(t["cached_tokens"] for t in later) >= 120
+        assert row["later"]["cached"] > 0
+        assert row["later"]["requests"] == sessions * (turns - 1)

@@ -201,6 +201,77 @@ async def test_without_a_key_the_prefix_keeps_a_conversation_on_one_replica() ->
             assert len(set(on_p)) == len(set(on_q)) == 1 and on_p[0] != on_q[0]
 
 
+async def test_new_sessions_spread_rather_than_queue_behind_a_shared_prefix() -> None:
+    # Both replicas have a free slot; the first holds the shared system
+    # prompt, but also the first session's whole prompt still to process.
+    a, b = (
+        FakeNeuron("a", preload=[MODEL], parallel=2),
+        FakeNeuron("b", preload=[MODEL], parallel=2),
+    )
+    order = Order(a, b)
+    system = "a shared system prompt for every agent session " * 400
+    with trio.fail_after(20):
+        async with running_fleet([a, b], MODELS) as fleet:
+
+            async def send(turns: list[str]) -> None:
+                body = {"model": MODEL, "messages": [{"role": "system", "content": system}]}
+                body["messages"] += chat_turn(turns)["messages"]
+                assert (await fleet.client.post("/v1/chat/completions", json=body)).is_success
+
+            p, q = ["p-document " * 300], ["q-document " * 300]
+            await first_turns_apart(fleet, order, lambda: send(p), lambda: send(q))
+            for n in range(2):
+                p, q = [*p, f"p-next-{n}"], [*q, f"q-next-{n}"]
+                await send(q)
+                order.stamp(fleet)
+                await send(p)
+                order.stamp(fleet)
+            on_p, on_q = served(order, "p-document"), served(order, "q-document")
+            assert len(set(on_p)) == len(set(on_q)) == 1 and on_p[0] != on_q[0]
+            text = await metrics_text(fleet)
+            assert metric(text, "cortex_affinity_total", result="kept") == 4
+            # The second session's first turn left the shared prefix's replica.
+            assert metric(text, "cortex_affinity_total", result="broken") == 1
+
+
+async def test_a_long_conversation_waits_for_its_saturated_replica() -> None:
+    # Processing its whole prompt elsewhere is predicted to take longer than
+    # the slot at home takes to free (unlike the short one above).
+    a, b = two_replicas()
+    order = Order(a, b)
+    long_text = "p-conversation " + "about the first topic " * 2000
+    with trio.fail_after(20):
+        async with running_fleet([a, b], MODELS) as fleet:
+
+            async def send(turns: list[str]) -> None:
+                body = chat_turn(turns)
+                assert (await fleet.client.post("/v1/chat/completions", json=body)).is_success
+
+            await send([long_text])
+            order.stamp(fleet)
+            home = served(order, "p-conversation")[0]
+            hold = trio.Event()
+            fleet.fakes[home].hold = hold
+            async with trio.open_nursery() as nursery:
+                # A second request of the conversation takes the one slot ...
+                nursery.start_soon(send, [long_text, "second"])
+                await wait_requests(fleet, 2)
+                order.stamp(fleet)
+                # ... and the next waits at the gateway for it, not at the other.
+                nursery.start_soon(send, [long_text, "second", "third"])
+                while not metric(  # noqa: ASYNC110 (the queue's depth is only in metrics)
+                    await metrics_text(fleet), "cortex_gateway_queue_depth", model=MODEL
+                ):
+                    await trio.sleep(0.01)
+                assert sum(len(f.requests) for f in fleet.fakes.values()) == 2
+                hold.set()
+            order.stamp(fleet)
+            assert served(order, "p-conversation") == [home, home, home]
+            text = await metrics_text(fleet)
+            assert metric(text, "cortex_affinity_total", result="kept") == 2
+            assert metric(text, "cortex_affinity_total", result="broken") == 0
+
+
 def claude_body(billing: str | None) -> dict[str, Any]:
     system = [{"type": "text", "text": "You are Claude Code, a helper.", "cache_control": {}}]
     if billing is not None:

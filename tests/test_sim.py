@@ -252,13 +252,20 @@ async def test_the_router_learns_only_what_the_proxy_can_tell(
         "first_token_s": pytest.approx(0.5),
         "completion_tokens": 100,
         "decode_s": pytest.approx(1.0),
+        "prompt": None,
     }
     assert without == {
         "first_token_s": pytest.approx(0.5),
         "completion_tokens": None,
         "decode_s": None,
+        "prompt": None,
     }
-    assert whole == {"first_token_s": None, "completion_tokens": 100, "decode_s": None}
+    assert whole == {
+        "first_token_s": None,
+        "completion_tokens": 100,
+        "decode_s": None,
+        "prompt": None,
+    }
 
 
 async def test_a_closed_loop_session_waits_for_each_answer(

@@ -10,37 +10,53 @@ session's turn 2, ...), ``--concurrency`` requests in flight at once, so
 with more sessions than slots a session's slot has gone to another session
 by its next turn.
 
-Per turn it reports the time to first token (p50, from sending the request
-to the first text, streaming) and the fraction of the prompt read from the
-prompt cache (``usage.prompt_tokens_details.cached_tokens`` over
-``prompt_tokens``), first turn against later turns, and the neuron's
-prompt-cache statistics (``GET /models``). Each N runs twice: with the
-engine's host tier (``host_cache_mb``, default the engine's) and without
-it (``host_cache_mb = 0``, slots only), unless ``--tiers`` says otherwise.
+Per turn it reports the time to first token (p50 and p99, from sending the
+request to the first text, streaming) and the fraction of the prompt read
+from the prompt cache (``usage.prompt_tokens_details.cached_tokens`` over
+``prompt_tokens``), first turn against later turns, the requests each
+neuron served and its prompt-cache statistics (``GET /models``). Each N
+runs with the engine's host tier (``host_cache_mb``, default the engine's)
+and without it (``host_cache_mb = 0``, slots only), unless ``--tiers`` says
+otherwise.
 
 ``--neurons 2`` puts two neurons behind a gateway (``python -m cortex
---role gateway``, least-loaded routing) and sends the sessions there.
+--role gateway``) and sends the sessions there, once per ``--routing``:
+``affinity`` (the default ``predictive`` policy, which sends a request
+where its prefix is cached until that replica is saturated) and
+``least-loaded`` (``policy = "fixed"``: the least busy replica, blind to
+caches). The gateway's ``cortex_affinity_total`` (kept / broken / new) is
+printed beside.
+
+``--llama-server BIN`` runs the same sessions, in the same run, against
+llama.cpp's own server on one host: ``-np`` ``--parallel``, its host
+prompt cache ``--cache-ram 8192`` (its default), ``--no-repack`` (its
+repacked weights crash on CPUs with AMX), the same model file and threads
+as one neuron, and a context of ``--parallel`` times the longest session.
 
     .venv/bin/python contrib/bench/sessions.py [--sessions 4 10] [--turns 3]
         [--max-tokens 8] [--threads 1] [--parallel 4] [--kv-cells 20480]
-        [--host-cache-mb MB] [--tiers host slots] [--neurons 1|2] [--json out.json]
+        [--host-cache-mb MB] [--tiers host slots] [--neurons 1|2]
+        [--routing affinity least-loaded] [--llama-server BIN [--no-cortex]]
+        [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
+import re
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import httpx
 import trio
@@ -54,6 +70,14 @@ TEXT = (
     "configuration comes from one file with defaults for every key and a schema check "
     "the cache keeps recent results in memory and drops the oldest when it is full"
 )
+#: The gateway's routing policy for each ``--routing``.
+POLICIES = {"affinity": "predictive", "least-loaded": "fixed"}
+#: llama-server's host prompt cache, MiB: its default, named to be explicit.
+LLAMA_SERVER_CACHE_RAM = 8192
+#: Tokens a turn adds besides the reply (the question and the chat template's
+#: markers), and the template's own, for sizing llama-server's context.
+TURN_OVERHEAD = 32
+TEMPLATE_OVERHEAD = 64
 
 
 def free_port() -> int:
@@ -68,13 +92,15 @@ def demo_path() -> str:
     return str(sources.resolve(sources.DEMO))
 
 
-def wait_until(check, what: str, timeout: float = 120) -> None:
+def wait_until(check, what: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode} before it came up")
         try:
             if check():
                 return
-        except httpx.TransportError:
+        except (httpx.TransportError, ValueError, KeyError):
             pass
         if time.monotonic() > deadline:
             raise SystemExit(f"{what} did not come up in {timeout:.0f} s")
@@ -82,14 +108,13 @@ def wait_until(check, what: str, timeout: float = 120) -> None:
 
 
 @contextmanager
-def process(args: list[str], config: str) -> Iterator[None]:
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write(config)
+def process(command: list[str], log: int | None = None) -> Iterator[subprocess.Popen]:
+    """``command`` running; ``log``: a file its output goes to (default: ours)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cortex", *args, "--config", f.name, "--log-level", "warning"]
+        command, stdout=log, stderr=subprocess.STDOUT if log is not None else None
     )
     try:
-        yield
+        yield proc
     finally:
         proc.terminate()
         try:
@@ -98,6 +123,17 @@ def process(args: list[str], config: str) -> Iterator[None]:
             # A prompt step in flight can outlast the drain on a busy machine.
             proc.kill()
             proc.wait()
+
+
+@contextmanager
+def cortex(role: str, config: str) -> Iterator[subprocess.Popen]:
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(config)
+    command = [sys.executable, "-m", "cortex", "--role", role, "--config", f.name]
+    try:
+        with process([*command, "--log-level", "warning"]) as proc:
+            yield proc
+    finally:
         os.unlink(f.name)
 
 
@@ -116,36 +152,80 @@ def neuron(args: argparse.Namespace, host_cache_mb: int | None) -> Iterator[str]
         f'[[models]]\nid = "{MODEL}"\nsource = "{demo_path()}"\noptions = {{ {options} }}\n'
     )
     url = f"http://127.0.0.1:{port}"
-    with process(["--role", "neuron"], config), httpx.Client(base_url=url, timeout=10) as client:
+    with cortex("neuron", config) as proc, httpx.Client(base_url=url, timeout=10) as client:
 
         def loaded() -> bool:
             models = client.get("/models").json()
             return bool(models) and models[0]["status"] == "loaded"
 
-        wait_until(loaded, "the neuron")
+        wait_until(loaded, "the neuron", proc)
         yield url
 
 
 @contextmanager
-def gateway(neurons: list[str]) -> Iterator[str]:
-    """A gateway in front of ``neurons``; yields its URL."""
+def gateway(neurons: list[str], routing: str) -> Iterator[tuple[str, str]]:
+    """A gateway in front of ``neurons``; yields its URL and its metrics URL."""
     port, metrics = free_port(), free_port()
     config = (
         f'[gateway]\nlisten = "127.0.0.1:{port}"\nmetrics_listen = "127.0.0.1:{metrics}"\n'
+        f'[routing]\npolicy = "{POLICIES[routing]}"\n'
         + "".join(
             f'[[neurons]]\nname = "n{i}"\nendpoint = "{url}"\n' for i, url in enumerate(neurons)
         )
     )
     url = f"http://127.0.0.1:{port}"
-    with process(["--role", "gateway"], config), httpx.Client(base_url=url, timeout=10) as client:
-        wait_until(
-            lambda: any(m["id"] == MODEL for m in client.get("/v1/models").json()["data"]),
-            "the gateway",
-        )
-        yield url
+    with cortex("gateway", config) as proc, httpx.Client(base_url=url, timeout=10) as client:
+        # Every neuron polled and its model seen, or the first turns all go
+        # to the one the gateway happened to poll first.
+        def ready() -> bool:
+            health = client.get("/health").json()
+            neurons_up = [n for n in health["neurons"] if n["up"] and MODEL in n["models"]]
+            return len(neurons_up) == len(neurons)
+
+        wait_until(ready, "the gateway", proc)
+        yield url, f"http://127.0.0.1:{metrics}"
 
 
-def text_of(tokens: int, rng: random.Random, count) -> str:
+def longest_session(args: argparse.Namespace) -> int:
+    """Tokens in a session's last prompt and reply, at most."""
+    return (
+        args.system
+        + args.document
+        + TEMPLATE_OVERHEAD
+        + args.turns * (args.max_tokens + TURN_OVERHEAD)
+    )
+
+
+@contextmanager
+def llama_server(args: argparse.Namespace) -> Iterator[str]:
+    """llama.cpp's llama-server on the demo model, as the issue names it; yields its URL."""
+    port = free_port()
+    # Room for every slot's longest session, in whole 256-token pages.
+    per_slot = math.ceil(longest_session(args) / 256) * 256
+    command = [
+        args.llama_server, "-m", demo_path(), "-a", MODEL, "--host", "127.0.0.1",
+        "--port", str(port), "-np", str(args.parallel), "-c", str(per_slot * args.parallel),
+        "--cache-ram", str(LLAMA_SERVER_CACHE_RAM), "--no-repack",
+        "-t", str(args.threads), "-tb", str(args.threads),
+    ]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    # Its log is kept aside, shown when it fails (and how it exited).
+    with tempfile.TemporaryFile() as log:
+        with (
+            process(command, log.fileno()) as proc,
+            httpx.Client(base_url=url, timeout=10) as client,
+        ):
+            try:
+                wait_until(lambda: client.get("/health").status_code == 200, "llama-server", proc)
+                yield url
+            except BaseException:
+                log.seek(0)
+                sys.stderr.write(log.read()[-4000:].decode(errors="replace"))
+                sys.stderr.write(f"llama-server: exit status {proc.poll()}\n")
+                raise
+
+
+def text_of(tokens: int, rng: random.Random, count: Callable[[str], int]) -> str:
     """Words until the model's tokenizer counts ``tokens`` (within a few)."""
     words = TEXT.split()
     words = [rng.choice(words) for _ in range(tokens)]
@@ -154,6 +234,17 @@ def text_of(tokens: int, rng: random.Random, count) -> str:
     while count(" ".join(words[:n])) > tokens:
         n = int(n * 0.9)
     return " ".join(words[:n])
+
+
+def counter(client: httpx.Client, kind: str) -> Callable[[str], int]:
+    """Tokens in a text, by the server's own tokenizer (a neuron's or llama-server's)."""
+
+    def count(text: str) -> int:
+        if kind == "llama-server":
+            return len(client.post("/tokenize", json={"content": text}).json()["tokens"])
+        return client.post("/tokenize", json={"model": MODEL, "text": text}).json()["count"]
+
+    return count
 
 
 @dataclass
@@ -165,8 +256,22 @@ class Turn:
     cached_tokens: int
 
 
+def cached_of(chunk: dict) -> int | None:
+    """Prompt tokens read from cache, from a final chunk: usage, else llama-server's timings."""
+    details = (chunk.get("usage") or {}).get("prompt_tokens_details") or {}
+    if "cached_tokens" in details:
+        return details["cached_tokens"]
+    timings = chunk.get("timings") or {}
+    return timings.get("cache_n")
+
+
 async def run_sessions(
-    url: str, args: argparse.Namespace, n: int, system: str, documents: list[str]
+    url: str,
+    args: argparse.Namespace,
+    n: int,
+    system: str,
+    documents: list[str],
+    keepalive: bool = True,
 ) -> list[Turn]:
     conversations = [
         [
@@ -179,7 +284,8 @@ async def run_sessions(
     in_flight = trio.Semaphore(args.concurrency)
 
     # No read timeout: on a busy machine a queued first turn waits minutes.
-    async with httpx.AsyncClient(base_url=url, timeout=None) as client:
+    limits = httpx.Limits(max_keepalive_connections=None if keepalive else 0)
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
 
         async def one(session: int, turn: int) -> None:
             messages = conversations[session]
@@ -193,7 +299,7 @@ async def run_sessions(
             }
             started = time.perf_counter()
             first = None
-            reply, usage = [], {}
+            reply, usage, cached = [], {}, None
             async with client.stream("POST", "/v1/chat/completions", json=body) as response:
                 response.raise_for_status()
                 async for line in response.aiter_lines():
@@ -202,14 +308,15 @@ async def run_sessions(
                     chunk = json.loads(line[6:])
                     if chunk.get("usage"):
                         usage = chunk["usage"]
+                    found = cached_of(chunk)
+                    cached = found if found is not None else cached
                     for choice in chunk.get("choices") or ():
                         content = choice["delta"].get("content")
                         if content:
                             first = first or time.perf_counter()
                             reply.append(content)
             ttft = (first or time.perf_counter()) - started
-            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-            turns.append(Turn(session, turn, ttft, usage["prompt_tokens"], cached))
+            turns.append(Turn(session, turn, ttft, usage["prompt_tokens"], cached or 0))
             messages.append({"role": "assistant", "content": "".join(reply)})
             messages.append(
                 {"role": "user", "content": f"Question {turn + 2}: and what follows from that?"}
@@ -230,14 +337,53 @@ async def run_sessions(
     return turns
 
 
-def p50(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
+def quantile(values: list[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile (p99 of 30 values is their largest)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def summary(turns: list[Turn]) -> tuple[float, float, int]:
-    prompt = sum(t.prompt_tokens for t in turns)
-    cached = sum(t.cached_tokens for t in turns)
-    return p50([t.ttft for t in turns]), cached / prompt if prompt else 0.0, len(turns)
+@dataclass
+class Summary:
+    p50: float
+    p99: float
+    cached: float
+    requests: int
+
+    @classmethod
+    def of(cls, turns: list[Turn]) -> Summary:
+        prompt = sum(t.prompt_tokens for t in turns)
+        cached = sum(t.cached_tokens for t in turns)
+        ttfts = [t.ttft for t in turns]
+        return cls(
+            p50=statistics.median(ttfts) if ttfts else float("nan"),
+            p99=quantile(ttfts, 0.99),
+            cached=cached / prompt if prompt else 0.0,
+            requests=len(turns),
+        )
+
+
+@dataclass
+class Row:
+    """One N in one mode: the numbers the table prints."""
+
+    sessions: int
+    mode: str
+    first: Summary
+    later: Summary
+    wall: float
+    #: Requests each neuron (or llama-server) served, in order.
+    per_neuron: list[int]
+    #: The neurons' prompt-cache statistics (without the block hashes).
+    caches: list[dict] = field(default_factory=list)
+    #: The gateway's cortex_affinity_total by result.
+    affinity: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.later.p50 / self.first.p50 if self.first.p50 else float("nan")
 
 
 def cache_stats(url: str) -> dict:
@@ -247,7 +393,109 @@ def cache_stats(url: str) -> dict:
     return {k: v for k, v in cache.items() if k != "blocks"}
 
 
-def main() -> None:
+def affinity_counts(metrics_url: str) -> dict[str, int]:
+    """The gateway's ``cortex_affinity_total`` by result (kept, broken, new)."""
+    text = httpx.get(f"{metrics_url}/metrics", timeout=10).text
+    found = re.findall(r'^cortex_affinity_total\{result="(\w+)"\} ([0-9.e+]+)$', text, re.M)
+    return {result: int(float(value)) for result, value in found}
+
+
+@contextmanager
+def serving(
+    args: argparse.Namespace, host_cache_mb: int | None, routing: str | None
+) -> Iterator[tuple[str, list[str], str | None]]:
+    """One neuron, or two behind a gateway routing by ``routing``.
+
+    Yields (URL to send to, neuron URLs, the gateway's metrics URL or None).
+    """
+    if args.neurons == 1:
+        with neuron(args, host_cache_mb) as url:
+            yield url, [url], None
+        return
+    assert routing is not None
+    with (
+        neuron(args, host_cache_mb) as a,
+        neuron(args, host_cache_mb) as b,
+        gateway([a, b], routing) as (url, metrics),
+    ):
+        yield url, [a, b], metrics
+
+
+def texts(n: int, args: argparse.Namespace, count: Callable[[str], int]) -> tuple[str, list[str]]:
+    """The shared system prompt and each session's document (the same for every mode)."""
+    rng = random.Random(13)
+    system = text_of(args.system, rng, count)
+    return system, [text_of(args.document, rng, count) for _ in range(n)]
+
+
+def measure(
+    url: str, args: argparse.Namespace, n: int, count: Callable[[str], int], keepalive: bool = True
+) -> tuple[list[Turn], float]:
+    system, documents = texts(n, args, count)
+    started = time.perf_counter()
+    turns = trio.run(run_sessions, url, args, n, system, documents, keepalive)
+    return turns, time.perf_counter() - started
+
+
+def run_cortex(
+    args: argparse.Namespace, n: int, tier: str, routing: str | None
+) -> tuple[Row, list[Turn]]:
+    host_cache_mb = 0 if tier == "slots" else args.host_cache_mb
+    with serving(args, host_cache_mb, routing) as (url, neuron_urls, metrics):
+        with httpx.Client(base_url=neuron_urls[0], timeout=30) as client:
+            turns, wall = measure(url, args, n, counter(client, "neuron"))
+        caches = [cache_stats(u) for u in neuron_urls]
+        affinity = affinity_counts(metrics) if metrics else {}
+    mode = f"{routing or '1 neuron'}, {tier}"
+    return Row(
+        sessions=n,
+        mode=mode,
+        first=Summary.of([t for t in turns if t.turn == 0]),
+        later=Summary.of([t for t in turns if t.turn > 0]),
+        wall=wall,
+        per_neuron=[c.get("hits", 0) + c.get("misses", 0) for c in caches],
+        caches=caches,
+        affinity=affinity,
+    ), turns
+
+
+def run_llama_server(args: argparse.Namespace, n: int) -> tuple[Row, list[Turn]]:
+    with llama_server(args) as url, httpx.Client(base_url=url, timeout=30) as client:
+        # Its HTTP server drops idle keep-alive connections (after 5 s) with
+        # no answer to a request just sent on one: a new connection each.
+        turns, wall = measure(url, args, n, counter(client, "llama-server"), keepalive=False)
+    return Row(
+        sessions=n,
+        mode="llama-server",
+        first=Summary.of([t for t in turns if t.turn == 0]),
+        later=Summary.of([t for t in turns if t.turn > 0]),
+        wall=wall,
+        per_neuron=[len(turns)],
+    ), turns
+
+
+def table(rows: list[Row]) -> str:
+    header = (
+        f"{'N':>3}  {'mode':<22}{'turn 1 p50':>11}{'later p50':>10}{'p99':>8}{'ratio':>7}"
+        f"{'cached 1':>9}{'later':>7}  {'per neuron':<11}{'kept/broken/new':>16}{'wall s':>8}"
+    )
+    lines = [header]
+    for r in rows:
+        per = "/".join(str(c) for c in r.per_neuron)
+        kbn = (
+            "/".join(str(r.affinity.get(k, 0)) for k in ("kept", "broken", "new"))
+            if r.affinity
+            else "-"
+        )
+        lines.append(
+            f"{r.sessions:>3}  {r.mode:<22}{r.first.p50:>11.2f}{r.later.p50:>10.2f}"
+            f"{r.later.p99:>8.2f}{r.ratio:>7.2f}{r.first.cached:>9.0%}{r.later.cached:>7.0%}"
+            f"  {per:<11}{kbn:>16}{r.wall:>8.0f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, nargs="+", default=[4, 10])
     parser.add_argument("--turns", type=int, default=3)
@@ -264,71 +512,63 @@ def main() -> None:
     parser.add_argument("--host-cache-mb", type=int, default=None, help="default: the engine's")
     parser.add_argument("--tiers", nargs="+", choices=("host", "slots"), default=["host", "slots"])
     parser.add_argument("--neurons", type=int, choices=(1, 2), default=1)
-    parser.add_argument("--json", help="write every turn's numbers here")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--routing",
+        nargs="+",
+        choices=tuple(POLICIES),
+        default=list(POLICIES),
+        help="with --neurons 2: the gateway's routing, one run each",
+    )
+    parser.add_argument(
+        "--llama-server", metavar="BIN", help="also run llama.cpp's llama-server on one host"
+    )
+    parser.add_argument(
+        "--no-cortex", action="store_true", help="only llama-server (with --llama-server)"
+    )
+    parser.add_argument("--json", help="write every row and turn here")
+    args = parser.parse_args(argv)
     args.concurrency = args.concurrency or args.parallel * args.neurons
+    if args.no_cortex and not args.llama_server:
+        parser.error("--no-cortex needs --llama-server")
+    routings: list[str | None] = list(args.routing) if args.neurons == 2 else [None]
 
-    rows, results = [], []
-    for tier in args.tiers:
-        host_cache_mb = 0 if tier == "slots" else args.host_cache_mb
-        for n in args.sessions:
-            with serving(args, host_cache_mb) as (url, neuron_urls):
-                with httpx.Client(base_url=neuron_urls[0], timeout=30) as client:
-
-                    def count(text: str) -> int:
-                        body = {"model": MODEL, "text": text}
-                        return client.post("/tokenize", json=body).json()["count"]
-
-                    rng = random.Random(13)
-                    system = text_of(args.system, rng, count)
-                    documents = [text_of(args.document, rng, count) for _ in range(n)]
-                started = time.perf_counter()
-                turns = trio.run(run_sessions, url, args, n, system, documents)
-                wall = time.perf_counter() - started
-                caches = [cache_stats(u) for u in neuron_urls]
-            first = summary([t for t in turns if t.turn == 0])
-            later = summary([t for t in turns if t.turn > 0])
-            rows.append((tier, n, first, later, wall, caches))
-            results.append({"tier": tier, "sessions": n, "turns": [asdict(t) for t in turns]})
-            print(
-                f"[{tier} n={n}] first p50 {first[0]:.2f}s cached {first[1]:.0%}; "
-                f"later p50 {later[0]:.2f}s cached {later[1]:.0%}; {wall:.0f}s; {caches}",
-                flush=True,
-            )
+    rows: list[Row] = []
+    results = []
+    for n in args.sessions:
+        runs: list[tuple[str, str | None]] = []
+        if not args.no_cortex:
+            runs = [(tier, routing) for tier in args.tiers for routing in routings]
+        for tier, routing in runs:
+            row, turns = run_cortex(args, n, tier, routing)
+            rows.append(row)
+            results.append({"row": asdict(row), "turns": [asdict(t) for t in turns]})
+            report(row)
+        if args.llama_server:
+            row, turns = run_llama_server(args, n)
+            rows.append(row)
+            results.append({"row": asdict(row), "turns": [asdict(t) for t in turns]})
+            report(row)
 
     print()
     print(
         f"demo model, parallel {args.parallel}, kv_cells {args.kv_cells}, "
         f"{args.threads} thread(s), {args.neurons} neuron(s), concurrency {args.concurrency}, "
         f"~{args.system}+{args.document} prompt tokens, {args.turns} turns, "
-        f"{args.max_tokens} tokens a reply"
+        f"{args.max_tokens} tokens a reply; TTFT in seconds, ratio = later p50 / turn 1 p50"
     )
-    header = (
-        f"{'tier':<6}{'N':>4}{'first p50 s':>13}{'cached':>8}{'later p50 s':>13}{'cached':>8}"
-        f"{'later/first':>13}{'restores':>10}{'failures':>10}{'wall s':>8}"
-    )
-    print(header)
-    for tier, n, first, later, wall, caches in rows:
-        restores = sum(c.get("host_restores", 0) for c in caches)
-        failures = sum(c.get("host_failures", 0) for c in caches)
-        print(
-            f"{tier:<6}{n:>4}{first[0]:>13.2f}{first[1]:>8.0%}{later[0]:>13.2f}{later[1]:>8.0%}"
-            f"{later[0] / first[0]:>13.2f}{restores:>10}{failures:>10}{wall:>8.0f}"
-        )
+    print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
 
 
-@contextmanager
-def serving(args: argparse.Namespace, host_cache_mb: int | None) -> Iterator[tuple[str, list[str]]]:
-    """One neuron, or ``--neurons 2`` behind a gateway: (URL to send to, neuron URLs)."""
-    if args.neurons == 1:
-        with neuron(args, host_cache_mb) as url:
-            yield url, [url]
-        return
-    with neuron(args, host_cache_mb) as a, neuron(args, host_cache_mb) as b, gateway([a, b]) as gw:
-        yield gw, [a, b]
+def report(row: Row) -> None:
+    print(
+        f"[{row.mode} n={row.sessions}] first p50 {row.first.p50:.2f}s cached "
+        f"{row.first.cached:.0%}; later p50 {row.later.p50:.2f}s cached {row.later.cached:.0%}; "
+        f"per neuron {row.per_neuron}; {row.wall:.0f}s; {row.caches} {row.affinity}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -22,10 +22,18 @@ replica is expected to hold:
 Both are bounded LRU maps (``MAX_SESSIONS``, ``MAX_BLOCK_ENTRIES``),
 remembered when a request is routed. Folded into the predicted time to first
 token (``fold``) as the prompt processing each option still has to do, the
-expected saving competes with queues and cold loads: a replica keeps its
-sessions while it has a free slot ("sticky until saturated", llm-d's rule);
-once it is saturated (requests in flight reach its ``parallel`` slots) a
-request goes to the next best replica and the affinity counts as broken.
+expected saving competes with queues and cold loads. A replica processes
+the prompts sent to it one after another, so the prompt processing of its
+requests that have not answered yet (``pending``: what each was expected
+not to find cached there, until its first byte) comes before a new
+request's own: new sessions spread over the replicas rather than queue
+behind each other's prefills on the first one. A replica keeps its
+sessions while it has a free slot ("sticky until saturated", llm-d's
+rule); once it is saturated (requests in flight reach its ``parallel``
+slots) a request waits for a slot there when that is predicted to take
+under half the time of processing the prompt elsewhere
+(``PredictivePolicy.choose``, ``HOME_WAIT_SHARE``), else it goes to the
+next best replica and the affinity counts as broken.
 
 Unloading a model throws its prompt cache away. ``eviction_cost`` is what
 that costs, in seconds of prompt processing: every session last sent to that
@@ -178,6 +186,11 @@ class Affinity:
         factory=collections.OrderedDict, init=False
     )
     _counts: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
+    #: (neuron, model) -> the requests sent there with no answer yet, each
+    #: with the prompt tokens it was expected to process there.
+    _pending: dict[tuple[str, str], list[tuple[Prompt, float]]] = attrs.field(
+        factory=dict, init=False
+    )
 
     def __attrs_post_init__(self) -> None:
         for result in RESULTS:
@@ -251,18 +264,25 @@ class Affinity:
         """``options`` with the prompt processing each still needs added to its prediction.
 
         A loaded replica expected to hold part of the prompt processes only
-        the rest; a load or a replica without it, all of it.
+        the rest, after the prompts of its requests not answered yet; a load
+        or a replica without it, all of it.
         """
         if prompt is None or not options or not self.enabled:
             return options
         held = self.cached(model_id, prompt)
         folded = []
         for option in options:
-            reused = held.get(option.neuron.name, 0) if option.kind == "loaded" else 0
-            tokens = max(prompt.size - reused, 0) / BYTES_PER_TOKEN
+            tokens = prompt.size / BYTES_PER_TOKEN
+            pending = 0.0
+            if option.kind == "loaded":
+                name = option.neuron.name
+                tokens = max(prompt.size - held.get(name, 0), 0) / BYTES_PER_TOKEN
+                pending = self.pending(name, model_id)
             prefill = self.prefill(option, model_id, tokens)
+            # The prompts sent there before this one come first.
+            ahead = self.prefill(option, model_id, pending) if pending else 0.0
             folded.append(
-                attrs.evolve(option, predicted=option.predicted + prefill, prefill=prefill)
+                attrs.evolve(option, predicted=option.predicted + ahead + prefill, prefill=prefill)
             )
         return folded
 
@@ -273,12 +293,36 @@ class Affinity:
         held = self.cached(model_id, prompt).get(neuron, 0)
         return max(prompt.size - held, 0) / BYTES_PER_TOKEN
 
+    def pending(self, neuron: str, model_id: str) -> float:
+        """Prompt tokens ``neuron`` is expected to process for requests it has not answered."""
+        return sum(tokens for _, tokens in self._pending.get((neuron, model_id), ()))
+
+    def answered(self, neuron: str, model_id: str, prompt: Prompt | None) -> None:
+        """``neuron`` sent the first byte of the answer to ``prompt`` (or gave up on it).
+
+        Its prompt is processed: it no longer delays others there. Safe to
+        call more than once for a request.
+        """
+        entries = self._pending.get((neuron, model_id))
+        if prompt is None or not entries:
+            return
+        for at, (sent, _) in enumerate(entries):
+            if sent is prompt:
+                del entries[at]
+                break
+        if not entries:
+            del self._pending[(neuron, model_id)]
+
     def routed(self, model_id: str, prompt: Prompt | None, neuron: str) -> None:
         """``prompt`` goes to ``neuron``: count kept / broken / new, and remember it."""
         if prompt is None:
             return
         remembered = self.remembered(model_id, prompt)
         result = "new" if not remembered else "kept" if neuron in remembered else "broken"
+        held = self.cached(model_id, prompt).get(neuron, 0)
+        self._pending.setdefault((neuron, model_id), []).append(
+            (prompt, max(prompt.size - held, 0) / BYTES_PER_TOKEN)
+        )
         self._counts[result] += 1
         self.metrics.affinity.labels(result).inc()
         if prompt.session is not None:
@@ -346,6 +390,7 @@ class Affinity:
 
     def forget(self, neuron: str, model_id: str) -> None:
         """``model_id`` left ``neuron`` (unloaded, evicted): it holds none of its prefixes."""
+        self._pending.pop((neuron, model_id), None)
         for session in self._placed.pop((neuron, model_id), ()):
             del self._sessions[(model_id, session)]
         for key in [k for k in self._blocks if k[0] == model_id]:

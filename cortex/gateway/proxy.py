@@ -189,9 +189,10 @@ class Proxy:
                 raise
             try:
                 await self._attempt(ex, neuron, path, content)
+                self.router.answering(neuron, ex.model, ex.prompt)
                 return
             except _Retry as retry:
-                self.router.release(neuron, ex.model)
+                self.router.release(neuron, ex.model, prompt=ex.prompt)
                 last_error = retry.error
                 if retry.exclude:
                     exclude.add(neuron.name)
@@ -202,7 +203,7 @@ class Proxy:
                     retry.error.message,
                 )
             except BaseException:
-                self.router.release(neuron, ex.model)
+                self.router.release(neuron, ex.model, prompt=ex.prompt)
                 raise
         assert last_error is not None
         raise last_error
@@ -332,6 +333,7 @@ class Proxy:
                 first_token_s=first_token_s,
                 completion_tokens=counts[1] if counts is not None else None,
                 decode_s=decode_s if counts is not None else None,
+                prompt=ex.prompt,
             )
         log.info(
             "%s %d model=%s neuron=%s %.3fs request_id=%s",

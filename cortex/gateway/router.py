@@ -247,6 +247,10 @@ class Router:
             if ticket is not None:
                 self._leave_queue(ticket)
 
+    def answering(self, neuron: NeuronState, model_id: str, prompt: Prompt | None) -> None:
+        """The request ``prompt`` was routed with got its first byte: its prompt is processed."""
+        self.affinity.answered(neuron.name, model_id, prompt)
+
     def release(
         self,
         neuron: NeuronState,
@@ -255,14 +259,19 @@ class Router:
         first_token_s: float | None = None,
         completion_tokens: int | None = None,
         decode_s: float | None = None,
+        prompt: Prompt | None = None,
     ) -> None:
         """The request routed by ``acquire`` is over.
 
         The optional figures (time to first token since the request came,
         completion tokens and the seconds spent decoding them) sharpen the
         predictions; without them the router learns from how long requests
-        hold their route.
+        hold their route. ``prompt``: the one given to ``acquire``; a
+        caller that routes with a prompt must pass it here too (or to
+        ``answering`` first), or its prompt processing stays counted
+        against the neuron (``Affinity.pending``).
         """
+        self.affinity.answered(neuron.name, model_id, prompt)
         neuron.end_request(model_id, now=self.state.clock())
         self.metrics.in_flight.labels(model_id, neuron.name).dec()
         routed = self._routed.get((neuron.name, model_id))

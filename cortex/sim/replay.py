@@ -289,11 +289,11 @@ class _Clients:
                     answer=request.answer,
                 )
             except ModelNotFound:
-                router.release(neuron, request.model)
+                router.release(neuron, request.model, prompt=prompt)
                 router.forget(neuron, request.model)
                 continue
             except BaseException:
-                router.release(neuron, request.model)
+                router.release(neuron, request.model, prompt=prompt)
                 raise
             outcome.ttft = generation.first_token_at - came
             outcome.wait = generation.slot_at - came
@@ -312,6 +312,7 @@ class _Clients:
                 first_token_s=first_token_s,
                 completion_tokens=generation.completion_tokens if counts else None,
                 decode_s=decode_s if counts and request.stream else None,
+                prompt=prompt,
             )
             return
 

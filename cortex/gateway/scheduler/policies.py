@@ -26,6 +26,12 @@ from cortex.gateway.state import (
 POLICIES = ("predictive", "fixed", "static")
 
 
+#: A request waits for a slot on the saturated replica holding its prompt
+#: only when that is predicted to take under this share of the time the
+#: best free replica would take (processing the whole prompt there).
+HOME_WAIT_SHARE = 0.5
+
+
 @attrs.define(eq=False)
 class Policy:
     """How the router picks among options; subclasses are the ``[routing] policy`` values."""
@@ -238,7 +244,16 @@ class PredictivePolicy(Policy):
         free = [o for o in loaded if o.neuron.busy(model_id) < slots_of(o.neuron, model_id)]
         spare_slots = sum(slots_of(o.neuron, model_id) - o.neuron.busy(model_id) for o in free)
         if spare_slots > ahead:
-            return Decision(min(free, key=rank))
+            best = min(free, key=rank)
+            # A saturated replica that holds the prompt (session affinity
+            # folded in) may still be sooner than processing it elsewhere:
+            # then wait for a slot there. Its slot wait is a guess (a slot
+            # frees when a request ends), so waiting must save at least half.
+            full = [o for o in loaded if o not in free]
+            home = min(full, key=rank, default=None)
+            if home is not None and home.predicted < HOME_WAIT_SHARE * best.predicted:
+                return Decision(None, slot=True, expected=home.predicted)
+            return Decision(best)
         # A slot there still leaves the prompt to process (what the replicas
         # hold of it spared), as a new replica's load does the whole prompt.
         expected = self.slot_wait(model_id, [o.neuron for o in loaded], ahead)
