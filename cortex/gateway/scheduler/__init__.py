@@ -20,8 +20,8 @@ Policies (``[routing] policy``):
   to first token (with session affinity's prompt processing folded in: a
   saturated replica that holds the prompt is waited for when that takes
   under half the time of a free one without it). An eviction adds a
-  penalty: the victim's reload time times the chance it is asked for again soon (from its recency and request rate),
-  so models in use stay; plus, with session affinity, the prompt cache it
+  penalty: the victim's reload time times the chance it is asked for again
+  soon (from its recency and request rate), so models in use stay; plus, with session affinity, the prompt cache it
   holds for sessions still going on (``Affinity.eviction_cost``), which a
   request waits that many seconds before throwing away. A model with
   requests waiting at the gateway is not evicted, nor one that thrashed
