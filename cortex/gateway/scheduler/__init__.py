@@ -19,28 +19,29 @@ Policies (``[routing] policy``):
 - ``predictive``, the default: the option with the smallest predicted time
   to first token (with session affinity's prompt processing folded in: a
   saturated replica that holds the prompt is waited for when that takes
-  under half the time of a free one without it). An eviction adds a
-  penalty: the victim's reload time times the chance it is asked for again
-  soon (from its recency and request rate), so models in use stay; plus, with session affinity, the prompt cache it
-  holds for sessions still going on (``Affinity.eviction_cost``), which a
-  request waits that many seconds before throwing away. A model with
-  requests waiting at the gateway is not evicted, nor one that thrashed
-  (reloaded within ``thrash_window`` of its eviction) in the
-  ``min_residency`` seconds after that reload: the thrash guard; requests
-  for others wait and are served together. With ``patience``, a request
-  waits before an eviction that its penalty times ``patience`` is more than
-  it has waited, never so long that its first token would come later than
-  ``patience_limit`` (by default: the slowest 1% of the requests it did not
-  hold; ``patience_tail`` sets the percentile); a request held so claims no room, and others
-  take what frees meanwhile. When the predicted wait on a model's replicas
-  has stayed above ``scale_out_wait`` for ``scale_out_after`` seconds and a
-  neuron has room (or only stale models to evict), a further replica is
-  loaded; it goes again after ``scale_in_idle`` seconds idle.
-- ``fixed``: loaded > loading > cold load, evicting by [eviction] strategy:
-  the order LocalAI and most gateways use. No queue: 503 when nothing fits.
-- ``static``: every model has one home neuron (llama-swap's groups) where it
-  is swapped in on demand, evicting the least recently used; requests wait
-  for busy models to finish.
+  under half the time of a free one without it). An eviction adds a penalty:
+  the victim's reload time times the chance it is asked for again soon (from
+  its recency and request rate), so models in use stay; plus, with session
+  affinity, the prompt cache it holds for sessions still going on
+  (``Affinity.eviction_cost``), which a request waits that many seconds
+  before throwing away. A model with requests waiting at the gateway is not
+  evicted, nor one that thrashed (reloaded within ``thrash_window`` of its
+  eviction) in the ``min_residency`` seconds after that reload: the thrash
+  guard; requests for others wait and are served together. With
+  ``patience``, a request waits before an eviction that its penalty times
+  ``patience`` is more than it has waited, never so long that its first
+  token would come later than ``patience_limit`` (by default: the slowest 1%
+  of the requests it did not hold; ``patience_tail`` sets the percentile); a
+  request held so claims no room, and others take what frees meanwhile. When
+  the predicted wait on a model's replicas has stayed above
+  ``scale_out_wait`` for ``scale_out_after`` seconds and a neuron has room
+  (or only stale models to evict), a further replica is loaded; it goes
+  again after ``scale_in_idle`` seconds idle. - ``fixed``: loaded > loading
+  > cold load, evicting by [eviction] strategy: the order LocalAI and most
+  gateways use. No queue: 503 when nothing fits. - ``static``: every model
+  has one home neuron (llama-swap's groups) where it is swapped in on
+  demand, evicting the least recently used; requests wait for busy models to
+  finish.
 
 Everything here is synchronous: the router calls it between awaits.
 :func:`decide` is the whole decision for one request, a pure function of
