@@ -205,8 +205,9 @@ def test_sessions_bench_over_two_neurons(tmp_path: Path, smollm2_path: Path) -> 
         sys.executable, str(SESSIONS_BENCH), "--sessions", str(sessions), "--turns", str(turns),
         "--system", "160", "--document", "40", "--max-tokens", "2", "--tiers", "host",
         "--neurons", "2", "--n-ctx", "1024", "--kv-cells", "4096", "--json", str(out),
+        "--routing", "affinity", "least-loaded", "no-affinity",
     ]  # fmt: skip
-    modes = ["affinity, host", "least-loaded, host"]
+    modes = ["affinity, host", "least-loaded, host", "no-affinity, host"]
     llama_server = os.environ.get("CORTEX_LLAMA_SERVER")
     if llama_server:
         command += ["--llama-server", llama_server]

@@ -24,7 +24,9 @@ otherwise.
 ``affinity`` (the default ``predictive`` policy, which sends a request
 where its prefix is cached until that replica is saturated) and
 ``least-loaded`` (``policy = "fixed"``: the least busy replica, blind to
-caches). The gateway's ``cortex_affinity_total`` (kept / broken / new) is
+caches), and on request ``no-affinity`` (the predictive policy with
+``[routing] affinity = false``: queues and loads weighed, prompt caches
+not). The gateway's ``cortex_affinity_total`` (kept / broken / new) is
 printed beside.
 
 ``--llama-server BIN`` runs the same sessions, in the same run, against
@@ -36,7 +38,7 @@ as one neuron, and a context of ``--parallel`` times the longest session.
     .venv/bin/python contrib/bench/sessions.py [--sessions 4 10] [--turns 3]
         [--max-tokens 8] [--threads 1] [--parallel 4] [--kv-cells 20480]
         [--host-cache-mb MB] [--tiers host slots] [--neurons 1|2]
-        [--routing affinity least-loaded] [--llama-server BIN [--no-cortex]]
+        [--routing affinity least-loaded no-affinity] [--llama-server BIN [--no-cortex]]
         [--json out.json]
 """
 
@@ -70,8 +72,12 @@ TEXT = (
     "configuration comes from one file with defaults for every key and a schema check "
     "the cache keeps recent results in memory and drops the oldest when it is full"
 )
-#: The gateway's routing policy for each ``--routing``.
-POLICIES = {"affinity": "predictive", "least-loaded": "fixed"}
+#: The gateway's ``[routing]`` for each ``--routing``: its policy and affinity.
+ROUTINGS = {
+    "affinity": ("predictive", True),
+    "least-loaded": ("fixed", True),
+    "no-affinity": ("predictive", False),
+}
 #: llama-server's host prompt cache, MiB: its default, named to be explicit.
 LLAMA_SERVER_CACHE_RAM = 8192
 #: Tokens a turn adds besides the reply (the question and the chat template's
@@ -168,7 +174,8 @@ def gateway(neurons: list[str], routing: str) -> Iterator[tuple[str, str]]:
     port, metrics = free_port(), free_port()
     config = (
         f'[gateway]\nlisten = "127.0.0.1:{port}"\nmetrics_listen = "127.0.0.1:{metrics}"\n'
-        f'[routing]\npolicy = "{POLICIES[routing]}"\n'
+        f'[routing]\npolicy = "{ROUTINGS[routing][0]}"\n'
+        f"affinity = {str(ROUTINGS[routing][1]).lower()}\n"
         + "".join(
             f'[[neurons]]\nname = "n{i}"\nendpoint = "{url}"\n' for i, url in enumerate(neurons)
         )
@@ -515,8 +522,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--routing",
         nargs="+",
-        choices=tuple(POLICIES),
-        default=list(POLICIES),
+        choices=tuple(ROUTINGS),
+        default=["affinity", "least-loaded"],
         help="with --neurons 2: the gateway's routing, one run each",
     )
     parser.add_argument(
