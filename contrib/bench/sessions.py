@@ -59,6 +59,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import httpx
 import trio
@@ -541,17 +542,27 @@ def main(argv: list[str] | None = None) -> None:
 
     rows: list[Row] = []
     results = []
+    failed: list[str] = []
     for n in args.sessions:
         runs: list[tuple[str, str | None]] = []
         if not args.no_cortex:
             runs = [(tier, routing) for tier in args.tiers for routing in routings]
-        for tier, routing in runs:
-            row, turns = run_cortex(args, n, tier, routing)
-            rows.append(row)
-            results.append({"row": asdict(row), "turns": [asdict(t) for t in turns]})
-            report(row)
+        jobs = [
+            (f"{routing or '1 neuron'}, {tier}", partial(run_cortex, args, n, tier, routing))
+            for tier, routing in runs
+        ]
         if args.llama_server:
-            row, turns = run_llama_server(args, n)
+            jobs.append(("llama-server", partial(run_llama_server, args, n)))
+        for mode, job in jobs:
+            try:
+                row, turns = job()
+            except Exception as exc:
+                # A run that fails (a 504 from a turn that waited past the
+                # gateway's first_byte_timeout, say) is reported and
+                # skipped; the table still shows every run that finished.
+                failed.append(f"{mode} n={n}: {leaf(exc)!r}")
+                print(f"[{mode} n={n}] failed: {leaf(exc)!r}", flush=True)
+                continue
             rows.append(row)
             results.append({"row": asdict(row), "turns": [asdict(t) for t in turns]})
             report(row)
@@ -564,9 +575,20 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.max_tokens} tokens a reply; TTFT in seconds, ratio = later p50 / turn 1 p50"
     )
     print(table(rows))
+    for failure in failed:
+        print(f"failed: {failure}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+    if failed:
+        sys.exit(1)
+
+
+def leaf(exc: BaseException) -> BaseException:
+    """The one error inside nested single-member exception groups (trio's nurseries)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def report(row: Row) -> None:
