@@ -15,7 +15,7 @@ import attrs
 import pytest
 import trio
 
-from cortex.config import CatalogModel, GatewayConfig, ModelsFile, RoutingSection
+from cortex.config import CatalogModel
 from cortex.gateway import scheduler
 from cortex.gateway.affinity import (
     BYTES_PER_TOKEN,
@@ -33,18 +33,15 @@ from cortex.gateway.scheduler import (
     Observations,
     Option,
     Policy,
-    Predictor,
     Request,
-    ThrashLog,
-    WaitQueue,
-    make_policy,
 )
-from cortex.gateway.state import FleetState, NeuronState
+from cortex.gateway.state import NeuronState
 from cortex.harness import PromptCacheStatistics
 from cortex.sim.fleet import FleetFile
 from cortex.sim.replay import replay
 from cortex.sim.report import Row, sessions_table
 from cortex.sim.trace import TraceSettings, generate
+from tests.test_decide import policy
 from tests.test_scheduling import GIB, NOW, gpu, router
 
 #: trio time of every decision here.
@@ -70,23 +67,15 @@ def build(
 ) -> tuple[Policy, Affinity, Clock]:
     """The policy and affinity a router would build over these neurons, wired as it wires them."""
     clock = Clock()
-    state = FleetState.build([], ModelsFile(models=models), clock=clock)
-    for neuron in neurons:
-        state.neurons[neuron.name] = neuron
-    config = GatewayConfig(routing=RoutingSection(**routing))
-    thrash = ThrashLog(window=config.routing.thrash_window)
-    predictor = Predictor(
-        state, Observations(), horizon=config.routing.thrash_window, thrash=thrash
-    )
+    built = policy(*neurons, models=models, clock=clock, **routing)
     affinity = Affinity(
-        predictor,
+        built.predictor,
         GatewayMetrics.create(),
-        enabled=config.routing.affinity,
-        weigh_caches=config.routing.weigh_caches,
+        enabled=built.config.routing.affinity,
+        weigh_caches=built.config.routing.weigh_caches,
     )
-    predictor.caches = affinity.eviction_cost
-    queue = WaitQueue(limit=config.routing.queue_limit)
-    return make_policy(config, state, predictor, queue, thrash), affinity, clock
+    built.predictor.caches = affinity.eviction_cost
+    return built, affinity, clock
 
 
 def caching(neuron: NeuronState, *models: str) -> NeuronState:

@@ -6,6 +6,7 @@ read trio's clock or awaited anything would fail them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -36,14 +37,21 @@ T = 1000.0
 M = CatalogModel(id="m", vram_mb=8 * GIB)
 
 
-def policy(*neurons: NeuronState, models: list[CatalogModel], **routing: Any) -> Policy:
+def policy(
+    *neurons: NeuronState,
+    models: list[CatalogModel],
+    clock: Callable[[], float] = lambda: NOW,
+    **routing: Any,
+) -> Policy:
     """The policy a router would build over these neurons, with no router around it."""
-    state = FleetState.build([], ModelsFile(models=models), clock=lambda: NOW)
+    state = FleetState.build([], ModelsFile(models=models), clock=clock)
     for neuron in neurons:
         state.neurons[neuron.name] = neuron
     config = GatewayConfig(routing=RoutingSection(**routing))
     thrash = ThrashLog(window=config.routing.thrash_window)
-    predictor = Predictor(state, Observations(), thrash=thrash)
+    predictor = Predictor(
+        state, Observations(), horizon=config.routing.thrash_window, thrash=thrash
+    )
     queue = WaitQueue(limit=config.routing.queue_limit)
     return make_policy(config, state, predictor, queue, thrash)
 
