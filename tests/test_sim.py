@@ -23,6 +23,7 @@ from cortex.gateway.state import NeuronState
 from cortex.harness import prefix_hashes
 from cortex.sim import bound, cache
 from cortex.sim.__main__ import main
+from cortex.sim.clairvoyant import Sends
 from cortex.sim.fleet import FleetFile, SimModelSpec, SimNeuronSpec
 from cortex.sim.neuron import Decoder, SimNeuron, batch_speedup
 from cortex.sim.replay import (
@@ -456,6 +457,8 @@ def test_command_line(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
         assert code == 1 and "matplotlib" in out.err
     assert main(["--fleet", str(tmp_path / "nope.toml"), "--trace", str(trace)]) == 2
     assert main([*args, "--routing", "nonsense=1"]) == 2
+    assert main([*args, "--policy", "clairvoyant", "--floor", "0"]) == 0
+    assert capsys.readouterr().out.splitlines()[3].split()[:3] == ["clairvoyant", "5", "1"]
     assert main([*args, "--compare", "patience=-1"]) == 2
     assert main([*args, "--compare", "patience=1,nonsense=2"]) == 2
     capsys.readouterr()
@@ -473,6 +476,85 @@ def test_command_line(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
     assert rows[0].split()[2:4] == ["1", "(1-1)"]
     # One model, asked for five times: one load, and nothing to win.
     assert rows[3].split()[-1] == rows[4].split()[-1] == "1"
+
+
+# -- the clairvoyant references ---------------------------------------------------------
+
+
+def test_what_the_clairvoyant_references_know_of_the_sends_to_come() -> None:
+    exact = Sends.of("next", [0.0, 4.0, 8.0])
+    assert exact.think == 6.0  # the mean of later turns' think times
+    exact.start("a", 10.0)
+    exact.start("a", 50.0)
+    assert exact.next_send("a", 0.0) == 10.0 and exact.next_send("b", 0.0) == math.inf
+    assert exact.next_send("a", 10.0) == 10.0 and exact.next_send("a", 11.0) == 50.0
+    # Session 1 answered at 12 s, thinks 3 s: its next turn comes at 15 s.
+    exact.answered(1, "a", 12.0, 3.0)
+    assert exact.next_send("a", 12.0) == 15.0
+    # Late (its think time is over): it comes now.
+    assert exact.next_send("a", 16.0) == 16.0
+    exact.sending(1, "a", 16.0)
+    assert exact.next_send("a", 16.0) == 50.0
+    # Knowing only that the session goes on: the mean think time after its answer.
+    guess = Sends.of("continuation", [0.0, 4.0, 8.0])
+    guess.answered(1, "b", 12.0, 3.0)
+    assert guess.next_send("b", 12.0) == 18.0
+
+
+FOUR = """
+[[neurons]]
+name = "a"
+gpus = [10000]
+[[models]]
+id = "a"
+vram_mb = 5000
+load_seconds = 2
+tokens_per_second = 100
+prefill_tokens_per_second = 1000
+[[models]]
+id = "b"
+vram_mb = 5000
+load_seconds = 2
+tokens_per_second = 100
+prefill_tokens_per_second = 1000
+[[models]]
+id = "c"
+vram_mb = 5000
+load_seconds = 2
+tokens_per_second = 100
+prefill_tokens_per_second = 1000
+"""
+
+
+def test_a_clairvoyant_router_evicts_the_model_nobody_asks_for_again(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_text(FOUR)
+    fleet = FleetFile.read(path)
+    # Two of the three fit. Session 0 uses a, a turn 4 s after each answer;
+    # b is asked for once; c comes when a has been idle longest.
+    turn = {"prompt_tokens": 100, "max_tokens": 10}
+    trace = [
+        TraceRequest(t=0.0, model="a", session=0, **turn),
+        TraceRequest(t=0.5, model="b", session=1, **turn),
+        TraceRequest(t=4.0, model="c", session=2, **turn),
+        TraceRequest(t=6.2, model="a", session=0, think=4.0, **turn),
+        TraceRequest(t=10.4, model="a", session=0, think=4.0, **turn),
+    ]
+    fixed = replay(fleet, trace, "fixed")
+    seer = replay(fleet, trace, "clairvoyant")
+    guess = replay(fleet, trace, "clairvoyant-continuation")
+    # LRU unloads a for c and loads it again for its next turn; knowing the
+    # sends to come, b goes, and a's turns find it loaded.
+    assert fixed.cold_loads == 4
+    assert seer.cold_loads == guess.cold_loads == 3
+    for result in (seer, guess):
+        assert result.unserved == 0
+        later = [o.ttft for o in result.outcomes if o.request.model == "a"][1:]
+        assert later == [pytest.approx(0.1)] * 2  # the prompt alone, no load
+    with pytest.raises(ValueError, match="closed-loop"):
+        replay(fleet, trace, "clairvoyant", loop="open")
 
 
 # -- prompt caches and agent sessions ------------------------------------------------------

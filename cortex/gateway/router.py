@@ -49,6 +49,7 @@ from cortex.gateway.scheduler import (
     Decision,
     Observations,
     Policy,
+    PolicyFactory,
     Predictor,
     Request,
     ThrashLog,
@@ -91,6 +92,9 @@ class Router:
     api: NeuronLink
     metrics: GatewayMetrics
     observations: Observations = attrs.field(factory=Observations)
+    #: Builds the policy (``make_policy``: the ``[routing] policy``); the
+    #: simulator's reference policies come in here.
+    policy_factory: PolicyFactory = make_policy
     queue: WaitQueue = attrs.field(init=False)
     predictor: Predictor = attrs.field(init=False)
     policy: Policy = attrs.field(init=False)
@@ -110,7 +114,9 @@ class Router:
         self.predictor = Predictor(
             self.state, self.observations, horizon=routing.thrash_window, thrash=self.thrash
         )
-        self.policy = make_policy(self.config, self.state, self.predictor, self.queue, self.thrash)
+        self.policy = self.policy_factory(
+            self.config, self.state, self.predictor, self.queue, self.thrash
+        )
         self.affinity = Affinity(
             self.predictor,
             self.metrics,

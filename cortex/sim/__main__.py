@@ -17,6 +17,7 @@ from cortex.config import RoutingSection
 from cortex.errors import ConfigError
 from cortex.gateway.scheduler import POLICIES
 from cortex.sim import bound
+from cortex.sim.clairvoyant import CLAIRVOYANT
 from cortex.sim.fleet import FleetFile
 from cortex.sim.replay import RETRIES, Result, TraceRequest, read_trace, replay
 from cortex.sim.report import Bounds, plot, sessions_table, table
@@ -39,8 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--policy",
         action="append",
-        choices=POLICIES,
-        help="a routing policy to replay (repeat for several; default: all)",
+        choices=(*POLICIES, *CLAIRVOYANT),
+        help="a routing policy to replay (repeat for several; default: the gateway's three), "
+        "or a reference that knows the future sends (clairvoyant, clairvoyant-continuation: "
+        "cortex.sim.clairvoyant)",
     )
     parser.add_argument(
         "--routing",

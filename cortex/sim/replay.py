@@ -55,8 +55,10 @@ from cortex.gateway import affinity
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.gateway.poller import poll_neuron
 from cortex.gateway.router import Router
+from cortex.gateway.scheduler import make_policy
 from cortex.gateway.state import FleetState
 from cortex.sim.cache import Runs, length, render
+from cortex.sim.clairvoyant import CLAIRVOYANT, Sends, factory
 from cortex.sim.fleet import FleetFile
 from cortex.sim.neuron import SimLink, SimNeuron
 
@@ -249,6 +251,8 @@ class _Clients:
     start: float
     #: Clients sleeping on a Retry-After now (for the samples).
     backing_off: int = 0
+    #: What a clairvoyant reference policy knows of the sends to come.
+    sends: Sends | None = None
 
     async def send(self, outcome: Outcome) -> None:
         """Send one request as a client would, until served or given up."""
@@ -318,11 +322,17 @@ class _Clients:
 
     async def session(self, outcomes: list[Outcome]) -> None:
         """A session's requests in turn, each its think time after the previous answer."""
+        key = id(outcomes)
         for n, outcome in enumerate(outcomes):
             outcome.turn = n
             if n:
                 await trio.sleep(outcome.request.think)
+            if self.sends is not None:
+                self.sends.sending(key, outcome.request.model, trio.current_time())
             await self.send(outcome)
+            if self.sends is not None and n + 1 < len(outcomes):
+                following = outcomes[n + 1].request
+                self.sends.answered(key, following.model, trio.current_time(), following.think)
 
 
 async def _sample(
@@ -370,8 +380,20 @@ async def run_replay(
     routing: dict[str, Any] | None = None,
     loop: Loop = "closed",
 ) -> Result:
-    """Replay ``trace`` on ``fleet`` under ``policy``; call under a MockClock."""
-    config = fleet.gateway_config(policy, **(routing or {}))
+    """Replay ``trace`` on ``fleet`` under ``policy``; call under a MockClock.
+
+    ``policy``: a ``[routing] policy``, or a reference of
+    :mod:`cortex.sim.clairvoyant` (the predictive policy's settings apply;
+    closed loop only).
+
+    Raises:
+      ValueError: a clairvoyant reference in an open-loop replay.
+    """
+    knows = CLAIRVOYANT.get(policy)
+    if knows is not None and loop != "closed":
+        raise ValueError(f"{policy} needs a closed-loop replay: it knows when sessions send")
+    sends = Sends.of(knows, [r.think for r in trace]) if knows is not None else None
+    config = fleet.gateway_config("predictive" if knows else policy, **(routing or {}))
     max_wait = config.routing.max_wait
     state = FleetState.build(
         config.neurons, fleet.catalogue(), clock=lambda: EPOCH + trio.current_time()
@@ -382,10 +404,16 @@ async def run_replay(
         sim.activate()
     link = SimLink(sims)
     metrics = GatewayMetrics.create()
-    router = Router(config=config, state=state, api=link, metrics=metrics)
+    router = Router(
+        config=config,
+        state=state,
+        api=link,
+        metrics=metrics,
+        policy_factory=factory(sends) if sends is not None else make_policy,
+    )
     outcomes = [Outcome(r) for r in trace]
     samples: list[Sample] = []
-    clients = _Clients(router, sims, max_wait, retries, trio.current_time())
+    clients = _Clients(router, sims, max_wait, retries, trio.current_time(), sends=sends)
     over = trio.Event()
     async with trio.open_nursery() as background:
         await background.start(router.loader.run)
@@ -397,6 +425,9 @@ async def run_replay(
         clients.start = trio.current_time()
         background.start_soon(partial(_sample, clients, samples, sample_every, until=over))
         groups = sessions(outcomes) if loop == "closed" else [[o] for o in outcomes]
+        if sends is not None:
+            for group in groups:
+                sends.start(group[0].request.model, clients.start + group[0].request.t)
         async with trio.open_nursery() as nursery:
             for group in groups:
                 await trio.sleep_until(clients.start + group[0].request.t)

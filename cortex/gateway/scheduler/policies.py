@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import attrs
@@ -339,6 +340,10 @@ class PredictivePolicy(Policy):
                 members.index(m),
             ),
         )
+
+
+#: Builds a router's policy: ``make_policy``, or a simulator's reference policy.
+PolicyFactory = Callable[[GatewayConfig, FleetState, Predictor, WaitQueue, ThrashLog], "Policy"]
 
 
 def make_policy(
