@@ -459,6 +459,8 @@ def test_command_line(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
     assert main([*args, "--routing", "nonsense=1"]) == 2
     assert main([*args, "--policy", "clairvoyant", "--floor", "0"]) == 0
     assert capsys.readouterr().out.splitlines()[3].split()[:3] == ["clairvoyant", "5", "1"]
+    assert main([*args, "--policy", "clairvoyant", "--loop", "open"]) == 2
+    assert "need --loop closed" in capsys.readouterr().err
     assert main([*args, "--compare", "patience=-1"]) == 2
     assert main([*args, "--compare", "patience=1,nonsense=2"]) == 2
     capsys.readouterr()

@@ -163,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if key not in KEYS:
                     raise ConfigError(f"--routing/--compare: unknown [routing] key {key!r}")
             fleet.gateway_config("predictive", **{**routing, **changes})
+        if args.loop != "closed" and any(p in CLAIRVOYANT for p in args.policy or ()):
+            raise ValueError("the clairvoyant references need --loop closed")
     except ConfigError as exc:
         print(f"cortex.sim: {exc.message}", file=sys.stderr)
         return 2
