@@ -8,6 +8,7 @@ Plain functions over a fleet state built here (``scheduler.decide``, the
 from __future__ import annotations
 
 import math
+import pathlib
 
 import pytest
 
@@ -23,6 +24,10 @@ from cortex.gateway.scheduler import (
     Policy,
     Request,
 )
+from cortex.sim.fleet import FleetFile
+from cortex.sim.replay import replay
+from cortex.sim.report import Row, sessions_table
+from cortex.sim.trace import TraceSettings, generate
 from tests.test_cache_eviction import build, caching
 from tests.test_decide import policy
 from tests.test_scheduling import GIB, gpu
@@ -179,3 +184,37 @@ def test_the_window_is_learned_from_the_gaps_and_capped() -> None:
         1,
         0,
     )
+
+
+AGENTS_FLEET = pathlib.Path(__file__).resolve().parent.parent / "contrib" / "sim" / "agents.toml"
+
+
+def test_follow_ups_keep_the_agents_caches_in_a_replay() -> None:
+    # The README's agents workload, half as long, its sessions without a
+    # session key: their caches are known by the prefix index alone, which
+    # evictions do not weigh, but follow-ups do.
+    fleet = FleetFile.read(AGENTS_FLEET)
+    settings = TraceSettings(
+        duration=1800,
+        seed=1,
+        agents=40,
+        turns=20,
+        agent_spread=300,
+        agent_model="Qwen/Qwen3-8B",
+        agent_keys=0.0,
+    )
+    trace = generate(fleet, settings)
+    assert sum(r.tool for r in trace) > 0.6 * sum(r.agent for r in trace)
+    on = replay(fleet, trace, "predictive", seed=0)
+    off = replay(fleet, trace, "predictive", seed=0, routing={"follow_ups": False})
+    off.policy = "predictive, follow_ups off"
+    print(sessions_table([on, off]))
+    kept, lost = Row.of(on), Row.of(off)
+    assert kept.unserved == lost.unserved == 0
+    assert lost.follow_ups_kept == 0 and kept.follow_ups_kept > 500
+    # Measured (seed 0): 1.76M against 2.02M cached tokens thrown away; 7
+    # against 9 unloads of Qwen3-8B; 66% against 64% of later turns' prompts
+    # read from cache (README: seeds 0-2 of the whole hour).
+    assert on.dropped_tokens < 0.93 * off.dropped_tokens
+    assert on.agent_unloads < off.agent_unloads
+    assert kept.cached_later > lost.cached_later
