@@ -24,7 +24,10 @@ model) has at most one load in progress; every request that wants it waits
 on its ``done`` Event, so two requests for one cold model cause one load.
 The router keeps the names (aliases, tiers, metrics labels), the requests
 in flight and waiting, and what it learns from them
-(``scheduler.Observations``): the simulation runs this very code.
+(``scheduler.Observations``): the simulation runs this very code. A
+request whose answer called a tool (``release(follows=True)``) leaves a
+follow-up expected (``scheduler.FollowUps``) that keeps its model until the
+next request of its conversation arrives.
 """
 
 from __future__ import annotations
