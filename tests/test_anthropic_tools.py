@@ -10,8 +10,11 @@ the model saw.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import anthropic
@@ -19,8 +22,10 @@ import httpx
 import openai
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from cortex.config import CatalogModel, ModelsFile
+from cortex.gateway.app import GatewayHandle
 from cortex.neuron.app import NeuronHandle
 from cortex.neuron.models import LoadRequest
 from tests.neuron_helpers import running_neuron
@@ -102,7 +107,7 @@ async def neuron(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.fixture
-async def gateway_url(neuron: NeuronHandle):
+async def gateway(neuron: NeuronHandle):
     models = ModelsFile(
         models=[
             CatalogModel(id="scripted", vram_mb=1, sampling={"temperature": 0.25}),
@@ -110,8 +115,13 @@ async def gateway_url(neuron: NeuronHandle):
         ],
         aliases={"claude-sonnet-4-5": "scripted-big", "claude-haiku-4-5": "scripted"},
     )
-    async with running_gateway(neuron.url, models) as gateway:
-        yield gateway.api_url
+    async with running_gateway(neuron.url, models) as handle:
+        yield handle
+
+
+@pytest.fixture
+def gateway_url(gateway: GatewayHandle) -> str:
+    return gateway.api_url
 
 
 @pytest.fixture
@@ -711,3 +721,125 @@ async def test_claude_code_shaped_turn_without_streaming(gateway_url: str) -> No
     assert message["stop_reason"] == "tool_use"
     assert [b["type"] for b in message["content"]] == ["text", "tool_use"]
     assert message["content"][1]["input"] == {"command": "ls -la", "description": "List the files"}
+
+
+# -- follow-ups: an answer that calls a tool keeps its model for the result ----------------
+
+
+async def follow_ups(gateway: GatewayHandle) -> dict[str, float]:
+    """``cortex_follow_ups_expected`` and ``cortex_follow_ups_total`` by result, from /metrics."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(gateway.metrics_url + "/metrics")).text
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "cortex_follow_ups_expected":
+                found["expected"] = sample.value
+            elif sample.name == "cortex_follow_ups_total":
+                found[sample.labels["result"]] = sample.value
+    return found
+
+
+Clients = tuple[openai.AsyncOpenAI, anthropic.AsyncAnthropic]
+
+
+@contextlib.asynccontextmanager
+async def clients(gateway: GatewayHandle) -> AsyncIterator[Clients]:
+    url = gateway.api_url
+    async with (
+        openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as oai,
+        anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0) as claude,
+    ):
+        yield oai, claude
+
+
+async def tool_turn(
+    sdks: Clients, dialect: str, text: str
+) -> tuple[bool, Callable[[], Awaitable[Any]]]:
+    """One turn in ``dialect``: whether its answer called a tool, and the next turn (the
+    same conversation with the tool's results) to send."""
+    oai, claude = sdks
+    tools: Any = [
+        {"type": "function", "name": t["name"], "parameters": t["input_schema"]} for t in TOOLS
+    ]
+    if dialect.startswith("chat"):
+        kwargs: dict[str, Any] = {"model": "scripted", "tools": OPENAI_TOOLS}
+        if dialect == "chat-stream":
+            async with oai.chat.completions.stream(messages=ask(text), **kwargs) as stream:
+                completion = await stream.get_final_completion()
+        else:
+            completion = await oai.chat.completions.create(messages=ask(text), **kwargs)
+        message = completion.choices[0].message
+        results = [
+            {"role": "tool", "tool_call_id": c.id, "content": "sunny, 21"}
+            for c in message.tool_calls or []
+        ]
+        history = [*ask(text), message.model_dump(exclude_none=True), *results]
+        called = completion.choices[0].finish_reason == "tool_calls"
+        return called, partial(oai.chat.completions.create, messages=history, **kwargs)
+    if dialect.startswith("responses"):
+        if dialect == "responses-stream":
+            async with oai.responses.stream(model="scripted", input=text, tools=tools) as stream:
+                response = await stream.get_final_response()
+        else:
+            response = await oai.responses.create(model="scripted", input=text, tools=tools)
+        outputs = [
+            {"type": "function_call_output", "call_id": item.call_id, "output": "sunny, 21"}
+            for item in response.output
+            if item.type == "function_call"
+        ]
+        items = [item.model_dump(exclude_none=True) for item in response.output]
+        history = [{"role": "user", "content": text}, *items, *outputs]
+        return bool(outputs), partial(
+            oai.responses.create, model="scripted", tools=tools, input=history
+        )
+    kwargs = {"model": "scripted", "max_tokens": 200, "tools": TOOLS}
+    if dialect == "messages-stream":
+        _, reply = await stream_message(claude, messages=ask(text), **kwargs)
+    else:
+        reply = await claude.messages.create(messages=ask(text), **kwargs)
+    content = [b.model_dump(exclude_none=True) for b in reply.content]
+    results = [
+        {"type": "tool_result", "tool_use_id": b.id, "content": "sunny, 21"}
+        for b in reply.content
+        if b.type == "tool_use"
+    ]
+    history = [
+        *ask(text),
+        {"role": "assistant", "content": content},
+        {"role": "user", "content": results},
+    ]
+    called = reply.stop_reason == "tool_use"
+    return called, partial(claude.messages.create, messages=history, **kwargs)
+
+
+DIALECTS = ["chat", "chat-stream", "responses", "responses-stream", "messages", "messages-stream"]
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+async def test_an_answer_that_calls_a_tool_expects_its_follow_up(
+    gateway: GatewayHandle, dialect: str
+) -> None:
+    with trio.fail_after(20):
+        async with clients(gateway) as sdks:
+            called, follow_up = await tool_turn(sdks, dialect, "What's the weather in Paris?")
+            before = await follow_ups(gateway)
+            await follow_up()
+            after = await follow_ups(gateway)
+    assert called
+    assert before["expected"] == 1 and before["kept"] == 0
+    # The result came at once, the model still loaded where the call came from.
+    assert after["expected"] == 0 and after["kept"] == 1
+    assert after["evicted"] == after["late"] == after["expired"] == 0
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+async def test_an_answer_without_a_tool_call_expects_nothing(
+    gateway: GatewayHandle, dialect: str
+) -> None:
+    with trio.fail_after(20):
+        async with clients(gateway) as sdks:
+            called, _ = await tool_turn(sdks, dialect, "count to five")
+        found = await follow_ups(gateway)
+    assert not called
+    assert found == {"expected": 0, "kept": 0, "evicted": 0, "late": 0, "expired": 0}

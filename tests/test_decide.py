@@ -19,6 +19,7 @@ from cortex.gateway.evictor import Plan
 from cortex.gateway.scheduler import (
     UNLOAD_S,
     Decision,
+    FollowUps,
     Observations,
     Option,
     Policy,
@@ -43,14 +44,26 @@ def policy(
     clock: Callable[[], float] = lambda: NOW,
     **routing: Any,
 ) -> Policy:
-    """The policy a router would build over these neurons, with no router around it."""
+    """The policy a router would build over these neurons, with no router around it.
+
+    Wired as the router wires it: the predictor's follow-ups are
+    ``p.predictor.follow_ups``.
+    """
     state = FleetState.build([], ModelsFile(models=models), clock=clock)
     for neuron in neurons:
         state.neurons[neuron.name] = neuron
     config = GatewayConfig(routing=RoutingSection(**routing))
     thrash = ThrashLog(window=config.routing.thrash_window)
+    observations = Observations()
+    follow_ups = FollowUps(
+        observations, limit=config.routing.follow_up_limit, enabled=config.routing.follow_ups
+    )
     predictor = Predictor(
-        state, Observations(), horizon=config.routing.thrash_window, thrash=thrash
+        state,
+        observations,
+        horizon=config.routing.thrash_window,
+        thrash=thrash,
+        follow_ups=follow_ups,
     )
     queue = WaitQueue(limit=config.routing.queue_limit)
     return make_policy(config, state, predictor, queue, thrash)

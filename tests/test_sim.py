@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import pathlib
+import statistics
 import subprocess
 import sys
 from typing import Any
@@ -243,29 +244,35 @@ async def test_the_router_learns_only_what_the_proxy_can_tell(
         TraceRequest(t=0, model="m", prompt_tokens=500, max_tokens=100, stream=True, usage=True),
         TraceRequest(t=0, model="m", prompt_tokens=500, max_tokens=100, stream=True),
         TraceRequest(t=0, model="m", prompt_tokens=500, max_tokens=100, stream=False, usage=True),
+        TraceRequest(t=0, model="m", prompt_tokens=500, max_tokens=100, usage=True, tool=True),
     ]
     for request in requests:
         outcome = Outcome(request)
         await clients.send(outcome)
         assert outcome.ttft == pytest.approx(0.5) and outcome.wait == pytest.approx(0)
-    with_usage, without, whole = router.released
+    with_usage, without, whole, calling = router.released
+    # An answer that calls a tool: the proxy tells the router its result will follow.
+    assert calling == {**with_usage, "decode_s": pytest.approx(1.0), "follows": True}
     assert with_usage == {
         "first_token_s": pytest.approx(0.5),
         "completion_tokens": 100,
         "decode_s": pytest.approx(1.0),
         "prompt": None,
+        "follows": False,
     }
     assert without == {
         "first_token_s": pytest.approx(0.5),
         "completion_tokens": None,
         "decode_s": None,
         "prompt": None,
+        "follows": False,
     }
     assert whole == {
         "first_token_s": None,
         "completion_tokens": 100,
         "decode_s": None,
         "prompt": None,
+        "follows": False,
     }
 
 
@@ -673,6 +680,8 @@ AGENTS = TraceSettings(
     turns=6,
     agent_spread=60,
     agent_think=5,
+    # Answers in words only: the trace these tests' figures were measured on.
+    tool_share=0.0,
 )
 
 
@@ -818,3 +827,38 @@ def test_command_line_compares_affinity_on_agent_traces(
     bad = tmp_path / "bad.toml"
     bad.write_text(fleet.read_text().replace('activate = ["m"]', 'activate = ["x"]', 1))
     assert main(["--fleet", str(bad), "--trace", str(trace)]) == 2
+
+
+def test_agent_turns_that_call_a_tool(tmp_path: pathlib.Path) -> None:
+    fleet = FleetFile.read(FLEET)
+    settings = attrs.evolve(AGENTS, agents=60, turns=20, tool_share=0.7)
+    trace = generate(fleet, settings)
+    words = generate(fleet, attrs.evolve(settings, tool_share=0.0))
+    # The same conversations (tool calls draw from a generator of their own) ...
+    assert [(r.session, r.prompt) for r in sorted(trace, key=lambda r: (r.session, r.t))] == [
+        (r.session, r.prompt) for r in sorted(words, key=lambda r: (r.session, r.t))
+    ]
+    assert not any(r.tool for r in words)
+    tool_times = []
+    for group in sessions([Outcome(r) for r in trace]):
+        turns = [o.request for o in group]
+        # ... a session's last answer in words ...
+        assert not turns[-1].tool
+        for before, after in itertools.pairwise(turns):
+            if before.tool:
+                tool_times.append(after.think)
+    # ... most others call a tool, and the result follows after the tool's run:
+    # log-normal, median 2 s, a heavy tail.
+    later = len(trace) - len(sessions([Outcome(r) for r in trace]))
+    share = sum(r.tool for r in trace) / later
+    assert 0.6 < share < 0.8
+    assert 1.5 < statistics.median(tool_times) < 2.7
+    assert max(tool_times) > 10 * statistics.median(tool_times)
+    # The line says so, and reads back; a line without it is an answer in words.
+    path = tmp_path / "trace.jsonl"
+    with path.open("w") as f:
+        write(trace, f)
+    assert read_trace(path) == sorted(trace, key=lambda r: r.t)
+    lines = path.read_text().splitlines()
+    assert any('"tool": true' in line for line in lines)
+    assert not any('"tool": false' in line for line in lines)

@@ -48,7 +48,10 @@ evicts a model whose agents are between turns last; a request that can only
 be served by such an eviction waits up to that many seconds for something
 cheaper to free (``Option.hold``). A model whose engine keeps no prompt
 cache (no ``prompt_cache`` in its status) has none to lose; ``[routing]
-weigh_caches = false`` counts none.
+weigh_caches = false`` counts none. A session whose answer called a tool,
+its result not sent yet (``scheduler.FollowUps``), is certain to come back:
+its prompt counts in full, and so does a prompt without a session key
+whose follow-up is expected.
 
 Prompt tokens are turned into seconds at the prefill rate measured where
 the request went (``Observations.prefill_tps``: the tokens a request routed
@@ -68,7 +71,7 @@ import collections
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -358,33 +361,47 @@ class Affinity:
             if not placed:
                 del self._placed[(neuron, model_id)]
 
-    def eviction_cost(self, neuron: NeuronState, model_id: str) -> float:
+    def eviction_cost(
+        self,
+        neuron: NeuronState,
+        model_id: str,
+        expected: Sequence[tuple[str | None, int]] = (),
+    ) -> float:
         """Expected seconds of prompt processing that unloading ``model_id`` from ``neuron`` costs.
 
         The sum over the sessions last sent there of their last prompt's
         tokens, each weighed by the chance the session comes back
         (``exp(-idle / scale)``; none past the predictor's horizon), at the
-        neuron's prefill rate. 0 with affinity off (routes do not count on
-        where sessions are), with ``weigh_caches`` off, and for a model
-        that reports no prompt cache.
+        neuron's prefill rate. ``expected``: (session key, prompt bytes) of
+        the follow-ups expected there (``scheduler.FollowUps``): certain to
+        come back, their prompts count in full, the sessions' or not. 0
+        with affinity off (routes do not count on where sessions are), with
+        ``weigh_caches`` off, and for a model that reports no prompt cache.
         """
-        placed = self._placed.get((neuron.name, model_id))
+        placed = self._placed.get((neuron.name, model_id)) or set()
         status = neuron.models.get(model_id)
-        if not (self.enabled and self.weigh_caches and placed):
+        if not (self.enabled and self.weigh_caches and (placed or expected)):
             return 0.0
         if status is None or status.prompt_cache is None:
             return 0.0
+        certain = {session for session, _ in expected if session is not None}
         horizon = self.predictor.horizon
         gap = self._turn_gap.get(model_id)
         scale = SESSION_SCALE_FLOOR
         if gap is not None and gap.value is not None:
             scale = min(max(3.0 * gap.value, SESSION_SCALE_FLOOR), horizon)
         now = self.predictor.state.clock()
-        tokens = 0.0
+        tokens = sum(
+            size / BYTES_PER_TOKEN
+            for session, size in expected
+            if session is None or session not in placed
+        )
         for session in placed:
             _, size, seen = self._sessions[(model_id, session)]
             idle = max(now - seen, 0.0)
-            if idle < horizon:
+            if session in certain:
+                tokens += size / BYTES_PER_TOKEN
+            elif idle < horizon:
                 tokens += size / BYTES_PER_TOKEN * math.exp(-idle / scale)
         return self.prefill_seconds(neuron, model_id, tokens) if tokens else 0.0
 

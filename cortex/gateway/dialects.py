@@ -13,10 +13,12 @@ exchange pipeline (``cortex.gateway.exchange``):
 
 :class:`OpenAI` passes chat completions, completions and responses through
 as they came (the body is re-encoded only when the gateway changes it) and
-their streams byte for byte, watching only for the usage. :class:`Messages`
+their streams byte for byte, watching only for the usage and whether the
+answer called a tool (in the stream's last chunks). :class:`Messages`
 translates Anthropic messages to chat completions and the answers back
 (``cortex.wire.translate``); :class:`CountTokens` asks the model's
-tokenizer. Answers and relays set ``Exchange.status`` and ``usage``; the
+tokenizer. Answers and relays set ``Exchange.status``, ``usage`` and
+``follows`` (the answer called a tool: ``scheduler.follow_ups``); the
 pipeline records them.
 """
 
@@ -166,6 +168,54 @@ def usage_from_body(body: bytes) -> dict[str, Any] | None:
         return None
 
 
+def calls_tool(payload: Any) -> bool:
+    """Whether a chat answer or chunk, or a Responses answer or final event, calls a tool.
+
+    Chat: a choice with ``finish_reason: "tool_calls"``; Responses: a
+    ``function_call`` item in the response's ``output`` (the whole body, or
+    the ``response`` of its last event).
+    """
+    if not isinstance(payload, dict):
+        return False
+    choices = payload.get("choices")
+    if isinstance(choices, list):
+        return any(isinstance(c, dict) and c.get("finish_reason") == "tool_calls" for c in choices)
+    response = payload.get("response", payload)
+    output = response.get("output") if isinstance(response, dict) else None
+    return isinstance(output, list) and any(
+        isinstance(item, dict) and item.get("type") == "function_call" for item in output
+    )
+
+
+def calls_tool_in_tail(tail: Iterable[bytes]) -> bool:
+    """Whether the stream's last chunks say its answer called a tool (``calls_tool``).
+
+    The chat chunk with the ``finish_reason`` comes just before the usage
+    chunk and ``[DONE]``; a Responses stream's last event holds the whole
+    response.
+    """
+    data = b"".join(tail)
+    if b"tool_calls" not in data and b"function_call" not in data:
+        return False
+    for line in data.split(b"\n"):
+        if line.startswith(b"data:") and (b"tool_calls" in line or b"function_call" in line):
+            try:
+                if calls_tool(json.loads(line[5:])):
+                    return True
+            except ValueError:
+                continue  # a frame cut by the start of the tail
+    return False
+
+
+def calls_tool_in_body(body: bytes) -> bool:
+    if b"tool_calls" not in body and b"function_call" not in body:
+        return False
+    try:
+        return calls_tool(json.loads(body))
+    except ValueError:
+        return False
+
+
 def _usage_of(payload: Any) -> dict[str, Any] | None:
     if not isinstance(payload, dict):
         return None
@@ -206,6 +256,7 @@ class OpenAI(Dialect):
         assert ex.response is not None
         ex.status = ex.response.status
         ex.usage = usage_from_body(ex.first)
+        ex.follows = calls_tool_in_body(ex.first)
         return Answer(ex.status, self._content_type(ex), ex.first)
 
     def stream_type(self, ex: Exchange) -> bytes:
@@ -232,6 +283,7 @@ class OpenAI(Dialect):
                 yield sse.encode(openai.error_body(exc))
                 return
         ex.status, ex.usage = 200, usage_from_tail(tail)
+        ex.follows = calls_tool_in_tail(tail)
 
 
 # -- Anthropic: translated ----------------------------------------------------------
@@ -322,6 +374,7 @@ class Messages(Dialect):
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise UpstreamError(f"neuron answered with a malformed completion: {exc}")
         ex.status, ex.usage = 200, message["usage"]
+        ex.follows = message.get("stop_reason") == "tool_use"
         return Answer(200, JSON, json.dumps(message).encode())
 
     async def relay(self, gateway: Gateway, ex: Exchange) -> AsyncGenerator[bytes, None]:
@@ -372,6 +425,8 @@ class Messages(Dialect):
         if not stream.complete:
             log.warning("request %s: the neuron's stream ended early", ex.request_id)
         ex.status = 200 if stream.complete else 502
+        # What the client is told: tool_use when a tool_use block is in the answer.
+        ex.follows = stream.stop_reason == "tool_use"
         yield _encode(stream.finish())
 
 

@@ -42,6 +42,8 @@ class GatewayMetrics:
     gateway_queue: Gauge
     thrash: Counter
     affinity: Counter
+    follow_ups: Counter
+    follow_ups_expected: Gauge
     prompt_cache_hit_ratio: Gauge
     prompt_cache_reused_tokens: Gauge
 
@@ -172,6 +174,21 @@ class GatewayMetrics:
                 "remembered for it), broken (elsewhere: saturated, down, unloaded), new "
                 "(none remembered).",
                 ["result"],
+                **kw,
+            ),
+            follow_ups=Counter(
+                "cortex_follow_ups",
+                "Answers that called a tool, by what became of the request with the tool's "
+                "result: kept (it came within the learned window, the model still loaded "
+                "where the answer came from), evicted (within it, the model gone), late "
+                "(after the window), expired (none within [routing] follow_up_limit).",
+                ["result"],
+                **kw,
+            ),
+            follow_ups_expected=Gauge(
+                "cortex_follow_ups_expected",
+                "Answers that called a tool whose result has not come yet (within "
+                "[routing] follow_up_limit): their models are kept.",
                 **kw,
             ),
             prompt_cache_hit_ratio=Gauge(

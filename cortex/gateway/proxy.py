@@ -81,6 +81,10 @@ class Exchange:
     status: int = CLIENT_CLOSED
     #: The usage the answer reported (OpenAI, Responses or Anthropic), if any.
     usage: dict[str, Any] | None = None
+    #: The answer called a tool (chat ``finish_reason: "tool_calls"``, a
+    #: Responses ``function_call`` item): the client will send the
+    #: conversation again with the tool's result (``Router.release(follows=)``).
+    follows: bool = False
     finished: bool = False
 
 
@@ -306,7 +310,7 @@ class Proxy:
     def finish(self, ex: Exchange) -> None:
         """Close the neuron's response, release the route and record the exchange (once).
 
-        Records ``ex.status`` and ``ex.usage``. Whoever takes an exchange
+        Records ``ex.status``, ``ex.usage`` and ``ex.follows``. Whoever takes an exchange
         from ``dispatch`` calls this in a ``finally``; calls after the first
         only close the response.
         """
@@ -334,6 +338,7 @@ class Proxy:
                 completion_tokens=counts[1] if counts is not None else None,
                 decode_s=decode_s if counts is not None else None,
                 prompt=ex.prompt,
+                follows=ex.follows and status < 400,
             )
         log.info(
             "%s %d model=%s neuron=%s %.3fs request_id=%s",

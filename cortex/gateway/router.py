@@ -24,7 +24,10 @@ model) has at most one load in progress; every request that wants it waits
 on its ``done`` Event, so two requests for one cold model cause one load.
 The router keeps the names (aliases, tiers, metrics labels), the requests
 in flight and waiting, and what it learns from them
-(``scheduler.Observations``): the simulation runs this very code.
+(``scheduler.Observations``): the simulation runs this very code. A
+request whose answer called a tool (``release(follows=True)``) leaves a
+follow-up expected (``scheduler.FollowUps``) that keeps its model until the
+next request of its conversation arrives.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from cortex.gateway.loader import Loader
 from cortex.gateway.metrics import UNKNOWN, GatewayMetrics
 from cortex.gateway.scheduler import (
     Decision,
+    FollowUps,
     Observations,
     Policy,
     PolicyFactory,
@@ -59,6 +63,7 @@ from cortex.gateway.scheduler import (
     make_policy,
     slots_of,
 )
+from cortex.gateway.scheduler.follow_ups import RESULTS as FOLLOW_UP_RESULTS
 from cortex.gateway.state import (
     LOADED,
     FleetState,
@@ -100,6 +105,7 @@ class Router:
     policy: Policy = attrs.field(init=False)
     thrash: ThrashLog = attrs.field(init=False)
     affinity: Affinity = attrs.field(init=False)
+    follow_ups: FollowUps = attrs.field(init=False)
     #: (neuron, model) -> its requests in flight, oldest first.
     _routed: dict[tuple[str, str], collections.deque[_Routed]] = attrs.field(
         factory=dict, init=False
@@ -111,8 +117,15 @@ class Router:
         routing = self.config.routing
         self.queue = WaitQueue(limit=routing.queue_limit)
         self.thrash = ThrashLog(window=routing.thrash_window, residency=routing.min_residency)
+        self.follow_ups = FollowUps(
+            self.observations, limit=routing.follow_up_limit, enabled=routing.follow_ups
+        )
         self.predictor = Predictor(
-            self.state, self.observations, horizon=routing.thrash_window, thrash=self.thrash
+            self.state,
+            self.observations,
+            horizon=routing.thrash_window,
+            thrash=self.thrash,
+            follow_ups=self.follow_ups,
         )
         self.policy = self.policy_factory(
             self.config, self.state, self.predictor, self.queue, self.thrash
@@ -125,6 +138,8 @@ class Router:
         )
         # Evictions weigh the prompt caches the affinity knows sessions by.
         self.predictor.caches = self.affinity.eviction_cost
+        for result in FOLLOW_UP_RESULTS:
+            self.metrics.follow_ups.labels(result)
         self.loader = Loader(
             config=self.config,
             state=self.state,
@@ -185,6 +200,7 @@ class Router:
         """
         arrived = trio.current_time()
         self.observations.record_arrival(model_id, arrived)
+        self._follow_up(model_id, prompt, arrived)
         last_error: CortexError | None = None
         ticket: Ticket | None = None
         first: _Routed | None = None
@@ -266,6 +282,7 @@ class Router:
         completion_tokens: int | None = None,
         decode_s: float | None = None,
         prompt: Prompt | None = None,
+        follows: bool = False,
     ) -> None:
         """The request routed by ``acquire`` is over.
 
@@ -275,9 +292,15 @@ class Router:
         hold their route. ``prompt``: the one given to ``acquire``; a
         caller that routes with a prompt must pass it here too (or to
         ``answering`` first), or its prompt processing stays counted
-        against the neuron (``Affinity.pending``).
+        against the neuron (``Affinity.pending``). ``follows``: its answer
+        called a tool, so the client will send the conversation again with
+        the result (``scheduler.follow_ups``): the model is kept for it.
         """
         self.affinity.answered(neuron.name, model_id, prompt)
+        if follows:
+            if self.follow_ups.expect(neuron.name, model_id, prompt, trio.current_time()):
+                self.metrics.follow_ups.labels("expired").inc()  # the oldest, past the bound
+            self.metrics.follow_ups_expected.set(self.follow_ups.statistics().pending)
         neuron.end_request(model_id, now=self.state.clock())
         self.metrics.in_flight.labels(model_id, neuron.name).dec()
         routed = self._routed.get((neuron.name, model_id))
@@ -307,6 +330,22 @@ class Router:
             # A slot of this model is free for its waiting requests; or,
             # with nothing in flight, the model may be evicted for others'.
             self.state.changed()
+
+    def _follow_up(self, model_id: str, prompt: Prompt | None, now: float) -> None:
+        """A request came at ``now``: the follow-up it answers (if any) goes, counted."""
+        expired = self.follow_ups.expire(now)
+        if expired:
+            self.metrics.follow_ups.labels("expired").inc(expired)
+
+        def loaded(name: str) -> bool:
+            neuron = self.state.neurons.get(name)
+            return neuron is not None and neuron.status_of(model_id) == LOADED
+
+        result = self.follow_ups.arrived(model_id, prompt, now, loaded)
+        if result is not None:
+            self.metrics.follow_ups.labels(result).inc()
+        if expired or result is not None:
+            self.metrics.follow_ups_expected.set(self.follow_ups.statistics().pending)
 
     def forget(self, neuron: NeuronState, model_id: str) -> None:
         """The neuron said it does not have ``model_id``: stop routing there."""

@@ -76,7 +76,7 @@ class TraceRequest:
 
     ``{"t": s, "model": id, "prompt_tokens": n, "max_tokens": n, "stream": b,
     "usage": b, "session": n, "think": s, "prompt": [[name, n], ...],
-    "answer": name, "key": str}``; only ``t`` and ``model`` are required.
+    "answer": name, "key": str, "tool": b}``; only ``t`` and ``model`` are required.
     ``usage``: the answer carries token counts (a non-streamed answer always
     does; a stream only when the client asked for them). ``think``: in a
     closed-loop replay, seconds after the session's previous answer that
@@ -84,6 +84,10 @@ class TraceRequest:
     its tokens as named runs (``cortex.sim.cache``; ``prompt_tokens`` is
     then their sum), ``answer`` the name of the run its completion is (the
     next turn repeats it), ``key`` the session key the client sends.
+    ``tool``: the answer calls a tool (the next request of the session
+    brings its result, ``think`` being the tool's run): the client tells
+    the router as the proxy would (``Router.release(follows=True)``);
+    absent, false.
     """
 
     t: float
@@ -97,6 +101,7 @@ class TraceRequest:
     prompt: Runs = ()
     answer: str | None = None
     key: str | None = None
+    tool: bool = False
 
     @property
     def agent(self) -> bool:
@@ -135,6 +140,7 @@ def read_trace(path: str | os.PathLike[str]) -> list[TraceRequest]:
                         prompt=runs,
                         answer=None if answer is None else str(answer),
                         key=None if key is None else str(key),
+                        tool=bool(data.get("tool", False)),
                     )
                 )
             except (ValueError, KeyError, TypeError) as exc:
@@ -194,6 +200,11 @@ class Result:
     affinity: dict[str, int] = attrs.field(factory=dict)
     #: Cached prompt tokens (slots and host tiers) thrown away by unloads.
     dropped_tokens: int = 0
+    #: What became of the follow-ups of answers that called a tool
+    #: (``FollowUps.statistics``: kept, evicted, late, expired, pending).
+    follow_ups: dict[str, int] = attrs.field(factory=dict)
+    #: Unloads of the models agent sessions use (evictions and scale-ins).
+    agent_unloads: int = 0
     #: Prompt tokens reused, as the gateway's pollers last read them from
     #: the neurons' model listings (``cortex_prompt_cache_reused_tokens``,
     #: summed over models and neurons; since each model's load).
@@ -317,6 +328,7 @@ class _Clients:
                 completion_tokens=generation.completion_tokens if counts else None,
                 decode_s=decode_s if counts and request.stream else None,
                 prompt=prompt,
+                follows=request.tool,
             )
             return
 
@@ -436,6 +448,7 @@ async def run_replay(
         over.set()
         background.cancel_scope.cancel()
     logs = [entry for s in sims.values() for entry in s.log]
+    agent_models = {r.model for r in trace if r.agent}
     kinds = ("loaded", "loading", "cold", "evict", "scale_out", "scale_in", "queued", "rejected")
     counters = _samples(
         metrics,
@@ -463,6 +476,8 @@ async def run_replay(
         refused=sum(1 for _, what, _ in logs if what == "refused"),
         affinity=attrs.asdict(router.affinity.statistics()),
         dropped_tokens=sum(s.dropped_tokens for s in sims.values()),
+        follow_ups=attrs.asdict(router.follow_ups.statistics()),
+        agent_unloads=sum(1 for _, what, m in logs if what == "unload" and m in agent_models),
         reported_cached_tokens=int(
             sum(
                 v

@@ -17,7 +17,11 @@ of the prompt tokens read from a prompt cache (and, for later turns, from a
 host tier) and the time to first token
 of first turns against later ones, later turns that did not find their
 whole previous conversation cached, the router's affinity kept / broken /
-new, and the cached tokens that unloads threw away.
+new, the cached tokens that unloads threw away, the unloads of the agents'
+models, what became of the follow-ups of answers that called a tool (kept:
+their result came within the window to the model still loaded; evicted:
+within it, the model gone; late; expired: none came), and the p99 of the
+other requests (the ordinary traffic's).
 """
 
 from __future__ import annotations
@@ -77,6 +81,15 @@ class Row:
     new: int = 0
     #: Cached prompt tokens that unloads threw away.
     dropped_tokens: int = 0
+    #: Time to first token p99 of the requests that are not agent turns.
+    others_p99: float = math.nan
+    #: Unloads of the agents' models.
+    agent_unloads: int = 0
+    #: Follow-ups of answers that called a tool: kept, evicted, late, expired.
+    follow_ups_kept: int = 0
+    follow_ups_evicted: int = 0
+    follow_ups_late: int = 0
+    follow_ups_expired: int = 0
 
     @property
     def later_over_first(self) -> float:
@@ -118,6 +131,12 @@ class Row:
             broken=result.affinity.get("broken", 0),
             new=result.affinity.get("new", 0),
             dropped_tokens=result.dropped_tokens,
+            others_p99=percentile(_ttfts([o for o in result.outcomes if not o.request.agent]), 99),
+            agent_unloads=result.agent_unloads,
+            follow_ups_kept=result.follow_ups.get("kept", 0),
+            follow_ups_evicted=result.follow_ups.get("evicted", 0),
+            follow_ups_late=result.follow_ups.get("late", 0),
+            follow_ups_expired=result.follow_ups.get("expired", 0),
         )
 
 
@@ -269,6 +288,9 @@ SESSION_HEADERS = (
     "broken",
     "new",
     "dropped tokens",
+    "agent unloads",
+    "follow-ups kept/evicted/late/expired",
+    "others p99 s",
 )
 
 
@@ -300,6 +322,12 @@ def sessions_table(results: Sequence[Result | Summary]) -> str:
                 f"{summary.median('broken'):g}",
                 f"{summary.median('new'):g}",
                 f"{summary.median('dropped_tokens'):.0f}",
+                f"{summary.median('agent_unloads'):g}",
+                "/".join(
+                    f"{summary.median('follow_ups_' + result):g}"
+                    for result in ("kept", "evicted", "late", "expired")
+                ),
+                _seconds(summary.median("others_p99")),
             )
         )
     return _layout(rows)

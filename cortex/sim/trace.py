@@ -28,12 +28,18 @@ shared by every session of its kind (``--agent-kinds`` of them,
 median ``--turn-tokens``) and the model's answer (median
 ``--answer-tokens``), which the next turn repeats. Turns per session are
 geometric with mean ``--turns``; the next turn goes ``--agent-think``
-seconds (exponential) after the answer. Their lines carry the prompt as
+seconds (exponential) after the answer; but a share ``--tool-share``
+(default 0.7) of the answers, all but a session's last, call a tool, and
+the next turn (the tool's result) goes after the tool's run instead:
+log-normal seconds, median ``--tool-median`` (2), sigma ``--tool-sigma``
+(1.2: a p99 of about 30 s). Their lines carry the prompt as
 named token runs (``"prompt": [["system-0", 3000], ["document-4", 1500],
 ["user-4-0", 310], ["answer-4-0", 140], ...]``), the run the answer is
 (``"answer"``), and a session key (``"key"``, Claude Code's session header)
 for a share ``--agent-keys`` of the sessions; the others count on the
-gateway's prefix index alone.
+gateway's prefix index alone; and ``"tool": true`` when the answer calls
+a tool (the client replays it to the router as the proxy would:
+``Router.release(follows=True)``).
 """
 
 from __future__ import annotations
@@ -85,6 +91,11 @@ class TraceSettings:
     agent_think: float = 10.0
     #: Share of agent sessions that send a session key.
     agent_keys: float = 1.0
+    #: Share of agent turns (all but a session's last) whose answer calls a
+    #: tool, and the tool's seconds (log-normal: median, and sigma of its log).
+    tool_share: float = 0.7
+    tool_median: float = 2.0
+    tool_sigma: float = 1.2
 
 
 def _sessions(
@@ -139,6 +150,9 @@ def _agents(fleet: FleetFile, settings: TraceSettings, first: int) -> list[Trace
     if settings.agents <= 0:
         return []
     rng = random.Random(f"{settings.seed}-agents")
+    # Tool calls from a generator of their own: with none, the trace is the
+    # one this seed gave before tools were modelled.
+    tools = random.Random(f"{settings.seed}-tools")
     if settings.agent_model is not None:
         spec = fleet.model(settings.agent_model)
     else:
@@ -162,6 +176,8 @@ def _agents(fleet: FleetFile, settings: TraceSettings, first: int) -> list[Trace
                 break
             message = max(8, int(rng.lognormvariate(math.log(settings.turn_tokens), 0.6)))
             answer = max(8, int(rng.lognormvariate(math.log(settings.answer_tokens), 0.5)))
+            # A session ends on an answer in words; before, the answer calls a tool.
+            tool = turn + 1 < count and tools.random() < settings.tool_share
             runs.append((f"user-{n}-{turn}", message))
             new += message
             requests.append(
@@ -177,11 +193,15 @@ def _agents(fleet: FleetFile, settings: TraceSettings, first: int) -> list[Trace
                     prompt=tuple(runs),
                     answer=f"answer-{n}-{turn}",
                     key=f"agent-{n}" if keyed else None,
+                    tool=tool,
                 )
             )
             # Answered on an idle fleet that kept the conversation cached.
             answered = new / spec.prefill_tokens_per_second + answer / spec.tokens_per_second
             think = rng.expovariate(1 / settings.agent_think)
+            if tool:
+                # The tool runs, and the client sends its result at once.
+                think = tools.lognormvariate(math.log(settings.tool_median), settings.tool_sigma)
             at += answered + think
             runs.append((f"answer-{n}-{turn}", answer))
             new = answer
@@ -263,6 +283,8 @@ def write(requests: Sequence[TraceRequest], out: object) -> None:
             line["answer"] = r.answer
         if r.key is not None:
             line["key"] = r.key
+        if r.tool:
+            line["tool"] = True
         print(json.dumps(line), file=out)  # type: ignore[arg-type]
 
 
@@ -337,6 +359,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.agent_keys,
         help="share of sessions that send a session key",
     )
+    agents.add_argument(
+        "--tool-share",
+        type=float,
+        default=defaults.tool_share,
+        help="share of turns (all but a session's last) whose answer calls a tool",
+    )
+    agents.add_argument(
+        "--tool-median",
+        type=float,
+        default=defaults.tool_median,
+        help="median seconds a tool runs before its result is sent (log-normal)",
+    )
+    agents.add_argument(
+        "--tool-sigma",
+        type=float,
+        default=defaults.tool_sigma,
+        help="sigma of the log of the tool's seconds: its tail",
+    )
     return parser
 
 
@@ -371,6 +411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         turns=args.turns,
         agent_think=args.agent_think,
         agent_keys=args.agent_keys,
+        tool_share=args.tool_share,
+        tool_median=args.tool_median,
+        tool_sigma=args.tool_sigma,
     )
     try:
         requests = generate(fleet, settings)

@@ -466,6 +466,13 @@ class AnthropicStream:
         """Whether a finish_reason came: a stream that ends without one was cut short."""
         return self._finish_reason is not None
 
+    @property
+    def stop_reason(self) -> str | None:
+        """The ``stop_reason`` that ``finish`` sends; None before a finish_reason came."""
+        if not self.complete:
+            return None
+        return stop_reason(self._finish_reason, self._stop_sequence, bool(self._tools))
+
     def finish(self) -> list[tuple[str, dict[str, Any]]]:
         """The events that end the stream once the chat stream has ended.
 
@@ -483,7 +490,7 @@ class AnthropicStream:
         delta_usage = anthropic_usage(
             self._usage, input_tokens=self.input_tokens, output_tokens=self._chunks_with_output
         )
-        reason = stop_reason(self._finish_reason, self._stop_sequence, bool(self._tools))
+        reason = self.stop_reason
         events.append(
             (
                 "message_delta",

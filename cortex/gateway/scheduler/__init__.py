@@ -27,7 +27,11 @@ Policies (``[routing] policy``):
   before throwing away. A model with requests waiting at the gateway is not
   evicted, nor one that thrashed (reloaded within ``thrash_window`` of its
   eviction) in the ``min_residency`` seconds after that reload: the thrash
-  guard; requests for others wait and are served together. With
+  guard; requests for others wait and are served together. A model whose
+  answer called a tool (``follow_ups``) counts as certain to return until
+  the tool's result comes, or the learned window (``follow_up_limit`` at
+  most) passes: its whole reload and prompt caches weigh, and it is evicted
+  last. With
   ``patience``, a request waits before an eviction that its penalty times
   ``patience`` is more than it has waited, never so long that its first
   token would come later than ``patience_limit`` (by default: the slowest 1%
@@ -50,7 +54,8 @@ simulation and the tests call it alike.
 
 The parts: ``observations`` (priors and measurements), ``predictor``
 (options, decisions, predictions), ``queue`` (who waits), ``thrash`` (the
-thrash guard), ``policies`` (who picks), ``decide`` (the options open to a
+thrash guard), ``follow_ups`` (answers that called a tool, their results
+expected), ``policies`` (who picks), ``decide`` (the options open to a
 request and the policy's choice among them).
 """
 
@@ -62,10 +67,19 @@ from cortex.gateway.scheduler.decide import (
     options,
     scale_in,
 )
+from cortex.gateway.scheduler.follow_ups import (
+    MATCH_SHARE,
+    FollowUp,
+    FollowUps,
+    FollowUpStatistics,
+)
 from cortex.gateway.scheduler.observations import (
     ALPHA,
     FIRST_TOKEN_ENOUGH,
     FIRST_TOKEN_WINDOW,
+    FOLLOW_UP_ENOUGH,
+    FOLLOW_UP_PERCENTILE,
+    FOLLOW_UP_SAMPLES,
     GUARD_FACTOR,
     LOAD_OVERHEAD_S,
     PATIENCE_LIMIT_FLOOR,
@@ -73,6 +87,7 @@ from cortex.gateway.scheduler.observations import (
     PREFILL_SAMPLE_TOKENS,
     PRIOR_COMPLETION_TOKENS,
     PRIOR_DECODE,
+    PRIOR_FOLLOW_UP_S,
     PRIOR_LOAD_MBPS,
     REPLICA_PENALTY,
     RETURN_HORIZON,
@@ -106,14 +121,19 @@ __all__ = [
     "ALPHA",
     "FIRST_TOKEN_ENOUGH",
     "FIRST_TOKEN_WINDOW",
+    "FOLLOW_UP_ENOUGH",
+    "FOLLOW_UP_PERCENTILE",
+    "FOLLOW_UP_SAMPLES",
     "GUARD_FACTOR",
     "LOAD_OVERHEAD_S",
+    "MATCH_SHARE",
     "PATIENCE_LIMIT_FLOOR",
     "POLICIES",
     "PREFILL_ENOUGH",
     "PREFILL_SAMPLE_TOKENS",
     "PRIOR_COMPLETION_TOKENS",
     "PRIOR_DECODE",
+    "PRIOR_FOLLOW_UP_S",
     "PRIOR_LOAD_MBPS",
     "REPLICA_PENALTY",
     "RETURN_HORIZON",
@@ -124,6 +144,9 @@ __all__ = [
     "Decision",
     "Ewma",
     "FixedPolicy",
+    "FollowUp",
+    "FollowUpStatistics",
+    "FollowUps",
     "Kind",
     "Observations",
     "Option",

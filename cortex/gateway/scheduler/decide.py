@@ -114,7 +114,7 @@ def options(
             continue
         if plan.evictions:
             predicted, penalty = predictor.cold(neuron, model_id, plan, now)
-            caches = sum(predictor.cache_cost(neuron, v) for v in plan.evictions)
+            caches = sum(predictor.cache_cost(neuron, v, now) for v in plan.evictions)
             found.append(
                 Option("evict", neuron, predicted, plan=plan, penalty=penalty, caches=caches)
             )

@@ -44,6 +44,16 @@ FIRST_TOKEN_ENOUGH = 100
 #: ... and the least of that tail (its percentile: ``[routing] patience_tail``;
 #: also used until enough requests were measured), seconds.
 PATIENCE_LIMIT_FLOOR = 10.0
+#: Gaps kept between an answer that called a tool and the request with its
+#: result (``cortex.gateway.scheduler.follow_ups``) ...
+FOLLOW_UP_SAMPLES = 1000
+#: ... how many must have been measured before their tail is trusted ...
+FOLLOW_UP_ENOUGH = 20
+#: ... the percentile of them that a follow-up is waited for ...
+FOLLOW_UP_PERCENTILE = 99.0
+#: ... and the wait until then, seconds: a minute covers a test run or a
+#: short build (most tools, a grep or a file read, take a second or two).
+PRIOR_FOLLOW_UP_S = 60.0
 
 
 @attrs.define
@@ -63,6 +73,11 @@ def _ewma(table: dict[Any, Ewma], key: Any) -> Ewma:
     if found is None:
         found = table[key] = Ewma()
     return found
+
+
+def _nearest_rank(ordered: list[float], q: float) -> float:
+    """The ``q``-th percentile (nearest rank) of the sorted, non-empty ``ordered``."""
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 @attrs.define(eq=False)
@@ -100,6 +115,12 @@ class Observations:
     #: request asks for the tail at each decision, far more often than
     #: requests end.
     _first_token_ordered: list[float] | None = attrs.field(default=None, init=False)
+    #: Seconds from the latest answers that called a tool to the requests
+    #: that brought their results (the tool's run and the client's turn).
+    follow_up_gaps: collections.deque[float] = attrs.field(
+        factory=lambda: collections.deque(maxlen=FOLLOW_UP_SAMPLES)
+    )
+    _follow_up_ordered: list[float] | None = attrs.field(default=None, init=False)
 
     def record_load(self, neuron: str, model_id: str, size_mb: int, seconds: float) -> None:
         seconds = max(seconds, 1e-3)
@@ -152,7 +173,26 @@ class Observations:
         ordered = self._first_token_ordered
         if ordered is None:
             ordered = self._first_token_ordered = sorted(self.first_token)
-        return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+        return _nearest_rank(ordered, q)
+
+    def record_follow_up(self, seconds: float) -> None:
+        """A request brought the result of a tool that an answer ``seconds`` ago called."""
+        self.follow_up_gaps.append(max(seconds, 0.0))
+        self._follow_up_ordered = None
+
+    def follow_up_window(self, limit: float) -> float:
+        """Seconds a follow-up is waited for after an answer that called a tool.
+
+        The ``FOLLOW_UP_PERCENTILE`` of the gaps measured (``PRIOR_FOLLOW_UP_S``
+        until ``FOLLOW_UP_ENOUGH`` were), at most ``limit`` (``[routing]
+        follow_up_limit``).
+        """
+        if len(self.follow_up_gaps) < FOLLOW_UP_ENOUGH:
+            return min(PRIOR_FOLLOW_UP_S, limit)
+        ordered = self._follow_up_ordered
+        if ordered is None:
+            ordered = self._follow_up_ordered = sorted(self.follow_up_gaps)
+        return min(_nearest_rank(ordered, FOLLOW_UP_PERCENTILE), limit)
 
     def record_arrival(self, model_id: str, now: float) -> None:
         """A request for ``model_id`` came at ``now`` (trio time)."""

@@ -178,18 +178,19 @@ class PredictivePolicy(Policy):
     def victim_key(self, neuron: NeuronState, now: float) -> VictimKey | None:
         by_priority = self.config.eviction.strategy == "priority"
 
-        def key(victim: str) -> tuple[int, int, float]:
+        def key(victim: str) -> tuple[int, bool, int, float]:
             entry = self.state.catalogue.models.get(victim)
             priority = entry.priority if entry is not None and by_priority else 0
-            # The least likely to be asked for again first; chances within
-            # a tenth of each other are alike: least recently used first.
-            # The prompt cache it holds counts as that many reloads more.
-            idle = self.state.clock() - neuron.recency(victim)
-            chance = self.predictor.return_chance(victim, idle, now)
-            chance += self.predictor.cache_cost(neuron, victim) / self.predictor.load(
+            # A model whose tool call's result is on its way goes last;
+            # then the least likely to be asked for again first; chances
+            # within a tenth of each other are alike: least recently used
+            # first. The prompt cache it holds counts as that many reloads more.
+            following = self.predictor.following(neuron, victim, now)
+            chance = self.predictor.chance(neuron, victim, now)
+            chance += self.predictor.cache_cost(neuron, victim, now) / self.predictor.load(
                 neuron, victim
             )
-            return priority, round(10 * chance), neuron.recency(victim)
+            return priority, following, round(10 * chance), neuron.recency(victim)
 
         return key
 

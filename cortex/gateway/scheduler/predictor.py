@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import attrs
 
 from cortex.gateway.evictor import Plan
+from cortex.gateway.scheduler.follow_ups import FollowUps
 from cortex.gateway.scheduler.observations import (
     GUARD_FACTOR,
     REPLICA_PENALTY,
@@ -27,8 +28,10 @@ from cortex.gateway.state import (
 
 Kind = Literal["loaded", "loading", "cold", "evict"]
 #: Expected seconds of prompt processing that unloading a model from a
-#: neuron throws away (its prompt cache for sessions still going on).
-CacheCost = Callable[[NeuronState, str], float]
+#: neuron throws away (its prompt cache for sessions still going on), given
+#: the (session key, prompt bytes) of the follow-ups expected there, whose
+#: prompts count in full.
+CacheCost = Callable[[NeuronState, str, Sequence[tuple[str | None, int]]], float]
 
 
 def slots_of(neuron: NeuronState, model_id: str) -> int:
@@ -102,6 +105,8 @@ class Predictor:
     #: What an eviction throws away of the prompt caches
     #: (``Affinity.eviction_cost``); None: nothing counted.
     caches: CacheCost | None = None
+    #: The follow-ups expected of answers that called a tool; None: none.
+    follow_ups: FollowUps | None = None
 
     def size(self, model_id: str) -> int:
         entry = self.state.catalogue.models.get(model_id)
@@ -157,22 +162,40 @@ class Predictor:
         new = 1.0 - math.exp(-RETURN_HORIZON / between) if between else 0.0
         return 1.0 - (1.0 - going_on) * (1.0 - new)
 
-    def cache_cost(self, neuron: NeuronState, victim: str) -> float:
+    def following(self, neuron: NeuronState, victim: str, now: float) -> bool:
+        """Whether a follow-up of an answer that called a tool is expected of ``victim`` there."""
+        return self.follow_ups is not None and self.follow_ups.pending(neuron.name, victim, now)
+
+    def chance(self, neuron: NeuronState, victim: str, now: float) -> float:
+        """``return_chance`` of ``victim`` there at ``now``; 1 while a follow-up is expected."""
+        if self.following(neuron, victim, now):
+            return 1.0
+        idle = self.state.clock() - neuron.recency(victim)
+        return self.return_chance(victim, idle, now)
+
+    def cache_cost(self, neuron: NeuronState, victim: str, now: float | None = None) -> float:
         """Expected seconds of prompt processing that evicting ``victim`` from ``neuron`` costs.
 
         The sessions it holds the prompts of re-prefill them wherever they
         go next, another replica or not: unlike a reload, this is not shared.
+        Given ``now``, the prompts of follow-ups expected there count in full.
         """
-        return self.caches(neuron, victim) if self.caches is not None else 0.0
+        if self.caches is None:
+            return 0.0
+        expected = []
+        if self.follow_ups is not None and now is not None:
+            expected = self.follow_ups.sizes(neuron.name, victim, now)
+        return self.caches(neuron, victim, expected)
 
     def penalty(self, neuron: NeuronState, victim: str, now: float) -> float:
         """Expected seconds that evicting ``victim`` from ``neuron`` now costs later.
 
-        Its reload, times the chance it is asked for again (a tenth of that
-        when another replica holds it), plus the prompt cache it throws away.
+        Its reload, times the chance it is asked for again (1 while a
+        follow-up is expected; a tenth of that when another replica holds
+        it, where the follow-up can go without waiting for a load), plus the
+        prompt cache it throws away.
         """
-        idle = self.state.clock() - neuron.recency(victim)
-        cost = self.return_chance(victim, idle, now) * self.load(neuron, victim)
+        cost = self.chance(neuron, victim, now) * self.load(neuron, victim)
         if self.thrash is not None and self.thrash.guarded(victim, now):
             cost *= GUARD_FACTOR
         others = any(
@@ -180,7 +203,7 @@ class Predictor:
             for n in self.state.neurons.values()
         )
         reload = cost * REPLICA_PENALTY if others else cost
-        return reload + self.cache_cost(neuron, victim)
+        return reload + self.cache_cost(neuron, victim, now)
 
     def cold(
         self, neuron: NeuronState, model_id: str, plan: Plan, now: float
