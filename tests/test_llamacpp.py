@@ -415,8 +415,10 @@ def test_grammar(load, tiny_model_path):
     assert len(take(model.generate(model.tokenize("Hi"), GREEDY), 3)) == 3
 
 
-def test_generation_stops_at_full_context(load, tiny_model_path):
-    model = load(tiny_model_path)
+@pytest.mark.parametrize("kv_unified", [True, "auto"], ids=["unified", "per-slot"])
+def test_generation_stops_at_full_context(load, tiny_model_path, kv_unified):
+    model = load(tiny_model_path, options={"kv_unified": kv_unified})
+    assert model.kv_layout == ("unified" if kv_unified is True else "per-slot")
     prompt = model.tokenize("x" * 600, add_bos=False)[: model.n_ctx - 8]
     assert len(list(model.generate(prompt, GREEDY))) == 8
     with pytest.raises(ContextOverflow):
