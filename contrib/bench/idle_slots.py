@@ -1,12 +1,14 @@
 """Idle slots' cached prefixes: what they cost a stream decoding beside them.
 
-A slot keeps the KV cells of its last sequence for prefix reuse. With the
-unified KV pool (``kv_unified = true``, the default) llama.cpp computes a
-step's attention over every cell up to the highest one in use, masked to
-each sequence's own cells, so the cells idle slots keep are attended to by
-every stream that decodes: the more cached prefixes a model holds, the
-slower each token. Per-sequence streams (``kv_unified = false``) give each
-slot its own cells, at ``parallel`` times the KV memory.
+A slot keeps the KV cells of its last sequence for prefix reuse. With a
+unified KV pool (``kv_unified = true``, or ``auto`` where per-slot streams
+do not fit) llama.cpp computes a step's attention over every cell up to the
+highest one in use, masked to each sequence's own cells, so the cells idle
+slots keep are attended to by every stream that decodes: the more cached
+prefixes a model holds, the slower each token. Per-sequence streams
+(``kv_unified = false``, or ``auto`` where they fit) give each slot its own
+cells, at ``parallel`` times the KV memory. Both are asked for explicitly
+here.
 
 Loads the SmolLM2 demo through the llamacpp engine once per candidate and,
 in interleaved rounds, times one stream alone (a fresh prompt of
@@ -125,7 +127,7 @@ def steady(pm: Any, path: str, args: argparse.Namespace, base: dict[str, Any]) -
 
     cells = args.n_ctx * args.parallel
     modes = {
-        "unified": base | {"parallel": args.parallel, "kv_cells": cells},
+        "unified": base | {"parallel": args.parallel, "kv_cells": cells, "kv_unified": True},
         "per-slot": base | {"parallel": args.parallel, "kv_unified": False},
     }
     models = {}
@@ -229,7 +231,7 @@ def lone(pm: Any, path: str, args: argparse.Namespace, base: dict[str, Any]) -> 
     # The unified pool gets the same cells as the split streams have in
     # all, so neither runs out of room for the idle slots' sequences.
     cells = args.n_ctx * args.parallel
-    unified = {"parallel": args.parallel, "kv_cells": cells}
+    unified = {"parallel": args.parallel, "kv_cells": cells, "kv_unified": True}
     split = {"parallel": args.parallel, "kv_unified": False}
     candidates = {
         "parallel 1": (base | {"parallel": 1}, False),
@@ -283,7 +285,11 @@ def lone(pm: Any, path: str, args: argparse.Namespace, base: dict[str, Any]) -> 
 
 def concurrent(pm: Any, path: str, args: argparse.Namespace, base: dict[str, Any]) -> None:
     """``--concurrent``: streams started at once on a fresh model."""
-    unified = {"parallel": args.parallel, "kv_cells": args.n_ctx * args.parallel}
+    unified = {
+        "parallel": args.parallel,
+        "kv_cells": args.n_ctx * args.parallel,
+        "kv_unified": True,
+    }
     split = {"parallel": args.parallel, "kv_unified": False}
     print(f"\nstreams started at once on a fresh model, median of {args.rounds} rounds")
     print(f"{'':<40}{'TTFT p50 ms':>13}{'tokens/s':>10}")

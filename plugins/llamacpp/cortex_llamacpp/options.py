@@ -331,8 +331,11 @@ def kv_layout(
 
 
 def kv_cells(options: LoadOptions, n_ctx: int) -> int:
-    """The KV cache's cells for a per-sequence context of ``n_ctx``."""
-    if options.parallel > 1 and not options.kv_unified:
+    """The KV cache's cells for a per-sequence context of ``n_ctx``.
+
+    ``options.kv_unified`` is the layout ``kv_layout`` chose, not ``auto``.
+    """
+    if options.parallel > 1 and options.kv_unified is False:
         return n_ctx * options.parallel
     if options.parallel > 1 and options.kv_cells is not None:
         return max(n_ctx, -(-options.kv_cells // CTX_STEP) * CTX_STEP)
