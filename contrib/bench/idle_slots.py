@@ -36,7 +36,12 @@ share of the prompt read from cache, and ratios to ``parallel 1``.
     .venv/bin/python contrib/bench/idle_slots.py [--parallel 8] [--fill 7]
         [--fill-tokens 1200] [--n-ctx 2048] [--rounds 5] [--threads 1]
         [--sections lone steady] [--busy 1 3 6] [--turn-words 50]
-        [--concurrent 2 4 8]
+        [--concurrent 2 4 8] [--n-gpu-layers -1]
+
+Measured on CPUs only so far. On a GPU the trade may differ: a decode step
+there is bound by reading the weights, which per-slot streams do once per
+run of consecutive busy slots, while the pool's extra attention is cheap;
+``--n-gpu-layers -1`` runs the same tables there.
 """
 
 from __future__ import annotations
@@ -203,6 +208,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--n-gpu-layers", type=int, default=0, help="layers offloaded (-1: all; a CUDA build)"
+    )
     parser.add_argument("--concurrent", type=int, nargs="*", default=[])
     parser.add_argument(
         "--sections", nargs="*", choices=("lone", "steady"), default=["lone", "steady"]
@@ -216,8 +224,8 @@ def main() -> None:
 
     pm = plugin_manager()
     path = str(sources.resolve(sources.DEMO))
-    base = {"n_threads": args.threads, "n_ctx": args.n_ctx}
-    print(f"SmolLM2 demo, {args.threads} thread(s)")
+    base = {"n_threads": args.threads, "n_ctx": args.n_ctx, "n_gpu_layers": args.n_gpu_layers}
+    print(f"SmolLM2 demo, {args.threads} thread(s), {args.n_gpu_layers} layers offloaded")
     if "lone" in args.sections:
         lone(pm, path, args, base)
     if "steady" in args.sections:
