@@ -108,6 +108,8 @@ class ModelStatus:
     parallel: int = 1
     #: The engine's prompt cache (slots and host tier), when it keeps one.
     prompt_cache: PromptCacheStatistics | None = None
+    #: The engine's KV layout ("unified", "per-slot"), when it says.
+    kv_layout: str | None = None
 
 
 def make_converter(*, strict: bool = False) -> cattrs.Converter:

@@ -251,6 +251,10 @@ class LoadedModel(abc.ABC):
     #: Above 1 the engine batches them (several sequences per decode step);
     #: ``n_ctx`` is then the context of each one.
     parallel: int = 1
+    #: How the KV cache is laid out across those sequences, for operators:
+    #: "unified" (one pool they share) or "per-slot" (``n_ctx`` cells each);
+    #: None when the engine does not say.
+    kv_layout: str | None = None
 
     @abc.abstractmethod
     def memory_mb(self) -> int:

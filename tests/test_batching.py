@@ -34,6 +34,17 @@ PROMPTS = [
 ]
 
 
+#: Both KV layouts: a unified pool, and one stream per slot (what
+#: ``kv_unified = "auto"`` takes where it fits; no budget here, so it does).
+LAYOUTS = pytest.mark.parametrize("kv_unified", [True, "auto"], ids=["unified", "per-slot"])
+
+
+def laid_out(model, kv_unified) -> object:
+    """``model``, checked to have the layout ``kv_unified`` asked for."""
+    assert model.kv_layout == ("unified" if kv_unified is True else "per-slot")
+    return model
+
+
 def text(model, prompt: str, n: int, sampling: Sampling = GREEDY) -> str:
     out = []
     iterator = model.generate(model.tokenize(prompt), sampling)
@@ -76,10 +87,11 @@ def test_same_workload_twice_gives_the_same_texts(load, tiny_model_path):
     assert len(set(first)) == len(first)
 
 
-def test_eight_prompts_continue_their_own(load, tiny_model_path):
+@LAYOUTS
+def test_eight_prompts_continue_their_own(load, tiny_model_path, kv_unified):
     # The reference is llama-cpp-python's own single-sequence path.
     alone = load(tiny_model_path, parallel=1)
-    batched = load(tiny_model_path, parallel=8)
+    batched = laid_out(load(tiny_model_path, parallel=8, kv_unified=kv_unified), kv_unified)
     expected = [text(alone, prompt, 40) for prompt in PROMPTS]
     assert len(set(expected)) == len(PROMPTS)  # the continuation depends on the prompt
     assert concurrently(batched, [(p, 40, GREEDY) for p in PROMPTS]) == expected
@@ -88,13 +100,14 @@ def test_eight_prompts_continue_their_own(load, tiny_model_path):
     assert stats.active == 0
 
 
-def test_reused_slot_gives_what_a_fresh_model_gives(load, tiny_model_path):
+@LAYOUTS
+def test_reused_slot_gives_what_a_fresh_model_gives(load, tiny_model_path, kv_unified):
     fresh = load(tiny_model_path, parallel=2)
     expected = {prompt: text(fresh, prompt, 30) for prompt in PROMPTS[:3]}
     seeded = Sampling(temperature=0.8, seed=5)
     expected_seeded = text(fresh, PROMPTS[3], 30, seeded)
 
-    model = load(tiny_model_path, parallel=2)
+    model = laid_out(load(tiny_model_path, parallel=2, kv_unified=kv_unified), kv_unified)
     # Fill both slots with sequences cut short (cancelled) and finished ones.
     assert concurrently(model, [(PROMPTS[4], 3, GREEDY), (PROMPTS[5], 50, GREEDY)])
     assert text(model, PROMPTS[6], 7) and text(model, PROMPTS[7], 60)
@@ -109,9 +122,10 @@ def test_reused_slot_gives_what_a_fresh_model_gives(load, tiny_model_path):
     assert model._decoder.statistics().prompt_cache.slot_tokens > before
 
 
-def test_cancelled_sequence_leaves_the_others_intact(load, tiny_model_path):
+@LAYOUTS
+def test_cancelled_sequence_leaves_the_others_intact(load, tiny_model_path, kv_unified):
     alone = load(tiny_model_path, parallel=1)
-    model = load(tiny_model_path, parallel=4)
+    model = laid_out(load(tiny_model_path, parallel=4, kv_unified=kv_unified), kv_unified)
     expected = [text(alone, prompt, 60) for prompt in PROMPTS[:4]]
     results: dict[int, str] = {}
     barrier = threading.Barrier(4)
@@ -131,10 +145,11 @@ def test_cancelled_sequence_leaves_the_others_intact(load, tiny_model_path):
     assert model._decoder.statistics().active == 0
 
 
-def test_long_prompt_is_chunked_between_the_others_steps(load, tiny_model_factory):
+@LAYOUTS
+def test_long_prompt_is_chunked_between_the_others_steps(load, tiny_model_factory, kv_unified):
     path = tiny_model_factory(n_ctx=1024)
     alone = load(path, parallel=1)
-    model = load(path, parallel=4, prompt_chunk=32)
+    model = laid_out(load(path, parallel=4, prompt_chunk=32, kv_unified=kv_unified), kv_unified)
     long_prompt = " ".join(f"word{i}" for i in range(120))
     n_long = len(model.tokenize(long_prompt))
     assert n_long > 8 * 32

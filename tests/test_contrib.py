@@ -1,11 +1,12 @@
-"""contrib/: the systemd units, the RPM spec and the sessions bench.
+"""contrib/: the systemd units, the RPM spec and the sessions and idle-slots benches.
 
 The units are parsed for the keys operators rely on (hardening, the drain on
 SIGTERM, GPU access) and, where systemd-analyze exists, verified by systemd
 itself; the spec is parsed by ``rpmspec -P`` where rpm is installed. The
-sessions bench runs at a tiny size over two neurons behind a gateway, so it
-cannot rot unseen; llama-server beside it only where ``CORTEX_LLAMA_SERVER``
-names a binary.
+sessions bench runs at a tiny size over two neurons behind a gateway (with
+llama-server beside it only where ``CORTEX_LLAMA_SERVER`` names a binary),
+and the idle-slots bench's steady state at a tiny size, so they cannot rot
+unseen.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "contrib" / "systemd"
 SPEC = ROOT / "contrib" / "rpm" / "cortex.spec"
 SESSIONS_BENCH = ROOT / "contrib" / "bench" / "sessions.py"
+IDLE_SLOTS_BENCH = ROOT / "contrib" / "bench" / "idle_slots.py"
 UNITS = {"neuron": "cortex-neuron.service", "gateway": "cortex-gateway.service"}
 
 
@@ -241,3 +243,30 @@ def test_sessions_bench_over_two_neurons(tmp_path: Path, smollm2_path: Path) -> 
         assert max(t["cached_tokens"] for t in later) >= 120
         assert row["later"]["cached"] > 0
         assert row["later"]["requests"] == sessions * (turns - 1)
+
+
+@pytest.mark.slow
+def test_idle_slots_bench_steady_state(smollm2_path: Path) -> None:
+    """Every row of the steady-state table, and each turn read from its session's slot."""
+    command = [
+        sys.executable, str(IDLE_SLOTS_BENCH), "--sections", "steady", "--rounds", "1",
+        "--parallel", "4", "--busy", "1", "3", "--fill-tokens", "120", "--turn-words", "8",
+        "--tokens", "4", "--n-ctx", "512",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    table = result.stdout[result.stdout.index("TTFT ms") :].splitlines()[1:]
+    rows = {line[:44].strip(): line[44:].split() for line in table if line.strip()}
+    assert list(rows) == [
+        "parallel 1, one session",
+        "unified, slots 1 3 at once",
+        "per-slot, slots 1 3 at once",
+        "unified, slots 0 1 at once",
+        "per-slot, slots 0 1 at once",
+        "unified, slot 1 alone",
+        "per-slot, slot 1 alone",
+    ]
+    # A turn of 120 cached words and about 12 new ones: the session's own
+    # slot answered it, in both layouts (a miss would read 0%).
+    for name, (_, _, cached, _, _) in rows.items():
+        assert int(cached.rstrip("%")) >= 80, name

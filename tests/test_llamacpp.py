@@ -12,6 +12,7 @@ from cortex.errors import (
     ChatTemplateMissing,
     ContextOverflow,
     HarnessError,
+    InvalidModelOptions,
     InvalidRequest,
     ModelLoadError,
 )
@@ -25,7 +26,14 @@ from cortex.harness import (
     plugin_manager,
 )
 from cortex_llamacpp.model import use_extra_buffers
-from cortex_llamacpp.options import physical_cores, plan_n_ctx
+from cortex_llamacpp.options import (
+    MIB,
+    KvLayout,
+    LoadOptions,
+    kv_layout,
+    physical_cores,
+    plan_n_ctx,
+)
 
 CPU = Placement()
 GREEDY = Sampling(temperature=0.0)
@@ -188,6 +196,77 @@ def test_plan_n_ctx():
     assert plan_n_ctx(**fit, n_ctx_train=4096, n_ctx_max=8192) == 1024
 
 
+def test_kv_layout_auto_takes_per_slot_streams_where_they_fit():
+    def layout(budget_mb, **options):
+        return kv_layout(
+            LoadOptions(parallel=4, **options),
+            n_ctx=1024,
+            kv_per_token=MIB // 1024,  # 1 MiB per 1024 cells
+            other_bytes=10 * MIB,
+            budget_mb=budget_mb,
+        )
+
+    # 4 x 1024 cells are 4 MiB, beside 10 MiB of weights.
+    assert layout(14) == KvLayout(
+        unified=False, reason="4096 cells fit: 14 MiB of the 14 MiB budget"
+    )
+    assert layout(13).unified
+    assert "would need 14 MiB, over the 13 MiB budget" in layout(13).reason
+    assert not layout(None).unified  # no memory plan: nothing limits it
+    # Explicit values win; kv_cells only means something in a unified pool.
+    assert layout(14, kv_unified=True) == KvLayout(unified=True, reason="kv_unified = true")
+    assert not layout(13, kv_unified=False).unified
+    assert layout(14, kv_cells=2048) == KvLayout(unified=True, reason="kv_cells is set")
+    assert not layout(14, kv_cells=2048, kv_unified=False).unified
+    assert layout(14).name == "per-slot" and layout(13).name == "unified"
+
+
+def test_kv_unified_auto_loads(load, tiny_model_factory, caplog):
+    path = tiny_model_factory(n_ctx=4096)
+    # f16 KV of 2 layers x 64 (K) + 64 (V) = 512 bytes/token: 2048 tokens per MiB.
+    size_mb = path.stat().st_size / 2**20
+    # 4 x 4096 + 256 cells are 8.1 MiB: 10 MiB fits them, 6 only one pool.
+    roomy = Placement(memory_budget_mb=int(size_mb) + 10)
+    tight = Placement(memory_budget_mb=int(size_mb) + 6)
+    # (No host tier: on a CPU host it counts in the budget too.)
+    options = {"parallel": 4, "host_cache_mb": 0}
+    with caplog.at_level("INFO", logger="cortex_llamacpp.model"):
+        streams = load(path, placement=roomy, options=options)
+        # What does not fit takes the unified pool: the context does not shrink.
+        pool = load(path, placement=tight, options=options)
+    assert streams.kv_layout == "per-slot"
+    assert streams.n_ctx == 4096
+    assert streams._decoder.kv_cells == 4 * 4096 and not streams._decoder._kv_unified
+    # The file plus 4 x 4096 cells and the small tokenize context of 256.
+    assert streams.memory_mb() == -(-(path.stat().st_size + (4 * 4096 + 256) * 512) // MIB)
+    assert pool.kv_layout == "unified"
+    assert pool.n_ctx == 4096 and pool._decoder.kv_cells == 4096 and pool._decoder._kv_unified
+    assert pool.memory_mb() == -(-(path.stat().st_size + (4096 + 256) * 512) // MIB)
+    logged = [r.getMessage() for r in caplog.records if "KV cache" in r.getMessage()]
+    assert "per-slot KV cache, n_ctx 4096 x 4 slots (16384 cells fit: " in logged[0]
+    assert "unified KV cache, n_ctx 4096 x 4 slots (per-slot streams (16384 cells) " in logged[1]
+    assert "over the" in logged[1]
+    # Explicit settings win; kv_cells asks for the pool.
+    assert load(path, placement=roomy, options={"parallel": 4, "kv_unified": True}).kv_layout == (
+        "unified"
+    )
+    assert load(path, placement=roomy, options={"parallel": 4, "kv_cells": 8192}).kv_layout == (
+        "unified"
+    )
+    forced = load(path, placement=tight, options={"parallel": 4, "kv_unified": False})
+    assert forced.kv_layout == "per-slot" and forced.n_ctx < 4096  # forced: n_ctx shrinks
+    # No memory plan (an embedding caller): per-slot streams.
+    assert load(path, options={"parallel": 4}).kv_layout == "per-slot"
+    # One sequence has no slots to lay out.
+    assert load(path, placement=roomy, options={"parallel": 1}).kv_layout is None
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_kv_unified_takes_true_false_or_auto(load, tiny_model_path, value):
+    with pytest.raises(InvalidModelOptions, match="'kv_unified': expected true, false or 'auto'"):
+        load(tiny_model_path, options={"kv_unified": value})
+
+
 def test_tokenize(load, tiny_model_path):
     model = load(tiny_model_path)
     plain = model.tokenize("the cat", add_bos=False)
@@ -336,8 +415,10 @@ def test_grammar(load, tiny_model_path):
     assert len(take(model.generate(model.tokenize("Hi"), GREEDY), 3)) == 3
 
 
-def test_generation_stops_at_full_context(load, tiny_model_path):
-    model = load(tiny_model_path)
+@pytest.mark.parametrize("kv_unified", [True, "auto"], ids=["unified", "per-slot"])
+def test_generation_stops_at_full_context(load, tiny_model_path, kv_unified):
+    model = load(tiny_model_path, options={"kv_unified": kv_unified})
+    assert model.kv_layout == ("unified" if kv_unified is True else "per-slot")
     prompt = model.tokenize("x" * 600, add_bos=False)[: model.n_ctx - 8]
     assert len(list(model.generate(prompt, GREEDY))) == 8
     with pytest.raises(ContextOverflow):

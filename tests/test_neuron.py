@@ -52,13 +52,20 @@ async def test_models_lifecycle(http: httpx.AsyncClient, tiny_model_factory) -> 
         ]
         assert models[0]["n_ctx"] == 512
         assert models[0]["memory_mb"] > 0
+        # parallel 8 x 512 cells fit the budget: per-slot KV streams.
+        assert models[0]["kv_layout"] == "per-slot"
 
         # Two concurrent loads of one id load once.
         results = []
 
         async def load() -> None:
             response = await http.post(
-                "/models/load", json={"model_id": "org/other-model", "source": str(other)}
+                "/models/load",
+                json={
+                    "model_id": "org/other-model",
+                    "source": str(other),
+                    "options": {"n_threads": 1, "kv_unified": True},
+                },
             )
             results.append(response)
 
@@ -67,6 +74,7 @@ async def test_models_lifecycle(http: httpx.AsyncClient, tiny_model_factory) -> 
             nursery.start_soon(load)
         assert [r.status_code for r in results] == [200, 200]
         assert results[0].json()["model"]["loaded_at"] == results[1].json()["model"]["loaded_at"]
+        assert results[0].json()["model"]["kv_layout"] == "unified"
 
         endpoint = await http.get("/models/org/other-model/endpoint")
         assert endpoint.json()["url"].endswith("/v1")
@@ -121,6 +129,7 @@ async def test_failed_loads_leave_others_serving(
             ({"options": {"n_ctxx": 512}}, "options"),
             ({"options": {"n_ctx": "big"}}, "options"),
             ({"options": {"parallel": 10**6}}, "options"),
+            ({"options": {"kv_unified": "per-slot"}}, "options"),
             ({"chat_format": "no-such-format"}, "chat_format"),
         ):
             load = {"model_id": "o", "source": str(tiny_model_path), **odd}

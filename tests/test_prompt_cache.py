@@ -48,6 +48,17 @@ def long_model_path(tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-2k.gguf", n_ctx=2048)
 
 
+#: Both KV layouts: a unified pool, and one stream per slot (what
+#: ``kv_unified = "auto"`` takes where it fits; no budget here, so it does).
+LAYOUTS = pytest.mark.parametrize("kv_unified", [True, "auto"], ids=["unified", "per-slot"])
+
+
+def laid_out(model, kv_unified) -> object:
+    """``model``, checked to have the layout ``kv_unified`` asked for."""
+    assert model.kv_layout == ("unified" if kv_unified is True else "per-slot")
+    return model
+
+
 def run(model, tokens: list[int], n: int) -> tuple[list[int], int]:
     """Greedy ids after ``tokens``, and the cached tokens the first one reported."""
     ids, cached = [], None
@@ -128,10 +139,11 @@ def test_host_cache_mb_defaults_to_eight_pools_within_an_eighth_of_a_cpu_budget(
 # -- the decoder -----------------------------------------------------------------------
 
 
-def test_sessions_beyond_the_slots_get_their_cache_back(load, long_model_path):
+@LAYOUTS
+def test_sessions_beyond_the_slots_get_their_cache_back(load, long_model_path, kv_unified):
     # Five sessions take turns on two slots: each turn finds its slot taken
     # by another session, and its state in host memory.
-    model = load(long_model_path, parallel=2)
+    model = laid_out(load(long_model_path, parallel=2, kv_unified=kv_unified), kv_unified)
     fresh = load(long_model_path, parallel=2, host_cache_mb=0)
     sessions = [model.tokenize(SYSTEM + document(i)) for i in range(5)]
     assert 800 < len(sessions[0]) < 1000
@@ -180,11 +192,12 @@ def test_short_prompts_are_not_saved(load, long_model_path):
     assert model._decoder.statistics().prompt_cache.host_saves == 0
 
 
-def test_concurrent_sessions_keep_exact_outputs(load, long_model_path):
+@LAYOUTS
+def test_concurrent_sessions_keep_exact_outputs(load, long_model_path, kv_unified):
     # More sessions than slots, all at once: seats, saves and restores
     # interleave with other sequences' decoding.
     alone = load(long_model_path, parallel=1)
-    model = load(long_model_path, parallel=3)
+    model = laid_out(load(long_model_path, parallel=3, kv_unified=kv_unified), kv_unified)
     prompts = [model.tokenize(SYSTEM + document(i)) for i in range(6)]
     expected = [run(alone, p, 16)[0] for p in prompts]
     for _ in range(2):

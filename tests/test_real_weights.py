@@ -284,7 +284,8 @@ async def stream_chat(client: openai.AsyncOpenAI, question: str) -> tuple[str, s
 async def test_six_concurrent_streams_and_a_neuron_that_survives_them(served: Served) -> None:
     """Six streams at once (four decoded together, two waiting) answer as each does alone.
 
-    The batched engine shares one KV pool between its slots: a sequence
+    The batched engine keeps its slots' cells in one KV cache (per-slot
+    streams here, where they fit; a unified pool elsewhere): a sequence
     that read or wrote another's cells would change its greedy answer.
     """
     with trio.fail_after(300):
@@ -324,6 +325,51 @@ async def test_six_concurrent_streams_and_a_neuron_that_survives_them(served: Se
                 model="smollm2", messages=user(FRANCE), max_tokens=16, **GREEDY
             )
             assert "Paris" in (again.choices[0].message.content or "")
+
+
+async def test_the_next_turn_reads_its_prefix_from_its_slot(served: Served) -> None:
+    """A conversation's next turn reuses the cells its slot kept, with per-slot KV streams.
+
+    They are the default where ``parallel x n_ctx`` cells fit the memory
+    plan, as they do here: each slot is a stream of its own, and the slot
+    that served a turn still holds it for the next.
+    """
+    with trio.fail_after(180):
+        async with httpx.AsyncClient(base_url=served.neuron_url, timeout=30) as http:
+            models = (await http.get("/models")).json()
+        assert {m["id"]: m["kv_layout"] for m in models} == {
+            "smollm2": "per-slot",
+            "gemma3": "per-slot",
+        }
+        async with openai_client(served.neuron_url) as client:
+            # Past the 64 tokens a prompt must share to take a slot's cache.
+            messages: Any = user(
+                "Some capitals: Paris, Berlin, Madrid, Rome, Lisbon, Vienna, Prague, "
+                "Warsaw, Athens, Dublin, Brussels, Amsterdam, Copenhagen, Stockholm, "
+                "Oslo, Helsinki, Budapest, Bucharest, Sofia, Zagreb. Name three rivers "
+                "in Europe."
+            )
+            first = await client.chat.completions.create(
+                model="smollm2", messages=messages, max_tokens=24, **GREEDY
+            )
+            before = served.decoder("smollm2").prompt_cache
+            messages += [
+                {"role": "assistant", "content": first.choices[0].message.content},
+                *user(FRANCE),
+            ]
+            second = await client.chat.completions.create(
+                model="smollm2", messages=messages, max_tokens=16, **GREEDY
+            )
+            after = served.decoder("smollm2").prompt_cache
+    assert first.usage is not None and second.usage is not None
+    details = second.usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens is not None
+    # The whole first turn came from the slot, not the host tier.
+    assert first.usage.prompt_tokens > 64
+    assert details.cached_tokens >= first.usage.prompt_tokens
+    assert after.slot_tokens - before.slot_tokens == details.cached_tokens
+    assert after.host_restores == before.host_restores
+    assert "Paris" in (second.choices[0].message.content or "")
 
 
 # -- llama.cpp's extra CPU buffers ------------------------------------------------------

@@ -37,7 +37,7 @@ as one neuron, and a context of ``--parallel`` times the longest session.
 
     .venv/bin/python contrib/bench/sessions.py [--sessions 4 10] [--turns 3]
         [--max-tokens 8] [--threads 1] [--parallel 4] [--kv-cells 20480]
-        [--host-cache-mb MB] [--tiers host slots] [--neurons 1|2]
+        [--kv-unified true|false] [--host-cache-mb MB] [--tiers host slots] [--neurons 1|2]
         [--routing affinity least-loaded no-affinity] [--llama-server BIN [--no-cortex]]
         [--json out.json]
 """
@@ -154,6 +154,8 @@ def neuron(args: argparse.Namespace, host_cache_mb: int | None) -> Iterator[str]
     )
     if host_cache_mb is not None:
         options += f", host_cache_mb = {host_cache_mb}"
+    if args.kv_unified is not None:
+        options += f", kv_unified = {args.kv_unified}"
     config = (
         f'[neuron]\nlisten = "127.0.0.1:{port}"\n'
         f'[[models]]\nid = "{MODEL}"\nsource = "{demo_path()}"\noptions = {{ {options} }}\n'
@@ -517,6 +519,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--n-ctx", type=int, default=8192)
     parser.add_argument("--kv-cells", type=int, default=20480)
+    parser.add_argument(
+        "--kv-unified",
+        choices=("true", "false"),
+        help="the engine's kv_unified (false: per-slot streams, --kv-cells unused); "
+        "default: kv_cells asks for the unified pool",
+    )
     parser.add_argument("--host-cache-mb", type=int, default=None, help="default: the engine's")
     parser.add_argument("--tiers", nargs="+", choices=("host", "slots"), default=["host", "slots"])
     parser.add_argument("--neurons", type=int, choices=(1, 2), default=1)
@@ -568,8 +576,9 @@ def main(argv: list[str] | None = None) -> None:
             report(row)
 
     print()
+    kv = "per-slot KV streams" if args.kv_unified == "false" else f"kv_cells {args.kv_cells}"
     print(
-        f"demo model, parallel {args.parallel}, kv_cells {args.kv_cells}, "
+        f"demo model, parallel {args.parallel}, {kv}, "
         f"{args.threads} thread(s), {args.neurons} neuron(s), concurrency {args.concurrency}, "
         f"~{args.system}+{args.document} prompt tokens, {args.turns} turns, "
         f"{args.max_tokens} tokens a reply; TTFT in seconds, ratio = later p50 / turn 1 p50"

@@ -140,6 +140,7 @@ class ModelSlot:
             error=self.error,
             parallel=stats.parallel if stats else 1,
             prompt_cache=self.model.prompt_cache() if self.model else None,
+            kv_layout=self.model.kv_layout if self.model else None,
         )
 
 

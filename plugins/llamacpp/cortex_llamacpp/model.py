@@ -51,6 +51,7 @@ from .options import (
     default_host_cache_mb,
     kv_bytes_per_token,
     kv_cells,
+    kv_layout,
     plan_n_ctx,
 )
 
@@ -279,18 +280,39 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
         host_cache_bytes = host_cache_mb * MIB if batched else 0
         # On a CPU host the host tier shares the memory budget with the model.
         counted_bytes = weights_bytes + (0 if placement.devices else host_cache_bytes)
+        # Batched, a small context for tokenize and metadata comes too.
+        other_bytes = counted_bytes + (CTX_STEP * hparams.kv_per_token if batched else 0)
         n_ctx = plan_n_ctx(
             model_id=spec.model_id,
             requested=options.n_ctx,
             n_ctx_train=hparams.n_ctx_train or None,
             n_ctx_max=options.n_ctx_max,
-            # Batched, a small context for tokenize and metadata comes too.
-            weights_bytes=counted_bytes + (CTX_STEP * hparams.kv_per_token if batched else 0),
-            # Per-sequence streams hold parallel x n_ctx cells; a unified
-            # pool n_ctx, or kv_cells when set (checked below).
-            kv_per_token=hparams.kv_per_token * (1 if options.kv_unified else options.parallel),
+            weights_bytes=other_bytes,
+            # Forced per-sequence streams hold parallel x n_ctx cells; a
+            # unified pool n_ctx, or kv_cells when set (checked below).
+            # "auto" plans as a unified pool: the context never shrinks for
+            # the layout's sake.
+            kv_per_token=hparams.kv_per_token
+            * (options.parallel if options.kv_unified is False else 1),
             budget_mb=placement.memory_budget_mb,
         )
+        layout = kv_layout(
+            options,
+            n_ctx=n_ctx,
+            kv_per_token=hparams.kv_per_token,
+            other_bytes=other_bytes,
+            budget_mb=placement.memory_budget_mb,
+        )
+        options = attrs.evolve(options, kv_unified=layout.unified)
+        if batched:
+            log.info(
+                "model %r: %s KV cache, n_ctx %d x %d slots (%s)",
+                spec.model_id,
+                layout.name,
+                n_ctx,
+                options.parallel,
+                layout.reason,
+            )
         pool = kv_cells(options, n_ctx)
         if placement.memory_budget_mb is not None:
             cells = pool + (CTX_STEP if batched else 0)
@@ -342,7 +364,7 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
                     kv_cells=pool,
                     n_batch=options.n_batch,
                     prompt_chunk=options.prompt_chunk,
-                    kv_unified=options.kv_unified,
+                    kv_unified=layout.unified,
                     keep_alive=llama,
                     host_cache_bytes=host_cache_bytes,
                 )
@@ -364,6 +386,7 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
             chat_format=formatter,
             decoder=decoder,
             tool_format=options.tool_format,
+            kv_layout=layout.name if batched else None,
         )
     except BaseException as exc:
         # A broken chat template (say) must not leave the weights loaded.
@@ -395,8 +418,10 @@ class LlamaCppModel(LoadedModel):
         chat_format: ChatFormatter | None,
         decoder: BatchedDecoder | None = None,
         tool_format: str | None = None,
+        kv_layout: str | None = None,
     ) -> None:
         self.model_id = model_id
+        self.kv_layout = kv_layout
         self._decoder = decoder
         self.parallel = decoder.parallel if decoder else 1
         self.n_ctx = decoder.n_ctx if decoder else llama.n_ctx()

@@ -44,6 +44,12 @@ def _str(key: str, value: Any) -> str:
     return value
 
 
+def _bool_or_auto(key: str, value: Any) -> bool | str:
+    if not isinstance(value, bool) and value != "auto":
+        raise ValueError("expected true, false or 'auto'")
+    return value
+
+
 def _switch(key: str, value: Any) -> str:
     if value not in ("auto", "on", "off"):
         raise ValueError("expected 'auto', 'on' or 'off'")
@@ -75,7 +81,7 @@ _CHECKS = {
     "tool_format": _tool_format,
     "parallel": _int(1),
     "prompt_chunk": _int(1),
-    "kv_unified": _bool,
+    "kv_unified": _bool_or_auto,
     "kv_cells": _int(CTX_STEP),
     "extra_buffers": _switch,
     "host_cache_mb": _int(0),
@@ -167,15 +173,19 @@ class LoadOptions:
         mistral), when detecting it from the chat template gets it wrong.
       parallel: sequences decoded at once (continuous batching, see
         ``cortex_llamacpp.batched``); 1 is the single-sequence engine.
-      kv_cells: the KV cache's cells (tokens), shared by all sequences;
-        ``n_ctx`` by default, as llama-server's unified cache: any one
-        sequence can reach ``n_ctx``, and idle slots cost nothing. Larger
-        keeps more sequences' prefixes cached at once; the memory plan
-        counts it.
+      kv_cells: the cells (tokens) of the unified KV pool that all
+        sequences share; ``n_ctx`` by default, as llama-server's unified
+        cache: any one sequence can reach ``n_ctx``, and idle slots cost
+        nothing. Larger keeps more sequences' prefixes cached at once; the
+        memory plan counts it. Setting it asks for the unified pool (unless
+        ``kv_unified`` is false).
       prompt_chunk: the most prompt tokens evaluated per step while other
         sequences are decoding; smaller keeps their latency steadier.
-      kv_unified: one KV pool for all sequences (default) or one stream of
-        ``n_ctx`` cells each (``parallel * n_ctx`` in all).
+      kv_unified: ``True``: one KV pool for all sequences; ``False``: one
+        stream of ``n_ctx`` cells per sequence (``parallel * n_ctx`` in
+        all; the planned context shrinks to fit); ``"auto"`` (default):
+        per-sequence streams where they fit the memory plan at the context
+        the unified pool would get, else the unified pool (``kv_layout``).
       extra_buffers: llama.cpp's extra CPU weight buffers (repacked
         layouts, AMX): ``on``, ``off``, or ``auto`` (default), which turns
         them off only where the llama.cpp build carries AMX, whose kernels
@@ -202,7 +212,7 @@ class LoadOptions:
     tool_format: str | None = None
     parallel: int = 8
     prompt_chunk: int = 128
-    kv_unified: bool = True
+    kv_unified: bool | str = "auto"
     kv_cells: int | None = None
     extra_buffers: str = "auto"
     host_cache_mb: int | None = None
@@ -257,9 +267,75 @@ def kv_bytes_per_token(*, n_layer: int, n_head_kv: int, key_length: int, value_l
     return n_layer * n_head_kv * (key_length + value_length) * 2
 
 
+@attrs.frozen
+class KvLayout:
+    """How the KV cache is laid out across the slots, and why.
+
+    Attributes:
+      unified: one pool all sequences share (True) or a stream of ``n_ctx``
+        cells per sequence (False).
+      reason: why, in words, for the load log.
+    """
+
+    unified: bool
+    reason: str
+
+    @property
+    def name(self) -> str:
+        """``unified`` or ``per-slot``, as the model reports it."""
+        return "unified" if self.unified else "per-slot"
+
+
+def kv_layout(
+    options: LoadOptions,
+    *,
+    n_ctx: int,
+    kv_per_token: int,
+    other_bytes: int,
+    budget_mb: int | None,
+) -> KvLayout:
+    """Choose the KV layout for a context of ``n_ctx`` (``kv_unified``).
+
+    Per-slot streams keep each sequence's attention to its own cells, so
+    what idle slots cache costs the others nothing, where a unified pool
+    makes every step attend over the pool up to its highest used cell
+    (README, "What cached prefixes cost"). ``auto`` takes them when their
+    ``parallel * n_ctx`` cells fit ``budget_mb`` beside ``other_bytes``
+    (weights and whatever else the plan counts), else the unified pool:
+    the context a user gets never shrinks for this default. An explicit
+    ``kv_cells`` only means something in a unified pool, so it asks for
+    one. ``budget_mb`` None (no memory plan) fits anything, as in
+    ``plan_n_ctx``.
+    """
+    setting = options.kv_unified
+    if isinstance(setting, bool):
+        return KvLayout(unified=setting, reason=f"kv_unified = {str(setting).lower()}")
+    if options.parallel == 1:
+        return KvLayout(unified=True, reason="one sequence")
+    if options.kv_cells is not None:
+        return KvLayout(unified=True, reason="kv_cells is set")
+    cells = options.parallel * n_ctx
+    need_mb = -(-(other_bytes + cells * kv_per_token) // MIB)
+    if budget_mb is None:
+        return KvLayout(unified=False, reason=f"{cells} cells, no memory budget")
+    if need_mb <= budget_mb:
+        return KvLayout(
+            unified=False,
+            reason=f"{cells} cells fit: {need_mb} MiB of the {budget_mb} MiB budget",
+        )
+    return KvLayout(
+        unified=True,
+        reason=f"per-slot streams ({cells} cells) would need {need_mb} MiB, "
+        f"over the {budget_mb} MiB budget",
+    )
+
+
 def kv_cells(options: LoadOptions, n_ctx: int) -> int:
-    """The KV cache's cells for a per-sequence context of ``n_ctx``."""
-    if options.parallel > 1 and not options.kv_unified:
+    """The KV cache's cells for a per-sequence context of ``n_ctx``.
+
+    ``options.kv_unified`` is the layout ``kv_layout`` chose, not ``auto``.
+    """
+    if options.parallel > 1 and options.kv_unified is False:
         return n_ctx * options.parallel
     if options.parallel > 1 and options.kv_cells is not None:
         return max(n_ctx, -(-options.kv_cells // CTX_STEP) * CTX_STEP)
