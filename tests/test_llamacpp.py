@@ -206,27 +206,34 @@ def test_kv_layout_auto_takes_per_slot_streams_where_they_fit():
             budget_mb=budget_mb,
         )
 
-    # 4 x 1024 cells are 4 MiB, beside 10 MiB of weights.
-    assert layout(14) == KvLayout(
-        unified=False, reason="4096 cells fit: 14 MiB of the 14 MiB budget"
+    # 4 x 1024 cells are 4 MiB, beside 10 MiB of weights: 3 MiB more than
+    # one pool of 1024, which may be at most 1/8 of the budget.
+    assert layout(24) == KvLayout(
+        unified=False, reason="4096 cells fit: 14 MiB of the 24 MiB budget"
+    )
+    assert layout(23) == KvLayout(
+        unified=True,
+        reason="per-slot streams (4096 cells) would take 3 MiB more than one pool, "
+        "over 1/8 of the 23 MiB budget",
     )
     assert layout(13).unified
     assert "would need 14 MiB, over the 13 MiB budget" in layout(13).reason
     assert not layout(None).unified  # no memory plan: nothing limits it
     # Explicit values win; kv_cells only means something in a unified pool.
-    assert layout(14, kv_unified=True) == KvLayout(unified=True, reason="kv_unified = true")
+    assert layout(24, kv_unified=True) == KvLayout(unified=True, reason="kv_unified = true")
     assert not layout(13, kv_unified=False).unified
-    assert layout(14, kv_cells=2048) == KvLayout(unified=True, reason="kv_cells is set")
-    assert not layout(14, kv_cells=2048, kv_unified=False).unified
-    assert layout(14).name == "per-slot" and layout(13).name == "unified"
+    assert layout(24, kv_cells=2048) == KvLayout(unified=True, reason="kv_cells is set")
+    assert not layout(24, kv_cells=2048, kv_unified=False).unified
+    assert layout(24).name == "per-slot" and layout(13).name == "unified"
 
 
 def test_kv_unified_auto_loads(load, tiny_model_factory, caplog):
     path = tiny_model_factory(n_ctx=4096)
     # f16 KV of 2 layers x 64 (K) + 64 (V) = 512 bytes/token: 2048 tokens per MiB.
     size_mb = path.stat().st_size / 2**20
-    # 4 x 4096 + 256 cells are 8.1 MiB: 10 MiB fits them, 6 only one pool.
-    roomy = Placement(memory_budget_mb=int(size_mb) + 10)
+    # 4 x 4096 + 256 cells are 8.1 MiB, 6 MiB more than one pool: 50 MiB
+    # more than the file fits them and has 8 x 6 MiB; 6 fits only one pool.
+    roomy = Placement(memory_budget_mb=int(size_mb) + 50)
     tight = Placement(memory_budget_mb=int(size_mb) + 6)
     # (No host tier: on a CPU host it counts in the budget too.)
     options = {"parallel": 4, "host_cache_mb": 0}
@@ -234,6 +241,10 @@ def test_kv_unified_auto_loads(load, tiny_model_factory, caplog):
         streams = load(path, placement=roomy, options=options)
         # What does not fit takes the unified pool: the context does not shrink.
         pool = load(path, placement=tight, options=options)
+        # Nor does what fits but would take over 1/8 of the budget beyond one pool.
+        assert size_mb + 12 < 8 * 6
+        middle = Placement(memory_budget_mb=int(size_mb) + 12)
+        assert load(path, placement=middle, options=options).kv_layout == "unified"
     assert streams.kv_layout == "per-slot"
     assert streams.n_ctx == 4096
     assert streams._decoder.kv_cells == 4 * 4096 and not streams._decoder._kv_unified
@@ -246,6 +257,7 @@ def test_kv_unified_auto_loads(load, tiny_model_factory, caplog):
     assert "per-slot KV cache, n_ctx 4096 x 4 slots (16384 cells fit: " in logged[0]
     assert "unified KV cache, n_ctx 4096 x 4 slots (per-slot streams (16384 cells) " in logged[1]
     assert "over the" in logged[1]
+    assert "6 MiB more than one pool, over 1/8 of the " in logged[2]
     # Explicit settings win; kv_cells asks for the pool.
     assert load(path, placement=roomy, options={"parallel": 4, "kv_unified": True}).kv_layout == (
         "unified"

@@ -185,7 +185,8 @@ class LoadOptions:
         stream of ``n_ctx`` cells per sequence (``parallel * n_ctx`` in
         all; the planned context shrinks to fit); ``"auto"`` (default):
         per-sequence streams where they fit the memory plan at the context
-        the unified pool would get, else the unified pool (``kv_layout``).
+        the unified pool would get, taking at most 1/8 of it beyond the
+        pool, else the unified pool (``kv_layout``).
       extra_buffers: llama.cpp's extra CPU weight buffers (repacked
         layouts, AMX): ``on``, ``off``, or ``auto`` (default), which turns
         them off only where the llama.cpp build carries AMX, whose kernels
@@ -267,6 +268,11 @@ def kv_bytes_per_token(*, n_layer: int, n_head_kv: int, key_length: int, value_l
     return n_layer * n_head_kv * (key_length + value_length) * 2
 
 
+#: ``kv_unified = "auto"`` takes per-slot streams only where what they take
+#: beyond the unified pool is at most this share (1/8) of the memory budget.
+PER_SLOT_SHARE = 8
+
+
 @attrs.frozen
 class KvLayout:
     """How the KV cache is laid out across the slots, and why.
@@ -301,8 +307,11 @@ def kv_layout(
     makes every step attend over the pool up to its highest used cell
     (README, "What cached prefixes cost"). ``auto`` takes them when their
     ``parallel * n_ctx`` cells fit ``budget_mb`` beside ``other_bytes``
-    (weights and whatever else the plan counts), else the unified pool:
-    the context a user gets never shrinks for this default. An explicit
+    (weights and whatever else the plan counts) and take no more than
+    ``1 / PER_SLOT_SHARE`` of it beyond the unified pool's ``n_ctx``
+    (a speed default must not take the room other models load into), else
+    the unified pool: the context a user gets never shrinks for this
+    default. An explicit
     ``kv_cells`` only means something in a unified pool, so it asks for
     one. ``budget_mb`` None (no memory plan) fits anything, as in
     ``plan_n_ctx``.
@@ -318,15 +327,22 @@ def kv_layout(
     need_mb = -(-(other_bytes + cells * kv_per_token) // MIB)
     if budget_mb is None:
         return KvLayout(unified=False, reason=f"{cells} cells, no memory budget")
-    if need_mb <= budget_mb:
+    if need_mb > budget_mb:
         return KvLayout(
-            unified=False,
-            reason=f"{cells} cells fit: {need_mb} MiB of the {budget_mb} MiB budget",
+            unified=True,
+            reason=f"per-slot streams ({cells} cells) would need {need_mb} MiB, "
+            f"over the {budget_mb} MiB budget",
+        )
+    extra_mb = -(-((cells - n_ctx) * kv_per_token) // MIB)
+    if extra_mb * PER_SLOT_SHARE > budget_mb:
+        return KvLayout(
+            unified=True,
+            reason=f"per-slot streams ({cells} cells) would take {extra_mb} MiB more "
+            f"than one pool, over 1/{PER_SLOT_SHARE} of the {budget_mb} MiB budget",
         )
     return KvLayout(
-        unified=True,
-        reason=f"per-slot streams ({cells} cells) would need {need_mb} MiB, "
-        f"over the {budget_mb} MiB budget",
+        unified=False,
+        reason=f"{cells} cells fit: {need_mb} MiB of the {budget_mb} MiB budget",
     )
 
 
