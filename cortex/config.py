@@ -185,6 +185,11 @@ class RoutingSection:
     #: chance each comes back), and a request waits up to that many seconds
     #: for something cheaper to free. False: only reloads are weighed.
     weigh_caches: bool = True
+    #: With weigh_caches: a conversation that sends no session key is
+    #: recognised by its prompts (a turn repeating three quarters of the
+    #: last one's prefix) and weighed as a keyed session is. False: only
+    #: sessions with a key are weighed.
+    conversations: bool = True
     #: An answer that calls a tool (OpenAI finish_reason tool_calls, Responses
     #: function_call, Anthropic tool_use) keeps its model where it is until
     #: the client sends the tool's result: evicting it then counts its whole

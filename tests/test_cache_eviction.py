@@ -73,6 +73,7 @@ def build(
         GatewayMetrics.create(),
         enabled=built.config.routing.affinity,
         weigh_caches=built.config.routing.weigh_caches,
+        conversations=built.config.routing.conversations,
     )
     built.predictor.caches = affinity.eviction_cost
     return built, affinity, clock

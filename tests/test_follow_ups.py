@@ -191,7 +191,8 @@ AGENTS_FLEET = pathlib.Path(__file__).resolve().parent.parent / "contrib" / "sim
 
 def test_follow_ups_keep_the_agents_caches_in_a_replay() -> None:
     # The README's agents workload, half as long, its sessions without a
-    # session key: their caches are known by the prefix index alone, which
+    # session key and not recognised as conversations (``conversations``
+    # off): their caches are known by the prefix index alone, which
     # evictions do not weigh, but follow-ups do.
     fleet = FleetFile.read(AGENTS_FLEET)
     settings = TraceSettings(
@@ -205,8 +206,10 @@ def test_follow_ups_keep_the_agents_caches_in_a_replay() -> None:
     )
     trace = generate(fleet, settings)
     assert sum(r.tool for r in trace) > 0.6 * sum(r.agent for r in trace)
-    on = replay(fleet, trace, "predictive", seed=0)
-    off = replay(fleet, trace, "predictive", seed=0, routing={"follow_ups": False})
+    on = replay(fleet, trace, "predictive", seed=0, routing={"conversations": False})
+    off = replay(
+        fleet, trace, "predictive", seed=0, routing={"follow_ups": False, "conversations": False}
+    )
     off.policy = "predictive, follow_ups off"
     print(sessions_table([on, off]))
     kept, lost = Row.of(on), Row.of(off)

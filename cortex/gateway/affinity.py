@@ -69,15 +69,23 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
 
 from cortex.gateway.metrics import GatewayMetrics
-from cortex.gateway.scheduler import PRIOR_DECODE, Ewma, Option, Predictor
+from cortex.gateway.scheduler import (
+    PRIOR_DECODE,
+    Ewma,
+    FollowUp,
+    Option,
+    Predictor,
+    least_shared,
+)
 from cortex.gateway.state import NeuronState
 
 #: Bytes in one block of the prefix index.
@@ -103,6 +111,10 @@ _ANCHORS = (b'"messages"', b'"instructions"', b'"input"', b'"prompt"')
 RESULTS = ("kept", "broken", "new")
 #: Claude Code's session header.
 SESSION_HEADER = b"x-claude-code-session-id"
+
+#: What the affinity knows a session by: the client's key, or the number it
+#: gave a conversation that sends none (never a client's: an ``int``).
+Session = str | int
 
 
 @attrs.frozen
@@ -158,7 +170,9 @@ def prompt_of(content: bytes, session: str | None) -> Prompt:
 
 @attrs.frozen
 class AffinityStatistics:
+    #: Sessions remembered, keyless conversations (``conversations``) included.
     sessions: int
+    conversations: int
     blocks: int
     kept: int
     broken: int
@@ -176,12 +190,22 @@ class Affinity:
     enabled: bool = True
     #: ``[routing] weigh_caches``: False, ``eviction_cost`` is 0.
     weigh_caches: bool = True
+    #: ``[routing] conversations``: False, a prompt without a session key
+    #: is known by the prefix index alone (no session, nothing weighed).
+    conversations: bool = True
     #: (model, session) -> (neuron, prompt bytes it was sent, when: the fleet clock).
-    _sessions: collections.OrderedDict[tuple[str, str], tuple[str, int, float]] = attrs.field(
+    _sessions: collections.OrderedDict[tuple[str, Session], tuple[str, int, float]] = attrs.field(
         factory=collections.OrderedDict, init=False
     )
     #: (neuron, model) -> the sessions last sent there (the keys of ``_sessions``).
-    _placed: dict[tuple[str, str], set[str]] = attrs.field(factory=dict, init=False)
+    _placed: dict[tuple[str, str], set[Session]] = attrs.field(factory=dict, init=False)
+    #: (model, block hash) -> the keyless conversation whose last prompt's
+    #: ``least_shared`` leading blocks end with that block: a prompt holding
+    #: it continues that conversation (the newest, where two have one).
+    _marks: dict[tuple[str, bytes], int] = attrs.field(factory=dict, init=False)
+    #: keyless conversation -> its entry in ``_marks``.
+    _marked: dict[int, tuple[str, bytes]] = attrs.field(factory=dict, init=False)
+    _numbers: Iterator[int] = attrs.field(factory=itertools.count, init=False)
     #: model -> seconds between two turns of one of its sessions.
     _turn_gap: dict[str, Ewma] = attrs.field(factory=dict, init=False)
     #: (model, block hash) -> the neurons sent that prefix, most recent last.
@@ -328,8 +352,14 @@ class Affinity:
         )
         self._counts[result] += 1
         self.metrics.affinity.labels(result).inc()
-        if prompt.session is not None:
-            key = (model_id, prompt.session)
+        session = prompt.session
+        if session is None and prompt.blocks and self.conversations:
+            session = self.conversation(model_id, prompt.blocks)
+            if session is None:
+                session = next(self._numbers)
+            self._mark(model_id, session, prompt.blocks)
+        if session is not None:
+            key = (model_id, session)
             now = self.predictor.state.clock()
             last = self._sessions.get(key)
             if last is not None:
@@ -338,10 +368,11 @@ class Affinity:
                 gap.add(max(now - last[2], 0.0))
             self._sessions[key] = (neuron, prompt.size, now)
             self._sessions.move_to_end(key)
-            self._placed.setdefault((neuron, model_id), set()).add(prompt.session)
+            self._placed.setdefault((neuron, model_id), set()).add(session)
             while len(self._sessions) > MAX_SESSIONS:
                 (old_model, old_session), (old_neuron, _, _) = self._sessions.popitem(last=False)
                 self._unplace(old_neuron, old_model, old_session)
+                self._unmark(old_session)
         for block in prompt.blocks:
             entry = (model_id, block)
             neurons = self._blocks.get(entry)
@@ -354,7 +385,36 @@ class Affinity:
         while len(self._blocks) > MAX_BLOCK_ENTRIES:
             self._blocks.popitem(last=False)
 
-    def _unplace(self, neuron: str, model_id: str, session: str) -> None:
+    def conversation(self, model_id: str, blocks: Sequence[bytes]) -> int | None:
+        """The keyless conversation a prompt of ``blocks`` continues (None: a new one).
+
+        A next turn repeats the last prompt's messages and adds to them; what
+        follows the messages in a body (a chat body's ``tools``, settings)
+        may change, so it shares at least ``least_shared`` of the last
+        prompt's blocks, not all (the rule ``FollowUps`` matches a follow-up
+        by). Sessions of one kind share their system prompt, not that much
+        of it. The one sharing the most marked blocks wins: at most
+        ``MAX_BLOCKS`` lookups.
+        """
+        for block in reversed(blocks):
+            found = self._marks.get((model_id, block))
+            if found is not None:
+                return found
+        return None
+
+    def _mark(self, model_id: str, session: int, blocks: Sequence[bytes]) -> None:
+        self._unmark(session)
+        mark = (model_id, blocks[least_shared(len(blocks)) - 1])
+        self._marks[mark] = session
+        self._marked[session] = mark
+
+    def _unmark(self, session: Session) -> None:
+        if isinstance(session, int):
+            mark = self._marked.pop(session, None)
+            if mark is not None and self._marks.get(mark) == session:
+                del self._marks[mark]
+
+    def _unplace(self, neuron: str, model_id: str, session: Session) -> None:
         placed = self._placed.get((neuron, model_id))
         if placed is not None:
             placed.discard(session)
@@ -365,7 +425,7 @@ class Affinity:
         self,
         neuron: NeuronState,
         model_id: str,
-        expected: Sequence[tuple[str | None, int]] = (),
+        expected: Sequence[FollowUp] = (),
     ) -> float:
         """Expected seconds of prompt processing that unloading ``model_id`` from ``neuron`` costs.
 
@@ -384,22 +444,26 @@ class Affinity:
             return 0.0
         if status is None or status.prompt_cache is None:
             return 0.0
-        certain = {session for session, _ in expected if session is not None}
+        tokens = 0.0
+        certain: set[Session] = set()
+        for follow_up in expected:
+            session: Session | None = follow_up.session
+            if session is None and follow_up.blocks:
+                session = self.conversation(model_id, follow_up.blocks)
+            if session is not None and session in placed:
+                certain.add(session)
+            else:
+                tokens += follow_up.size / BYTES_PER_TOKEN
         horizon = self.predictor.horizon
         gap = self._turn_gap.get(model_id)
         scale = SESSION_SCALE_FLOOR
         if gap is not None and gap.value is not None:
             scale = min(max(3.0 * gap.value, SESSION_SCALE_FLOOR), horizon)
         now = self.predictor.state.clock()
-        tokens = sum(
-            size / BYTES_PER_TOKEN
-            for session, size in expected
-            if session is None or session not in placed
-        )
-        for session in placed:
-            _, size, seen = self._sessions[(model_id, session)]
+        for held in placed:
+            _, size, seen = self._sessions[(model_id, held)]
             idle = max(now - seen, 0.0)
-            if session in certain:
+            if held in certain:
                 tokens += size / BYTES_PER_TOKEN
             elif idle < horizon:
                 tokens += size / BYTES_PER_TOKEN * math.exp(-idle / scale)
@@ -410,6 +474,7 @@ class Affinity:
         self._pending.pop((neuron, model_id), None)
         for session in self._placed.pop((neuron, model_id), ()):
             del self._sessions[(model_id, session)]
+            self._unmark(session)
         for key in [k for k in self._blocks if k[0] == model_id]:
             neurons = self._blocks[key]
             neurons.pop(neuron, None)
@@ -419,6 +484,7 @@ class Affinity:
     def statistics(self) -> AffinityStatistics:
         return AffinityStatistics(
             sessions=len(self._sessions),
+            conversations=len(self._marked),
             blocks=len(self._blocks),
             kept=self._counts["kept"],
             broken=self._counts["broken"],

@@ -39,6 +39,7 @@ calls ``arrived`` and ``expire`` itself.
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,18 @@ if TYPE_CHECKING:
 #: A prompt without the answer's session key answers it when it holds at
 #: least this share of the answer's prompt blocks.
 MATCH_SHARE = 0.75
+
+
+def least_shared(blocks: int) -> int:
+    """Leading blocks a prompt shares with an earlier one ``blocks`` long to continue it.
+
+    ``MATCH_SHARE`` of them, rounded up: the rule that matches a follow-up
+    to its answer here and a keyless turn to its conversation in
+    ``Affinity``.
+    """
+    return math.ceil(MATCH_SHARE * blocks)
+
+
 #: Follow-ups expected at once, the oldest dropped (as expired) beyond.
 MAX_FOLLOW_UPS = 16384
 #: The ``result`` labels of ``cortex_follow_ups_total``: the follow-up came
@@ -145,17 +158,13 @@ class FollowUps:
         window = self.window()
         return any(f.neuron == neuron and now - f.since < window for f in expected)
 
-    def sizes(self, neuron: str, model_id: str, now: float) -> list[tuple[str | None, int]]:
-        """(session key, prompt bytes) of each follow-up expected there at ``now``."""
+    def expected(self, neuron: str, model_id: str, now: float) -> list[FollowUp]:
+        """The follow-ups expected there at ``now`` whose prompts were seen."""
         expected = self._expected.get(model_id)
         if not expected:
             return []
         window = self.window()
-        return [
-            (f.session, f.size)
-            for f in expected
-            if f.neuron == neuron and now - f.since < window and f.size
-        ]
+        return [f for f in expected if f.neuron == neuron and now - f.since < window and f.size]
 
     def arrived(
         self,
@@ -219,7 +228,7 @@ class FollowUps:
             for at, f in enumerate(expected):
                 if f.session is None and f.blocks:
                     shared = _shared(f.blocks, prompt.blocks)
-                    if shared > most and shared >= MATCH_SHARE * len(f.blocks):
+                    if shared > most and shared >= least_shared(len(f.blocks)):
                         best, most = at, shared
             if best is not None:
                 return best
