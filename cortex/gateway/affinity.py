@@ -17,9 +17,17 @@ replica is expected to hold:
   the first ``MAX_BLOCKS`` of them. A replica holds a prompt's first ``k``
   blocks when a request whose ``k``-th hash was the same went there. This
   keeps a conversation on one replica without any key, and sends a new
-  session where a shared system prompt is cached already.
+  session where a shared system prompt is cached already;
+- a **conversation** for a request without a key (``conversations``): it
+  continues the one whose last prompt's first ``least_shared`` blocks it
+  holds (the rule ``scheduler.FollowUps`` matches a follow-up to its answer
+  by), else starts one, numbered here (an ``int``, never taken for a
+  client's key). It gets a keyed session's bookkeeping: its replica, last
+  prompt, last turn, turn gaps. Routes still follow the prefix index alone
+  for it; what it adds is the weight of its cache (``eviction_cost``).
 
-Both are bounded LRU maps (``MAX_SESSIONS``, ``MAX_BLOCK_ENTRIES``),
+All are bounded LRU maps (``MAX_SESSIONS`` for sessions and conversations
+together, ``MAX_BLOCK_ENTRIES``),
 remembered when a request is routed. Folded into the predicted time to first
 token (``fold``) as the prompt processing each option still has to do, the
 expected saving competes with queues and cold loads. A replica processes
@@ -36,11 +44,12 @@ under half the time of processing the prompt elsewhere
 next best replica and the affinity counts as broken.
 
 Unloading a model throws its prompt cache away. ``eviction_cost`` is what
-that costs, in seconds of prompt processing: every session last sent to that
-replica, its last prompt's tokens re-prefilled when it comes back, weighed by
-the chance it does (``exp(-idle / scale)``, ``scale`` three of the model's
-usual gaps between a session's turns, at least ``SESSION_SCALE_FLOOR`` and at
-most the predictor's horizon; sessions idle longer than the horizon count
+that costs, in seconds of prompt processing: every session (keyed, or a
+keyless conversation) last sent to that replica, its last prompt's tokens
+re-prefilled when it comes back, weighed by the chance it does
+(``exp(-idle / scale)``, ``scale`` three of the model's usual gaps between
+a session's turns, at least ``SESSION_SCALE_FLOOR`` and at most the
+predictor's horizon; sessions idle longer than the horizon count
 for nothing). The predictor adds it to an eviction's penalty (in full, even
 where another replica holds the model: the sessions re-prefill wherever they
 go) and the predictive policy to its victim order, so ordinary traffic
@@ -51,7 +60,7 @@ cache (no ``prompt_cache`` in its status) has none to lose; ``[routing]
 weigh_caches = false`` counts none. A session whose answer called a tool,
 its result not sent yet (``scheduler.FollowUps``), is certain to come back:
 its prompt counts in full, and so does a prompt without a session key
-whose follow-up is expected.
+whose follow-up is expected (once: its conversation's weight is replaced).
 
 Prompt tokens are turned into seconds at the prefill rate measured where
 the request went (``Observations.prefill_tps``: the tokens a request routed
@@ -429,14 +438,17 @@ class Affinity:
     ) -> float:
         """Expected seconds of prompt processing that unloading ``model_id`` from ``neuron`` costs.
 
-        The sum over the sessions last sent there of their last prompt's
-        tokens, each weighed by the chance the session comes back
-        (``exp(-idle / scale)``; none past the predictor's horizon), at the
-        neuron's prefill rate. ``expected``: (session key, prompt bytes) of
-        the follow-ups expected there (``scheduler.FollowUps``): certain to
-        come back, their prompts count in full, the sessions' or not. 0
-        with affinity off (routes do not count on where sessions are), with
-        ``weigh_caches`` off, and for a model that reports no prompt cache.
+        The sum over the sessions last sent there, keyed or keyless
+        conversations alike, of their last prompt's tokens, each weighed by
+        the chance the session comes back (``exp(-idle / scale)``, ``scale``
+        three of the model's turn gaps, at least ``SESSION_SCALE_FLOOR``;
+        none past the predictor's horizon), at the neuron's prefill rate.
+        ``expected``: the follow-ups expected there (``scheduler.FollowUps``):
+        certain to come back, their prompts count in full, once: a keyed
+        one's session, a keyless one's conversation (found by its prompt's
+        blocks) is not weighed again. 0 with affinity off (routes do not
+        count on where sessions are), with ``weigh_caches`` off, and for a
+        model that reports no prompt cache.
         """
         placed = self._placed.get((neuron.name, model_id)) or set()
         status = neuron.models.get(model_id)

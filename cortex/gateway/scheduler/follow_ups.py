@@ -15,7 +15,8 @@ conversation on that replica. The next request of the conversation
 
 - the same session key (``Prompt.session``), when the answer's request had one;
 - else the prompt that holds the most of the answer's prompt blocks, at
-  least ``MATCH_SHARE`` of them (the rest may follow the messages in the
+  least ``MATCH_SHARE`` of them (``least_shared``; ``Affinity`` finds a
+  keyless turn's conversation by the same rule) (the rest may follow the messages in the
   body, as a chat body's ``tools`` do, and change with each turn); sessions
   of one kind share their system prompt, but not that much of it;
 - an answer whose prompt the router did not see, or too short to index,
