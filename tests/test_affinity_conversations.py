@@ -14,8 +14,13 @@ import pytest
 from cortex.config import CatalogModel
 from cortex.gateway import affinity as affinity_module
 from cortex.gateway.affinity import BYTES_PER_TOKEN, Prompt, prompt_of
-from cortex.gateway.scheduler import least_shared
+from cortex.gateway.scheduler import FollowUps, Observations, least_shared
+from cortex.sim.fleet import FleetFile
+from cortex.sim.replay import replay
+from cortex.sim.report import Row, sessions_table
+from cortex.sim.trace import TraceSettings, generate
 from tests.test_cache_eviction import build, caching
+from tests.test_follow_ups import AGENTS_FLEET
 from tests.test_scheduling import GIB, gpu
 
 #: trio time of the decisions here.
@@ -38,10 +43,10 @@ def chat(messages: list[dict[str, str]], turn: int) -> bytes:
     return json.dumps(body).encode()
 
 
-def opening(name: str) -> list[dict[str, str]]:
+def opening(name: str, document: int = 6_000) -> list[dict[str, str]]:
     return [
         {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": text(f"document-{name}", 6_000)},
+        {"role": "user", "content": text(f"document-{name}", document)},
     ]
 
 
@@ -78,6 +83,10 @@ def test_the_turns_of_a_keyless_conversation_weigh_as_a_keyed_sessions_do() -> N
         keyed_clock.now += gap
         affinity.routed("agent", sent, "a")
         keyed.routed("agent", Prompt(session="s1", blocks=(), size=sent.size), "a")
+        # Its replica is expected to hold the whole last prompt, as a keyed
+        # session's is, not only the blocks the prefix index shares.
+        assert affinity.cached("agent", second)["a"] == min(sent.size, second.size)
+        assert affinity.remembered("agent", second) == {"a"}
     assert affinity.statistics().sessions == affinity.statistics().conversations == 1
     clock.now += 40
     keyed_clock.now += 40
@@ -90,21 +99,27 @@ def test_the_turns_of_a_keyless_conversation_weigh_as_a_keyed_sessions_do() -> N
     off = caching(gpu("a", 24 * GIB, ("agent", 8 * GIB, 5)), "agent")
     _, blind, _ = build(off, models=[AGENT], conversations=False)
     blind.routed("agent", first, "a")
+    assert blind.cached("agent", second)["a"] < first.size
     blind.routed("agent", second, "a")
     assert blind.statistics().sessions == 0
     assert blind.eviction_cost(off, "agent") == 0.0
 
 
-def test_two_sessions_sharing_a_system_prompt_stay_two() -> None:
+@pytest.mark.parametrize("document", [6_000, 300])
+def test_two_sessions_sharing_a_system_prompt_stay_two(document: int) -> None:
     a = caching(gpu("a", 24 * GIB, ("agent", 8 * GIB, 5)), "agent")
     _, affinity, clock = build(a, models=[AGENT])
-    one, two = opening("1"), opening("2")
+    one, two = opening("1", document), opening("2", document)
     first = keyless(one, 0)
     other = keyless(two, 0)
-    # They share the system prompt's blocks, fewer than three quarters.
+    # They share the system prompt's blocks: half their first prompts, or
+    # more than three quarters (a share alone would take them for one).
     pairs = zip(first.blocks, other.blocks, strict=False)
     shared = next(n for n, (x, y) in enumerate(pairs) if x != y)
-    assert shared >= 5 and shared < least_shared(len(first.blocks))
+    assert shared == len(SYSTEM) // 2048
+    assert (shared >= least_shared(len(first.blocks))) == (document < 1_000)
+    # What tells them apart: the blocks of their messages, the document's included.
+    assert first.messages is not None and shared < first.repeated
     affinity.routed("agent", first, "a")
     affinity.routed("agent", other, "a")
     assert affinity.statistics().conversations == 2
@@ -176,3 +191,60 @@ def test_conversations_are_bounded_with_the_sessions(monkeypatch: pytest.MonkeyP
     rate = affinity.prefill_seconds(a, "agent", 1.0)
     tokens = sum(p.size for p in sent[-4:]) / BYTES_PER_TOKEN
     assert affinity.eviction_cost(a, "agent") == pytest.approx(tokens * rate)
+
+
+def test_keyless_conversations_keep_the_agents_caches_in_a_replay() -> None:
+    # The README's agents workload, half as long, its sessions without a
+    # key, follow-ups off: what evictions know of their caches is the
+    # conversations recognised here.
+    fleet = FleetFile.read(AGENTS_FLEET)
+    settings = TraceSettings(
+        duration=1800,
+        seed=1,
+        agents=40,
+        turns=20,
+        agent_spread=300,
+        agent_model="Qwen/Qwen3-8B",
+        agent_keys=0.0,
+    )
+    trace = generate(fleet, settings)
+    on = replay(fleet, trace, "predictive", seed=0, routing={"follow_ups": False})
+    off = replay(
+        fleet, trace, "predictive", seed=0, routing={"follow_ups": False, "conversations": False}
+    )
+    off.policy = "predictive, conversations off"
+    print(sessions_table([on, off]))
+    kept, lost = Row.of(on), Row.of(off)
+    assert kept.unserved == lost.unserved == 0
+    assert on.dropped_tokens < 0.93 * off.dropped_tokens
+    assert on.agent_unloads < off.agent_unloads
+    assert kept.cached_later > lost.cached_later
+
+
+def test_where_the_messages_end_is_what_a_next_turn_repeats() -> None:
+    messages = opening("1")
+    first = keyless(messages, 0)
+    content = chat(messages, 0)
+    end = content.index(b'"tools"') - len(b", ")  # past the messages' closing bracket
+    start = content.index(b'"messages"')
+    assert first.messages == (end - 1 - start) // 2048 == first.repeated
+    # Tools after the messages a quarter of the prompt or more: a share of
+    # blocks would miss the next turn; the messages do not.
+    tools = [{"role": "tool-spec", "content": text("spec", 9_000)}]
+    long = prompt_of(json.dumps({"messages": messages, "tools": tools}).encode(), None)
+    nxt = turn(messages, 1)
+    after = prompt_of(json.dumps({"messages": nxt, "tools": tools + tools}).encode(), None)
+    pairs = zip(long.blocks, after.blocks, strict=False)
+    shared = next(n for n, (x, y) in enumerate(pairs) if x != y)
+    assert long.repeated <= shared < least_shared(len(long.blocks))
+    follow_ups = FollowUps(Observations())
+    follow_ups.expect("a", "agent", long, T)
+    assert follow_ups.arrived("agent", after, T + 1, lambda _: True) == "kept"
+    # Unknown (not JSON, or a keyed prompt, which needs none): the share.
+    assert prompt_of(b'"messages": "' + bytes(range(256)) * 40, None).messages is None
+    assert prompt_of(content, "key").messages is None
+    keyed = prompt_of(content, "key")
+    assert keyed.repeated == least_shared(len(keyed.blocks))
+    # Messages past the blocks indexed hold them all.
+    huge = prompt_of(chat([{"role": "user", "content": "x" * 600_000}], 0), None)
+    assert huge.messages == len(huge.blocks) == 256

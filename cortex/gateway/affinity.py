@@ -22,9 +22,11 @@ replica is expected to hold:
   continues the one whose last prompt's first ``least_shared`` blocks it
   holds (the rule ``scheduler.FollowUps`` matches a follow-up to its answer
   by), else starts one, numbered here (an ``int``, never taken for a
-  client's key). It gets a keyed session's bookkeeping: its replica, last
-  prompt, last turn, turn gaps. Routes still follow the prefix index alone
-  for it; what it adds is the weight of its cache (``eviction_cost``).
+  client's key). It gets a keyed session's bookkeeping and use: its
+  replica, taken to hold as much of the new prompt as the last one sent
+  (more than the blocks the prefix index shares: the bytes after the
+  messages changed), last turn, turn gaps, and its cache's weight
+  (``eviction_cost``).
 
 All are bounded LRU maps (``MAX_SESSIONS`` for sessions and conversations
 together, ``MAX_BLOCK_ENTRIES``),
@@ -81,6 +83,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -116,6 +119,10 @@ SESSION_SCALE_FLOOR = 30.0
 #: Where the prompt starts in a request body: everything before (the model,
 #: sampling settings) may change from turn to turn.
 _ANCHORS = (b'"messages"', b'"instructions"', b'"input"', b'"prompt"')
+#: The value a next turn repeats and adds to: a chat's ``messages``, a
+#: Responses ``input``, a completion's ``prompt``.
+_MESSAGES = re.compile(rb'"(?:messages|input|prompt)"\s*:\s*')
+_DECODER = json.JSONDecoder()
 #: The ``result`` labels of ``cortex_affinity_total``.
 RESULTS = ("kept", "broken", "new")
 #: Claude Code's session header.
@@ -136,6 +143,23 @@ class Prompt:
     blocks: tuple[bytes, ...]
     #: Bytes of the rendered prompt.
     size: int
+    #: Of ``blocks``, those wholly inside the messages (before the value's
+    #: closing bracket), found for a prompt without a session key. None:
+    #: not found (not JSON, or not looked for).
+    messages: int | None = None
+
+    @property
+    def repeated(self) -> int:
+        """Leading blocks the next turn of its conversation is expected to repeat.
+
+        A next turn repeats the messages and adds to them, but what follows
+        them in a body (a chat body's ``tools``, settings) may change: the
+        blocks inside the messages where they are known and some are whole,
+        else ``least_shared`` (the share ``FollowUps`` falls back on).
+        """
+        if self.messages:
+            return self.messages
+        return least_shared(len(self.blocks))
 
 
 def session_key(header: str | None, body: Mapping[str, Any]) -> str | None:
@@ -166,7 +190,11 @@ def session_key(header: str | None, body: Mapping[str, Any]) -> str | None:
 
 
 def prompt_of(content: bytes, session: str | None) -> Prompt:
-    """The prompt of a request whose (rendered) body is ``content``."""
+    """The prompt of a request whose (rendered) body is ``content``.
+
+    Without a session key, where its messages end too (``Prompt.messages``):
+    its conversation is recognised by them (``Affinity.conversation``).
+    """
     found = [at for at in (content.find(a) for a in _ANCHORS) if at >= 0]
     view = memoryview(content)[min(found, default=0) :]
     hasher = hashlib.blake2b(digest_size=8)
@@ -174,7 +202,26 @@ def prompt_of(content: bytes, session: str | None) -> Prompt:
     for start in range(0, min(len(view), BLOCK_BYTES * MAX_BLOCKS) - BLOCK_BYTES + 1, BLOCK_BYTES):
         hasher.update(view[start : start + BLOCK_BYTES])
         blocks.append(hasher.copy().digest())
-    return Prompt(session=session, blocks=tuple(blocks), size=len(view))
+    messages = _messages_blocks(view, len(blocks)) if session is None and blocks else None
+    return Prompt(session=session, blocks=tuple(blocks), size=len(view), messages=messages)
+
+
+def _messages_blocks(view: memoryview, blocks: int) -> int | None:
+    """Of the ``blocks`` indexed of ``view``, those wholly inside its messages (None: unknown).
+
+    Parsed only as far as the blocks go (latin-1 keeps byte offsets: JSON's
+    syntax is ASCII); messages that run past them hold them all.
+    """
+    window = bytes(view[: BLOCK_BYTES * MAX_BLOCKS])
+    found = _MESSAGES.search(window)
+    if found is None:
+        return None
+    try:
+        _, end = _DECODER.raw_decode(window.decode("latin-1"), found.end())
+    except ValueError:
+        return blocks if len(view) > len(window) else None
+    # The closing bracket is where the next turn goes on instead.
+    return min((end - 1) // BLOCK_BYTES, blocks)
 
 
 @attrs.frozen
@@ -242,8 +289,9 @@ class Affinity:
             self._blocks.move_to_end((model_id, block))
             for name in neurons:
                 held[name] = depth * BLOCK_BYTES
-        if prompt.session is not None:
-            found = self._sessions.get((model_id, prompt.session))
+        session = self._session_of(model_id, prompt)
+        if session is not None:
+            found = self._sessions.get((model_id, session))
             if found is not None:
                 name, size, _ = found
                 held[name] = max(held.get(name, 0), min(size, prompt.size))
@@ -251,8 +299,9 @@ class Affinity:
 
     def remembered(self, model_id: str, prompt: Prompt) -> set[str]:
         """The replicas the request has affinity to: its session's, else the longest prefix's."""
-        if prompt.session is not None:
-            found = self._sessions.get((model_id, prompt.session))
+        session = self._session_of(model_id, prompt)
+        if session is not None:
+            found = self._sessions.get((model_id, session))
             if found is not None:
                 return {found[0]}
         held = self.cached(model_id, prompt)
@@ -366,7 +415,7 @@ class Affinity:
             session = self.conversation(model_id, prompt.blocks)
             if session is None:
                 session = next(self._numbers)
-            self._mark(model_id, session, prompt.blocks)
+            self._mark(model_id, session, prompt)
         if session is not None:
             key = (model_id, session)
             now = self.predictor.state.clock()
@@ -394,16 +443,21 @@ class Affinity:
         while len(self._blocks) > MAX_BLOCK_ENTRIES:
             self._blocks.popitem(last=False)
 
+    def _session_of(self, model_id: str, prompt: Prompt) -> Session | None:
+        if prompt.session is not None or not (self.conversations and prompt.blocks):
+            return prompt.session
+        return self.conversation(model_id, prompt.blocks)
+
     def conversation(self, model_id: str, blocks: Sequence[bytes]) -> int | None:
         """The keyless conversation a prompt of ``blocks`` continues (None: a new one).
 
-        A next turn repeats the last prompt's messages and adds to them; what
-        follows the messages in a body (a chat body's ``tools``, settings)
-        may change, so it shares at least ``least_shared`` of the last
-        prompt's blocks, not all (the rule ``FollowUps`` matches a follow-up
-        by). Sessions of one kind share their system prompt, not that much
-        of it. The one sharing the most marked blocks wins: at most
-        ``MAX_BLOCKS`` lookups.
+        The one whose last prompt's ``Prompt.repeated`` leading blocks it
+        holds (the rule ``FollowUps`` matches a follow-up by): a next turn
+        repeats the last one's messages and adds to them, while what follows
+        them in a body (a chat body's ``tools``, settings) may change.
+        Sessions of one kind share their system prompt, but their messages
+        differ after it: within a block of its end, they are one. The one
+        whose mark is deepest wins; at most ``MAX_BLOCKS`` lookups.
         """
         for block in reversed(blocks):
             found = self._marks.get((model_id, block))
@@ -411,9 +465,9 @@ class Affinity:
                 return found
         return None
 
-    def _mark(self, model_id: str, session: int, blocks: Sequence[bytes]) -> None:
+    def _mark(self, model_id: str, session: int, prompt: Prompt) -> None:
         self._unmark(session)
-        mark = (model_id, blocks[least_shared(len(blocks)) - 1])
+        mark = (model_id, prompt.blocks[prompt.repeated - 1])
         self._marks[mark] = session
         self._marked[session] = mark
 

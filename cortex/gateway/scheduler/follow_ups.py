@@ -15,10 +15,12 @@ conversation on that replica. The next request of the conversation
 
 - the same session key (``Prompt.session``), when the answer's request had one;
 - else the prompt that holds the most of the answer's prompt blocks, at
-  least ``MATCH_SHARE`` of them (``least_shared``; ``Affinity`` finds a
-  keyless turn's conversation by the same rule) (the rest may follow the messages in the
-  body, as a chat body's ``tools`` do, and change with each turn); sessions
-  of one kind share their system prompt, but not that much of it;
+  least those inside its messages (``Prompt.repeated``; where they are not
+  known, ``MATCH_SHARE`` of them: ``least_shared``): the rest follow the
+  messages in the body, as a chat body's ``tools`` do, and may change with
+  each turn. Sessions of one kind share their system prompt, but their
+  messages differ after it. ``Affinity`` finds a keyless turn's
+  conversation by the same rule;
 - an answer whose prompt the router did not see, or too short to index,
   is answered by the next request for its model.
 
@@ -88,6 +90,8 @@ class FollowUp:
     blocks: tuple[bytes, ...] = ()
     #: Bytes of that prompt (0: not seen).
     size: int = 0
+    #: Of ``blocks``, those its follow-up repeats (``Prompt.repeated``).
+    repeated: int = 0
 
     @property
     def anonymous(self) -> bool:
@@ -142,7 +146,15 @@ class FollowUps:
         if prompt is None:
             found = FollowUp(neuron, model_id, now)
         else:
-            found = FollowUp(neuron, model_id, now, prompt.session, prompt.blocks, prompt.size)
+            found = FollowUp(
+                neuron,
+                model_id,
+                now,
+                prompt.session,
+                prompt.blocks,
+                prompt.size,
+                prompt.repeated if prompt.blocks else 0,
+            )
         self._expected.setdefault(model_id, []).append(found)
         if sum(len(v) for v in self._expected.values()) > MAX_FOLLOW_UPS:
             oldest = min(self._expected, key=lambda m: self._expected[m][0].since)
@@ -229,7 +241,7 @@ class FollowUps:
             for at, f in enumerate(expected):
                 if f.session is None and f.blocks:
                     shared = _shared(f.blocks, prompt.blocks)
-                    if shared > most and shared >= least_shared(len(f.blocks)):
+                    if shared > most and shared >= f.repeated:
                         best, most = at, shared
             if best is not None:
                 return best
