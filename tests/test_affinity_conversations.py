@@ -2,6 +2,8 @@
 
 The affinity's bookkeeping over chat bodies rendered as a client sends them
 (``prompt_of``), its eviction cost against a keyed session's, and its bounds.
+``tests/test_follow_ups.py`` replays the agents workload without keys with
+conversations recognised, against follow-ups alone.
 """
 
 from __future__ import annotations
@@ -15,12 +17,7 @@ from cortex.config import CatalogModel
 from cortex.gateway import affinity as affinity_module
 from cortex.gateway.affinity import BYTES_PER_TOKEN, Prompt, prompt_of
 from cortex.gateway.scheduler import FollowUps, Observations, least_shared
-from cortex.sim.fleet import FleetFile
-from cortex.sim.replay import replay
-from cortex.sim.report import Row, sessions_table
-from cortex.sim.trace import TraceSettings, generate
 from tests.test_cache_eviction import build, caching
-from tests.test_follow_ups import AGENTS_FLEET
 from tests.test_scheduling import GIB, gpu
 
 #: trio time of the decisions here.
@@ -191,34 +188,6 @@ def test_conversations_are_bounded_with_the_sessions(monkeypatch: pytest.MonkeyP
     rate = affinity.prefill_seconds(a, "agent", 1.0)
     tokens = sum(p.size for p in sent[-4:]) / BYTES_PER_TOKEN
     assert affinity.eviction_cost(a, "agent") == pytest.approx(tokens * rate)
-
-
-def test_keyless_conversations_keep_the_agents_caches_in_a_replay() -> None:
-    # The README's agents workload, half as long, its sessions without a
-    # key, follow-ups off: what evictions know of their caches is the
-    # conversations recognised here.
-    fleet = FleetFile.read(AGENTS_FLEET)
-    settings = TraceSettings(
-        duration=1800,
-        seed=1,
-        agents=40,
-        turns=20,
-        agent_spread=300,
-        agent_model="Qwen/Qwen3-8B",
-        agent_keys=0.0,
-    )
-    trace = generate(fleet, settings)
-    on = replay(fleet, trace, "predictive", seed=0, routing={"follow_ups": False})
-    off = replay(
-        fleet, trace, "predictive", seed=0, routing={"follow_ups": False, "conversations": False}
-    )
-    off.policy = "predictive, conversations off"
-    print(sessions_table([on, off]))
-    kept, lost = Row.of(on), Row.of(off)
-    assert kept.unserved == lost.unserved == 0
-    assert on.dropped_tokens < 0.93 * off.dropped_tokens
-    assert on.agent_unloads < off.agent_unloads
-    assert kept.cached_later > lost.cached_later
 
 
 def test_where_the_messages_end_is_what_a_next_turn_repeats() -> None:
