@@ -185,10 +185,10 @@ class RoutingSection:
     #: chance each comes back), and a request waits up to that many seconds
     #: for something cheaper to free. False: only reloads are weighed.
     weigh_caches: bool = True
-    #: With weigh_caches: a conversation that sends no session key is
-    #: recognised by its prompts (a turn repeating three quarters of the
-    #: last one's prefix) and weighed as a keyed session is. False: only
-    #: sessions with a key are weighed.
+    #: A conversation that sends no session key is recognised by its prompts
+    #: (a turn repeating the last one's messages) and routed and weighed as
+    #: a keyed session is. False: the prefix index alone knows it, and
+    #: evictions do not weigh its cache.
     conversations: bool = True
     #: An answer that calls a tool (OpenAI finish_reason tool_calls, Responses
     #: function_call, Anthropic tool_use) keeps its model where it is until
