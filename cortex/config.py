@@ -185,6 +185,11 @@ class RoutingSection:
     #: chance each comes back), and a request waits up to that many seconds
     #: for something cheaper to free. False: only reloads are weighed.
     weigh_caches: bool = True
+    #: A conversation that sends no session key is recognised by its prompts
+    #: (a turn repeating the last one's messages) and routed and weighed as
+    #: a keyed session is. False: the prefix index alone knows it, and
+    #: evictions do not weigh its cache.
+    conversations: bool = True
     #: An answer that calls a tool (OpenAI finish_reason tool_calls, Responses
     #: function_call, Anthropic tool_use) keeps its model where it is until
     #: the client sends the tool's result: evicting it then counts its whole

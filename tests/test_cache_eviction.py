@@ -38,7 +38,7 @@ from cortex.gateway.scheduler import (
 from cortex.gateway.state import NeuronState
 from cortex.harness import PromptCacheStatistics
 from cortex.sim.fleet import FleetFile
-from cortex.sim.replay import replay
+from cortex.sim.replay import TraceRequest, replay
 from cortex.sim.report import Row, sessions_table
 from cortex.sim.trace import TraceSettings, generate
 from tests.test_decide import policy
@@ -73,6 +73,7 @@ def build(
         GatewayMetrics.create(),
         enabled=built.config.routing.affinity,
         weigh_caches=built.config.routing.weigh_caches,
+        conversations=built.config.routing.conversations,
     )
     built.predictor.caches = affinity.eviction_cost
     return built, affinity, clock
@@ -299,9 +300,10 @@ async def test_the_router_measures_the_prefill_rate_from_free_slots_only(
 AGENTS_FLEET = pathlib.Path(__file__).resolve().parent.parent / "contrib" / "sim" / "agents.toml"
 
 
-def test_ordinary_traffic_throws_fewer_agent_caches_away_at_about_the_same_cold_loads() -> None:
-    # The README's agents workload, half as long: 40 agent sessions on
-    # Qwen3-8B among ordinary traffic at twice the fleet's memory.
+def agents_trace(**changes: Any) -> tuple[FleetFile, list[TraceRequest]]:
+    """The README's agents workload, half as long: 40 agent sessions on
+    Qwen3-8B among ordinary traffic at twice the fleet's memory; ``changes``
+    to its ``TraceSettings``."""
     fleet = FleetFile.read(AGENTS_FLEET)
     settings = TraceSettings(
         duration=1800,
@@ -310,9 +312,14 @@ def test_ordinary_traffic_throws_fewer_agent_caches_away_at_about_the_same_cold_
         turns=20,
         agent_spread=300,
         agent_model="Qwen/Qwen3-8B",
-        tool_share=0.0,  # answers in words only: the trace these figures were measured on
+        **changes,
     )
-    trace = generate(fleet, settings)
+    return fleet, generate(fleet, settings)
+
+
+def test_ordinary_traffic_throws_fewer_agent_caches_away_at_about_the_same_cold_loads() -> None:
+    # Answers in words only: the trace these figures were measured on.
+    fleet, trace = agents_trace(tool_share=0.0)
     weighed = replay(fleet, trace, "predictive", seed=0)
     blind = replay(fleet, trace, "predictive", seed=0, routing={"weigh_caches": False})
     blind.policy = "predictive, weigh_caches off"

@@ -8,7 +8,6 @@ Plain functions over a fleet state built here (``scheduler.decide``, the
 from __future__ import annotations
 
 import math
-import pathlib
 
 import pytest
 
@@ -24,11 +23,9 @@ from cortex.gateway.scheduler import (
     Policy,
     Request,
 )
-from cortex.sim.fleet import FleetFile
 from cortex.sim.replay import replay
 from cortex.sim.report import Row, sessions_table
-from cortex.sim.trace import TraceSettings, generate
-from tests.test_cache_eviction import build, caching
+from tests.test_cache_eviction import agents_trace, build, caching
 from tests.test_decide import policy
 from tests.test_scheduling import GIB, gpu
 
@@ -186,27 +183,17 @@ def test_the_window_is_learned_from_the_gaps_and_capped() -> None:
     )
 
 
-AGENTS_FLEET = pathlib.Path(__file__).resolve().parent.parent / "contrib" / "sim" / "agents.toml"
-
-
 def test_follow_ups_keep_the_agents_caches_in_a_replay() -> None:
     # The README's agents workload, half as long, its sessions without a
-    # session key: their caches are known by the prefix index alone, which
+    # session key and not recognised as conversations (``conversations``
+    # off): their caches are known by the prefix index alone, which
     # evictions do not weigh, but follow-ups do.
-    fleet = FleetFile.read(AGENTS_FLEET)
-    settings = TraceSettings(
-        duration=1800,
-        seed=1,
-        agents=40,
-        turns=20,
-        agent_spread=300,
-        agent_model="Qwen/Qwen3-8B",
-        agent_keys=0.0,
-    )
-    trace = generate(fleet, settings)
+    fleet, trace = agents_trace(agent_keys=0.0)
     assert sum(r.tool for r in trace) > 0.6 * sum(r.agent for r in trace)
-    on = replay(fleet, trace, "predictive", seed=0)
-    off = replay(fleet, trace, "predictive", seed=0, routing={"follow_ups": False})
+    on = replay(fleet, trace, "predictive", seed=0, routing={"conversations": False})
+    off = replay(
+        fleet, trace, "predictive", seed=0, routing={"follow_ups": False, "conversations": False}
+    )
     off.policy = "predictive, follow_ups off"
     print(sessions_table([on, off]))
     kept, lost = Row.of(on), Row.of(off)
@@ -218,3 +205,13 @@ def test_follow_ups_keep_the_agents_caches_in_a_replay() -> None:
     assert on.dropped_tokens < 0.93 * off.dropped_tokens
     assert on.agent_unloads < off.agent_unloads
     assert kept.cached_later > lost.cached_later
+    # Recognised as conversations (``Affinity.conversation``), follow-ups
+    # off, evictions weigh them as keyed sessions. Measured (seed 0): 1.41M
+    # cached tokens thrown away, 3 unloads, 70% of later turns' prompts
+    # from cache.
+    known = replay(fleet, trace, "predictive", seed=0, routing={"follow_ups": False})
+    recognised = Row.of(known)
+    assert recognised.unserved == 0
+    assert known.dropped_tokens < 0.93 * off.dropped_tokens
+    assert known.agent_unloads < off.agent_unloads
+    assert recognised.cached_later > lost.cached_later

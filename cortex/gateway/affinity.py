@@ -17,9 +17,19 @@ replica is expected to hold:
   the first ``MAX_BLOCKS`` of them. A replica holds a prompt's first ``k``
   blocks when a request whose ``k``-th hash was the same went there. This
   keeps a conversation on one replica without any key, and sends a new
-  session where a shared system prompt is cached already.
+  session where a shared system prompt is cached already;
+- a **conversation** for a request without a key (``conversations``): it
+  continues the one whose last prompt's first ``least_shared`` blocks it
+  holds (the rule ``scheduler.FollowUps`` matches a follow-up to its answer
+  by), else starts one, numbered here (an ``int``, never taken for a
+  client's key). It gets a keyed session's bookkeeping and use: its
+  replica, taken to hold as much of the new prompt as the last one sent
+  (more than the blocks the prefix index shares: the bytes after the
+  messages changed), last turn, turn gaps, and its cache's weight
+  (``eviction_cost``).
 
-Both are bounded LRU maps (``MAX_SESSIONS``, ``MAX_BLOCK_ENTRIES``),
+All are bounded LRU maps (``MAX_SESSIONS`` for sessions and conversations
+together, ``MAX_BLOCK_ENTRIES``),
 remembered when a request is routed. Folded into the predicted time to first
 token (``fold``) as the prompt processing each option still has to do, the
 expected saving competes with queues and cold loads. A replica processes
@@ -36,11 +46,12 @@ under half the time of processing the prompt elsewhere
 next best replica and the affinity counts as broken.
 
 Unloading a model throws its prompt cache away. ``eviction_cost`` is what
-that costs, in seconds of prompt processing: every session last sent to that
-replica, its last prompt's tokens re-prefilled when it comes back, weighed by
-the chance it does (``exp(-idle / scale)``, ``scale`` three of the model's
-usual gaps between a session's turns, at least ``SESSION_SCALE_FLOOR`` and at
-most the predictor's horizon; sessions idle longer than the horizon count
+that costs, in seconds of prompt processing: every session (keyed, or a
+keyless conversation) last sent to that replica, its last prompt's tokens
+re-prefilled when it comes back, weighed by the chance it does
+(``exp(-idle / scale)``, ``scale`` three of the model's usual gaps between
+a session's turns, at least ``SESSION_SCALE_FLOOR`` and at most the
+predictor's horizon; sessions idle longer than the horizon count
 for nothing). The predictor adds it to an eviction's penalty (in full, even
 where another replica holds the model: the sessions re-prefill wherever they
 go) and the predictive policy to its victim order, so ordinary traffic
@@ -51,7 +62,7 @@ cache (no ``prompt_cache`` in its status) has none to lose; ``[routing]
 weigh_caches = false`` counts none. A session whose answer called a tool,
 its result not sent yet (``scheduler.FollowUps``), is certain to come back:
 its prompt counts in full, and so does a prompt without a session key
-whose follow-up is expected.
+whose follow-up is expected (once: its conversation's weight is replaced).
 
 Prompt tokens are turned into seconds at the prefill rate measured where
 the request went (``Observations.prefill_tps``: the tokens a request routed
@@ -69,15 +80,24 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import math
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
 
 from cortex.gateway.metrics import GatewayMetrics
-from cortex.gateway.scheduler import PRIOR_DECODE, Ewma, Option, Predictor
+from cortex.gateway.scheduler import (
+    PRIOR_DECODE,
+    Ewma,
+    FollowUp,
+    Option,
+    Predictor,
+    least_shared,
+)
 from cortex.gateway.state import NeuronState
 
 #: Bytes in one block of the prefix index.
@@ -99,10 +119,18 @@ SESSION_SCALE_FLOOR = 30.0
 #: Where the prompt starts in a request body: everything before (the model,
 #: sampling settings) may change from turn to turn.
 _ANCHORS = (b'"messages"', b'"instructions"', b'"input"', b'"prompt"')
+#: The value a next turn repeats and adds to: a chat's ``messages``, a
+#: Responses ``input``, a completion's ``prompt``.
+_MESSAGES = re.compile(rb'"(?:messages|input|prompt)"\s*:\s*')
+_DECODER = json.JSONDecoder()
 #: The ``result`` labels of ``cortex_affinity_total``.
 RESULTS = ("kept", "broken", "new")
 #: Claude Code's session header.
 SESSION_HEADER = b"x-claude-code-session-id"
+
+#: What the affinity knows a session by: the client's key, or the number it
+#: gave a conversation that sends none (never a client's: an ``int``).
+Session = str | int
 
 
 @attrs.frozen
@@ -115,6 +143,23 @@ class Prompt:
     blocks: tuple[bytes, ...]
     #: Bytes of the rendered prompt.
     size: int
+    #: Of ``blocks``, those wholly inside the messages (before the value's
+    #: closing bracket), found for a prompt without a session key. None:
+    #: not found (not JSON, or not looked for).
+    messages: int | None = None
+
+    @property
+    def repeated(self) -> int:
+        """Leading blocks the next turn of its conversation is expected to repeat.
+
+        A next turn repeats the messages and adds to them, but what follows
+        them in a body (a chat body's ``tools``, settings) may change: the
+        blocks inside the messages where they are known and some are whole,
+        else ``least_shared`` (the share ``FollowUps`` falls back on).
+        """
+        if self.messages:
+            return self.messages
+        return least_shared(len(self.blocks))
 
 
 def session_key(header: str | None, body: Mapping[str, Any]) -> str | None:
@@ -145,7 +190,11 @@ def session_key(header: str | None, body: Mapping[str, Any]) -> str | None:
 
 
 def prompt_of(content: bytes, session: str | None) -> Prompt:
-    """The prompt of a request whose (rendered) body is ``content``."""
+    """The prompt of a request whose (rendered) body is ``content``.
+
+    Without a session key, where its messages end too (``Prompt.messages``):
+    its conversation is recognised by them (``Affinity.conversation``).
+    """
     found = [at for at in (content.find(a) for a in _ANCHORS) if at >= 0]
     view = memoryview(content)[min(found, default=0) :]
     hasher = hashlib.blake2b(digest_size=8)
@@ -153,12 +202,33 @@ def prompt_of(content: bytes, session: str | None) -> Prompt:
     for start in range(0, min(len(view), BLOCK_BYTES * MAX_BLOCKS) - BLOCK_BYTES + 1, BLOCK_BYTES):
         hasher.update(view[start : start + BLOCK_BYTES])
         blocks.append(hasher.copy().digest())
-    return Prompt(session=session, blocks=tuple(blocks), size=len(view))
+    messages = _messages_blocks(view, len(blocks)) if session is None and blocks else None
+    return Prompt(session=session, blocks=tuple(blocks), size=len(view), messages=messages)
+
+
+def _messages_blocks(view: memoryview, blocks: int) -> int | None:
+    """Of the ``blocks`` indexed of ``view``, those wholly inside its messages (None: unknown).
+
+    Parsed only as far as the blocks go (latin-1 keeps byte offsets: JSON's
+    syntax is ASCII); messages that run past them hold them all.
+    """
+    window = bytes(view[: BLOCK_BYTES * MAX_BLOCKS])
+    found = _MESSAGES.search(window)
+    if found is None:
+        return None
+    try:
+        _, end = _DECODER.raw_decode(window.decode("latin-1"), found.end())
+    except ValueError:
+        return blocks if len(view) > len(window) else None
+    # The closing bracket is where the next turn goes on instead.
+    return min((end - 1) // BLOCK_BYTES, blocks)
 
 
 @attrs.frozen
 class AffinityStatistics:
+    #: Sessions remembered, keyless conversations (``conversations``) included.
     sessions: int
+    conversations: int
     blocks: int
     kept: int
     broken: int
@@ -176,12 +246,22 @@ class Affinity:
     enabled: bool = True
     #: ``[routing] weigh_caches``: False, ``eviction_cost`` is 0.
     weigh_caches: bool = True
+    #: ``[routing] conversations``: False, a prompt without a session key
+    #: is known by the prefix index alone (no session, nothing weighed).
+    conversations: bool = True
     #: (model, session) -> (neuron, prompt bytes it was sent, when: the fleet clock).
-    _sessions: collections.OrderedDict[tuple[str, str], tuple[str, int, float]] = attrs.field(
+    _sessions: collections.OrderedDict[tuple[str, Session], tuple[str, int, float]] = attrs.field(
         factory=collections.OrderedDict, init=False
     )
     #: (neuron, model) -> the sessions last sent there (the keys of ``_sessions``).
-    _placed: dict[tuple[str, str], set[str]] = attrs.field(factory=dict, init=False)
+    _placed: dict[tuple[str, str], set[Session]] = attrs.field(factory=dict, init=False)
+    #: (model, block hash) -> the keyless conversation whose last prompt's
+    #: ``least_shared`` leading blocks end with that block: a prompt holding
+    #: it continues that conversation (the newest, where two have one).
+    _marks: dict[tuple[str, bytes], int] = attrs.field(factory=dict, init=False)
+    #: keyless conversation -> its entry in ``_marks``.
+    _marked: dict[int, tuple[str, bytes]] = attrs.field(factory=dict, init=False)
+    _numbers: Iterator[int] = attrs.field(factory=itertools.count, init=False)
     #: model -> seconds between two turns of one of its sessions.
     _turn_gap: dict[str, Ewma] = attrs.field(factory=dict, init=False)
     #: (model, block hash) -> the neurons sent that prefix, most recent last.
@@ -209,8 +289,9 @@ class Affinity:
             self._blocks.move_to_end((model_id, block))
             for name in neurons:
                 held[name] = depth * BLOCK_BYTES
-        if prompt.session is not None:
-            found = self._sessions.get((model_id, prompt.session))
+        session = self._session_of(model_id, prompt)
+        if session is not None:
+            found = self._sessions.get((model_id, session))
             if found is not None:
                 name, size, _ = found
                 held[name] = max(held.get(name, 0), min(size, prompt.size))
@@ -218,8 +299,9 @@ class Affinity:
 
     def remembered(self, model_id: str, prompt: Prompt) -> set[str]:
         """The replicas the request has affinity to: its session's, else the longest prefix's."""
-        if prompt.session is not None:
-            found = self._sessions.get((model_id, prompt.session))
+        session = self._session_of(model_id, prompt)
+        if session is not None:
+            found = self._sessions.get((model_id, session))
             if found is not None:
                 return {found[0]}
         held = self.cached(model_id, prompt)
@@ -328,8 +410,14 @@ class Affinity:
         )
         self._counts[result] += 1
         self.metrics.affinity.labels(result).inc()
-        if prompt.session is not None:
-            key = (model_id, prompt.session)
+        session = prompt.session
+        if session is None and prompt.blocks and self.conversations:
+            session = self.conversation(model_id, prompt.blocks)
+            if session is None:
+                session = next(self._numbers)
+            self._mark(model_id, session, prompt)
+        if session is not None:
+            key = (model_id, session)
             now = self.predictor.state.clock()
             last = self._sessions.get(key)
             if last is not None:
@@ -338,10 +426,11 @@ class Affinity:
                 gap.add(max(now - last[2], 0.0))
             self._sessions[key] = (neuron, prompt.size, now)
             self._sessions.move_to_end(key)
-            self._placed.setdefault((neuron, model_id), set()).add(prompt.session)
+            self._placed.setdefault((neuron, model_id), set()).add(session)
             while len(self._sessions) > MAX_SESSIONS:
                 (old_model, old_session), (old_neuron, _, _) = self._sessions.popitem(last=False)
                 self._unplace(old_neuron, old_model, old_session)
+                self._unmark(old_session)
         for block in prompt.blocks:
             entry = (model_id, block)
             neurons = self._blocks.get(entry)
@@ -354,7 +443,41 @@ class Affinity:
         while len(self._blocks) > MAX_BLOCK_ENTRIES:
             self._blocks.popitem(last=False)
 
-    def _unplace(self, neuron: str, model_id: str, session: str) -> None:
+    def _session_of(self, model_id: str, prompt: Prompt) -> Session | None:
+        if prompt.session is not None or not (self.conversations and prompt.blocks):
+            return prompt.session
+        return self.conversation(model_id, prompt.blocks)
+
+    def conversation(self, model_id: str, blocks: Sequence[bytes]) -> int | None:
+        """The keyless conversation a prompt of ``blocks`` continues (None: a new one).
+
+        The one whose last prompt's ``Prompt.repeated`` leading blocks it
+        holds (the rule ``FollowUps`` matches a follow-up by): a next turn
+        repeats the last one's messages and adds to them, while what follows
+        them in a body (a chat body's ``tools``, settings) may change.
+        Sessions of one kind share their system prompt, but their messages
+        differ after it: within a block of its end, they are one. The one
+        whose mark is deepest wins; at most ``MAX_BLOCKS`` lookups.
+        """
+        for block in reversed(blocks):
+            found = self._marks.get((model_id, block))
+            if found is not None:
+                return found
+        return None
+
+    def _mark(self, model_id: str, session: int, prompt: Prompt) -> None:
+        self._unmark(session)
+        mark = (model_id, prompt.blocks[prompt.repeated - 1])
+        self._marks[mark] = session
+        self._marked[session] = mark
+
+    def _unmark(self, session: Session) -> None:
+        if isinstance(session, int):
+            mark = self._marked.pop(session, None)
+            if mark is not None and self._marks.get(mark) == session:
+                del self._marks[mark]
+
+    def _unplace(self, neuron: str, model_id: str, session: Session) -> None:
         placed = self._placed.get((neuron, model_id))
         if placed is not None:
             placed.discard(session)
@@ -365,18 +488,21 @@ class Affinity:
         self,
         neuron: NeuronState,
         model_id: str,
-        expected: Sequence[tuple[str | None, int]] = (),
+        expected: Sequence[FollowUp] = (),
     ) -> float:
         """Expected seconds of prompt processing that unloading ``model_id`` from ``neuron`` costs.
 
-        The sum over the sessions last sent there of their last prompt's
-        tokens, each weighed by the chance the session comes back
-        (``exp(-idle / scale)``; none past the predictor's horizon), at the
-        neuron's prefill rate. ``expected``: (session key, prompt bytes) of
-        the follow-ups expected there (``scheduler.FollowUps``): certain to
-        come back, their prompts count in full, the sessions' or not. 0
-        with affinity off (routes do not count on where sessions are), with
-        ``weigh_caches`` off, and for a model that reports no prompt cache.
+        The sum over the sessions last sent there, keyed or keyless
+        conversations alike, of their last prompt's tokens, each weighed by
+        the chance the session comes back (``exp(-idle / scale)``, ``scale``
+        three of the model's turn gaps, at least ``SESSION_SCALE_FLOOR``;
+        none past the predictor's horizon), at the neuron's prefill rate.
+        ``expected``: the follow-ups expected there (``scheduler.FollowUps``):
+        certain to come back, their prompts count in full, once: a keyed
+        one's session, a keyless one's conversation (found by its prompt's
+        blocks) is not weighed again. 0 with affinity off (routes do not
+        count on where sessions are), with ``weigh_caches`` off, and for a
+        model that reports no prompt cache.
         """
         placed = self._placed.get((neuron.name, model_id)) or set()
         status = neuron.models.get(model_id)
@@ -384,22 +510,26 @@ class Affinity:
             return 0.0
         if status is None or status.prompt_cache is None:
             return 0.0
-        certain = {session for session, _ in expected if session is not None}
+        tokens = 0.0
+        certain: set[Session] = set()
+        for follow_up in expected:
+            session: Session | None = follow_up.session
+            if session is None and follow_up.blocks:
+                session = self.conversation(model_id, follow_up.blocks)
+            if session is not None and session in placed:
+                certain.add(session)
+            else:
+                tokens += follow_up.size / BYTES_PER_TOKEN
         horizon = self.predictor.horizon
         gap = self._turn_gap.get(model_id)
         scale = SESSION_SCALE_FLOOR
         if gap is not None and gap.value is not None:
             scale = min(max(3.0 * gap.value, SESSION_SCALE_FLOOR), horizon)
         now = self.predictor.state.clock()
-        tokens = sum(
-            size / BYTES_PER_TOKEN
-            for session, size in expected
-            if session is None or session not in placed
-        )
-        for session in placed:
-            _, size, seen = self._sessions[(model_id, session)]
+        for held in placed:
+            _, size, seen = self._sessions[(model_id, held)]
             idle = max(now - seen, 0.0)
-            if session in certain:
+            if held in certain:
                 tokens += size / BYTES_PER_TOKEN
             elif idle < horizon:
                 tokens += size / BYTES_PER_TOKEN * math.exp(-idle / scale)
@@ -410,6 +540,7 @@ class Affinity:
         self._pending.pop((neuron, model_id), None)
         for session in self._placed.pop((neuron, model_id), ()):
             del self._sessions[(model_id, session)]
+            self._unmark(session)
         for key in [k for k in self._blocks if k[0] == model_id]:
             neurons = self._blocks[key]
             neurons.pop(neuron, None)
@@ -419,6 +550,7 @@ class Affinity:
     def statistics(self) -> AffinityStatistics:
         return AffinityStatistics(
             sessions=len(self._sessions),
+            conversations=len(self._marked),
             blocks=len(self._blocks),
             kept=self._counts["kept"],
             broken=self._counts["broken"],

@@ -135,6 +135,7 @@ class Router:
             self.metrics,
             enabled=routing.affinity,
             weigh_caches=routing.weigh_caches,
+            conversations=routing.conversations,
         )
         # Evictions weigh the prompt caches the affinity knows sessions by.
         self.predictor.caches = self.affinity.eviction_cost

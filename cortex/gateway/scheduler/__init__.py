@@ -72,6 +72,7 @@ from cortex.gateway.scheduler.follow_ups import (
     FollowUp,
     FollowUps,
     FollowUpStatistics,
+    least_shared,
 )
 from cortex.gateway.scheduler.observations import (
     ALPHA,
@@ -162,6 +163,7 @@ __all__ = [
     "Ticket",
     "WaitQueue",
     "decide",
+    "least_shared",
     "make_policy",
     "no_candidate",
     "options",

@@ -15,9 +15,12 @@ conversation on that replica. The next request of the conversation
 
 - the same session key (``Prompt.session``), when the answer's request had one;
 - else the prompt that holds the most of the answer's prompt blocks, at
-  least ``MATCH_SHARE`` of them (the rest may follow the messages in the
-  body, as a chat body's ``tools`` do, and change with each turn); sessions
-  of one kind share their system prompt, but not that much of it;
+  least those inside its messages (``Prompt.repeated``; where they are not
+  known, ``MATCH_SHARE`` of them: ``least_shared``): the rest follow the
+  messages in the body, as a chat body's ``tools`` do, and may change with
+  each turn. Sessions of one kind share their system prompt, but their
+  messages differ after it. ``Affinity`` finds a keyless turn's
+  conversation by the same rule;
 - an answer whose prompt the router did not see, or too short to index,
   is answered by the next request for its model.
 
@@ -39,6 +42,7 @@ calls ``arrived`` and ``expire`` itself.
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -53,6 +57,18 @@ if TYPE_CHECKING:
 #: A prompt without the answer's session key answers it when it holds at
 #: least this share of the answer's prompt blocks.
 MATCH_SHARE = 0.75
+
+
+def least_shared(blocks: int) -> int:
+    """Leading blocks a prompt shares with an earlier one ``blocks`` long to continue it.
+
+    ``MATCH_SHARE`` of them, rounded up: the rule that matches a follow-up
+    to its answer here and a keyless turn to its conversation in
+    ``Affinity``.
+    """
+    return math.ceil(MATCH_SHARE * blocks)
+
+
 #: Follow-ups expected at once, the oldest dropped (as expired) beyond.
 MAX_FOLLOW_UPS = 16384
 #: The ``result`` labels of ``cortex_follow_ups_total``: the follow-up came
@@ -74,6 +90,8 @@ class FollowUp:
     blocks: tuple[bytes, ...] = ()
     #: Bytes of that prompt (0: not seen).
     size: int = 0
+    #: Of ``blocks``, those its follow-up repeats (``Prompt.repeated``).
+    repeated: int = 0
 
     @property
     def anonymous(self) -> bool:
@@ -128,7 +146,15 @@ class FollowUps:
         if prompt is None:
             found = FollowUp(neuron, model_id, now)
         else:
-            found = FollowUp(neuron, model_id, now, prompt.session, prompt.blocks, prompt.size)
+            found = FollowUp(
+                neuron,
+                model_id,
+                now,
+                prompt.session,
+                prompt.blocks,
+                prompt.size,
+                prompt.repeated if prompt.blocks else 0,
+            )
         self._expected.setdefault(model_id, []).append(found)
         if sum(len(v) for v in self._expected.values()) > MAX_FOLLOW_UPS:
             oldest = min(self._expected, key=lambda m: self._expected[m][0].since)
@@ -145,17 +171,13 @@ class FollowUps:
         window = self.window()
         return any(f.neuron == neuron and now - f.since < window for f in expected)
 
-    def sizes(self, neuron: str, model_id: str, now: float) -> list[tuple[str | None, int]]:
-        """(session key, prompt bytes) of each follow-up expected there at ``now``."""
+    def expected(self, neuron: str, model_id: str, now: float) -> list[FollowUp]:
+        """The follow-ups expected there at ``now`` whose prompts were seen."""
         expected = self._expected.get(model_id)
         if not expected:
             return []
         window = self.window()
-        return [
-            (f.session, f.size)
-            for f in expected
-            if f.neuron == neuron and now - f.since < window and f.size
-        ]
+        return [f for f in expected if f.neuron == neuron and now - f.since < window and f.size]
 
     def arrived(
         self,
@@ -219,7 +241,7 @@ class FollowUps:
             for at, f in enumerate(expected):
                 if f.session is None and f.blocks:
                     shared = _shared(f.blocks, prompt.blocks)
-                    if shared > most and shared >= MATCH_SHARE * len(f.blocks):
+                    if shared > most and shared >= f.repeated:
                         best, most = at, shared
             if best is not None:
                 return best

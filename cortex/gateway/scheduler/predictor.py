@@ -9,7 +9,7 @@ from typing import Literal
 import attrs
 
 from cortex.gateway.evictor import Plan
-from cortex.gateway.scheduler.follow_ups import FollowUps
+from cortex.gateway.scheduler.follow_ups import FollowUp, FollowUps
 from cortex.gateway.scheduler.observations import (
     GUARD_FACTOR,
     REPLICA_PENALTY,
@@ -31,7 +31,7 @@ Kind = Literal["loaded", "loading", "cold", "evict"]
 #: neuron throws away (its prompt cache for sessions still going on), given
 #: the (session key, prompt bytes) of the follow-ups expected there, whose
 #: prompts count in full.
-CacheCost = Callable[[NeuronState, str, Sequence[tuple[str | None, int]]], float]
+CacheCost = Callable[[NeuronState, str, Sequence[FollowUp]], float]
 
 
 def slots_of(neuron: NeuronState, model_id: str) -> int:
@@ -182,9 +182,9 @@ class Predictor:
         """
         if self.caches is None:
             return 0.0
-        expected = []
+        expected: list[FollowUp] = []
         if self.follow_ups is not None and now is not None:
-            expected = self.follow_ups.sizes(neuron.name, victim, now)
+            expected = self.follow_ups.expected(neuron.name, victim, now)
         return self.caches(neuron, victim, expected)
 
     def penalty(self, neuron: NeuronState, victim: str, now: float) -> float:
