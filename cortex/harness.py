@@ -166,6 +166,16 @@ class Token:
 BLOCK_TOKENS = 256
 
 
+def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """The number of leading items ``a`` and ``b`` share (tokens, block hashes)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def prefix_hashes(tokens: Sequence[int], *, block: int = BLOCK_TOKENS) -> list[str]:
     """Chained hashes of the whole ``block``-token blocks at the start of ``tokens``.
 

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from cortex.gateway.scheduler.observations import Observations
+from cortex.harness import common_prefix
 
 if TYPE_CHECKING:
     # affinity imports this package: a runtime import would be a cycle.
@@ -106,16 +107,6 @@ class FollowUpStatistics:
     evicted: int
     late: int
     expired: int
-
-
-def _shared(a: tuple[bytes, ...], b: tuple[bytes, ...]) -> int:
-    """Leading blocks ``a`` and ``b`` have in common."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @attrs.define(eq=False)
@@ -240,7 +231,7 @@ class FollowUps:
             best, most = None, 0
             for at, f in enumerate(expected):
                 if f.session is None and f.blocks:
-                    shared = _shared(f.blocks, prompt.blocks)
+                    shared = common_prefix(f.blocks, prompt.blocks)
                     if shared > most and shared >= f.repeated:
                         best, most = at, shared
             if best is not None:

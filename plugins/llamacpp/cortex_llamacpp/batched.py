@@ -82,7 +82,14 @@ import llama_cpp
 import numpy as np
 
 from cortex.errors import HarnessError, InvalidRequest
-from cortex.harness import BLOCK_TOKENS, PromptCacheStatistics, Sampling, Token, prefix_hashes
+from cortex.harness import (
+    BLOCK_TOKENS,
+    PromptCacheStatistics,
+    Sampling,
+    Token,
+    common_prefix,
+    prefix_hashes,
+)
 
 from .hostcache import MIN_TOKENS, HostCache, SavedState
 
@@ -171,16 +178,6 @@ class _Slot:
     sequence: _Sequence | None = None
     #: The decode step at which it was last seated or released (LRU order).
     used_at: int = 0
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """The number of leading tokens ``a`` and ``b`` share."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class BatchedDecoder:

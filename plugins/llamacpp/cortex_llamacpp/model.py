@@ -39,10 +39,11 @@ from cortex.harness import (
     PromptCacheStatistics,
     Sampling,
     Token,
+    common_prefix,
 )
 from cortex.toolcalls import MARKUP, detect_family
 
-from .batched import BatchedDecoder, common_prefix
+from .batched import BatchedDecoder
 from .grammar import grammar_for
 from .options import (
     CTX_STEP,
