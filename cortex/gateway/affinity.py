@@ -297,14 +297,20 @@ class Affinity:
                 held[name] = max(held.get(name, 0), min(size, prompt.size))
         return held
 
-    def remembered(self, model_id: str, prompt: Prompt) -> set[str]:
-        """The replicas the request has affinity to: its session's, else the longest prefix's."""
+    def remembered(
+        self, model_id: str, prompt: Prompt, held: dict[str, int] | None = None
+    ) -> set[str]:
+        """The replicas the request has affinity to: its session's, else the longest prefix's.
+
+        ``held``: ``cached(model_id, prompt)``, where the caller has it already.
+        """
         session = self._session_of(model_id, prompt)
         if session is not None:
             found = self._sessions.get((model_id, session))
             if found is not None:
                 return {found[0]}
-        held = self.cached(model_id, prompt)
+        if held is None:
+            held = self.cached(model_id, prompt)
         best = max(held.values(), default=0)
         return {name for name, size in held.items() if size == best and best > 0}
 
@@ -402,9 +408,10 @@ class Affinity:
         """``prompt`` goes to ``neuron``: count kept / broken / new, and remember it."""
         if prompt is None:
             return
-        remembered = self.remembered(model_id, prompt)
+        cached = self.cached(model_id, prompt)
+        remembered = self.remembered(model_id, prompt, cached)
         result = "new" if not remembered else "kept" if neuron in remembered else "broken"
-        held = self.cached(model_id, prompt).get(neuron, 0)
+        held = cached.get(neuron, 0)
         self._pending.setdefault((neuron, model_id), []).append(
             (prompt, max(prompt.size - held, 0) / BYTES_PER_TOKEN)
         )

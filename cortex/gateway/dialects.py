@@ -208,6 +208,7 @@ def calls_tool_in_tail(tail: Iterable[bytes]) -> bool:
 
 
 def calls_tool_in_body(body: bytes) -> bool:
+    """Whether a whole chat or Responses answer calls a tool (``calls_tool``)."""
     if b"tool_calls" not in body and b"function_call" not in body:
         return False
     try:

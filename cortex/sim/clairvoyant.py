@@ -44,19 +44,17 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import math
 import statistics
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import attrs
 
-from cortex.config import GatewayConfig
 from cortex.gateway.evictor import VictimKey
-from cortex.gateway.scheduler.policies import PredictivePolicy
-from cortex.gateway.scheduler.predictor import Decision, Option, Predictor
-from cortex.gateway.scheduler.queue import WaitQueue
-from cortex.gateway.scheduler.thrash import ThrashLog
-from cortex.gateway.state import FleetState, NeuronState
+from cortex.gateway.scheduler.policies import PolicyFactory, PredictivePolicy
+from cortex.gateway.scheduler.predictor import Decision, Option
+from cortex.gateway.state import NeuronState
 
 Knows = Literal["next", "continuation"]
 
@@ -166,23 +164,6 @@ class ClairvoyantPolicy(PredictivePolicy):
         return Decision(None, recheck=min(1.0, limit - waited - quickest), hold=True)
 
 
-def factory(sends: Sends) -> Any:
+def factory(sends: Sends) -> PolicyFactory:
     """A ``Router`` policy factory that builds the clairvoyant policy over ``sends``."""
-
-    def make(
-        config: GatewayConfig,
-        state: FleetState,
-        predictor: Predictor,
-        queue: WaitQueue,
-        thrash: ThrashLog,
-    ) -> ClairvoyantPolicy:
-        return ClairvoyantPolicy(
-            config=config,
-            state=state,
-            predictor=predictor,
-            queue=queue,
-            thrash=thrash,
-            sends=sends,
-        )
-
-    return make
+    return functools.partial(ClairvoyantPolicy, sends=sends)
