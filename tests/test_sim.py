@@ -24,7 +24,7 @@ from cortex.gateway.state import NeuronState
 from cortex.harness import prefix_hashes
 from cortex.sim import bound, cache
 from cortex.sim.__main__ import main
-from cortex.sim.clairvoyant import Sends
+from cortex.sim.clairvoyant import CLAIRVOYANT, HORIZON, Sends
 from cortex.sim.fleet import FleetFile, SimModelSpec, SimNeuronSpec
 from cortex.sim.neuron import Decoder, SimNeuron, batch_speedup
 from cortex.sim.replay import (
@@ -491,8 +491,10 @@ def test_command_line(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 
 
 def test_what_the_clairvoyant_references_know_of_the_sends_to_come() -> None:
-    exact = Sends.of("next", [0.0, 4.0, 8.0])
+    # Three turns in two sessions: one answer in three is followed by another.
+    exact = Sends.of(CLAIRVOYANT["clairvoyant"], [0.0, 4.0, 8.0, 0.0], 2)
     assert exact.think == 6.0  # the mean of later turns' think times
+    assert exact.going_on == 0.5
     exact.start("a", 10.0)
     exact.start("a", 50.0)
     assert exact.next_send("a", 0.0) == 10.0 and exact.next_send("b", 0.0) == math.inf
@@ -500,14 +502,46 @@ def test_what_the_clairvoyant_references_know_of_the_sends_to_come() -> None:
     # Session 1 answered at 12 s, thinks 3 s: its next turn comes at 15 s.
     exact.answered(1, "a", 12.0, 3.0)
     assert exact.next_send("a", 12.0) == 15.0
+    assert exact.chance("a", 12.0) == 1.0 and exact.chance("b", 12.0) == 0.0
     # Late (its think time is over): it comes now.
     assert exact.next_send("a", 16.0) == 16.0
     exact.sending(1, "a", 16.0)
     assert exact.next_send("a", 16.0) == 50.0
+    assert exact.chance("a", 16.0) == 0.0  # 34 s away: beyond the horizon
+    # The last answer of a session: nothing more of it.
+    exact.answered(1, "a", 17.0, None)
+    assert exact.next_send("a", 17.0) == 50.0
     # Knowing only that the session goes on: the mean think time after its answer.
-    guess = Sends.of("continuation", [0.0, 4.0, 8.0])
+    guess = Sends.of(CLAIRVOYANT["clairvoyant-continuation"], [0.0, 4.0, 8.0], 1)
     guess.answered(1, "b", 12.0, 3.0)
     assert guess.next_send("b", 12.0) == 18.0
+    # Knowing think times but not starts: sessions to come are not counted.
+    thinks = Sends.of(CLAIRVOYANT["clairvoyant-thinks"], [0.0, 4.0, 8.0], 1)
+    thinks.start("a", 10.0)
+    assert thinks.next_send("a", 0.0) == math.inf and thinks.chance("a", 9.0) == 0.0
+
+
+def test_what_a_gateway_knows_is_a_chance_that_fades_as_a_session_stays_quiet() -> None:
+    # Sessions of 4 turns on average (3 answers in 4 are followed by
+    # another), 20 s between them: the generator's shape.
+    blind = Sends.of(CLAIRVOYANT["clairvoyant-none"], [0.0, 20.0, 20.0, 20.0], 1)
+    assert blind.going_on == 0.75
+    assert blind.chance("a", 0.0) == 0.0  # no session under way
+    blind.answered(1, "a", 100.0, 5.0)  # its think time is not known
+    assert blind.next_send("a", 100.0) == math.inf
+    within = 1 - math.exp(-HORIZON / 20)
+    assert blind.chance("a", 100.0) == pytest.approx(0.75 * within)
+    # Quiet for 40 s: the posterior that it goes on is q e^-2 / (q e^-2 + 1 - q).
+    decay = 0.75 * math.exp(-2)
+    assert blind.chance("a", 140.0) == pytest.approx(within * decay / (decay + 0.25))
+    # A second session of it: either may send.
+    blind.answered(2, "a", 140.0, None)  # whether it was the last is not known
+    one = within * decay / (decay + 0.25)
+    assert blind.chance("a", 140.0) == pytest.approx(1 - (1 - one) * (1 - 0.75 * within))
+    # A send clears it.
+    blind.sending(1, "a", 141.0)
+    blind.sending(2, "a", 141.0)
+    assert blind.chance("a", 141.0) == 0.0
 
 
 FOUR = """
@@ -554,11 +588,18 @@ def test_a_clairvoyant_router_evicts_the_model_nobody_asks_for_again(
     fixed = replay(fleet, trace, "fixed")
     seer = replay(fleet, trace, "clairvoyant")
     guess = replay(fleet, trace, "clairvoyant-continuation")
+    blind = replay(fleet, trace, "clairvoyant-none")
     # LRU unloads a for c and loads it again for its next turn; knowing the
     # sends to come, b goes, and a's turns find it loaded.
     assert fixed.cold_loads == 4
     assert seer.cold_loads == guess.cold_loads == 3
-    for result in (seer, guess):
+    # Knowing nothing, a and b are alike when c comes: c is held until a's
+    # next turn shows that a's session goes on; then b goes.
+    assert blind.cold_loads == 3
+    held = next(o.ttft for o in blind.outcomes if o.request.model == "c")
+    quick = next(o.ttft for o in seer.outcomes if o.request.model == "c")
+    assert held is not None and quick is not None and held > quick + 2.0
+    for result in (seer, guess, blind):
         assert result.unserved == 0
         later = [o.ttft for o in result.outcomes if o.request.model == "a"][1:]
         assert later == [pytest.approx(0.1)] * 2  # the prompt alone, no load

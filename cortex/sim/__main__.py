@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         choices=(*POLICIES, *CLAIRVOYANT),
         help="a routing policy to replay (repeat for several; default: the gateway's three), "
-        "or a reference that knows the future sends (clairvoyant, clairvoyant-continuation: "
+        "or a reference that knows some of the future sends (clairvoyant, clairvoyant-thinks, "
+        "clairvoyant-continuation; clairvoyant-none knows what a gateway knows: "
         "cortex.sim.clairvoyant)",
     )
     parser.add_argument(

@@ -342,9 +342,14 @@ class _Clients:
             if self.sends is not None:
                 self.sends.sending(key, outcome.request.model, trio.current_time())
             await self.send(outcome)
-            if self.sends is not None and n + 1 < len(outcomes):
-                following = outcomes[n + 1].request
-                self.sends.answered(key, following.model, trio.current_time(), following.think)
+            if self.sends is not None:
+                following = outcomes[n + 1].request if n + 1 < len(outcomes) else None
+                self.sends.answered(
+                    key,
+                    outcome.request.model if following is None else following.model,
+                    trio.current_time(),
+                    None if following is None else following.think,
+                )
 
 
 async def _sample(
@@ -404,7 +409,9 @@ async def run_replay(
     knows = CLAIRVOYANT.get(policy)
     if knows is not None and loop != "closed":
         raise ValueError(f"{policy} needs a closed-loop replay: it knows when sessions send")
-    sends = Sends.of(knows, [r.think for r in trace]) if knows is not None else None
+    outcomes = [Outcome(r) for r in trace]
+    groups = sessions(outcomes) if loop == "closed" else [[o] for o in outcomes]
+    sends = Sends.of(knows, [r.think for r in trace], len(groups)) if knows is not None else None
     config = fleet.gateway_config("predictive" if knows else policy, **(routing or {}))
     max_wait = config.routing.max_wait
     state = FleetState.build(
@@ -423,7 +430,6 @@ async def run_replay(
         metrics=metrics,
         policy_factory=factory(sends) if sends is not None else make_policy,
     )
-    outcomes = [Outcome(r) for r in trace]
     samples: list[Sample] = []
     clients = _Clients(router, sims, max_wait, retries, trio.current_time(), sends=sends)
     over = trio.Event()
@@ -436,7 +442,6 @@ async def run_replay(
         await state.wait_polled()
         clients.start = trio.current_time()
         background.start_soon(partial(_sample, clients, samples, sample_every, until=over))
-        groups = sessions(outcomes) if loop == "closed" else [[o] for o in outcomes]
         if sends is not None:
             for group in groups:
                 sends.start(group[0].request.model, clients.start + group[0].request.t)
