@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import trio
 
 from cortex.config import CatalogModel, ModelsFile
@@ -45,7 +46,8 @@ def test_place_honours_min_devices_and_min_device_vram() -> None:
 
 
 def _gpu_state(models: list[ModelStatus], vram: list[int], used: list[int]) -> FleetState:
-    state = FleetState.build([], ModelsFile())
+    # In the catalogue: only what the gateway could load back is evicted.
+    state = FleetState.build([], ModelsFile(models=[CatalogModel(id=m.id) for m in models]))
     from cortex.gateway.state import NeuronState
 
     neuron = NeuronState(name="g", endpoint="http://x", up=True)
@@ -212,3 +214,21 @@ async def test_gpu_neuron_gets_devices_in_the_load() -> None:
         async with running_fleet([a], models) as fleet:
             await _use(fleet, "m/gpu")
             assert a.load_calls[0]["devices"] == [1]
+
+
+@pytest.mark.parametrize("policy", ["predictive", "fixed"])
+async def test_a_model_the_gateway_could_not_load_back_is_never_evicted(policy: str) -> None:
+    # "keepme" came with the neuron's start (or another gateway): it is not in
+    # this catalogue, so evicting it would lose it for good.
+    a = FakeNeuron("a", memory_mb=1000, preload=["keepme"], sizes={"keepme": 700, "m/a": 400})
+    with trio.fail_after(10):
+        async with running_fleet([a], _models(), routing={"policy": policy}) as fleet:
+            response = await fleet.chat("m/a")
+            # As if it were pinned: no room, and waiting cannot make any.
+            assert response.status_code == 503, response.text
+            assert "pinned or busy" in response.json()["error"]["message"]
+            assert a.unload_calls == [] and a.load_calls == []
+            await _use(fleet, "keepme")
+            view = (await fleet.client.get("/fleet")).json()
+            (keepme,) = [m for m in view["models"] if m["id"] == "keepme"]
+            assert keepme["in_catalogue"] is False and keepme["pinned_on"] == ["a"]

@@ -2,9 +2,11 @@
 
 Pure planning over ``FleetState``; the loader carries the plan out
 (``cortex.gateway.loader``: its load task unloads the victims, then
-loads). A model is a candidate only when it is loaded, not pinned on that
-neuron, has nothing in flight or queued (this gateway's count and the
-neuron's), and is not already being evicted.
+loads). A model is a candidate only when it is loaded, in this gateway's
+catalogue (one it could not load back, such as a model a neuron loaded at
+its start, is as good as pinned), not pinned on that neuron, has nothing in
+flight or queued (this gateway's count and the neuron's), and is not
+already being evicted.
 The routing policy may spare more (the thrash guard) and order the
 candidates its own way (``key``); the default order is the ``strategy``'s.
 """
@@ -61,7 +63,8 @@ def candidates(
             or model_id in neuron.evicting
             or model_id in pending
             or neuron.busy(model_id)
-            or (entry is not None and neuron.name in entry.pinned_on)
+            or entry is None
+            or neuron.name in entry.pinned_on
             or (spare is not None and spare(model_id))
         ):
             continue
@@ -119,7 +122,7 @@ def plan(
 
 
 def fits_later(state: FleetState, neuron: NeuronState, model: CatalogModel) -> bool:
-    """Whether ``model`` would fit on ``neuron`` once every unpinned model there is gone.
+    """Whether ``model`` would fit on ``neuron`` once every evictable model there is gone.
 
     True means waiting can help: what blocks the load now (requests in
     flight, loads under way, the thrash guard) ends by itself.
@@ -131,7 +134,7 @@ def fits_later(state: FleetState, neuron: NeuronState, model: CatalogModel) -> b
     gpu = neuron.is_gpu
     for model_id, status in neuron.models.items():
         entry = state.catalogue.models.get(model_id)
-        if entry is not None and neuron.name in entry.pinned_on:
+        if entry is None or neuron.name in entry.pinned_on:
             _add(free, model_memory(status, gpu), sign=-1)
     return place(model, free) is not None
 

@@ -2,7 +2,8 @@
 
 One JSON document: neurons (up/down, devices with memory and utilisation,
 host memory budget, work in flight), models (where loaded or loading, pinned
-where, in flight, last used) and aliases. Built from the pollers' state and
+where (a model outside the catalogue: wherever it is, since it is never
+evicted), in flight, last used) and aliases. Built from the pollers' state and
 the gateway's own counts; no neuron is asked anything.
 """
 
@@ -105,7 +106,11 @@ def fleet_view(state: FleetState) -> dict[str, Any]:
             {
                 "id": model_id,
                 "in_catalogue": entry is not None,
-                "pinned_on": list(entry.pinned_on) if entry else [],
+                # One this gateway could not load back is never evicted: as
+                # good as pinned wherever it is.
+                "pinned_on": list(entry.pinned_on)
+                if entry
+                else [loc["neuron"] for loc in locations],
                 "priority": entry.priority if entry else 0,
                 "vram_mb": entry.vram_mb if entry else None,
                 "locations": locations,
