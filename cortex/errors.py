@@ -25,6 +25,7 @@ and ``cortex.wire.envelope`` makes the whole answer, for both roles.
     └── HarnessError              an engine could not do what was asked
         ├── NoHarness             503: the engine a load names is not installed here
         ├── ModelLoadError        500: a load failed (no memory, the engine failed)
+        │   ├── InsufficientMemory      503: not enough free memory for it now (needs N MiB)
         │   ├── InvalidModelFile        422: the file is damaged (truncated, bad header)
         │   ├── UnsupportedModelFormat  422: no installed engine reads files of its kind
         │   └── InvalidModelOptions     400: an engine option or chat_format it does not take
@@ -41,6 +42,8 @@ A model file is the caller's: a damaged or foreign one is a 4xx with a
 """
 
 from __future__ import annotations
+
+import re
 
 
 class CortexError(Exception):
@@ -159,6 +162,30 @@ class NoHarness(HarnessError):
 
 class ModelLoadError(HarnessError):
     status = 500
+
+
+class InsufficientMemory(ModelLoadError):
+    """Not enough memory is free for the model now; it may fit once others are unloaded.
+
+    The message says ``needs at least N MiB`` (``need_mb``): a gateway plans
+    its evictions with that figure and tries again.
+    """
+
+    status = 503
+    kind = "service_unavailable"
+    code = "insufficient_memory"
+
+    def __init__(self, message: str, *, need_mb: int | None = None) -> None:
+        super().__init__(message)
+        if need_mb is None:
+            # Back from an answer: the figure is in the message, where the neuron put it.
+            found = _NEEDS.search(message)
+            need_mb = int(found.group(1)) if found else None
+        #: MiB the model needs at least; None: not said.
+        self.need_mb = need_mb
+
+
+_NEEDS = re.compile(r"needs at least (\d+) MiB")
 
 
 class InvalidModelFile(ModelLoadError):

@@ -276,7 +276,10 @@ KEY_NOTES = {
     ("CatalogModel", "source"): "What the neuron loads (as in neuron.toml); default: the id.",
     ("CatalogModel", "harness"): "The engine; default: the first that can read the file.",
     ("CatalogModel", "quant"): "Informational: the quantisation of the file.",
-    ("CatalogModel", "vram_mb"): "Memory the loaded model takes, in MiB; placement plans with it.",
+    ("CatalogModel", "vram_mb"): (
+        "Memory the loaded model takes, in MiB; placement plans with it. "
+        "0: what a neuron reported for it; at least what a neuron's refusal said it needs."
+    ),
     ("CatalogModel", "min_devices"): "Devices to split the model over, at least.",
     ("CatalogModel", "min_device_vram_mb"): "VRAM each device used must have, in MiB.",
     ("CatalogModel", "priority"): "Lower priorities are evicted first (strategy priority).",

@@ -25,7 +25,8 @@ from cortex.config import (
     ModelsFile,
     NeuronEndpoint,
 )
-from cortex.gateway.app import run_gateway
+from cortex.gateway.app import GatewayHandle, run_gateway
+from cortex.testing import FakeEngine
 
 pytest.importorskip("cortex_llamacpp")
 
@@ -236,3 +237,62 @@ async def test_a_neuron_that_dies_is_marked_down_and_its_models_served_elsewhere
                         assert worker.statistics().tokens_generated == 8
                 finally:
                     shutdown.set()
+
+
+@asynccontextmanager
+async def gateway_over(
+    models: ModelsFile, **neurons: str
+) -> AsyncIterator[tuple[GatewayHandle, httpx.AsyncClient]]:
+    """A gateway on port 0 over ``neurons`` (name -> URL), and a client of it."""
+    config = GatewayConfig(
+        gateway=GatewaySection(
+            listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", grace_period=1.0
+        ),
+        neurons=[NeuronEndpoint(name, url) for name, url in neurons.items()],
+    )
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        gw = await nursery.start(partial(run_gateway, config, models, shutdown=shutdown))
+        try:
+            async with httpx.AsyncClient(base_url=gw.api_url, timeout=30) as http:
+                await gw.state.wait_polled()
+                yield gw, http
+        finally:
+            shutdown.set()
+
+
+def chat(model: str) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+async def test_a_model_without_vram_mb_gets_room_once_the_neuron_says_what_it_needs(
+    tmp_path: Path,
+) -> None:
+    """No ``vram_mb``: planned at 0 MiB, no eviction; the neuron refuses with what it needs.
+
+    The gateway learns that figure and plans again: it evicts the idle model
+    that holds the memory and loads, and the request succeeds.
+    """
+    idle = tmp_path / "idle.fake"
+    idle.write_text("fake")
+    big = tmp_path / "big.fake"
+    big.write_bytes(b"\0" * (3 * 1024 * 1024))
+    models = ModelsFile(
+        models=[
+            CatalogModel(id="idle", source=str(idle), vram_mb=1),
+            CatalogModel(id="novram", source=str(big)),
+        ]
+    )
+    with trio.fail_after(30):
+        # The fake engine's models take 1 MiB: "idle" leaves 2 of the 3 free.
+        async with (
+            running_neuron(plugins=[FakeEngine()], memory_budget_mb=3) as neuron,
+            gateway_over(models, a=neuron.url) as (gw, http),
+        ):
+            reply = await http.post("/v1/chat/completions", json=chat("idle"))
+            assert reply.status_code == 200, reply.text
+            reply = await http.post("/v1/chat/completions", json=chat("novram"))
+            assert reply.status_code == 200, reply.text
+            assert set(neuron.neuron.manager.slots) == {"novram"}
+            entry = gw.state.entry("novram")
+            assert entry is not None and entry.vram_mb == 3

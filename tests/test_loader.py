@@ -11,7 +11,11 @@ import trio.lowlevel
 import trio.testing
 
 from cortex.config import CatalogModel, GatewayConfig, ModelsFile, RoutingSection
-from cortex.errors import RequestError, UpstreamError
+from cortex.errors import (
+    InsufficientMemory,
+    RequestError,
+    UpstreamError,
+)
 from cortex.fleet import ModelStatus
 from cortex.gateway import scheduler
 from cortex.gateway.metrics import GatewayMetrics
@@ -111,6 +115,40 @@ async def test_a_failed_load_ends_with_its_error(refused: Exception, kind: type)
     assert type(load.error) is kind
     assert load.error.message == f"loading 'm' on a failed: {reason}"
     assert r.state.pending == {} and "m" not in a.models
+
+
+@pytest.mark.parametrize(("need_mb", "replan"), [(9 * GIB, True), (8 * GIB, False)])
+async def test_a_load_refused_for_want_of_memory_is_planned_again_if_it_needs_more(
+    need_mb: int, replan: bool
+) -> None:
+    refused = InsufficientMemory(f"not enough memory for 'm': needs at least {need_mb} MiB")
+    a = gpu("a", 16 * GIB, ("old", 12 * GIB, 3000))
+    r = router(Link(refuse=refused), a)
+    load = await carry_out(r)
+    assert isinstance(load.error, InsufficientMemory) and load.replan is replan
+    # More than the catalogue's 8 GiB: planned with what the neuron said from now on.
+    entry = r.state.entry("m")
+    assert entry is not None and entry.vram_mb == max(need_mb, M.vram_mb)
+
+
+def test_a_model_without_vram_mb_is_planned_with_what_neurons_reported() -> None:
+    bare = CatalogModel(id="bare", source="demo:gemma3")
+    state = FleetState.build([], ModelsFile(models=[bare]), clock=lambda: NOW)
+    state.neurons["a"] = gpu("a", 16 * GIB, ("bare", 900, 5))
+    state.neurons["b"] = gpu("b", 16 * GIB, ("bare", 700, 5))
+    assert state.sized(bare).vram_mb == 700  # the least reported
+    state.neurons["a"].models.clear()
+    state.neurons["b"].models.clear()
+    assert state.sized(bare).vram_mb == 0  # nothing known yet
+    state.reported(bare, 650)
+    assert state.sized(bare).vram_mb == 650  # remembered once unloaded
+    assert state.refused(bare, 800) and state.sized(bare).vram_mb == 800
+    assert not state.refused(bare, 500) and state.sized(bare).vram_mb == 800
+    # Another source under the same id is another model: nothing learned of it.
+    assert state.sized(attrs.evolve(bare, source="demo")).vram_mb == 0
+    # A vram_mb too low is raised to what a refusal said, never lowered.
+    low, high = attrs.evolve(bare, vram_mb=100), attrs.evolve(bare, vram_mb=2000)
+    assert state.sized(low).vram_mb == 800 and state.sized(high) is high
 
 
 async def test_a_load_needs_the_loader_running() -> None:

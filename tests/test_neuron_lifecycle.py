@@ -17,6 +17,8 @@ import httpx
 import pytest
 import trio
 
+from cortex.errors import InsufficientMemory
+from cortex.gateway.upstream import error_from_response
 from cortex.harness import plugin_manager
 from cortex.neuron.models import LoadRequest, ModelManager
 from cortex.testing import FakeEngine
@@ -323,3 +325,25 @@ async def test_a_load_reads_shared_state_in_the_trio_thread(
             await manager.load(LoadRequest(model_id="m", source=fake_model(tmp_path)))
             await manager.unload_all()
     assert threads and all(threads)
+
+
+async def test_a_load_refused_for_want_of_memory_says_how_much_it_needs(tmp_path: Path) -> None:
+    big = tmp_path / "big.fake"
+    big.write_bytes(b"\0" * (3 * 1024 * 1024))
+    async with running_neuron(
+        [("small", fake_model(tmp_path))], plugins=[FakeEngine()], memory_budget_mb=3
+    ) as handle:
+        async with httpx.AsyncClient(base_url=handle.url, timeout=30) as http:
+            with trio.fail_after(10):
+                refused = await http.post(
+                    "/models/load", json={"model_id": "big", "source": str(big)}
+                )
+    # Not a 500: the neuron is fine, others hold the room (the fake takes 1 MiB).
+    assert refused.status_code == 503, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "insufficient_memory"
+    assert error["type"] == "service_unavailable"
+    assert "needs at least 3 MiB, 2 MiB of the 3 MiB budget is free" in error["message"]
+    # What a gateway reads back: the MiB needed.
+    back = error_from_response(refused.status_code, refused.content, refused.headers)
+    assert isinstance(back, InsufficientMemory) and back.need_mb == 3

@@ -24,7 +24,14 @@ import attrs
 import trio
 
 from cortex.config import CatalogModel, GatewayConfig
-from cortex.errors import CortexError, ModelNotFound, NeuronUnreachable, RequestError, UpstreamError
+from cortex.errors import (
+    CortexError,
+    InsufficientMemory,
+    ModelNotFound,
+    NeuronUnreachable,
+    RequestError,
+    UpstreamError,
+)
 from cortex.fleet import ModelStatus
 from cortex.gateway.affinity import Affinity
 from cortex.gateway.metrics import GatewayMetrics
@@ -89,7 +96,7 @@ class Loader:
             raise RuntimeError("start Loader.run first")
         route = decision.route
         assert route is not None and route.kind in ("loading", "cold", "evict"), route
-        entry = self.state.catalogue.models.get(model_id)
+        entry = self.state.entry(model_id)
         now = trio.current_time()
         if route.plan is None:
             load = PendingLoad(
@@ -131,6 +138,9 @@ class Loader:
         return body
 
     async def _unload(self, neuron: NeuronState, model_id: str) -> None:
+        status, entry = neuron.models.get(model_id), self.state.catalogue.models.get(model_id)
+        if status is not None and entry is not None:
+            self.state.reported(entry, status.memory_mb)
         try:
             await self.api.unload(neuron, model_id)
         except ModelNotFound:
@@ -157,6 +167,8 @@ class Loader:
                 log.info("loading %s on %s", load.model_id, neuron.name)
             load_start = trio.current_time()
             status = await self.api.load(neuron, self._load_body(load, entry))
+            if status is not None and status.status == LOADED and entry is not None:
+                self.state.reported(entry, status.memory_mb)
             if status is None or status.status != LOADED:
                 status = ModelStatus(
                     id=load.model_id,
@@ -185,13 +197,25 @@ class Loader:
         except CortexError as exc:
             if isinstance(exc, NeuronUnreachable):
                 neuron.mark_suspect(exc.message)
+            where = f"loading {load.model_id!r} on {neuron.name} failed"
+            if isinstance(exc, InsufficientMemory) and entry is not None and exc.need_mb:
+                # Planned with too small a size (no vram_mb, or too low a
+                # one): plan again with what the neuron says it needs,
+                # evicting for it, once its memory as it is now is known.
+                load.replan = self.state.refused(entry, exc.need_mb)
+                if load.replan:
+                    await self._refresh(neuron)
             # A load refused as a bad request (no such source, bad options)
             # is the catalogue's fault, not the client's: a 502 for them.
             if isinstance(exc, RequestError):
-                exc = UpstreamError(exc.message)
-            exc.message = f"loading {load.model_id!r} on {neuron.name} failed: {exc.message}"
+                exc = UpstreamError(f"{where}: {exc.message}")
+            else:
+                exc.message = f"{where}: {exc.message}"
             error = exc
-            log.warning("%s", exc.message)
+            if load.replan:
+                log.warning("%s; planning again with what it needs", exc.message)
+            else:
+                log.warning("%s", exc.message)
         except Exception as exc:
             error = UpstreamError(f"loading {load.model_id!r} on {neuron.name} failed: {exc}")
             log.exception("loading %s on %s failed", load.model_id, neuron.name)

@@ -256,7 +256,9 @@ class Router:
                             f"{self.config.routing.max_wait:g} s",
                             retry_after=self._retry_after(model_id),
                         )
-                    if load.error is not None:
+                    # Refused for want of memory the planning now knows of
+                    # (``replan``): decide again, evicting there if need be.
+                    if load.error is not None and not load.replan:
                         exclude.add(load.neuron)
                         # A neuron that could not be reached says nothing of
                         # the model: decide again as if it were not there.

@@ -57,6 +57,9 @@ class PendingLoad:
     done: trio.Event = attrs.field(factory=trio.Event)
     #: Why it failed, once ``done``; None: it succeeded (``FleetState.load_finished``).
     error: Exception | None = None
+    #: It failed for want of memory that planning now knows of: decide
+    #: again, this neuron included (``FleetState.refused``).
+    replan: bool = False
     #: Requests waiting on it now (what a request that joins it waits behind).
     waiters: int = 0
 
@@ -284,6 +287,10 @@ class FleetState:
     started_at: float = attrs.field(factory=time.time)
     #: Wall-clock seconds, the clock of ``last_used`` (the simulation's is virtual).
     clock: Callable[[], float] = time.time
+    #: What neurons said of models' memory, by (model id, source): the
+    #: least they reported loaded, and the most a refusal said it needs.
+    _reported_mb: dict[tuple[str, str], int] = attrs.field(factory=dict)
+    _needs_mb: dict[tuple[str, str], int] = attrs.field(factory=dict)
     _changed: trio.Event = attrs.field(factory=trio.Event)
 
     @classmethod
@@ -315,6 +322,50 @@ class FleetState:
         del self.pending[(load.neuron, load.model_id)]
         load.done.set()
         self.changed()
+
+    def sized(self, model: CatalogModel) -> CatalogModel:
+        """``model`` with the ``vram_mb`` to plan with: the catalogue's, or what was learned.
+
+        With no ``vram_mb`` (0), the least memory a neuron reported for it
+        loaded; and never less than a neuron's refusal said it needs (a
+        ``vram_mb`` set too low would otherwise never make room for it).
+        """
+        key = (model.id, model.source or model.id)
+        reported = [
+            status.memory_mb
+            for neuron in self.neurons.values()
+            if (status := neuron.models.get(model.id)) is not None
+            and status.status == LOADED
+            and status.memory_mb > 0
+        ]
+        if key in self._reported_mb:
+            reported.append(self._reported_mb[key])
+        vram_mb = model.vram_mb or min(reported, default=0)
+        vram_mb = max(vram_mb, self._needs_mb.get(key, 0))
+        return model if vram_mb == model.vram_mb else attrs.evolve(model, vram_mb=vram_mb)
+
+    def entry(self, model_id: str) -> CatalogModel | None:
+        """The catalogue's entry for ``model_id`` sized to plan with; None: not in it."""
+        model = self.catalogue.models.get(model_id)
+        return None if model is None else self.sized(model)
+
+    def reported(self, model: CatalogModel, memory_mb: int) -> None:
+        """A neuron reported ``model`` loaded in ``memory_mb``: an estimate for next time."""
+        if memory_mb > 0:
+            key = (model.id, model.source or model.id)
+            self._reported_mb[key] = min(memory_mb, self._reported_mb.get(key, memory_mb))
+
+    def refused(self, model: CatalogModel, need_mb: int) -> bool:
+        """A neuron refused ``model`` for want of memory: it needs ``need_mb``.
+
+        Returns whether that is more than it was planned with (a new plan
+        may now make room for it); False: planning with it again would not.
+        """
+        if need_mb <= self.sized(model).vram_mb:
+            return False
+        key = (model.id, model.source or model.id)
+        self._needs_mb[key] = need_mb
+        return True
 
     def model_missing(self, neuron: NeuronState, model_id: str) -> None:
         """``neuron`` said it does not have ``model_id``: route nothing there, poll it now."""

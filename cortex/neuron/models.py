@@ -25,6 +25,7 @@ import trio
 from cortex.config import NeuronModel
 from cortex.errors import (
     CortexError,
+    InsufficientMemory,
     InvalidRequest,
     ModelLoadError,
     ModelNotFound,
@@ -325,9 +326,12 @@ class ModelManager:
             budget = host_free_mb
             need = os.path.getsize(path) // (1024 * 1024)
             if need > budget:
-                raise ModelLoadError(
+                # Others hold the room: a distinct answer, so that a gateway
+                # can unload some of them and ask again.
+                raise InsufficientMemory(
                     f"not enough memory for {request.model_id!r}: needs at least {need} MiB, "
-                    f"{budget} MiB of the {self.memory_budget_mb} MiB budget is free"
+                    f"{budget} MiB of the {self.memory_budget_mb} MiB budget is free",
+                    need_mb=need,
                 )
         options = dict(request.options)
         options.setdefault("n_ctx_max", self._n_ctx_max)

@@ -89,7 +89,7 @@ def options(
         if neuron.status_of(model_id) == LOADING and (neuron.name, model_id) not in state.pending:
             predicted = predictor.loading(neuron, model_id, None, now)
             found.append(Option("loading", neuron, predicted))
-    entry = state.catalogue.models.get(model_id)
+    entry = state.entry(model_id)
     if entry is None or (ahead is not None and policy.settled(model_id, found, ahead)):
         return found
     strategy = policy.config.eviction.strategy
@@ -170,7 +170,7 @@ def decide(
     if decision.route is not None or decision.slot or decision.hold:
         return decision
     last_error = request.last_error
-    entry = state.catalogue.models.get(model_id)
+    entry = state.entry(model_id)
     if entry is None:
         if last_error is not None:
             raise last_error

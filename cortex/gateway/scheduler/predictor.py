@@ -109,7 +109,7 @@ class Predictor:
     follow_ups: FollowUps | None = None
 
     def size(self, model_id: str) -> int:
-        entry = self.state.catalogue.models.get(model_id)
+        entry = self.state.entry(model_id)
         if entry is not None and entry.vram_mb:
             return entry.vram_mb
         for neuron in self.state.neurons.values():
