@@ -19,6 +19,7 @@ and ``cortex.wire.envelope`` makes the whole answer, for both roles.
     │   └── QueueFull             429: the model's queue is full (Retry-After)
     ├── ServiceError              our side or a dependency (5xx)
     │   ├── Unavailable           503: known, but nobody can serve it now (Retry-After)
+    │   ├── InvalidCatalogueEntry 500: a load failed because its catalogue entry is wrong
     │   ├── UpstreamError         502: a neuron failed or answered badly
     │   │   └── NeuronUnreachable 502: no connection to it, or the connection dropped
     │   └── UpstreamTimeout       504: a neuron did not answer in time
@@ -130,6 +131,15 @@ class Unavailable(ServiceError):
     status = 503
     kind = "service_unavailable"
     retry_after = 5
+
+
+class InvalidCatalogueEntry(ServiceError):
+    """The gateway's catalogue entry for a model is wrong: a neuron refused to load it so.
+
+    The operator's fault, never the client's (who sent no options).
+    """
+
+    code = "invalid_catalogue_entry"
 
 
 class UpstreamError(ServiceError):

@@ -296,3 +296,34 @@ async def test_a_model_without_vram_mb_gets_room_once_the_neuron_says_what_it_ne
             assert set(neuron.neuron.manager.slots) == {"novram"}
             entry = gw.state.entry("novram")
             assert entry is not None and entry.vram_mb == 3
+
+
+async def test_a_catalogue_entry_the_neuron_refuses_is_the_operators_error(
+    tiny_model_path: Path,
+) -> None:
+    """A typo in the catalogue's ``options``: a 500 naming the entry, not a 400 on the client."""
+    models = ModelsFile(
+        models=[
+            CatalogModel(
+                id="badopt", source=str(tiny_model_path), vram_mb=50, options={"n_ctxx": 2048}
+            )
+        ]
+    )
+    with trio.fail_after(30):
+        async with (
+            running_neuron(memory_budget_mb=2000) as neuron,
+            gateway_over(models, a=neuron.url) as (_, http),
+        ):
+            reply = await http.post("/v1/chat/completions", json=chat("badopt"))
+            assert reply.status_code == 500, reply.text
+            error = reply.json()["error"]
+            assert error["type"] == "server_error" and error["param"] is None
+            assert error["code"] == "invalid_catalogue_entry"
+            assert error["message"].startswith("the catalogue entry for 'badopt' is invalid: ")
+            assert "n_ctxx" in error["message"]
+            reply = await http.post(
+                "/v1/messages",
+                json={"model": "badopt", "max_tokens": 4, "messages": chat("x")["messages"]},
+            )
+            assert reply.status_code == 500, reply.text
+            assert reply.json()["error"]["type"] == "api_error"

@@ -12,7 +12,11 @@ import trio.testing
 
 from cortex.config import CatalogModel, GatewayConfig, ModelsFile, RoutingSection
 from cortex.errors import (
+    CortexError,
     InsufficientMemory,
+    InvalidCatalogueEntry,
+    InvalidModelFile,
+    InvalidModelOptions,
     RequestError,
     UpstreamError,
 )
@@ -102,18 +106,30 @@ async def test_a_decided_eviction_then_load_is_carried_out_in_order() -> None:
     assert r.observations.load_s[("a", "m")].count == 1
 
 
+CATALOGUE_AT_FAULT = "the catalogue entry for 'm' is invalid: "
+
+
 @pytest.mark.parametrize(
-    ("refused", "kind"),
-    [(UpstreamError("disk full"), UpstreamError), (RequestError("no such file"), UpstreamError)],
+    ("refused", "kind", "prefix"),
+    [
+        (UpstreamError("disk full"), UpstreamError, ""),
+        # Refused as a bad request: the catalogue's entry is at fault, a 500
+        # that blames no client.
+        (RequestError("no such file"), InvalidCatalogueEntry, CATALOGUE_AT_FAULT),
+        (InvalidModelOptions("unknown option 'n_ctxx'"), InvalidCatalogueEntry, CATALOGUE_AT_FAULT),
+        (InvalidModelFile("truncated"), InvalidCatalogueEntry, CATALOGUE_AT_FAULT),
+    ],
 )
-async def test_a_failed_load_ends_with_its_error(refused: Exception, kind: type) -> None:
+async def test_a_failed_load_ends_with_its_error(
+    refused: CortexError, kind: type, prefix: str
+) -> None:
     reason = refused.message
     link = Link(refuse=refused)
     a = gpu("a", 16 * GIB, ("old", 12 * GIB, 3000))
     r = router(link, a)
     load = await carry_out(r)
-    assert type(load.error) is kind
-    assert load.error.message == f"loading 'm' on a failed: {reason}"
+    assert type(load.error) is kind and load.error.status >= 500 and not load.replan
+    assert load.error.message == f"{prefix}loading 'm' on a failed: {reason}"
     assert r.state.pending == {} and "m" not in a.models
 
 

@@ -27,9 +27,9 @@ from cortex.config import CatalogModel, GatewayConfig
 from cortex.errors import (
     CortexError,
     InsufficientMemory,
+    InvalidCatalogueEntry,
     ModelNotFound,
     NeuronUnreachable,
-    RequestError,
     UpstreamError,
 )
 from cortex.fleet import ModelStatus
@@ -205,10 +205,18 @@ class Loader:
                 load.replan = self.state.refused(entry, exc.need_mb)
                 if load.replan:
                     await self._refresh(neuron)
-            # A load refused as a bad request (no such source, bad options)
-            # is the catalogue's fault, not the client's: a 502 for them.
-            if isinstance(exc, RequestError):
-                exc = UpstreamError(f"{where}: {exc.message}")
+            if exc.status < 500:
+                # A load refused as a bad request (bad options, no such
+                # source, a file no engine reads) is the operator's
+                # catalogue at fault, never the client's.
+                exc = (
+                    InvalidCatalogueEntry(
+                        f"the catalogue entry for {load.model_id!r} is invalid: "
+                        f"{where}: {exc.message}"
+                    )
+                    if entry is not None
+                    else UpstreamError(f"{where}: {exc.message}")
+                )
             else:
                 exc.message = f"{where}: {exc.message}"
             error = exc
