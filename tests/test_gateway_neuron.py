@@ -327,3 +327,31 @@ async def test_a_catalogue_entry_the_neuron_refuses_is_the_operators_error(
             )
             assert reply.status_code == 500, reply.text
             assert reply.json()["error"]["type"] == "api_error"
+
+
+async def test_a_model_the_neuron_loaded_at_its_start_is_never_evicted(
+    tiny_model_path: Path,
+) -> None:
+    """Not in the gateway's catalogue: it could not be loaded back, so it stays, as if pinned."""
+    async with running_neuron([("keepme", str(tiny_model_path))], memory_budget_mb=2000) as neuron:
+        manager = neuron.neuron.manager
+        free = manager.memory_budget_mb - manager.memory_used_mb()
+        # Fits only where "keepme" is.
+        models = ModelsFile(
+            models=[
+                CatalogModel(
+                    id="other",
+                    source=str(tiny_model_path),
+                    vram_mb=free + 1,
+                    options={"n_ctx": 256},
+                )
+            ]
+        )
+        with trio.fail_after(30):
+            async with gateway_over(models, a=neuron.url) as (_, http):
+                reply = await http.post("/v1/chat/completions", json=chat("other"))
+                assert reply.status_code == 503, reply.text
+                assert "pinned or busy" in reply.json()["error"]["message"]
+                reply = await http.post("/v1/chat/completions", json=chat("keepme"))
+                assert reply.status_code == 200, reply.text
+                assert set(manager.slots) == {"keepme"}
