@@ -95,8 +95,15 @@ catalogue,
 .IR models.toml ,
 is given separately with
 .BR \-\-models .
-Unknown keys and values of the wrong type stop the program at start with one
-line naming the file, the key and the reason (exit status 2). The example
+Unknown keys, values of the wrong type and numbers out of a key's range (given
+with each key below) stop the program at start with one line naming the file
+(or the environment variable), the key and the reason, for example
+.RS
+.EX
+cortex: cortex.toml: gateway.poll_interval: must be > 0, got \-1
+.EE
+.RE
+(exit status 2). The example
 files in /etc/cortex (etc/ in the source tree) document every key.
 .PP
 The keys, with their defaults:
@@ -111,8 +118,11 @@ or
 .BR CORTEX_GATEWAY_API_KEYS=key1,key2 .
 The value is read as a TOML value (numbers, true/false, quoted strings, arrays)
 and otherwise taken as a string; a list key also takes a comma\-separated
-string. Only keys of the single sections below can be overridden, not the
-[[models]] or [[neurons]] tables, and not models.toml. The variables:
+string, and it is checked as the file's value is. Only keys of the single
+sections below can be overridden, not the [[models]] or [[neurons]] tables,
+and not models.toml. A variable that starts with the prefix of a section the
+role reads (CORTEX_NEURON_ for a neuron) but names none of its keys, such as
+CORTEX_NEURON_MEMORY_BUGDET_MB, is an error (exit status 2). The variables:
 """
 
 ENVIRONMENT_OTHER = r"""
@@ -460,6 +470,11 @@ def _keys(cls: type) -> Iterator[str]:
         if typing.get_origin(hints[field.name]) is Literal:
             choices = ", ".join(str(c) for c in typing.get_args(hints[field.name]))
             text = f"{text} One of: {choices}.".strip()
+        bounds = getattr(field.validator, "bounds", None)
+        if bounds:
+            kinds = [hints[field.name], *typing.get_args(hints[field.name])]
+            each = "Each must" if any(typing.get_origin(k) is list for k in kinds) else "Must"
+            text = f"{text} {each} be {bounds}.".strip()
         yield ".TP"
         yield term
         if text:

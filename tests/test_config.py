@@ -186,3 +186,140 @@ def test_standalone_listens_on_loopback_unless_told() -> None:
     assert told.gateway.listen == "0.0.0.0:1"
     # The gateway role itself still serves the network by default.
     assert cfg.GatewaySection().listen == "0.0.0.0:31313"
+
+
+@pytest.mark.parametrize(
+    ("cls", "variable", "value", "message"),
+    [
+        # What an operator tried: each started, then crashed or misbehaved.
+        (
+            cfg.GatewayConfig,
+            "GATEWAY_POLL_INTERVAL",
+            "-1",
+            "gateway.poll_interval: must be > 0, got -1",
+        ),
+        (
+            cfg.GatewayConfig,
+            "GATEWAY_POLL_INTERVAL",
+            "0",
+            "gateway.poll_interval: must be > 0, got 0",
+        ),
+        (
+            cfg.GatewayConfig,
+            "GATEWAY_LOAD_TIMEOUT",
+            "-1",
+            "gateway.load_timeout: must be > 0, got -1",
+        ),
+        (
+            cfg.GatewayConfig,
+            "GATEWAY_FIRST_BYTE_TIMEOUT",
+            "-1",
+            "gateway.first_byte_timeout: must be > 0, got -1",
+        ),
+        (
+            cfg.GatewayConfig,
+            "GATEWAY_MAX_BODY_BYTES",
+            "-1",
+            "gateway.max_body_bytes: must be > 0, got -1",
+        ),
+        (
+            cfg.GatewayConfig,
+            "GATEWAY_CONNECT_TIMEOUT",
+            "0",
+            "gateway.connect_timeout: must be > 0, got 0",
+        ),
+        (
+            cfg.NeuronConfig,
+            "NEURON_MEMORY_BUDGET_MB",
+            "-5",
+            "neuron.memory_budget_mb: must be > 0, got -5",
+        ),
+        (cfg.GatewayConfig, "GATEWAY_GRACE_PERIOD", "-0.5", "gateway.grace_period: must be >= 0"),
+        (cfg.GatewayConfig, "GATEWAY_IDLE_TIMEOUT", "nan", "must be > 0, got nan"),
+        (cfg.GatewayConfig, "ROUTING_SCALE_IN_IDLE", "0", "routing.scale_in_idle: must be > 0"),
+        (cfg.GatewayConfig, "ROUTING_PATIENCE_TAIL", "101", "must be > 0 and <= 100, got 101"),
+        (cfg.NeuronConfig, "NEURON_SAMPLE_INTERVAL", "0", "neuron.sample_interval: must be > 0"),
+        (cfg.NeuronConfig, "NEURON_QUEUE_LIMIT", "-1", "neuron.queue_limit: must be >= 0, got -1"),
+    ],
+)
+def test_numbers_out_of_range_are_errors(
+    tmp_path: Path, cls: type, variable: str, value: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as error:
+        cfg.load(cls, None, environ={f"CORTEX_{variable}": value})
+    assert error.value.message.startswith(f"CORTEX_{variable}: ")
+    assert message in error.value.message
+    section, _, key = variable.lower().partition("_")
+    path = write(tmp_path, f"[{section}]\n{key} = {value}\n")
+    with pytest.raises(ConfigError) as error:
+        cfg.load(cls, path, environ={})
+    assert error.value.message.startswith(f"{path}: ")
+    assert message in error.value.message
+
+
+def test_the_catalogue_and_neuron_models_have_ranges_too(tmp_path: Path) -> None:
+    path = write(tmp_path, '[[models]]\nid = "a"\nsource = "a.gguf"\ndevices = [0, -1]\n')
+    with pytest.raises(ConfigError, match=r"models\[0\]\.devices: must be >= 0, got -1"):
+        cfg.load(cfg.NeuronConfig, path, environ={})
+    path = write(
+        tmp_path, '[[models]]\nid = "a"\nvram_mb = -1\n[[models]]\nid = "b"\nmin_devices = 0\n'
+    )
+    with pytest.raises(ConfigError) as error:
+        cfg.load_models(path)
+    assert error.value.message == (
+        f"{path}: models[0].vram_mb: must be >= 0, got -1; "
+        "models[1].min_devices: must be > 0, got 0"
+    )
+
+
+def test_an_environment_value_is_named_even_with_a_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[gateway]\npoll_interval = 5\n")
+    with pytest.raises(ConfigError) as error:
+        cfg.load(cfg.GatewayConfig, path, environ={"CORTEX_GATEWAY_POLL_INTERVAL": "-1"})
+    assert error.value.message == (
+        "CORTEX_GATEWAY_POLL_INTERVAL: gateway.poll_interval: must be > 0, got -1"
+    )
+
+
+NUMBERS = (int, float, int | None, float | None, list[int] | None)
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [
+        cfg.NeuronSection,
+        cfg.NeuronModel,
+        cfg.GatewaySection,
+        cfg.RoutingSection,
+        cfg.CatalogModel,
+    ],
+)
+def test_every_numeric_setting_has_a_range(cls: type) -> None:
+    import typing
+
+    import attrs
+
+    hints = typing.get_type_hints(cls)
+    # priority orders models against each other: any integer is one.
+    unbounded = [
+        f.name
+        for f in attrs.fields(cls)
+        if hints[f.name] in NUMBERS
+        and not getattr(f.validator, "bounds", None)
+        and (cls, f.name) != (cfg.CatalogModel, "priority")
+    ]
+    assert unbounded == []
+
+
+def test_cli_exits_2_on_a_value_out_of_range() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cortex", "--role", "gateway"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "CORTEX_GATEWAY_POLL_INTERVAL": "-1"},
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "cortex: CORTEX_GATEWAY_POLL_INTERVAL: gateway.poll_interval: must be > 0, got -1"
+    ]
