@@ -98,7 +98,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The options a role does not take, by argparse dest, and what to say (exit status 2).
+NOT_FOR_ROLE = {
+    "neuron": {
+        "models": "--models: the neuron role reads no catalogue (the gateway does)",
+        "neuron": "--neuron: the neuron role routes to no neurons (the gateway does)",
+        "metrics_listen": "--metrics-listen: the neuron role serves /metrics on --listen",
+    },
+    "gateway": {
+        "model": "--model: the gateway role loads no models (give --model to a neuron, "
+        "or list the model in --models)",
+    },
+    "standalone": {"neuron": "--neuron: the standalone role has its own local neuron"},
+}
+
+
+def reject_other_roles_options(args: argparse.Namespace, role: str) -> None:
+    """Refuse options ``role`` would ignore: a silently dropped option is a surprise later.
+
+    Raises:
+      ConfigError: one line naming the option and the role.
+    """
+    for dest, message in NOT_FOR_ROLE[role].items():
+        if getattr(args, dest):
+            raise ConfigError(message)
+
+
 def neuron_config(args: argparse.Namespace) -> cfg.NeuronConfig:
+    reject_other_roles_options(args, "neuron")
     config = cfg.load(cfg.NeuronConfig, args.config)
     if args.listen:
         cfg.parse_listen(args.listen, default_port=13131)
@@ -118,23 +145,34 @@ def _override_gateway_addresses(section: cfg.GatewaySection, args: argparse.Name
 
 
 def gateway_config(args: argparse.Namespace) -> tuple[cfg.GatewayConfig, cfg.ModelsFile]:
+    from cortex.gateway.context import DEFAULT_NEURON
+
+    reject_other_roles_options(args, "gateway")
     config = cfg.load(cfg.GatewayConfig, args.config)
     _override_gateway_addresses(config.gateway, args)
     for name, url in args.neuron:
+        if name in {n.name for n in config.neurons}:
+            raise ConfigError(
+                f"--neuron {name}={url}: a neuron named {name!r} is already configured"
+            )
         config.neurons.append(cfg.NeuronEndpoint(name=name, endpoint=url))
-    return config, cfg.load_models(args.models)
+    models = cfg.load_models(args.models)
+    names = [n.name for n in config.neurons or [DEFAULT_NEURON]]
+    cfg.check_pins(models, names, source=str(args.models))
+    return config, models
 
 
 def standalone_config(args: argparse.Namespace) -> tuple[Any, cfg.ModelsFile]:
-    from cortex.standalone import StandaloneConfig
+    from cortex.standalone import LOCAL_NEURON, StandaloneConfig
 
+    reject_other_roles_options(args, "standalone")
     config = cfg.load(StandaloneConfig, args.config)
-    if args.neuron:
-        raise ConfigError("--neuron: the standalone role has its own local neuron")
     _override_gateway_addresses(config.gateway, args)
     for model_id, source in args.model:
         config.models.append(cfg.NeuronModel(id=model_id, source=source))
-    return config, cfg.load_models(args.models)
+    models = cfg.load_models(args.models)
+    cfg.check_pins(models, [LOCAL_NEURON], source=str(args.models))
+    return config, models
 
 
 async def run_until_signal(

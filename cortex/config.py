@@ -14,7 +14,7 @@ import math
 import os
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -247,12 +247,20 @@ class NeuronEndpoint:
     token: str | None = None
 
 
+def _unique_names(instance: object, attribute: attrs.Attribute, value: list[Any]) -> None:
+    names = [n.name for n in value]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InvalidValue(attribute.name, f"duplicate names {duplicates}")
+
+
 @attrs.define
 class GatewayConfig:
     gateway: GatewaySection = attrs.field(factory=GatewaySection)
     eviction: EvictionSection = attrs.field(factory=EvictionSection)
     routing: RoutingSection = attrs.field(factory=RoutingSection)
-    neurons: list[NeuronEndpoint] = attrs.field(factory=list)
+    #: Names are unique: metrics, logs and pinned_on tell neurons apart by them.
+    neurons: list[NeuronEndpoint] = attrs.field(factory=list, validator=_unique_names)
 
 
 SAMPLING_KEYS = frozenset({"temperature", "top_p", "top_k", "min_p", "repeat_penalty"})
@@ -269,7 +277,8 @@ class CatalogModel:
     vram_mb: int = attrs.field(default=0, validator=NON_NEGATIVE)
     min_devices: int = attrs.field(default=1, validator=POSITIVE)
     min_device_vram_mb: int = attrs.field(default=0, validator=NON_NEGATIVE)
-    #: Neurons this model is pinned on: never evicted there.
+    #: Neurons this model is pinned on: never evicted there. Each must be a
+    #: configured neuron's name (standalone: local).
     pinned_on: list[str] = attrs.field(factory=list)
     priority: int = 0
     chat_format: str | None = None
@@ -476,6 +485,25 @@ def load_models(path: str | os.PathLike[str] | None) -> ModelsFile:
             if member not in ids:
                 raise ConfigError(f"{path}: aliases.{alias}: unknown model {member!r}")
     return models
+
+
+def check_pins(models: ModelsFile, neurons: Iterable[str], *, source: str) -> None:
+    """Refuse a ``pinned_on`` that names no neuron the gateway routes to.
+
+    The gateway's neurons are fixed at start (cortex.toml, --neuron; the
+    standalone role's is "local"), so a name that is none of them is a typo.
+
+    Raises:
+      ConfigError: one line naming the file, the model and the neuron.
+    """
+    known = sorted(set(neurons))
+    for index, model in enumerate(models.models):
+        for name in model.pinned_on:
+            if name not in known:
+                raise ConfigError(
+                    f"{source}: models[{index}].pinned_on: {model.id!r} is pinned on "
+                    f"{name!r}, which is not a neuron (the neurons: {', '.join(known)})"
+                )
 
 
 def read_api_keys(section: GatewaySection) -> frozenset[str]:

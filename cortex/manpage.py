@@ -51,8 +51,10 @@ ROLES = {
 
 #: Which roles an argument group's options apply to, by group title.
 GROUP_ROLES = {
-    "neuron": "With --role neuron or --role standalone.",
-    "gateway": "With --role gateway or --role standalone (which has no --neuron).",
+    "neuron": "With --role neuron or --role standalone; the gateway role refuses them "
+    "(exit status 2).",
+    "gateway": "With --role gateway or --role standalone (which has no --neuron); the "
+    "neuron role refuses them (exit status 2).",
 }
 
 HEADER = """\

@@ -323,3 +323,112 @@ def test_cli_exits_2_on_a_value_out_of_range() -> None:
     assert result.stderr.strip().splitlines() == [
         "cortex: CORTEX_GATEWAY_POLL_INTERVAL: gateway.poll_interval: must be > 0, got -1"
     ]
+
+
+def test_two_neurons_with_one_name_are_an_error(tmp_path: Path) -> None:
+    from cortex.cli import build_parser, gateway_config
+
+    neuron = '[[neurons]]\nname = "x"\nendpoint = "http://127.0.0.1:{}"\n'
+    path = write(tmp_path, neuron.format(1) + neuron.format(2))
+    with pytest.raises(ConfigError) as error:
+        cfg.load(cfg.GatewayConfig, path, environ={})
+    assert error.value.message == f"{path}: neurons: duplicate names ['x']"
+    path = write(tmp_path, neuron.format(1))
+    args = build_parser().parse_args(
+        ["--role", "gateway", "--config", str(path), "--neuron", "x=http://127.0.0.1:2"]
+    )
+    with pytest.raises(ConfigError) as error:
+        gateway_config(args)
+    assert error.value.message.startswith("--neuron x=http://127.0.0.1:2: a neuron named 'x'")
+
+
+def test_pinned_on_must_name_a_neuron(tmp_path: Path) -> None:
+    from cortex.cli import build_parser, gateway_config, standalone_config
+
+    models = write(tmp_path, '[[models]]\nid = "m"\npinned_on = ["nosuch"]\n', "models.toml")
+    for argv in (
+        ["--role", "gateway", "--neuron", "gpu1=http://127.0.0.1:1"],
+        ["--role", "gateway"],
+        ["--role", "standalone"],
+    ):
+        args = build_parser().parse_args([*argv, "--models", str(models)])
+        load = standalone_config if "standalone" in argv else gateway_config
+        with pytest.raises(ConfigError) as error:
+            load(args)
+        assert error.value.message.startswith(f"{models}: models[0].pinned_on: 'm' is pinned on")
+        assert "'nosuch', which is not a neuron" in error.value.message
+    # The neuron a gateway has by default, and the standalone role's, are named "local".
+    models.write_text('[[models]]\nid = "m"\npinned_on = ["local"]\n')
+    for role in ("gateway", "standalone"):
+        args = build_parser().parse_args(["--role", role, "--models", str(models)])
+        load = standalone_config if role == "standalone" else gateway_config
+        assert load(args)[1].models[0].pinned_on == ["local"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--role", "gateway", "--model", "x=demo"], "--model: the gateway role loads no models"),
+        (
+            ["--role", "neuron", "--models", "m.toml"],
+            "--models: the neuron role reads no catalogue",
+        ),
+        (
+            ["--role", "neuron", "--neuron", "a=http://127.0.0.1:1"],
+            "--neuron: the neuron role routes to no neurons",
+        ),
+        (
+            ["--role", "neuron", "--metrics-listen", "127.0.0.1:0"],
+            "--metrics-listen: the neuron role serves /metrics on --listen",
+        ),
+        (
+            ["--role", "standalone", "--neuron", "a=http://127.0.0.1:1"],
+            "--neuron: the standalone role has its own local neuron",
+        ),
+    ],
+)
+def test_an_option_the_role_would_ignore_is_refused(argv: list[str], message: str) -> None:
+    from cortex.cli import build_parser, gateway_config, neuron_config, standalone_config
+
+    load = {"neuron": neuron_config, "gateway": gateway_config, "standalone": standalone_config}
+    args = build_parser().parse_args(argv)
+    with pytest.raises(ConfigError) as error:
+        load[args.role](args)
+    assert error.value.message.startswith(message)
+
+
+def test_cli_refuses_a_role_option_with_exit_2() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cortex", "--role", "gateway", "--model", "x=demo"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("cortex: --model: the gateway role loads no models")
+
+
+def test_a_misspelt_override_is_an_error() -> None:
+    from cortex.standalone import StandaloneConfig
+
+    with pytest.raises(ConfigError) as error:
+        cfg.load(cfg.NeuronConfig, None, environ={"CORTEX_NEURON_MEMORY_BUGDET_MB": "100"})
+    assert error.value.message.startswith(
+        "CORTEX_NEURON_MEMORY_BUGDET_MB: neuron: unknown key 'memory_bugdet_mb' (known: "
+    )
+    assert "memory_budget_mb" in error.value.message
+    with pytest.raises(ConfigError, match="CORTEX_ROUTING_PATIENT"):
+        cfg.load(StandaloneConfig, None, environ={"CORTEX_ROUTING_PATIENT": "1"})
+    # Other variables, and another role's sections, are none of this role's business.
+    others = {
+        "CORTEX_API_KEY": "k",
+        "CORTEX_LLAMA_SERVER": "/usr/bin/llama-server",
+        "CORTEX_GATEWAY_POLL_INTRVAL": "1",
+        "CORTEX_NEURONS_X": "1",
+        "CORTEX_MODELS_X": "1",
+    }
+    cfg.load(cfg.NeuronConfig, None, environ=others)
+    del others["CORTEX_GATEWAY_POLL_INTRVAL"]
+    others["CORTEX_NEURON_MEMORY_BUGDET_MB"] = "100"
+    cfg.load(cfg.GatewayConfig, None, environ=others)

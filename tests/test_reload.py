@@ -128,6 +128,13 @@ async def test_admin_reload(tmp_path: Path) -> None:
                 assert "kept the old catalogue" in bad.json()["error"]["message"]
                 listed = (await http.get("/v1/models", headers=auth)).json()["data"]
                 assert {m["id"] for m in listed} == {"first", "second"}
+                # A pin on a neuron this gateway does not have is a typo, not a new neuron.
+                models.write_text('[[models]]\nid = "first"\npinned_on = ["nowhre"]\n')
+                typo = await http.post("/admin/reload", headers=auth)
+                assert typo.status_code == 400
+                assert "'nowhre', which is not a neuron" in typo.json()["error"]["message"]
+                models.write_text('[[models]]\nid = "first"\npinned_on = ["nowhere"]\n')
+                assert (await http.post("/admin/reload", headers=auth)).status_code == 200
         shutdown.set()
 
 

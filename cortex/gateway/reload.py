@@ -11,7 +11,7 @@ import logging
 
 import trio
 
-from cortex.config import load_models
+from cortex.config import check_pins, load_models
 from cortex.errors import ConfigError
 from cortex.gateway.state import Catalogue, FleetState
 
@@ -26,6 +26,7 @@ async def reload_catalogue(state: FleetState, path: str) -> Catalogue:
     """
     try:
         models = await trio.to_thread.run_sync(load_models, path)
+        check_pins(models, state.neurons, source=path)
     except ConfigError as exc:
         log.error("reload failed, keeping the old catalogue: %s", exc.message)
         raise
