@@ -29,10 +29,16 @@ T = TypeVar("T")
 
 
 def parse_listen(value: str, *, default_port: int) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (or ``[v6]:PORT``, ``:PORT``, ``HOST``) into its parts."""
+    """Split ``HOST:PORT`` (or ``[v6]:PORT``, ``:PORT``, ``HOST``) into its parts.
+
+    A HOST alone takes ``default_port`` (the role's own).
+    """
     host, sep, port = value.rpartition(":")
     if not sep or "]" in port:
         host, port = value, str(default_port)
+    if ":" in host and not host.startswith("["):
+        # "::1" would read as host ":" and port 1.
+        raise ConfigError(f"invalid listen address {value!r}: write IPv6 as [ADDRESS]:PORT")
     host = host.strip("[]") or "0.0.0.0"
     try:
         number = int(port)

@@ -187,11 +187,14 @@ EXIT_STATUS = r"""
 Success; a role shut down cleanly after a signal.
 .TP
 .B 1
-A runtime error, such as a listen address that is taken or not this host's.
+A runtime error, such as a listen address that is taken or not this host's
+(the line names the setting and the address, e.g.
+.BR "cortex: metrics_listen 0.0.0.0:31314: Address already in use" ).
 .TP
 .B 2
-A usage or configuration error: an unknown option, a bad value, a
-configuration file that cannot be read or has a wrong key.
+A usage or configuration error: an unknown option, an option the role does
+not take, a bad value (a listen address whose host does not resolve among
+them), a configuration file that cannot be read or has a wrong key.
 .TP
 .B 130
 Interrupted before the signal handlers were in place.

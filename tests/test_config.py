@@ -158,8 +158,94 @@ def test_errors_from_inside_the_event_loop_are_one_line(tmp_path: Path) -> None:
             timeout=60,
         )
     assert busy.returncode == 1
-    assert busy.stderr.strip().splitlines()[-1] == "cortex: Address already in use"
+    assert busy.stderr.strip().splitlines()[-1] == (
+        f"cortex: listen 127.0.0.1:{port}: Address already in use"
+    )
     assert "Traceback" not in busy.stderr
+
+
+def test_a_taken_metrics_port_is_named() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cortex",
+                "--role",
+                "gateway",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                f"127.0.0.1:{port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert busy.returncode == 1
+    assert busy.stderr.strip().splitlines()[-1] == (
+        f"cortex: metrics_listen 127.0.0.1:{port}: Address already in use"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--role", "neuron", "--listen", "nosuch.invalid"],
+            "--listen nosuch.invalid: unknown host",
+        ),
+        (
+            ["--role", "gateway", "--metrics-listen", "nosuch.invalid:1"],
+            "--metrics-listen nosuch.invalid:1: unknown host 'nosuch.invalid'",
+        ),
+        (["--role", "standalone", "--listen", "::1"], "--listen: invalid listen address '::1'"),
+        (["--role", "neuron", "--listen", "h:port"], "--listen: invalid listen address 'h:port'"),
+    ],
+)
+def test_a_bad_listen_option_is_a_usage_error(argv: list[str], message: str) -> None:
+    from cortex.cli import build_parser, gateway_config, neuron_config, standalone_config
+
+    load = {"neuron": neuron_config, "gateway": gateway_config, "standalone": standalone_config}
+    args = build_parser().parse_args(argv)
+    with pytest.raises(ConfigError) as error:
+        load[args.role](args)
+    assert error.value.message.startswith(message)
+
+
+def test_an_unknown_listen_host_exits_2() -> None:
+    option = subprocess.run(
+        [sys.executable, "-m", "cortex", "--role", "neuron", "--listen", "foo"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert option.returncode == 2
+    [line] = option.stderr.strip().splitlines()
+    assert line.startswith("cortex: --listen foo: unknown host 'foo' (")
+    # From the environment (or a file), the key names it once the server binds.
+    setting = subprocess.run(
+        [sys.executable, "-m", "cortex", "--role", "neuron"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "CORTEX_NEURON_LISTEN": "nosuch.invalid:0"},
+    )
+    assert setting.returncode == 2
+    last = setting.stderr.strip().splitlines()[-1]
+    assert last.startswith("cortex: listen nosuch.invalid:0: unknown host (")
+    assert "Traceback" not in setting.stderr
+
+
+def test_a_host_alone_takes_the_roles_port() -> None:
+    from cortex.cli import build_parser, gateway_config
+
+    args = build_parser().parse_args(["--role", "gateway", "--listen", "127.0.0.1"])
+    listen = gateway_config(args)[0].gateway.listen
+    assert cfg.parse_listen(listen, default_port=31313) == ("127.0.0.1", 31313)
 
 
 def test_standalone_neuron_stays_on_loopback() -> None:

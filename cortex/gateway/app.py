@@ -373,6 +373,7 @@ async def run_gateway(
                         default_port=DEFAULT_METRICS_PORT,
                         shutdown_trigger=shutdown.wait,
                         grace_period=1.0,
+                        name="metrics_listen",
                     )
                 )
                 log_start(gateway, api_url, metrics_url)
