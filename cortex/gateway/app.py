@@ -179,6 +179,7 @@ def _control_app(gateway: Gateway) -> QuartTrio:
                 "status": "reloaded",
                 "models": len(catalogue.models),
                 "aliases": len(catalogue.aliases),
+                "tiers": len(catalogue.tiers),
             }
         )
 

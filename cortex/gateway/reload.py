@@ -32,10 +32,15 @@ async def reload_catalogue(state: FleetState, path: str) -> Catalogue:
         raise
     state.catalogue = Catalogue.from_file(models)
     state.changed()
-    log.info(
-        "reloaded %s: %d models, %d aliases",
-        path,
-        len(state.catalogue.models),
-        len(state.catalogue.aliases),
-    )
+    log.info("reloaded %s: %s", path, summary(state.catalogue))
     return state.catalogue
+
+
+def summary(catalogue: Catalogue) -> str:
+    """ "3 models, 2 aliases, 1 tier": what a catalogue holds, for the log."""
+    counts = [
+        (len(catalogue.models), "model", "models"),
+        (len(catalogue.aliases), "alias", "aliases"),
+        (len(catalogue.tiers), "tier", "tiers"),
+    ]
+    return ", ".join(f"{n} {one if n == 1 else many}" for n, one, many in counts)
