@@ -518,3 +518,18 @@ def test_a_misspelt_override_is_an_error() -> None:
     del others["CORTEX_GATEWAY_POLL_INTRVAL"]
     others["CORTEX_NEURON_MEMORY_BUGDET_MB"] = "100"
     cfg.load(cfg.GatewayConfig, None, environ=others)
+
+
+def test_the_readme_shows_the_real_error_lines(tmp_path: Path) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    shown = "    cortex: /etc/cortex/neuron.toml: neuron.n_ctx_max: "
+    [line] = [line for line in readme.splitlines() if line.startswith(shown)]
+    path = write(tmp_path, "[neuron]\nn_ctx_max = 'big'\n")
+    with pytest.raises(ConfigError) as error:
+        cfg.load(cfg.NeuronConfig, path, environ={})
+    assert line.strip() == "cortex: " + error.value.message.replace(
+        str(path), "/etc/cortex/neuron.toml"
+    )
+    with pytest.raises(ConfigError) as error:
+        cfg.load(cfg.GatewayConfig, None, environ={"CORTEX_GATEWAY_POLL_INTERVAL": "-1"})
+    assert f"    cortex: {error.value.message}\n" in readme
