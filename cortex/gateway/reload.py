@@ -37,7 +37,7 @@ async def reload_catalogue(state: FleetState, path: str) -> Catalogue:
 
 
 def summary(catalogue: Catalogue) -> str:
-    """ "3 models, 2 aliases, 1 tier": what a catalogue holds, for the log."""
+    """What ``catalogue`` holds, for the log: "3 models, 2 aliases, 1 tier"."""
     counts = [
         (len(catalogue.models), "model", "models"),
         (len(catalogue.aliases), "alias", "aliases"),
