@@ -7,6 +7,7 @@ import faulthandler
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -45,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--listen",
         metavar="HOST:PORT",
-        help="API address (neuron default 0.0.0.0:13131, gateway 0.0.0.0:31313, "
-        "standalone 127.0.0.1:31313)",
+        help="API address; a HOST alone takes the role's port (neuron default 0.0.0.0:13131, "
+        "gateway 0.0.0.0:31313, standalone 127.0.0.1:31313)",
     )
     parser.add_argument(
         "--log-level",
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",
-        help="metrics address (default 0.0.0.0:31314; standalone 127.0.0.1:31314)",
+        help="metrics address; a HOST alone takes port 31314 (default 0.0.0.0:31314; "
+        "standalone 127.0.0.1:31314)",
     )
     gateway.add_argument(
         "--neuron",
@@ -98,11 +100,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The options a role does not take, by argparse dest, and what to say (exit status 2).
+NOT_FOR_ROLE = {
+    "neuron": {
+        "models": "--models: the neuron role reads no catalogue (the gateway does)",
+        "neuron": "--neuron: the neuron role routes to no neurons (the gateway does)",
+        "metrics_listen": "--metrics-listen: the neuron role serves /metrics on --listen",
+    },
+    "gateway": {
+        "model": "--model: the gateway role loads no models (give --model to a neuron, "
+        "or list the model in --models)",
+    },
+    "standalone": {"neuron": "--neuron: the standalone role has its own local neuron"},
+}
+
+
+def reject_other_roles_options(args: argparse.Namespace, role: str) -> None:
+    """Refuse options ``role`` would ignore: a silently dropped option is a surprise later.
+
+    Raises:
+      ConfigError: one line naming the option and the role.
+    """
+    for dest, message in NOT_FOR_ROLE[role].items():
+        if getattr(args, dest):
+            raise ConfigError(message)
+
+
+def listen_option(flag: str, value: str, *, default_port: int) -> str:
+    """``value`` of ``flag`` once it is an address this host can bind.
+
+    Raises:
+      ConfigError: naming ``flag``: not HOST:PORT, or a host that does not resolve.
+    """
+    try:
+        host, port = cfg.parse_listen(value, default_port=default_port)
+    except ConfigError as exc:
+        raise ConfigError(f"{flag}: {exc.message}") from None
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"{flag} {value}: unknown host {host!r} ({exc.strerror})") from None
+    return value
+
+
 def neuron_config(args: argparse.Namespace) -> cfg.NeuronConfig:
+    reject_other_roles_options(args, "neuron")
     config = cfg.load(cfg.NeuronConfig, args.config)
     if args.listen:
-        cfg.parse_listen(args.listen, default_port=13131)
-        config.neuron.listen = args.listen
+        config.neuron.listen = listen_option("--listen", args.listen, default_port=13131)
     for model_id, source in args.model:
         config.models.append(cfg.NeuronModel(id=model_id, source=source))
     return config
@@ -110,31 +155,42 @@ def neuron_config(args: argparse.Namespace) -> cfg.NeuronConfig:
 
 def _override_gateway_addresses(section: cfg.GatewaySection, args: argparse.Namespace) -> None:
     if args.listen:
-        cfg.parse_listen(args.listen, default_port=31313)
-        section.listen = args.listen
+        section.listen = listen_option("--listen", args.listen, default_port=31313)
     if args.metrics_listen:
-        cfg.parse_listen(args.metrics_listen, default_port=31314)
-        section.metrics_listen = args.metrics_listen
+        section.metrics_listen = listen_option(
+            "--metrics-listen", args.metrics_listen, default_port=31314
+        )
 
 
 def gateway_config(args: argparse.Namespace) -> tuple[cfg.GatewayConfig, cfg.ModelsFile]:
+    from cortex.gateway.context import DEFAULT_NEURON
+
+    reject_other_roles_options(args, "gateway")
     config = cfg.load(cfg.GatewayConfig, args.config)
     _override_gateway_addresses(config.gateway, args)
     for name, url in args.neuron:
+        if name in {n.name for n in config.neurons}:
+            raise ConfigError(
+                f"--neuron {name}={url}: a neuron named {name!r} is already configured"
+            )
         config.neurons.append(cfg.NeuronEndpoint(name=name, endpoint=url))
-    return config, cfg.load_models(args.models)
+    models = cfg.load_models(args.models)
+    names = [n.name for n in config.neurons or [DEFAULT_NEURON]]
+    cfg.check_pins(models, names, source=str(args.models))
+    return config, models
 
 
 def standalone_config(args: argparse.Namespace) -> tuple[Any, cfg.ModelsFile]:
-    from cortex.standalone import StandaloneConfig
+    from cortex.standalone import LOCAL_NEURON, StandaloneConfig
 
+    reject_other_roles_options(args, "standalone")
     config = cfg.load(StandaloneConfig, args.config)
-    if args.neuron:
-        raise ConfigError("--neuron: the standalone role has its own local neuron")
     _override_gateway_addresses(config.gateway, args)
     for model_id, source in args.model:
         config.models.append(cfg.NeuronModel(id=model_id, source=source))
-    return config, cfg.load_models(args.models)
+    models = cfg.load_models(args.models)
+    cfg.check_pins(models, [LOCAL_NEURON], source=str(args.models))
+    return config, models
 
 
 async def run_until_signal(

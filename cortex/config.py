@@ -10,10 +10,11 @@ the key and the reason.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -28,10 +29,16 @@ T = TypeVar("T")
 
 
 def parse_listen(value: str, *, default_port: int) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (or ``[v6]:PORT``, ``:PORT``, ``HOST``) into its parts."""
+    """Split ``HOST:PORT`` (or ``[v6]:PORT``, ``:PORT``, ``HOST``) into its parts.
+
+    A HOST alone takes ``default_port`` (the role's own).
+    """
     host, sep, port = value.rpartition(":")
     if not sep or "]" in port:
         host, port = value, str(default_port)
+    if ":" in host and not host.startswith("["):
+        # "::1" would read as host ":" and port 1.
+        raise ConfigError(f"invalid listen address {value!r}: write IPv6 as [ADDRESS]:PORT")
     host = host.strip("[]") or "0.0.0.0"
     try:
         number = int(port)
@@ -42,11 +49,54 @@ def parse_listen(value: str, *, default_port: int) -> tuple[str, int]:
     return host, number
 
 
+class InvalidValue(ValueError):
+    """A field's value is not one it can take; ``reason`` says why, ``field`` whose."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
 def validate_listen(instance: object, attribute: attrs.Attribute, value: str) -> None:
     try:
         parse_listen(value, default_port=0)
     except ConfigError as exc:
-        raise ValueError(f"{attribute.name}: {exc}") from None
+        raise InvalidValue(attribute.name, exc.message) from None
+
+
+def _shown(value: float) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return repr(value)
+
+
+def in_range(*, gt: float | None = None, ge: float | None = None, le: float | None = None) -> Any:
+    """A validator: the value (each item of a list; None passes) within the bounds, finite.
+
+    Its ``bounds`` ("> 0", ">= 0 and <= 100") is what the man page states.
+    """
+    parts = [f"> {gt:g}" if gt is not None else "", f">= {ge:g}" if ge is not None else ""]
+    parts.append(f"<= {le:g}" if le is not None else "")
+    bounds = " and ".join(p for p in parts if p)
+
+    def check(instance: object, attribute: attrs.Attribute, value: Any) -> None:
+        for item in value if isinstance(value, list) else [] if value is None else [value]:
+            if (
+                (isinstance(item, float) and not math.isfinite(item))
+                or (gt is not None and not item > gt)
+                or (ge is not None and not item >= ge)
+                or (le is not None and not item <= le)
+            ):
+                raise InvalidValue(attribute.name, f"must be {bounds}, got {_shown(item)}")
+
+    check.bounds = bounds  # type: ignore[attr-defined]
+    return check
+
+
+#: The ranges numeric settings take (a value that is out of them is a config error).
+POSITIVE = in_range(gt=0)
+NON_NEGATIVE = in_range(ge=0)
 
 
 # -- neuron ---------------------------------------------------------------------------
@@ -60,23 +110,23 @@ class NeuronSection:
     #: Leave /health and /metrics open when a token is set.
     open_health: bool = True
     #: Memory models may use on a CPU-only host; None: 90% of RAM.
-    memory_budget_mb: int | None = None
+    memory_budget_mb: int | None = attrs.field(default=None, validator=POSITIVE)
     #: Cap on a model's context length (its trained length is the default).
-    n_ctx_max: int = 32768
+    n_ctx_max: int = attrs.field(default=32768, validator=POSITIVE)
     #: Tokens a reply may have when the request names no limit (finish
     #: reason ``length`` when reached); an explicit max_tokens is kept.
-    default_max_tokens: int = attrs.field(default=4096, validator=attrs.validators.ge(1))
+    default_max_tokens: int = attrs.field(default=4096, validator=POSITIVE)
     #: Engine plugins (entry point names) that must not be loaded.
     blocked_harnesses: list[str] = attrs.field(factory=list)
     #: Directories that hold models; relative sources resolve against them.
     model_dirs: list[str] = attrs.field(factory=list)
     #: Seconds between device samples for /health.
-    sample_interval: float = 2.0
+    sample_interval: float = attrs.field(default=2.0, validator=POSITIVE)
     #: Seconds in-flight requests get to finish on shutdown.
-    grace_period: float = 30.0
+    grace_period: float = attrs.field(default=30.0, validator=NON_NEGATIVE)
     #: Requests waiting for one model beyond this are refused with 429.
-    queue_limit: int = 64
-    max_body_bytes: int = 16 * 1024 * 1024
+    queue_limit: int = attrs.field(default=64, validator=NON_NEGATIVE)
+    max_body_bytes: int = attrs.field(default=16 * 1024 * 1024, validator=POSITIVE)
 
 
 @attrs.define
@@ -87,7 +137,7 @@ class NeuronModel:
     source: str
     harness: str | None = None
     chat_format: str | None = None
-    devices: list[int] | None = None
+    devices: list[int] | None = attrs.field(default=None, validator=NON_NEGATIVE)
     options: dict[str, Any] = attrs.field(factory=dict)
 
 
@@ -109,23 +159,21 @@ class GatewaySection:
     #: A file with one key per line, added to api_keys.
     api_keys_file: str | None = None
     #: Seconds between /health and /models polls of each neuron.
-    poll_interval: float = 10.0
+    poll_interval: float = attrs.field(default=10.0, validator=POSITIVE)
     #: Seconds between /discovery polls.
-    discovery_interval: float = 60.0
-    connect_timeout: float = 5.0
+    discovery_interval: float = attrs.field(default=60.0, validator=POSITIVE)
+    connect_timeout: float = attrs.field(default=5.0, validator=POSITIVE)
     #: Seconds to wait for a neuron's first byte (cold loads of big models take minutes).
-    first_byte_timeout: float = 600.0
+    first_byte_timeout: float = attrs.field(default=600.0, validator=POSITIVE)
     #: Seconds allowed between two chunks of a stream.
-    idle_timeout: float = 120.0
+    idle_timeout: float = attrs.field(default=120.0, validator=POSITIVE)
     #: Seconds a request waits for a model load before giving up.
-    load_timeout: float = 900.0
-    grace_period: float = 30.0
+    load_timeout: float = attrs.field(default=900.0, validator=POSITIVE)
+    grace_period: float = attrs.field(default=30.0, validator=NON_NEGATIVE)
     #: max_tokens filled into OpenAI chat and Responses requests that name
     #: none; None leaves them to the neuron's own default_max_tokens.
-    default_max_tokens: int | None = attrs.field(
-        default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
-    )
-    max_body_bytes: int = 16 * 1024 * 1024
+    default_max_tokens: int | None = attrs.field(default=None, validator=POSITIVE)
+    max_body_bytes: int = attrs.field(default=16 * 1024 * 1024, validator=POSITIVE)
 
 
 @attrs.define
@@ -143,39 +191,35 @@ class RoutingSection:
     #: swapped in on demand (llama-swap's behaviour).
     policy: Literal["predictive", "fixed", "static"] = "predictive"
     #: Requests one model may have waiting at the gateway; beyond: 503 + Retry-After.
-    queue_limit: int = attrs.field(default=64, validator=attrs.validators.ge(1))
+    queue_limit: int = attrs.field(default=64, validator=POSITIVE)
     #: Seconds a request may wait at the gateway for room before it gets a 503.
-    max_wait: float = attrs.field(default=300.0, validator=attrs.validators.gt(0))
+    max_wait: float = attrs.field(default=300.0, validator=POSITIVE)
     #: Predicted wait (seconds) on a model's replicas above which a further
     #: replica is loaded where there is room ...
-    scale_out_wait: float = 10.0
+    scale_out_wait: float = attrs.field(default=10.0, validator=NON_NEGATIVE)
     #: ... once it has stayed above it for this many seconds.
-    scale_out_after: float = 5.0
+    scale_out_after: float = attrs.field(default=5.0, validator=NON_NEGATIVE)
     #: Seconds an added replica may stay idle before it is unloaded.
-    scale_in_idle: float = 300.0
+    scale_in_idle: float = attrs.field(default=300.0, validator=POSITIVE)
     #: How long a request waits before evicting models it will likely bring
     #: back, as a share of the reload seconds the eviction is predicted to
     #: cost later: 0 evicts at once (lowest latency), 1 waits the whole
     #: penalty (fewest cold loads); requests for the model wait together.
-    patience: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
+    patience: float = attrs.field(default=0.0, validator=NON_NEGATIVE)
     #: ... but never so long that its first token, after the load, comes
     #: later than this many seconds after it arrived. Unset: the time to
     #: first token of the slowest 1% of requests not held (at least 10 s).
-    patience_limit: float | None = attrs.field(
-        default=None, validator=attrs.validators.optional(attrs.validators.ge(0))
-    )
+    patience_limit: float | None = attrs.field(default=None, validator=NON_NEGATIVE)
     #: ... the percentile of those requests' times to first token that is
     #: the limit when patience_limit is unset: held requests then end no
     #: later than the slowest (100 - patience_tail)% of the others. 97 keeps
     #: the p99 at or below the fixed order's where 99 may not (README).
-    patience_tail: float = attrs.field(
-        default=99.0, validator=[attrs.validators.gt(0), attrs.validators.le(100)]
-    )
+    patience_tail: float = attrs.field(default=99.0, validator=in_range(gt=0, le=100))
     #: Seconds a model that thrashed (reloaded within thrash_window of its
     #: eviction) counts three times its reload when evicting it is weighed.
-    min_residency: float = 60.0
+    min_residency: float = attrs.field(default=60.0, validator=NON_NEGATIVE)
     #: An eviction followed by a reload within this many seconds counts as thrash.
-    thrash_window: float = attrs.field(default=600.0, validator=attrs.validators.ge(0))
+    thrash_window: float = attrs.field(default=600.0, validator=NON_NEGATIVE)
     #: Session affinity (``cortex.gateway.affinity``): the predictive policy
     #: counts the prompt a replica is expected to hold in cache. False: it
     #: ignores it (affinity is still counted in ``cortex_affinity_total``).
@@ -199,7 +243,7 @@ class RoutingSection:
     follow_ups: bool = True
     #: ... for at most this many seconds after the answer (tools that run
     #: minutes, a build or a test suite, need more).
-    follow_up_limit: float = attrs.field(default=300.0, validator=attrs.validators.ge(0))
+    follow_up_limit: float = attrs.field(default=300.0, validator=NON_NEGATIVE)
 
 
 @attrs.define
@@ -209,12 +253,20 @@ class NeuronEndpoint:
     token: str | None = None
 
 
+def _unique_names(instance: object, attribute: attrs.Attribute, value: list[Any]) -> None:
+    names = [n.name for n in value]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InvalidValue(attribute.name, f"duplicate names {duplicates}")
+
+
 @attrs.define
 class GatewayConfig:
     gateway: GatewaySection = attrs.field(factory=GatewaySection)
     eviction: EvictionSection = attrs.field(factory=EvictionSection)
     routing: RoutingSection = attrs.field(factory=RoutingSection)
-    neurons: list[NeuronEndpoint] = attrs.field(factory=list)
+    #: Names are unique: metrics, logs and pinned_on tell neurons apart by them.
+    neurons: list[NeuronEndpoint] = attrs.field(factory=list, validator=_unique_names)
 
 
 SAMPLING_KEYS = frozenset({"temperature", "top_p", "top_k", "min_p", "repeat_penalty"})
@@ -228,10 +280,11 @@ class CatalogModel:
     source: str | None = None
     harness: str | None = None
     quant: str | None = None
-    vram_mb: int = 0
-    min_devices: int = 1
-    min_device_vram_mb: int = 0
-    #: Neurons this model is pinned on: never evicted there.
+    vram_mb: int = attrs.field(default=0, validator=NON_NEGATIVE)
+    min_devices: int = attrs.field(default=1, validator=POSITIVE)
+    min_device_vram_mb: int = attrs.field(default=0, validator=NON_NEGATIVE)
+    #: Neurons this model is pinned on: never evicted there. Each must be a
+    #: configured neuron's name (standalone: local).
     pinned_on: list[str] = attrs.field(factory=list)
     priority: int = 0
     chat_format: str | None = None
@@ -306,19 +359,36 @@ def _env_value(raw: str, field_type: Any) -> Any:
     return value
 
 
-def _apply_env(cls: type, raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+def _apply_env(cls: type, raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """Put the overrides of ``cls``'s sections into ``raw``.
+
+    Returns the variable each overridden key came from, by ``section.key``.
+
+    Raises:
+      ConfigError: a variable names a section of ``cls`` but none of its keys
+        (a misspelling would otherwise be ignored without a word).
+    """
     hints = typing.get_type_hints(cls)
+    used: dict[str, str] = {}
     for section in attrs.fields(cls):
         section_type = hints[section.name]
         if not attrs.has(section_type):
             continue
         section_hints = typing.get_type_hints(section_type)
-        for field in attrs.fields(section_type):
-            name = f"{ENV_PREFIX}{section.name}_{field.name}".upper()
-            if name in environ:
-                target = raw.setdefault(section.name, {})
-                if isinstance(target, dict):
-                    target[field.name] = _env_value(environ[name], section_hints[field.name])
+        keys = {field.name for field in attrs.fields(section_type)}
+        prefix = f"{ENV_PREFIX}{section.name}_".upper()
+        for name in sorted(environ):
+            if not name.startswith(prefix):
+                continue
+            key = name.removeprefix(prefix).lower()
+            if key not in keys:
+                known = ", ".join(sorted(keys))
+                raise ConfigError(f"{name}: {section.name}: unknown key {key!r} (known: {known})")
+            target = raw.setdefault(section.name, {})
+            if isinstance(target, dict):
+                target[key] = _env_value(environ[name], section_hints[key])
+                used[f"{section.name}.{key}"] = name
+    return used
 
 
 def _format_error(exc: BaseException, type_: Any) -> str:
@@ -326,6 +396,10 @@ def _format_error(exc: BaseException, type_: Any) -> str:
         return f"must be one of {list(typing.get_args(type_))}"
     if isinstance(exc, cattrs.ForbiddenExtraKeysError):
         return f"unknown keys {sorted(exc.extra_fields)}"
+    if isinstance(exc, InvalidValue):
+        # An attrs validator runs in the class's __init__: cattrs' path ends
+        # at the class, so the field goes after a mark _describe looks for.
+        return f"{_FIELD_MARK}{exc.field}{_FIELD_MARK}{exc.reason}"
     if isinstance(exc, (ValueError, ConfigError)) and not isinstance(
         exc, cattrs.BaseValidationError
     ):
@@ -333,22 +407,47 @@ def _format_error(exc: BaseException, type_: Any) -> str:
     return cattrs.v.format_exception(exc, type_)
 
 
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, cattrs.BaseValidationError):
-        lines = []
-        for message in cattrs.transform_error(exc, format_exception=_format_error):
-            reason, _, where = message.rpartition(" @ ")
-            key = where.removeprefix("$").removeprefix(".")
-            lines.append(f"{key}: {reason}" if key else reason)
-        return "; ".join(lines)
-    return str(exc)
+_FIELD_MARK = "\x00"
 
 
-def structure(cls: type[T], raw: Mapping[str, Any], *, source: str) -> T:
+def _describe(exc: Exception) -> list[tuple[str, str]]:
+    """(key, reason) for each error in ``exc``; key "" when it names no key."""
+    if not isinstance(exc, cattrs.BaseValidationError):
+        return [("", str(exc))]
+    found = []
+    for message in cattrs.transform_error(exc, format_exception=_format_error):
+        reason, _, where = message.rpartition(" @ ")
+        key = where.removeprefix("$").removeprefix(".")
+        if reason.startswith(_FIELD_MARK):
+            field, _, reason = reason.removeprefix(_FIELD_MARK).partition(_FIELD_MARK)
+            key = f"{key}.{field}" if key else field
+        found.append((key, reason))
+    return found
+
+
+def structure(
+    cls: type[T],
+    raw: Mapping[str, Any],
+    *,
+    source: str,
+    from_env: Mapping[str, str] | None = None,
+) -> T:
+    """``raw`` as ``cls``.
+
+    Raises:
+      ConfigError: one line naming where each bad value came from (``source``,
+        or the variable ``from_env`` names for its key), the key and the reason.
+    """
     try:
         return make_converter().structure(dict(raw), cls)
     except Exception as exc:  # cattrs raises validation groups and plain errors alike
-        raise ConfigError(f"{source}: {_describe(exc)}") from None
+        parts, last = [], None
+        for key, reason in _describe(exc):
+            origin = (from_env or {}).get(key, source)
+            said = f"{key}: {reason}" if key else reason
+            parts.append(said if origin == last else f"{origin}: {said}")
+            last = origin
+        raise ConfigError("; ".join(parts)) from None
 
 
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -372,8 +471,9 @@ def load(
       ConfigError: one line naming the file, the key and the reason.
     """
     raw = read_toml(path) if path is not None else {}
-    _apply_env(cls, raw, os.environ if environ is None else environ)
-    return structure(cls, raw, source=str(path) if path is not None else "environment")
+    from_env = _apply_env(cls, raw, os.environ if environ is None else environ)
+    source = str(path) if path is not None else "environment"
+    return structure(cls, raw, source=source, from_env=from_env)
 
 
 def load_models(path: str | os.PathLike[str] | None) -> ModelsFile:
@@ -391,6 +491,25 @@ def load_models(path: str | os.PathLike[str] | None) -> ModelsFile:
             if member not in ids:
                 raise ConfigError(f"{path}: aliases.{alias}: unknown model {member!r}")
     return models
+
+
+def check_pins(models: ModelsFile, neurons: Iterable[str], *, source: str) -> None:
+    """Refuse a ``pinned_on`` that names no neuron the gateway routes to.
+
+    The gateway's neurons are fixed at start (cortex.toml, --neuron; the
+    standalone role's is "local"), so a name that is none of them is a typo.
+
+    Raises:
+      ConfigError: one line naming the file, the model and the neuron.
+    """
+    known = sorted(set(neurons))
+    for index, model in enumerate(models.models):
+        for name in model.pinned_on:
+            if name not in known:
+                raise ConfigError(
+                    f"{source}: models[{index}].pinned_on: {model.id!r} is pinned on "
+                    f"{name!r}, which is not a neuron (the neurons: {', '.join(known)})"
+                )
 
 
 def read_api_keys(section: GatewaySection) -> frozenset[str]:

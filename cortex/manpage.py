@@ -51,8 +51,10 @@ ROLES = {
 
 #: Which roles an argument group's options apply to, by group title.
 GROUP_ROLES = {
-    "neuron": "With --role neuron or --role standalone.",
-    "gateway": "With --role gateway or --role standalone (which has no --neuron).",
+    "neuron": "With --role neuron or --role standalone; the gateway role refuses them "
+    "(exit status 2).",
+    "gateway": "With --role gateway or --role standalone (which has no --neuron); the "
+    "neuron role refuses them (exit status 2).",
 }
 
 HEADER = """\
@@ -95,8 +97,15 @@ catalogue,
 .IR models.toml ,
 is given separately with
 .BR \-\-models .
-Unknown keys and values of the wrong type stop the program at start with one
-line naming the file, the key and the reason (exit status 2). The example
+Unknown keys, values of the wrong type and numbers out of a key's range (given
+with each key below) stop the program at start with one line naming the file
+(or the environment variable), the key and the reason, for example
+.RS
+.EX
+cortex: cortex.toml: gateway.poll_interval: must be > 0, got \-1
+.EE
+.RE
+(exit status 2). The example
 files in /etc/cortex (etc/ in the source tree) document every key.
 .PP
 The keys, with their defaults:
@@ -111,8 +120,11 @@ or
 .BR CORTEX_GATEWAY_API_KEYS=key1,key2 .
 The value is read as a TOML value (numbers, true/false, quoted strings, arrays)
 and otherwise taken as a string; a list key also takes a comma\-separated
-string. Only keys of the single sections below can be overridden, not the
-[[models]] or [[neurons]] tables, and not models.toml. The variables:
+string, and it is checked as the file's value is. Only keys of the single
+sections below can be overridden, not the [[models]] or [[neurons]] tables,
+and not models.toml. A variable that starts with the prefix of a section the
+role reads (CORTEX_NEURON_ for a neuron) but names none of its keys, such as
+CORTEX_NEURON_MEMORY_BUGDET_MB, is an error (exit status 2). The variables:
 """
 
 ENVIRONMENT_OTHER = r"""
@@ -175,11 +187,14 @@ EXIT_STATUS = r"""
 Success; a role shut down cleanly after a signal.
 .TP
 .B 1
-A runtime error, such as a listen address that is taken or not this host's.
+A runtime error, such as a listen address that is taken or not this host's
+(the line names the setting and the address, e.g.
+.BR "cortex: metrics_listen 0.0.0.0:31314: Address already in use" ).
 .TP
 .B 2
-A usage or configuration error: an unknown option, a bad value, a
-configuration file that cannot be read or has a wrong key.
+A usage or configuration error: an unknown option, an option the role does
+not take, a bad value (a listen address whose host does not resolve among
+them), a configuration file that cannot be read or has a wrong key.
 .TP
 .B 130
 Interrupted before the signal handlers were in place.
@@ -463,6 +478,11 @@ def _keys(cls: type) -> Iterator[str]:
         if typing.get_origin(hints[field.name]) is Literal:
             choices = ", ".join(str(c) for c in typing.get_args(hints[field.name]))
             text = f"{text} One of: {choices}.".strip()
+        bounds = getattr(field.validator, "bounds", None)
+        if bounds:
+            kinds = [hints[field.name], *typing.get_args(hints[field.name])]
+            each = "Each must" if any(typing.get_origin(k) is list for k in kinds) else "Must"
+            text = f"{text} {each} be {bounds}.".strip()
         yield ".TP"
         yield term
         if text:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -13,6 +14,7 @@ import hypercorn.trio
 import trio
 
 from cortex.config import parse_listen
+from cortex.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,12 @@ def is_loopback(listen: str, *, default_port: int) -> bool:
         return False  # a host name: assume it reaches beyond this host
 
 
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 async def serve(
     app: Any,
     listen: str,
@@ -60,6 +68,7 @@ async def serve(
     default_port: int,
     shutdown_trigger: Callable[[], Awaitable[Any]],
     grace_period: float = 30.0,
+    name: str = "listen",
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``listen`` until ``shutdown_trigger`` returns.
@@ -67,12 +76,29 @@ async def serve(
     Reports the first bound URL (``http://127.0.0.1:PORT``; port 0 resolved)
     through ``task_status``. After the trigger, no new connections are
     accepted and in-flight requests get ``grace_period`` seconds to finish.
+
+    Raises:
+      OSError: the address cannot be bound (taken, not this host's); the
+        message names ``name`` (the setting) and the address.
+      ConfigError: the host does not resolve.
     """
     config = hypercorn_config(listen, default_port=default_port, grace_period=grace_period)
-    async with trio.open_nursery() as nursery:
-        urls = await nursery.start(
-            partial(hypercorn.trio.serve, app, config, shutdown_trigger=shutdown_trigger)
-        )
-        # The address bound, in the log; one to connect to, for the caller.
-        log.info("listening on %s", urls[0])
-        task_status.started(urls[0].replace("://0.0.0.0:", "://127.0.0.1:"))
+    bound = False
+    try:
+        async with trio.open_nursery() as nursery:
+            urls = await nursery.start(
+                partial(hypercorn.trio.serve, app, config, shutdown_trigger=shutdown_trigger)
+            )
+            bound = True
+            # The address bound, in the log; one to connect to, for the caller.
+            log.info("listening on %s", urls[0])
+            task_status.started(urls[0].replace("://0.0.0.0:", "://127.0.0.1:"))
+    except BaseException as exc:
+        # hypercorn's bind error arrives wrapped in a group per nursery; a
+        # role serves two addresses, and the operator must know which failed.
+        failed = _leaf(exc)
+        if bound or not isinstance(failed, OSError):
+            raise
+        if isinstance(failed, socket.gaierror):
+            raise ConfigError(f"{name} {listen}: unknown host ({failed.strerror})") from exc
+        raise OSError(failed.errno, f"{name} {listen}: {failed.strerror}") from exc

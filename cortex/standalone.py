@@ -24,6 +24,9 @@ from cortex.config import (
     validate_listen,
 )
 
+#: The local neuron's name (in metrics, logs, /fleet and models.toml's pinned_on).
+LOCAL_NEURON = "local"
+
 
 @attrs.define
 class LocalNeuronSection(NeuronSection):
@@ -85,7 +88,7 @@ async def run_standalone(
     async with trio.open_nursery() as nursery:
         neuron = await nursery.start(partial(run_neuron, neuron_config, shutdown=neuron_shutdown))
         gateway_config.neurons = [
-            NeuronEndpoint(name="local", endpoint=neuron.url, token=config.neuron.token)
+            NeuronEndpoint(name=LOCAL_NEURON, endpoint=neuron.url, token=config.neuron.token)
         ]
         try:
             await run_gateway(

@@ -1,7 +1,8 @@
 """``cortex status``: print the fleet as a gateway sees it.
 
 Asks the gateway's ``GET /fleet`` and prints tables (or the JSON with
-``--json``). Exit status: 0 when the gateway answered, 1 when it is
+``--json``). Exit status: 0 when the gateway answered (also when the
+reader of the output stops early, as ``| head`` does), 1 when it is
 unreachable or answered with an error, with one line saying so.
 """
 
@@ -94,10 +95,16 @@ def render(fleet: dict[str, Any], *, now: float | None = None) -> str:
     out.append("")
     out.append("MODELS")
     out.append(_table(["model", "where", "pinned on", "in flight", "last used"], rows))
-    if fleet["aliases"]:
+    # Tiers are aliases too (models.toml's [aliases]): one table, a tier's
+    # members in the router's order of preference.
+    aliases = [[alias, model] for alias, model in fleet["aliases"].items()]
+    aliases += [
+        [tier, "tier: " + ", ".join(members)] for tier, members in fleet.get("tiers", {}).items()
+    ]
+    if aliases:
         out.append("")
         out.append("ALIASES")
-        out.append(_table(["alias", "model"], sorted(fleet["aliases"].items())))
+        out.append(_table(["alias", "model"], sorted(aliases)))
     return "\n".join(out)
 
 
@@ -121,8 +128,10 @@ def main(args: argparse.Namespace) -> int:
         )
         return 1
     fleet = response.json()
-    if args.json:
-        print(json.dumps(fleet, indent=2))
-    else:
-        print(render(fleet))
+    try:
+        print(json.dumps(fleet, indent=2) if args.json else render(fleet), flush=True)
+    except BrokenPipeError:
+        # The reader stopped early (cortex status | head): what it wanted, it
+        # has. Point stdout at /dev/null so the flush at exit fails no more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pathlib
+import re
 
+import attrs
 import httpx
+import pytest
 
 from cortex import config
 from cortex.gateway.app import Gateway
@@ -33,3 +36,71 @@ async def test_no_neurons_means_the_local_one() -> None:
         gateway = Gateway.build(config.GatewayConfig(), config.ModelsFile(), client)
     [neuron] = gateway.state.neurons.values()
     assert (neuron.name, neuron.endpoint) == ("local", "http://127.0.0.1:13131")
+
+
+def _key_lines(path: pathlib.Path) -> set[str]:
+    """Keys an example file shows, set or commented out (``# key = ...``)."""
+    return set(re.findall(r"^#?\s*(\w+)\s*=", path.read_text(), re.MULTILINE))
+
+
+@pytest.mark.parametrize(
+    ("file", "classes"),
+    [
+        ("neuron.toml", (config.NeuronSection, config.NeuronModel)),
+        (
+            "cortex.toml",
+            (
+                config.GatewaySection,
+                config.EvictionSection,
+                config.RoutingSection,
+                config.NeuronEndpoint,
+            ),
+        ),
+        ("models.toml", (config.CatalogModel,)),
+    ],
+)
+def test_every_key_is_in_its_example_file(file: str, classes: tuple[type, ...]) -> None:
+    shown = _key_lines(ETC / file)
+    missing = [f.name for cls in classes for f in attrs.fields(cls) if f.name not in shown]
+    assert missing == [], f"etc/{file} lacks {missing}"
+
+
+def _code_words(text: str) -> set[str]:
+    """The words in ``code`` spans of ``text`` (fenced blocks left out)."""
+    text = re.sub(r"```.*?```", "", text, flags=re.DOTALL)
+    return {w for span in re.findall(r"`([^`]+)`", text) for w in re.findall(r"\w+", span)}
+
+
+def _readme_section(heading: str) -> str:
+    text = (ETC.parent / "README.md").read_text()
+    start = text.index(f"## {heading}\n")
+    configuration = text.index("### Configuration\n", start)
+    return text[configuration : text.index("\n### ", configuration + 1)]
+
+
+@pytest.mark.parametrize(
+    ("heading", "classes"),
+    [
+        ("The neuron", (config.NeuronSection, config.NeuronModel)),
+        (
+            "The gateway",
+            (
+                config.GatewaySection,
+                config.EvictionSection,
+                config.NeuronEndpoint,
+                config.CatalogModel,
+            ),
+        ),
+    ],
+)
+def test_every_key_is_in_the_readme(heading: str, classes: tuple[type, ...]) -> None:
+    # [routing] has its own section (Scheduling); the table points there.
+    words = _code_words(_readme_section(heading))
+    missing = [f.name for cls in classes for f in attrs.fields(cls) if f.name not in words]
+    assert missing == [], f"README's {heading} configuration lacks {missing}"
+
+
+def test_every_routing_key_is_in_the_readme() -> None:
+    words = _code_words((ETC.parent / "README.md").read_text())
+    missing = [f.name for f in attrs.fields(config.RoutingSection) if f.name not in words]
+    assert missing == []

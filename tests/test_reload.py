@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import subprocess
@@ -11,6 +12,7 @@ from functools import partial
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from cortex.config import (
@@ -92,7 +94,8 @@ def test_sighup_reloads_the_catalogue(tmp_path: Path) -> None:
         process.wait()
 
 
-async def test_admin_reload(tmp_path: Path) -> None:
+async def test_admin_reload(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="cortex.gateway.reload")
 
     models = tmp_path / "models.toml"
     models.write_text('[[models]]\nid = "first"\n')
@@ -119,7 +122,21 @@ async def test_admin_reload(tmp_path: Path) -> None:
                 assert (await http.post("/admin/reload")).status_code == 401
                 models.write_text('[[models]]\nid = "first"\n[[models]]\nid = "second"\n')
                 done = await http.post("/admin/reload", headers=auth)
-                assert done.json() == {"status": "reloaded", "models": 2, "aliases": 0}
+                assert done.json() == {"status": "reloaded", "models": 2, "aliases": 0, "tiers": 0}
+                models.write_text(
+                    '[[models]]\nid = "first"\n[[models]]\nid = "second"\n[aliases]\n'
+                    'a = "first"\nb = "first"\nc = "second"\n"tier/x" = ["first", "second"]\n'
+                )
+                with_tier = await http.post("/admin/reload", headers=auth)
+                assert with_tier.json() == {
+                    "status": "reloaded",
+                    "models": 2,
+                    "aliases": 3,
+                    "tiers": 1,
+                }
+                assert f"reloaded {models}: 2 models, 3 aliases, 1 tier" in caplog.messages
+                models.write_text('[[models]]\nid = "first"\n[[models]]\nid = "second"\n')
+                await http.post("/admin/reload", headers=auth)
                 listed = (await http.get("/v1/models", headers=auth)).json()["data"]
                 assert {m["id"] for m in listed} == {"first", "second"}
                 models.write_text("[[models]]\nid = 3\n")
@@ -128,6 +145,13 @@ async def test_admin_reload(tmp_path: Path) -> None:
                 assert "kept the old catalogue" in bad.json()["error"]["message"]
                 listed = (await http.get("/v1/models", headers=auth)).json()["data"]
                 assert {m["id"] for m in listed} == {"first", "second"}
+                # A pin on a neuron this gateway does not have is a typo, not a new neuron.
+                models.write_text('[[models]]\nid = "first"\npinned_on = ["nowhre"]\n')
+                typo = await http.post("/admin/reload", headers=auth)
+                assert typo.status_code == 400
+                assert "'nowhre', which is not a neuron" in typo.json()["error"]["message"]
+                models.write_text('[[models]]\nid = "first"\npinned_on = ["nowhere"]\n')
+                assert (await http.post("/admin/reload", headers=auth)).status_code == 200
         shutdown.set()
 
 

@@ -26,7 +26,7 @@ async def test_status_table_and_json() -> None:
     models = catalogue(
         CatalogModel(id="org/big", vram_mb=100, pinned_on=["gpu"]),
         CatalogModel(id="small", vram_mb=100),
-        aliases={"tier/small": "small"},
+        aliases={"tier/small": "small", "tier/any": ["small", "org/big"]},
     )
     fakes = [
         FakeNeuron("gpu", gpus=[24000, 24000], preload=["org/big"]),
@@ -42,6 +42,9 @@ async def test_status_table_and_json() -> None:
     assert "NEURONS" in text and "MODELS" in text and "ALIASES" in text
     assert "gpu" in text and "org/big" in text and "gpu (loaded)" in text
     assert "tier/small" in text
+    # The tier JSON has under "tiers" is a row too, its members in order.
+    [tier] = [line for line in text.splitlines() if line.startswith("tier/any ")]
+    assert tier.split(None, 1)[1] == "tier: small, org/big"
     document = json.loads(raw.stdout)
     gpu = next(n for n in document["neurons"] if n["name"] == "gpu")
     assert gpu["up"] and len(gpu["devices"]) == 2
@@ -80,3 +83,28 @@ async def test_a_dead_neurons_models_show_as_unreachable() -> None:
     assert "a (unreachable)" in text and "loaded" not in text
     row = next(line for line in text.splitlines() if line.startswith("a "))
     assert row.split()[1] == "down"
+
+
+async def test_a_reader_that_stops_early_gets_no_traceback() -> None:
+    import os
+
+    models = catalogue(CatalogModel(id="small", vram_mb=100))
+    async with running_fleet([FakeNeuron("a")], models) as fleet:
+        read, write = os.pipe()
+        os.close(read)  # as head does once it has its lines
+        try:
+            with trio.fail_after(30):
+                url = fleet.handle.api_url
+                for args in (["--gateway", url], ["--gateway", url, "--json"]):
+                    done = await trio.to_thread.run_sync(
+                        lambda args=args: subprocess.run(
+                            [sys.executable, "-m", "cortex", "status", *args],
+                            stdout=write,
+                            stderr=subprocess.PIPE,
+                            text=True,
+                            timeout=60,
+                        )
+                    )
+                    assert (done.returncode, done.stderr) == (0, "")
+        finally:
+            os.close(write)

@@ -179,6 +179,7 @@ def _control_app(gateway: Gateway) -> QuartTrio:
                 "status": "reloaded",
                 "models": len(catalogue.models),
                 "aliases": len(catalogue.aliases),
+                "tiers": len(catalogue.tiers),
             }
         )
 
@@ -373,6 +374,7 @@ async def run_gateway(
                         default_port=DEFAULT_METRICS_PORT,
                         shutdown_trigger=shutdown.wait,
                         grace_period=1.0,
+                        name="metrics_listen",
                     )
                 )
                 log_start(gateway, api_url, metrics_url)

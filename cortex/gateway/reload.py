@@ -11,7 +11,7 @@ import logging
 
 import trio
 
-from cortex.config import load_models
+from cortex.config import check_pins, load_models
 from cortex.errors import ConfigError
 from cortex.gateway.state import Catalogue, FleetState
 
@@ -26,15 +26,21 @@ async def reload_catalogue(state: FleetState, path: str) -> Catalogue:
     """
     try:
         models = await trio.to_thread.run_sync(load_models, path)
+        check_pins(models, state.neurons, source=path)
     except ConfigError as exc:
         log.error("reload failed, keeping the old catalogue: %s", exc.message)
         raise
     state.catalogue = Catalogue.from_file(models)
     state.changed()
-    log.info(
-        "reloaded %s: %d models, %d aliases",
-        path,
-        len(state.catalogue.models),
-        len(state.catalogue.aliases),
-    )
+    log.info("reloaded %s: %s", path, summary(state.catalogue))
     return state.catalogue
+
+
+def summary(catalogue: Catalogue) -> str:
+    """What ``catalogue`` holds, for the log: "3 models, 2 aliases, 1 tier"."""
+    counts = [
+        (len(catalogue.models), "model", "models"),
+        (len(catalogue.aliases), "alias", "aliases"),
+        (len(catalogue.tiers), "tier", "tiers"),
+    ]
+    return ", ".join(f"{n} {one if n == 1 else many}" for n, one, many in counts)
