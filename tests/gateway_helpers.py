@@ -101,6 +101,9 @@ class FakeNeuron:
     failing: set[str] = attrs.field(factory=set)
     #: The ``parallel`` (slots) each loaded model reports.
     parallel: int = 1
+    #: While True, every new request waits for ``thaw`` (a process under SIGSTOP).
+    frozen: bool = False
+    thaw: trio.Event = attrs.field(factory=trio.Event)
 
     loaded: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     loading: dict[str, trio.Event] = attrs.field(factory=dict)
@@ -291,6 +294,8 @@ def create_fake_app(fake: FakeNeuron) -> QuartTrio:
 
     @app.before_request
     async def authenticate() -> Response | None:
+        if fake.frozen:
+            await fake.thaw.wait()
         if fake.token and request.headers.get("authorization") != f"Bearer {fake.token}":
             return _error(401, "bad token", kind="authentication_error")
         return None
@@ -682,6 +687,7 @@ async def gateway_app(
         async with make_client(config) as client:
             gateway = Gateway.build(config, models, client)
             await nursery.start(gateway.router.loader.run)
+            await nursery.start(gateway.proxy.watch_fleet)
             for neuron in gateway.state.neurons.values():
                 nursery.start_soon(
                     partial(

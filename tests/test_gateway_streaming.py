@@ -6,11 +6,16 @@ import json
 import time
 from functools import partial
 
+import httpx
 import pytest
 import trio
 import trio.testing
 
 from cortex.config import CatalogModel
+from cortex.errors import CortexError
+from cortex.fleet import make_converter
+from cortex.gateway.poller import refresh
+from cortex.gateway.upstream import NeuronAPI
 from cortex.wire.sse import SSEDecoder
 from tests.gateway_helpers import FakeNeuron, GatewayApp, catalogue, gateway_app, running_fleet
 
@@ -122,6 +127,75 @@ async def test_hang_before_first_byte_times_out() -> None:
             assert response.status_code == 504
             a.fault = None
             assert (await fleet.chat("org/small")).status_code == 200
+
+
+async def mark_down_by_a_poll(fleet, name: str) -> float:
+    """Poll neuron ``name`` as its poller does, with a short timeout; when it was marked down."""
+    async with httpx.AsyncClient() as client:
+        api = NeuronAPI(
+            client=client,
+            converter=make_converter(),
+            call_timeout=httpx.Timeout(0.3),
+            load_timeout=httpx.Timeout(0.3),
+        )
+        with pytest.raises(CortexError, match="did not answer in time"):
+            await refresh(api, fleet.state, fleet.state.neurons[name])
+    assert not fleet.state.neurons[name].up
+    return trio.current_time()
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+async def test_a_request_waiting_on_a_neuron_marked_down_moves_on_at_once(stream: bool) -> None:
+    # a takes the request, then freezes (SIGSTOP) before its first byte: once
+    # a poll marks it down, the request moves to b, long before first_byte_timeout.
+    a = favoured(FakeNeuron("a", preload=["org/small"], hold=trio.Event()))
+    b = FakeNeuron("b", preload=["org/small"])
+    answers: list[tuple[float, bytes]] = []
+
+    async def ask(fleet) -> None:
+        response = await fleet.client.post(
+            "/v1/chat/completions", json={**STREAM, "stream": stream}
+        )
+        assert response.status_code == 200, response.text
+        answers.append((trio.current_time(), response.content))
+
+    with trio.fail_after(10):
+        async with running_fleet([a, b], MODELS, first_byte_timeout=60.0) as fleet:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, fleet)
+                await a.request_arrived.wait()
+                a.frozen = True
+                down_at = await mark_down_by_a_poll(fleet, "a")
+            [(answered_at, content)] = answers
+            assert answered_at - down_at < 1.0
+            assert content == b.sent[-1] and len(b.requests) == 1
+            a.thaw.set()
+            a.hold.set()
+
+
+async def test_with_no_other_route_a_neuron_marked_down_is_a_503_at_once() -> None:
+    a = FakeNeuron("a", preload=["org/small"], hold=trio.Event(), parallel=2)
+    answers: list[tuple[float, httpx.Response]] = []
+
+    async def ask(fleet, path: str, body: dict) -> None:
+        answers.append((trio.current_time(), await fleet.client.post(path, json=body)))
+
+    with trio.fail_after(10):
+        async with running_fleet([a], MODELS, first_byte_timeout=60.0) as fleet:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, fleet, STREAM_PATH, STREAM)
+                nursery.start_soon(ask, fleet, "/v1/messages", MESSAGES_STREAM)
+                while sum(path != "/tokenize" for path, _, _ in a.requests) < 2:
+                    await a.request_arrived.wait()
+                    a.request_arrived = trio.Event()
+                a.frozen = True
+                down_at = await mark_down_by_a_poll(fleet, "a")
+            for answered_at, response in answers:
+                assert answered_at - down_at < 1.0
+                assert response.status_code in (503, 529), response.text
+                assert "neuron a went down before it answered" in response.text
+            a.thaw.set()
+            a.hold.set()
 
 
 async def test_neuron_error_chunk_passes_through() -> None:
