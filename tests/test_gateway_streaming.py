@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from functools import partial
 
@@ -129,6 +130,13 @@ async def test_hang_before_first_byte_times_out() -> None:
             assert (await fleet.chat("org/small")).status_code == 200
 
 
+async def inference_requests(fake: FakeNeuron, count: int) -> None:
+    """Wait until ``fake`` has received ``count`` inference requests."""
+    while sum(path != "/tokenize" for path, _, _ in fake.requests) < count:
+        await fake.request_arrived.wait()
+        fake.request_arrived = trio.Event()
+
+
 async def mark_down_by_a_poll(fleet, name: str) -> float:
     """Poll neuron ``name`` as its poller does, with a short timeout; when it was marked down."""
     async with httpx.AsyncClient() as client:
@@ -185,9 +193,7 @@ async def test_with_no_other_route_a_neuron_marked_down_is_a_503_at_once() -> No
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(ask, fleet, STREAM_PATH, STREAM)
                 nursery.start_soon(ask, fleet, "/v1/messages", MESSAGES_STREAM)
-                while sum(path != "/tokenize" for path, _, _ in a.requests) < 2:
-                    await a.request_arrived.wait()
-                    a.request_arrived = trio.Event()
+                await inference_requests(a, 2)
                 a.frozen = True
                 down_at = await mark_down_by_a_poll(fleet, "a")
             for answered_at, response in answers:
@@ -318,6 +324,65 @@ async def test_shutdown_drains_the_stream_in_flight() -> None:
                 await trio.testing.wait_all_tasks_blocked(cushion=0.05)
                 hold.set()
             assert received == [a.sent[-1]]
+
+
+async def test_shutdown_ends_what_outlives_the_grace_period_with_an_error(caplog) -> None:
+    # Streams stuck mid-way (both dialects) and a request stuck before its
+    # first byte, at shutdown: past grace_period each ends with the
+    # dialect's error, logged as the gateway's 503, not as a client that left.
+    a = FakeNeuron("a", preload=["org/small"], fault="hang_mid_stream", parallel=4)
+    received: dict[str, bytes] = {}
+
+    async def ask(fleet, name: str, path: str, body: dict) -> None:
+        async with fleet.client.stream("POST", path, json=body) as response:
+            received[name] = b"".join([chunk async for chunk in response.aiter_raw()])
+            received[name + " status"] = str(response.status_code).encode()
+
+    caplog.set_level(logging.INFO, logger="cortex.gateway.proxy")
+    with trio.fail_after(10):
+        async with running_fleet([a], MODELS, grace_period=0.5, idle_timeout=30.0) as fleet:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, fleet, "openai", STREAM_PATH, STREAM)
+                nursery.start_soon(ask, fleet, "anthropic", "/v1/messages", MESSAGES_STREAM)
+                await inference_requests(a, 2)
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                a.fault = "hang_before_first_byte"
+                nursery.start_soon(ask, fleet, "whole", STREAM_PATH, {**STREAM, "stream": False})
+                await inference_requests(a, 3)
+                fleet.shutdown.set()
+                shutdown_at = trio.current_time()
+            assert trio.current_time() - shutdown_at < 1.0
+    openai_events = SSEDecoder().feed(received["openai"])
+    error = json.loads(openai_events[-1].data)["error"]
+    assert "the gateway shut down" in error["message"] and len(openai_events) == 3
+    anthropic_events = SSEDecoder().feed(received["anthropic"])
+    assert anthropic_events[-1].event == "error"
+    assert "the gateway shut down" in json.loads(anthropic_events[-1].data)["error"]["message"]
+    assert received["whole status"] == b"503"
+    assert "the gateway shut down" in json.loads(received["whole"])["error"]["message"]
+    logged = [r.getMessage() for r in caplog.records if "request_id=" in r.getMessage()]
+    assert sorted(line.split()[:2][1] for line in logged) == ["503", "503", "529"], logged
+
+
+async def test_a_request_the_server_cuts_at_shutdown_is_logged_as_503(caplog) -> None:
+    # Waiting on a cold load (no neuron wait to end): the server cuts it
+    # after the grace period; the log says the gateway shut down, not 499.
+    a = FakeNeuron("a", load_gate=trio.Event())
+
+    async def ask(fleet) -> None:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await fleet.chat("org/small")
+
+    caplog.set_level(logging.INFO, logger="cortex.gateway.proxy")
+    with trio.fail_after(10):
+        async with running_fleet([a], MODELS, grace_period=0.2) as fleet:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, fleet)
+                await a.load_started.wait()
+                fleet.shutdown.set()
+    (line,) = [r.getMessage() for r in caplog.records if "request_id=" in r.getMessage()]
+    assert line.startswith("chat/completions 503 "), line
+    a.load_gate.set()
 
 
 def error_count(gw: GatewayApp, endpoint: str, status: int) -> float | None:

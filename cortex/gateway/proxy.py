@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 #: A client that went away, in the error metrics (nginx's number for it).
 CLIENT_CLOSED = 499
+#: An exchange the gateway's shutdown cut short, in the log and the metrics.
+SHUT_DOWN = 503
 
 
 @attrs.define(eq=False)
