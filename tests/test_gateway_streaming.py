@@ -385,6 +385,34 @@ async def test_a_request_the_server_cuts_at_shutdown_is_logged_as_503(caplog) ->
     a.load_gate.set()
 
 
+async def test_a_draining_neuron_is_down_at_the_next_poll_and_finishes_its_stream() -> None:
+    # a drains (SIGTERM, grace period) with a stream in flight: its next
+    # poll must not wait on a kept-alive connection the draining server no
+    # longer serves; a is marked down, new requests go to b, a's stream ends.
+    a = favoured(FakeNeuron("a", preload=["org/small"], hold_mid=trio.Event(), grace_period=30.0))
+    b = FakeNeuron("b", preload=["org/small"])
+    received = []
+
+    async def stream(fleet) -> None:
+        response = await fleet.client.post("/v1/chat/completions", json=STREAM)
+        received.append(response.content)
+
+    with trio.fail_after(10):
+        async with running_fleet([a, b], MODELS, poll_interval=0.2) as fleet:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream, fleet)
+                await a.request_arrived.wait()
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # two chunks sent
+                a.shutdown.set()
+                with trio.fail_after(2):
+                    while fleet.state.neurons["a"].up:
+                        await fleet.state.wait_changed()
+                assert (await fleet.chat("org/small", "a new conversation")).status_code == 200
+                assert len(b.requests) == 1
+                a.hold_mid.set()
+            assert received == [a.sent[0]] and received[0].endswith(b"data: [DONE]\n\n")
+
+
 def error_count(gw: GatewayApp, endpoint: str, status: int) -> float | None:
     return gw.gateway.metrics.registry.get_sample_value(
         "cortex_request_errors_total",

@@ -121,7 +121,12 @@ class NeuronAPI:
     load_timeout: httpx.Timeout
 
     def headers(self, neuron: NeuronState, request_id: str | None = None) -> dict[str, str]:
-        headers = {}
+        # A fresh connection per call: a neuron that drains (SIGTERM) closes
+        # its listener but keeps serving, then stalls, a kept-alive one
+        # until its grace period ends; refused at once, the poll marks it
+        # down and no new request goes there while it finishes the rest.
+        # The calls are few (a poll, a load), so the connects cost nothing.
+        headers = {"connection": "close"}
         if neuron.token:
             headers["authorization"] = f"Bearer {neuron.token}"
         if request_id:
