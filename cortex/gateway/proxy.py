@@ -202,8 +202,9 @@ class Proxy:
     def _waiting(self, neuron: NeuronState, timeout: float, *, first_byte: bool) -> Iterator[_Wait]:
         """A wait on ``neuron`` of at most ``timeout`` seconds, open to ``cut``.
 
-        Its scope is entered by the caller; after it, ``cut`` says whether
-        the wait was cut short, else ``scope.cancelled_caught`` that it timed out.
+        The caller enters its scope; after it, ``scope.cancelled_caught``
+        says whether the wait ended early: cut short when ``cut`` is set,
+        else timed out.
         """
         wait = _Wait(neuron, trio.CancelScope(deadline=trio.current_time() + timeout), first_byte)
         self.waits.add(wait)
@@ -377,12 +378,13 @@ class Proxy:
         except hop.HopError as exc:
             neuron.mark_suspect(f"{type(exc).__name__}: {exc}")
             raise _Retry(_hop_error(neuron, exc), exclude=True)
-        if wait.cut is not None:
+        if wait.scope.cancelled_caught:
+            if wait.cut is None:
+                raise UpstreamTimeout(f"neuron {neuron.name} sent nothing within {timeout:g} s")
             if wait.retry:
                 raise _Retry(wait.cut, exclude=True)
             raise wait.cut
-        if wait.scope.cancelled_caught:
-            raise UpstreamTimeout(f"neuron {neuron.name} sent nothing within {timeout:g} s")
+        # A cut that came too late to interrupt anything: the answer is in.
         ex.neuron, ex.response, ex.first = neuron, response, first
         ex.first_at = trio.current_time()
 
@@ -407,10 +409,10 @@ class Proxy:
                     response.close()
         except hop.HopError as exc:
             raise _hop_error(neuron, exc)
-        if wait.cut is not None:
-            raise wait.cut
         if wait.scope.cancelled_caught:
-            raise UpstreamTimeout(f"neuron {neuron.name} sent nothing within {timeout:g} s")
+            if wait.cut is None:
+                raise UpstreamTimeout(f"neuron {neuron.name} sent nothing within {timeout:g} s")
+            raise wait.cut
         if response.status >= 400:
             raise error_from_response(response.status, body, response.headers)
         return body
