@@ -6,8 +6,9 @@ neuron (a request failed on it, a load or unload finished). A neuron that
 does not answer is marked down; the next good poll brings it back and clears
 ``suspect``. A poll that fails is logged when the neuron goes down and
 whenever the reason changes, so a neuron never reached (a wrong endpoint or
-token) shows in the log too. A model the neuron no longer lists is dropped. Each poll sets
-the gauges of the neuron's queue and of its models' prompt caches.
+token) shows in the log too. A model the neuron no longer lists is dropped.
+Each poll sets the gauges of the neuron's queue and of its models' prompt
+caches.
 """
 
 from __future__ import annotations
