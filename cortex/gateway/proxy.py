@@ -33,8 +33,6 @@ end gives its connection back for the next request.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
@@ -198,31 +196,31 @@ class Proxy:
 
     # -- cutting waits short --------------------------------------------------
 
-    @contextmanager
-    def _waiting(self, neuron: NeuronState, timeout: float, *, first_byte: bool) -> Iterator[_Wait]:
+    def _begin_wait(self, neuron: NeuronState, timeout: float, *, first_byte: bool) -> _Wait:
         """A wait on ``neuron`` of at most ``timeout`` seconds, open to ``cut``.
 
-        The caller enters its scope; after it, ``scope.cancelled_caught``
-        says whether the wait ended early: cut short when ``cut`` is set,
-        else timed out.
+        The caller enters its scope, and calls ``_end_wait`` in a
+        ``finally``; after the scope, ``scope.cancelled_caught`` says
+        whether the wait ended early: cut short when ``cut`` is set, else
+        timed out. (Not a context manager: it runs for every chunk.)
         """
         wait = _Wait(neuron, trio.CancelScope(deadline=trio.current_time() + timeout), first_byte)
         self.waits.add(wait)
         if first_byte:
             self.first_byte.setdefault(neuron, set()).add(wait)
+            if not neuron.up:
+                self._cut_down(wait)
         if self.stopped is not None:
             self.cut(wait, self.stopped)
-        elif first_byte and not neuron.up:
-            self._cut_down(wait)
-        try:
-            yield wait
-        finally:
-            self.waits.discard(wait)
-            if first_byte:
-                waits = self.first_byte[neuron]
-                waits.discard(wait)
-                if not waits:
-                    del self.first_byte[neuron]
+        return wait
+
+    def _end_wait(self, wait: _Wait) -> None:
+        self.waits.discard(wait)
+        if wait.first_byte:
+            waits = self.first_byte[wait.neuron]
+            waits.discard(wait)
+            if not waits:
+                del self.first_byte[wait.neuron]
 
     @staticmethod
     def cut(wait: _Wait, error: CortexError, *, retry: bool = False) -> None:
@@ -354,8 +352,9 @@ class Proxy:
         request = self._request(neuron, path, content, ex.request_id)
         assert ex.model is not None
         timeout = self.section.first_byte_timeout
+        wait = self._begin_wait(neuron, timeout, first_byte=True)
         try:
-            with self._waiting(neuron, timeout, first_byte=True) as wait, wait.scope:
+            with wait.scope:
                 response = await self.pool(neuron.base_url).send(request)
                 try:
                     if response.status >= 400:
@@ -378,6 +377,8 @@ class Proxy:
         except hop.HopError as exc:
             neuron.mark_suspect(f"{type(exc).__name__}: {exc}")
             raise _Retry(_hop_error(neuron, exc), exclude=True)
+        finally:
+            self._end_wait(wait)
         if wait.scope.cancelled_caught:
             if wait.cut is None:
                 raise UpstreamTimeout(f"neuron {neuron.name} sent nothing within {timeout:g} s")
@@ -400,8 +401,9 @@ class Proxy:
         """
         request = self._request(neuron, path, content, request_id)
         timeout = self.section.first_byte_timeout
+        wait = self._begin_wait(neuron, timeout, first_byte=True)
         try:
-            with self._waiting(neuron, timeout, first_byte=True) as wait, wait.scope:
+            with wait.scope:
                 response = await self.pool(neuron.base_url).send(request)
                 try:
                     body = await response.read()
@@ -409,6 +411,8 @@ class Proxy:
                     response.close()
         except hop.HopError as exc:
             raise _hop_error(neuron, exc)
+        finally:
+            self._end_wait(wait)
         if wait.scope.cancelled_caught:
             if wait.cut is None:
                 raise UpstreamTimeout(f"neuron {neuron.name} sent nothing within {timeout:g} s")
@@ -429,11 +433,14 @@ class Proxy:
         """
         assert ex.response is not None and ex.neuron is not None
         timeout = self.section.idle_timeout
+        wait = self._begin_wait(ex.neuron, timeout, first_byte=False)
         try:
-            with self._waiting(ex.neuron, timeout, first_byte=False) as wait, wait.scope:
+            with wait.scope:
                 return await anext(ex.response, None)
         except hop.HopError as exc:
             raise UpstreamError(f"neuron {ex.neuron.name} failed mid-stream: {exc}")
+        finally:
+            self._end_wait(wait)
         if wait.cut is not None:
             raise wait.cut
         raise UpstreamTimeout(f"neuron {ex.neuron.name} sent nothing for {timeout:g} s")
