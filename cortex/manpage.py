@@ -171,7 +171,9 @@ SIGNALS = r"""
 Graceful shutdown: stop accepting connections, let in\-flight requests finish
 within
 .B grace_period
-seconds ([neuron] or [gateway]), unload the models (neuron), exit 0. A second
+seconds ([neuron] or [gateway]), unload the models (neuron), exit 0. The
+gateway ends what still runs after grace_period itself: a stream with the
+dialect's error event, a request with a 503, logged as 503. A second
 SIGTERM or SIGINT stops at once. Service managers should wait longer than
 grace_period before they kill (the packaged units wait 60 seconds).
 .TP

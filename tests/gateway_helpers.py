@@ -97,10 +97,17 @@ class FakeNeuron:
     load_gate: trio.Event | None = None
     #: When set, inference requests wait for it before answering.
     hold: trio.Event | None = None
+    #: When set, streams wait for it after their first two chunks.
+    hold_mid: trio.Event | None = None
     #: Model ids whose load fails.
     failing: set[str] = attrs.field(factory=set)
     #: The ``parallel`` (slots) each loaded model reports.
     parallel: int = 1
+    #: Seconds its requests in flight get to finish once ``shutdown`` is set.
+    grace_period: float = 0.2
+    #: While True, every new request waits for ``thaw`` (a process under SIGSTOP).
+    frozen: bool = False
+    thaw: trio.Event = attrs.field(factory=trio.Event)
 
     loaded: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     loading: dict[str, trio.Event] = attrs.field(factory=dict)
@@ -291,6 +298,8 @@ def create_fake_app(fake: FakeNeuron) -> QuartTrio:
 
     @app.before_request
     async def authenticate() -> Response | None:
+        if fake.frozen:
+            await fake.thaw.wait()
         if fake.token and request.headers.get("authorization") != f"Bearer {fake.token}":
             return _error(401, "bad token", kind="authentication_error")
         return None
@@ -440,6 +449,8 @@ def create_fake_app(fake: FakeNeuron) -> QuartTrio:
                         raise RuntimeError("fake neuron dies before its first byte")
                     if n == 0 and fake.fault == "hang_before_first_byte":
                         await trio.sleep_forever()
+                    if n == 2 and fake.hold_mid is not None:
+                        await fake.hold_mid.wait()
                     if n == 2 and fake.fault == "die_mid_stream":
                         raise RuntimeError("fake neuron dies mid-stream")
                     if n == 2 and fake.fault == "hang_mid_stream":
@@ -488,7 +499,7 @@ async def start_fake(
                     "127.0.0.1:0",
                     default_port=0,
                     shutdown_trigger=fake.shutdown.wait,
-                    grace_period=0.2,
+                    grace_period=fake.grace_period,
                 )
             )
             task_status.started(fake.url)
@@ -682,6 +693,7 @@ async def gateway_app(
         async with make_client(config) as client:
             gateway = Gateway.build(config, models, client)
             await nursery.start(gateway.router.loader.run)
+            await nursery.start(gateway.proxy.watch_fleet)
             for neuron in gateway.state.neurons.values():
                 nursery.start_soon(
                     partial(

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from functools import partial
 
+import httpx
 import pytest
 import trio
 import trio.testing
 
 from cortex.config import CatalogModel
+from cortex.errors import CortexError
+from cortex.fleet import make_converter
+from cortex.gateway.poller import refresh
+from cortex.gateway.upstream import NeuronAPI
 from cortex.wire.sse import SSEDecoder
 from tests.gateway_helpers import FakeNeuron, GatewayApp, catalogue, gateway_app, running_fleet
 
@@ -122,6 +128,80 @@ async def test_hang_before_first_byte_times_out() -> None:
             assert response.status_code == 504
             a.fault = None
             assert (await fleet.chat("org/small")).status_code == 200
+
+
+async def inference_requests(fake: FakeNeuron, count: int) -> None:
+    """Wait until ``fake`` has received ``count`` inference requests."""
+    while sum(path != "/tokenize" for path, _, _ in fake.requests) < count:
+        await fake.request_arrived.wait()
+        fake.request_arrived = trio.Event()
+
+
+async def mark_down_by_a_poll(fleet, name: str) -> float:
+    """Poll neuron ``name`` as its poller does, with a short timeout; when it was marked down."""
+    async with httpx.AsyncClient() as client:
+        api = NeuronAPI(
+            client=client,
+            converter=make_converter(),
+            call_timeout=httpx.Timeout(0.3),
+            load_timeout=httpx.Timeout(0.3),
+        )
+        with pytest.raises(CortexError, match="did not answer in time"):
+            await refresh(api, fleet.state, fleet.state.neurons[name])
+    assert not fleet.state.neurons[name].up
+    return trio.current_time()
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+async def test_a_request_waiting_on_a_neuron_marked_down_moves_on_at_once(stream: bool) -> None:
+    # a takes the request, then freezes (SIGSTOP) before its first byte: once
+    # a poll marks it down, the request moves to b, long before first_byte_timeout.
+    a = favoured(FakeNeuron("a", preload=["org/small"], hold=trio.Event()))
+    b = FakeNeuron("b", preload=["org/small"])
+    answers: list[tuple[float, bytes]] = []
+
+    async def ask(fleet) -> None:
+        response = await fleet.client.post(
+            "/v1/chat/completions", json={**STREAM, "stream": stream}
+        )
+        assert response.status_code == 200, response.text
+        answers.append((trio.current_time(), response.content))
+
+    with trio.fail_after(10):
+        async with running_fleet([a, b], MODELS, first_byte_timeout=60.0) as fleet:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, fleet)
+                await a.request_arrived.wait()
+                a.frozen = True
+                down_at = await mark_down_by_a_poll(fleet, "a")
+            [(answered_at, content)] = answers
+            assert answered_at - down_at < 1.0
+            assert content == b.sent[-1] and len(b.requests) == 1
+            a.thaw.set()
+            a.hold.set()
+
+
+async def test_with_no_other_route_a_neuron_marked_down_is_a_503_at_once() -> None:
+    a = FakeNeuron("a", preload=["org/small"], hold=trio.Event(), parallel=2)
+    answers: list[tuple[float, httpx.Response]] = []
+
+    async def ask(fleet, path: str, body: dict) -> None:
+        answers.append((trio.current_time(), await fleet.client.post(path, json=body)))
+
+    with trio.fail_after(10):
+        async with running_fleet([a], MODELS, first_byte_timeout=60.0) as fleet:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, fleet, STREAM_PATH, STREAM)
+                nursery.start_soon(ask, fleet, "/v1/messages", MESSAGES_STREAM)
+                await inference_requests(a, 2)
+                a.frozen = True
+                down_at = await mark_down_by_a_poll(fleet, "a")
+            for answered_at, response in answers:
+                assert answered_at - down_at < 1.0
+                assert response.status_code in (503, 529), response.text
+                assert "neuron a went down before it answered" in response.text
+            a.thaw.set()
+            a.hold.set()
 
 
 async def test_neuron_error_chunk_passes_through() -> None:
@@ -244,6 +324,93 @@ async def test_shutdown_drains_the_stream_in_flight() -> None:
                 await trio.testing.wait_all_tasks_blocked(cushion=0.05)
                 hold.set()
             assert received == [a.sent[-1]]
+
+
+async def test_shutdown_ends_what_outlives_the_grace_period_with_an_error(caplog) -> None:
+    # Streams stuck mid-way (both dialects) and a request stuck before its
+    # first byte, at shutdown: past grace_period each ends with the
+    # dialect's error, logged as the gateway's 503, not as a client that left.
+    a = FakeNeuron("a", preload=["org/small"], fault="hang_mid_stream", parallel=4)
+    received: dict[str, bytes] = {}
+
+    async def ask(fleet, name: str, path: str, body: dict) -> None:
+        async with fleet.client.stream("POST", path, json=body) as response:
+            received[name] = b"".join([chunk async for chunk in response.aiter_raw()])
+            received[name + " status"] = str(response.status_code).encode()
+
+    caplog.set_level(logging.INFO, logger="cortex.gateway.proxy")
+    with trio.fail_after(10):
+        async with running_fleet([a], MODELS, grace_period=0.5, idle_timeout=30.0) as fleet:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, fleet, "openai", STREAM_PATH, STREAM)
+                nursery.start_soon(ask, fleet, "anthropic", "/v1/messages", MESSAGES_STREAM)
+                await inference_requests(a, 2)
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                a.fault = "hang_before_first_byte"
+                nursery.start_soon(ask, fleet, "whole", STREAM_PATH, {**STREAM, "stream": False})
+                await inference_requests(a, 3)
+                fleet.shutdown.set()
+                shutdown_at = trio.current_time()
+            assert trio.current_time() - shutdown_at < 1.0
+    openai_events = SSEDecoder().feed(received["openai"])
+    error = json.loads(openai_events[-1].data)["error"]
+    assert "the gateway shut down" in error["message"] and len(openai_events) == 3
+    anthropic_events = SSEDecoder().feed(received["anthropic"])
+    assert anthropic_events[-1].event == "error"
+    assert "the gateway shut down" in json.loads(anthropic_events[-1].data)["error"]["message"]
+    assert received["whole status"] == b"503"
+    assert "the gateway shut down" in json.loads(received["whole"])["error"]["message"]
+    logged = [r.getMessage() for r in caplog.records if "request_id=" in r.getMessage()]
+    assert sorted(line.split()[:2][1] for line in logged) == ["503", "503", "529"], logged
+
+
+async def test_a_request_the_server_cuts_at_shutdown_is_logged_as_503(caplog) -> None:
+    # Waiting on a cold load (no neuron wait to end): the server cuts it
+    # after the grace period; the log says the gateway shut down, not 499.
+    a = FakeNeuron("a", load_gate=trio.Event())
+
+    async def ask(fleet) -> None:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await fleet.chat("org/small")
+
+    caplog.set_level(logging.INFO, logger="cortex.gateway.proxy")
+    with trio.fail_after(10):
+        async with running_fleet([a], MODELS, grace_period=0.2) as fleet:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, fleet)
+                await a.load_started.wait()
+                fleet.shutdown.set()
+    (line,) = [r.getMessage() for r in caplog.records if "request_id=" in r.getMessage()]
+    assert line.startswith("chat/completions 503 "), line
+    a.load_gate.set()
+
+
+async def test_a_draining_neuron_is_down_at_the_next_poll_and_finishes_its_stream() -> None:
+    # a drains (SIGTERM, grace period) with a stream in flight: its next
+    # poll must not wait on a kept-alive connection the draining server no
+    # longer serves; a is marked down, new requests go to b, a's stream ends.
+    a = favoured(FakeNeuron("a", preload=["org/small"], hold_mid=trio.Event(), grace_period=30.0))
+    b = FakeNeuron("b", preload=["org/small"])
+    received = []
+
+    async def stream(fleet) -> None:
+        response = await fleet.client.post("/v1/chat/completions", json=STREAM)
+        received.append(response.content)
+
+    with trio.fail_after(10):
+        async with running_fleet([a, b], MODELS, poll_interval=0.2) as fleet:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream, fleet)
+                await a.request_arrived.wait()
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # two chunks sent
+                a.shutdown.set()
+                with trio.fail_after(2):
+                    while fleet.state.neurons["a"].up:
+                        await fleet.state.wait_changed()
+                assert (await fleet.chat("org/small", "a new conversation")).status_code == 200
+                assert len(b.requests) == 1
+                a.hold_mid.set()
+            assert received == [a.sent[0]] and received[0].endswith(b"data: [DONE]\n\n")
 
 
 def error_count(gw: GatewayApp, endpoint: str, status: int) -> float | None:

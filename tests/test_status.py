@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
+from functools import partial
 
+import httpx
 import trio
 
 from cortex import status as status_command
-from cortex.config import CatalogModel
-from tests.gateway_helpers import FakeNeuron, catalogue, running_fleet
+from cortex.config import CatalogModel, GatewayConfig, GatewaySection, NeuronEndpoint
+from cortex.gateway.app import run_gateway
+from tests.gateway_helpers import FakeNeuron, catalogue, running_fleet, start_fake
 
 
 def status(*args: str) -> subprocess.CompletedProcess[str]:
@@ -108,3 +112,55 @@ async def test_a_reader_that_stops_early_gets_no_traceback() -> None:
                     assert (done.returncode, done.stderr) == (0, "")
         finally:
             os.close(write)
+
+
+async def test_a_neuron_never_reached_is_logged_with_the_reason(caplog) -> None:
+    # Four ways to get a neuron wrong from the start; each is logged once,
+    # with its reason, and /health says the same.
+    good = FakeNeuron("good", token="right")
+    closed = trio.socket.socket()
+    await closed.bind(("127.0.0.1", 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(start_fake, good)
+        port = good.url.rsplit(":", 1)[1]
+        endpoints = [
+            NeuronEndpoint("noscheme", f"127.0.0.1:{port}", "right"),
+            NeuronEndpoint("dead", f"http://127.0.0.1:{dead_port}"),
+            NeuronEndpoint("v1", f"{good.url}/v1", "right"),
+            NeuronEndpoint("token", good.url, "wrong"),
+        ]
+        config = GatewayConfig(
+            gateway=GatewaySection(
+                listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", poll_interval=3600.0
+            ),
+            neurons=endpoints,
+        )
+        shutdown = trio.Event()
+        with caplog.at_level(logging.WARNING, logger="cortex.gateway.poller"):
+            with trio.fail_after(30):
+                handle = await nursery.start(
+                    partial(run_gateway, config, catalogue(), shutdown=shutdown)
+                )
+                await handle.state.wait_polled()
+                async with httpx.AsyncClient(base_url=handle.api_url) as client:
+                    health = (await client.get("/health")).json()
+                for neuron in handle.state.neurons.values():  # a second poll: no new lines
+                    neuron.polled = trio.Event()
+                    neuron.poke.set()
+                    await neuron.polled.wait()
+            shutdown.set()
+            good.shutdown.set()
+    errors = {n["name"]: n["error"] for n in health["neurons"]}
+    assert not any(n["up"] for n in health["neurons"])
+    assert "is not an http:// or https:// URL" in errors["noscheme"]
+    assert "unreachable" in errors["dead"]
+    assert "answered 404 to GET " + good.url + "/v1/discovery" in errors["v1"]
+    assert "does not look like a cortex neuron" in errors["v1"]
+    assert "refused the gateway's token" in errors["token"]
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(logged) == 4, logged
+    for name, error in errors.items():
+        (line,) = [message for message in logged if message.startswith(f"neuron {name} ")]
+        assert line.endswith(error)

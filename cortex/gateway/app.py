@@ -56,6 +56,10 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 31313
 DEFAULT_METRICS_PORT = 31314
 
+#: Seconds the requests cut at the end of ``grace_period`` get to send their
+#: error answer before the server closes their connections.
+STOP_MARGIN = 1.0
+
 
 @attrs.frozen
 class GatewayHandle:
@@ -349,6 +353,8 @@ async def run_gateway(
         app = create_app(gateway)
         async with trio.open_nursery() as background:
             await background.start(gateway.router.loader.run)
+            await background.start(gateway.proxy.watch_fleet)
+            background.start_soon(gateway.proxy.stop_after, shutdown, section.grace_period)
             for neuron in gateway.state.neurons.values():
                 background.start_soon(
                     partial(
@@ -363,7 +369,9 @@ async def run_gateway(
                         section.listen,
                         default_port=DEFAULT_PORT,
                         shutdown_trigger=shutdown.wait,
-                        grace_period=section.grace_period,
+                        # The proxy cuts what runs past grace_period (stop_after):
+                        # the server waits a moment more for those answers to end.
+                        grace_period=section.grace_period + STOP_MARGIN,
                     )
                 )
                 metrics_url = await servers.start(

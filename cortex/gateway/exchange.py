@@ -28,12 +28,16 @@ measured about 0.3 ms of gateway CPU per request less without Quart.
 
 Cancellation: like quart-trio, a task watches for ``http.disconnect`` while
 the request is proxied and cancels it when the client goes away, so the
-neuron's connection is closed and the neuron stops generating.
+neuron's connection is closed and the neuron stops generating (logged 499).
+At shutdown the proxy ends what is still running after ``grace_period``
+(``Proxy.stop``): an error answer, or the stream's error event, and 503 in
+the log; what the server itself cuts after that is logged 503 too.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -45,7 +49,7 @@ from cortex.gateway.affinity import SESSION_HEADER
 from cortex.gateway.context import Gateway
 from cortex.gateway.dialects import JSON, ROUTES, Dialect
 from cortex.gateway.metrics import UNKNOWN
-from cortex.gateway.proxy import CLIENT_CLOSED, Exchange
+from cortex.gateway.proxy import CLIENT_CLOSED, SHUT_DOWN, Exchange
 from cortex.wire import envelope, jsonbody
 
 log = logging.getLogger(__name__)
@@ -214,7 +218,12 @@ class Pipeline:
             else:
                 ex.status = 500
         finally:
-            # Cancelled (the client left), or failed: a no-op after the answer's own.
+            # A client that leaves cancels the exchange from inside, which
+            # then ends; cancelled from outside, it is the server cutting
+            # what is left once the shutdown's grace period is over.
+            if not ex.finished and trio.current_effective_deadline() == -math.inf:
+                ex.status = SHUT_DOWN
+            # Cancelled, or failed: a no-op after the answer's own.
             self.gateway.proxy.finish(ex)
 
     async def exchange(

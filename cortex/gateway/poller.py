@@ -4,8 +4,11 @@
 ``/models`` every ``poll_interval``, or at once when something pokes the
 neuron (a request failed on it, a load or unload finished). A neuron that
 does not answer is marked down; the next good poll brings it back and clears
-``suspect``. A model the neuron no longer lists is dropped. Each poll sets
-the gauges of the neuron's queue and of its models' prompt caches.
+``suspect``. A poll that fails is logged when the neuron goes down and
+whenever the reason changes, so a neuron never reached (a wrong endpoint or
+token) shows in the log too. A model the neuron no longer lists is dropped.
+Each poll sets the gauges of the neuron's queue and of its models' prompt
+caches.
 """
 
 from __future__ import annotations
@@ -59,8 +62,16 @@ async def refresh(api: NeuronLink, state: FleetState, neuron: NeuronState) -> No
 
 
 def mark_down(state: FleetState, neuron: NeuronState, reason: str) -> None:
+    """Record ``neuron`` as down for ``reason``.
+
+    Logged at warning when it goes down, and when it is down from the start
+    (a wrong endpoint or token) or for a new reason: once per reason, not
+    once per poll.
+    """
     if neuron.up:
         log.warning("neuron %s is down: %s", neuron.name, reason)
+    elif reason != neuron.last_error:
+        log.warning("neuron %s (%s) cannot be polled: %s", neuron.name, neuron.endpoint, reason)
     neuron.up = False
     neuron.last_error = reason
     state.changed()

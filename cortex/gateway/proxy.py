@@ -14,6 +14,13 @@ one pool of keep-alive connections per neuron), not httpx: httpx and
 httpcore cost about half of the gateway's CPU per request. Its timeouts
 are the cancel scopes here: the connect, the first byte, each chunk.
 
+Waits on a neuron can be cut short by the fleet (``Proxy.cut``): the
+requests waiting for a neuron's first byte fail over to the next route as
+soon as its poller marks it down (``Proxy.watch_fleet``), not after
+``first_byte_timeout``; at shutdown, after ``grace_period``, every wait
+still open ends with a 503 the client's dialect renders (the error answer,
+or a stream's error event), before the server cuts the connections.
+
 Resource handling: ``finish`` closes the upstream response, releases the
 route and records the exchange, once; the exchange pipeline
 (``cortex.gateway.exchange``) calls it before the answer's last bytes go
@@ -53,6 +60,8 @@ log = logging.getLogger(__name__)
 
 #: A client that went away, in the error metrics (nginx's number for it).
 CLIENT_CLOSED = 499
+#: An exchange the gateway's shutdown cut short, in the log and the metrics.
+SHUT_DOWN = 503
 
 
 @attrs.define(eq=False)
@@ -86,6 +95,20 @@ class Exchange:
     #: conversation again with the tool's result (``Router.release(follows=)``).
     follows: bool = False
     finished: bool = False
+
+
+@attrs.define(eq=False)
+class _Wait:
+    """A wait on a neuron's answer that ``Proxy.cut`` may end early."""
+
+    neuron: NeuronState
+    scope: trio.CancelScope
+    #: Waiting for the first byte (a neuron that goes down fails it over).
+    first_byte: bool
+    #: Why it was cut short; None: it was not.
+    cut: CortexError | None = None
+    #: Whether the request may move to the next route after the cut.
+    retry: bool = False
 
 
 class _Retry(Exception):
@@ -141,6 +164,12 @@ class Proxy:
     metrics: GatewayMetrics
     #: Keep-alive connections, one pool per neuron endpoint.
     pools: dict[str, hop.Pool] = attrs.field(factory=dict, init=False)
+    #: The waits for a first byte, per neuron: failed over if it goes down.
+    first_byte: dict[NeuronState, set[_Wait]] = attrs.field(factory=dict, init=False)
+    #: Every wait under way, first bytes and streams' next chunks.
+    waits: set[_Wait] = attrs.field(factory=set, init=False)
+    #: Set once the gateway has cut every wait at shutdown: new ones end at once.
+    stopped: CortexError | None = attrs.field(default=None, init=False)
 
     def pool(self, base_url: str) -> hop.Pool:
         pool = self.pools.get(base_url)
@@ -164,6 +193,100 @@ class Proxy:
         """Close the idle connections to every neuron."""
         for pool in self.pools.values():
             pool.close()
+
+    # -- cutting waits short --------------------------------------------------
+
+    def _begin_wait(self, neuron: NeuronState, timeout: float, *, first_byte: bool) -> _Wait:
+        """A wait on ``neuron`` of at most ``timeout`` seconds, open to ``cut``.
+
+        The caller enters its scope, and calls ``_end_wait`` in a
+        ``finally``; after the scope, ``scope.cancelled_caught`` says
+        whether the wait ended early: cut short when ``cut`` is set, else
+        timed out. (Not a context manager: it runs for every chunk.)
+        """
+        wait = _Wait(neuron, trio.CancelScope(deadline=trio.current_time() + timeout), first_byte)
+        self.waits.add(wait)
+        if first_byte:
+            self.first_byte.setdefault(neuron, set()).add(wait)
+            if not neuron.up:
+                self._cut_down(wait)
+        if self.stopped is not None:
+            self.cut(wait, self.stopped)
+        return wait
+
+    def _end_wait(self, wait: _Wait) -> None:
+        self.waits.discard(wait)
+        if wait.first_byte:
+            waits = self.first_byte[wait.neuron]
+            waits.discard(wait)
+            if not waits:
+                del self.first_byte[wait.neuron]
+
+    @staticmethod
+    def cut(wait: _Wait, error: CortexError, *, retry: bool = False) -> None:
+        """End ``wait`` now: it raises ``error`` (or moves on, ``retry``)."""
+        if wait.cut is None:
+            wait.cut, wait.retry = error, retry
+            wait.scope.cancel()
+
+    def _cut_down(self, wait: _Wait) -> None:
+        neuron = wait.neuron
+        error = NeuronUnreachable(
+            f"neuron {neuron.name} went down before it answered: {neuron.last_error}"
+        )
+        self.cut(wait, error, retry=True)
+
+    def neurons_down(self) -> None:
+        """Fail over the requests waiting for the first byte of a neuron that is down.
+
+        Nothing has been sent to their clients yet: like a request that
+        could not connect, each moves to the next route. Streams under way
+        keep their ``idle_timeout``.
+        """
+        for neuron, waits in self.first_byte.items():
+            if not neuron.up:
+                for wait in waits:
+                    self._cut_down(wait)
+
+    async def watch_fleet(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run ``neurons_down`` after every change of the fleet, until cancelled.
+
+        A poller that marks a neuron down changes the fleet
+        (``FleetState.changed``).
+        """
+        state = self.router.state
+        task_status.started()
+        while True:
+            await state.wait_changed()
+            self.neurons_down()
+
+    def stop(self, error: CortexError) -> None:
+        """Cut every wait under way, and any that starts later, with ``error``.
+
+        The gateway's shutdown, after ``grace_period``: each request still
+        waiting for its first byte is answered with ``error``, each stream
+        still running ends with it as the dialect's error event.
+        """
+        self.stopped = error
+        for wait in list(self.waits):
+            self.cut(wait, error)
+
+    async def stop_after(self, shutdown: trio.Event, grace_period: float) -> None:
+        """``stop`` the requests still running ``grace_period`` seconds after ``shutdown``."""
+        await shutdown.wait()
+        await trio.sleep(grace_period)
+        log.warning(
+            "shutting down: cutting %d request(s) still running after %g s",
+            len(self.waits),
+            grace_period,
+        )
+        self.stop(
+            Unavailable(
+                f"the gateway shut down: the request ran past its {grace_period:g} s grace period"
+            )
+        )
 
     # -- before the first byte ------------------------------------------------
 
@@ -228,8 +351,10 @@ class Proxy:
     async def _attempt(self, ex: Exchange, neuron: NeuronState, path: str, content: bytes) -> None:
         request = self._request(neuron, path, content, ex.request_id)
         assert ex.model is not None
+        timeout = self.section.first_byte_timeout
+        wait = self._begin_wait(neuron, timeout, first_byte=True)
         try:
-            with trio.fail_after(self.section.first_byte_timeout):
+            with wait.scope:
                 response = await self.pool(neuron.base_url).send(request)
                 try:
                     if response.status >= 400:
@@ -249,13 +374,18 @@ class Proxy:
                 except BaseException:
                     response.close()
                     raise
-        except trio.TooSlowError:
-            raise UpstreamTimeout(
-                f"neuron {neuron.name} sent nothing within {self.section.first_byte_timeout:g} s"
-            )
         except hop.HopError as exc:
             neuron.mark_suspect(f"{type(exc).__name__}: {exc}")
             raise _Retry(_hop_error(neuron, exc), exclude=True)
+        finally:
+            self._end_wait(wait)
+        if wait.scope.cancelled_caught:
+            if wait.cut is None:
+                raise UpstreamTimeout(f"neuron {neuron.name} sent nothing within {timeout:g} s")
+            if wait.retry:
+                raise _Retry(wait.cut, exclude=True)
+            raise wait.cut
+        # A cut that came too late to interrupt anything: the answer is in.
         ex.neuron, ex.response, ex.first = neuron, response, first
         ex.first_at = trio.current_time()
 
@@ -270,19 +400,23 @@ class Proxy:
             NeuronUnreachable when it did not answer.
         """
         request = self._request(neuron, path, content, request_id)
+        timeout = self.section.first_byte_timeout
+        wait = self._begin_wait(neuron, timeout, first_byte=True)
         try:
-            with trio.fail_after(self.section.first_byte_timeout):
+            with wait.scope:
                 response = await self.pool(neuron.base_url).send(request)
                 try:
                     body = await response.read()
                 finally:
                     response.close()
-        except trio.TooSlowError:
-            raise UpstreamTimeout(
-                f"neuron {neuron.name} sent nothing within {self.section.first_byte_timeout:g} s"
-            )
         except hop.HopError as exc:
             raise _hop_error(neuron, exc)
+        finally:
+            self._end_wait(wait)
+        if wait.scope.cancelled_caught:
+            if wait.cut is None:
+                raise UpstreamTimeout(f"neuron {neuron.name} sent nothing within {timeout:g} s")
+            raise wait.cut
         if response.status >= 400:
             raise error_from_response(response.status, body, response.headers)
         return body
@@ -295,17 +429,21 @@ class Proxy:
         Raises:
           UpstreamTimeout: nothing for ``idle_timeout`` seconds.
           UpstreamError: the neuron dropped the connection.
+          Unavailable: the gateway shut down (``stop``).
         """
         assert ex.response is not None and ex.neuron is not None
+        timeout = self.section.idle_timeout
+        wait = self._begin_wait(ex.neuron, timeout, first_byte=False)
         try:
-            with trio.fail_after(self.section.idle_timeout):
+            with wait.scope:
                 return await anext(ex.response, None)
-        except trio.TooSlowError:
-            raise UpstreamTimeout(
-                f"neuron {ex.neuron.name} sent nothing for {self.section.idle_timeout:g} s"
-            )
         except hop.HopError as exc:
             raise UpstreamError(f"neuron {ex.neuron.name} failed mid-stream: {exc}")
+        finally:
+            self._end_wait(wait)
+        if wait.cut is not None:
+            raise wait.cut
+        raise UpstreamTimeout(f"neuron {ex.neuron.name} sent nothing for {timeout:g} s")
 
     def finish(self, ex: Exchange) -> None:
         """Close the neuron's response, release the route and record the exchange (once).

@@ -18,6 +18,7 @@ import json
 import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import attrs
 import cattrs
@@ -120,7 +121,12 @@ class NeuronAPI:
     load_timeout: httpx.Timeout
 
     def headers(self, neuron: NeuronState, request_id: str | None = None) -> dict[str, str]:
-        headers = {}
+        # A fresh connection per call: a neuron that drains (SIGTERM) closes
+        # its listener but keeps serving, then stalls, a kept-alive one
+        # until its grace period ends; refused at once, the poll marks it
+        # down and no new request goes there while it finishes the rest.
+        # The calls are few (a poll, a load), so the connects cost nothing.
+        headers = {"connection": "close"}
         if neuron.token:
             headers["authorization"] = f"Bearer {neuron.token}"
         if request_id:
@@ -141,8 +147,16 @@ class NeuronAPI:
 
         Raises:
           CortexError: the neuron's error answer, mapped by status.
-          UpstreamError, UpstreamTimeout: it could not be reached or answered junk.
+          UpstreamError, UpstreamTimeout: it could not be reached or answered
+            junk, its endpoint is not an http(s) URL, or a GET found no such
+            path (not a neuron's URL).
         """
+        scheme = urlsplit(neuron.base_url).scheme.lower()
+        if scheme not in ("http", "https"):
+            raise UpstreamError(
+                f"neuron {neuron.name}'s endpoint {neuron.endpoint!r} is not an http:// "
+                "or https:// URL (write it as http://HOST:PORT)"
+            )
         try:
             response = await self.client.request(
                 method,
@@ -153,6 +167,14 @@ class NeuronAPI:
             )
         except httpx.HTTPError as exc:
             raise transport_error(neuron, exc) from exc
+        if response.status_code == 404 and method == "GET":
+            # Every neuron serves the status paths: this is some other server,
+            # or the endpoint has a path too many (``/v1``).
+            raise UpstreamError(
+                f"neuron {neuron.name} answered 404 to GET {neuron.base_url + path}: "
+                f"{neuron.endpoint} does not look like a cortex neuron (its endpoint is "
+                "the neuron's base URL, http://HOST:PORT, with no path such as /v1)"
+            )
         if response.status_code >= 400:
             raise error_from_response(response.status_code, response.content, response.headers)
         try:
