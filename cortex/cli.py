@@ -173,7 +173,10 @@ def gateway_config(args: argparse.Namespace) -> tuple[cfg.GatewayConfig, cfg.Mod
             raise ConfigError(
                 f"--neuron {name}={url}: a neuron named {name!r} is already configured"
             )
-        config.neurons.append(cfg.NeuronEndpoint(name=name, endpoint=url))
+        try:
+            config.neurons.append(cfg.NeuronEndpoint(name=name, endpoint=url))
+        except cfg.InvalidValue as exc:
+            raise ConfigError(f"--neuron {name}={url}: {exc.reason}") from None
     models = cfg.load_models(args.models)
     names = [n.name for n in config.neurons or [DEFAULT_NEURON]]
     cfg.check_pins(models, names, source=str(args.models))

@@ -246,10 +246,19 @@ class RoutingSection:
     follow_up_limit: float = attrs.field(default=300.0, validator=NON_NEGATIVE)
 
 
+def validate_endpoint(instance: object, attribute: attrs.Attribute, value: str) -> None:
+    """A neuron's base URL: ``http://HOST:PORT`` or ``https://...``, its scheme included."""
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or not rest.strip("/"):
+        raise InvalidValue(
+            attribute.name, f"{value!r} is not an http:// or https:// URL (http://HOST:PORT)"
+        )
+
+
 @attrs.define
 class NeuronEndpoint:
     name: str
-    endpoint: str
+    endpoint: str = attrs.field(validator=validate_endpoint)
     token: str | None = None
 
 

@@ -428,6 +428,25 @@ def test_two_neurons_with_one_name_are_an_error(tmp_path: Path) -> None:
     assert error.value.message.startswith("--neuron x=http://127.0.0.1:2: a neuron named 'x'")
 
 
+def test_a_neuron_endpoint_needs_its_scheme(tmp_path: Path) -> None:
+    from cortex.cli import build_parser, gateway_config
+
+    path = write(tmp_path, '[[neurons]]\nname = "x"\nendpoint = "127.0.0.1:13131"\n')
+    with pytest.raises(ConfigError) as error:
+        cfg.load(cfg.GatewayConfig, path, environ={})
+    assert error.value.message == (
+        f"{path}: neurons[0].endpoint: '127.0.0.1:13131' is not an http:// or https:// URL "
+        "(http://HOST:PORT)"
+    )
+    for url in ("10.0.0.2:13131", "ftp://10.0.0.2", "http://"):
+        args = build_parser().parse_args(["--role", "gateway", "--neuron", f"big={url}"])
+        with pytest.raises(ConfigError) as error:
+            gateway_config(args)
+        assert error.value.message.startswith(f"--neuron big={url}: {url!r} is not an http://")
+    args = build_parser().parse_args(["--role", "gateway", "--neuron", "big=HTTPS://h:1"])
+    assert gateway_config(args)[0].neurons[0].endpoint == "HTTPS://h:1"
+
+
 def test_pinned_on_must_name_a_neuron(tmp_path: Path) -> None:
     from cortex.cli import build_parser, gateway_config, standalone_config
 

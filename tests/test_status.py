@@ -115,7 +115,8 @@ async def test_a_reader_that_stops_early_gets_no_traceback() -> None:
 
 
 async def test_a_neuron_never_reached_is_logged_with_the_reason(caplog) -> None:
-    # Four ways to get a neuron wrong from the start; each is logged once,
+    # Three ways to get a neuron wrong from the start (a URL without its
+    # scheme is refused at load: tests/test_config.py); each is logged once,
     # with its reason, and /health says the same.
     good = FakeNeuron("good", token="right")
     closed = trio.socket.socket()
@@ -124,9 +125,7 @@ async def test_a_neuron_never_reached_is_logged_with_the_reason(caplog) -> None:
     closed.close()
     async with trio.open_nursery() as nursery:
         await nursery.start(start_fake, good)
-        port = good.url.rsplit(":", 1)[1]
         endpoints = [
-            NeuronEndpoint("noscheme", f"127.0.0.1:{port}", "right"),
             NeuronEndpoint("dead", f"http://127.0.0.1:{dead_port}"),
             NeuronEndpoint("v1", f"{good.url}/v1", "right"),
             NeuronEndpoint("token", good.url, "wrong"),
@@ -154,13 +153,12 @@ async def test_a_neuron_never_reached_is_logged_with_the_reason(caplog) -> None:
             good.shutdown.set()
     errors = {n["name"]: n["error"] for n in health["neurons"]}
     assert not any(n["up"] for n in health["neurons"])
-    assert "is not an http:// or https:// URL" in errors["noscheme"]
     assert "unreachable" in errors["dead"]
     assert "answered 404 to GET " + good.url + "/v1/discovery" in errors["v1"]
     assert "does not look like a cortex neuron" in errors["v1"]
     assert "refused the gateway's token" in errors["token"]
     logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(logged) == 4, logged
+    assert len(logged) == 3, logged
     for name, error in errors.items():
         (line,) = [message for message in logged if message.startswith(f"neuron {name} ")]
         assert line.endswith(error)

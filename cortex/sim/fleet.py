@@ -174,5 +174,5 @@ class FleetFile:
         return GatewayConfig(
             gateway=structure(GatewaySection, self.gateway, source="gateway"),
             routing=structure(RoutingSection, settings, source="routing"),
-            neurons=[NeuronEndpoint(n.name, f"sim://{n.name}") for n in self.neurons],
+            neurons=[NeuronEndpoint(n.name, f"http://{n.name}.sim") for n in self.neurons],
         )
