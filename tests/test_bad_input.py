@@ -90,7 +90,55 @@ def test_parser_takes_what_nests_within_the_limit() -> None:
         jsonbody.loads_object(b"[]")
 
 
+LONE_SURROGATE = {
+    "/v1/chat/completions": b'{"model": "org/small", '
+    b'"messages": [{"role": "user", "content": "a\\ud800"}]}',
+    "/v1/completions": b'{"model": "org/small", "prompt": "\\udfff"}',
+    "/v1/responses": b'{"model": "org/small", "input": [{"role": "user", "content": "\\ud83d"}]}',
+    "/v1/messages": b'{"model": "org/small", "max_tokens": 5, '
+    b'"messages": [{"role": "user", "content": "\\ud800"}]}',
+    "/v1/messages/count_tokens": b'{"model": "org/small", '
+    b'"messages": [{"role": "user", "content": "\\ud800"}]}',
+}
+SURROGATE_AT = {
+    "/v1/chat/completions": "messages[0].content",
+    "/v1/completions": "prompt",
+    "/v1/responses": "input[0].content",
+    "/v1/messages": "messages[0].content",
+    "/v1/messages/count_tokens": "messages[0].content",
+}
+
+
+def test_parser_refuses_a_lone_surrogate_naming_its_place() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        jsonbody.loads(LONE_SURROGATE["/v1/chat/completions"])
+    assert caught.value.param == "messages[0].content"
+    assert "lone UTF-16 surrogate" in caught.value.message
+    with pytest.raises(InvalidRequest):
+        jsonbody.loads(b'{"tools": [{"na\\udc00me": 1}]}')
+
+
+def test_parser_takes_surrogate_pairs_and_escaped_backslashes() -> None:
+    assert jsonbody.loads(b'{"a": "\\ud83d\\ude00"}') == {"a": "\U0001f600"}
+    assert jsonbody.loads(b'{"a": "\\\\ud800"}') == {"a": "\\ud800"}
+
+
 # -- the gateway ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", GATEWAY_POSTS)
+async def test_a_lone_surrogate_is_400_naming_the_field_on_every_gateway_route(path: str) -> None:
+    a = FakeNeuron("a", preload=["org/small"])
+    with trio.fail_after(20):
+        async with running_fleet([a], MODELS) as fleet:
+            response = await fleet.client.post(path, content=LONE_SURROGATE[path])
+            assert response.status_code == 400, response.text
+            error = error_of(response, path)
+            assert error["type"] == "invalid_request_error"
+            assert f"{SURROGATE_AT[path]} holds a lone UTF-16 surrogate" in error["message"]
+            if not path.startswith("/v1/messages"):
+                assert error["param"] == SURROGATE_AT[path]
+            assert a.requests == []
 
 
 @pytest.mark.parametrize("path", GATEWAY_POSTS)
@@ -161,6 +209,22 @@ async def test_deep_json_is_400_on_every_neuron_route(tiny_model_path: Path) -> 
                         assert response.status_code == 400, (path, response.text)
                         assert "nested deeper" in error_of(response, path)["message"]
                 assert (await http.get("/health")).status_code == 200
+
+
+async def test_a_lone_surrogate_is_400_naming_the_field_on_the_neuron(
+    tiny_model_path: Path,
+) -> None:
+    with trio.fail_after(30):
+        async with running_neuron([("tiny", str(tiny_model_path))]) as neuron:
+            async with httpx.AsyncClient(base_url=neuron.url, timeout=20) as http:
+                for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
+                    data = LONE_SURROGATE[path].replace(b"org/small", b"tiny")
+                    response = await http.post(path, content=data)
+                    assert response.status_code == 400, (path, response.text)
+                    assert error_of(response, path)["param"] == SURROGATE_AT[path]
+                data = b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}'
+                response = await http.post("/tokenize", content=data)
+                assert response.status_code == 400, response.text
 
 
 # -- answers given without reading the body ---------------------------------------------
