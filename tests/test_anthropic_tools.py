@@ -20,6 +20,7 @@ from typing import Any
 import anthropic
 import httpx
 import openai
+import pydantic
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
@@ -73,6 +74,7 @@ SCRIPT = {
         {"when": "answer briefly", "reply": "Paris is sunny; the time in Rome is unknown."},
         {"when": "broken", "reply": '<tool_call>{"name": oops}</tool_call> sorry'},
         {"when": "count to five", "reply": "one, two, three, four, five"},
+        {"when": "capital of France", "reply": '{"city": "Paris", "population": 2100000}'},
         {"when": "tell a story", "reply": "Once upon a time there was a small model."},
         {
             "when": "list the files",
@@ -382,6 +384,36 @@ async def test_tool_choice_mapping(client: anthropic.AsyncAnthropic, neuron: Neu
     assert none.stop_reason == "end_turn"
     assert unknown.value.body["type"] == "error"
     assert unknown.value.body["error"]["type"] == "invalid_request_error"
+
+
+class City(pydantic.BaseModel):
+    city: str
+    population: int
+
+
+async def test_structured_output_is_constrained_by_its_schema(
+    client: anthropic.AsyncAnthropic, neuron: NeuronHandle
+) -> None:
+    # messages.parse sends output_config.format: the neuron must constrain the answer.
+    model = engine_model(neuron)
+    with trio.fail_after(10):
+        parsed = await client.messages.parse(
+            model="scripted",
+            max_tokens=200,
+            messages=ask("The capital of France, as JSON"),
+            output_format=City,
+        )
+        grammar = model.grammars[-1]
+        with pytest.raises(anthropic.BadRequestError) as wrong:
+            await client.messages.create(
+                model="scripted",
+                max_tokens=200,
+                messages=ask("hi"),
+                extra_body={"output_config": {"format": {"type": "xml"}}},
+            )
+    assert parsed.parsed_output == City(city="Paris", population=2100000)
+    assert grammar is not None and "population" in grammar
+    assert "output_config.format" in wrong.value.body["error"]["message"]
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -148,6 +148,33 @@ def _tool_choice(body: Mapping[str, Any]) -> dict[str, Any] | None:
     return choice
 
 
+def _output_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The JSON schema of ``output_config.format`` (structured output), or None.
+
+    The ``anthropic`` SDK's ``messages.parse(output_format=Model)`` sends
+    ``output_config: {"format": {"type": "json_schema", "schema": {...}}}``;
+    the structured-outputs beta sent the same object as a top-level
+    ``output_format``. ``output_config``'s other keys (``effort``) are
+    ignored: Claude Code sends them and a local model has no use for them.
+    """
+    config = body.get("output_config")
+    if config is not None and not isinstance(config, dict):
+        raise InvalidRequest("output_config must be an object", param="output_config")
+    where, fmt = "output_config.format", (config or {}).get("format")
+    if fmt is None:
+        where, fmt = "output_format", body.get("output_format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        raise InvalidRequest(
+            f'{where} must be {{"type": "json_schema", "schema": {{...}}}}', param=where
+        )
+    schema = fmt.get("schema")
+    if not isinstance(schema, dict):
+        raise InvalidRequest(f"{where}.schema must be an object", param=f"{where}.schema")
+    return schema
+
+
 def _metadata(body: Mapping[str, Any]) -> dict[str, Any] | None:
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
@@ -175,6 +202,8 @@ class MessagesRequest:
     tool_choice: dict[str, Any] | None = None
     stream: bool = False
     metadata: dict[str, Any] | None = None
+    #: The JSON schema of ``output_config.format``; None: free text.
+    output_schema: dict[str, Any] | None = None
 
 
 @attrs.frozen
@@ -214,6 +243,7 @@ def parse_messages_request(body: Any) -> MessagesRequest:
         tool_choice=_tool_choice(body),
         stream=bool(fields.opt_bool(body, "stream")),
         metadata=_metadata(body),
+        output_schema=_output_format(body),
     )
 
 

@@ -8,6 +8,9 @@ Choices made where the two dialects do not line up:
 
 - Several text blocks of one turn (or of ``system``) are joined with "\\n";
   a plain-text ``document`` is text too.
+- ``output_config.format`` (structured output, ``messages.parse``) becomes
+  a ``json_schema`` ``response_format``: the neuron constrains the answer
+  to the schema, and the answer is its one text block.
 - ``tool_result`` content that is an error is prefixed with ``"Error: "``.
 - ``thinking``, ``redacted_thinking`` and server-tool blocks from earlier
   turns are dropped: a local model cannot use them.
@@ -241,6 +244,12 @@ def anthropic_to_openai(
             body["tool_choice"] = _TOOL_CHOICE[kind]
         if req.tool_choice.get("disable_parallel_tool_use"):
             body["parallel_tool_calls"] = False
+    if req.output_schema is not None:
+        # Constrained by the neuron's grammar, as OpenAI's json_schema is.
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "output", "schema": req.output_schema},
+        }
     user_id = (req.metadata or {}).get("user_id")
     if isinstance(user_id, str):
         body["user"] = user_id
