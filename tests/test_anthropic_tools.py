@@ -526,6 +526,39 @@ async def test_openai_chat_tools_through_the_gateway(gateway_url: str) -> None:
     assert parallel.choices[0].finish_reason == "tool_calls"
 
 
+OPENAI_REFUSED: list[tuple[dict[str, Any], str]] = [
+    ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
+    ({"function_call": "auto"}, "function_call"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ({"web_search_options": {}}, "web_search_options"),
+    ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+]
+
+
+async def test_openai_fields_nothing_here_honours_are_400(gateway_url: str) -> None:
+    async with openai.AsyncOpenAI(
+        base_url=gateway_url + "/v1", api_key="x", max_retries=0
+    ) as client:
+        with trio.fail_after(10):
+            for extra, param in OPENAI_REFUSED:
+                with pytest.raises(openai.BadRequestError) as caught:
+                    await client.chat.completions.create(
+                        model="scripted", messages=ask("hi"), extra_body=extra
+                    )
+                assert caught.value.body["param"] == param, (extra, caught.value.body)
+            with pytest.raises(openai.BadRequestError) as responses:
+                await client.responses.create(model="scripted", input="hi", tool_choice="required")
+            text_only = await client.chat.completions.create(
+                model="scripted", messages=ask("hi"), modalities=["text"], tool_choice="none"
+            )
+    assert responses.value.body["param"] == "tool_choice"
+    assert "needs tools" in responses.value.body["message"]
+    assert text_only.choices[0].message.content == "Hello! How can I help?"
+
+
 async def test_responses_tools_through_the_gateway(gateway_url: str, neuron: NeuronHandle) -> None:
     tools: list[Any] = [
         {"type": "function", "name": t["name"], "parameters": t["input_schema"]} for t in TOOLS

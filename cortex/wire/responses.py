@@ -16,7 +16,13 @@ import attrs
 
 from cortex.errors import InvalidRequest
 from cortex.wire import fields
-from cortex.wire.openai import SamplingOverrides, Usage, chat_message, unsupported_content
+from cortex.wire.openai import (
+    SamplingOverrides,
+    Usage,
+    chat_message,
+    needs_tools,
+    unsupported_content,
+)
 
 _MESSAGE_ROLES = frozenset({"user", "assistant", "system", "developer"})
 #: Items that carry nothing a local model can use; dropped, not refused,
@@ -205,14 +211,16 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
                 "send the whole conversation in input",
                 param=key,
             )
+    tools, tool_choice = _tools(body), _tool_choice(body)
+    needs_tools(tool_choice, tools)
     return ResponsesRequest(
         model=model,
         messages=_input_messages(body, model),
         max_output_tokens=fields.opt_tokens(body, "max_output_tokens"),
         sampling=SamplingOverrides.from_body(body),
         stream=bool(fields.opt_bool(body, "stream")),
-        tools=_tools(body),
-        tool_choice=_tool_choice(body),
+        tools=tools,
+        tool_choice=tool_choice,
         parallel_tool_calls=fields.opt_bool(body, "parallel_tool_calls"),
         response_format=_response_format(body),
         store=fields.opt_bool(body, "store"),
