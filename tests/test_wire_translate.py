@@ -462,7 +462,7 @@ def test_tool_call_answer():
     first, second, third = msg["content"]
     assert (first["id"], first["name"], first["input"]) == ("call_1", "Bash", {"cmd": "ls"})
     assert second["id"].startswith("toolu_") and second["input"] == {}
-    assert third["input"] == {"_raw_arguments": '{"path": '}
+    assert third["input"] == {}  # cut before the value: nothing complete
     result = _client(msg).messages.create(model="c", max_tokens=5, messages=[])
     assert result.content[0].input == {"cmd": "ls"}
     assert result.stop_reason == "tool_use"
@@ -474,8 +474,8 @@ def test_text_kept_beside_tool_calls():
         _completion(content="Let me look.", finish_reason="tool_calls", tool_calls=calls), model="c"
     )
     assert msg["content"][0] == {"type": "text", "text": "Let me look."}
-    # Valid JSON that is not an object is no tool input either.
-    assert msg["content"][1]["input"] == {"_raw_arguments": "[1]"}
+    # Valid JSON that is not an object is no tool input.
+    assert msg["content"][1]["input"] == {}
 
 
 def test_empty_answer_keeps_an_empty_text_block():
@@ -667,6 +667,38 @@ def test_tool_call_fragments_stream():
     assert final.content[2].input == {"path": "a.py", "limit": 10}
     assert final.stop_reason == "tool_use"
     assert (final.usage.input_tokens, final.usage.output_tokens) == (40, 30)
+
+
+@pytest.mark.parametrize(
+    ("pieces", "expected"),
+    [
+        (['{ "city'], {}),
+        (['{"city": "Paris", "unit": "cel'], {"city": "Paris"}),
+        (['{"city": "Paris", ', '"days": [1, 2'], {"city": "Paris", "days": [1, 2]}),
+        (['{"n": 12'], {"n": 12}),
+        (['{"a": {"b": tr'], {"a": {}}),
+    ],
+)
+def test_a_cut_tool_call_has_the_same_input_whole_and_streamed(pieces, expected):
+    # max_tokens ended the call mid-arguments: both read it as the SDK reads a stream.
+    arguments = "".join(pieces)
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    whole = openai_to_anthropic(
+        _completion(content=None, finish_reason="length", tool_calls=[call]), model="c"
+    )
+    streamed = _final(
+        _run(
+            [
+                _chunk(_tool_delta(0, id="c1", name="f", arguments="")),
+                *(_chunk(_tool_delta(0, arguments=piece)) for piece in pieces),
+                _chunk({}, finish_reason="length"),
+                _usage(),
+            ]
+        )
+    )
+    assert whole["content"][-1]["input"] == expected
+    assert streamed.content[-1].input == expected
+    assert whole["stop_reason"] == streamed.stop_reason == "max_tokens"
 
 
 def test_tool_call_in_first_chunk_with_all_arguments():

@@ -18,9 +18,12 @@ Choices made where the two dialects do not line up:
   not know), anywhere in the request, is refused with a 400 that names its
   type and place: the models take text only, and answering without it would
   answer another question.
-- Tool arguments that are not a JSON object come back as
-  ``input: {"_raw_arguments": "<the text>"}`` so nothing the model wrote is
-  lost and the client's schema check reports it to the model.
+- A tool call's ``input`` is its arguments read as the SDKs read a
+  streamed ``input_json_delta`` (``jiter``'s partial mode): arguments cut
+  short (``max_tokens`` ended the call) keep their complete members and
+  drop the unfinished one, ``{"city": "Paris", "unit": "cel`` is
+  ``{"city": "Paris"}``, so a whole answer and a stream give the same
+  input. Arguments that are not a JSON object at all give ``{}``.
 - Usage: the neuron's ``prompt_tokens_details.cached_tokens`` becomes
   ``cache_read_input_tokens`` and ``input_tokens`` the rest of the prompt,
   as Anthropic counts them. ``cache_creation_input_tokens`` is always 0:
@@ -39,6 +42,7 @@ Choices made where the two dialects do not line up:
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from typing import Any
 
@@ -303,15 +307,109 @@ def anthropic_usage(
 
 
 def _tool_input(arguments: str | None) -> dict[str, Any]:
+    """A tool call's ``input``: its arguments, cut ones read as far as they go."""
     if not arguments:
         return {}
     try:
         value = json.loads(arguments)
     except ValueError:
-        value = None
-    if isinstance(value, dict):
-        return value
-    return {"_raw_arguments": arguments}
+        try:
+            value = partial_json(arguments)
+        except ValueError:
+            value = None
+    return value if isinstance(value, dict) else {}
+
+
+class _Cut(Exception):
+    """The text ended inside a string, number or literal."""
+
+
+_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][-+]?\d+)?")
+_NUMBER_CHARS = frozenset("0123456789+-.eE")
+_LITERALS = {"true": True, "false": False, "null": None}
+_WHITESPACE = " \t\n\r"
+
+
+def partial_json(text: str) -> Any:
+    """``text``, the start of a JSON value, read as far as it is complete.
+
+    As ``jiter.from_json(text, partial_mode=True)``, which the ``anthropic``
+    SDK applies to a streamed tool input: open objects and arrays are
+    closed, an unfinished member (a string, number or literal the text ends
+    inside, or a key without its value) is dropped, a number the text ends
+    on is kept. None when nothing complete was read.
+
+    Raises:
+      ValueError: ``text`` is not the start of a JSON value.
+    """
+    try:
+        return _value(text, _skip(text, 0))[0]
+    except _Cut:
+        return None
+
+
+def _skip(text: str, i: int) -> int:
+    while i < len(text) and text[i] in _WHITESPACE:
+        i += 1
+    return i
+
+
+def _value(text: str, i: int) -> tuple[Any, int]:
+    """The value at ``i`` and the index after it; a container may be partial."""
+    if i >= len(text):
+        raise _Cut
+    char = text[i]
+    if char == "{":
+        return _container(text, i + 1, {}, "}")
+    if char == "[":
+        return _container(text, i + 1, [], "]")
+    if char == '"':
+        try:
+            return json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]
+        except ValueError:
+            raise _Cut from None
+    for literal, value in _LITERALS.items():
+        if text.startswith(literal, i):
+            return value, i + len(literal)
+        if literal.startswith(text[i:]):
+            raise _Cut
+    match = _NUMBER.match(text, i)
+    if match and (match.end() == len(text) or text[match.end()] not in _NUMBER_CHARS):
+        return json.loads(match.group()), match.end()
+    if all(c in _NUMBER_CHARS for c in text[i:]):
+        raise _Cut  # "1.5e", "-": a number the text ends inside
+    raise ValueError(f"not JSON at character {i}")
+
+
+def _container(text: str, i: int, into: Any, close: str) -> tuple[Any, int]:
+    """An object (``into`` a dict) or array from ``i``, closed early if the text ends."""
+    first = True
+    while True:
+        i = _skip(text, i)
+        if i >= len(text):
+            return into, i
+        if text[i] == close:
+            return into, i + 1
+        if not first:
+            if text[i] != ",":
+                raise ValueError(f"expected ',' at character {i}")
+            i = _skip(text, i + 1)
+        first = False
+        try:
+            if isinstance(into, dict):
+                if i < len(text) and text[i] != '"':
+                    raise ValueError(f"expected a key at character {i}")
+                key, i = _value(text, i)
+                i = _skip(text, i)
+                if i < len(text) and text[i] != ":":
+                    raise ValueError(f"expected ':' at character {i}")
+                value, i = _value(text, _skip(text, i + 1))
+                into[key] = value
+            else:
+                value, i = _value(text, i)
+                into.append(value)
+        except _Cut:
+            return into, len(text)
 
 
 def openai_to_anthropic(
