@@ -474,6 +474,24 @@ async def test_too_long_prompt_in_anthropic_words(
     assert " tokens > 8192 maximum" in error["message"]
 
 
+async def test_too_long_prompt_names_the_prompt_field_of_each_route(gateway_url: str) -> None:
+    long = "x" * 9000
+    async with openai.AsyncOpenAI(
+        base_url=gateway_url + "/v1", api_key="x", max_retries=0
+    ) as client:
+        with trio.fail_after(10):
+            with pytest.raises(openai.BadRequestError) as chat:
+                await client.chat.completions.create(model="scripted", messages=ask(long))
+            with pytest.raises(openai.BadRequestError) as completion:
+                await client.completions.create(model="scripted", prompt=long)
+            with pytest.raises(openai.BadRequestError) as response:
+                await client.responses.create(model="scripted", input=long)
+    assert chat.value.body["param"] == "messages"
+    assert completion.value.body["param"] == "prompt"
+    assert response.value.body["param"] == "input"
+    assert response.value.body["code"] == "context_length_exceeded"
+
+
 async def test_count_tokens_with_tools(client: anthropic.AsyncAnthropic) -> None:
     kwargs: dict[str, Any] = {
         "model": "scripted",

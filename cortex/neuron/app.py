@@ -33,7 +33,6 @@ from cortex.errors import (
     GenerationFailed,
     InvalidRequest,
     Unauthorized,
-    error_for_status,
 )
 from cortex.fleet import DeviceSample, Discovery, Health, MemoryBudget, make_converter
 from cortex.harness import harness_infos, plugin_manager
@@ -229,7 +228,14 @@ async def cortex_error(exc: CortexError) -> Response:
 
 
 async def http_error(exc: HTTPException) -> Response:
-    return error_response(error_for_status(exc.code or 500, exc.description or exc.name))
+    error = envelope.route_error(
+        exc.code or 500,
+        request.method,
+        request.path,
+        allowed=getattr(exc, "valid_methods", None) or (),
+        description=exc.description or exc.name,
+    )
+    return error_response(error)
 
 
 async def read_json() -> Any:

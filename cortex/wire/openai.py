@@ -193,7 +193,8 @@ def chat_message(message: Any, where: str, *, model: str) -> dict[str, Any]:
     """A checked chat message, as every chat template takes it.
 
     Content parts become one string (a template that expects a string would
-    print the list), and a ``developer`` turn becomes ``system``, the role
+    print the list), a null content is ``""`` unless the turn carries tool
+    calls, and a ``developer`` turn becomes ``system``, the role
     OpenAI renamed: templates know only the old name, and some drop turns
     whose role they do not know.
 
@@ -212,6 +213,9 @@ def chat_message(message: Any, where: str, *, model: str) -> dict[str, Any]:
     # Only an assistant turn may omit content (when it carries tool calls).
     if content is None and role != "assistant":
         raise InvalidRequest(f"{where}.content: field required", param=f"{where}.content")
+    if content is None and not message.get("tool_calls"):
+        # An empty turn: templates print None as "None" or fail on it.
+        content = ""
     if isinstance(content, list):
         content = _content_text(content, f"{where}.content", model)
     elif content is not None and not isinstance(content, str):
