@@ -577,6 +577,37 @@ async def test_openai_fields_nothing_here_honours_are_400(gateway_url: str) -> N
     assert text_only.choices[0].message.content == "Hello! How can I help?"
 
 
+async def test_a_response_repeats_its_request(gateway_url: str) -> None:
+    tools: list[Any] = [
+        {"type": "function", "name": t["name"], "parameters": t["input_schema"]} for t in TOOLS
+    ]
+    asked: dict[str, Any] = {
+        "model": "scripted",
+        "input": "hi",
+        "instructions": "Be brief.",
+        "metadata": {"team": "wire"},
+        "parallel_tool_calls": False,
+        "tool_choice": {"type": "function", "name": "get_time"},
+        "tools": tools,
+        "max_output_tokens": 50,
+    }
+    async with openai.AsyncOpenAI(
+        base_url=gateway_url + "/v1", api_key="x", max_retries=0
+    ) as client:
+        with trio.fail_after(10):
+            whole = await client.responses.create(**asked)
+            events = [e async for e in await client.responses.create(**asked, stream=True)]
+    created = next(e for e in events if e.type == "response.created").response
+    completed = next(e for e in events if e.type == "response.completed").response
+    for response in (whole, created, completed):
+        assert response.instructions == "Be brief."
+        assert response.metadata == {"team": "wire"}
+        assert response.parallel_tool_calls is False
+        assert response.tool_choice.model_dump() == {"type": "function", "name": "get_time"}
+        assert [t.name for t in response.tools] == ["get_weather", "get_time"]
+        assert response.max_output_tokens == 50
+
+
 async def test_responses_tools_through_the_gateway(gateway_url: str, neuron: NeuronHandle) -> None:
     tools: list[Any] = [
         {"type": "function", "name": t["name"], "parameters": t["input_schema"]} for t in TOOLS

@@ -393,8 +393,10 @@ class NeuronApi:
         )
         response_id, created_at = "resp_" + uuid.uuid4().hex, openai.now()
         if not req.stream:
-            return await response_answer(generation, response_id, created_at, req.model)
-        builder = ResponsesStream(id=response_id, created_at=created_at, model=req.model)
+            return await response_answer(generation, response_id, created_at, req)
+        builder = ResponsesStream(
+            id=response_id, created_at=created_at, model=req.model, echo=req.echo
+        )
         return event_stream(response_events(generation, builder))
 
 
@@ -520,7 +522,7 @@ async def completion_events(
 
 
 async def response_answer(
-    generation: Generation, response_id: str, created_at: int, model: str
+    generation: Generation, response_id: str, created_at: int, req: responses.ResponsesRequest
 ) -> dict[str, Any]:
     text, done = await generation.finish()
     calls: list[toolcalls.ToolCall] = []
@@ -530,7 +532,8 @@ async def response_answer(
     return responses.response_object(
         id=response_id,
         created_at=created_at,
-        model=model,
+        model=req.model,
+        echo=req.echo,
         text=text,
         status=status,
         usage=usage_of(done),
