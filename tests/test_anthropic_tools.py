@@ -957,3 +957,26 @@ async def test_an_answer_without_a_tool_call_expects_nothing(
         found = await follow_ups(gateway)
     assert not called
     assert found == {"expected": 0, "kept": 0, "evicted": 0, "late": 0, "expired": 0}
+
+
+async def test_a_streams_usage_agrees_from_start_to_end(tiny_model_path: pathlib.Path) -> None:
+    # A real engine with a prompt cache: the second turn reads most of its prompt from it.
+    models = ModelsFile(models=[CatalogModel(id="tiny", vram_mb=1)])
+    history = ask("Tell me about the sea, the sky and the mountains in a few words.")
+    kwargs: dict[str, Any] = {"model": "tiny", "max_tokens": 4, "messages": history}
+    with trio.fail_after(60):
+        async with (
+            running_neuron([("tiny", str(tiny_model_path))]) as neuron,
+            running_gateway(neuron.url, models) as gateway,
+            anthropic.AsyncAnthropic(base_url=gateway.api_url, api_key="x", max_retries=0) as c,
+        ):
+            await c.messages.create(**kwargs)
+            events, final = await stream_message(c, **kwargs)
+            whole = await c.messages.create(**kwargs)
+    start = events[0].message.usage
+    delta = events[-2].usage
+    assert start.cache_read_input_tokens and start.cache_read_input_tokens > 0
+    split = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+    for key in split:
+        assert getattr(start, key) == getattr(delta, key) == getattr(final.usage, key), key
+        assert getattr(whole.usage, key) == getattr(final.usage, key), key

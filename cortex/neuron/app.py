@@ -354,7 +354,11 @@ class NeuronApi:
         ids = dict(id=openai.new_id("chatcmpl"), created=openai.now(), model=chat.model)
         if not chat.stream:
             return await chat_answer(generation, ids)
-        builder = ChatStream(**ids, include_usage=chat.include_usage)
+        job = generation.job  # admitted: its prompt is seated
+        prompt = (
+            openai.Usage(job.prompt_tokens, 0, job.cached_tokens) if job.prompt_tokens else None
+        )
+        builder = ChatStream(**ids, include_usage=chat.include_usage, prompt=prompt)
         return event_stream(chat_events(generation, builder))
 
     async def completions(self) -> Any:

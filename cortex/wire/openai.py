@@ -526,6 +526,14 @@ class Usage:
         }
 
 
+def prompt_usage(usage: Usage) -> dict[str, Any]:
+    """The prompt's part of a usage object: a stream's ``prompt_usage`` (cortex extension)."""
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
 def _with_stop_sequence(choice: dict[str, Any], stop_sequence: str | None) -> dict[str, Any]:
     # cortex extension: the client's stop string that ended the output, so
     # the gateway can answer Anthropic's stop_sequence honestly.

@@ -29,10 +29,13 @@ Choices made where the two dialects do not line up:
   as Anthropic counts them. ``cache_creation_input_tokens`` is always 0:
   a neuron caches every prompt by itself, at no extra cost, so nothing is
   a paid cache write. ``cache_control`` marks in the request are ignored.
-  Streaming, ``message_start`` cannot know the cached part yet (the prompt
-  is not seated): it carries the whole prompt as ``input_tokens`` and the
-  cache fields as 0, and ``message_delta`` the final split (the SDKs
-  overwrite the start's numbers with the delta's).
+  Streaming, ``message_start`` waits for the neuron's first chunk, whose
+  ``prompt_usage`` (a cortex extension) has the split, so it says what
+  ``message_delta`` says. From a neuron that sends none it carries the
+  gateway's count of the prompt as ``input_tokens`` and the cache fields
+  as 0, and ``message_delta`` the final split (the SDKs keep the delta's).
+- An empty answer has no content blocks (``content: []``), whole and
+  streamed, as Anthropic's API answers it.
 - Claude Code's ``x-anthropic-billing-header: ...`` system block is client
   metadata, not prompt: dropped. Some versions put a per-request hash in
   it; reaching the model, it would change the prompt's first tokens on
@@ -421,7 +424,7 @@ def openai_to_anthropic(
     calls = message.get("tool_calls") or []
     text = message.get("content") or ""
     content: list[dict[str, Any]] = []
-    if text or not calls:
+    if text:
         content.append({"type": "text", "text": text})
     for call in calls:
         function = call.get("function") or {}
@@ -451,9 +454,12 @@ class AnthropicStream:
 
     A pure state machine: the gateway feeds it each decoded chunk and
     encodes what comes back with ``sse.encode(payload, event=name)``.
-    Blocks open just before their first delta and close before the next
-    opens; ``message_delta`` waits for :meth:`finish`, by when the usage
-    chunk has given the real totals.
+    ``message_start`` comes before the first event that :meth:`feed`,
+    :meth:`finish` or :meth:`error` returns (or from :meth:`start`), with
+    the first chunk's ``prompt_usage`` when it has one. Blocks open just
+    before their first delta and close before the next opens;
+    ``message_delta`` waits for :meth:`finish`, by when the usage chunk has
+    given the real totals.
     """
 
     def __init__(self, *, message_id: str, model: str, input_tokens: int) -> None:
@@ -468,9 +474,15 @@ class AnthropicStream:
         self._finish_reason: str | None = None
         self._stop_sequence: str | None = None
         self._usage: dict[str, Any] | None = None
+        self._prompt_usage: dict[str, Any] | None = None
         self._chunks_with_output = 0
+        self._started = False
 
     def start(self) -> list[tuple[str, dict[str, Any]]]:
+        """``message_start``; nothing when it was sent already."""
+        if self._started:
+            return []
+        self._started = True
         message = {
             "id": self.message_id,
             "type": "message",
@@ -479,7 +491,7 @@ class AnthropicStream:
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": anthropic_usage(None, input_tokens=self.input_tokens),
+            "usage": anthropic_usage(self._prompt_usage, input_tokens=self.input_tokens),
         }
         return [("message_start", {"type": "message_start", "message": message})]
 
@@ -519,9 +531,11 @@ class AnthropicStream:
             error = chunk["error"]
             message = error.get("message") if isinstance(error, dict) else None
             return self.error(str(message or error))
+        if isinstance(chunk.get("prompt_usage"), dict) and not self._started:
+            self._prompt_usage = chunk["prompt_usage"]
         if chunk.get("usage"):
             self._usage = chunk["usage"]
-        events: list[tuple[str, dict[str, Any]]] = []
+        events = self.start()
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta") or {}
             if delta.get("content") or delta.get("tool_calls"):
@@ -593,7 +607,7 @@ class AnthropicStream:
             return self.error(
                 "the neuron's stream ended before its answer did (no finish_reason)", status=502
             )
-        events = self._close()
+        events = self.start() + self._close()
         delta_usage = anthropic_usage(
             self._usage, input_tokens=self.input_tokens, output_tokens=self._chunks_with_output
         )
@@ -616,4 +630,4 @@ class AnthropicStream:
 
     def error(self, message: str, *, status: int = 500) -> list[tuple[str, dict[str, Any]]]:
         """The ``error`` event that ends a stream which failed mid-way."""
-        return [("error", error_from(status, message))]
+        return [*self.start(), ("error", error_from(status, message))]
