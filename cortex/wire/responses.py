@@ -183,17 +183,18 @@ def _metadata(body: Mapping[str, Any]) -> dict[str, Any]:
     return metadata
 
 
-#: What a response object says of the request when the request left it out.
-_ECHO_DEFAULTS: dict[str, Any] = {
-    "instructions": None,
-    "metadata": {},
-    "parallel_tool_calls": True,
-    "tool_choice": "auto",
-    "tools": [],
-    "max_output_tokens": None,
-    "temperature": None,
-    "top_p": None,
-}
+def _echo_defaults() -> dict[str, Any]:
+    """What a response object says of the request when the request left it out."""
+    return {
+        "instructions": None,
+        "metadata": {},
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "max_output_tokens": None,
+        "temperature": None,
+        "top_p": None,
+    }
 
 
 def _echo(body: Mapping[str, Any], req: ResponsesRequest) -> dict[str, Any]:
@@ -208,7 +209,8 @@ def _echo(body: Mapping[str, Any], req: ResponsesRequest) -> dict[str, Any]:
         "temperature": req.sampling.temperature,
         "top_p": req.sampling.top_p,
     }
-    return {key: _ECHO_DEFAULTS[key] if value is None else value for key, value in sent.items()}
+    defaults = _echo_defaults()
+    return {key: defaults[key] if value is None else value for key, value in sent.items()}
 
 
 @attrs.frozen
@@ -232,7 +234,7 @@ class ResponsesRequest:
     user: str | None = None
     #: What the response object repeats of the request (``instructions``,
     #: ``metadata``, ``tools`` as sent, ...): see ``response_object``.
-    echo: dict[str, Any] = attrs.field(factory=lambda: dict(_ECHO_DEFAULTS))
+    echo: dict[str, Any] = attrs.field(factory=_echo_defaults)
 
 
 def parse_responses_request(body: Any) -> ResponsesRequest:
@@ -325,7 +327,7 @@ def _response(
         "incomplete_details": (
             {"reason": incomplete_reason} if incomplete_reason is not None else None
         ),
-        **_ECHO_DEFAULTS,
+        **_echo_defaults(),
         **(echo or {}),
         "usage": usage,
     }
