@@ -20,6 +20,7 @@ from typing import Any
 import anthropic
 import httpx
 import openai
+import pydantic
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
@@ -73,6 +74,7 @@ SCRIPT = {
         {"when": "answer briefly", "reply": "Paris is sunny; the time in Rome is unknown."},
         {"when": "broken", "reply": '<tool_call>{"name": oops}</tool_call> sorry'},
         {"when": "count to five", "reply": "one, two, three, four, five"},
+        {"when": "capital of France", "reply": '{"city": "Paris", "population": 2100000}'},
         {"when": "tell a story", "reply": "Once upon a time there was a small model."},
         {
             "when": "list the files",
@@ -384,6 +386,36 @@ async def test_tool_choice_mapping(client: anthropic.AsyncAnthropic, neuron: Neu
     assert unknown.value.body["error"]["type"] == "invalid_request_error"
 
 
+class City(pydantic.BaseModel):
+    city: str
+    population: int
+
+
+async def test_structured_output_is_constrained_by_its_schema(
+    client: anthropic.AsyncAnthropic, neuron: NeuronHandle
+) -> None:
+    # messages.parse sends output_config.format: the neuron must constrain the answer.
+    model = engine_model(neuron)
+    with trio.fail_after(10):
+        parsed = await client.messages.parse(
+            model="scripted",
+            max_tokens=200,
+            messages=ask("The capital of France, as JSON"),
+            output_format=City,
+        )
+        grammar = model.grammars[-1]
+        with pytest.raises(anthropic.BadRequestError) as wrong:
+            await client.messages.create(
+                model="scripted",
+                max_tokens=200,
+                messages=ask("hi"),
+                extra_body={"output_config": {"format": {"type": "xml"}}},
+            )
+    assert parsed.parsed_output == City(city="Paris", population=2100000)
+    assert grammar is not None and "population" in grammar
+    assert "output_config.format" in wrong.value.body["error"]["message"]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_tool_use_stop_reason_only_with_a_tool_use_block(
     client: anthropic.AsyncAnthropic, stream: bool
@@ -442,6 +474,24 @@ async def test_too_long_prompt_in_anthropic_words(
     assert " tokens > 8192 maximum" in error["message"]
 
 
+async def test_too_long_prompt_names_the_prompt_field_of_each_route(gateway_url: str) -> None:
+    long = "x" * 9000
+    async with openai.AsyncOpenAI(
+        base_url=gateway_url + "/v1", api_key="x", max_retries=0
+    ) as client:
+        with trio.fail_after(10):
+            with pytest.raises(openai.BadRequestError) as chat:
+                await client.chat.completions.create(model="scripted", messages=ask(long))
+            with pytest.raises(openai.BadRequestError) as completion:
+                await client.completions.create(model="scripted", prompt=long)
+            with pytest.raises(openai.BadRequestError) as response:
+                await client.responses.create(model="scripted", input=long)
+    assert chat.value.body["param"] == "messages"
+    assert completion.value.body["param"] == "prompt"
+    assert response.value.body["param"] == "input"
+    assert response.value.body["code"] == "context_length_exceeded"
+
+
 async def test_count_tokens_with_tools(client: anthropic.AsyncAnthropic) -> None:
     kwargs: dict[str, Any] = {
         "model": "scripted",
@@ -492,6 +542,70 @@ async def test_openai_chat_tools_through_the_gateway(gateway_url: str) -> None:
         ("get_time", {"city": "Rome"}),
     ]
     assert parallel.choices[0].finish_reason == "tool_calls"
+
+
+OPENAI_REFUSED: list[tuple[dict[str, Any], str]] = [
+    ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
+    ({"function_call": "auto"}, "function_call"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ({"web_search_options": {}}, "web_search_options"),
+    ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+]
+
+
+async def test_openai_fields_nothing_here_honours_are_400(gateway_url: str) -> None:
+    async with openai.AsyncOpenAI(
+        base_url=gateway_url + "/v1", api_key="x", max_retries=0
+    ) as client:
+        with trio.fail_after(10):
+            for extra, param in OPENAI_REFUSED:
+                with pytest.raises(openai.BadRequestError) as caught:
+                    await client.chat.completions.create(
+                        model="scripted", messages=ask("hi"), extra_body=extra
+                    )
+                assert caught.value.body["param"] == param, (extra, caught.value.body)
+            with pytest.raises(openai.BadRequestError) as responses:
+                await client.responses.create(model="scripted", input="hi", tool_choice="required")
+            text_only = await client.chat.completions.create(
+                model="scripted", messages=ask("hi"), modalities=["text"], tool_choice="none"
+            )
+    assert responses.value.body["param"] == "tool_choice"
+    assert "needs tools" in responses.value.body["message"]
+    assert text_only.choices[0].message.content == "Hello! How can I help?"
+
+
+async def test_a_response_repeats_its_request(gateway_url: str) -> None:
+    tools: list[Any] = [
+        {"type": "function", "name": t["name"], "parameters": t["input_schema"]} for t in TOOLS
+    ]
+    asked: dict[str, Any] = {
+        "model": "scripted",
+        "input": "hi",
+        "instructions": "Be brief.",
+        "metadata": {"team": "wire"},
+        "parallel_tool_calls": False,
+        "tool_choice": {"type": "function", "name": "get_time"},
+        "tools": tools,
+        "max_output_tokens": 50,
+    }
+    async with openai.AsyncOpenAI(
+        base_url=gateway_url + "/v1", api_key="x", max_retries=0
+    ) as client:
+        with trio.fail_after(10):
+            whole = await client.responses.create(**asked)
+            events = [e async for e in await client.responses.create(**asked, stream=True)]
+    created = next(e for e in events if e.type == "response.created").response
+    completed = next(e for e in events if e.type == "response.completed").response
+    for response in (whole, created, completed):
+        assert response.instructions == "Be brief."
+        assert response.metadata == {"team": "wire"}
+        assert response.parallel_tool_calls is False
+        assert response.tool_choice.model_dump() == {"type": "function", "name": "get_time"}
+        assert [t.name for t in response.tools] == ["get_weather", "get_time"]
+        assert response.max_output_tokens == 50
 
 
 async def test_responses_tools_through_the_gateway(gateway_url: str, neuron: NeuronHandle) -> None:
@@ -843,3 +957,26 @@ async def test_an_answer_without_a_tool_call_expects_nothing(
         found = await follow_ups(gateway)
     assert not called
     assert found == {"expected": 0, "kept": 0, "evicted": 0, "late": 0, "expired": 0}
+
+
+async def test_a_streams_usage_agrees_from_start_to_end(tiny_model_path: pathlib.Path) -> None:
+    # A real engine with a prompt cache: the second turn reads most of its prompt from it.
+    models = ModelsFile(models=[CatalogModel(id="tiny", vram_mb=1)])
+    history = ask("Tell me about the sea, the sky and the mountains in a few words.")
+    kwargs: dict[str, Any] = {"model": "tiny", "max_tokens": 4, "messages": history}
+    with trio.fail_after(60):
+        async with (
+            running_neuron([("tiny", str(tiny_model_path))]) as neuron,
+            running_gateway(neuron.url, models) as gateway,
+            anthropic.AsyncAnthropic(base_url=gateway.api_url, api_key="x", max_retries=0) as c,
+        ):
+            await c.messages.create(**kwargs)
+            events, final = await stream_message(c, **kwargs)
+            whole = await c.messages.create(**kwargs)
+    start = events[0].message.usage
+    delta = events[-2].usage
+    assert start.cache_read_input_tokens and start.cache_read_input_tokens > 0
+    split = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+    for key in split:
+        assert getattr(start, key) == getattr(delta, key) == getattr(final.usage, key), key
+        assert getattr(whole.usage, key) == getattr(final.usage, key), key

@@ -90,7 +90,55 @@ def test_parser_takes_what_nests_within_the_limit() -> None:
         jsonbody.loads_object(b"[]")
 
 
+LONE_SURROGATE = {
+    "/v1/chat/completions": b'{"model": "org/small", '
+    b'"messages": [{"role": "user", "content": "a\\ud800"}]}',
+    "/v1/completions": b'{"model": "org/small", "prompt": "\\udfff"}',
+    "/v1/responses": b'{"model": "org/small", "input": [{"role": "user", "content": "\\ud83d"}]}',
+    "/v1/messages": b'{"model": "org/small", "max_tokens": 5, '
+    b'"messages": [{"role": "user", "content": "\\ud800"}]}',
+    "/v1/messages/count_tokens": b'{"model": "org/small", '
+    b'"messages": [{"role": "user", "content": "\\ud800"}]}',
+}
+SURROGATE_AT = {
+    "/v1/chat/completions": "messages[0].content",
+    "/v1/completions": "prompt",
+    "/v1/responses": "input[0].content",
+    "/v1/messages": "messages[0].content",
+    "/v1/messages/count_tokens": "messages[0].content",
+}
+
+
+def test_parser_refuses_a_lone_surrogate_naming_its_place() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        jsonbody.loads(LONE_SURROGATE["/v1/chat/completions"])
+    assert caught.value.param == "messages[0].content"
+    assert "lone UTF-16 surrogate" in caught.value.message
+    with pytest.raises(InvalidRequest):
+        jsonbody.loads(b'{"tools": [{"na\\udc00me": 1}]}')
+
+
+def test_parser_takes_surrogate_pairs_and_escaped_backslashes() -> None:
+    assert jsonbody.loads(b'{"a": "\\ud83d\\ude00"}') == {"a": "\U0001f600"}
+    assert jsonbody.loads(b'{"a": "\\\\ud800"}') == {"a": "\\ud800"}
+
+
 # -- the gateway ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", GATEWAY_POSTS)
+async def test_a_lone_surrogate_is_400_naming_the_field_on_every_gateway_route(path: str) -> None:
+    a = FakeNeuron("a", preload=["org/small"])
+    with trio.fail_after(20):
+        async with running_fleet([a], MODELS) as fleet:
+            response = await fleet.client.post(path, content=LONE_SURROGATE[path])
+            assert response.status_code == 400, response.text
+            error = error_of(response, path)
+            assert error["type"] == "invalid_request_error"
+            assert f"{SURROGATE_AT[path]} holds a lone UTF-16 surrogate" in error["message"]
+            if not path.startswith("/v1/messages"):
+                assert error["param"] == SURROGATE_AT[path]
+            assert a.requests == []
 
 
 @pytest.mark.parametrize("path", GATEWAY_POSTS)
@@ -163,6 +211,22 @@ async def test_deep_json_is_400_on_every_neuron_route(tiny_model_path: Path) -> 
                 assert (await http.get("/health")).status_code == 200
 
 
+async def test_a_lone_surrogate_is_400_naming_the_field_on_the_neuron(
+    tiny_model_path: Path,
+) -> None:
+    with trio.fail_after(30):
+        async with running_neuron([("tiny", str(tiny_model_path))]) as neuron:
+            async with httpx.AsyncClient(base_url=neuron.url, timeout=20) as http:
+                for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
+                    data = LONE_SURROGATE[path].replace(b"org/small", b"tiny")
+                    response = await http.post(path, content=data)
+                    assert response.status_code == 400, (path, response.text)
+                    assert error_of(response, path)["param"] == SURROGATE_AT[path]
+                data = b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}'
+                response = await http.post("/tokenize", content=data)
+                assert response.status_code == 400, response.text
+
+
 # -- answers given without reading the body ---------------------------------------------
 
 
@@ -198,3 +262,67 @@ async def test_a_neuron_refusing_a_token_never_hangs_the_connection(
             for path in ("/tokenize", "/v1/chat/completions", "/models/load"):
                 statuses = await trio.to_thread.run_sync(refused_in_a_row, neuron.url, path, {})
                 assert set(statuses) == {401}, path
+
+
+async def test_an_assistant_turn_with_null_content_is_an_empty_turn(
+    tiny_model_path: Path,
+) -> None:
+    # The template must see "", not None: printed as "None", or a TypeError in a template.
+    def conversation(content: str | None) -> dict[str, Any]:
+        return {
+            "model": "tiny",
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": content},
+                {"role": "user", "content": "again"},
+            ],
+        }
+
+    with trio.fail_after(30):
+        async with running_neuron([("tiny", str(tiny_model_path))]) as neuron:
+            async with httpx.AsyncClient(base_url=neuron.url, timeout=20) as http:
+                empty = await http.post("/tokenize", json=conversation(""))
+                null = await http.post("/tokenize", json=conversation(None))
+                answer = await http.post(
+                    "/v1/chat/completions", json={**conversation(None), "max_tokens": 2}
+                )
+    assert null.status_code == 200, null.text
+    assert null.json()["count"] == empty.json()["count"]
+    assert answer.status_code == 200, answer.text
+
+
+async def test_no_route_says_which_request_in_the_dialect() -> None:
+    a = FakeNeuron("a", preload=["org/small"])
+    with trio.fail_after(20):
+        async with running_fleet([a], MODELS) as fleet:
+            missing = await fleet.client.post("/v1/embeddings", json={})
+            chat_get = await fleet.client.get("/v1/chat/completions")
+            messages_get = await fleet.client.get("/v1/messages")
+            models_post = await fleet.client.post("/v1/models", json={})
+    assert missing.status_code == 404
+    assert error_of(missing, "/v1/embeddings")["message"] == "no route POST /v1/embeddings"
+    assert chat_get.status_code == 405
+    error = error_of(chat_get, "/v1/chat/completions")
+    assert error["message"] == "GET is not allowed on /v1/chat/completions (allowed: POST)"
+    assert error["type"] == "invalid_request_error"
+    assert messages_get.status_code == 405
+    assert error_of(messages_get, "/v1/messages") == {
+        "type": "invalid_request_error",
+        "message": "GET is not allowed on /v1/messages (allowed: POST)",
+    }
+    assert models_post.status_code == 405
+    assert error_of(models_post, "/v1/models")["message"].startswith(
+        "POST is not allowed on /v1/models (allowed: GET"
+    )
+
+
+async def test_no_route_on_the_neuron_says_which_request(tiny_model_path: Path) -> None:
+    with trio.fail_after(30):
+        async with running_neuron([("tiny", str(tiny_model_path))]) as neuron:
+            async with httpx.AsyncClient(base_url=neuron.url, timeout=20) as http:
+                missing = await http.post("/v1/embeddings", json={})
+                wrong = await http.get("/v1/completions")
+    assert error_of(missing, "/v1/embeddings")["message"] == "no route POST /v1/embeddings"
+    assert error_of(wrong, "/v1/completions")["message"] == (
+        "GET is not allowed on /v1/completions (allowed: POST)"
+    )

@@ -238,6 +238,15 @@ ANTHROPIC_FIELDS = {
         )
     ),
     "tool_choice": Field(st.sampled_from([{"type": "auto"}, {"type": "any"}, {"type": "none"}])),
+    "output_config": Field(
+        st.sampled_from(
+            [
+                {"effort": "high"},
+                {"format": {"type": "json_schema", "schema": {"type": "object"}}},
+            ]
+        ),
+        st.sampled_from([{"format": {"type": "xml"}}, {"format": {"type": "json_schema"}}, "x"]),
+    ),
 }
 
 
@@ -296,7 +305,7 @@ RESPONSES = request(
     {"model", "input"},
     shape_keys(
         ResponsesRequest,
-        drop=frozenset({"sampling", "messages", "response_format"}),
+        drop=frozenset({"sampling", "messages", "response_format", "echo"}),
         add=SAMPLING | {"input", "instructions", "text", "previous_response_id"},
     ),
     {
@@ -317,7 +326,9 @@ RESPONSES = request(
     },
 )
 MESSAGES = request(
-    {"model", "max_tokens", "messages"}, shape_keys(MessagesRequest), ANTHROPIC_FIELDS
+    {"model", "max_tokens", "messages"},
+    shape_keys(MessagesRequest, drop=frozenset({"output_schema"}), add={"output_config"}),
+    ANTHROPIC_FIELDS,
 )
 COUNT = request({"model", "messages"}, shape_keys(CountTokensRequest), ANTHROPIC_FIELDS)
 

@@ -193,3 +193,33 @@ async def test_anthropic_beta_query_and_headers() -> None:
             assert response.json()["type"] == "message"
             # max_tokens goes through unclamped: the neuron clamps it.
             assert a.requests[-1][1]["max_tokens"] == 32000
+
+
+async def test_anthropic_requests_nothing_here_can_honour_are_400() -> None:
+    a = FakeNeuron("a", preload=["org/small"])
+    hi = [{"role": "user", "content": "hi"}]
+    refused: list[tuple[dict[str, object], str]] = [
+        ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0.type"),
+        ({"tools": [{"type": "bash_20250124", "name": "bash"}]}, "tools.0.type"),
+        ({"tool_choice": {"type": "any"}}, "tool_choice"),
+        ({"tool_choice": {"type": "tool", "name": "f"}}, "tool_choice"),
+        ({"messages": [{"role": "system", "content": "hi"}]}, "messages must hold a user"),
+    ]
+    with trio.fail_after(10):
+        async with running_fleet([a], MODELS, api_keys=[KEY]) as fleet, AsyncExitStack() as stack:
+            client = await stack.enter_async_context(anthropic_client(fleet.url))
+            for extra, named in refused:
+                kwargs: dict[str, object] = {"model": "org/small", "max_tokens": 5, "messages": hi}
+                with pytest.raises(anthropic.BadRequestError) as caught:
+                    await client.messages.create(**{**kwargs, **extra})  # type: ignore[arg-type]
+                assert caught.value.body["error"]["type"] == "invalid_request_error"
+                assert named in caught.value.body["error"]["message"], extra
+            # Claude Code's mid-conversation system message is still taken.
+            message = await client.messages.create(
+                model="org/small",
+                max_tokens=5,
+                messages=[*hi, {"role": "system", "content": "be brief"}],  # type: ignore[list-item]
+                tools=[{"name": "f", "input_schema": {"type": "object"}, "type": "custom"}],
+            )
+            assert message.stop_reason == "end_turn"
+            assert len(a.requests) == 1

@@ -126,6 +126,7 @@ def test_claude_code_body_is_accepted():
         (_body(messages=None), "messages", "messages: field required"),
         (_body(messages=[]), "messages", "non-empty"),
         (_body(messages=[{"role": "bot", "content": "x"}]), "messages.0.role", "user or assistant"),
+        (_body(messages=[{"role": "system", "content": "x"}]), "messages", "user or assistant"),
         (_body(messages=[{"role": "user"}]), "messages.0.content", "required"),
         (_body(messages=[{"role": "user", "content": 5}]), "messages.0.content", None),
         (
@@ -169,6 +170,16 @@ def test_claude_code_body_is_accepted():
         (_body(tools=[{"name": "f", "input_schema": "x"}]), "tools.0.input_schema", None),
         (_body(tool_choice={"type": "sometimes"}), "tool_choice", None),
         (_body(tool_choice={"type": "tool"}), "tool_choice.name", None),
+        (_body(tool_choice={"type": "any"}), "tool_choice", "needs tools"),
+        (_body(tool_choice={"type": "tool", "name": "f"}, tools=[]), "tool_choice", "needs tools"),
+        (
+            _body(tools=[{"type": "web_search_20250305", "name": "web_search"}]),
+            "tools.0.type",
+            "'web_search_20250305' is not supported",
+        ),
+        (_body(tools=[{"type": "bash_20250124", "name": "bash"}]), "tools.0.type", None),
+        (_body(tools=[{"type": "text_editor_20250728", "name": "e"}]), "tools.0.type", None),
+        (_body(tools=[{"type": "function", "name": "f"}]), "tools.0.type", None),
         (_body(stream="yes"), "stream", None),
         (_body(metadata="u"), "metadata", None),
     ],
@@ -177,6 +188,16 @@ def test_validation_errors(body, param, match):
     with pytest.raises(InvalidRequest, match=match) as info:
         wire.parse_messages_request(body)
     assert info.value.param == param
+
+
+def test_custom_tools_and_no_tool_choice_without_tools_are_accepted():
+    tool = {"name": "f", "input_schema": {"type": "object"}}
+    req = wire.parse_messages_request(
+        _body(tools=[tool, {**tool, "type": "custom"}, {**tool, "type": None}])
+    )
+    assert len(req.tools) == 3
+    for choice in ({"type": "auto"}, {"type": "none"}):
+        assert wire.parse_messages_request(_body(tool_choice=choice)).tool_choice == choice
 
 
 def test_non_object_body():

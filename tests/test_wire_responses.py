@@ -178,10 +178,11 @@ def test_tools_and_tool_choice_converted_to_chat_shape():
     ]
     assert req.tool_choice == {"type": "function", "function": {"name": "get_weather"}}
     assert req.parallel_tool_calls is False
-    assert (
-        parse_responses_request({"model": "m", "input": "x", "tool_choice": "required"}).tool_choice
-        == "required"
-    )
+    tools = [{"type": "function", "name": "f"}]
+    required = {"model": "m", "input": "x", "tool_choice": "required", "tools": tools}
+    assert parse_responses_request(required).tool_choice == "required"
+    with pytest.raises(InvalidRequest, match="needs tools"):
+        parse_responses_request({**required, "tools": None})
 
 
 def test_text_format_becomes_response_format():

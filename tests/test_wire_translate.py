@@ -462,7 +462,7 @@ def test_tool_call_answer():
     first, second, third = msg["content"]
     assert (first["id"], first["name"], first["input"]) == ("call_1", "Bash", {"cmd": "ls"})
     assert second["id"].startswith("toolu_") and second["input"] == {}
-    assert third["input"] == {"_raw_arguments": '{"path": '}
+    assert third["input"] == {}  # cut before the value: nothing complete
     result = _client(msg).messages.create(model="c", max_tokens=5, messages=[])
     assert result.content[0].input == {"cmd": "ls"}
     assert result.stop_reason == "tool_use"
@@ -474,13 +474,17 @@ def test_text_kept_beside_tool_calls():
         _completion(content="Let me look.", finish_reason="tool_calls", tool_calls=calls), model="c"
     )
     assert msg["content"][0] == {"type": "text", "text": "Let me look."}
-    # Valid JSON that is not an object is no tool input either.
-    assert msg["content"][1]["input"] == {"_raw_arguments": "[1]"}
+    # Valid JSON that is not an object is no tool input.
+    assert msg["content"][1]["input"] == {}
 
 
-def test_empty_answer_keeps_an_empty_text_block():
-    msg = openai_to_anthropic(_completion(content=None), model="c")
-    assert msg["content"] == [{"type": "text", "text": ""}]
+def test_an_empty_answer_has_no_blocks_whole_and_streamed():
+    for content in (None, ""):
+        msg = openai_to_anthropic(_completion(content=content), model="c")
+        assert msg["content"] == []
+    streamed = _final(_run([_chunk({"role": "assistant", "content": ""}, finish_reason="stop")]))
+    assert streamed.content == []
+    assert _client(msg).messages.create(model="c", max_tokens=5, messages=[]).content == []
 
 
 # -- streams ------------------------------------------------------------------
@@ -514,7 +518,7 @@ def _tool_delta(index, *, id=None, name=None, arguments=None):
 
 def _run(chunks, input_tokens=12):
     stream = AnthropicStream(message_id="msg_s", model="claude", input_tokens=input_tokens)
-    events = stream.start()
+    events = []  # message_start comes with the first chunk's events
     for chunk in chunks:
         events += stream.feed(chunk)
     events += stream.finish()
@@ -669,6 +673,38 @@ def test_tool_call_fragments_stream():
     assert (final.usage.input_tokens, final.usage.output_tokens) == (40, 30)
 
 
+@pytest.mark.parametrize(
+    ("pieces", "expected"),
+    [
+        (['{ "city'], {}),
+        (['{"city": "Paris", "unit": "cel'], {"city": "Paris"}),
+        (['{"city": "Paris", ', '"days": [1, 2'], {"city": "Paris", "days": [1, 2]}),
+        (['{"n": 12'], {"n": 12}),
+        (['{"a": {"b": tr'], {"a": {}}),
+    ],
+)
+def test_a_cut_tool_call_has_the_same_input_whole_and_streamed(pieces, expected):
+    # max_tokens ended the call mid-arguments: both read it as the SDK reads a stream.
+    arguments = "".join(pieces)
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    whole = openai_to_anthropic(
+        _completion(content=None, finish_reason="length", tool_calls=[call]), model="c"
+    )
+    streamed = _final(
+        _run(
+            [
+                _chunk(_tool_delta(0, id="c1", name="f", arguments="")),
+                *(_chunk(_tool_delta(0, arguments=piece)) for piece in pieces),
+                _chunk({}, finish_reason="length"),
+                _usage(),
+            ]
+        )
+    )
+    assert whole["content"][-1]["input"] == expected
+    assert streamed.content[-1].input == expected
+    assert whole["stop_reason"] == streamed.stop_reason == "max_tokens"
+
+
 def test_tool_call_in_first_chunk_with_all_arguments():
     events = _run(
         [
@@ -735,6 +771,43 @@ def test_without_usage_chunk_output_tokens_counts_chunks():
         "cache_read_input_tokens": 0,
         "output_tokens": 2,
     }
+
+
+def test_message_start_has_the_split_of_the_first_chunk_prompt_usage():
+    first = _chunk({"role": "assistant", "content": "Hi"})
+    first["prompt_usage"] = {"prompt_tokens": 184, "prompt_tokens_details": {"cached_tokens": 183}}
+    final_usage = {
+        "prompt_tokens": 184,
+        "completion_tokens": 2,
+        "total_tokens": 186,
+        "prompt_tokens_details": {"cached_tokens": 183},
+    }
+    usage = usage_chunk(id="chatcmpl-s", created=1, model="qwen", usage=Usage(184, 2, 183))
+    assert usage["usage"] == final_usage
+    # The gateway's own count (input_tokens=184) gives way to the neuron's split.
+    events = _run([first, _chunk({}, finish_reason="stop"), usage], input_tokens=184)
+    start = events[0][1]["message"]["usage"]
+    delta = events[-2][1]["usage"]
+    assert [n for n, _ in events][:2] == ["message_start", "content_block_start"]
+    assert start == {
+        "input_tokens": 1,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 183,
+        "output_tokens": 0,
+    }
+    assert {k: v for k, v in delta.items() if k != "output_tokens"} == {
+        k: v for k, v in start.items() if k != "output_tokens"
+    }
+    assert delta["output_tokens"] == 2
+
+
+def test_message_start_waits_for_the_first_chunk():
+    stream = AnthropicStream(message_id="m", model="c", input_tokens=5)
+    events = stream.feed(_chunk({"content": "a"}))
+    assert [n for n, _ in events] == ["message_start", "content_block_start", "content_block_delta"]
+    assert stream.start() == []
+    failed = AnthropicStream(message_id="m", model="c", input_tokens=5).error("gone")
+    assert [n for n, _ in failed] == ["message_start", "error"]
 
 
 def test_empty_stream_invents_nothing():

@@ -38,7 +38,6 @@ from cortex.errors import (
     ModelNotFound,
     PermissionDenied,
     Unauthorized,
-    error_for_status,
 )
 from cortex.gateway.context import CALL_TIMEOUT, Gateway
 from cortex.gateway.exchange import Pipeline, error_dialect, new_request_id
@@ -49,7 +48,7 @@ from cortex.gateway.reload import reload_catalogue
 from cortex.gateway.state import LOADED, LOADING, FleetState, feasible
 from cortex.serve import bound_url, is_loopback, serve
 from cortex.wire import openai
-from cortex.wire.envelope import OPENAI, error_parts
+from cortex.wire.envelope import OPENAI, error_parts, route_error
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +132,13 @@ def _control_app(gateway: Gateway) -> QuartTrio:
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
-        error = error_for_status(exc.code or 500, exc.description or exc.name)
+        error = route_error(
+            exc.code or 500,
+            request.method,
+            request.path,
+            allowed=getattr(exc, "valid_methods", None) or (),
+            description=exc.description or exc.name,
+        )
         return error_response(error, dialect=error_dialect(request.path))
 
     # -- the catalogue and health ---------------------------------------------------

@@ -405,7 +405,8 @@ class Messages(Dialect):
                     return events, 500
             return events, None
 
-        yield _encode(stream.start())
+        # message_start comes with the first chunk's events: it carries the
+        # chunk's prompt_usage, the prompt's cached part included.
         chunk: bytes | None = ex.first
         while chunk is not None:
             events, failed = feed(chunk)

@@ -44,7 +44,7 @@ from typing import Any
 
 import trio
 
-from cortex.errors import CortexError, MethodNotAllowed, PayloadTooLarge
+from cortex.errors import CortexError, PayloadTooLarge
 from cortex.gateway.affinity import SESSION_HEADER
 from cortex.gateway.context import Gateway
 from cortex.gateway.dialects import JSON, ROUTES, Dialect
@@ -186,7 +186,7 @@ class Pipeline:
             await send({"type": "http.response.body", "body": b""})
             return
         request_id = _headers(scope).get(b"x-request-id") or new_request_id()
-        exc = MethodNotAllowed("The method is not allowed for the requested URL.")
+        exc = envelope.route_error(405, scope["method"], scope["path"], allowed=["POST"])
         status, body, headers = dialect.error(exc, request_id)
         self.log_and_count(scope["method"], scope["path"], status, request_id)
         await _send_json(send, status, body, headers, [_ALLOW])

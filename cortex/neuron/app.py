@@ -33,7 +33,6 @@ from cortex.errors import (
     GenerationFailed,
     InvalidRequest,
     Unauthorized,
-    error_for_status,
 )
 from cortex.fleet import DeviceSample, Discovery, Health, MemoryBudget, make_converter
 from cortex.harness import harness_infos, plugin_manager
@@ -229,7 +228,14 @@ async def cortex_error(exc: CortexError) -> Response:
 
 
 async def http_error(exc: HTTPException) -> Response:
-    return error_response(error_for_status(exc.code or 500, exc.description or exc.name))
+    error = envelope.route_error(
+        exc.code or 500,
+        request.method,
+        request.path,
+        allowed=getattr(exc, "valid_methods", None) or (),
+        description=exc.description or exc.name,
+    )
+    return error_response(error)
 
 
 async def read_json() -> Any:
@@ -348,7 +354,11 @@ class NeuronApi:
         ids = dict(id=openai.new_id("chatcmpl"), created=openai.now(), model=chat.model)
         if not chat.stream:
             return await chat_answer(generation, ids)
-        builder = ChatStream(**ids, include_usage=chat.include_usage)
+        job = generation.job  # admitted: its prompt is seated
+        prompt = (
+            openai.Usage(job.prompt_tokens, 0, job.cached_tokens) if job.prompt_tokens else None
+        )
+        builder = ChatStream(**ids, include_usage=chat.include_usage, prompt=prompt)
         return event_stream(chat_events(generation, builder))
 
     async def completions(self) -> Any:
@@ -387,8 +397,10 @@ class NeuronApi:
         )
         response_id, created_at = "resp_" + uuid.uuid4().hex, openai.now()
         if not req.stream:
-            return await response_answer(generation, response_id, created_at, req.model)
-        builder = ResponsesStream(id=response_id, created_at=created_at, model=req.model)
+            return await response_answer(generation, response_id, created_at, req)
+        builder = ResponsesStream(
+            id=response_id, created_at=created_at, model=req.model, echo=req.echo
+        )
         return event_stream(response_events(generation, builder))
 
 
@@ -514,7 +526,7 @@ async def completion_events(
 
 
 async def response_answer(
-    generation: Generation, response_id: str, created_at: int, model: str
+    generation: Generation, response_id: str, created_at: int, req: responses.ResponsesRequest
 ) -> dict[str, Any]:
     text, done = await generation.finish()
     calls: list[toolcalls.ToolCall] = []
@@ -524,7 +536,8 @@ async def response_answer(
     return responses.response_object(
         id=response_id,
         created_at=created_at,
-        model=model,
+        model=req.model,
+        echo=req.echo,
         text=text,
         status=status,
         usage=usage_of(done),

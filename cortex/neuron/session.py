@@ -164,7 +164,7 @@ class Sessions:
             GenerationRequest(
                 tokens=prompt_tokens,
                 sampling=sampling,
-                max_tokens=self._limit(slot, len(prompt_tokens), max_tokens),
+                max_tokens=self._limit(slot, len(prompt_tokens), max_tokens, endpoint),
                 stops=tuple(stops),
                 template_stops=tuple(template_stops),
             )
@@ -184,7 +184,9 @@ class Sessions:
             raise
         return Generation(slot=slot, job=job, arrived=arrived, metrics=self.metrics)
 
-    def _limit(self, slot: ModelSlot, prompt_length: int, max_tokens: int | None) -> int:
+    def _limit(
+        self, slot: ModelSlot, prompt_length: int, max_tokens: int | None, endpoint: str
+    ) -> int:
         assert slot.model is not None
         room = slot.model.n_ctx - prompt_length
         if room <= 0:
@@ -192,7 +194,7 @@ class Sessions:
             raise ContextOverflow(
                 f"prompt is too long: {prompt_length} tokens > {slot.model.n_ctx} maximum "
                 f"(the context of model {slot.id!r})",
-                param="messages",
+                param=PROMPT_FIELD.get(endpoint, "messages"),
             )
         # Beyond what the context leaves, max_tokens is clamped (finish_reason
         # "length"), never rejected: clients such as Claude Code ask for 32000.
@@ -201,6 +203,10 @@ class Sessions:
         if max_tokens is None:
             max_tokens = self.default_max_tokens
         return min(max_tokens, room)
+
+
+#: The request field that holds the prompt, per endpoint: a too long prompt's ``param``.
+PROMPT_FIELD = {"chat": "messages", "completions": "prompt", "responses": "input"}
 
 
 def output_plan(slot: ModelSlot, req: ChatLike) -> OutputPlan:

@@ -87,12 +87,21 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
             raise InvalidRequest(f"{where} must be an object", param=where)
         if not _is_one_of(message.get("role"), ROLES):
             raise InvalidRequest(
-                f"{where}.role must be user or assistant, got {message.get('role')!r}",
+                f"{where}.role must be user or assistant (or system, mid-conversation), "
+                f"got {message.get('role')!r}",
                 param=f"{where}.role",
             )
         if "content" not in message:
             raise InvalidRequest(f"{where}.content: field required", param=f"{where}.content")
         _content(message["content"], f"{where}.content")
+    # A system message is kept for Claude Code, which sends one after a user
+    # turn (its mid-conversation-system beta); alone it is no conversation.
+    if all(message["role"] == "system" for message in messages):
+        raise InvalidRequest(
+            "messages must hold a user or assistant message: system messages only join "
+            "a conversation; a system prompt goes in the top-level system field",
+            param="messages",
+        )
     return messages
 
 
@@ -125,6 +134,16 @@ def _tools(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
         raise InvalidRequest("tools must be a list", param="tools")
     for i, tool in enumerate(tools):
         where = f"tools.{i}"
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind not in (None, "custom"):
+            # A server or built-in tool (web_search_20250305, bash_20250124,
+            # text_editor_*, ...) runs on Anthropic's side or has a schema
+            # only Anthropic's models know: nothing here can honour it.
+            raise InvalidRequest(
+                f"{where}.type: tool type {kind!r} is not supported; only custom tools "
+                "(a name, a description and an input_schema; type absent or 'custom') are",
+                param=f"{where}.type",
+            )
         if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
             raise InvalidRequest(f"{where}.name must be a string", param=f"{where}.name")
         if not isinstance(tool.get("input_schema", {}), dict):
@@ -134,7 +153,9 @@ def _tools(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
     return tools
 
 
-def _tool_choice(body: Mapping[str, Any]) -> dict[str, Any] | None:
+def _tool_choice(
+    body: Mapping[str, Any], tools: list[dict[str, Any]] | None
+) -> dict[str, Any] | None:
     choice = body.get("tool_choice")
     if choice is None:
         return None
@@ -145,7 +166,38 @@ def _tool_choice(body: Mapping[str, Any]) -> dict[str, Any] | None:
         )
     if kind == "tool" and not isinstance(choice.get("name"), str):
         raise InvalidRequest("tool_choice.name must be a string", param="tool_choice.name")
+    if kind in ("any", "tool") and not tools:
+        raise InvalidRequest(
+            f"tool_choice.type {kind!r} needs tools: the request has none", param="tool_choice"
+        )
     return choice
+
+
+def _output_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The JSON schema of ``output_config.format`` (structured output), or None.
+
+    The ``anthropic`` SDK's ``messages.parse(output_format=Model)`` sends
+    ``output_config: {"format": {"type": "json_schema", "schema": {...}}}``;
+    the structured-outputs beta sent the same object as a top-level
+    ``output_format``. ``output_config``'s other keys (``effort``) are
+    ignored: Claude Code sends them and a local model has no use for them.
+    """
+    config = body.get("output_config")
+    if config is not None and not isinstance(config, dict):
+        raise InvalidRequest("output_config must be an object", param="output_config")
+    where, fmt = "output_config.format", (config or {}).get("format")
+    if fmt is None:
+        where, fmt = "output_format", body.get("output_format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        raise InvalidRequest(
+            f'{where} must be {{"type": "json_schema", "schema": {{...}}}}', param=where
+        )
+    schema = fmt.get("schema")
+    if not isinstance(schema, dict):
+        raise InvalidRequest(f"{where}.schema must be an object", param=f"{where}.schema")
+    return schema
 
 
 def _metadata(body: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -175,6 +227,8 @@ class MessagesRequest:
     tool_choice: dict[str, Any] | None = None
     stream: bool = False
     metadata: dict[str, Any] | None = None
+    #: The JSON schema of ``output_config.format``; None: free text.
+    output_schema: dict[str, Any] | None = None
 
 
 @attrs.frozen
@@ -201,6 +255,7 @@ def parse_messages_request(body: Any) -> MessagesRequest:
     max_tokens = fields.opt_tokens(body, "max_tokens")
     if max_tokens is None:
         raise InvalidRequest("max_tokens: field required", param="max_tokens")
+    tools = _tools(body)
     return MessagesRequest(
         model=model,
         messages=_messages(body),
@@ -210,10 +265,11 @@ def parse_messages_request(body: Any) -> MessagesRequest:
         temperature=fields.opt_float(body, "temperature", low=0, high=1),
         top_p=fields.opt_float(body, "top_p", low=0, high=1),
         top_k=fields.opt_int(body, "top_k", minimum=0, maximum=fields.MAX_TOKENS),
-        tools=_tools(body),
-        tool_choice=_tool_choice(body),
+        tools=tools,
+        tool_choice=_tool_choice(body, tools),
         stream=bool(fields.opt_bool(body, "stream")),
         metadata=_metadata(body),
+        output_schema=_output_format(body),
     )
 
 
@@ -241,6 +297,7 @@ _TYPE_FOR_STATUS = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     413: "request_too_large",
     429: "rate_limit_error",
     500: "api_error",

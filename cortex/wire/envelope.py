@@ -11,8 +11,9 @@ the dialect of the route that was called.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
-from cortex.errors import CortexError
+from cortex.errors import CortexError, MethodNotAllowed, NotFound, error_for_status
 from cortex.wire import anthropic, openai
 
 OPENAI = "openai"
@@ -47,3 +48,26 @@ def error_parts(
     if request_id is not None:
         headers += id_headers(request_id, dialect)
     return status, json.dumps(body).encode(), headers
+
+
+def route_error(
+    status: int,
+    method: str,
+    path: str,
+    *,
+    allowed: Iterable[str] = (),
+    description: str | None = None,
+) -> CortexError:
+    """The error for a request no route takes, saying which request it was.
+
+    A 404 reads ``no route POST /v1/embeddings``; a 405 ``GET is not allowed
+    on /v1/chat/completions (allowed: POST)``: the web framework's generic
+    sentences say neither. Another status keeps ``description``.
+    """
+    if status == 404:
+        return NotFound(f"no route {method} {path}")
+    if status == 405:
+        takes = sorted(set(allowed) - {"HEAD", "OPTIONS"})
+        suffix = f" (allowed: {', '.join(takes)})" if takes else ""
+        return MethodNotAllowed(f"{method} is not allowed on {path}{suffix}")
+    return error_for_status(status, description or f"{method} {path} failed")

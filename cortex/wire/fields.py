@@ -62,7 +62,8 @@ class Integer:
         if self.low is not None and value < self.low:
             raise InvalidRequest(f"{key} must be at least {self.low}, got {value}", param=key)
         if self.high is not None and value > self.high:
-            raise InvalidRequest(f"{key} must be at most {self.high}, got {value:.6g}", param=key)
+            got = value if value < 10**20 else f"{value:.6g}"  # 1e308 as a JSON integer
+            raise InvalidRequest(f"{key} must be at most {self.high}, got {got}", param=key)
         return value
 
 

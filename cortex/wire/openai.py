@@ -193,7 +193,8 @@ def chat_message(message: Any, where: str, *, model: str) -> dict[str, Any]:
     """A checked chat message, as every chat template takes it.
 
     Content parts become one string (a template that expects a string would
-    print the list), and a ``developer`` turn becomes ``system``, the role
+    print the list), a null content is ``""`` unless the turn carries tool
+    calls, and a ``developer`` turn becomes ``system``, the role
     OpenAI renamed: templates know only the old name, and some drop turns
     whose role they do not know.
 
@@ -212,6 +213,9 @@ def chat_message(message: Any, where: str, *, model: str) -> dict[str, Any]:
     # Only an assistant turn may omit content (when it carries tool calls).
     if content is None and role != "assistant":
         raise InvalidRequest(f"{where}.content: field required", param=f"{where}.content")
+    if content is None and not message.get("tool_calls"):
+        # An empty turn: templates print None as "None" or fail on it.
+        content = ""
     if isinstance(content, list):
         content = _content_text(content, f"{where}.content", model)
     elif content is not None and not isinstance(content, str):
@@ -295,6 +299,47 @@ def _include_usage(body: Mapping[str, Any], stream: bool) -> bool:
     return bool(include) and stream
 
 
+#: Chat fields no engine here honours, each refused with why: answering
+#: without them would answer another question (text for audio, no search).
+_UNSUPPORTED_CHAT = {
+    "functions": "functions (the legacy form of tools) is not supported; send tools",
+    "function_call": "function_call (the legacy form of tool_choice) is not supported; "
+    "send tool_choice",
+    "audio": "audio output is not supported: the models here answer in text",
+    "web_search_options": "web search is not supported: the models here have no search tool",
+    "prediction": "prediction (predicted outputs) is not supported",
+}
+
+
+def _reject_unsupported(body: Mapping[str, Any]) -> None:
+    for key, why in _UNSUPPORTED_CHAT.items():
+        if body.get(key) is not None:
+            raise InvalidRequest(why, param=key)
+    modalities = body.get("modalities")
+    if modalities is not None:
+        if not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities):
+            raise InvalidRequest("modalities must be a list of strings", param="modalities")
+        if set(modalities) - {"text"}:
+            raise InvalidRequest(
+                f"modalities {modalities!r} are not supported: the models here answer in text",
+                param="modalities",
+            )
+
+
+def needs_tools(choice: str | dict[str, Any] | None, tools: list[dict[str, Any]] | None) -> None:
+    """Refuse a ``tool_choice`` that forces a call when there are no tools (as OpenAI does).
+
+    Raises:
+      InvalidRequest: ``required`` or a named function, and no tools.
+    """
+    if tools or choice is None or choice in ("none", "auto"):
+        return
+    what = "required" if choice == "required" else "a named function"
+    raise InvalidRequest(
+        f"tool_choice {what} needs tools: the request has none", param="tool_choice"
+    )
+
+
 def _reject_logprobs(body: Mapping[str, Any], key: str = "logprobs") -> None:
     # Chat sends `logprobs: false` routinely; only asking for them is refused.
     if body.get(key) not in (None, False):
@@ -338,6 +383,9 @@ def parse_chat_request(body: Any) -> ChatRequest:
     messages = _messages(body)
     _reject_n(body)
     _reject_logprobs(body)
+    _reject_unsupported(body)
+    tools, tool_choice = _tools(body), _tool_choice(body)
+    needs_tools(tool_choice, tools)
     max_tokens = fields.opt_tokens(body, "max_tokens")
     # Benchmark tools send only max_completion_tokens; it wins when both come.
     max_completion = fields.opt_tokens(body, "max_completion_tokens")
@@ -350,8 +398,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
         stream=stream,
         include_usage=_include_usage(body, stream),
         sampling=SamplingOverrides.from_body(body),
-        tools=_tools(body),
-        tool_choice=_tool_choice(body),
+        tools=tools,
+        tool_choice=tool_choice,
         parallel_tool_calls=fields.opt_bool(body, "parallel_tool_calls"),
         response_format=_response_format(body),
         user=fields.opt_str(body, "user"),
@@ -476,6 +524,14 @@ class Usage:
             "total_tokens": self.total_tokens,
             "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
+
+
+def prompt_usage(usage: Usage) -> dict[str, Any]:
+    """The prompt's part of a usage object: a stream's ``prompt_usage`` (cortex extension)."""
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
 
 
 def _with_stop_sequence(choice: dict[str, Any], stop_sequence: str | None) -> dict[str, Any]:

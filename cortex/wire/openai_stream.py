@@ -25,19 +25,39 @@ class ChatStream:
     token would fake the time to first token. A stream whose first piece is
     a tool call says ``content: null`` beside the role, as OpenAI's do.
 
+    With ``include_usage`` and ``prompt`` known, the first chunk also
+    carries ``prompt_usage`` (a cortex extension): the prompt's tokens and
+    the part read from the prompt cache, known once the prompt is seated,
+    long before the closing usage chunk. The gateway's Anthropic stream
+    needs them for ``message_start``.
+
     Args:
       include_usage: the client asked for ``stream_options.include_usage``.
+      prompt: the prompt's counts (``completion_tokens`` unused); None: unknown.
     """
 
-    def __init__(self, *, id: str, created: int, model: str, include_usage: bool) -> None:
+    def __init__(
+        self,
+        *,
+        id: str,
+        created: int,
+        model: str,
+        include_usage: bool,
+        prompt: openai.Usage | None = None,
+    ) -> None:
         self._ids = dict(id=id, created=created, model=model)
         self._include_usage = include_usage
+        self._prompt = prompt if include_usage else None
         self._first = True
 
     def _chunk(self, delta: dict[str, Any], **fields: Any) -> Frame:
-        return None, openai.chat_chunk(
+        chunk = openai.chat_chunk(
             **self._ids, delta=delta, include_usage=self._include_usage, **fields
         )
+        if self._prompt is not None:
+            chunk["prompt_usage"] = openai.prompt_usage(self._prompt)
+            self._prompt = None
+        return None, chunk
 
     def text(self, text: str) -> list[Frame]:
         delta: dict[str, Any] = {"content": text}

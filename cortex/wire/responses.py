@@ -16,7 +16,13 @@ import attrs
 
 from cortex.errors import InvalidRequest
 from cortex.wire import fields
-from cortex.wire.openai import SamplingOverrides, Usage, chat_message, unsupported_content
+from cortex.wire.openai import (
+    SamplingOverrides,
+    Usage,
+    chat_message,
+    needs_tools,
+    unsupported_content,
+)
 
 _MESSAGE_ROLES = frozenset({"user", "assistant", "system", "developer"})
 #: Items that carry nothing a local model can use; dropped, not refused,
@@ -168,6 +174,45 @@ def _response_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
     )
 
 
+def _metadata(body: Mapping[str, Any]) -> dict[str, Any]:
+    metadata = body.get("metadata")
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise InvalidRequest("metadata must be an object", param="metadata")
+    return metadata
+
+
+def _echo_defaults() -> dict[str, Any]:
+    """What a response object says of the request when the request left it out."""
+    return {
+        "instructions": None,
+        "metadata": {},
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "max_output_tokens": None,
+        "temperature": None,
+        "top_p": None,
+    }
+
+
+def _echo(body: Mapping[str, Any], req: ResponsesRequest) -> dict[str, Any]:
+    """The request's fields as the response object repeats them (Responses shapes)."""
+    sent = {
+        "instructions": fields.opt_str(body, "instructions"),
+        "metadata": _metadata(body),
+        "parallel_tool_calls": req.parallel_tool_calls,
+        "tool_choice": body.get("tool_choice"),
+        "tools": body.get("tools"),
+        "max_output_tokens": req.max_output_tokens,
+        "temperature": req.sampling.temperature,
+        "top_p": req.sampling.top_p,
+    }
+    defaults = _echo_defaults()
+    return {key: defaults[key] if value is None else value for key, value in sent.items()}
+
+
 @attrs.frozen
 class ResponsesRequest:
     """A validated ``POST /v1/responses`` body, already in chat terms.
@@ -187,6 +232,9 @@ class ResponsesRequest:
     response_format: dict[str, Any] | None = None
     store: bool | None = None
     user: str | None = None
+    #: What the response object repeats of the request (``instructions``,
+    #: ``metadata``, ``tools`` as sent, ...): see ``response_object``.
+    echo: dict[str, Any] = attrs.field(factory=_echo_defaults)
 
 
 def parse_responses_request(body: Any) -> ResponsesRequest:
@@ -205,19 +253,22 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
                 "send the whole conversation in input",
                 param=key,
             )
-    return ResponsesRequest(
+    tools, tool_choice = _tools(body), _tool_choice(body)
+    needs_tools(tool_choice, tools)
+    req = ResponsesRequest(
         model=model,
         messages=_input_messages(body, model),
         max_output_tokens=fields.opt_tokens(body, "max_output_tokens"),
         sampling=SamplingOverrides.from_body(body),
         stream=bool(fields.opt_bool(body, "stream")),
-        tools=_tools(body),
-        tool_choice=_tool_choice(body),
+        tools=tools,
+        tool_choice=tool_choice,
         parallel_tool_calls=fields.opt_bool(body, "parallel_tool_calls"),
         response_format=_response_format(body),
         store=fields.opt_bool(body, "store"),
         user=fields.opt_str(body, "user"),
     )
+    return attrs.evolve(req, echo=_echo(body, req))
 
 
 # -- output -------------------------------------------------------------------
@@ -263,6 +314,7 @@ def _response(
     usage: dict[str, Any] | None = None,
     incomplete_reason: str | None = None,
     error: dict[str, Any] | None = None,
+    echo: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "id": id,
@@ -275,11 +327,8 @@ def _response(
         "incomplete_details": (
             {"reason": incomplete_reason} if incomplete_reason is not None else None
         ),
-        "instructions": None,
-        "metadata": {},
-        "parallel_tool_calls": True,
-        "tool_choice": "auto",
-        "tools": [],
+        **_echo_defaults(),
+        **(echo or {}),
         "usage": usage,
     }
 
@@ -313,10 +362,13 @@ def response_object(
     incomplete_reason: str | None,
     message_id: str,
     function_calls: list[dict[str, Any]] | None = None,
+    echo: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A whole ``response``: one assistant message, then any ``function_calls``.
 
     Args:
+      echo: the request's ``ResponsesRequest.echo``, repeated in the object
+        as OpenAI's are; None: the defaults.
       status: ``completed`` or ``incomplete``.
       incomplete_reason: ``max_output_tokens`` when the output was cut, else None.
       function_calls: :func:`function_call_item` values; with them, an empty
@@ -335,6 +387,7 @@ def response_object(
         output=output,
         usage=usage_object(usage),
         incomplete_reason=incomplete_reason,
+        echo=echo,
     )
 
 
@@ -351,11 +404,19 @@ class ResponsesStream:
     """
 
     def __init__(
-        self, *, id: str, created_at: int, model: str, message_id: str | None = None
+        self,
+        *,
+        id: str,
+        created_at: int,
+        model: str,
+        message_id: str | None = None,
+        echo: Mapping[str, Any] | None = None,
     ) -> None:
         self.id = id
         self.created_at = created_at
         self.model = model
+        #: The request's fields every response snapshot repeats (``ResponsesRequest.echo``).
+        self.echo = echo
         self.message_id = message_id or new_message_id()
         self._sequence = 0
         self._items: list[dict[str, Any]] = []  # finished output items
@@ -375,7 +436,12 @@ class ResponsesStream:
 
     def _snapshot(self, status: str) -> dict[str, Any]:
         return _response(
-            id=self.id, created_at=self.created_at, model=self.model, status=status, output=[]
+            id=self.id,
+            created_at=self.created_at,
+            model=self.model,
+            status=status,
+            output=[],
+            echo=self.echo,
         )
 
     def start(self) -> list[tuple[str, dict[str, Any]]]:
@@ -518,6 +584,7 @@ class ResponsesStream:
             output=self._items,
             usage=usage_object(usage),
             incomplete_reason=incomplete_reason,
+            echo=self.echo,
         )
         name = "response.completed" if status == "completed" else "response.incomplete"
         events.append(self._event(name, response=final))
@@ -532,5 +599,6 @@ class ResponsesStream:
             status="failed",
             output=[],
             error={"code": "server_error", "message": message},
+            echo=self.echo,
         )
         return [self._event("response.failed", response=response)]

@@ -8,6 +8,9 @@ Choices made where the two dialects do not line up:
 
 - Several text blocks of one turn (or of ``system``) are joined with "\\n";
   a plain-text ``document`` is text too.
+- ``output_config.format`` (structured output, ``messages.parse``) becomes
+  a ``json_schema`` ``response_format``: the neuron constrains the answer
+  to the schema, and the answer is its one text block.
 - ``tool_result`` content that is an error is prefixed with ``"Error: "``.
 - ``thinking``, ``redacted_thinking`` and server-tool blocks from earlier
   turns are dropped: a local model cannot use them.
@@ -15,18 +18,24 @@ Choices made where the two dialects do not line up:
   not know), anywhere in the request, is refused with a 400 that names its
   type and place: the models take text only, and answering without it would
   answer another question.
-- Tool arguments that are not a JSON object come back as
-  ``input: {"_raw_arguments": "<the text>"}`` so nothing the model wrote is
-  lost and the client's schema check reports it to the model.
+- A tool call's ``input`` is its arguments read as the SDKs read a
+  streamed ``input_json_delta`` (``jiter``'s partial mode): arguments cut
+  short (``max_tokens`` ended the call) keep their complete members and
+  drop the unfinished one, ``{"city": "Paris", "unit": "cel`` is
+  ``{"city": "Paris"}``, so a whole answer and a stream give the same
+  input. Arguments that are not a JSON object at all give ``{}``.
 - Usage: the neuron's ``prompt_tokens_details.cached_tokens`` becomes
   ``cache_read_input_tokens`` and ``input_tokens`` the rest of the prompt,
   as Anthropic counts them. ``cache_creation_input_tokens`` is always 0:
   a neuron caches every prompt by itself, at no extra cost, so nothing is
   a paid cache write. ``cache_control`` marks in the request are ignored.
-  Streaming, ``message_start`` cannot know the cached part yet (the prompt
-  is not seated): it carries the whole prompt as ``input_tokens`` and the
-  cache fields as 0, and ``message_delta`` the final split (the SDKs
-  overwrite the start's numbers with the delta's).
+  Streaming, ``message_start`` waits for the neuron's first chunk, whose
+  ``prompt_usage`` (a cortex extension) has the split, so it says what
+  ``message_delta`` says. From a neuron that sends none it carries the
+  gateway's count of the prompt as ``input_tokens`` and the cache fields
+  as 0, and ``message_delta`` the final split (the SDKs keep the delta's).
+- An empty answer has no content blocks (``content: []``), whole and
+  streamed, as Anthropic's API answers it.
 - Claude Code's ``x-anthropic-billing-header: ...`` system block is client
   metadata, not prompt: dropped. Some versions put a per-request hash in
   it; reaching the model, it would change the prompt's first tokens on
@@ -36,6 +45,7 @@ Choices made where the two dialects do not line up:
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from typing import Any
 
@@ -241,6 +251,12 @@ def anthropic_to_openai(
             body["tool_choice"] = _TOOL_CHOICE[kind]
         if req.tool_choice.get("disable_parallel_tool_use"):
             body["parallel_tool_calls"] = False
+    if req.output_schema is not None:
+        # Constrained by the neuron's grammar, as OpenAI's json_schema is.
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "output", "schema": req.output_schema},
+        }
     user_id = (req.metadata or {}).get("user_id")
     if isinstance(user_id, str):
         body["user"] = user_id
@@ -294,15 +310,109 @@ def anthropic_usage(
 
 
 def _tool_input(arguments: str | None) -> dict[str, Any]:
+    """A tool call's ``input``: its arguments, cut ones read as far as they go."""
     if not arguments:
         return {}
     try:
         value = json.loads(arguments)
     except ValueError:
-        value = None
-    if isinstance(value, dict):
-        return value
-    return {"_raw_arguments": arguments}
+        try:
+            value = partial_json(arguments)
+        except ValueError:
+            value = None
+    return value if isinstance(value, dict) else {}
+
+
+class _Cut(Exception):
+    """The text ended inside a string, number or literal."""
+
+
+_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][-+]?\d+)?")
+_NUMBER_CHARS = frozenset("0123456789+-.eE")
+_LITERALS = {"true": True, "false": False, "null": None}
+_WHITESPACE = " \t\n\r"
+
+
+def partial_json(text: str) -> Any:
+    """``text``, the start of a JSON value, read as far as it is complete.
+
+    As ``jiter.from_json(text, partial_mode=True)``, which the ``anthropic``
+    SDK applies to a streamed tool input: open objects and arrays are
+    closed, an unfinished member (a string, number or literal the text ends
+    inside, or a key without its value) is dropped, a number the text ends
+    on is kept. None when nothing complete was read.
+
+    Raises:
+      ValueError: ``text`` is not the start of a JSON value.
+    """
+    try:
+        return _value(text, _skip(text, 0))[0]
+    except _Cut:
+        return None
+
+
+def _skip(text: str, i: int) -> int:
+    while i < len(text) and text[i] in _WHITESPACE:
+        i += 1
+    return i
+
+
+def _value(text: str, i: int) -> tuple[Any, int]:
+    """The value at ``i`` and the index after it; a container may be partial."""
+    if i >= len(text):
+        raise _Cut
+    char = text[i]
+    if char == "{":
+        return _container(text, i + 1, {}, "}")
+    if char == "[":
+        return _container(text, i + 1, [], "]")
+    if char == '"':
+        try:
+            return json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]
+        except ValueError:
+            raise _Cut from None
+    for literal, value in _LITERALS.items():
+        if text.startswith(literal, i):
+            return value, i + len(literal)
+        if literal.startswith(text[i:]):
+            raise _Cut
+    match = _NUMBER.match(text, i)
+    if match and (match.end() == len(text) or text[match.end()] not in _NUMBER_CHARS):
+        return json.loads(match.group()), match.end()
+    if all(c in _NUMBER_CHARS for c in text[i:]):
+        raise _Cut  # "1.5e", "-": a number the text ends inside
+    raise ValueError(f"not JSON at character {i}")
+
+
+def _container(text: str, i: int, into: Any, close: str) -> tuple[Any, int]:
+    """An object (``into`` a dict) or array from ``i``, closed early if the text ends."""
+    first = True
+    while True:
+        i = _skip(text, i)
+        if i >= len(text):
+            return into, i
+        if text[i] == close:
+            return into, i + 1
+        if not first:
+            if text[i] != ",":
+                raise ValueError(f"expected ',' at character {i}")
+            i = _skip(text, i + 1)
+        first = False
+        try:
+            if isinstance(into, dict):
+                if i < len(text) and text[i] != '"':
+                    raise ValueError(f"expected a key at character {i}")
+                key, i = _value(text, i)
+                i = _skip(text, i)
+                if i < len(text) and text[i] != ":":
+                    raise ValueError(f"expected ':' at character {i}")
+                value, i = _value(text, _skip(text, i + 1))
+                into[key] = value
+            else:
+                value, i = _value(text, i)
+                into.append(value)
+        except _Cut:
+            return into, len(text)
 
 
 def openai_to_anthropic(
@@ -314,7 +424,7 @@ def openai_to_anthropic(
     calls = message.get("tool_calls") or []
     text = message.get("content") or ""
     content: list[dict[str, Any]] = []
-    if text or not calls:
+    if text:
         content.append({"type": "text", "text": text})
     for call in calls:
         function = call.get("function") or {}
@@ -344,9 +454,12 @@ class AnthropicStream:
 
     A pure state machine: the gateway feeds it each decoded chunk and
     encodes what comes back with ``sse.encode(payload, event=name)``.
-    Blocks open just before their first delta and close before the next
-    opens; ``message_delta`` waits for :meth:`finish`, by when the usage
-    chunk has given the real totals.
+    ``message_start`` comes before the first event that :meth:`feed`,
+    :meth:`finish` or :meth:`error` returns (or from :meth:`start`), with
+    the first chunk's ``prompt_usage`` when it has one. Blocks open just
+    before their first delta and close before the next opens;
+    ``message_delta`` waits for :meth:`finish`, by when the usage chunk has
+    given the real totals.
     """
 
     def __init__(self, *, message_id: str, model: str, input_tokens: int) -> None:
@@ -361,9 +474,15 @@ class AnthropicStream:
         self._finish_reason: str | None = None
         self._stop_sequence: str | None = None
         self._usage: dict[str, Any] | None = None
+        self._prompt_usage: dict[str, Any] | None = None
         self._chunks_with_output = 0
+        self._started = False
 
     def start(self) -> list[tuple[str, dict[str, Any]]]:
+        """``message_start``; nothing when it was sent already."""
+        if self._started:
+            return []
+        self._started = True
         message = {
             "id": self.message_id,
             "type": "message",
@@ -372,7 +491,7 @@ class AnthropicStream:
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": anthropic_usage(None, input_tokens=self.input_tokens),
+            "usage": anthropic_usage(self._prompt_usage, input_tokens=self.input_tokens),
         }
         return [("message_start", {"type": "message_start", "message": message})]
 
@@ -412,9 +531,11 @@ class AnthropicStream:
             error = chunk["error"]
             message = error.get("message") if isinstance(error, dict) else None
             return self.error(str(message or error))
+        if isinstance(chunk.get("prompt_usage"), dict) and not self._started:
+            self._prompt_usage = chunk["prompt_usage"]
         if chunk.get("usage"):
             self._usage = chunk["usage"]
-        events: list[tuple[str, dict[str, Any]]] = []
+        events = self.start()
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta") or {}
             if delta.get("content") or delta.get("tool_calls"):
@@ -486,7 +607,7 @@ class AnthropicStream:
             return self.error(
                 "the neuron's stream ended before its answer did (no finish_reason)", status=502
             )
-        events = self._close()
+        events = self.start() + self._close()
         delta_usage = anthropic_usage(
             self._usage, input_tokens=self.input_tokens, output_tokens=self._chunks_with_output
         )
@@ -509,4 +630,4 @@ class AnthropicStream:
 
     def error(self, message: str, *, status: int = 500) -> list[tuple[str, dict[str, Any]]]:
         """The ``error`` event that ends a stream which failed mid-way."""
-        return [("error", error_from(status, message))]
+        return [*self.start(), ("error", error_from(status, message))]
