@@ -109,7 +109,7 @@ def tool_call_grammar(
         # forced a call after every call (a model that would have ended its
         # turn repeated its call until the token limit). Here the token after
         # a block is the model's end of turn, or the next block's opening.
-        more = " tool-block*" if parallel else ""
+        more = " ( tool-block )*" if parallel else ""
         root = f"tool-block{more}"
         rules = f"root ::= {root}\ntool-block ::= {one}\n"
     elif family == "llama3":
