@@ -652,17 +652,18 @@ class LlamaCppModel(LoadedModel):
             self._hits += 1
         else:
             self._misses += 1
-        # The prompt but its last token, a chunk at a time, so that a cancel
-        # stops it between chunks; Llama.generate then finds it all cached
-        # and evaluates only the last token.
+        # The prompt a chunk at a time, so that a cancel stops it between
+        # chunks: the chunks Llama.generate would evaluate (n_batch tokens
+        # from the kept prefix on), so the output is the same. It then finds
+        # the whole prompt cached and samples from its logits.
         keep = reused
         if keep and not llama._ctx.kv_cache_seq_rm(-1, keep, -1):
             keep = 0  # recurrent state: a partial removal is not possible
         llama.n_tokens = keep
-        for start in range(keep, len(tokens) - 1, llama.n_batch):
+        for start in range(keep, len(tokens), llama.n_batch):
             if cancellation.is_cancelled():
                 return
-            llama.eval(tokens[start : min(start + llama.n_batch, len(tokens) - 1)])
+            llama.eval(tokens[start : start + llama.n_batch])
         if cancellation.is_cancelled():
             return
         # The seed is sticky on the Llama object: reset it on every call.
