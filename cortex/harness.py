@@ -293,6 +293,12 @@ class LoadedModel(abc.ABC):
         then closes the iterator. Up to ``parallel`` generations run at a
         time per model, each in its own thread; closing one ends just that
         one. ``tokenize`` and ``render_chat`` may run concurrently with them.
+
+        Cancellation: the iterator may also have a ``cancel()`` method, which
+        the neuron calls from another thread when the client leaves, while a
+        ``next()`` may be blocked (evaluating the prompt, say). The
+        iterator should then end soon: between two chunks of its prompt,
+        not after the whole of it.
         """
 
     def prompt_cache(self) -> PromptCacheStatistics | None:

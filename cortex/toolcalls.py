@@ -368,6 +368,8 @@ class ToolCallParser:
         self._literal = ""  # a literal being matched, and how far
         self._matched = 0
         self._object: _CallObject | None = None
+        #: The region being read began with the family's opener.
+        self._opened = False
 
     # -- the public side --
 
@@ -377,14 +379,26 @@ class ToolCallParser:
         return self._take()
 
     def flush(self) -> list[Piece]:
-        """End of output: decide everything still held back."""
+        """End of output: decide everything still held back.
+
+        Output cut short (the token limit) may end inside markup. A call
+        whose arguments have begun ends with what it has. Markup before
+        that point is dropped, never handed out as content: an opener (or
+        more than its first character), whitespace after it, an object that
+        may still be a call (after an opener, or bare with its name read).
+        """
         if self._mode == "text":
             pending, self._pending = self._pending, ""
-            self._release(pending)
+            if len(pending) < 2:
+                self._release(pending)
+            else:
+                self._space = ""  # an opener cut short, with the space before it
         elif self._object is not None and self._object.committed:
             pass  # a call cut short: it ends with what it has
         elif self._after_call and HERMES_CLOSE.startswith("".join(self._raw).strip(_WS)):
             pass  # whitespace or a closing tag cut short, after a call
+        elif self._mode != "literal" and (self._opened or self._named()):
+            pass  # a call cut short before its arguments: markup, dropped
         else:
             self._fail()
         if not self._after_call and self._space:
@@ -393,6 +407,7 @@ class ToolCallParser:
         self._raw = []
         self._mode = "text"
         self._object = None
+        self._opened = False
         return self._take()
 
     # -- callbacks from _CallObject --
@@ -436,12 +451,17 @@ class ToolCallParser:
             self._out.append(body)
             self._bare_json = False
 
+    def _named(self) -> bool:
+        """Whether the object being read has its name: a call, opener or not."""
+        return self._object is not None and self._object.name is not None
+
     def _fail(self) -> None:
         """Not a call after all: the markup read so far is content."""
         raw = "".join(self._raw)
         self._raw = []
         self._object = None
         self._mode = "text"
+        self._opened = False
         self._bare_json = False
         self._release(raw)
 
@@ -483,6 +503,7 @@ class ToolCallParser:
             self._release(text[:at])
             raw, self._space = self._space + opener, ""
             self._begin("after_opener", raw=raw)
+            self._opened = True
             return at + len(opener)
         keep = partial_suffix(text, self._openers)
         self._release(text[: len(text) - keep])

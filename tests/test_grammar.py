@@ -222,6 +222,118 @@ async def test_responses_json_schema(client: openai.AsyncOpenAI) -> None:
     jsonschema.validate(json.loads(response.output_text), PERSON)
 
 
+# -- real weights: what a model that can answer does under the grammar ----------------
+
+#: The tools and question of the new-user trial (SmolLM2, greedy).
+CITY_TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": description,
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    for name, description in [
+        ("get_weather", "Get the weather for a city"),
+        ("get_time", "Get the local time in a city"),
+    ]
+]
+PARIS = [{"role": "user", "content": "What's the weather in Paris?"}]
+
+
+@pytest.fixture
+async def smollm2(smollm2_path: Path):
+    options = {"n_threads": 1, "n_ctx": 2048}
+    async with running_neuron([("smollm2", str(smollm2_path))], options=options) as handle:
+        async with openai.AsyncOpenAI(
+            base_url=handle.url + "/v1", api_key="unused", max_retries=0
+        ) as client:
+            yield client
+
+
+async def test_required_tool_choice_lets_the_model_end_after_one_call(
+    smollm2: openai.AsyncOpenAI,
+) -> None:
+    # SmolLM2 writes a newline after </tool_call>: a grammar in which a
+    # newline led only to another block made it call again (twice here,
+    # Gemma 3 until the token limit).
+    with trio.fail_after(120):
+        reply = await smollm2.chat.completions.create(
+            model="smollm2",
+            messages=PARIS,
+            tools=CITY_TOOLS,
+            tool_choice="required",
+            temperature=0,
+            max_tokens=200,
+        )
+        stream = await smollm2.chat.completions.create(
+            model="smollm2",
+            messages=PARIS,
+            tools=CITY_TOOLS,
+            tool_choice="required",
+            temperature=0,
+            max_tokens=200,
+            stream=True,
+        )
+        chunks = [chunk async for chunk in stream]
+        response = await smollm2.responses.create(
+            model="smollm2",
+            input=PARIS[0]["content"],
+            tools=[{"type": "function", **tool["function"]} for tool in CITY_TOOLS],
+            tool_choice="required",
+            temperature=0,
+            max_output_tokens=200,
+        )
+    [call] = reply.choices[0].message.tool_calls
+    assert reply.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or ()]
+    assert {d.index for d in deltas} == {0}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    [item] = [item for item in response.output if item.type == "function_call"]
+    assert (item.name, json.loads(item.arguments)) == ("get_weather", {"city": "Paris"})
+
+
+async def test_a_call_cut_short_never_leaks_markup(smollm2: openai.AsyncOpenAI) -> None:
+    # The call takes about 25 tokens: these limits cut it inside the
+    # opening markup, inside the name, and inside the arguments.
+    kinds = set()
+    for limit in (3, 6, 12, 16, 20):
+        request: Any = dict(
+            model="smollm2",
+            messages=PARIS,
+            tools=CITY_TOOLS,
+            tool_choice="required",
+            temperature=0,
+            max_tokens=limit,
+        )
+        with trio.fail_after(60):
+            reply = await smollm2.chat.completions.create(**request)
+            chunks = [
+                c async for c in await smollm2.chat.completions.create(**request, stream=True)
+            ]
+        message = reply.choices[0].message
+        assert reply.choices[0].finish_reason == "length"
+        assert not message.content, (limit, message.content)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == "", (limit, streamed)
+        calls = [(c.function.name, c.function.arguments) for c in message.tool_calls or ()]
+        deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()]
+        arguments = "".join(d.function.arguments or "" for d in deltas)
+        assert calls == [(d.function.name, arguments) for d in deltas if d.function.name]
+        assert chunks[-1].choices[0].finish_reason == "length"
+        kinds.add("call" if calls else "none")
+        for name, partial in calls:
+            assert name == "get_weather" and '{ "city": "Paris" }'.startswith(partial)
+    assert kinds == {"call", "none"}
+
+
 # -- the engine's side: family detection, markup tokens, arguments for templates ----------
 
 QWEN_LIKE = (

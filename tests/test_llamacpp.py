@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import llama_cpp
 import pytest
@@ -464,3 +466,47 @@ def test_fixture_models_differ(tiny_model_factory):
     a = tiny_model_factory("a.gguf", seed=1).read_bytes()
     b = tiny_model_factory("b.gguf", seed=2).read_bytes()
     assert a != b
+
+
+#: A prompt of about 1,900 SmolLM2 tokens: seconds of prompt processing on one thread.
+LONG_PROMPT = " ".join(["apple river stone blue seven quick moon table"] * 240)
+
+
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_cancel_stops_the_prompt_between_chunks(load, smollm2_path, parallel):
+    model = load(
+        smollm2_path, options={"n_threads": 1, "n_ctx": 2048, "n_batch": 64, "parallel": parallel}
+    )
+    prompt = model.tokenize(LONG_PROMPT)
+    assert 1800 < len(prompt) < 2000
+
+    def evaluated() -> int:
+        if model._decoder is not None:
+            return model._decoder.statistics().prompt_tokens
+        return model._llama.n_tokens
+
+    generation = model.generate(prompt, GREEDY)
+    ended = threading.Event()
+    tokens = []
+
+    def consume() -> None:
+        tokens.extend(generation)
+        ended.set()
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    # Wait until the prompt is under way (a chunk or two in), then cancel.
+    deadline = time.monotonic() + 60
+    while evaluated() < 128 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    generation.cancel()
+    assert ended.wait(10), "the generation did not end after cancel()"
+    consumer.join()
+    generation.close()
+    assert tokens == []
+    # At most the chunk in hand when the cancel came, never the whole prompt.
+    assert evaluated() < len(prompt) // 2
+    if model._decoder is not None:
+        assert model._decoder.statistics().active == 0
+    # The model serves the next request as usual.
+    assert len(take(model.generate(model.tokenize("Hello"), GREEDY), 3)) == 3

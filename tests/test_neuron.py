@@ -482,3 +482,60 @@ def test_load_request_validation() -> None:
     assert (
         json.dumps(LoadRequest.from_json({"model_id": "a", "devices": [0, 1]}).devices) == "[0, 1]"
     )
+
+
+#: About 1,900 SmolLM2 tokens: seconds of prompt processing on one thread.
+LONG_PROMPT = " ".join(["apple river stone blue seven quick moon table"] * 240)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_client_that_leaves_during_the_prompt_frees_its_slot(
+    smollm2_path: Path, stream: bool
+) -> None:
+    # Real weights: a tiny model evaluates any prompt it can hold in
+    # milliseconds, before a client could leave.
+    options = {"n_threads": 1, "n_ctx": 2048, "n_batch": 64}
+    async with running_neuron([("smollm2", str(smollm2_path))], options=options) as neuron:
+        slot = neuron.neuron.manager.slots["smollm2"]
+        decoder = slot.model._decoder
+        registry = neuron.neuron.metrics.registry
+
+        def counted() -> float:
+            name = "cortex_neuron_prompt_tokens_total"
+            return registry.get_sample_value(name, {"model": "smollm2"}) or 0.0
+
+        body = {
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": LONG_PROMPT}],
+            "max_tokens": 20,
+            "stream": stream,
+        }
+        before = decoder.statistics().prompt_tokens
+        counted_before = counted()
+        async with httpx.AsyncClient(base_url=neuron.url, timeout=120) as http:
+            with trio.fail_after(120):
+                async with trio.open_nursery() as nursery:
+
+                    async def leave_early() -> None:
+                        await http.post("/v1/chat/completions", json=body)
+                        raise AssertionError("the whole prompt was evaluated")
+
+                    nursery.start_soon(leave_early)
+                    # The client leaves once the prompt is under way.
+                    while decoder.statistics().prompt_tokens - before < 128:  # noqa: ASYNC110
+                        await trio.sleep(0.01)
+                    nursery.cancel_scope.cancel()
+                left = trio.current_time()
+                while slot.worker.statistics().in_flight:  # noqa: ASYNC110 (state, not an event)
+                    await trio.sleep(0.01)
+                # Within a chunk of 64 tokens or so, not the whole prompt.
+                assert trio.current_time() - left < 5
+                evaluated = decoder.statistics().prompt_tokens - before
+                assert evaluated < 1000
+                assert decoder.statistics().active == 0
+                assert counted() - counted_before < 1000
+                reply = await http.post(
+                    "/v1/chat/completions",
+                    json={"model": "smollm2", "messages": CHAT, "max_tokens": 3},
+                )
+                assert reply.status_code == 200, reply.text

@@ -12,7 +12,7 @@ from cortex import toolcalls
 from cortex.errors import InvalidRequest
 from cortex.harness import JsonSchema, ToolCalls
 from cortex.neuron.tools import OutputPlan, plan_output
-from cortex.toolcalls import ToolCallDelta, ToolCallParser, parse_tool_calls
+from cortex.toolcalls import _WS, ToolCallDelta, ToolCallParser, parse_tool_calls
 from cortex_llamacpp.grammar import grammar_for, tool_call_grammar
 
 
@@ -132,9 +132,6 @@ MALFORMED = [
     ("hermes", '<tool_call>{"name": 5}</tool_call>'),
     ("hermes", '<tool_call>{"name" "f"}</tool_call>'),
     ("hermes", '<tool_call>{"city": "Paris"}</tool_call>'),
-    ("hermes", '<tool_call>{"name": "f", "arguments"'),
-    ("hermes", "Hello <tool_call"),
-    ("hermes", "<tool_call>"),
     ("hermes", "a < b and <tool_call >x"),
     ("llama3", '{"answer": 42}'),
     ("llama3", '  Sure {"name": "f", "parameters": {}}'),
@@ -142,8 +139,38 @@ MALFORMED = [
     ("llama3", "{not json at all"),
     ("mistral", "[TOOL_CALLS] nope"),
     ("mistral", "[TOOL_CALLS][1, 2]"),
-    ("mistral", "[TOOL_"),
 ]
+
+
+#: Output cut short by the token limit inside markup, before a call's
+#: arguments begin: the markup is neither content nor a call.
+CUT = [
+    ("hermes", "<tool_call>", "", []),
+    ("hermes", '<tool_call>\n{"', "", []),
+    ("hermes", 'Hello <tool_call>\n{"name": "f", "arguments"', "Hello", []),
+    ("hermes", "Hello <tool_call", "Hello", []),
+    ("hermes", "1 <", "1 <", []),
+    (
+        "hermes",
+        '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call><tool_call>\n{"name',
+        "",
+        [("f", '{"a": 1}')],
+    ),
+    ("llama3", '{"name": "f", "param', "", []),
+    ("llama3", '<|python_tag|>{"na', "", []),
+    ("llama3", '{"na', '{"na', []),
+    ("mistral", "[TOOL_", "", []),
+    ("mistral", 'Sure. [TOOL_CALLS][{"name": "f", "arguments": {}}, {"na', "Sure.", [("f", "{}")]),
+]
+
+
+@pytest.mark.parametrize(("family", "text", "content", "calls"), CUT)
+def test_markup_cut_short_is_dropped(family: str, text: str, content: str, calls: list) -> None:
+    for at in range(len(text) + 1):
+        got, parsed, out = run([text[:at], text[at:]], family)
+        assert (got, parsed) == (content, calls), at
+        assert check_deltas(out) == calls
+    assert run(list(text), family)[:2] == (content, calls)
 
 
 @pytest.mark.parametrize(("family", "text", "content", "calls"), CASES)
@@ -223,7 +250,14 @@ def test_random_output_never_crashes_or_loses_text() -> None:
             cut = rng.randint(0, len(text))
             assert run([text[:cut], text[cut:]], family)[:2] == (content, calls)
             if not calls:
-                assert content == text
+                # All of it, but for markup the output ends in (cut short).
+                assert text.startswith(content)
+                rest = text[len(content) :].lstrip(_WS)
+                assert (
+                    not rest
+                    or rest[0] == "{"
+                    or any(rest.startswith(m) or m.startswith(rest) for m in toolcalls.MARKUP)
+                ), (text, content)
             else:
                 for name, _ in calls:
                     assert name == "f"

@@ -21,7 +21,11 @@ not a 200 stream that ends in an error.
 Cancellation: a job's ``scope`` covers its thread. ``Job.cancel()`` (the
 client went away, or the model is being unloaded) makes the thread's next
 ``trio.from_thread`` call raise ``Cancelled``; the thread closes the
-engine's generator, which ends just that sequence, within a token.
+engine's generator, which ends just that sequence, within a token. Before
+the first token the thread is inside the engine (prompt processing, for
+seconds or minutes) and makes no such call: ``Job.cancel()`` then also
+calls the generator's ``cancel()``, where the engine offers one (see
+``LoadedModel.generate``), which ends it between two prompt chunks.
 """
 
 from __future__ import annotations
@@ -110,6 +114,8 @@ class Job:
         self.refusal: CortexError | None = None
         #: Whether the metrics have counted its tokens (NeuronMetrics.job_finished).
         self.counted = False
+        #: The engine generator's ``cancel``, once its thread has one.
+        self._interrupt: Callable[[], None] | None = None
 
     async def wait_admitted(self) -> None:
         """Wait until the engine has taken the request: its first event, or its end.
@@ -123,7 +129,23 @@ class Job:
             raise self.refusal
 
     def cancel(self) -> None:
+        """End the job: its thread sees ``Cancelled``, and an engine busy with
+        the prompt is told to stop (the generator's ``cancel``)."""
         self.scope.cancel()
+        if self._interrupt is not None:
+            self._interrupt()
+
+    def interruptible(self, interrupt: Callable[[], None] | None) -> None:
+        """Called by the job's thread with its generator's ``cancel`` (or None).
+
+        Raises:
+          trio.Cancelled: the job was cancelled before this call; ``cancel``
+            may have missed ``interrupt``.
+        """
+        self._interrupt = interrupt
+        # Job.cancel cancels the scope before it reads ``_interrupt``: either
+        # it sees the interrupt, or this sees the cancellation.
+        trio.from_thread.check_cancelled()
 
     def close(self) -> None:
         """The consumer is done: cancel the generation, then close the channel.
@@ -131,7 +153,7 @@ class Job:
         In this order, so that the thread sees a cancellation rather than a
         closed channel.
         """
-        self.scope.cancel()
+        self.cancel()
         self.events.close()
 
     async def deliver(self, event: Event) -> None:
@@ -143,7 +165,7 @@ class Job:
         log.warning(
             "a consumer read nothing for %.0f s: cancelling its job", CONSUMER_STALL_SECONDS
         )
-        self.scope.cancel()
+        self.cancel()
         await trio.lowlevel.checkpoint()  # delivers the Cancelled to the thread
 
 
@@ -323,6 +345,7 @@ class GenerationWorker:
 
         generator = self.model.generate(request.tokens, request.sampling)
         try:
+            job.interruptible(getattr(generator, "cancel", None))
             if request.max_tokens > 0:
                 for token in generator:
                     if first_token is None:
@@ -342,10 +365,13 @@ class GenerationWorker:
                     if emitted >= request.max_tokens:
                         break
                 else:
+                    # An engine that was cancelled ends early: nothing to report.
+                    trio.from_thread.check_cancelled()
                     # The engine ends at end-of-generation, or when the context is full.
                     full = len(request.tokens) + emitted >= self.model.n_ctx
                     finish = "length" if full else "stop"
         finally:
+            job._interrupt = None
             generator.close()
         job.prompt_tokens = len(request.tokens)
         if scanner.matched is None:

@@ -66,6 +66,12 @@ argmax for temperature 0), so its greedy output is the same.
 Backpressure: a sequence whose consumer has ``AHEAD`` tokens unread sits
 out of the batch until it reads one, so a slow client never grows a buffer
 and never slows the others.
+
+Cancellation: a sequence whose ``Cancellation`` is set (from any thread;
+the neuron sets it when the client leaves) is closed at once: its consumer
+stops waiting, and the next step leaves it out and frees its slot. A long
+prompt thus stops between two of its chunks instead of being evaluated to
+the end before anyone notices.
 """
 
 from __future__ import annotations
@@ -140,6 +146,41 @@ class DecoderStatistics:
     evicted_tokens: int
     preempted: int
     prompt_cache: PromptCacheStatistics
+
+
+class Cancellation:
+    """A flag one thread sets to end a generation another thread is consuming.
+
+    ``cancel`` may be called from any thread, before or during the
+    generation, any number of times. Whoever runs the generation registers
+    a callback with ``on_cancel`` that wakes it; the callback runs once,
+    outside this object's lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._wake: Callable[[], None] | None = None
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._cancelled:
+                return
+            self._cancelled = True
+            wake, self._wake = self._wake, None
+        if wake is not None:
+            wake()
+
+    def is_cancelled(self) -> bool:
+        return self._cancelled
+
+    def on_cancel(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` when cancelled: now, if it already is."""
+        with self._lock:
+            if not self._cancelled:
+                self._wake = wake
+                return
+        wake()
 
 
 class _Sequence:
@@ -348,6 +389,7 @@ class BatchedDecoder:
         piece: Callable[[int], bytes],
         *,
         grammar: str | None = None,
+        cancellation: Cancellation | None = None,
     ) -> Iterator[Token]:
         """Yield the tokens generated after ``tokens``; see ``LoadedModel.generate``.
 
@@ -358,8 +400,14 @@ class BatchedDecoder:
         Resource handling: closing the iterator (or dropping it) takes the
         sequence out of the next step and frees its slot.
 
+        Cancellation: once ``cancellation`` is set the iterator ends (it
+        stops waiting, even for its first token), and the sequence is out of
+        the next step: a prompt being evaluated stops after the chunk in
+        hand.
+
         Args:
           grammar: GBNF text that constrains the output, or None.
+          cancellation: ends the generation from another thread.
 
         Raises:
           InvalidRequest: the grammar does not parse.
@@ -373,12 +421,16 @@ class BatchedDecoder:
                 raise HarnessError("the model is unloaded") from self._failure
             self._waiting.append(sequence)
             self._work.notify()
+        if cancellation is not None:
+            cancellation.on_cancel(lambda: self._cancel(sequence))
         first = True
         try:
             while True:
                 with self._lock:
-                    while not sequence.out and not sequence.finished:
+                    while not (sequence.out or sequence.finished or sequence.closed):
                         sequence.wake.wait()
+                    if sequence.closed:
+                        return
                     if not sequence.out:
                         if sequence.error is not None:
                             raise sequence.error
@@ -402,6 +454,14 @@ class BatchedDecoder:
                     llama_cpp.llama_sampler_free(sampler)
                 else:
                     self._work.notify()
+
+    def _cancel(self, sequence: _Sequence) -> None:
+        """Close ``sequence`` from any thread: its consumer stops waiting, the
+        decode thread leaves it out of the next step and frees its slot."""
+        with self._lock:
+            sequence.closed = True
+            sequence.wake.notify()
+            self._work.notify()
 
     def _sampler(self, sampling: Sampling, grammar: str | None) -> llama_cpp.llama_sampler_p:
         """A sampler chain for one request, in llama-cpp-python's order."""

@@ -103,7 +103,14 @@ def tool_call_grammar(
     call = " | ".join(names)
     if family == "hermes":
         one = f"{_literal(HERMES_OPEN + chr(10))} ( {call} ) {_literal(chr(10) + HERMES_CLOSE)}"
-        root = f"tool-block ( {_literal(chr(10))} tool-block )*" if parallel else "tool-block"
+        # Blocks follow one another directly, with no newline between: models
+        # write a newline after a call whether or not another follows, and
+        # once a newline could only lead to another block, that newline
+        # forced a call after every call (a model that would have ended its
+        # turn repeated its call until the token limit). Here the token after
+        # a block is the model's end of turn, or the next block's opening.
+        more = " ( tool-block )*" if parallel else ""
+        root = f"tool-block{more}"
         rules = f"root ::= {root}\ntool-block ::= {one}\n"
     elif family == "llama3":
         root = 'tool-any ( "; " tool-any )*' if parallel else "tool-any"

@@ -43,7 +43,7 @@ from cortex.harness import (
 )
 from cortex.toolcalls import MARKUP, detect_family
 
-from .batched import BatchedDecoder
+from .batched import BatchedDecoder, Cancellation
 from .grammar import grammar_for
 from .options import (
     CTX_STEP,
@@ -399,6 +399,27 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
         raise
 
 
+class Generation(Iterator[Token]):
+    """The tokens of one ``LlamaCppModel.generate`` call, cancellable from
+    another thread (``cancel``) while one is blocked in ``next``."""
+
+    def __init__(self, tokens: Iterator[Token], cancellation: Cancellation) -> None:
+        self._tokens = tokens
+        self._cancellation = cancellation
+
+    def __next__(self) -> Token:
+        return next(self._tokens)
+
+    def close(self) -> None:
+        close = getattr(self._tokens, "close", None)
+        if close is not None:
+            close()
+
+    def cancel(self) -> None:
+        """End the generation soon, even during its prompt; any thread, any time."""
+        self._cancellation.cancel()
+
+
 class LlamaCppModel(LoadedModel):
     """A GGUF model loaded into llama.cpp.
 
@@ -580,17 +601,27 @@ class LlamaCppModel(LoadedModel):
             special=True,
         )
 
-    def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[Token]:
+    def generate(self, tokens: list[int], sampling: Sampling) -> Generation:
         """See LoadedModel.generate. Also ends when the context is full.
 
         Closing the iterator early leaves the context reusable: the next call
         re-evaluates only what differs from the tokens already in the KV cache.
 
-        Raises:
+        Cancellation: ``cancel()`` on the iterator (from any thread) ends it
+        even while its prompt is evaluated: the prompt is evaluated in
+        chunks of ``n_batch`` tokens and none is begun after a cancel.
+
+        Raises (on the first ``next``):
           ContextOverflow: the prompt does not leave room for one token.
           InvalidRequest: an empty prompt, a token id outside the vocabulary,
             or a constraint that cannot be made a grammar.
         """
+        cancellation = Cancellation()
+        return Generation(self._generate(tokens, sampling, cancellation), cancellation)
+
+    def _generate(
+        self, tokens: list[int], sampling: Sampling, cancellation: Cancellation
+    ) -> Iterator[Token]:
         llama = self._live()
         if not tokens:
             raise InvalidRequest("the prompt is empty")
@@ -606,7 +637,11 @@ class LlamaCppModel(LoadedModel):
             )
         text = None if sampling.constraint is None else grammar_for(sampling.constraint)
         if self._decoder is not None:
-            return (yield from self._decoder.generate(tokens, sampling, self._piece, grammar=text))
+            return (
+                yield from self._decoder.generate(
+                    tokens, sampling, self._piece, grammar=text, cancellation=cancellation
+                )
+            )
         grammar = None if text is None else self._grammar(text)
         # What Llama.generate will keep of its context (its own prefix match,
         # less the last prompt token it evaluates again for the logits).
@@ -617,6 +652,20 @@ class LlamaCppModel(LoadedModel):
             self._hits += 1
         else:
             self._misses += 1
+        # The prompt a chunk at a time, so that a cancel stops it between
+        # chunks: the chunks Llama.generate would evaluate (n_batch tokens
+        # from the kept prefix on), so the output is the same. It then finds
+        # the whole prompt cached and samples from its logits.
+        keep = reused
+        if keep and not llama._ctx.kv_cache_seq_rm(-1, keep, -1):
+            keep = 0  # recurrent state: a partial removal is not possible
+        llama.n_tokens = keep
+        for start in range(keep, len(tokens), llama.n_batch):
+            if cancellation.is_cancelled():
+                return
+            llama.eval(tokens[start : start + llama.n_batch])
+        if cancellation.is_cancelled():
+            return
         # The seed is sticky on the Llama object: reset it on every call.
         llama.set_seed(llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed)
         steps = llama.generate(
