@@ -20,6 +20,7 @@ from cortex.errors import (
     ChatTemplateMissing,
     ContextOverflow,
     HarnessError,
+    InsufficientMemory,
     InvalidRequest,
     ModelLoadError,
 )
@@ -43,6 +44,7 @@ MESSAGES = [
 # The llama.cpp engine's spelling, which this engine accepts too: loads that name no
 # engine pass the same options to both.
 ONE_THREAD = {"n_threads": 1}
+MIB = 1024 * 1024
 
 
 def printable(text: bytes | str) -> bool:
@@ -217,8 +219,37 @@ def test_options_are_checked(load, gpt2_path):
 
 
 def test_memory_budget(load, gpt2_path):
-    with pytest.raises(ModelLoadError, match="memory budget"):
+    with pytest.raises(InsufficientMemory, match="needs at least 1 MiB"):
         load(gpt2_path, placement=Placement(memory_budget_mb=0))
+
+
+@pytest.mark.parametrize("which", ["gpt2", "spm"])
+def test_a_refusal_for_memory_says_the_least_that_loads(load, models, which):
+    """Weights that fit but not the context beside them: a 503 that says how much loads.
+
+    gpt2 keeps the file's context whatever the budget; a GGUF one shrinks a
+    context taken from the file to fit, but not one asked for.
+    """
+    if which == "gpt2":
+        # 2 layers x 32 x 2 x 4 bytes: 512 bytes of KV a token, 4 MiB for 8192.
+        path = write_tiny_gpt2_ggml(models / "long-gpt2.bin", n_ctx=8192)
+        fields: dict = {}
+    else:
+        # 2 layers x 64 x 2 x 2 bytes: 512 bytes a token, 4 MiB for 8192.
+        path = write_tiny_llama_spm_gguf(models / "spm-8k.gguf")
+        fields = {"harness": "ctransformers", "options": {"threads": 1, "n_ctx": 8192}}
+    weights_mb = -(-path.stat().st_size // MIB)
+    with pytest.raises(InsufficientMemory) as info:
+        load(path, placement=Placement(memory_budget_mb=weights_mb), **fields)
+    refused = info.value
+    assert refused.status == 503 and refused.code == "insufficient_memory"
+    assert f"needs at least {refused.need_mb} MiB" in refused.message
+    assert f"{weights_mb} MiB is free for it" in refused.message
+    assert refused.need_mb > weights_mb
+    with pytest.raises(InsufficientMemory):
+        load(path, placement=Placement(memory_budget_mb=refused.need_mb - 1), **fields)
+    model = load(path, placement=Placement(memory_budget_mb=refused.need_mb), **fields)
+    assert model.memory_mb() <= refused.need_mb
 
 
 # -- the loaded model -----------------------------------------------------------------

@@ -14,6 +14,7 @@ from cortex.errors import (
     ChatTemplateMissing,
     ContextOverflow,
     HarnessError,
+    InsufficientMemory,
     InvalidModelOptions,
     InvalidRequest,
     ModelLoadError,
@@ -183,10 +184,48 @@ def test_n_ctx_fits_memory_budget(load, tiny_model_factory):
     assert streams.n_ctx % 256 == 0
     assert 512 <= 4 * streams.n_ctx <= model.n_ctx + 4 * 256
     # A pool asked for explicitly must fit too.
-    with pytest.raises(ModelLoadError, match="kv_cells=65536, over its memory budget"):
+    with pytest.raises(InsufficientMemory, match="65792 KV cells") as info:
         load(path, placement=budget, options={"parallel": 4, "kv_cells": 65536})
-    with pytest.raises(ModelLoadError, match="memory budget"):
+    # 33 MiB of file and cells, and a host tier of 1/8 of the budget.
+    assert -(-(path.stat().st_size + (65536 + 256) * 512) // MIB) == 33
+    assert info.value.need_mb == 37 and 37 // 8 == 4
+    with pytest.raises(InsufficientMemory, match="0 MiB is free for it"):
         load(path, placement=Placement(memory_budget_mb=0))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"parallel": 1},
+        {"parallel": 1, "n_ctx": 5000},
+        {"parallel": 4},
+        {"parallel": 4, "kv_unified": False},
+        {"parallel": 4, "kv_cells": 8192},
+        {"parallel": 4, "host_cache_mb": 3},
+    ],
+)
+def test_a_refusal_for_memory_says_the_least_that_loads(load, tiny_model_factory, options):
+    """Weights that fit but no context beside them: the engine's plan refuses.
+
+    With what it says it needs (a gateway evicts for exactly that) it loads,
+    the host tier that grows with the budget included; one MiB less does not.
+    """
+    # 8 layers x 256 x 4 bytes: 8 KiB of KV a token, 2 MiB for the least 256 cells.
+    path = tiny_model_factory(n_ctx=8192, n_layer=8, n_embd=256)
+    options = {"n_threads": 1, **options}
+    weights_mb = path.stat().st_size // MIB
+    with pytest.raises(InsufficientMemory) as info:
+        load(path, placement=Placement(memory_budget_mb=weights_mb + 1), options=options)
+    refused = info.value
+    assert refused.status == 503 and refused.code == "insufficient_memory"
+    assert f"needs at least {refused.need_mb} MiB" in refused.message
+    assert refused.need_mb > weights_mb + 1
+    with pytest.raises(InsufficientMemory):
+        load(path, placement=Placement(memory_budget_mb=refused.need_mb - 1), options=options)
+    model = load(path, placement=Placement(memory_budget_mb=refused.need_mb), options=options)
+    assert model.memory_mb() <= refused.need_mb
+    if "n_ctx" in options:
+        assert model.n_ctx == 5120  # asked for: it never shrinks
 
 
 def test_plan_n_ctx():

@@ -24,6 +24,7 @@ from cortex.errors import (
     ChatTemplateMissing,
     ContextOverflow,
     HarnessError,
+    InsufficientMemory,
     InvalidModelFile,
     InvalidModelOptions,
     InvalidRequest,
@@ -202,7 +203,14 @@ def load(spec: LoadSpec, placement: Placement) -> CTransformersModel | None:
     expected_ctx = context if context > 0 else plan.n_ctx_train or 0
     need_mb = -(-(weights_bytes + expected_ctx * plan.kv_per_token) // MIB)
     if budget is not None and need_mb > budget:
-        raise ModelLoadError(f"{where} needs {need_mb} MiB, over its memory budget of {budget} MiB")
+        # The context is already the least this load accepts (one token where
+        # it shrinks, else the one asked for or the file's): a gateway can
+        # unload others to make this much room and ask again.
+        raise InsufficientMemory(
+            f"{where}: needs at least {need_mb} MiB (its weights and a context of "
+            f"{expected_ctx}), {budget} MiB is free for it",
+            need_mb=need_mb,
+        )
 
     config = Config(
         context_length=context,

@@ -25,6 +25,7 @@ from cortex.errors import (
     ChatTemplateMissing,
     ContextOverflow,
     HarnessError,
+    InsufficientMemory,
     InvalidModelFile,
     InvalidModelOptions,
     InvalidRequest,
@@ -53,6 +54,7 @@ from .options import (
     kv_bytes_per_token,
     kv_cells,
     kv_layout,
+    least_budget_mb,
     plan_n_ctx,
 )
 
@@ -231,6 +233,45 @@ def _registered_formatter(name: str) -> ChatFormatter | None:
     return handler.__closure__[code.co_freevars.index("chat_formatter")].cell_contents
 
 
+def _check_fits(
+    where: str,
+    options: LoadOptions,
+    *,
+    budget_mb: int,
+    weights_bytes: int,
+    kv_per_token: int,
+    host_cache_mb: Callable[[int], int] | None,
+) -> None:
+    """Refuse a load whose smallest form does not fit in ``budget_mb``.
+
+    The smallest form is the weights, the least context the options accept
+    (256 cells, or the ``n_ctx`` asked for) in the KV layout they ask for,
+    the small context a batched model keeps for tokenize, and the host tier
+    where it counts: below that, the context plan has nothing left to
+    shrink. The refusal says how much that is, so that a gateway can unload
+    other models to make the room and ask again.
+
+    Args:
+      host_cache_mb: the host tier counted in a budget of that many MiB;
+        None where it does not count (one sequence, a GPU host).
+
+    Raises:
+      InsufficientMemory: it does not fit; ``need_mb`` is the least budget it fits in.
+    """
+    least_ctx = CTX_STEP if options.n_ctx is None else -(-options.n_ctx // CTX_STEP) * CTX_STEP
+    cells = kv_cells(options, least_ctx) + (CTX_STEP if options.parallel > 1 else 0)
+    need_mb = least_budget_mb(
+        weights_bytes + cells * kv_per_token, host_cache_mb or (lambda budget: 0)
+    )
+    if need_mb > budget_mb:
+        host = f" and its host_cache_mb={host_cache_mb(need_mb)}" if host_cache_mb else ""
+        raise InsufficientMemory(
+            f"{where}: needs at least {need_mb} MiB (its weights, {cells} KV cells{host}), "
+            f"{budget_mb} MiB is free for it",
+            need_mb=need_mb,
+        )
+
+
 def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
     """The ``cortex_harness_load`` hook: see ``cortex.harness.HarnessSpec``."""
     if spec.harness is not None and spec.harness != NAME:
@@ -270,13 +311,26 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
                 f"{where}: llama.cpp cannot read this GGUF file "
                 "(truncated, damaged, or an architecture it does not know)"
             )
-        host_cache_mb = options.host_cache_mb
-        if host_cache_mb is None:
-            longest = min(hparams.n_ctx_train or options.n_ctx_max, options.n_ctx_max)
-            host_cache_mb = default_host_cache_mb(
-                budget_mb=placement.memory_budget_mb,
+        longest = min(hparams.n_ctx_train or options.n_ctx_max, options.n_ctx_max)
+
+        def host_cache_for(budget_mb: int | None) -> int:
+            if options.host_cache_mb is not None:
+                return options.host_cache_mb
+            return default_host_cache_mb(
+                budget_mb=budget_mb,
                 gpu=bool(placement.devices),
                 pool_bytes=longest * hparams.kv_per_token,
+            )
+
+        host_cache_mb = host_cache_for(placement.memory_budget_mb)
+        if placement.memory_budget_mb is not None:
+            _check_fits(
+                where,
+                options,
+                budget_mb=placement.memory_budget_mb,
+                weights_bytes=weights_bytes,
+                kv_per_token=hparams.kv_per_token,
+                host_cache_mb=host_cache_for if batched and not placement.devices else None,
             )
         host_cache_bytes = host_cache_mb * MIB if batched else 0
         # On a CPU host the host tier shares the memory budget with the model.
@@ -314,20 +368,8 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
                 options.parallel,
                 layout.reason,
             )
+        # _check_fits saw to it that this pool fits: kv_cells asks for at least it.
         pool = kv_cells(options, n_ctx)
-        if placement.memory_budget_mb is not None:
-            cells = pool + (CTX_STEP if batched else 0)
-            need_mb = -(-(counted_bytes + cells * hparams.kv_per_token) // MIB)
-            if need_mb > placement.memory_budget_mb:
-                host = (
-                    f" (host_cache_mb={host_cache_mb} included)"
-                    if counted_bytes > weights_bytes
-                    else ""
-                )
-                raise ModelLoadError(
-                    f"{where}: needs {need_mb} MiB with kv_cells={pool}, over its memory "
-                    f"budget of {placement.memory_budget_mb} MiB{host}"
-                )
         extra_buffers = use_extra_buffers(options.extra_buffers)
         try:
             with model_params(use_extra_bufts=extra_buffers):

@@ -8,7 +8,7 @@ ignored.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -356,6 +356,26 @@ def kv_cells(options: LoadOptions, n_ctx: int) -> int:
     if options.parallel > 1 and options.kv_cells is not None:
         return max(n_ctx, -(-options.kv_cells // CTX_STEP) * CTX_STEP)
     return n_ctx
+
+
+def least_budget_mb(need_bytes: int, host_cache_mb: Callable[[int], int]) -> int:
+    """The smallest memory budget in which a load of ``need_bytes`` fits beside its host tier.
+
+    The default host tier grows with the budget (``default_host_cache_mb``),
+    so the answer is the least budget ``b`` with ``need + host_cache_mb(b) <= b``:
+    what a refusal reports as needed, so that a budget of that size (or any
+    larger one) loads at once.
+
+    Args:
+      need_bytes: the weights and the smallest KV cache the load accepts.
+      host_cache_mb: the host tier counted in a budget of that many MiB (at
+        most 1/8 of it, so the search ends after a few steps); 0 where none.
+    """
+    need_mb = -(-need_bytes // MIB)
+    budget = need_mb
+    while (total := need_mb + host_cache_mb(budget)) > budget:
+        budget = total
+    return budget
 
 
 def plan_n_ctx(
