@@ -298,6 +298,42 @@ async def test_a_model_without_vram_mb_gets_room_once_the_neuron_says_what_it_ne
             assert entry is not None and entry.vram_mb == 3
 
 
+async def test_a_model_the_engines_plan_refuses_gets_room_after_an_eviction(
+    tiny_model_factory,
+) -> None:
+    """The neuron's file-size check passes, llama.cpp's context plan refuses: still a replan.
+
+    The engine says how much the weights and its least context need; the
+    gateway evicts the idle model that holds the room and the request succeeds.
+    """
+    # 8 layers x 256 x 4 bytes: 8 KiB of KV a token. Each file is 11.6 MiB;
+    # "idle" loads with its 512 tokens in 16 MiB, which leaves 12 of the 28:
+    # room for the file of "wide" (11), not for it and 256 cells (14).
+    idle = tiny_model_factory("idle.gguf", n_layer=8, n_embd=256)
+    wide = tiny_model_factory("wide.gguf", n_layer=8, n_embd=256, seed=1)
+    options = {"parallel": 1, "n_threads": 1}
+    models = ModelsFile(
+        models=[
+            CatalogModel(id="idle", source=str(idle), vram_mb=16, options=options),
+            CatalogModel(id="wide", source=str(wide), vram_mb=11, options=options),
+        ]
+    )
+    with trio.fail_after(60):
+        async with (
+            running_neuron(memory_budget_mb=28) as neuron,
+            gateway_over(models, a=neuron.url) as (gw, http),
+        ):
+            reply = await http.post("/v1/chat/completions", json=chat("idle"))
+            assert reply.status_code == 200, reply.text
+            assert neuron.neuron.manager.slots["idle"].memory_mb == 16
+            reply = await http.post("/v1/chat/completions", json=chat("wide"))
+            assert reply.status_code == 200, reply.text
+            assert set(neuron.neuron.manager.slots) == {"wide"}
+            entry = gw.state.entry("wide")
+            need_mb = -(-(wide.stat().st_size + 256 * 8192) // 2**20)
+            assert entry is not None and entry.vram_mb == need_mb == 14
+
+
 async def test_a_catalogue_entry_the_neuron_refuses_is_the_operators_error(
     tiny_model_path: Path,
 ) -> None:

@@ -347,3 +347,38 @@ async def test_a_load_refused_for_want_of_memory_says_how_much_it_needs(tmp_path
     # What a gateway reads back: the MiB needed.
     back = error_from_response(refused.status_code, refused.content, refused.headers)
     assert isinstance(back, InsufficientMemory) and back.need_mb == 3
+
+
+async def test_a_load_the_engines_plan_refuses_says_how_much_it_needs(
+    tiny_model_factory,
+) -> None:
+    """The file fits the budget, the least context beside it does not: the engine refuses.
+
+    llama.cpp's context plan, not the neuron's file-size check: the same 503
+    ``insufficient_memory``, with the weights and 256 KV cells as the figure.
+    """
+    pytest.importorskip("cortex_llamacpp")
+    # 8 layers x 256 x 4 bytes: 8 KiB of KV a token, 2 MiB for the least 256 cells.
+    path = tiny_model_factory("wide.gguf", n_layer=8, n_embd=256)
+    size = path.stat().st_size
+    need_mb = -(-(size + 256 * 8192) // 2**20)
+    budget_mb = -(-size // 2**20)
+    assert budget_mb < need_mb
+    async with running_neuron(memory_budget_mb=budget_mb) as handle:
+        async with httpx.AsyncClient(base_url=handle.url, timeout=30) as http:
+            with trio.fail_after(30):
+                refused = await http.post(
+                    "/models/load",
+                    json={
+                        "model_id": "wide",
+                        "source": str(path),
+                        "options": {"parallel": 1, "n_threads": 1},
+                    },
+                )
+    assert refused.status_code == 503, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "insufficient_memory"
+    assert f"needs at least {need_mb} MiB" in error["message"]
+    assert str(path.parent) not in error["message"]
+    back = error_from_response(refused.status_code, refused.content, refused.headers)
+    assert isinstance(back, InsufficientMemory) and back.need_mb == need_mb
