@@ -89,6 +89,9 @@ class Health:
     queue_depth: int = 0
     #: Requests being generated, over all models.
     in_flight: int = 0
+    #: Shutting down: it finishes the requests it has and refuses new work
+    #: (503); it stops listening once they are done or its grace period ends.
+    draining: bool = False
 
 
 @attrs.frozen

@@ -50,7 +50,16 @@ def render(fleet: dict[str, Any], *, now: float | None = None) -> str:
     out = []
     rows = []
     for n in fleet["neurons"]:
-        state = "up" if n["up"] and not n["suspect"] else "suspect" if n["up"] else "down"
+        state = (
+            "down"
+            if not n["up"]
+            # .get: a gateway older than the field.
+            else "draining"
+            if n.get("draining")
+            else "suspect"
+            if n["suspect"]
+            else "up"
+        )
         if n["devices"]:
             devices = ", ".join(
                 f"{d['index']}:{d['name']} {_mb(d['vram_used_mb'])}/{_mb(d['vram_total_mb'])}"

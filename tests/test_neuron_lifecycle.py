@@ -20,9 +20,10 @@ import trio
 from cortex.errors import InsufficientMemory
 from cortex.gateway.upstream import error_from_response
 from cortex.harness import plugin_manager
+from cortex.neuron.app import run_neuron
 from cortex.neuron.models import LoadRequest, ModelManager
 from cortex.testing import FakeEngine
-from tests.neuron_helpers import running_neuron
+from tests.neuron_helpers import neuron_config, running_neuron
 
 
 def fake_model(tmp_path: Path, name: str = "m.fake") -> str:
@@ -86,6 +87,58 @@ async def test_failure_mid_stream_is_an_error_event(tmp_path: Path) -> None:
     assert "generation failed" in last["error"]["message"]
     assert whole.status_code == 500 and "error" in whole.json()
     assert health.status_code == 200
+
+
+async def test_a_draining_neuron_says_so_finishes_its_streams_and_takes_nothing_new(
+    tmp_path: Path,
+) -> None:
+    """Shutting down, it still listens: /health says ``draining``, new work gets a 503.
+
+    The stream it has runs to its end, well within the grace period, and the
+    neuron stops as soon as nothing is left.
+    """
+    engine = FakeEngine(reply=lambda prompt: "x" * 200, token_delay=0.005)
+    shutdown = trio.Event()
+    body = {"model": "m", "prompt": "go", "max_tokens": 200, "stream": True}
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            handle = await nursery.start(
+                partial(
+                    run_neuron, neuron_config(grace_period=20), shutdown=shutdown, plugins=[engine]
+                )
+            )
+            await handle.neuron.manager.load(LoadRequest(model_id="m", source=fake_model(tmp_path)))
+            async with httpx.AsyncClient(base_url=handle.url, timeout=30) as http:
+                assert (await http.get("/health")).json()["draining"] is False
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    lines = response.aiter_lines()
+                    await anext(lines)
+                    shutdown.set()
+                    # A new connection, as a gateway's poll opens.
+                    async with httpx.AsyncClient(base_url=handle.url, timeout=30) as poll:
+                        health = (await poll.get("/health")).json()
+                        models = await poll.get("/models")
+                        refused = await poll.post("/v1/completions", json={**body, "stream": False})
+                    rest = [line async for line in lines]
+                drained_at = trio.current_time()
+        stopped_at = trio.current_time()
+    assert health["draining"] is True and health["in_flight"] == 1
+    assert models.status_code == 200
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["type"] == "service_unavailable"
+    assert "shutting down" in refused.json()["error"]["message"]
+    assert "retry-after" in refused.headers
+    # The running stream finished whole: every token, then [DONE].
+    assert [line for line in rest if line][-1] == "data: [DONE]"
+    text = "".join(
+        json.loads(line.removeprefix("data: "))["choices"][0]["text"]
+        for line in rest
+        if line.startswith("data: {")
+    )
+    assert text == "x" * 199  # the first token came before the drain
+    # Nothing left to wait for: it stopped at once, not after its 20 s.
+    assert stopped_at - drained_at < 5
+    assert engine.loaded[0].unloaded
 
 
 def test_sigterm_drains_and_exits_zero(tiny_model_path: Path) -> None:

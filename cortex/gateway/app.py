@@ -208,10 +208,13 @@ def _control_app(gateway: Gateway) -> QuartTrio:
         Health checkers need no key, but endpoints and transport errors
         name internal addresses.
         """
-        up = sum(1 for n in state.neurons.values() if n.up)
-        status = "ok" if up == len(state.neurons) else "degraded" if up else "down"
+        # A draining neuron is up but takes nothing new: not "ok".
+        serving = sum(1 for n in state.neurons.values() if n.up and not n.draining)
+        status = "ok" if serving == len(state.neurons) else "degraded" if serving else "down"
         if not authenticated(gateway):
-            brief = [{"name": n.name, "up": n.up} for n in state.neurons.values()]
+            brief = [
+                {"name": n.name, "up": n.up, "draining": n.draining} for n in state.neurons.values()
+            ]
             return _json({"status": status, "neurons": brief})
         neurons = [
             {
@@ -219,6 +222,7 @@ def _control_app(gateway: Gateway) -> QuartTrio:
                 "endpoint": n.endpoint,
                 "up": n.up,
                 "suspect": n.suspect,
+                "draining": n.draining,
                 "last_seen": n.last_seen,
                 "error": n.last_error,
                 "models": {m: location_status(state, n, m) for m in n.models},

@@ -58,6 +58,7 @@ def _neuron(neuron: NeuronState) -> dict[str, Any]:
         "endpoint": neuron.endpoint,
         "up": neuron.up,
         "suspect": neuron.suspect,
+        "draining": neuron.draining,
         "last_seen": neuron.last_seen,
         "error": neuron.last_error,
         "hostname": neuron.discovery.hostname if neuron.discovery else None,

@@ -4,11 +4,13 @@
 ``/models`` every ``poll_interval``, or at once when something pokes the
 neuron (a request failed on it, a load or unload finished). A neuron that
 does not answer is marked down; the next good poll brings it back and clears
-``suspect``. A poll that fails is logged when the neuron goes down and
-whenever the reason changes, so a neuron never reached (a wrong endpoint or
-token) shows in the log too. A model the neuron no longer lists is dropped.
-Each poll sets the gauges of the neuron's queue and of its models' prompt
-caches.
+``suspect``. A neuron whose health says ``draining`` (shutting down) is
+marked so: not routable for new requests or loads, what runs there left to
+finish; once it stops listening it is down. A poll that fails is logged
+when the neuron goes down and whenever the reason changes, so a neuron
+never reached (a wrong endpoint or token) shows in the log too. A model
+the neuron no longer lists is dropped. Each poll sets the gauges of the
+neuron's queue and of its models' prompt caches.
 """
 
 from __future__ import annotations
@@ -56,7 +58,10 @@ async def refresh(api: NeuronLink, state: FleetState, neuron: NeuronState) -> No
             del neuron.last_used[model_id]
     if not neuron.up:
         log.info("neuron %s is up (%s)", neuron.name, neuron.endpoint)
+    if health.draining and not neuron.draining:
+        log.info("neuron %s is draining: routing nothing new to it", neuron.name)
     neuron.up, neuron.suspect, neuron.last_error = True, False, None
+    neuron.draining = health.draining
     neuron.last_seen = state.clock()
     state.changed()
 
@@ -72,7 +77,7 @@ def mark_down(state: FleetState, neuron: NeuronState, reason: str) -> None:
         log.warning("neuron %s is down: %s", neuron.name, reason)
     elif reason != neuron.last_error:
         log.warning("neuron %s (%s) cannot be polled: %s", neuron.name, neuron.endpoint, reason)
-    neuron.up = False
+    neuron.up = neuron.draining = False
     neuron.last_error = reason
     state.changed()
 

@@ -82,6 +82,9 @@ class NeuronState:
     up: bool = False
     #: A request failed on it before its first byte; cleared by the next good poll.
     suspect: bool = False
+    #: Its last poll said it is shutting down: what runs there finishes,
+    #: nothing new (requests, loads) goes there.
+    draining: bool = False
     last_seen: float | None = None
     last_error: str | None = None
     discovery: Discovery | None = None
@@ -110,7 +113,7 @@ class NeuronState:
 
     @property
     def routable(self) -> bool:
-        return self.up and not self.suspect
+        return self.up and not self.suspect and not self.draining
 
     @property
     def is_gpu(self) -> bool:

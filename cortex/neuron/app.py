@@ -33,6 +33,7 @@ from cortex.errors import (
     GenerationFailed,
     InvalidRequest,
     Unauthorized,
+    Unavailable,
 )
 from cortex.fleet import DeviceSample, Discovery, Health, MemoryBudget, make_converter
 from cortex.harness import harness_infos, plugin_manager
@@ -74,6 +75,9 @@ class Neuron:
     started: float = attrs.field(factory=time.monotonic)
     samples: list[DeviceSample] = attrs.field(factory=list)
     metrics: NeuronMetrics = attrs.field(init=False)
+    #: Shutting down: requests already taken run on, new work is refused
+    #: (``Draining``) and /health says so, so that gateways send it elsewhere.
+    draining: bool = False
 
     def __attrs_post_init__(self) -> None:
         self.metrics = NeuronMetrics(self.manager.statuses, lambda: self.samples)
@@ -93,6 +97,7 @@ class Neuron:
             activation=self.manager.activation(),
             queue_depth=sum(s.queued for s in statuses),
             in_flight=sum(s.in_flight for s in statuses),
+            draining=self.draining,
         )
 
     async def sample_devices(
@@ -112,6 +117,47 @@ class Neuron:
             self.samples = await trio.to_thread.run_sync(self.nvml.sample)
         except Exception as exc:  # a flaky driver must not take the neuron down
             log.warning("device sample failed: %s", exc)
+
+
+#: What a draining neuron still takes: it finishes what it has, nothing new.
+DRAINING_ALLOWED = frozenset({"/models/unload", "/tokenize"})
+#: Seconds the server gives the connections left once the drain has ended,
+#: idle or not: answers being written, refusals of the last instant.
+DRAIN_TAIL = 1.0
+
+
+@attrs.define(eq=False)
+class Draining:
+    """The ASGI app wrapped to count what a draining neuron waits for.
+
+    Every POST counts (generations, loads) until its last byte is sent: a
+    streamed answer outlives its view. GETs (the gateway's polls, metrics)
+    never do: they are answered through the drain, which is how gateways
+    see the neuron drain before it stops listening.
+    """
+
+    app: Any
+    #: POST requests being answered.
+    running: int = 0
+    _idle: trio.Event = attrs.field(factory=trio.Event)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        self.running += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.running -= 1
+            if not self.running:
+                self._idle.set()
+                self._idle = trio.Event()
+
+    async def wait_idle(self) -> None:
+        """Return once no POST is being answered."""
+        while self.running:
+            await self._idle.wait()
 
 
 @attrs.frozen
@@ -164,20 +210,36 @@ async def run_neuron(
                     await manager.activate([LoadRequest.from_config(m) for m in config.models])
 
             nursery.start_soon(activate)
+            app = Draining(create_app(neuron))
+
+            async def drain() -> None:
+                # Still listening while it drains: polls see ``draining`` (a
+                # neuron that refused connections would only read as down),
+                # a request that raced them gets a 503 and goes elsewhere.
+                await shutdown.wait()
+                neuron.draining = True
+                # Stop activating, or it would load models behind unload_all.
+                activation.cancel()
+                log.info(
+                    "draining: %d request(s) running, up to %g s", app.running, section.grace_period
+                )
+                with trio.move_on_after(section.grace_period):
+                    await app.wait_idle()
+
             async with trio.open_nursery() as server:
                 url = await server.start(
                     partial(
                         serve,
-                        create_app(neuron),
+                        app,
                         section.listen,
                         default_port=DEFAULT_PORT,
-                        shutdown_trigger=shutdown.wait,
-                        grace_period=section.grace_period,
+                        shutdown_trigger=drain,
+                        # The grace period was the drain's; what runs on is cut.
+                        grace_period=min(DRAIN_TAIL, section.grace_period),
                     )
                 )
                 task_status.started(NeuronHandle(url=url, neuron=neuron))
             # The server has drained: nothing can reach the models any more.
-            # Stop activating first, or it would load models behind unload_all.
             activation.cancel()
             # Shielded from the caller's cancellation, bounded by its own deadline.
             with trio.CancelScope(shield=True) as unloading:
@@ -197,6 +259,7 @@ def create_app(neuron: Neuron) -> QuartTrio:
     api = NeuronApi(neuron)
     app.before_request(read_whole_body)
     app.before_request(api.authenticate)
+    app.before_request(api.refuse_new_work_when_draining)
     app.after_request(add_request_id)
     app.register_error_handler(CortexError, cortex_error)
     app.register_error_handler(HTTPException, http_error)
@@ -289,6 +352,17 @@ class NeuronApi:
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {section.token}".encode()):
             raise Unauthorized("missing or wrong neuron token (Authorization: Bearer ...)")
+
+    async def refuse_new_work_when_draining(self) -> None:
+        if (
+            self.neuron.draining
+            and request.method == "POST"
+            and request.path not in DRAINING_ALLOWED
+        ):
+            # 503: a gateway tries the next route; Retry-After for a direct client.
+            raise Unavailable(
+                "this neuron is shutting down: it finishes what it has and takes no new work"
+            )
 
     # -- the fleet API --
 
