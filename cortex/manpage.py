@@ -168,10 +168,12 @@ The systemd units of the packages (contrib/systemd in the source tree).
 SIGNALS = r"""
 .TP
 .BR SIGTERM ", " SIGINT
-Graceful shutdown: stop accepting connections, let in\-flight requests finish
-within
+Graceful shutdown: stop accepting connections (a neuron: once drained), let
+in\-flight requests finish within
 .B grace_period
-seconds ([neuron] or [gateway]), unload the models (neuron), exit 0. The
+seconds ([neuron] or [gateway]), unload the models (neuron), exit 0. A
+neuron drains while it still listens: /health says draining, new
+generations and loads get a 503, and gateways route nothing new to it. The
 gateway ends what still runs after grace_period itself: a stream with the
 dialect's error event, a request with a 503, logged as 503. A second
 SIGTERM or SIGINT stops at once. Service managers should wait longer than

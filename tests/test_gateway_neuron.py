@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import openai
 import pytest
 import trio
 
+from cortex import status as status_command
 from cortex.config import (
     CatalogModel,
     GatewayConfig,
@@ -26,11 +28,13 @@ from cortex.config import (
     NeuronEndpoint,
 )
 from cortex.gateway.app import GatewayHandle, run_gateway
+from cortex.neuron.app import run_neuron
+from cortex.neuron.models import LoadRequest
 from cortex.testing import FakeEngine
 
 pytest.importorskip("cortex_llamacpp")
 
-from tests.neuron_helpers import running_neuron
+from tests.neuron_helpers import neuron_config, running_neuron
 
 
 async def test_cold_load_and_both_sdks_against_a_real_neuron(tiny_model_path) -> None:
@@ -332,6 +336,65 @@ async def test_a_model_the_engines_plan_refuses_gets_room_after_an_eviction(
             entry = gw.state.entry("wide")
             need_mb = -(-(wide.stat().st_size + 256 * 8192) // 2**20)
             assert entry is not None and entry.vram_mb == need_mb == 14
+
+
+async def test_a_draining_neuron_gets_nothing_new_and_finishes_its_stream(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A neuron shutting down says ``draining`` in its health polls.
+
+    The gateway shows it as draining (its /health, ``cortex status``), sends
+    a new request for its model to the other neuron (loading it there), and
+    the stream already running on it finishes whole.
+    """
+    source = tmp_path / "m.fake"
+    source.write_text("fake")
+    models = ModelsFile(models=[CatalogModel(id="m", source=str(source), vram_mb=1)])
+    slow = FakeEngine(reply=lambda prompt: "x" * 200, token_delay=0.01)
+    other = FakeEngine()
+    shutdown = trio.Event()
+    body = {"model": "m", "prompt": "go", "max_tokens": 200, "stream": True}
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            a = await nursery.start(
+                partial(
+                    run_neuron, neuron_config(grace_period=20), shutdown=shutdown, plugins=[slow]
+                )
+            )
+            await a.neuron.manager.load(LoadRequest(model_id="m", source=str(source)))
+            async with (
+                running_neuron(plugins=[other]) as b,
+                gateway_over(models, a=a.url, b=b.url) as (gw, http),
+            ):
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    lines = response.aiter_lines()
+                    await anext(lines)
+                    shutdown.set()
+                    draining = gw.state.neurons["a"]
+                    while not draining.draining:
+                        draining.poke.set()
+                        await gw.state.wait_changed()
+                    health = (await http.get("/health")).json()
+                    fleet = (await http.get("/fleet")).json()
+                    reply = await http.post("/v1/completions", json={**body, "stream": False})
+                    rest = [line async for line in lines]
+                assert reply.status_code == 200, reply.text
+                assert set(b.neuron.manager.slots) == {"m"}
+                # Routed to b from the start: not sent to a, refused, and retried.
+                assert "trying the next route" not in caplog.text
+                assert len(slow.loaded) == 1 and len(other.loaded) == 1
+    assert health["status"] == "degraded"
+    assert {n["name"]: n["draining"] for n in health["neurons"]} == {"a": True, "b": False}
+    assert next(n for n in health["neurons"] if n["name"] == "a")["up"] is True
+    row = next(line for line in status_command.render(fleet).splitlines() if line.startswith("a "))
+    assert row.split()[1] == "draining"
+    assert [line for line in rest if line][-1] == "data: [DONE]"
+    text = "".join(
+        json.loads(line.removeprefix("data: "))["choices"][0]["text"]
+        for line in rest
+        if line.startswith("data: {")
+    )
+    assert text == "x" * 199  # the first token came before the drain
 
 
 async def test_a_catalogue_entry_the_neuron_refuses_is_the_operators_error(
