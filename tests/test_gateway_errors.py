@@ -133,7 +133,10 @@ async def test_health_details_need_the_key() -> None:
             for headers in ({}, {"authorization": "Bearer wrong"}):
                 response = await fleet.client.get("/health", headers=headers)
                 assert response.status_code == 200
-                assert response.json() == {"status": "ok", "neurons": [{"name": "a", "up": True}]}
+                assert response.json() == {
+                    "status": "ok",
+                    "neurons": [{"name": "a", "up": True, "draining": False}],
+                }
             response = await fleet.client.get("/health", headers={"x-api-key": "k1"})
             (neuron,) = response.json()["neurons"]
             assert neuron["endpoint"] == a.url and neuron["models"] == {"org/small": "loaded"}
