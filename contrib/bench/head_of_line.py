@@ -165,7 +165,7 @@ def main() -> None:
             try:
                 result = pair(model, long, short, args)
             finally:
-                del decoder._plan  # back to the class's own
+                vars(decoder).pop("_plan", None)  # back to the class's own
             rows[label].append(result)
             if single is not None:
                 # Each alone on llama-cpp-python's own path.
