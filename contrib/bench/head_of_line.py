@@ -1,23 +1,23 @@
 """Head-of-line blocking: a short prompt that arrives while a long one is evaluated.
 
 Loads the SmolLM2 demo through the llamacpp engine (``parallel`` slots, the
-host tier off so every prompt is evaluated whole) and, in interleaved
-rounds, starts a long prompt of ``--long-words`` words (``--long-tokens``
+host tier off so every prompt is evaluated whole), once per ``--n-batch``
+value, and starts a long prompt of ``--long-words`` words (``--long-tokens``
 greedy tokens), waits until its first chunk has been evaluated, then sends a
-short prompt (``--short-words`` words, ``--short-tokens`` greedy tokens),
-once with the decoder's prompt order and once with the order it had before
-(every step's prompt budget to the earliest prompt until it was whole:
-``arrival``, patched in here only). Each prompt is new from its first token,
-so nothing is read from a cache. Prints, per order, the medians over the
-rounds of the short request's time to first token (from its arrival), the
-long one's (from its own), the wall time of the pair and the tokens
-evaluated per second over it (prompts and generated tokens), and whether
-both texts equal what each gives alone (``parallel 1``); then the long prompt's time to
-first token alone, as the mark.
+short prompt (``--short-words`` words, ``--short-tokens`` greedy tokens):
+with the decoder's order (fewest prompt tokens left first) and with the
+order it had before (every step's prompt budget to the earliest prompt
+until it was whole: ``arrival``, patched in here only). Each prompt is new
+from its first token, so nothing is read from a cache. Prints, per order,
+the medians over ``--rounds`` of the short request's time to first token
+(from its arrival), the long one's (from its own), the wall time of the
+pair and the tokens evaluated per second over it (prompts and generated
+tokens); with ``--check``, whether both texts equal what each gives alone
+on ``parallel 1`` (llama-cpp-python's own path; that costs a run of each).
 
-    .venv/bin/python contrib/bench/head_of_line.py [--long-words 2000]
-        [--short-words 5] [--rounds 3] [--threads 1] [--parallel 8]
-        [--n-ctx 4096] [--n-gpu-layers 0]
+    .venv/bin/python contrib/bench/head_of_line.py [--long-words 1500]
+        [--short-words 5] [--rounds 1] [--threads 1] [--parallel 8]
+        [--n-batch 512 128] [--n-ctx 4096] [--n-gpu-layers 0] [--check]
 """
 
 from __future__ import annotations
@@ -106,16 +106,16 @@ def pair(model: Any, long: str, short: str, args: argparse.Namespace) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--long-words", type=int, default=2000)
+    parser.add_argument("--long-words", type=int, default=1500)
     parser.add_argument("--long-tokens", type=int, default=5)
     parser.add_argument("--short-words", type=int, default=5)
     parser.add_argument("--short-tokens", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parallel", type=int, default=8)
     parser.add_argument("--n-ctx", type=int, default=4096)
     parser.add_argument("--n-gpu-layers", type=int, default=0)
-    parser.add_argument("--n-batch", type=int, nargs="+", default=[512])
+    parser.add_argument("--n-batch", type=int, nargs="+", default=[512, 128])
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
 
@@ -140,10 +140,10 @@ def main() -> None:
     }
     first = models[args.n_batch[0]]
     # (label, model, the plan to patch in or None)
-    orders: list[tuple[str, Any, Any]] = [
-        (f"arrival (before), n_batch {args.n_batch[0]}", first, arrival_plan)
-    ]
-    orders += [(f"shortest first, n_batch {n}", model, None) for n, model in models.items()]
+    orders: list[tuple[str, Any, Any]] = []
+    for n, model in models.items():
+        orders.append((f"arrival (before), n_batch {n}", model, arrival_plan))
+        orders.append((f"fewest left first, n_batch {n}", model, None))
     single = None
     if args.check:
         single = pm.hook.cortex_harness_load(

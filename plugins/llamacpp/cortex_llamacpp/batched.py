@@ -10,14 +10,21 @@ steps:
    seat waiting sequences in free slots (the slot whose cached tokens share
    the longest prefix with the prompt, whose KV cells are then kept).
 2. Build one ``llama_batch``: the last sampled token of every decoding
-   sequence, then newcomers' prompt tokens in arrival order, at most
-   ``prompt_chunk`` of them while anyone is decoding (``n_batch`` when
+   sequence, then one chunk of one newcomer's prompt: at most
+   ``prompt_chunk`` tokens while anyone is decoding (``n_batch`` when
    nobody is), so a long prompt costs the others a few short stalls
-   instead of one long one, and no more prompts once one is complete, so
-   a burst of newcomers starts one after another: on a CPU, prompt
-   processing is bound by compute, so batching prompts saves little, and
-   the median newcomer gets its first token after half the burst's prompts
-   instead of after all of them.
+   instead of one long one. One prompt a step, so a burst of newcomers
+   starts one after another: on a CPU, prompt processing is bound by
+   compute, so batching prompts saves little, and the median newcomer gets
+   its first token after half the burst's prompts instead of after all of
+   them. The prompt with the fewest tokens left goes first (ties in
+   arrival order), so a short prompt that arrives while a long one is
+   evaluated waits for the chunk in hand, not for the whole long prompt.
+   Ageing guard: each prompt counts the tokens of later arrivals' prompts
+   evaluated while it waited (``overtaken``) and ranks by its tokens left
+   less that, so once later prompts have taken as many tokens as it has
+   left it goes first, to its end: a stream of short prompts can at most
+   about double a long prompt's wait, never starve it.
 3. One ``llama_decode``; then each sequence whose logits were computed
    samples with its own sampler chain and gets its token.
 
