@@ -9,6 +9,7 @@ cells, another's logits or a stale cache would not.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -19,6 +20,7 @@ from cortex.errors import QueueFull
 from cortex.harness import Sampling
 from cortex.neuron.workers import GenerationRequest, GenerationWorker, Job, collect
 from cortex.testing import FakeEngine, FakeModel
+from cortex_llamacpp.batched import _Sequence
 from tests.neuron_helpers import running_neuron
 
 GREEDY = Sampling(temperature=0.0)
@@ -207,6 +209,123 @@ def test_long_prompt_is_chunked_between_the_others_steps(load, tiny_model_factor
     # ...and nobody's text was disturbed.
     assert [results[i] for i in range(3)] == expected
     assert results[3] == expected_long
+
+
+def test_a_short_prompt_is_not_held_behind_a_long_one(load, smollm2_path):
+    # Real weights, one thread: the long prompt takes seconds, in ten chunks.
+    options = {"n_ctx": 1024, "n_batch": 32, "host_cache_mb": 0}
+    alone = load(smollm2_path, parallel=1, **options)
+    model = load(smollm2_path, parallel=4, **options)
+    long_prompt = " ".join(["apple river stone blue seven quick moon table"] * 48)
+    short_prompt = "Hello there"
+    n_long = len(model.tokenize(long_prompt))
+    n_short = len(model.tokenize(short_prompt))
+    assert n_long > 10 * 32
+    expected_long = text(alone, long_prompt, 8)
+    expected_short = text(alone, short_prompt, 3)
+    decoder = model._decoder
+    times: dict[str, float] = {}
+    results: dict[str, str] = {}
+
+    def long() -> None:
+        started = time.monotonic()
+        out = []
+        iterator = model.generate(model.tokenize(long_prompt), GREEDY)
+        for token in iterator:
+            if not out:
+                times["long"] = time.monotonic() - started
+            out.append(token.piece)
+            if len(out) == 8:
+                break
+        iterator.close()
+        results["long"] = b"".join(out).decode()
+
+    thread = threading.Thread(target=long)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while decoder.statistics().prompt_tokens == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    # The long prompt's first chunk is in: the short one arrives.
+    started = time.monotonic()
+    out = []
+    iterator = model.generate(model.tokenize(short_prompt), GREEDY)
+    for token in iterator:
+        if not out:
+            times["short"] = time.monotonic() - started
+            evaluated = decoder.statistics().prompt_tokens
+        out.append(token.piece)
+        if len(out) == 3:
+            break
+    iterator.close()
+    results["short"] = b"".join(out).decode()
+    thread.join(timeout=120)
+
+    # The short prompt went in after at most the long one's chunk in hand
+    # (and the next, had the decoder begun it), not after all of it...
+    assert evaluated <= 3 * 32 + n_short < n_long
+    assert times["short"] < times["long"] / 3
+    # ...and neither text changed.
+    assert results == {"long": expected_long, "short": expected_short}
+
+
+def test_prompts_go_fewest_tokens_first_and_a_long_one_is_not_starved(load, tiny_model_path):
+    # The plan alone, step by step: the decode thread waits for work, and
+    # this test holds the lock while it seats sequences by hand.
+    model = load(tiny_model_path, parallel=4, n_batch=64)
+    decoder = model._decoder
+    served: list[str] = []
+    names: dict[int, str] = {}
+
+    def arrive(name: str, n: int) -> None:
+        sequence = _Sequence([1] * n, None, threading.Condition(decoder._lock))
+        slot = next(slot for slot in decoder._slots if slot.sequence is None)
+        slot.sequence, sequence.slot = sequence, slot
+        decoder._active.append(sequence)
+        names[id(sequence)] = name
+
+    def step() -> str:
+        (sequence, start, count), *rest = decoder._plan()
+        assert rest == [] and start == sequence.n_past
+        assert count == min(64, sequence.n_prompt - sequence.n_past)
+        sequence.n_past += count
+        name = names[id(sequence)]
+        served.append(name)
+        if sequence.n_past == sequence.n_prompt:
+            sequence.slot.sequence = None
+            decoder._active.remove(sequence)
+            return name + " done"
+        return name
+
+    with decoder._lock:
+        try:
+            # Two prompts of one length go one after the other, in order.
+            arrive("a", 100)
+            arrive("b", 100)
+            assert [step() for _ in range(4)] == ["a", "a done", "b", "b done"]
+
+            # A short prompt arriving while a long one is under way goes first.
+            arrive("long", 1000)
+            assert step() == "long"  # 936 left
+            shorts = 0
+            while True:
+                arrive(f"short{shorts}", 40)
+                name = step()
+                if name.startswith("long"):
+                    break
+                assert name == f"short{shorts} done"
+                shorts += 1
+            # ...until the shorts overtook it by as many tokens as it had left:
+            # then it goes first, to its end, ahead of the short one waiting.
+            assert 936 - 40 <= 40 * shorts < 936
+            while name != "long done":
+                name = step()
+                assert name.startswith("long")
+            assert step() == f"short{shorts} done"
+            assert decoder._active == []
+        finally:
+            for sequence in decoder._active:
+                sequence.slot.sequence = None
+            decoder._active.clear()
 
 
 # -- the neuron ----------------------------------------------------------------------

@@ -31,6 +31,7 @@ SYSTEMD = ROOT / "contrib" / "systemd"
 SPEC = ROOT / "contrib" / "rpm" / "cortex.spec"
 SESSIONS_BENCH = ROOT / "contrib" / "bench" / "sessions.py"
 IDLE_SLOTS_BENCH = ROOT / "contrib" / "bench" / "idle_slots.py"
+HEAD_OF_LINE_BENCH = ROOT / "contrib" / "bench" / "head_of_line.py"
 UNITS = {"neuron": "cortex-neuron.service", "gateway": "cortex-gateway.service"}
 
 
@@ -270,3 +271,25 @@ def test_idle_slots_bench_steady_state(smollm2_path: Path) -> None:
     # slot answered it, in both layouts (a miss would read 0%).
     for name, (_, _, cached, _, _) in rows.items():
         assert int(cached.rstrip("%")) >= 80, name
+
+
+@pytest.mark.slow
+def test_head_of_line_bench_prints_both_orders_exact(smollm2_path: Path) -> None:
+    """Both orders at each ``n_batch``, the short request first under the new one."""
+    command = [
+        sys.executable, str(HEAD_OF_LINE_BENCH), "--long-words", "200", "--n-batch", "32",
+        "--n-ctx", "512", "--parallel", "2", "--check",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    table = result.stdout[result.stdout.index("short TTFT ms") :].splitlines()[1:]
+    rows = {line[:32].strip(): line[32:].split() for line in table if line.strip()}
+    assert list(rows) == ["arrival (before), n_batch 32", "fewest left first, n_batch 32"]
+    assert all(row[-1] == "yes" for row in rows.values())
+    (short_before, long_before), (short_now, long_now) = (
+        (float(row[0]), float(row[1])) for row in rows.values()
+    )
+    # Before, the short request waited for most of the long prompt; now for
+    # a chunk of 32 tokens of it.
+    assert short_before > long_before / 2
+    assert short_now < long_now / 3

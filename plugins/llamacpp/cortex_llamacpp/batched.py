@@ -10,14 +10,21 @@ steps:
    seat waiting sequences in free slots (the slot whose cached tokens share
    the longest prefix with the prompt, whose KV cells are then kept).
 2. Build one ``llama_batch``: the last sampled token of every decoding
-   sequence, then newcomers' prompt tokens in arrival order, at most
-   ``prompt_chunk`` of them while anyone is decoding (``n_batch`` when
+   sequence, then one chunk of one newcomer's prompt: at most
+   ``prompt_chunk`` tokens while anyone is decoding (``n_batch`` when
    nobody is), so a long prompt costs the others a few short stalls
-   instead of one long one, and no more prompts once one is complete, so
-   a burst of newcomers starts one after another: on a CPU, prompt
-   processing is bound by compute, so batching prompts saves little, and
-   the median newcomer gets its first token after half the burst's prompts
-   instead of after all of them.
+   instead of one long one. One prompt a step, so a burst of newcomers
+   starts one after another: on a CPU, prompt processing is bound by
+   compute, so batching prompts saves little, and the median newcomer gets
+   its first token after half the burst's prompts instead of after all of
+   them. The prompt with the fewest tokens left goes first (ties in
+   arrival order), so a short prompt that arrives while a long one is
+   evaluated waits for the chunk in hand, not for the whole long prompt.
+   Ageing guard: each prompt counts the tokens of later arrivals' prompts
+   evaluated while it waited (``overtaken``) and ranks by its tokens left
+   less that, so once later prompts have taken as many tokens as it has
+   left it goes first, to its end: a stream of short prompts can at most
+   about double a long prompt's wait, never starve it.
 3. One ``llama_decode``; then each sequence whose logits were computed
    samples with its own sampler chain and gets its token.
 
@@ -202,6 +209,9 @@ class _Sequence:
         self.slot: _Slot | None = None
         #: Tokens of ``tokens`` in the slot's KV cells.
         self.n_past = 0
+        #: Prompt tokens of sequences seated after this one evaluated while
+        #: its own prompt waited (the ageing guard of ``_plan``).
+        self.overtaken = 0
         #: The last sampled token, to feed in the next step; None while the
         #: prompt is being processed.
         self.next_token: int | None = None
@@ -780,19 +790,29 @@ class BatchedDecoder:
                 decoding = True
                 if len(sequence.out) < AHEAD:
                     plan.append((sequence, sequence.n_past, 1))
-        budget = self._prompt_chunk if decoding else self._n_batch
-        for sequence in self._active:
-            if budget == 0:
-                break
-            if sequence.next_token is None and sequence.n_past < sequence.n_prompt:
-                count = min(budget, sequence.n_prompt - sequence.n_past)
-                plan.append((sequence, sequence.n_past, count))
-                budget -= count
-                if sequence.n_past + count == sequence.n_prompt:
-                    # One prompt finishes per step: a burst of newcomers gets
-                    # first tokens one after another (the median waits for
-                    # half the prompts) rather than all after the last.
-                    break
+        prompts = [
+            (i, s)
+            for i, s in enumerate(self._active)
+            if s.next_token is None and s.n_past < s.n_prompt and not s.finished
+        ]
+        if prompts:
+            # One prompt a step (a chunk of it, or all that is left): a burst
+            # of newcomers gets first tokens one after another (the median
+            # waits for half the prompts) rather than all after the last.
+            # The fewest tokens left goes first, so a short prompt is not
+            # held behind a long one; a prompt that later arrivals have
+            # overtaken by as many tokens as it has left goes first, so it
+            # waits for them at most about as long as its own evaluation.
+            # Ties go in arrival (seat) order.
+            index, sequence = min(
+                prompts, key=lambda p: (p[1].n_prompt - p[1].n_past - p[1].overtaken, p[0])
+            )
+            budget = self._prompt_chunk if decoding else self._n_batch
+            count = min(budget, sequence.n_prompt - sequence.n_past)
+            plan.append((sequence, sequence.n_past, count))
+            for i, earlier in prompts:
+                if i < index:
+                    earlier.overtaken += count
         # Ascending sequence ids: llama.cpp's per-stream split needs them.
         plan.sort(key=lambda run: run[0].slot.seq_id)  # type: ignore[union-attr]
         return plan
