@@ -101,6 +101,8 @@ class FakeNeuron:
     hold_mid: trio.Event | None = None
     #: Model ids whose load fails.
     failing: set[str] = attrs.field(factory=set)
+    #: Load options this engine does not take: a load naming one is a 400.
+    refuse_options: set[str] = attrs.field(factory=set)
     #: The ``parallel`` (slots) each loaded model reports.
     parallel: int = 1
     #: Seconds its requests in flight get to finish once ``shutdown`` is set.
@@ -335,6 +337,9 @@ def create_fake_app(fake: FakeNeuron) -> QuartTrio:
                 free = fake.memory_mb - fake.used() if not fake.gpus else None
                 if model_id in fake.failing:
                     return _error(500, f"cannot load {model_id}: corrupt file")
+                refused = sorted(set(body.get("options") or {}) & fake.refuse_options)
+                if refused:
+                    return _error(400, f"unknown option {refused[0]!r}", "invalid_model_options")
                 if free is not None and fake.size(model_id) > free:
                     return _error(503, f"no memory for {model_id}", kind="service_unavailable")
                 fake._mark_loaded(model_id, devices)

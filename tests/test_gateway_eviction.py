@@ -6,6 +6,7 @@ import time
 
 import pytest
 import trio
+import trio.testing
 
 from cortex.config import CatalogModel, ModelsFile
 from cortex.fleet import (
@@ -19,6 +20,7 @@ from cortex.fleet import (
     ModelStatus,
 )
 from cortex.gateway import evictor
+from cortex.gateway.reload import reload_catalogue
 from cortex.gateway.state import HOST, FleetState, PendingLoad, feasible, place
 from tests.gateway_helpers import FakeNeuron, catalogue, running_fleet
 
@@ -232,3 +234,105 @@ async def test_a_model_the_gateway_could_not_load_back_is_never_evicted(policy: 
             view = (await fleet.client.get("/fleet")).json()
             (keepme,) = [m for m in view["models"] if m["id"] == "keepme"]
             assert keepme["in_catalogue"] is False and keepme["pinned_on"] == ["a"]
+
+
+async def test_a_catalogue_entry_a_neuron_refused_evicts_nothing_until_a_reload(
+    tmp_path,
+) -> None:
+    # Both neurons are full; "bad" would need an eviction on either.
+    sizes = {"m/a": 600, "m/b": 600, "bad": 600}
+    a = FakeNeuron("a", memory_mb=1000, preload=["m/a"], sizes=sizes, refuse_options={"n_ctxx"})
+    b = FakeNeuron("b", memory_mb=1000, preload=["m/b"], sizes=sizes, refuse_options={"n_ctxx"})
+    bad = CatalogModel(id="bad", vram_mb=600, options={"n_ctxx": 2048})
+    models = catalogue(
+        CatalogModel(id="m/a", vram_mb=600), CatalogModel(id="m/b", vram_mb=600), bad
+    )
+    with trio.fail_after(10):
+        async with running_fleet([a, b], models) as fleet:
+            first = await fleet.chat("bad")
+            assert first.status_code == 500, first.text
+            assert first.json()["error"]["code"] == "invalid_catalogue_entry"
+            # One eviction to find out, on one neuron; not one on the other.
+            assert len(a.unload_calls + b.unload_calls) == 1
+            evicted = a.unload_calls + b.unload_calls
+            second = await fleet.chat("bad")
+            assert second.status_code == 500, second.text
+            assert second.json()["error"] == first.json()["error"]
+            assert a.unload_calls + b.unload_calls == evicted
+            assert len(a.load_calls + b.load_calls) == 1
+            view = (await fleet.client.get("/fleet")).json()
+            (entry,) = [m for m in view["models"] if m["id"] == "bad"]
+            assert "n_ctxx" in entry["error"]
+            path = tmp_path / "models.toml"
+            path.write_text(
+                '[[models]]\nid = "m/a"\nvram_mb = 600\n'
+                '[[models]]\nid = "m/b"\nvram_mb = 600\n'
+                '[[models]]\nid = "bad"\nvram_mb = 600\noptions = { n_ctx = 2048 }\n'
+            )
+            await reload_catalogue(fleet.state, str(path))
+            fixed = await fleet.chat("bad")
+            assert fixed.status_code == 200, fixed.text
+            view = (await fleet.client.get("/fleet")).json()
+            (entry,) = [m for m in view["models"] if m["id"] == "bad"]
+            assert entry["error"] is None
+
+
+async def test_a_model_a_reload_retired_is_served_while_loaded_and_evicted_first(
+    tmp_path,
+) -> None:
+    sizes = {"m/a": 400, "m/b": 400, "m/c": 400}
+    a = FakeNeuron("a", memory_mb=1000, sizes=sizes)
+    with trio.fail_after(10):
+        async with running_fleet([a], _models()) as fleet:
+            await _use(fleet, "m/b", "m/a")
+            path = tmp_path / "models.toml"
+            path.write_text(
+                '[[models]]\nid = "m/b"\nvram_mb = 400\n[[models]]\nid = "m/c"\nvram_mb = 400\n'
+            )
+            await reload_catalogue(fleet.state, str(path))
+            # Still loaded: served by its id.
+            await _use(fleet, "m/a")
+            view = (await fleet.client.get("/fleet")).json()
+            (retired,) = [m for m in view["models"] if m["id"] == "m/a"]
+            assert retired["retired"] is True and retired["pinned_on"] == []
+            # The most recently used, yet the first to go: nothing loads it again.
+            await _use(fleet, "m/c")
+            assert a.unload_calls == ["m/a"]
+            response = await fleet.chat("m/a")
+            assert response.status_code == 404, response.text
+
+
+async def test_a_model_a_reload_retired_blocks_no_load(tmp_path) -> None:
+    a = FakeNeuron("a", memory_mb=1000, sizes={"m/a": 700, "m/c": 400})
+    models = catalogue(CatalogModel(id="m/a", vram_mb=700))
+    with trio.fail_after(10):
+        async with running_fleet([a], models) as fleet:
+            await _use(fleet, "m/a")
+            path = tmp_path / "models.toml"
+            path.write_text('[[models]]\nid = "m/c"\nvram_mb = 400\n')
+            await reload_catalogue(fleet.state, str(path))
+            await _use(fleet, "m/c")
+            assert a.unload_calls == ["m/a"]
+
+
+async def test_a_model_retired_while_it_loads_is_served_once_loaded(tmp_path) -> None:
+    gate = trio.Event()
+    a = FakeNeuron("a", memory_mb=1000, load_gate=gate)
+    with trio.fail_after(10):
+        async with running_fleet([a], _models()) as fleet, trio.open_nursery() as nursery:
+            answers: list[int] = []
+
+            async def use(model: str) -> None:
+                answers.append((await fleet.chat(model)).status_code)
+
+            nursery.start_soon(use, "m/a")
+            await a.load_started.wait()
+            path = tmp_path / "models.toml"
+            path.write_text('[[models]]\nid = "m/b"\nvram_mb = 400\n')
+            await reload_catalogue(fleet.state, str(path))
+            nursery.start_soon(use, "m/a")
+            load = fleet.state.pending[("a", "m/a")]
+            while load.waiters < 2 and not answers:
+                await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+            gate.set()
+        assert answers == [200, 200]

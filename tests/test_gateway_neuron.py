@@ -428,6 +428,29 @@ async def test_a_catalogue_entry_the_neuron_refuses_is_the_operators_error(
             assert reply.json()["error"]["type"] == "api_error"
 
 
+async def test_another_gateways_failed_load_is_not_advertised_nor_pinned(
+    tiny_model_path: Path,
+) -> None:
+    """The neuron keeps a record of a load that failed; a second gateway lists nothing of it."""
+    bad = CatalogModel(id="badopt", source=str(tiny_model_path), options={"n_ctxx": 2048})
+    with trio.fail_after(30):
+        async with (
+            running_neuron(memory_budget_mb=2000) as neuron,
+            gateway_over(ModelsFile(models=[bad]), a=neuron.url) as (_, first),
+        ):
+            reply = await first.post("/v1/chat/completions", json=chat("badopt"))
+            assert reply.status_code == 500, reply.text
+            async with gateway_over(ModelsFile(), a=neuron.url) as (gw, second):
+                assert gw.state.neurons["a"].status_of("badopt") == "failed"
+                listed = (await second.get("/v1/models")).json()["data"]
+                assert "badopt" not in [m["id"] for m in listed]
+                reply = await second.get("/v1/models/badopt")
+                assert reply.status_code == 404, reply.text
+                fleet = (await second.get("/fleet")).json()
+                assert "badopt" not in [m["id"] for m in fleet["models"]]
+                assert "badopt" not in status_command.render(fleet)
+
+
 async def test_a_model_the_neuron_loaded_at_its_start_is_never_evicted(
     tiny_model_path: Path,
 ) -> None:

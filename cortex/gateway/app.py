@@ -247,7 +247,8 @@ def model_entries(gateway: Gateway) -> list[dict[str, Any]]:
     ids = list(state.catalogue.models)
     for neuron in state.neurons.values():
         if neuron.up:
-            ids += [m for m in neuron.models if m not in ids]
+            # A failed load's record (another gateway's) is nothing to ask for.
+            ids += [m for m in neuron.models if m not in ids and state.holds(neuron, m)]
 
     def describe(model_id: str) -> dict[str, Any]:
         locations = []

@@ -2,13 +2,15 @@
 
 Pure planning over ``FleetState``; the loader carries the plan out
 (``cortex.gateway.loader``: its load task unloads the victims, then
-loads). A model is a candidate only when it is loaded, in this gateway's
-catalogue (one it could not load back, such as a model a neuron loaded at
-its start, is as good as pinned), not pinned on that neuron, has nothing in
+loads). A model is a candidate only when it is loaded, this gateway's
+(in its catalogue, or once in it and retired by a reload; one it never
+had, such as a model a neuron loaded at its start or another gateway's,
+is as good as pinned), not pinned on that neuron, has nothing in
 flight or queued (this gateway's count and the neuron's), and is not
 already being evicted.
 The routing policy may spare more (the thrash guard) and order the
 candidates its own way (``key``); the default order is the ``strategy``'s.
+Retired models go first whatever the order: nothing here loads them again.
 """
 
 from __future__ import annotations
@@ -63,8 +65,8 @@ def candidates(
             or model_id in neuron.evicting
             or model_id in pending
             or neuron.busy(model_id)
-            or entry is None
-            or neuron.name in entry.pinned_on
+            or not _ours(state, model_id)
+            or (entry is not None and neuron.name in entry.pinned_on)
             or (spare is not None and spare(model_id))
         ):
             continue
@@ -75,7 +77,13 @@ def candidates(
         priority = entry.priority if entry is not None and strategy == "priority" else 0
         return priority, neuron.recency(model_id)
 
-    return sorted(found, key=key or order)
+    rank = key or order
+    return sorted(found, key=lambda model_id: (not state.retired(model_id), rank(model_id)))
+
+
+def _ours(state: FleetState, model_id: str) -> bool:
+    """In this gateway's catalogue, now or before a reload retired it."""
+    return model_id in state.catalogue.models or state.retired(model_id)
 
 
 def plan(
@@ -134,7 +142,7 @@ def fits_later(state: FleetState, neuron: NeuronState, model: CatalogModel) -> b
     gpu = neuron.is_gpu
     for model_id, status in neuron.models.items():
         entry = state.catalogue.models.get(model_id)
-        if entry is None or neuron.name in entry.pinned_on:
+        if not _ours(state, model_id) or (entry is not None and neuron.name in entry.pinned_on):
             _add(free, model_memory(status, gpu), sign=-1)
     return place(model, free) is not None
 

@@ -2,9 +2,13 @@
 
 One JSON document: neurons (up/down, devices with memory and utilisation,
 host memory budget, work in flight), models (where loaded or loading, pinned
-where (a model outside the catalogue: wherever it is, since it is never
-evicted), in flight, last used) and aliases. Built from the pollers' state and
-the gateway's own counts; no neuron is asked anything.
+where (a model this gateway never had in its catalogue: wherever it is,
+since it is never evicted; one a reload retired is pinned nowhere), in
+flight, last used, and ``error``: why its catalogue entry cannot load, once
+a neuron refused it as a bad request) and aliases. A model outside the
+catalogue that no neuron holds (a failed load's record) is not listed.
+Built from the pollers' state and the gateway's own counts; no neuron is
+asked anything.
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ def fleet_view(state: FleetState) -> dict[str, Any]:
     catalogue = state.catalogue.models
     ids = list(catalogue)
     for neuron in state.neurons.values():
-        ids += [m for m in neuron.models if m not in ids]
+        ids += [m for m in neuron.models if m not in ids and state.holds(neuron, m)]
     models = []
     for model_id in ids:
         entry = catalogue.get(model_id)
@@ -107,14 +111,22 @@ def fleet_view(state: FleetState) -> dict[str, Any]:
             {
                 "id": model_id,
                 "in_catalogue": entry is not None,
-                # One this gateway could not load back is never evicted: as
-                # good as pinned wherever it is.
+                "retired": state.retired(model_id),
+                # One this gateway never had is never evicted: as good as
+                # pinned wherever it is.
                 "pinned_on": list(entry.pinned_on)
                 if entry
-                else [loc["neuron"] for loc in locations],
+                else []
+                if state.retired(model_id)
+                else [
+                    loc["neuron"]
+                    for loc in locations
+                    if state.holds(state.neurons[loc["neuron"]], model_id)
+                ],
                 "priority": entry.priority if entry else 0,
                 "vram_mb": entry.vram_mb if entry else None,
                 "locations": locations,
+                "error": state.invalid(model_id),
             }
         )
     return {

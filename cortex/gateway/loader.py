@@ -151,6 +151,9 @@ class Loader:
     async def _run_load(self, load: PendingLoad, entry: CatalogModel | None) -> None:
         """Evict, load, record; errors end up in ``load.error``, never raised."""
         neuron = self.state.neurons[load.neuron]
+        # The entry as the catalogue has it now: a reload during the load
+        # makes new entries, and a refusal says nothing of those.
+        listed = self.state.catalogue.models.get(load.model_id)
         start = trio.current_time()
         error: CortexError | None = None
         try:
@@ -217,6 +220,10 @@ class Loader:
                     if entry is not None
                     else UpstreamError(f"{where}: {exc.message}")
                 )
+                if listed is not None:
+                    # It would fail the same anywhere: refuse it at once
+                    # until a reload rather than evict for it again.
+                    self.state.entry_invalid(listed, exc.message)
             else:
                 exc.message = f"{where}: {exc.message}"
             error = exc

@@ -30,8 +30,7 @@ async def reload_catalogue(state: FleetState, path: str) -> Catalogue:
     except ConfigError as exc:
         log.error("reload failed, keeping the old catalogue: %s", exc.message)
         raise
-    state.catalogue = Catalogue.from_file(models)
-    state.changed()
+    state.replace_catalogue(Catalogue.from_file(models))
     log.info("reloaded %s: %s", path, summary(state.catalogue))
     return state.catalogue
 

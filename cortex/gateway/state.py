@@ -295,6 +295,16 @@ class FleetState:
     _reported_mb: dict[tuple[str, str], int] = attrs.field(factory=dict)
     _needs_mb: dict[tuple[str, str], int] = attrs.field(factory=dict)
     _changed: trio.Event = attrs.field(factory=trio.Event)
+    #: Every id this gateway's catalogue has held since it started: a model
+    #: a reload retired is still this gateway's to evict (``evictor``).
+    catalogued: set[str] = attrs.field(factory=set)
+    #: Catalogue entries a neuron refused to load as a bad request: id ->
+    #: (the entry, why). Kept while that very entry is the catalogue's; a
+    #: reload makes new entries, so it forgets them.
+    _invalid: dict[str, tuple[CatalogModel, str]] = attrs.field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        self.catalogued.update(self.catalogue.models)
 
     @classmethod
     def build(
@@ -308,6 +318,34 @@ class FleetState:
             e.name: NeuronState(name=e.name, endpoint=e.endpoint, token=e.token) for e in endpoints
         }
         return cls(catalogue=Catalogue.from_file(models), neurons=neurons, clock=clock)
+
+    def replace_catalogue(self, catalogue: Catalogue) -> None:
+        """A reload: ``catalogue`` is the catalogue now; what was found invalid is forgotten."""
+        self.catalogue = catalogue
+        self.catalogued.update(catalogue.models)
+        self._invalid.clear()
+        self.changed()
+
+    def retired(self, model_id: str) -> bool:
+        """Whether ``model_id`` was in this gateway's catalogue and a reload took it out."""
+        return model_id in self.catalogued and model_id not in self.catalogue.models
+
+    def entry_invalid(self, model: CatalogModel, reason: str) -> None:
+        """A neuron refused to load ``model`` (the catalogue's entry) as a bad request.
+
+        Requests for it fail with ``reason`` at once (``invalid``) until a
+        reload; nothing is evicted for it meanwhile.
+        """
+        if self.catalogue.models.get(model.id) is model:
+            self._invalid[model.id] = (model, reason)
+            self.changed()
+
+    def invalid(self, model_id: str) -> str | None:
+        """Why the catalogue's entry for ``model_id`` cannot load; None: not known to be bad."""
+        found = self._invalid.get(model_id)
+        if found is None or self.catalogue.models.get(model_id) is not found[0]:
+            return None
+        return found[1]
 
     def load_started(self, load: PendingLoad) -> None:
         """A load of ours begins: its room is reserved, its victims are being evicted."""
@@ -403,9 +441,21 @@ class FleetState:
         return (n for n in self.neurons.values() if n.routable)
 
     def known(self, model_id: str) -> bool:
-        """In the catalogue, or loaded or loading on some neuron."""
-        return model_id in self.catalogue.models or any(
-            n.status_of(model_id) in (LOADED, LOADING) for n in self.neurons.values()
+        """In the catalogue, or loaded or loading on some neuron (a load of ours included)."""
+        return (
+            model_id in self.catalogue.models
+            or any(n.status_of(model_id) in (LOADED, LOADING) for n in self.neurons.values())
+            or any(pending_id == model_id for (_, pending_id) in self.pending)
+        )
+
+    def holds(self, neuron: NeuronState, model_id: str) -> bool:
+        """Whether ``neuron`` has ``model_id`` loaded or loading (a load of ours included).
+
+        A failed load the neuron keeps a record of is not holding it.
+        """
+        return (
+            neuron.status_of(model_id) in (LOADED, LOADING)
+            or (neuron.name, model_id) in self.pending
         )
 
     def free_memory(self, neuron: NeuronState) -> dict[int, int] | None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from cortex.config import CatalogModel
-from cortex.errors import CortexError, ModelNotFound, Unavailable
+from cortex.errors import CortexError, InvalidCatalogueEntry, ModelNotFound, Unavailable
 from cortex.gateway import evictor
 from cortex.gateway.scheduler.policies import Policy
 from cortex.gateway.scheduler.predictor import Decision, Option
@@ -90,7 +90,11 @@ def options(
             predicted = predictor.loading(neuron, model_id, None, now)
             found.append(Option("loading", neuron, predicted))
     entry = state.entry(model_id)
-    if entry is None or (ahead is not None and policy.settled(model_id, found, ahead)):
+    if (
+        entry is None
+        or state.invalid(model_id) is not None
+        or (ahead is not None and policy.settled(model_id, found, ahead))
+    ):
         return found
     strategy = policy.config.eviction.strategy
     for neuron in usable:
@@ -147,6 +151,8 @@ def decide(
       ModelNotFound: no neuron can ever serve the model.
       Unavailable: waiting cannot help now (the policy does not wait, or
         every model where it fits is pinned).
+      InvalidCatalogueEntry: a neuron refused the model's catalogue entry
+        as a bad request, and the catalogue has not been reloaded since.
       CortexError: ``request.last_error``, where waiting cannot help.
     """
     model_id, arrived = request.model_id, request.arrived
@@ -164,6 +170,11 @@ def decide(
         arrived=arrived,
         ahead=ahead,
     )
+    invalid = state.invalid(model_id)
+    if invalid is not None and not found:
+        # A neuron refused its entry as a bad request: loading it again
+        # (evicting for it) would fail the same until a reload fixes it.
+        raise InvalidCatalogueEntry(invalid)
     if affinity is not None:
         found = affinity.fold(model_id, request.prompt, found)
     decision = policy.choose(model_id, found, now, waited, ahead)
