@@ -486,9 +486,25 @@ def load(
 
 
 def load_models(path: str | os.PathLike[str] | None) -> ModelsFile:
+    """Read models.toml (None: no catalogue).
+
+    A file with nothing in it (no bytes, or only whitespace) is refused: it
+    is far more likely a file cut short while written than a catalogue
+    meant to be empty, which says so with any content at all (a comment
+    will do) and no ``[[models]]``.
+
+    Raises:
+      ConfigError: one line naming the file and the reason.
+    """
     if path is None:
         return ModelsFile()
-    models = structure(ModelsFile, read_toml(path), source=str(path))
+    raw = read_toml(path)
+    if not raw and _blank(path):
+        raise ConfigError(
+            f"{path}: the file is empty (cut short while written?); an empty catalogue "
+            "needs some content, such as a comment"
+        )
+    models = structure(ModelsFile, raw, source=str(path))
     ids = [m.id for m in models.models]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
@@ -500,6 +516,13 @@ def load_models(path: str | os.PathLike[str] | None) -> ModelsFile:
             if member not in ids:
                 raise ConfigError(f"{path}: aliases.{alias}: unknown model {member!r}")
     return models
+
+
+def _blank(path: str | os.PathLike[str]) -> bool:
+    try:
+        return not Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
 
 
 def check_pins(models: ModelsFile, neurons: Iterable[str], *, source: str) -> None:

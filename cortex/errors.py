@@ -20,6 +20,7 @@ and ``cortex.wire.envelope`` makes the whole answer, for both roles.
     ├── ServiceError              our side or a dependency (5xx)
     │   ├── Unavailable           503: known, but nobody can serve it now (Retry-After)
     │   ├── InvalidCatalogueEntry 500: a load failed because its catalogue entry is wrong
+    │   ├── InvalidCatalogue      500: a reload found models.toml bad and kept the old one
     │   ├── UpstreamError         502: a neuron failed or answered badly
     │   │   └── NeuronUnreachable 502: no connection to it, or the connection dropped
     │   └── UpstreamTimeout       504: a neuron did not answer in time
@@ -140,6 +141,15 @@ class InvalidCatalogueEntry(ServiceError):
     """
 
     code = "invalid_catalogue_entry"
+
+
+class InvalidCatalogue(ServiceError):
+    """A reload (``POST /admin/reload``) found the gateway's models.toml bad.
+
+    The server's file is at fault, not the request: the old catalogue stays.
+    """
+
+    code = "invalid_catalogue"
 
 
 class UpstreamError(ServiceError):

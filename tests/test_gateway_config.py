@@ -104,3 +104,17 @@ def test_every_routing_key_is_in_the_readme() -> None:
     words = _code_words((ETC.parent / "README.md").read_text())
     missing = [f.name for f in attrs.fields(config.RoutingSection) if f.name not in words]
     assert missing == []
+
+
+@pytest.mark.parametrize("text", ["", " \n\n\t"])
+def test_an_empty_models_file_is_refused(tmp_path, text: str) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError, match="the file is empty"):
+        config.load_models(path)
+
+
+def test_a_models_file_with_content_and_no_models_is_an_empty_catalogue(tmp_path) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text("# nothing served for now\n")
+    assert config.load_models(path).models == []

@@ -141,14 +141,31 @@ async def test_admin_reload(tmp_path: Path, caplog: pytest.LogCaptureFixture) ->
                 assert {m["id"] for m in listed} == {"first", "second"}
                 models.write_text("[[models]]\nid = 3\n")
                 bad = await http.post("/admin/reload", headers=auth)
-                assert bad.status_code == 400
-                assert "kept the old catalogue" in bad.json()["error"]["message"]
+                # The request was fine; the server's file is not.
+                assert bad.status_code == 500
+                error = bad.json()["error"]
+                assert error["type"] == "server_error" and error["code"] == "invalid_catalogue"
+                assert "kept the old catalogue" in error["message"]
                 listed = (await http.get("/v1/models", headers=auth)).json()["data"]
                 assert {m["id"] for m in listed} == {"first", "second"}
+                # A file cut short while written drops nothing.
+                for blank in ("", "  \n\t\n"):
+                    models.write_text(blank)
+                    empty = await http.post("/admin/reload", headers=auth)
+                    assert empty.status_code == 500, empty.text
+                    assert "the file is empty" in empty.json()["error"]["message"]
+                    listed = (await http.get("/v1/models", headers=auth)).json()["data"]
+                    assert {m["id"] for m in listed} == {"first", "second"}
+                # Content and no [[models]]: an empty catalogue, meant.
+                models.write_text("# nothing served for now\n")
+                none = await http.post("/admin/reload", headers=auth)
+                assert none.json()["models"] == 0, none.text
+                models.write_text('[[models]]\nid = "first"\n[[models]]\nid = "second"\n')
+                assert (await http.post("/admin/reload", headers=auth)).status_code == 200
                 # A pin on a neuron this gateway does not have is a typo, not a new neuron.
                 models.write_text('[[models]]\nid = "first"\npinned_on = ["nowhre"]\n')
                 typo = await http.post("/admin/reload", headers=auth)
-                assert typo.status_code == 400
+                assert typo.status_code == 500
                 assert "'nowhre', which is not a neuron" in typo.json()["error"]["message"]
                 models.write_text('[[models]]\nid = "first"\npinned_on = ["nowhere"]\n')
                 assert (await http.post("/admin/reload", headers=auth)).status_code == 200

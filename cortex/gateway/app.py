@@ -34,6 +34,7 @@ from cortex.config import GatewayConfig, ModelsFile
 from cortex.errors import (
     ConfigError,
     CortexError,
+    InvalidCatalogue,
     InvalidRequest,
     ModelNotFound,
     PermissionDenied,
@@ -180,7 +181,8 @@ def _control_app(gateway: Gateway) -> QuartTrio:
             try:
                 catalogue = await reload_catalogue(state, gateway.models_path)
             except ConfigError as exc:
-                raise InvalidRequest(f"kept the old catalogue: {exc.message}") from None
+                # The request is fine; the server's file is not.
+                raise InvalidCatalogue(f"kept the old catalogue: {exc.message}") from None
         except CortexError as exc:
             return error_response(exc)
         return _json(
