@@ -243,13 +243,9 @@ async def _run_gateway(
     await run(config, models, shutdown=shutdown, **kwargs)
 
 
-async def _reload(models_path: str | None, handle: Any) -> None:
-    from cortex.gateway.reload import reload_catalogue
-
-    if models_path is None:
-        log.info("SIGHUP: no --models file to re-read")
-        return
-    await reload_catalogue(handle.state, models_path)
+async def _reload(handle: Any) -> None:
+    # The gateway knows its --models file and its api_keys_file.
+    await handle.reload()
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -312,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 partial(
                     run_until_signal,
                     partial(_run_gateway, run_gateway, gateway, models, models_path=args.models),
-                    reload=partial(_reload, args.models),
+                    reload=_reload,
                 )
             )
         else:
@@ -325,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     partial(
                         _run_gateway, run_standalone, standalone, models, models_path=args.models
                     ),
-                    reload=partial(_reload, args.models),
+                    reload=_reload,
                 )
             )
     except BaseException as raised:

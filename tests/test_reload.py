@@ -187,3 +187,44 @@ async def test_admin_reload_needs_keys(tmp_path: Path) -> None:
         assert refused.status_code == 403
         assert refused.json()["error"]["type"] == "permission_error"
         shutdown.set()
+
+
+async def test_a_reload_re_reads_the_api_keys_file(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text("old-key\n")
+    config = GatewayConfig(
+        gateway=GatewaySection(
+            listen="127.0.0.1:0",
+            metrics_listen="127.0.0.1:0",
+            api_keys_file=str(keys),
+            grace_period=1,
+        ),
+        neurons=[NeuronEndpoint(name="nowhere", endpoint="http://127.0.0.1:9")],
+    )
+
+    def key(value: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {value}"}
+
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        # No --models: the keys file alone is there to re-read.
+        handle = await nursery.start(partial(run_gateway, config, ModelsFile(), shutdown=shutdown))
+        async with httpx.AsyncClient(base_url=handle.api_url, timeout=30) as http:
+            with trio.fail_after(30):
+                keys.write_text("new-key\n# a comment\n")
+                done = await http.post("/admin/reload", headers=key("old-key"))
+                assert done.status_code == 200, done.text
+                assert (await http.get("/v1/models", headers=key("old-key"))).status_code == 401
+                assert (await http.get("/v1/models", headers=key("new-key"))).status_code == 200
+                # A file cut short would open the gateway: the old keys stay.
+                keys.write_text("")
+                kept = await http.post("/admin/reload", headers=key("new-key"))
+                assert kept.status_code == 500, kept.text
+                assert "no API key in it" in kept.json()["error"]["message"]
+                assert (await http.get("/v1/models", headers=key("new-key"))).status_code == 200
+                # SIGHUP's way (cortex.cli calls the handle's reload).
+                keys.write_text("third-key\n")
+                await handle.reload()
+                assert (await http.get("/v1/models", headers=key("new-key"))).status_code == 401
+                assert (await http.get("/v1/models", headers=key("third-key"))).status_code == 200
+        shutdown.set()

@@ -45,7 +45,7 @@ from cortex.gateway.exchange import Pipeline, error_dialect, new_request_id
 from cortex.gateway.fleetview import fleet_view, location_status
 from cortex.gateway.metrics import UNKNOWN, GatewayMetrics
 from cortex.gateway.poller import poll_neuron
-from cortex.gateway.reload import reload_catalogue
+from cortex.gateway.reload import reload_gateway
 from cortex.gateway.state import LOADED, LOADING, FleetState, feasible
 from cortex.serve import bound_url, is_loopback, serve
 from cortex.wire import openai
@@ -68,6 +68,18 @@ class GatewayHandle:
     api_url: str
     metrics_url: str
     state: FleetState
+    gateway: Gateway = attrs.field(repr=False)
+
+    async def reload(self) -> None:
+        """What SIGHUP does: ``reload_gateway`` (see ``cortex.gateway.reload``).
+
+        Raises:
+          ConfigError: a file is bad; the old catalogue and keys stay.
+        """
+        if self.gateway.models_path is None and not self.gateway.config.gateway.api_keys_file:
+            log.info("SIGHUP: no --models file nor api_keys_file to re-read")
+            return
+        await reload_gateway(self.gateway)
 
 
 def _request_id() -> str:
@@ -176,10 +188,13 @@ def _control_app(gateway: Gateway) -> QuartTrio:
             if not gateway.api_keys:
                 raise PermissionDenied("POST /admin/reload needs [gateway] api_keys to be set")
             authenticate(gateway)
-            if gateway.models_path is None:
-                raise InvalidRequest("the gateway was started without --models: nothing to reload")
+            if gateway.models_path is None and not gateway.config.gateway.api_keys_file:
+                raise InvalidRequest(
+                    "the gateway was started without --models nor an api_keys_file: "
+                    "nothing to reload"
+                )
             try:
-                catalogue = await reload_catalogue(state, gateway.models_path)
+                catalogue = await reload_gateway(gateway)
             except ConfigError as exc:
                 # The request is fine; the server's file is not.
                 raise InvalidCatalogue(f"kept the old catalogue: {exc.message}") from None
@@ -398,7 +413,7 @@ async def run_gateway(
                     )
                 )
                 log_start(gateway, api_url, metrics_url)
-                task_status.started(GatewayHandle(api_url, metrics_url, gateway.state))
+                task_status.started(GatewayHandle(api_url, metrics_url, gateway.state, gateway))
             # Both servers have drained: stop polling and any load under way.
             background.cancel_scope.cancel()
         gateway.proxy.close()
