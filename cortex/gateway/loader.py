@@ -12,7 +12,9 @@ own that unloads it once it has been idle long enough
 The loader acts on neurons only through ``NeuronLink`` (HTTP in the
 gateway, in process in ``cortex.sim``) and records what it sees: load times
 in the ``Observations``, evictions and reloads in the ``ThrashLog``, the
-model's state in the ``FleetState``, and the metrics.
+model's state in the ``FleetState`` (and there, a catalogue entry a neuron
+refused as a bad request: no load of it is planned again until a reload),
+and the metrics.
 """
 
 from __future__ import annotations
