@@ -545,12 +545,21 @@ def check_pins(models: ModelsFile, neurons: Iterable[str], *, source: str) -> No
 
 
 def read_api_keys(section: GatewaySection) -> frozenset[str]:
-    keys = set(section.api_keys)
+    """``api_keys`` and the keys in ``api_keys_file`` (a line each, ``#`` comments).
+
+    Raises:
+      ConfigError: the file cannot be read, or holds no key: an empty or
+        truncated keys file would leave the gateway open to anyone.
+    """
+    keys = {k for k in section.api_keys if k and not k.startswith("#")}
     if section.api_keys_file:
         try:
             text = Path(section.api_keys_file).read_text()
         except OSError as exc:
             raise ConfigError(f"{section.api_keys_file}: {exc.strerror}") from None
-        keys.update(line.strip() for line in text.splitlines() if line.strip())
-        keys.discard("")
-    return frozenset(k for k in keys if not k.startswith("#"))
+        found = {line.strip() for line in text.splitlines()}
+        found = {k for k in found if k and not k.startswith("#")}
+        if not found:
+            raise ConfigError(f"{section.api_keys_file}: no API key in it")
+        keys |= found
+    return frozenset(keys)

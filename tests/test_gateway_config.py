@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pathlib
 import re
+import subprocess
+import sys
 
 import attrs
 import httpx
@@ -118,3 +120,20 @@ def test_a_models_file_with_content_and_no_models_is_an_empty_catalogue(tmp_path
     path = tmp_path / "models.toml"
     path.write_text("# nothing served for now\n")
     assert config.load_models(path).models == []
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# keys go here\n"])
+def test_a_keys_file_with_no_key_is_refused_at_start(tmp_path, text: str) -> None:
+    # An empty or truncated keys file would leave the gateway open to anyone.
+    keys = tmp_path / "keys"
+    keys.write_text(text)
+    toml = tmp_path / "cortex.toml"
+    toml.write_text(f'[gateway]\napi_keys_file = "{keys}"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "cortex", "--role", "gateway", "--config", str(toml)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == f"cortex: {keys}: no API key in it"
