@@ -18,7 +18,16 @@ from cortex.fleet import make_converter
 from cortex.gateway.poller import refresh
 from cortex.gateway.upstream import NeuronAPI
 from cortex.wire.sse import SSEDecoder
-from tests.gateway_helpers import FakeNeuron, GatewayApp, catalogue, gateway_app, running_fleet
+from cortex.gateway.app import run_gateway
+from tests.gateway_helpers import (
+    FakeNeuron,
+    GatewayApp,
+    _config,
+    catalogue,
+    gateway_app,
+    running_fleet,
+    start_fake,
+)
 
 MODELS = catalogue(CatalogModel(id="org/small", vram_mb=100))
 STREAM = {
@@ -324,6 +333,38 @@ async def test_shutdown_drains_the_stream_in_flight() -> None:
                 await trio.testing.wait_all_tasks_blocked(cushion=0.05)
                 hold.set()
             assert received == [a.sent[-1]]
+
+
+async def test_an_idle_keep_alive_connection_does_not_hold_the_shutdown() -> None:
+    # After a request each, both servers hold an idle keep-alive connection:
+    # the gateway its client's, the neuron the gateway's pool's. Nothing is
+    # in flight: both stop at once, not after their 30 s grace period.
+    a = FakeNeuron("a", preload=["org/small"], grace_period=30.0)
+    shutdown, stopped = trio.Event(), trio.Event()
+
+    async def gateway(*, task_status: trio.TaskStatus) -> None:
+        config = _config([a], "lru", None, {"grace_period": 30.0})
+        try:
+            await run_gateway(config, MODELS, shutdown=shutdown, task_status=task_status)
+        finally:
+            stopped.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(start_fake, a)
+            handle = await nursery.start(gateway)
+            await handle.state.wait_polled()
+            async with httpx.AsyncClient(base_url=handle.api_url, timeout=30) as client:
+                assert (await client.get("/v1/models")).status_code == 200
+                whole = {**STREAM, "stream": False}
+                assert (await client.post(STREAM_PATH, json=whole)).status_code == 200
+                assert (await client.get("/health")).status_code == 200
+                shutdown.set()
+                a.shutdown.set()
+                shutdown_at = trio.current_time()
+                await stopped.wait()
+                await a.stopped.wait()
+                assert trio.current_time() - shutdown_at < 2.0
 
 
 async def test_shutdown_ends_what_outlives_the_grace_period_with_an_error(caplog) -> None:
