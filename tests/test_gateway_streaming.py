@@ -15,10 +15,10 @@ import trio.testing
 from cortex.config import CatalogModel
 from cortex.errors import CortexError
 from cortex.fleet import make_converter
+from cortex.gateway.app import run_gateway
 from cortex.gateway.poller import refresh
 from cortex.gateway.upstream import NeuronAPI
 from cortex.wire.sse import SSEDecoder
-from cortex.gateway.app import run_gateway
 from tests.gateway_helpers import (
     FakeNeuron,
     GatewayApp,
