@@ -305,10 +305,13 @@ async def test_body_and_header_limits(tmp_path: Path) -> None:
         async with httpx.AsyncClient(base_url=handle.url, timeout=30) as http:
             with trio.fail_after(20):
                 big = await http.post(
-                    "/v1/completions", json={"model": "m", "prompt": "x" * 2000, "max_tokens": 1}
+                    "/v1/completions",
+                    json={"model": "m", "prompt": "x" * 2000, "max_tokens": 1},
+                    headers={"x-request-id": "mine-413"},
                 )
                 assert big.status_code == 413
                 assert big.json()["error"]["type"] == "request_too_large"
+                assert big.headers["x-request-id"] == "mine-413"
                 huge_header = await http.get("/health", headers={"x-junk": "y" * 300_000})
                 assert huge_header.status_code in (400, 431)
                 small = await http.post(

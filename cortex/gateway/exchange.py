@@ -96,19 +96,28 @@ class ClientGone(Exception):
 
 
 class _Answered:
-    """What an ASGI app sent: the status and request id of its response head."""
+    """What an ASGI app sent: the status and request id of its response head.
 
-    def __init__(self) -> None:
+    A head without ``x-request-id`` (the control app's answers but its
+    errors) gets ``request_id``: every answer carries one.
+    """
+
+    def __init__(self, request_id: str) -> None:
         self.status: int | None = None
-        self.request_id: str | None = None
+        self.request_id = request_id
 
     def watch(self, send: Send) -> Send:
         async def watched(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 self.status = message["status"]
-                for name, value in message.get("headers", ()):
+                headers = list(message.get("headers", ()))
+                for name, value in headers:
                     if name.lower() == b"x-request-id":
                         self.request_id = value.decode("latin-1")
+                        break
+                else:
+                    headers.append((b"x-request-id", self.request_id.encode("latin-1")))
+                    message = {**message, "headers": headers}
             await send(message)
 
         return watched
@@ -142,7 +151,7 @@ class Pipeline:
             return
         dialect = ROUTES.get(scope["path"])
         if dialect is None:
-            answered = _Answered()
+            answered = _Answered(_headers(scope).get(b"x-request-id") or new_request_id())
             try:
                 await self.control(scope, receive, answered.watch(send))
             finally:
@@ -155,9 +164,8 @@ class Pipeline:
     def record(self, scope: Scope, answered: _Answered) -> None:
         """Log and count a request the control app answered, so no error goes uncounted."""
         method, path = scope["method"], scope["path"]
-        request_id = answered.request_id or _headers(scope).get(b"x-request-id", "-")
         status = answered.status if answered.status is not None else CLIENT_CLOSED
-        self.log_and_count(method, path, status, request_id)
+        self.log_and_count(method, path, status, answered.request_id)
 
     def log_and_count(self, method: str, path: str, status: int, request_id: str) -> None:
         quiet = status < 400 and not path.startswith("/v1/") and method != "POST"
