@@ -64,8 +64,9 @@ _WANTED = frozenset(
 _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _ALLOW = (b"allow", b"OPTIONS, POST")
 
-#: Path -> the endpoint label of the control app's routes (errors only).
+#: Path -> the endpoint label of the control app's routes.
 _CONTROL_LABELS = {
+    "/": "root",
     "/v1/models": "models",
     "/fleet": "fleet",
     "/health": "health",
@@ -168,6 +169,7 @@ class Pipeline:
         self.log_and_count(method, path, status, answered.request_id)
 
     def log_and_count(self, method: str, path: str, status: int, request_id: str) -> None:
+        """Log and count a request that no exchange recorded: in requests, errors in errors too."""
         quiet = status < 400 and not path.startswith("/v1/") and method != "POST"
         log.log(
             logging.DEBUG if quiet else logging.INFO,
@@ -177,8 +179,10 @@ class Pipeline:
             status,
             request_id,
         )
+        metrics, label = self.gateway.metrics, route_label(path)
+        metrics.requests.labels(label, UNKNOWN, "").inc()
         if status >= 400:
-            self.gateway.metrics.errors.labels(route_label(path), UNKNOWN, str(status)).inc()
+            metrics.errors.labels(label, UNKNOWN, str(status)).inc()
 
     async def refuse_method(
         self, dialect: Dialect, scope: Scope, receive: Receive, send: Send
@@ -243,13 +247,15 @@ class Pipeline:
         send: Send,
     ) -> None:
         gateway = self.gateway
+        body: dict[str, Any] | None = None
         try:
             # The body before any answer, a refusal too: answered before
             # hypercorn has seen the request's end, a keep-alive connection
             # is closed now and then under the client's next request.
             content = await self.read_body(receive, headers.get(b"content-length"))
             gateway.check_key(headers.get(b"x-api-key"), headers.get(b"authorization"))
-            request = dialect.parse(jsonbody.loads_object(content), content)
+            body = jsonbody.loads_object(content)
+            request = dialect.parse(body, content)
             await gateway.ready()
             ex.model = gateway.router.resolve(request.model)
             ex.stream = request.stream
@@ -257,6 +263,9 @@ class Pipeline:
         except ClientGone:
             return
         except CortexError as exc:
+            if ex.model is None and body is not None and isinstance(body.get("model"), str):
+                # Labelled by the model the body names, whichever check refused it.
+                ex.model = gateway.router.label(body["model"])
             await self.send_error(send, dialect, ex, exc)
             return
         async with trio.open_nursery() as nursery:
