@@ -97,13 +97,15 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[Any]],
     grace_period: float = 30.0,
     name: str = "listen",
+    stopped: trio.Event | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``listen`` until ``shutdown_trigger`` returns.
 
     Reports the first bound URL (``http://127.0.0.1:PORT``; port 0 resolved)
     through ``task_status``. After the trigger, no new connections are
-    accepted and in-flight requests get ``grace_period`` seconds to finish.
+    accepted and in-flight requests get ``grace_period`` seconds to finish;
+    then ``stopped``, if given, is set (however serving ended).
 
     Raises:
       OSError: the address cannot be bound (taken, not this host's); the
@@ -135,3 +137,6 @@ async def serve(
         if isinstance(failed, socket.gaierror):
             raise ConfigError(f"{name} {listen}: unknown host ({failed.strerror})") from exc
         raise OSError(failed.errno, f"{name} {listen}: {failed.strerror}") from exc
+    finally:
+        if stopped is not None:
+            stopped.set()

@@ -31,7 +31,9 @@ the request is proxied and cancels it when the client goes away, so the
 neuron's connection is closed and the neuron stops generating (logged 499).
 At shutdown the proxy ends what is still running after ``grace_period``
 (``Proxy.stop``): an error answer, or the stream's error event, and 503 in
-the log; what the server itself cuts after that is logged 503 too.
+the log; what the server itself cuts after that, or at once on a second
+signal, is logged as cut and counted 503, a stream ending with its error
+event (``Pipeline.cut_short``).
 """
 
 from __future__ import annotations
@@ -44,13 +46,13 @@ from typing import Any
 
 import trio
 
-from cortex.errors import CortexError, PayloadTooLarge
+from cortex.errors import CortexError, PayloadTooLarge, Unavailable
 from cortex.gateway.affinity import SESSION_HEADER
 from cortex.gateway.context import Gateway
 from cortex.gateway.dialects import JSON, ROUTES, Dialect
 from cortex.gateway.metrics import UNKNOWN
 from cortex.gateway.proxy import CLIENT_CLOSED, SHUT_DOWN, Exchange
-from cortex.wire import envelope, jsonbody
+from cortex.wire import anthropic, envelope, jsonbody, openai, sse
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ _WANTED = frozenset(
 )
 _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _ALLOW = (b"allow", b"OPTIONS, POST")
+#: Seconds a stream the server cuts at once gets to send its error event.
+CUT_NOTICE_S = 0.5
 
 #: Path -> the endpoint label of the control app's routes.
 _CONTROL_LABELS = {
@@ -235,8 +239,35 @@ class Pipeline:
             # what is left once the shutdown's grace period is over.
             if not ex.finished and trio.current_effective_deadline() == -math.inf:
                 ex.status = SHUT_DOWN
+                await self.cut_short(send, dialect, ex, head_sent=responded)
             # Cancelled, or failed: a no-op after the answer's own.
             self.gateway.proxy.finish(ex)
+
+    async def cut_short(
+        self, send: Send, dialect: Dialect, ex: Exchange, *, head_sent: bool
+    ) -> None:
+        """Say that the server cut ``ex`` at once (a second signal, or the drain's end).
+
+        A stream under way ends with the dialect's error event, if the
+        client takes it within ``CUT_NOTICE_S``; any other answer is cut.
+
+        Cancellation: called while cancelled; shielded, with its own deadline.
+        """
+        sent = ex.stream and head_sent
+        log.warning(
+            "request %s cut at once: the gateway stopped before it ended (%s)",
+            ex.request_id,
+            "the stream ends with an error event" if sent else "no error answer sent",
+        )
+        if not sent:
+            return
+        error = Unavailable("the gateway stopped at once: the answer was cut short")
+        if dialect.errors == envelope.ANTHROPIC:
+            event = sse.encode(anthropic.error_body(error), event="error")
+        else:
+            event = sse.encode(openai.error_body(error))
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + CUT_NOTICE_S):
+            await send({"type": "http.response.body", "body": event, "more_body": False})
 
     async def exchange(
         self,
