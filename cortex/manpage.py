@@ -175,8 +175,11 @@ seconds ([neuron] or [gateway]), unload the models (neuron), exit 0. A
 neuron drains while it still listens: /health says draining, new
 generations and loads get a 503, and gateways route nothing new to it. The
 gateway ends what still runs after grace_period itself: a stream with the
-dialect's error event, a request with a 503, logged as 503. A second
-SIGTERM or SIGINT stops at once. Service managers should wait longer than
+dialect's error event, a request with a 503, logged as 503; its metrics
+listener stays up until the API has drained. Idle keep\-alive connections
+hold nothing: with nothing in flight a role exits at once. A second
+SIGTERM or SIGINT stops at once (a gateway's streams end with an error
+event). Service managers should wait longer than
 grace_period before they kill (the packaged units wait 60 seconds).
 .TP
 .B SIGHUP

@@ -55,6 +55,34 @@ def is_loopback(listen: str, *, default_port: int) -> bool:
         return False  # a host name: assume it reaches beyond this host
 
 
+def keep_alive_safe(app: Any) -> Any:
+    """``app`` with the last message of each answer sent shielded from cancellation.
+
+    hypercorn re-arms a keep-alive connection's idle timer inside that send;
+    quart-trio (and the gateway's exchange) cancel the request's tasks as
+    soon as it is sent, which cancelled the re-arming. The connection was
+    then never closed: not after ``keep_alive_timeout``, and not at
+    shutdown, where an idle client held the server for all of its grace
+    period. The socket write in there is shielded by hypercorn already.
+    """
+
+    async def shielded(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def send_last_shielded(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                with trio.CancelScope(shield=True):
+                    await send(message)
+            else:
+                await send(message)
+
+        await app(scope, receive, send_last_shielded)
+
+    return shielded
+
+
 def _leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
@@ -69,13 +97,15 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[Any]],
     grace_period: float = 30.0,
     name: str = "listen",
+    stopped: trio.Event | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``listen`` until ``shutdown_trigger`` returns.
 
     Reports the first bound URL (``http://127.0.0.1:PORT``; port 0 resolved)
     through ``task_status``. After the trigger, no new connections are
-    accepted and in-flight requests get ``grace_period`` seconds to finish.
+    accepted and in-flight requests get ``grace_period`` seconds to finish;
+    then ``stopped``, if given, is set (however serving ended).
 
     Raises:
       OSError: the address cannot be bound (taken, not this host's); the
@@ -87,7 +117,12 @@ async def serve(
     try:
         async with trio.open_nursery() as nursery:
             urls = await nursery.start(
-                partial(hypercorn.trio.serve, app, config, shutdown_trigger=shutdown_trigger)
+                partial(
+                    hypercorn.trio.serve,
+                    keep_alive_safe(app),
+                    config,
+                    shutdown_trigger=shutdown_trigger,
+                )
             )
             bound = True
             # The address bound, in the log; one to connect to, for the caller.
@@ -102,3 +137,6 @@ async def serve(
         if isinstance(failed, socket.gaierror):
             raise ConfigError(f"{name} {listen}: unknown host ({failed.strerror})") from exc
         raise OSError(failed.errno, f"{name} {listen}: {failed.strerror}") from exc
+    finally:
+        if stopped is not None:
+            stopped.set()

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from cortex.config import CatalogModel
 from cortex.gateway.dialects import ROUTES
@@ -129,3 +130,49 @@ async def test_other_methods_on_an_inference_route(path: str) -> None:
             labels = f'endpoint="{label}",model="unknown",status="405"'
             line = f"cortex_request_errors_total{{{labels}}} 1.0"
             assert line in metrics
+
+
+async def test_every_error_is_among_the_requests_of_its_route() -> None:
+    """Every route counts its requests (control routes with model "unknown"),
+    so that errors / requests is a rate for each endpoint; a body refused
+    after it parsed is labelled by the model it names."""
+    a = FakeNeuron("a", preload=["org/small"])
+    key = {"authorization": "Bearer k"}
+    no_max_tokens = {"model": "org/small", "messages": PROMPT}
+    with trio.fail_after(20):
+        async with running_fleet([a], MODELS, api_keys=["k"]) as fleet:
+            client = fleet.client
+            assert (await client.get("/fleet")).status_code == 401
+            assert (await client.get("/fleet", headers=key)).status_code == 200
+            assert (await client.get("/health")).status_code == 200
+            assert (await client.get("/nowhere")).status_code == 404
+            assert (await client.get("/v1/chat/completions")).status_code == 405
+            refused = await client.post("/v1/messages", json=no_max_tokens, headers=key)
+            assert refused.status_code == 400, refused.text
+            unknown = await client.post("/v1/messages", json={"model": "nope"}, headers=key)
+            assert unknown.status_code == 400, unknown.text
+            text = (await client.get(fleet.handle.metrics_url + "/metrics")).text
+    samples = [
+        sample
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name in ("cortex_requests_total", "cortex_request_errors_total")
+    ]
+
+    def total(name: str, **labels: str) -> float:
+        return sum(
+            s.value
+            for s in samples
+            if s.name == name and all(s.labels[k] == v for k, v in labels.items())
+        )
+
+    errors = [s for s in samples if s.name == "cortex_request_errors_total"]
+    for endpoint in {s.labels["endpoint"] for s in errors}:
+        requests = total("cortex_requests_total", endpoint=endpoint)
+        assert total("cortex_request_errors_total", endpoint=endpoint) <= requests, endpoint
+    assert total("cortex_requests_total", endpoint="fleet") == 2
+    assert total("cortex_requests_total", endpoint="health") == 1
+    assert total("cortex_request_errors_total", endpoint="other", status="404") == 1
+    assert total("cortex_request_errors_total", endpoint="chat/completions", status="405") == 1
+    assert total("cortex_request_errors_total", model="org/small", status="400") == 1
+    assert total("cortex_request_errors_total", model="unknown", endpoint="messages") == 1

@@ -15,10 +15,19 @@ import trio.testing
 from cortex.config import CatalogModel
 from cortex.errors import CortexError
 from cortex.fleet import make_converter
+from cortex.gateway.app import run_gateway
 from cortex.gateway.poller import refresh
 from cortex.gateway.upstream import NeuronAPI
 from cortex.wire.sse import SSEDecoder
-from tests.gateway_helpers import FakeNeuron, GatewayApp, catalogue, gateway_app, running_fleet
+from tests.gateway_helpers import (
+    FakeNeuron,
+    GatewayApp,
+    _config,
+    catalogue,
+    gateway_app,
+    running_fleet,
+    start_fake,
+)
 
 MODELS = catalogue(CatalogModel(id="org/small", vram_mb=100))
 STREAM = {
@@ -324,6 +333,95 @@ async def test_shutdown_drains_the_stream_in_flight() -> None:
                 await trio.testing.wait_all_tasks_blocked(cushion=0.05)
                 hold.set()
             assert received == [a.sent[-1]]
+
+
+async def test_an_idle_keep_alive_connection_does_not_hold_the_shutdown() -> None:
+    # After a request each, both servers hold an idle keep-alive connection:
+    # the gateway its client's, the neuron the gateway's pool's. Nothing is
+    # in flight: both stop at once, not after their 30 s grace period.
+    a = FakeNeuron("a", preload=["org/small"], grace_period=30.0)
+    shutdown, stopped = trio.Event(), trio.Event()
+
+    async def gateway(*, task_status: trio.TaskStatus) -> None:
+        config = _config([a], "lru", None, {"grace_period": 30.0})
+        try:
+            await run_gateway(config, MODELS, shutdown=shutdown, task_status=task_status)
+        finally:
+            stopped.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(start_fake, a)
+            handle = await nursery.start(gateway)
+            await handle.state.wait_polled()
+            async with httpx.AsyncClient(base_url=handle.api_url, timeout=30) as client:
+                assert (await client.get("/v1/models")).status_code == 200
+                whole = {**STREAM, "stream": False}
+                assert (await client.post(STREAM_PATH, json=whole)).status_code == 200
+                assert (await client.get("/health")).status_code == 200
+                shutdown.set()
+                a.shutdown.set()
+                shutdown_at = trio.current_time()
+                await stopped.wait()
+                await a.stopped.wait()
+                assert trio.current_time() - shutdown_at < 2.0
+
+
+async def test_metrics_are_served_while_the_api_drains() -> None:
+    # A stream runs on after the shutdown: the metrics listener stays up
+    # until the API has drained, so what the drain counts can be scraped.
+    hold = trio.Event()
+    a = FakeNeuron("a", preload=["org/small"], hold=hold)
+    with trio.fail_after(10):
+        async with running_fleet([a], MODELS, grace_period=5.0) as fleet:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(fleet.client.post, STREAM_PATH, json=STREAM))
+                await a.request_arrived.wait()
+                fleet.shutdown.set()
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                # A new connection, as a scraper's.
+                async with httpx.AsyncClient(timeout=5) as scraper:
+                    scraped = await scraper.get(fleet.handle.metrics_url + "/metrics")
+                hold.set()
+    assert scraped.status_code == 200
+    assert 'cortex_in_flight{model="org/small",neuron="a"} 1.0' in scraped.text
+
+
+@pytest.mark.parametrize("path", [STREAM_PATH, "/v1/messages"])
+async def test_a_stream_cut_at_once_ends_with_an_error_event(path: str, caplog) -> None:
+    # A second signal cancels the gateway outright: a stream under way
+    # still ends with the dialect's error event, and the log says it was cut.
+    a = FakeNeuron("a", preload=["org/small"], hold_mid=trio.Event())
+    body = STREAM if path == STREAM_PATH else MESSAGES_STREAM
+    caplog.set_level(logging.INFO, logger="cortex.gateway")
+
+    gateway_scope = trio.CancelScope()
+
+    async def gateway(*, task_status: trio.TaskStatus) -> None:
+        config = _config([a], "lru", None, {"grace_period": 30.0})
+        with gateway_scope:
+            await run_gateway(config, MODELS, shutdown=trio.Event(), task_status=task_status)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(start_fake, a)
+            handle = await nursery.start(gateway)
+            async with httpx.AsyncClient(base_url=handle.api_url, timeout=30) as client:
+                async with client.stream("POST", path, json=body) as response:
+                    chunks = response.aiter_raw()
+                    received = await anext(chunks)
+                    gateway_scope.cancel()  # what a second SIGTERM does
+                    received += b"".join([chunk async for chunk in chunks])
+            a.hold_mid.set()
+            a.shutdown.set()
+    last = SSEDecoder().feed(received)[-1]
+    message = "the gateway stopped at once"
+    if path == STREAM_PATH:
+        assert message in json.loads(last.data)["error"]["message"]
+    else:
+        assert last.event == "error" and message in json.loads(last.data)["error"]["message"]
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("cut at once" in m and "error event" in m for m in logged), logged
 
 
 async def test_shutdown_ends_what_outlives_the_grace_period_with_an_error(caplog) -> None:

@@ -20,7 +20,7 @@ import trio
 from cortex.errors import InsufficientMemory
 from cortex.gateway.upstream import error_from_response
 from cortex.harness import plugin_manager
-from cortex.neuron.app import run_neuron
+from cortex.neuron.app import DRAIN_TAIL, run_neuron
 from cortex.neuron.models import LoadRequest, ModelManager
 from cortex.testing import FakeEngine
 from tests.neuron_helpers import neuron_config, running_neuron
@@ -139,6 +139,34 @@ async def test_a_draining_neuron_says_so_finishes_its_streams_and_takes_nothing_
     # Nothing left to wait for: it stopped at once, not after its 20 s.
     assert stopped_at - drained_at < 5
     assert engine.loaded[0].unloaded
+
+
+async def test_an_idle_keep_alive_connection_does_not_hold_the_shutdown(tmp_path: Path) -> None:
+    """A client that keeps its connection open after its answers, nothing in flight:
+    the neuron stops at once: not after its 30 s grace period, nor after the
+    DRAIN_TAIL it gives connections still open once drained."""
+    shutdown, stopped = trio.Event(), trio.Event()
+
+    async def neuron(*, task_status: trio.TaskStatus) -> None:
+        try:
+            await run_neuron(
+                neuron_config(grace_period=30), shutdown=shutdown, task_status=task_status
+            )
+        finally:
+            stopped.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            handle = await nursery.start(neuron)
+            async with httpx.AsyncClient(base_url=handle.url, timeout=30) as http:
+                assert (await http.get("/health")).status_code == 200
+                assert (
+                    await http.post("/models/unload", json={"model_id": "m"})
+                ).status_code == 404
+                shutdown.set()
+                shutdown_at = trio.current_time()
+                await stopped.wait()
+                assert trio.current_time() - shutdown_at < DRAIN_TAIL
 
 
 def test_sigterm_drains_and_exits_zero(tiny_model_path: Path) -> None:
@@ -277,10 +305,13 @@ async def test_body_and_header_limits(tmp_path: Path) -> None:
         async with httpx.AsyncClient(base_url=handle.url, timeout=30) as http:
             with trio.fail_after(20):
                 big = await http.post(
-                    "/v1/completions", json={"model": "m", "prompt": "x" * 2000, "max_tokens": 1}
+                    "/v1/completions",
+                    json={"model": "m", "prompt": "x" * 2000, "max_tokens": 1},
+                    headers={"x-request-id": "mine-413"},
                 )
                 assert big.status_code == 413
                 assert big.json()["error"]["type"] == "request_too_large"
+                assert big.headers["x-request-id"] == "mine-413"
                 huge_header = await http.get("/health", headers={"x-junk": "y" * 300_000})
                 assert huge_header.status_code in (400, 431)
                 small = await http.post(

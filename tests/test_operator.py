@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import trio
 
 from cortex.config import CatalogModel
-from tests.gateway_helpers import FakeNeuron, catalogue, running_fleet
+from tests.gateway_helpers import FakeNeuron, catalogue, gateway_app, running_fleet
 
 MODELS = catalogue(CatalogModel(id="org/small", vram_mb=100))
 
@@ -74,3 +75,33 @@ async def test_one_info_line_per_request_with_its_id(caplog: pytest.LogCaptureFi
         assert len(lines) == 1, (n, gateway_lines)
     assert " 200 " in next(m for m in gateway_lines if "req-op-0" in m)
     assert " 400 " in next(m for m in gateway_lines if "req-op-3" in m)
+
+
+async def test_every_answer_carries_a_request_id(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """The control routes' answers too (not only their errors): the client's id, or a new one."""
+    caplog.set_level(logging.DEBUG, logger="cortex.gateway.exchange")
+    a = FakeNeuron("a", preload=["org/small"])
+    mine = {"x-request-id": "mine-123", "authorization": "Bearer k"}
+    paths = ["/", "/health", "/fleet", "/v1/models", "/v1/models/org/small"]
+    with trio.fail_after(10):
+        async with running_fleet([a], MODELS, api_keys=["k"]) as fleet:
+            answers = [await fleet.client.get(path, headers=mine) for path in paths]
+            fresh = await fleet.client.get("/health")
+        models = tmp_path / "models.toml"
+        models.write_text('[[models]]\nid = "org/small"\n')
+        async with gateway_app([FakeNeuron("b")], MODELS, api_keys=["k"]) as gw:
+            gw.gateway.models_path = str(models)
+            reloaded = await gw.call("/admin/reload", {}, headers=mine)
+    for path, answer in zip(paths, answers, strict=True):
+        assert answer.status_code == 200, path
+        assert answer.headers["x-request-id"] == "mine-123", path
+    assert fresh.headers["x-request-id"].startswith("req_")
+    assert reloaded.status == 200 and reloaded.headers["x-request-id"] == "mine-123"
+    logged = [r.getMessage() for r in caplog.records if "request_id=mine-123" in r.getMessage()]
+    assert len(logged) == len(paths) + 1, logged
+    assert any(
+        m.startswith(f"GET /health 200 request_id={fresh.headers['x-request-id']}")
+        for m in messages(caplog, logging.DEBUG)
+    )

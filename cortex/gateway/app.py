@@ -388,6 +388,8 @@ async def run_gateway(
                         poll_neuron, gateway.api, gateway.state, neuron, section, gateway.metrics
                     )
                 )
+            # Metrics stay up while the API drains: its shutdown 503s can be scraped.
+            api_stopped = trio.Event()
             async with trio.open_nursery() as servers:
                 api_url = await servers.start(
                     partial(
@@ -399,6 +401,7 @@ async def run_gateway(
                         # The proxy cuts what runs past grace_period (stop_after):
                         # the server waits a moment more for those answers to end.
                         grace_period=section.grace_period + STOP_MARGIN,
+                        stopped=api_stopped,
                     )
                 )
                 metrics_url = await servers.start(
@@ -407,7 +410,7 @@ async def run_gateway(
                         _metrics_app(gateway.metrics),
                         section.metrics_listen,
                         default_port=DEFAULT_METRICS_PORT,
-                        shutdown_trigger=shutdown.wait,
+                        shutdown_trigger=api_stopped.wait,
                         grace_period=1.0,
                         name="metrics_listen",
                     )

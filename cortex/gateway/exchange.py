@@ -31,7 +31,9 @@ the request is proxied and cancels it when the client goes away, so the
 neuron's connection is closed and the neuron stops generating (logged 499).
 At shutdown the proxy ends what is still running after ``grace_period``
 (``Proxy.stop``): an error answer, or the stream's error event, and 503 in
-the log; what the server itself cuts after that is logged 503 too.
+the log; what the server itself cuts after that, or at once on a second
+signal, is logged as cut and counted 503, a stream ending with its error
+event (``Pipeline.cut_short``).
 """
 
 from __future__ import annotations
@@ -44,13 +46,13 @@ from typing import Any
 
 import trio
 
-from cortex.errors import CortexError, PayloadTooLarge
+from cortex.errors import CortexError, PayloadTooLarge, Unavailable
 from cortex.gateway.affinity import SESSION_HEADER
 from cortex.gateway.context import Gateway
 from cortex.gateway.dialects import JSON, ROUTES, Dialect
 from cortex.gateway.metrics import UNKNOWN
 from cortex.gateway.proxy import CLIENT_CLOSED, SHUT_DOWN, Exchange
-from cortex.wire import envelope, jsonbody
+from cortex.wire import anthropic, envelope, jsonbody, openai, sse
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +65,12 @@ _WANTED = frozenset(
 )
 _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _ALLOW = (b"allow", b"OPTIONS, POST")
+#: Seconds a stream the server cuts at once gets to send its error event.
+CUT_NOTICE_S = 0.5
 
-#: Path -> the endpoint label of the control app's routes (errors only).
+#: Path -> the endpoint label of the control app's routes.
 _CONTROL_LABELS = {
+    "/": "root",
     "/v1/models": "models",
     "/fleet": "fleet",
     "/health": "health",
@@ -96,19 +101,28 @@ class ClientGone(Exception):
 
 
 class _Answered:
-    """What an ASGI app sent: the status and request id of its response head."""
+    """What an ASGI app sent: the status and request id of its response head.
 
-    def __init__(self) -> None:
+    A head without ``x-request-id`` (the control app's answers but its
+    errors) gets ``request_id``: every answer carries one.
+    """
+
+    def __init__(self, request_id: str) -> None:
         self.status: int | None = None
-        self.request_id: str | None = None
+        self.request_id = request_id
 
     def watch(self, send: Send) -> Send:
         async def watched(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 self.status = message["status"]
-                for name, value in message.get("headers", ()):
+                headers = list(message.get("headers", ()))
+                for name, value in headers:
                     if name.lower() == b"x-request-id":
                         self.request_id = value.decode("latin-1")
+                        break
+                else:
+                    headers.append((b"x-request-id", self.request_id.encode("latin-1")))
+                    message = {**message, "headers": headers}
             await send(message)
 
         return watched
@@ -142,7 +156,7 @@ class Pipeline:
             return
         dialect = ROUTES.get(scope["path"])
         if dialect is None:
-            answered = _Answered()
+            answered = _Answered(_headers(scope).get(b"x-request-id") or new_request_id())
             try:
                 await self.control(scope, receive, answered.watch(send))
             finally:
@@ -155,11 +169,11 @@ class Pipeline:
     def record(self, scope: Scope, answered: _Answered) -> None:
         """Log and count a request the control app answered, so no error goes uncounted."""
         method, path = scope["method"], scope["path"]
-        request_id = answered.request_id or _headers(scope).get(b"x-request-id", "-")
         status = answered.status if answered.status is not None else CLIENT_CLOSED
-        self.log_and_count(method, path, status, request_id)
+        self.log_and_count(method, path, status, answered.request_id)
 
     def log_and_count(self, method: str, path: str, status: int, request_id: str) -> None:
+        """Log and count a request that no exchange recorded: in requests, errors in errors too."""
         quiet = status < 400 and not path.startswith("/v1/") and method != "POST"
         log.log(
             logging.DEBUG if quiet else logging.INFO,
@@ -169,8 +183,10 @@ class Pipeline:
             status,
             request_id,
         )
+        metrics, label = self.gateway.metrics, route_label(path)
+        metrics.requests.labels(label, UNKNOWN, "").inc()
         if status >= 400:
-            self.gateway.metrics.errors.labels(route_label(path), UNKNOWN, str(status)).inc()
+            metrics.errors.labels(label, UNKNOWN, str(status)).inc()
 
     async def refuse_method(
         self, dialect: Dialect, scope: Scope, receive: Receive, send: Send
@@ -223,8 +239,35 @@ class Pipeline:
             # what is left once the shutdown's grace period is over.
             if not ex.finished and trio.current_effective_deadline() == -math.inf:
                 ex.status = SHUT_DOWN
+                await self.cut_short(send, dialect, ex, head_sent=responded)
             # Cancelled, or failed: a no-op after the answer's own.
             self.gateway.proxy.finish(ex)
+
+    async def cut_short(
+        self, send: Send, dialect: Dialect, ex: Exchange, *, head_sent: bool
+    ) -> None:
+        """Say that the server cut ``ex`` at once (a second signal, or the drain's end).
+
+        A stream under way ends with the dialect's error event, if the
+        client takes it within ``CUT_NOTICE_S``; any other answer is cut.
+
+        Cancellation: called while cancelled; shielded, with its own deadline.
+        """
+        sent = ex.stream and head_sent
+        log.warning(
+            "request %s cut at once: the gateway stopped before it ended (%s)",
+            ex.request_id,
+            "the stream ends with an error event" if sent else "no error answer sent",
+        )
+        if not sent:
+            return
+        error = Unavailable("the gateway stopped at once: the answer was cut short")
+        if dialect.errors == envelope.ANTHROPIC:
+            event = sse.encode(anthropic.error_body(error), event="error")
+        else:
+            event = sse.encode(openai.error_body(error))
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + CUT_NOTICE_S):
+            await send({"type": "http.response.body", "body": event, "more_body": False})
 
     async def exchange(
         self,
@@ -235,13 +278,15 @@ class Pipeline:
         send: Send,
     ) -> None:
         gateway = self.gateway
+        body: dict[str, Any] | None = None
         try:
             # The body before any answer, a refusal too: answered before
             # hypercorn has seen the request's end, a keep-alive connection
             # is closed now and then under the client's next request.
             content = await self.read_body(receive, headers.get(b"content-length"))
             gateway.check_key(headers.get(b"x-api-key"), headers.get(b"authorization"))
-            request = dialect.parse(jsonbody.loads_object(content), content)
+            body = jsonbody.loads_object(content)
+            request = dialect.parse(body, content)
             await gateway.ready()
             ex.model = gateway.router.resolve(request.model)
             ex.stream = request.stream
@@ -249,6 +294,9 @@ class Pipeline:
         except ClientGone:
             return
         except CortexError as exc:
+            if ex.model is None and body is not None and isinstance(body.get("model"), str):
+                # Labelled by the model the body names, whichever check refused it.
+                ex.model = gateway.router.label(body["model"])
             await self.send_error(send, dialect, ex, exc)
             return
         async with trio.open_nursery() as nursery:

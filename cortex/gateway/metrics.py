@@ -55,7 +55,9 @@ class GatewayMetrics:
             registry=registry,
             requests=Counter(
                 "cortex_requests",
-                "Requests answered, by endpoint, model and the neuron that served them.",
+                "Requests answered, by endpoint, model and the neuron that served them; "
+                "every route's (errors are a subset), model unknown and no neuron where "
+                "the route has none.",
                 ["endpoint", "model", "neuron"],
                 **kw,
             ),

@@ -257,6 +257,7 @@ def create_app(neuron: Neuron) -> QuartTrio:
     app = QuartTrio("cortex.neuron")
     app.config["MAX_CONTENT_LENGTH"] = neuron.config.neuron.max_body_bytes
     api = NeuronApi(neuron)
+    app.before_request(take_request_id)
     app.before_request(read_whole_body)
     app.before_request(api.authenticate)
     app.before_request(api.refuse_new_work_when_draining)
@@ -266,6 +267,12 @@ def create_app(neuron: Neuron) -> QuartTrio:
     for method, rule, view in api.routes():
         app.add_url_rule(rule, view_func=view, methods=[method])
     return app
+
+
+async def take_request_id() -> None:
+    # First: an answer refused before the rest (a 413) carries one too.
+    # The gateway passes its request id on; a direct client may not send one.
+    g.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
 
 
 async def read_whole_body() -> None:
@@ -343,8 +350,6 @@ class NeuronApi:
 
     async def authenticate(self) -> None:
         section = self.neuron.config.neuron
-        # The gateway passes its request id on; a direct client may not send one.
-        g.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         if section.token is None:
             return
         if section.open_health and request.path in HEALTH_ROUTES:
