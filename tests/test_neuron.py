@@ -539,3 +539,18 @@ async def test_a_client_that_leaves_during_the_prompt_frees_its_slot(
                     json={"model": "smollm2", "messages": CHAT, "max_tokens": 3},
                 )
                 assert reply.status_code == 200, reply.text
+
+
+def test_a_character_cut_at_the_end_of_output_is_dropped() -> None:
+    from cortex.neuron.stops import StopScanner
+
+    cat = "\u304f".encode()  # three bytes
+    scanner = StopScanner()
+    assert scanner.feed(cat) == "\u304f"
+    assert scanner.feed(cat[:2]) == ""
+    assert scanner.flush() == ""
+    # Bytes that can never be UTF-8 are still replaced where they stand.
+    scanner = StopScanner(["END"])
+    assert scanner.feed(b"a\xffb") == "a\ufffdb"
+    assert scanner.feed(b"EN") == ""
+    assert scanner.flush() == "EN"

@@ -141,6 +141,28 @@ async def test_the_instruct_model_knows_the_capital_of_france(served: Served) ->
                 assert "Paris" in (reply.choices[0].message.content or ""), where
 
 
+async def test_a_character_cut_by_max_tokens_is_dropped_not_replaced(served: Served) -> None:
+    # SmolLM2 writes Japanese one byte-level token at a time: every other
+    # max_tokens ends inside a three-byte character.
+    ask = user("Write the word 'cat' in Japanese characters only.")
+    texts = []
+    with trio.fail_after(120):
+        async with openai_client(served.gateway_url) as client:
+            for limit in range(1, 7):
+                reply = await client.chat.completions.create(
+                    model="smollm2", messages=ask, max_tokens=limit, **GREEDY
+                )
+                texts.append(reply.choices[0].message.content or "")
+                chunks = await client.chat.completions.create(
+                    model="smollm2", messages=ask, max_tokens=limit, stream=True, **GREEDY
+                )
+                streamed = "".join([c.choices[0].delta.content or "" async for c in chunks])
+                assert streamed == texts[-1]
+    assert not any("\ufffd" in text for text in texts), texts
+    # The cut characters are dropped: some limits add no text.
+    assert len(set(texts)) < len(texts) and any(texts), texts
+
+
 @pytest.mark.parametrize("model", MODELS)
 async def test_chat_and_completions_on_both_models(served: Served, model: str) -> None:
     """Real text from both endpoints; Gemma's chat goes through the ``gemma`` format.

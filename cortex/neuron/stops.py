@@ -33,8 +33,13 @@ class StopScanner:
         return self._scan(self._held + self._decoder.decode(piece))
 
     def flush(self) -> str:
-        """End of output: release what was held (a partial stop, a cut character)."""
-        text = self._scan(self._held + self._decoder.decode(b"", final=True), final=True)
+        """End of output: release what was held (a partial stop string).
+
+        A character the end of output cut (``max_tokens`` reached inside a
+        multi-byte character) is dropped, not released as U+FFFD.
+        """
+        self._decoder.reset()
+        text = self._scan(self._held, final=True)
         self._held = ""
         return text
 
