@@ -587,3 +587,49 @@ async def test_anthropic_stream_cut_short_ends_with_an_error_event(fault: str) -
                 'cortex_request_errors_total{endpoint="messages",model="org/small",'
                 'status="502"} 1.0' in metrics
             )
+
+
+async def _anthropic_events(fleet, neuron: FakeNeuron, pings: int) -> list[dict]:
+    """The events of a streamed /v1/messages, letting the neuron answer after ``pings``."""
+    events = []
+    decoder = SSEDecoder()
+    async with fleet.client.stream("POST", "/v1/messages", json=MESSAGES_STREAM) as response:
+        assert response.status_code == 200
+        async for chunk in response.aiter_bytes():
+            for event in decoder.feed(chunk):
+                events.append(json.loads(event.data))
+                if sum(e["type"] == "ping" for e in events) == pings:
+                    neuron.hold.set()
+    return events
+
+
+@pytest.mark.parametrize("fault", [None, "die_before_first_byte"])
+async def test_an_anthropic_stream_slow_to_its_first_byte_starts_and_keeps_alive(
+    monkeypatch, fault: str | None
+) -> None:
+    # Claude Code gives up on a stream silent for 300 s: a long prompt (or a
+    # cold load) gets message_start and pings, as from Anthropic's API.
+    from cortex.gateway import exchange
+
+    monkeypatch.setattr(exchange, "EARLY_START_S", 0.2)
+    monkeypatch.setattr(exchange, "KEEP_ALIVE_S", 0.2)
+    a = FakeNeuron("a", preload=["org/small"], hold=trio.Event(), fault=fault)
+    with trio.fail_after(20):
+        async with running_fleet([a], MODELS) as fleet:
+            events = await _anthropic_events(fleet, a, pings=2)
+            metrics = (await fleet.client.get(fleet.handle.metrics_url + "/metrics")).text
+    kinds = [e["type"] for e in events]
+    assert kinds[:3] == ["message_start", "ping", "ping"]
+    assert kinds.count("message_start") == 1
+    if fault is None:
+        assert kinds[-1] == "message_stop"
+        text = "".join(
+            e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta"
+        )
+        assert text == a.reply
+    else:
+        # The neuron failed before its first byte and nothing else could take
+        # it: what would have been a 529 is the stream's error event.
+        assert kinds[-1] == "error"
+        assert events[-1]["error"]["type"] == "overloaded_error"
+        assert 'status="529"' in metrics

@@ -123,6 +123,22 @@ class Dialect:
         """The content type of a stream's answer."""
         return EVENT_STREAM
 
+    def early_start(self, ex: Exchange) -> bytes | None:
+        """A stream's opening events, sent before the neuron's first byte; None: wait for it.
+
+        For clients that give up on a silent stream (Claude Code, after
+        300 s) while a long prompt is processed. Sets ``ex.early``.
+        """
+        return None
+
+    def keep_alive(self, ex: Exchange) -> bytes:
+        """An event that keeps a stream started early alive until the first byte."""
+        return b": ping\n\n"
+
+    def early_error(self, ex: Exchange, exc: CortexError) -> bytes:
+        """The event that ends a stream started early whose request then failed."""
+        raise NotImplementedError
+
     def relay(self, gateway: Gateway, ex: Exchange) -> AsyncGenerator[bytes, None]:
         """A stream's answer, from ``ex.first`` and the neuron's next chunks.
 
@@ -378,12 +394,30 @@ class Messages(Dialect):
         ex.follows = message.get("stop_reason") == "tool_use"
         return Answer(200, JSON, json.dumps(message).encode())
 
+    def _stream(self, ex: Exchange) -> translate.AnthropicStream:
+        assert ex.model is not None
+        if ex.early is None:
+            ex.early = translate.AnthropicStream(
+                message_id=anthropic.new_message_id(),
+                model=ex.model,
+                input_tokens=ex.prompt_tokens,
+            )
+        return ex.early
+
+    def early_start(self, ex: Exchange) -> bytes | None:
+        # message_start now, as Anthropic's API sends it: its usage is the
+        # prompt's count so far, the cache split then in message_delta.
+        return _encode(self._stream(ex).start())
+
+    def keep_alive(self, ex: Exchange) -> bytes:
+        return _encode(self._stream(ex).ping())
+
+    def early_error(self, ex: Exchange, exc: CortexError) -> bytes:
+        return _encode(self._stream(ex).error(exc.message, status=anthropic.status_for(exc)))
+
     async def relay(self, gateway: Gateway, ex: Exchange) -> AsyncGenerator[bytes, None]:
         """The neuron's chat stream as Anthropic events."""
-        assert ex.model is not None
-        stream = translate.AnthropicStream(
-            message_id=anthropic.new_message_id(), model=ex.model, input_tokens=ex.prompt_tokens
-        )
+        stream = self._stream(ex)
         decoder = sse.SSEDecoder()
 
         def feed(chunk: bytes) -> tuple[list[tuple[str, dict[str, Any]]], int | None]:

@@ -49,7 +49,7 @@ import trio
 from cortex.errors import CortexError, PayloadTooLarge, Unavailable
 from cortex.gateway.affinity import SESSION_HEADER
 from cortex.gateway.context import Gateway
-from cortex.gateway.dialects import JSON, ROUTES, Dialect
+from cortex.gateway.dialects import JSON, ROUTES, Dialect, Upstream
 from cortex.gateway.metrics import UNKNOWN
 from cortex.gateway.proxy import CLIENT_CLOSED, SHUT_DOWN, Exchange
 from cortex.wire import anthropic, envelope, jsonbody, openai, sse
@@ -67,6 +67,11 @@ _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _ALLOW = (b"allow", b"OPTIONS, POST")
 #: Seconds a stream the server cuts at once gets to send its error event.
 CUT_NOTICE_S = 0.5
+#: Seconds without the neuron's first byte after which a stream whose
+#: dialect can (Anthropic's) is started anyway, and then kept alive every
+#: ``KEEP_ALIVE_S``: Claude Code gives up on a stream silent for 300 s.
+EARLY_START_S = 10.0
+KEEP_ALIVE_S = 10.0
 
 #: Path -> the endpoint label of the control app's routes.
 _CONTROL_LABELS = {
@@ -303,7 +308,10 @@ class Pipeline:
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
             try:
                 try:
-                    await dialect.send(gateway, ex, upstream)
+                    if not ex.stream:
+                        await dialect.send(gateway, ex, upstream)
+                    elif await self.send_early(dialect, ex, upstream, send):
+                        return  # started early, ended with its error event
                     answer = None if ex.stream else dialect.answer(ex)
                 except CortexError as exc:
                     await self.send_error(send, dialect, ex, exc)
@@ -323,16 +331,82 @@ class Pipeline:
             finally:
                 nursery.cancel_scope.cancel()
 
-    async def stream(self, dialect: Dialect, ex: Exchange, send: Send) -> None:
-        """Send the stream's head, then its relay as it comes."""
-        head = [
+    async def send_early(
+        self, dialect: Dialect, ex: Exchange, upstream: Upstream, send: Send
+    ) -> bool:
+        """``dialect.send`` for a stream, starting the answer if the first byte is slow.
+
+        A dialect with ``early_start`` events (Anthropic's) gets its head and
+        those events once ``EARLY_START_S`` pass without the neuron's first
+        byte (a long prompt, a cold load), then a keep-alive event every
+        ``KEEP_ALIVE_S``: clients that give up on a silent stream (Claude
+        Code, after 300 s) wait. A failure after that is the stream's error
+        event, the status recorded as the dialect would have answered it.
+
+        Returns:
+          True when the stream was started early and has ended with an error
+          (recorded); False when ``ex`` is ready for ``stream``.
+
+        Raises:
+          CortexError: the request failed before anything was sent.
+        """
+        done = trio.Event()
+        failure: CortexError | None = None
+
+        async def forward() -> None:
+            nonlocal failure
+            try:
+                await dialect.send(self.gateway, ex, upstream)
+            except CortexError as exc:
+                failure = exc
+            finally:
+                done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(forward)
+            with trio.move_on_after(EARLY_START_S):
+                await done.wait()
+            opening = None if done.is_set() else dialect.early_start(ex)
+            if opening is not None:
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": self.head(dialect, ex),
+                    }
+                )
+                await send({"type": "http.response.body", "body": opening, "more_body": True})
+                ex.head_sent = True
+                while not done.is_set():
+                    with trio.move_on_after(KEEP_ALIVE_S):
+                        await done.wait()
+                    if not done.is_set():
+                        body = dialect.keep_alive(ex)
+                        await send({"type": "http.response.body", "body": body, "more_body": True})
+        if failure is None:
+            return False
+        if not ex.head_sent:
+            raise failure
+        log.warning("request %s: %s", ex.request_id, failure.message)
+        ex.status = dialect.error(failure, ex.request_id)[0]
+        self.gateway.proxy.finish(ex)
+        await send({"type": "http.response.body", "body": dialect.early_error(ex, failure)})
+        return True
+
+    def head(self, dialect: Dialect, ex: Exchange) -> list[tuple[bytes, bytes]]:
+        return [
             (b"content-type", dialect.stream_type(ex)),
             *_SSE_HEADERS,
             *dialect.id_headers(ex.request_id),
         ]
+
+    async def stream(self, dialect: Dialect, ex: Exchange, send: Send) -> None:
+        """Send the stream's head (unless it was started early), then its relay as it comes."""
         relay = dialect.relay(self.gateway, ex)
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": head})
+            if not ex.head_sent:
+                head = self.head(dialect, ex)
+                await send({"type": "http.response.start", "status": 200, "headers": head})
             async for chunk in relay:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             self.gateway.proxy.finish(ex)

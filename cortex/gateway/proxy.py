@@ -95,6 +95,11 @@ class Exchange:
     #: conversation again with the tool's result (``Router.release(follows=)``).
     follows: bool = False
     finished: bool = False
+    #: A stream the gateway started before the neuron's first byte (the
+    #: dialect's state for it: ``Dialect.early_start``); None: not started.
+    early: Any = None
+    #: The stream's head went out before the neuron's first byte.
+    head_sent: bool = False
 
 
 @attrs.define(eq=False)
