@@ -191,6 +191,17 @@ def test_a_taken_metrics_port_is_named() -> None:
     )
 
 
+def role_config_error(argv: list[str]) -> str:
+    """The ConfigError message of loading the role's config from command line ``argv``."""
+    from cortex.cli import build_parser, gateway_config, neuron_config, standalone_config
+
+    load = {"neuron": neuron_config, "gateway": gateway_config, "standalone": standalone_config}
+    args = build_parser().parse_args(argv)
+    with pytest.raises(ConfigError) as error:
+        load[args.role](args)
+    return error.value.message
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -207,13 +218,7 @@ def test_a_taken_metrics_port_is_named() -> None:
     ],
 )
 def test_a_bad_listen_option_is_a_usage_error(argv: list[str], message: str) -> None:
-    from cortex.cli import build_parser, gateway_config, neuron_config, standalone_config
-
-    load = {"neuron": neuron_config, "gateway": gateway_config, "standalone": standalone_config}
-    args = build_parser().parse_args(argv)
-    with pytest.raises(ConfigError) as error:
-        load[args.role](args)
-    assert error.value.message.startswith(message)
+    assert role_config_error(argv).startswith(message)
 
 
 def test_an_unknown_listen_host_exits_2() -> None:
@@ -493,13 +498,7 @@ def test_pinned_on_must_name_a_neuron(tmp_path: Path) -> None:
     ],
 )
 def test_an_option_the_role_would_ignore_is_refused(argv: list[str], message: str) -> None:
-    from cortex.cli import build_parser, gateway_config, neuron_config, standalone_config
-
-    load = {"neuron": neuron_config, "gateway": gateway_config, "standalone": standalone_config}
-    args = build_parser().parse_args(argv)
-    with pytest.raises(ConfigError) as error:
-        load[args.role](args)
-    assert error.value.message.startswith(message)
+    assert role_config_error(argv).startswith(message)
 
 
 def test_cli_refuses_a_role_option_with_exit_2() -> None:

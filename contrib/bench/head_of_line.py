@@ -26,7 +26,6 @@ import argparse
 import statistics
 import threading
 import time
-import types
 from typing import Any
 
 WORDS = ["apple", "river", "stone", "blue", "seven", "quick", "moon"]
@@ -41,31 +40,9 @@ def short_text(seed: int, words: int) -> str:
     return f"Q{seed}: " + " ".join(["hi"] * words)
 
 
-def arrival_plan(self: Any) -> list[tuple[Any, int, int]]:
-    """``BatchedDecoder._plan`` as it was: the earliest prompt takes each step's budget."""
-    if self._kv_unified:
-        needed = sum(1 for s in self._active if s.next_token is not None and len(s.out) < 4)
-        if needed and self._kv_free() < needed:
-            self._preempt(needed)
-    plan = []
-    decoding = False
-    for sequence in self._active:
-        if sequence.next_token is not None and not sequence.finished:
-            decoding = True
-            if len(sequence.out) < 4:
-                plan.append((sequence, sequence.n_past, 1))
-    budget = self._prompt_chunk if decoding else self._n_batch
-    for sequence in self._active:
-        if budget == 0:
-            break
-        if sequence.next_token is None and sequence.n_past < sequence.n_prompt:
-            count = min(budget, sequence.n_prompt - sequence.n_past)
-            plan.append((sequence, sequence.n_past, count))
-            budget -= count
-            if sequence.n_past + count == sequence.n_prompt:
-                break
-    plan.sort(key=lambda run: run[0].slot.seq_id)
-    return plan
+def arrival_order(prompt: tuple[int, Any]) -> tuple[int, int]:
+    """The order before: the earliest seated prompt first (one prompt a step, as now)."""
+    return 0, prompt[0]
 
 
 def run(model: Any, prompt: str, tokens: int, out: dict[str, Any], key: str) -> None:
@@ -139,10 +116,10 @@ def main() -> None:
         for n_batch in args.n_batch
     }
     first = models[args.n_batch[0]]
-    # (label, model, the plan to patch in or None)
+    # (label, model, the prompt order to patch in or None)
     orders: list[tuple[str, Any, Any]] = []
     for n, model in models.items():
-        orders.append((f"arrival (before), n_batch {n}", model, arrival_plan))
+        orders.append((f"arrival (before), n_batch {n}", model, arrival_order))
         orders.append((f"fewest left first, n_batch {n}", model, None))
     single = None
     if args.check:
@@ -156,16 +133,16 @@ def main() -> None:
     rows: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in orders}
     exact = {label: True for label in rows}
     for round_ in range(args.rounds):
-        for index, (label, model, plan) in enumerate(orders):
+        for index, (label, model, order) in enumerate(orders):
             seed = round_ * 10 + index
             long, short = long_text(seed, args.long_words), short_text(seed, args.short_words)
             decoder = model._decoder
-            if plan is not None:
-                decoder._plan = types.MethodType(plan, decoder)
+            if order is not None:
+                decoder._prompt_order = order
             try:
                 result = pair(model, long, short, args)
             finally:
-                vars(decoder).pop("_plan", None)  # back to the class's own
+                vars(decoder).pop("_prompt_order", None)  # back to the class's own
             rows[label].append(result)
             if single is not None:
                 # Each alone on llama-cpp-python's own path.

@@ -133,7 +133,7 @@ class Dialect:
 
     def keep_alive(self, ex: Exchange) -> bytes:
         """An event that keeps a stream started early alive until the first byte."""
-        return b": ping\n\n"
+        raise NotImplementedError
 
     def early_error(self, ex: Exchange, exc: CortexError) -> bytes:
         """The event that ends a stream started early whose request then failed."""

@@ -804,9 +804,7 @@ class BatchedDecoder:
             # overtaken by as many tokens as it has left goes first, so it
             # waits for them at most about as long as its own evaluation.
             # Ties go in arrival (seat) order.
-            index, sequence = min(
-                prompts, key=lambda p: (p[1].n_prompt - p[1].n_past - p[1].overtaken, p[0])
-            )
+            index, sequence = min(prompts, key=self._prompt_order)
             budget = self._prompt_chunk if decoding else self._n_batch
             count = min(budget, sequence.n_prompt - sequence.n_past)
             plan.append((sequence, sequence.n_past, count))
@@ -816,6 +814,15 @@ class BatchedDecoder:
         # Ascending sequence ids: llama.cpp's per-stream split needs them.
         plan.sort(key=lambda run: run[0].slot.seq_id)  # type: ignore[union-attr]
         return plan
+
+    @staticmethod
+    def _prompt_order(prompt: tuple[int, _Sequence]) -> tuple[int, int]:
+        """Which of the (seat, sequence) prompts waiting goes first: the smallest.
+
+        Tokens left, less what later arrivals took ahead of it; then the seat.
+        """
+        seat, sequence = prompt
+        return sequence.n_prompt - sequence.n_past - sequence.overtaken, seat
 
     def _step(self, plan: list[tuple[_Sequence, int, int]]) -> None:
         """Evaluate ``plan`` in one llama_decode and sample; outside the lock."""
