@@ -104,6 +104,14 @@ def render(fleet: dict[str, Any], *, now: float | None = None) -> str:
     out.append("")
     out.append("MODELS")
     out.append(_table(["model", "where", "pinned on", "in flight", "last used"], rows))
+    # Why a model cannot be served: its catalogue entry (until a reload),
+    # or a neuron's last failure to load it.
+    for m in fleet["models"]:
+        if m.get("error"):
+            out.append(f"  {m['id']}: {m['error']}")
+        for loc in m["locations"]:
+            if loc.get("error"):
+                out.append(f"  {m['id']} on {loc['neuron']}: {loc['error']}")
     # Tiers are aliases too (models.toml's [aliases]): one table, a tier's
     # members in the router's order of preference.
     aliases = [[alias, model] for alias, model in fleet["aliases"].items()]

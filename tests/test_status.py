@@ -162,3 +162,16 @@ async def test_a_neuron_never_reached_is_logged_with_the_reason(caplog) -> None:
     for name, error in errors.items():
         (line,) = [message for message in logged if message.startswith(f"neuron {name} ")]
         assert line.endswith(error)
+
+
+async def test_status_says_why_a_catalogue_entry_cannot_be_served() -> None:
+    bad = CatalogModel(id="bad", vram_mb=100, options={"n_ctxx": 2048})
+    a = FakeNeuron("a", memory_mb=1000, refuse_options={"n_ctxx"})
+    async with running_fleet([a], catalogue(CatalogModel(id="small", vram_mb=100), bad)) as fleet:
+        with trio.fail_after(30):
+            response = await fleet.chat("bad")
+            assert response.status_code == 500, response.text
+            table = await trio.to_thread.run_sync(status, "--gateway", fleet.handle.api_url)
+    assert table.returncode == 0, table.stderr
+    [line] = [line for line in table.stdout.splitlines() if line.startswith("  bad: ")]
+    assert "n_ctxx" in line
