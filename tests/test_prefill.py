@@ -219,12 +219,13 @@ ANTHROPIC_REFUSED = [
     ),
     pytest.param(
         {"tools": [WEATHER], "tool_choice": {"type": "any"}},
-        "tool_choice: tool_choice 'any' cannot be combined with a final assistant turn",
+        "tool_choice: type 'any' (a forced tool call) cannot be combined with a final "
+        "assistant turn to continue (a prefill)",
         id="forced-tool",
     ),
     pytest.param(
         {"tools": [WEATHER], "tool_choice": {"type": "tool", "name": "get_weather"}},
-        "tool_choice: tool_choice 'tool' cannot be combined",
+        "tool_choice: type 'tool' (a forced tool call) cannot be combined",
         id="named-tool",
     ),
     pytest.param(

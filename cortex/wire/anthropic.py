@@ -301,7 +301,8 @@ def parse_messages_request(body: Any) -> MessagesRequest:
     output_schema = _output_format(body)
     prefill = _check_prefill(messages)
     if prefill and tool_choice is not None and tool_choice["type"] in ("any", "tool"):
-        raise fields.prefill_conflict("tool_choice", f"tool_choice {tool_choice['type']!r}")
+        kind = tool_choice["type"]
+        raise fields.prefill_conflict("tool_choice", f"type {kind!r} (a forced tool call)")
     if prefill and output_schema is not None:
         config = body.get("output_config") or {}
         where = "output_config.format" if config.get("format") is not None else "output_format"

@@ -378,7 +378,8 @@ def _continue_final_message(
     if tool_choice == "required" or isinstance(tool_choice, dict):
         raise fields.prefill_conflict("tool_choice", "a forced tool call")
     if response_format is not None and response_format["type"] != "text":
-        raise fields.prefill_conflict("response_format", f"{response_format['type']!r}")
+        kind = response_format["type"]
+        raise fields.prefill_conflict("response_format", f"type {kind!r} (a JSON format)")
     return True
 
 
