@@ -284,6 +284,29 @@ class LoadedModel(abc.ABC):
           ChatTemplateMissing: the file has no template and no chat_format was given.
         """
 
+    def render_prefilled(
+        self,
+        messages: list[dict[str, Any]],
+        prefill: str,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> ChatPrompt:
+        """Render a conversation whose assistant answer has begun with ``prefill``.
+
+        ``messages`` are the turns before the assistant turn to continue and
+        ``prefill`` that turn's text: the answer is generated after it, with
+        no end of turn between them. By default the conversation is rendered
+        with the generation prompt (:meth:`render_chat`) and ``prefill``
+        written after it as it is; an engine whose format writes an
+        assistant turn's text differently (a space before it, say) may
+        override this.
+
+        Raises:
+          As :meth:`render_chat`.
+        """
+        prompt = self.render_chat(messages, tools=tools)
+        return attrs.evolve(prompt, text=prompt.text + prefill)
+
     @abc.abstractmethod
     def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[Token]:
         """Yield generated tokens one by one after the prompt ``tokens``.

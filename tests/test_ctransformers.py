@@ -292,6 +292,23 @@ def test_render_chat(load, gpt2_path):
         load(gpt2_path, chat_format="chatml").render_chat(MESSAGES, tools=[tool])
 
 
+def test_render_prefilled(load, gpt2_path):
+    """A prefill starts the answer where the format writes an assistant's text."""
+    chatml = load(gpt2_path, chat_format="chatml").render_prefilled(MESSAGES, "Hi,")
+    assert chatml.text == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nHello there<|im_end|>\n"
+        "<|im_start|>assistant\nHi,"
+    )
+    plain = load(gpt2_path, chat_format="plain")
+    assert plain.render_prefilled(MESSAGES, "Hi,").text.endswith("\nassistant: Hi,")
+    assert plain.render_prefilled(MESSAGES, "").text.endswith("\nassistant:")
+    llama2 = load(gpt2_path, chat_format="llama-2").render_prefilled(MESSAGES, "Hi,")
+    assert llama2.text.endswith("Hello there [/INST] Hi,")
+    with pytest.raises(ChatTemplateMissing):
+        load(gpt2_path).render_prefilled(MESSAGES, "Hi,")
+
+
 @pytest.mark.parametrize("which", ["gpt2", "spm"])
 def test_generate_until_the_context_is_full(load, gpt2_path, spm_path, which):
     if which == "gpt2":

@@ -176,6 +176,7 @@ FIELDS: dict[str, Field] = {
         | st.just({"type": "function", "function": {"name": "get_weather"}})
     ),
     "parallel_tool_calls": BOOL,
+    "continue_final_message": BOOL,
     "response_format": Field(
         st.sampled_from(
             [
@@ -327,10 +328,17 @@ RESPONSES = request(
 )
 MESSAGES = request(
     {"model", "max_tokens", "messages"},
-    shape_keys(MessagesRequest, drop=frozenset({"output_schema"}), add={"output_config"}),
+    # prefill is read from messages: a final assistant turn.
+    shape_keys(
+        MessagesRequest, drop=frozenset({"output_schema", "prefill"}), add={"output_config"}
+    ),
     ANTHROPIC_FIELDS,
 )
-COUNT = request({"model", "messages"}, shape_keys(CountTokensRequest), ANTHROPIC_FIELDS)
+COUNT = request(
+    {"model", "messages"},
+    shape_keys(CountTokensRequest, drop=frozenset({"prefill"})),
+    ANTHROPIC_FIELDS,
+)
 
 
 # -- checks -----------------------------------------------------------------------------
@@ -494,7 +502,9 @@ async def test_neuron_routes_never_answer_5xx(
     }
     loads = request({"model_id", "source"}, shape_keys(LoadRequest), fleet_fields)
     unloads = request({"model_id"}, {"model_id", "cancel"}, fleet_fields)
-    tokenize = request({"model"}, {"model", "text", "messages", "tools"}, fleet_fields)
+    tokenize = request(
+        {"model"}, {"model", "text", "messages", "tools", "continue_final_message"}, fleet_fields
+    )
 
     def run() -> None:
         with httpx.Client(base_url=neuron_url, timeout=ANSWER_TIMEOUT) as client:

@@ -275,6 +275,57 @@ async def test_anthropic_system_and_tools_reach_the_prompt(served: Served, model
     assert with_tools >= with_system + 50, counts
 
 
+# -- a prefill ----------------------------------------------------------------------------
+
+
+async def test_an_anthropic_prefill_is_continued_not_repeated(served: Served) -> None:
+    """A final assistant turn is continued, whole and streamed, with its stop sequences.
+
+    The answer is the continuation only: ``" 4, 5, ..."``, not a fresh
+    reply that starts over (``"1, 2, 3, 4"``, what a finished turn gets).
+    The prompt is sent once first, so that the compared requests both find
+    it cached and evaluate only its last token: the same computation.
+    """
+    ask: Any = {
+        "model": "smollm2",
+        "messages": [
+            {"role": "user", "content": "Count from 1 to 10 separated by commas."},
+            {"role": "assistant", "content": "1, 2, 3,"},
+        ],
+        "extra_body": GREEDY,
+    }
+    with trio.fail_after(180):
+        async with anthropic.AsyncAnthropic(
+            base_url=served.gateway_url, api_key="unused", max_retries=0, timeout=120
+        ) as client:
+            await client.messages.create(**ask, max_tokens=1)
+            whole = await client.messages.create(**ask, max_tokens=10)
+            async with client.messages.stream(**ask, max_tokens=10) as stream:
+                streamed = await stream.get_final_message()
+            stopped = await client.messages.create(**ask, max_tokens=10, stop_sequences=[" 6"])
+            counted = await client.messages.count_tokens(model="smollm2", messages=ask["messages"])
+            # Forcing JSON, the common use: the answer goes on with the value.
+            json_reply = await client.messages.create(
+                model="smollm2",
+                messages=[
+                    {"role": "user", "content": "Give the capital of France as a JSON object."},
+                    {"role": "assistant", "content": '{"name":'},
+                ],
+                max_tokens=4,
+                extra_body=GREEDY,
+            )
+    texts = [reply.content[0].text for reply in (whole, streamed)]  # type: ignore[union-attr]
+    assert texts[0].startswith(" 4, 5, 6"), texts
+    assert texts[1] == texts[0]
+    assert (whole.stop_reason, streamed.stop_reason) == ("max_tokens", "max_tokens")
+    assert stopped.content[0].text == " 4, 5,"  # type: ignore[union-attr]
+    assert (stopped.stop_reason, stopped.stop_sequence) == ("stop_sequence", " 6")
+    assert json_reply.content[0].text.startswith(' "'), json_reply  # type: ignore[union-attr]
+    for reply in (whole, streamed, stopped):
+        usage = reply.usage
+        assert usage.input_tokens + (usage.cache_read_input_tokens or 0) == counted.input_tokens
+
+
 # -- load -------------------------------------------------------------------------------
 
 

@@ -334,8 +334,9 @@ async def count_input(gateway: Gateway, ex: Exchange, body: dict[str, Any]) -> i
 def _prompt(chat: dict[str, Any]) -> dict[str, Any]:
     """The part of a chat body the prompt is made of: what ``/tokenize`` counts."""
     body = {"model": chat["model"], "messages": chat["messages"]}
-    if chat.get("tools"):
-        body["tools"] = chat["tools"]
+    for key in ("tools", "continue_final_message"):
+        if chat.get(key):
+            body[key] = chat[key]
     return body
 
 

@@ -488,9 +488,16 @@ async def count_tokens(slot: ModelSlot, body: dict[str, Any]) -> dict[str, Any]:
     assert model is not None
     if "messages" in body:
         chat = openai.parse_chat_request(
-            {"model": body["model"], "messages": body["messages"], "tools": body.get("tools")}
+            {
+                "model": body["model"],
+                "messages": body["messages"],
+                "tools": body.get("tools"),
+                "continue_final_message": body.get("continue_final_message"),
+            }
         )
-        prompt = await render(slot, chat.messages, chat.tools)
+        prompt = await render(
+            slot, chat.messages, chat.tools, continue_final=chat.continue_final_message
+        )
         return {"count": len(await tokenize_prompt(slot, prompt))}
     text = body.get("text")
     if not isinstance(text, str):

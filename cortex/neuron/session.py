@@ -124,7 +124,8 @@ class Sessions:
         """
         with self.manager.using(req.model) as slot:
             plan = output_plan(slot, req)
-            prompt = await render(slot, req.messages, plan.tools)
+            continues = isinstance(req, openai.ChatRequest) and req.continue_final_message
+            prompt = await render(slot, req.messages, plan.tools, continue_final=continues)
             generation = await self.submit(
                 slot,
                 prompt_tokens=await tokenize_prompt(slot, prompt),
@@ -228,10 +229,26 @@ def constrained(sampling: Sampling, plan: OutputPlan) -> Sampling:
 
 
 async def render(
-    slot: ModelSlot, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    slot: ModelSlot,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    *,
+    continue_final: bool = False,
 ) -> ChatPrompt:
-    assert slot.model is not None
-    return await trio.to_thread.run_sync(partial(slot.model.render_chat, messages, tools=tools))
+    """The prompt for ``messages``.
+
+    With ``continue_final`` the last message, a text-only assistant turn
+    (``openai.parse_chat_request`` checked it), is a prefill: the prompt
+    ends with its text and no end of turn (``LoadedModel.render_prefilled``).
+    """
+    model = slot.model
+    assert model is not None
+    if continue_final:
+        *before, last = messages
+        call = partial(model.render_prefilled, before, last["content"] or "", tools=tools)
+    else:
+        call = partial(model.render_chat, messages, tools=tools)
+    return await trio.to_thread.run_sync(call)
 
 
 async def tokenize_prompt(slot: ModelSlot, prompt: ChatPrompt) -> list[int]:

@@ -105,6 +105,42 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     return messages
 
 
+def _check_prefill(messages: list[dict[str, Any]]) -> bool:
+    """Whether the conversation ends with an assistant turn to continue (a prefill).
+
+    The answer continues that turn's text, as Anthropic's API does, so it
+    must be text only, and, as there, end without whitespace: a tokenizer
+    writes a word with the space before it, and a prefill that ends with
+    the space leaves the model a token it rarely saw.
+
+    Raises:
+      InvalidRequest: a ``tool_use`` block in that turn, or trailing whitespace.
+    """
+    i = len(messages) - 1
+    last = messages[i]
+    if last["role"] != "assistant":
+        return False
+    where = f"messages.{i}.content"
+    content = last["content"]
+    if isinstance(content, str):
+        texts = [content]
+    else:
+        for j, block in enumerate(content):
+            if block["type"] == "tool_use":
+                raise InvalidRequest(
+                    f"{where}[{j}]: a final assistant turn is a prefill the answer continues, "
+                    "and must be text only: it cannot hold a tool_use block",
+                    param=f"{where}[{j}]",
+                )
+        texts = [block["text"] for block in content if block["type"] == "text"]
+    if texts and texts[-1] != texts[-1].rstrip():
+        raise InvalidRequest(
+            f"{where}: final assistant content cannot end with trailing whitespace",
+            param=where,
+        )
+    return True
+
+
 def _system(body: Mapping[str, Any]) -> str | list[dict[str, Any]] | None:
     system = body.get("system")
     if system is None:
@@ -229,6 +265,8 @@ class MessagesRequest:
     metadata: dict[str, Any] | None = None
     #: The JSON schema of ``output_config.format``; None: free text.
     output_schema: dict[str, Any] | None = None
+    #: ``messages`` ends with an assistant turn whose text the answer continues.
+    prefill: bool = False
 
 
 @attrs.frozen
@@ -239,6 +277,8 @@ class CountTokensRequest:
     messages: list[dict[str, Any]]
     system: str | list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None
+    #: As :attr:`MessagesRequest.prefill`: counted as the answer would see it.
+    prefill: bool = False
 
 
 def parse_messages_request(body: Any) -> MessagesRequest:
@@ -255,10 +295,21 @@ def parse_messages_request(body: Any) -> MessagesRequest:
     max_tokens = fields.opt_tokens(body, "max_tokens")
     if max_tokens is None:
         raise InvalidRequest("max_tokens: field required", param="max_tokens")
+    messages = _messages(body)
     tools = _tools(body)
+    tool_choice = _tool_choice(body, tools)
+    output_schema = _output_format(body)
+    prefill = _check_prefill(messages)
+    if prefill and tool_choice is not None and tool_choice["type"] in ("any", "tool"):
+        kind = tool_choice["type"]
+        raise fields.prefill_conflict("tool_choice", f"type {kind!r} (a forced tool call)")
+    if prefill and output_schema is not None:
+        config = body.get("output_config") or {}
+        where = "output_config.format" if config.get("format") is not None else "output_format"
+        raise fields.prefill_conflict(where, "structured output")
     return MessagesRequest(
         model=model,
-        messages=_messages(body),
+        messages=messages,
         max_tokens=max_tokens,
         system=_system(body),
         stop_sequences=_stop_sequences(body),
@@ -266,21 +317,24 @@ def parse_messages_request(body: Any) -> MessagesRequest:
         top_p=fields.opt_float(body, "top_p", low=0, high=1),
         top_k=fields.opt_int(body, "top_k", minimum=0, maximum=fields.MAX_TOKENS),
         tools=tools,
-        tool_choice=_tool_choice(body, tools),
+        tool_choice=tool_choice,
         stream=bool(fields.opt_bool(body, "stream")),
         metadata=_metadata(body),
-        output_schema=_output_format(body),
+        output_schema=output_schema,
+        prefill=prefill,
     )
 
 
 def parse_count_tokens_request(body: Any) -> CountTokensRequest:
     """Validate a count_tokens body (no ``max_tokens`` needed)."""
     body = fields.require_object(body)
+    messages = _messages(body)
     return CountTokensRequest(
         model=fields.model(body),
-        messages=_messages(body),
+        messages=messages,
         system=_system(body),
         tools=_tools(body),
+        prefill=_check_prefill(messages),
     )
 
 

@@ -168,3 +168,18 @@ def opt_float(
     if value is None:
         return None
     return Number(low, high, low_open).check(key, real(value))
+
+
+def prefill_conflict(param: str, what: str) -> InvalidRequest:
+    """The 400 for an output constraint beside an assistant turn to continue (a prefill).
+
+    A forced tool call or a JSON format shapes the whole answer from its
+    first token, and a continued answer begins inside the prefill's text:
+    the two cannot both hold.
+    """
+    return InvalidRequest(
+        f"{param}: {what} cannot be combined with a final assistant turn to continue "
+        "(a prefill): it shapes the answer from its first token, and the answer would "
+        "begin inside the prefill's text",
+        param=param,
+    )

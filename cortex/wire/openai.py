@@ -346,12 +346,52 @@ def _reject_logprobs(body: Mapping[str, Any], key: str = "logprobs") -> None:
         raise InvalidRequest(f"{key} is not supported", param=key)
 
 
+def _continue_final_message(
+    body: Mapping[str, Any],
+    messages: list[dict[str, Any]],
+    tool_choice: str | dict[str, Any] | None,
+    response_format: dict[str, Any] | None,
+) -> bool:
+    """``continue_final_message`` (vLLM's extension), checked against the rest of the body.
+
+    Raises:
+      InvalidRequest: the last message is not a text-only assistant turn,
+        or a forced tool call or a JSON format would have to shape an
+        answer that begins inside the prefill.
+    """
+    if not fields.opt_bool(body, "continue_final_message"):
+        return False
+    where = f"messages[{len(messages) - 1}]"
+    last = messages[-1]
+    if last["role"] != "assistant":
+        raise InvalidRequest(
+            f"continue_final_message needs the last message to be an assistant turn to "
+            f"continue; {where} is a {last['role']} turn",
+            param="continue_final_message",
+        )
+    if last.get("tool_calls"):
+        raise InvalidRequest(
+            f"{where}.tool_calls: the assistant turn continue_final_message continues "
+            "must be text only",
+            param=f"{where}.tool_calls",
+        )
+    if tool_choice == "required" or isinstance(tool_choice, dict):
+        raise fields.prefill_conflict("tool_choice", "a forced tool call")
+    if response_format is not None and response_format["type"] != "text":
+        kind = response_format["type"]
+        raise fields.prefill_conflict("response_format", f"type {kind!r} (a JSON format)")
+    return True
+
+
 @attrs.frozen
 class ChatRequest:
     """A validated ``POST /v1/chat/completions`` body.
 
     ``messages`` are the client's dicts as :func:`chat_message` returns them:
     content a string (None only on an assistant turn with tool calls).
+    With ``continue_final_message`` the last one is an assistant turn whose
+    text the answer continues (a prefill); without it, a final assistant
+    turn is a finished turn, as at OpenAI.
     """
 
     model: str
@@ -370,6 +410,7 @@ class ChatRequest:
     logit_bias: dict[str, float] | None = attrs.field(
         default=None, validator=_optional(fields.logit_bias)
     )
+    continue_final_message: bool = False
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
@@ -390,6 +431,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     # Benchmark tools send only max_completion_tokens; it wins when both come.
     max_completion = fields.opt_tokens(body, "max_completion_tokens")
     stream = bool(fields.opt_bool(body, "stream"))
+    response_format = _response_format(body)
     return ChatRequest(
         model=model,
         messages=messages,
@@ -401,9 +443,12 @@ def parse_chat_request(body: Any) -> ChatRequest:
         tools=tools,
         tool_choice=tool_choice,
         parallel_tool_calls=fields.opt_bool(body, "parallel_tool_calls"),
-        response_format=_response_format(body),
+        response_format=response_format,
         user=fields.opt_str(body, "user"),
         logit_bias=body.get("logit_bias"),
+        continue_final_message=_continue_final_message(
+            body, messages, tool_choice, response_format
+        ),
     )
 
 

@@ -36,6 +36,9 @@ Choices made where the two dialects do not line up:
   as 0, and ``message_delta`` the final split (the SDKs keep the delta's).
 - An empty answer has no content blocks (``content: []``), whole and
   streamed, as Anthropic's API answers it.
+- A final assistant turn is a prefill, as at Anthropic: the chat body
+  carries ``continue_final_message: true`` (vLLM's extension, which the
+  neuron takes), and the answer is the continuation only.
 - Claude Code's ``x-anthropic-billing-header: ...`` system block is client
   metadata, not prompt: dropped. Some versions put a per-request hash in
   it; reaching the model, it would change the prompt's first tokens on
@@ -231,6 +234,9 @@ def anthropic_to_openai(
     body: dict[str, Any] = {"model": model, "messages": _messages(req, model)}
     if req.tools:
         body["tools"] = _tools(req.tools)
+    if req.prefill:
+        # vLLM's name for it: the answer continues the final assistant turn.
+        body["continue_final_message"] = True
     if not isinstance(req, MessagesRequest):
         return body
     body["max_tokens"] = req.max_tokens

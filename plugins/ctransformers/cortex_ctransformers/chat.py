@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import attrs
+
 from cortex.errors import InvalidRequest
 from cortex.harness import ChatPrompt
 
@@ -66,6 +68,9 @@ FORMATS: dict[str, Callable[[list[dict[str, Any]]], ChatPrompt]] = {
     "llama-2": llama2,
     "plain": plain,
 }
+#: What a format writes between its generation prompt and an assistant
+#: turn's text: the model's answers begin with it, so a prefill does too.
+_TEXT_LEAD = {"chatml": "", "llama-2": " ", "plain": " "}
 
 
 def render(
@@ -86,3 +91,20 @@ def render(
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise InvalidRequest("every message needs a role", param="messages")
     return FORMATS[name](messages)
+
+
+def render_prefilled(
+    name: str, messages: list[dict[str, Any]], prefill: str, tools: list[dict[str, Any]] | None
+) -> ChatPrompt:
+    """``messages`` in the format ``name``, then an assistant turn begun with ``prefill``.
+
+    The turn's text is written as the format writes an assistant's (llama-2
+    and plain put a space before it), with no end of turn: the answer
+    continues it.
+
+    Raises:
+      InvalidRequest: as :func:`render`.
+    """
+    prompt = render(name, messages, tools)
+    lead = _TEXT_LEAD[name] if prefill else ""
+    return attrs.evolve(prompt, text=prompt.text + lead + prefill)

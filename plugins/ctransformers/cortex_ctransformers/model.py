@@ -300,9 +300,7 @@ class CTransformersModel(LoadedModel):
         n = llm.ctransformers_llm_tokenize(data, add_bos, buf)
         return list(buf[:n])
 
-    def render_chat(
-        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
-    ) -> ChatPrompt:
+    def _format(self) -> str:
         self._live()
         if self._chat_format is None:
             raise ChatTemplateMissing(
@@ -310,7 +308,22 @@ class CTransformersModel(LoadedModel):
                 f"carry none); set chat_format (one of {', '.join(chat.FORMATS)}) "
                 f"in its catalogue entry"
             )
-        return chat.render(self._chat_format, messages, tools)
+        return self._chat_format
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
+    ) -> ChatPrompt:
+        return chat.render(self._format(), messages, tools)
+
+    def render_prefilled(
+        self,
+        messages: list[dict[str, Any]],
+        prefill: str,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> ChatPrompt:
+        """See LoadedModel.render_prefilled: the prefill as the format writes an answer."""
+        return chat.render_prefilled(self._format(), messages, prefill, tools)
 
     def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[Token]:
         """See LoadedModel.generate. Also ends when the context is full.
