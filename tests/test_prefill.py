@@ -214,7 +214,7 @@ ANTHROPIC_REFUSED = [
             ),
             "tools": [WEATHER],
         },
-        "messages.1.content[1]: a final assistant turn is a prefill",
+        "messages.1.content.1: a final assistant turn is a prefill",
         id="tool-use",
     ),
     pytest.param(

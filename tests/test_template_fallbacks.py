@@ -255,10 +255,10 @@ async def claude(gateway_url: str):
 @pytest.mark.parametrize(
     ("content", "where", "kind"),
     [
-        ([{"type": "text", "text": "What is this?"}, ANTHROPIC_IMAGE], "content[1]", "image"),
+        ([{"type": "text", "text": "What is this?"}, ANTHROPIC_IMAGE], "content.1", "image"),
         (
             [{"type": "search_result", "source": "s", "title": "t", "content": []}],
-            "content[0]",
+            "content.0",
             "search_result",
         ),
     ],
@@ -300,10 +300,13 @@ async def test_anthropic_image_in_a_tool_result_gets_a_400(
             ],
         },
     ]
+    tools: Any = [{"name": "shot", "input_schema": {"type": "object"}}]
     with trio.fail_after(30), pytest.raises(anthropic.BadRequestError) as refused:
-        await claude.messages.create(model="no-system", max_tokens=4, messages=messages)
+        await claude.messages.create(
+            model="no-system", max_tokens=4, messages=messages, tools=tools
+        )
     assert refused.value.body["error"]["message"] == (
-        "messages.2.content[0].content[0]: content block type 'image' "
+        "messages.2.content.0.content.0: content block type 'image' "
         "is not supported by model 'no-system'"
     )
 

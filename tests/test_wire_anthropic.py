@@ -8,6 +8,12 @@ from cortex import errors
 from cortex.errors import InvalidRequest
 from cortex.wire import anthropic as wire
 
+TOOL = {"name": "f", "input_schema": {"type": "object"}}
+ASK = {"role": "user", "content": "go"}
+USE = {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}
+CALL = {"role": "assistant", "content": [USE]}
+RESULT = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "done"}
+
 
 def _body(**extra):
     return {
@@ -131,22 +137,22 @@ def test_claude_code_body_is_accepted():
         (_body(messages=[{"role": "user", "content": 5}]), "messages.0.content", None),
         (
             _body(messages=[{"role": "user", "content": [{"type": "text"}]}]),
-            "messages.0.content[0].text",
+            "messages.0.content.0.text",
             None,
         ),
         (
             _body(messages=[{"role": "user", "content": [{"type": "image"}]}]),
-            "messages.0.content[0].source",
+            "messages.0.content.0.source",
             None,
         ),
         (
             _body(messages=[{"role": "assistant", "content": [{"type": "tool_use", "name": "f"}]}]),
-            "messages.0.content[0]",
+            "messages.0.content.0",
             "id",
         ),
         (
             _body(messages=[{"role": "user", "content": [{"type": "tool_result"}]}]),
-            "messages.0.content[0].tool_use_id",
+            "messages.0.content.0.tool_use_id",
             None,
         ),
         (
@@ -158,16 +164,90 @@ def test_claude_code_body_is_accepted():
                     }
                 ]
             ),
-            "messages.0.content[0].content",
+            "messages.0.content.0.content",
             None,
         ),
         (_body(system=7), "system", None),
         (_body(temperature=1.5), "temperature", None),
         (_body(top_k=-1), "top_k", None),
         (_body(stop_sequences="END"), "stop_sequences", None),
-        (_body(stop_sequences=["a", "b", "c", "d", "e"]), "stop_sequences", "at most 4"),
+        (_body(stop_sequences=["s"] * 65), "stop_sequences", "at most 64"),
         (_body(tools=[{"description": "x"}]), "tools.0.name", None),
         (_body(tools=[{"name": "f", "input_schema": "x"}]), "tools.0.input_schema", None),
+        (_body(tools=[{"name": "x", "description": "d"}]), "tools.0.input_schema", "required"),
+        (_body(tools=[TOOL, {**TOOL, "input_schema": {}}]), "tools.1.input_schema", "object"),
+        (_body(tools=[{**TOOL, "name": "get weather"}]), "tools.0.name", "'get weather'"),
+        (_body(tools=[{**TOOL, "name": ""}]), "tools.0.name", "1 to 64"),
+        (_body(tools=[{**TOOL, "name": "f" * 65}]), "tools.0.name", "1 to 64"),
+        (_body(thinking={"type": "bogus"}), "thinking.type", "enabled .* disabled or adaptive"),
+        (_body(thinking="on"), "thinking.type", None),
+        (_body(thinking={"type": "enabled"}), "thinking.budget_tokens", "required"),
+        (
+            _body(thinking={"type": "enabled", "budget_tokens": 100}),
+            "thinking.budget_tokens",
+            "at least 1024",
+        ),
+        (_body(metadata={"user_id": "u", "team": "x"}), "metadata.team", "only user_id"),
+        (_body(metadata={"user_id": 7}), "metadata.user_id", "string"),
+        (_body(service_tier="priority"), "service_tier", "auto or standard_only"),
+        (
+            _body(mcp_servers=[{"type": "url", "url": "https://x", "name": "x"}]),
+            "mcp_servers",
+            "not supported",
+        ),
+        (
+            _body(messages=[{"role": "user", "content": [USE]}], tools=[TOOL]),
+            "messages.0.content.0",
+            "a tool_use block belongs in an assistant message",
+        ),
+        (
+            _body(messages=[ASK, {"role": "assistant", "content": [RESULT]}], tools=[TOOL]),
+            "messages.1.content.0",
+            "a tool_result block belongs in a user message",
+        ),
+        (
+            _body(messages=[ASK, {"role": "system", "content": [USE]}], tools=[TOOL]),
+            "messages.1.content.0",
+            "belongs in an assistant message",
+        ),
+        (
+            _body(messages=[ASK, CALL, {"role": "user", "content": [RESULT]}]),
+            "messages.1.content.0",
+            "must define tools",
+        ),
+        (
+            _body(
+                messages=[ASK, CALL, {"role": "user", "content": [{**RESULT, "tool_use_id": "x"}]}],
+                tools=[TOOL],
+            ),
+            "messages.2.content.0",
+            "unexpected tool_use_id found in tool_result blocks: x",
+        ),
+        (
+            _body(messages=[ASK, {"role": "user", "content": [RESULT]}], tools=[TOOL]),
+            "messages.1.content.0",
+            "unexpected tool_use_id",
+        ),
+        (
+            _body(messages=[ASK, CALL, {"role": "user", "content": "thanks"}], tools=[TOOL]),
+            "messages.1",
+            "tool_use ids were found without tool_result blocks immediately after: toolu_1",
+        ),
+        (
+            # An answer two turns late is no answer.
+            _body(
+                messages=[
+                    ASK,
+                    CALL,
+                    {"role": "user", "content": "wait"},
+                    {"role": "assistant", "content": "ok"},
+                    {"role": "user", "content": [RESULT]},
+                ],
+                tools=[TOOL],
+            ),
+            "messages.1",
+            "without tool_result blocks",
+        ),
         (_body(tool_choice={"type": "sometimes"}), "tool_choice", None),
         (_body(tool_choice={"type": "tool"}), "tool_choice.name", None),
         (_body(tool_choice={"type": "any"}), "tool_choice", "needs tools"),
@@ -198,6 +278,69 @@ def test_custom_tools_and_no_tool_choice_without_tools_are_accepted():
     assert len(req.tools) == 3
     for choice in ({"type": "auto"}, {"type": "none"}):
         assert wire.parse_messages_request(_body(tool_choice=choice)).tool_choice == choice
+
+
+def test_what_anthropic_takes_is_taken():
+    many = [f"s{i}" for i in range(64)]
+    assert wire.parse_messages_request(_body(stop_sequences=many)).stop_sequences == tuple(many)
+    for thinking in (
+        {"type": "adaptive"},
+        {"type": "disabled"},
+        {"type": "enabled", "budget_tokens": 1024},
+        # Interleaved thinking: a budget past max_tokens is fine.
+        {"type": "enabled", "budget_tokens": 40000},
+    ):
+        wire.parse_messages_request(_body(thinking=thinking))
+    for metadata in ({}, {"user_id": None}, {"user_id": '{"session_id": "s"}'}):
+        assert wire.parse_messages_request(_body(metadata=metadata)).metadata == metadata
+    for tier in ("auto", "standard_only"):
+        wire.parse_messages_request(_body(service_tier=tier))
+    wire.parse_messages_request(_body(mcp_servers=[]))
+    wire.parse_messages_request(_body(tools=[{**TOOL, "name": "mcp__server-1_x"}]))
+
+
+def test_tool_pairs_as_clients_send_them():
+    two = {"role": "assistant", "content": [USE, {**USE, "id": "toolu_2"}]}
+    results = [{**RESULT, "tool_use_id": "toolu_2"}, RESULT]
+    conversations = [
+        # Claude Code: the results first (any order), text after, a system reminder.
+        [ASK, two, {"role": "user", "content": [*results, {"type": "text", "text": "go on"}]}],
+        [ASK, two, {"role": "system", "content": "reminder"}, {"role": "user", "content": results}],
+        # Consecutive user messages are one turn, as at Anthropic.
+        [
+            ASK,
+            two,
+            {"role": "user", "content": [RESULT]},
+            {"role": "user", "content": [results[0]]},
+        ],
+    ]
+    for messages in conversations:
+        wire.parse_messages_request(_body(messages=messages, tools=[TOOL]))
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tool_choice": {"type": "any"}}, "tool_choice"),
+        ({"thinking": {"type": "bogus"}}, "thinking.type"),
+        ({"mcp_servers": [{"type": "url"}]}, "mcp_servers"),
+        ({"tools": [{"name": "x"}]}, "tools.0.input_schema"),
+        (
+            {"messages": [ASK, CALL, {"role": "user", "content": "no"}], "tools": [TOOL]},
+            "messages.1",
+        ),
+        ({"output_config": {"format": {"type": "xml"}}}, "output_config.format"),
+    ],
+)
+def test_count_tokens_validates_as_create_does(extra, param):
+    body = {"model": "m", "messages": [ASK], **extra}
+    for parse, fields in (
+        (wire.parse_messages_request, {"max_tokens": 5}),
+        (wire.parse_count_tokens_request, {}),
+    ):
+        with pytest.raises(InvalidRequest) as info:
+            parse({**body, **fields})
+        assert info.value.param == param
 
 
 def test_non_object_body():

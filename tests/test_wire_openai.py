@@ -89,7 +89,7 @@ def test_stream_and_include_usage():
         (_chat(max_tokens=-1), "max_tokens", "at least 1"),
         (_chat(max_completion_tokens="9"), "max_completion_tokens", "integer"),
         (_chat(max_tokens=True), "max_tokens", "integer"),
-        (_chat(stop=["a", "b", "c", "d", "e"]), "stop", "at most 4"),
+        (_chat(stop=["s"] * 65), "stop", "at most 64"),
         (_chat(stop=[1]), "stop", "string or a list of strings"),
         (_chat(presence_penalty=3), "presence_penalty", "presence_penalty"),
         (_chat(top_k=-1), "top_k", "at least 0"),

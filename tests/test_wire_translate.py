@@ -104,7 +104,7 @@ def _refused(**fields) -> InvalidRequest:
     [
         (
             {"messages": [{"role": "user", "content": [{"type": "text", "text": "?"}, IMAGE]}]},
-            "messages.0.content[1]",
+            "messages.0.content.1",
             "image",
         ),
         (
@@ -114,12 +114,12 @@ def _refused(**fields) -> InvalidRequest:
                     {"role": "assistant", "content": [{"type": "search_result", "x": 1}]},
                 ]
             },
-            "messages.1.content[0]",
+            "messages.1.content.0",
             "search_result",
         ),
         (
             {"system": [{"type": "text", "text": "s"}, {"type": "container_upload"}]},
-            "system[1]",
+            "system.1",
             "container_upload",
         ),
         (
@@ -129,7 +129,7 @@ def _refused(**fields) -> InvalidRequest:
                     {"role": "system", "content": [{"type": "new_kind_of_block"}]},
                 ]
             },
-            "messages.1.content[0]",
+            "messages.1.content.0",
             "new_kind_of_block",
         ),
     ],
@@ -141,6 +141,14 @@ def test_blocks_that_are_not_text_are_refused_by_name(fields, where, kind):
         f"{where}: content block type {kind!r} is not supported by model 'tiny'"
     )
     assert error.param == where
+
+
+#: The tools the conversations below call.
+TOOLS = [{"name": name, "input_schema": {"type": "object"}} for name in ("Bash", "Read", "f")]
+RESULTS = [
+    {"type": "tool_result", "tool_use_id": "toolu_a", "content": "a.py"},
+    {"type": "tool_result", "tool_use_id": "toolu_b", "content": "x"},
+]
 
 
 def _tool_conversation(user_turn):
@@ -159,7 +167,7 @@ def _tool_conversation(user_turn):
 
 
 def test_tool_use_becomes_tool_calls_with_json_arguments():
-    out = _to_openai(messages=_tool_conversation("ok"))
+    out = _to_openai(messages=_tool_conversation(RESULTS), tools=TOOLS)
     assistant = out["messages"][1]
     assert assistant == {
         "role": "assistant",
@@ -185,7 +193,8 @@ def test_tool_use_only_assistant_has_null_content():
                 "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {"a": 1}}],
             },
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1"}]},
-        ]
+        ],
+        tools=TOOLS,
     )
     assert out["messages"][1]["content"] is None
     assert out["messages"][2] == {"role": "tool", "tool_call_id": "t1", "content": ""}
@@ -207,7 +216,8 @@ def test_tool_results_come_right_after_the_call_before_user_text():
                     ],
                 },
             ]
-        )
+        ),
+        tools=TOOLS,
     )
     assert [m["role"] for m in out["messages"]] == ["user", "assistant", "tool", "tool", "user"]
     assert out["messages"][2] == {
@@ -235,7 +245,8 @@ def test_tool_result_error_is_prefixed():
                 },
                 {"type": "tool_result", "tool_use_id": "toolu_b", "is_error": True},
             ]
-        )
+        ),
+        tools=TOOLS,
     )
     assert out["messages"][2]["content"] == "Error: no such file"
     assert out["messages"][3]["content"] == "Error"
@@ -252,9 +263,10 @@ def test_images_in_tool_results_are_refused():
                 },
                 {"type": "tool_result", "tool_use_id": "toolu_b", "content": "x"},
             ]
-        )
+        ),
+        tools=TOOLS,
     )
-    assert error.param == "messages.2.content[0].content[1]"
+    assert error.param == "messages.2.content.0.content.1"
     assert "content block type 'image' is not supported by model 'tiny'" in error.message
 
 
@@ -267,7 +279,7 @@ def test_tool_results_stay_next_to_their_call_across_a_system_message():
         ]
     )
     messages.insert(2, {"role": "system", "content": "reminder"})
-    out = _to_openai(messages=messages)
+    out = _to_openai(messages=messages, tools=TOOLS)
     roles = [m["role"] for m in out["messages"]]
     assert roles == ["user", "assistant", "tool", "tool", "system", "user"]
     assert [m.get("tool_call_id") for m in out["messages"][2:4]] == ["toolu_a", "toolu_b"]
@@ -302,7 +314,10 @@ def test_stop_sequences_and_sampling_only_when_present():
 def test_tools_become_function_tools():
     schema = {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}
     out = _to_openai(
-        tools=[{"name": "Bash", "description": "Run", "input_schema": schema}, {"name": "Noop"}]
+        tools=[
+            {"name": "Bash", "description": "Run", "input_schema": schema},
+            {"name": "Noop", "input_schema": {"type": "object"}},
+        ]
     )
     assert out["tools"] == [
         {
@@ -311,7 +326,7 @@ def test_tools_become_function_tools():
         },
         {
             "type": "function",
-            "function": {"name": "Noop", "parameters": {"type": "object", "properties": {}}},
+            "function": {"name": "Noop", "parameters": {"type": "object"}},
         },
     ]
 
@@ -335,7 +350,7 @@ def test_tool_choice(choice, expected):
 
 def test_disable_parallel_tool_use():
     out = _to_openai(
-        tools=[{"name": "f", "input_schema": {}}],
+        tools=[{"name": "f", "input_schema": {"type": "object"}}],
         tool_choice={"type": "auto", "disable_parallel_tool_use": True},
     )
     assert out["parallel_tool_calls"] is False
@@ -368,7 +383,7 @@ def test_count_tokens_request_translates_prompt_parts_only():
             "model": "m",
             "system": "s",
             "messages": [{"role": "user", "content": "x"}],
-            "tools": [{"name": "f"}],
+            "tools": [{"name": "f", "input_schema": {"type": "object"}}],
         }
     )
     out = anthropic_to_openai(req)
@@ -378,7 +393,7 @@ def test_count_tokens_request_translates_prompt_parts_only():
         "tools": [
             {
                 "type": "function",
-                "function": {"name": "f", "parameters": {"type": "object", "properties": {}}},
+                "function": {"name": "f", "parameters": {"type": "object"}},
             }
         ],
     }
@@ -837,7 +852,7 @@ def test_text_document_becomes_text_other_documents_refused():
     out = _to_openai(messages=[{"role": "user", "content": [doc, {"type": "text", "text": "sum"}]}])
     assert out["messages"][0]["content"] == "D\nsum"
     error = _refused(messages=[{"role": "user", "content": [{"type": "text", "text": "sum"}, PDF]}])
-    assert error.param == "messages.0.content[1].source"
+    assert error.param == "messages.0.content.1.source"
     assert "document source type 'base64' is not supported by model 'tiny'" in error.message
 
 

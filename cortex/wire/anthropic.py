@@ -9,17 +9,29 @@ for them.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import attrs
 
 from cortex.errors import CortexError, InvalidRequest
 from cortex.wire import fields
-from cortex.wire.openai import MAX_STOP
 
 ROLES = frozenset({"user", "assistant", "system"})
+#: Anthropic's rule for a tool's name.
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+THINKING_TYPES = frozenset({"enabled", "disabled", "adaptive"})
+#: Anthropic's least thinking budget; cortex ignores the budget but not a bad one.
+MIN_THINKING_BUDGET = 1024
+SERVICE_TIERS = frozenset({"auto", "standard_only"})
+#: The role each tool block belongs in, and what the block is there.
+_TOOL_BLOCK_ROLES = {
+    "tool_use": ("assistant", "the model's call"),
+    "tool_result": ("user", "the answer to a tool_use of the assistant message before"),
+}
 
 
 def _is_one_of(value: Any, choices: frozenset[str]) -> bool:
@@ -55,7 +67,7 @@ def _check_block(block: Any, where: str) -> None:
         content = block.get("content")
         if isinstance(content, list):
             for j, inner in enumerate(content):
-                _check_block(inner, f"{where}.content[{j}]")
+                _check_block(inner, f"{where}.content.{j}")
         elif content is not None and not isinstance(content, str):
             raise InvalidRequest(
                 f"{where}.content must be a string or a list of blocks",
@@ -70,7 +82,7 @@ def _content(value: Any, where: str) -> str | list[dict[str, Any]]:
         return value
     if isinstance(value, list):
         for j, block in enumerate(value):
-            _check_block(block, f"{where}[{j}]")
+            _check_block(block, f"{where}.{j}")
         return value
     raise InvalidRequest(f"{where} must be a string or a list of blocks", param=where)
 
@@ -93,7 +105,9 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
             )
         if "content" not in message:
             raise InvalidRequest(f"{where}.content: field required", param=f"{where}.content")
-        _content(message["content"], f"{where}.content")
+        _check_tool_block_roles(
+            message["role"], _content(message["content"], f"{where}.content"), where
+        )
     # A system message is kept for Claude Code, which sends one after a user
     # turn (its mid-conversation-system beta); alone it is no conversation.
     if all(message["role"] == "system" for message in messages):
@@ -128,9 +142,9 @@ def _check_prefill(messages: list[dict[str, Any]]) -> bool:
         for j, block in enumerate(content):
             if block["type"] == "tool_use":
                 raise InvalidRequest(
-                    f"{where}[{j}]: a final assistant turn is a prefill the answer continues, "
+                    f"{where}.{j}: a final assistant turn is a prefill the answer continues, "
                     "and must be text only: it cannot hold a tool_use block",
-                    param=f"{where}[{j}]",
+                    param=f"{where}.{j}",
                 )
         texts = [block["text"] for block in content if block["type"] == "text"]
     if texts and texts[-1] != texts[-1].rstrip():
@@ -139,6 +153,93 @@ def _check_prefill(messages: list[dict[str, Any]]) -> bool:
             param=where,
         )
     return True
+
+
+def _a(role: str) -> str:
+    return f"an {role}" if role == "assistant" else f"a {role}"
+
+
+def _check_tool_block_roles(role: str, content: str | list[dict[str, Any]], where: str) -> None:
+    """A tool_use block only in an assistant message, a tool_result only in a user one."""
+    for j, block in enumerate(content if isinstance(content, list) else ()):
+        belongs = _TOOL_BLOCK_ROLES.get(block["type"])
+        if belongs is not None and belongs[0] != role:
+            here = f"{where}.content.{j}"
+            raise InvalidRequest(
+                f"{here}: a {block['type']} block belongs in {_a(belongs[0])} message "
+                f"({belongs[1]}), not in {_a(role)} one",
+                param=here,
+            )
+
+
+def _tool_blocks(
+    messages: list[dict[str, Any]],
+) -> list[tuple[str, int, list[tuple[str, dict[str, Any]]]]]:
+    """(role, first message index, [(place, tool block)]) per turn.
+
+    A turn is a run of messages of one role, as Anthropic's API joins
+    consecutive ones; system messages (Claude Code's mid-conversation ones)
+    are no turn and split none.
+    """
+    turns: list[tuple[str, int, list[tuple[str, dict[str, Any]]]]] = []
+    for i, message in enumerate(messages):
+        role, content = message["role"], message["content"]
+        if role == "system":
+            continue
+        blocks = [
+            (f"messages.{i}.content.{j}", block)
+            for j, block in enumerate(content if isinstance(content, list) else ())
+            if block["type"] in _TOOL_BLOCK_ROLES
+        ]
+        if turns and turns[-1][0] == role:
+            turns[-1][2].extend(blocks)
+        else:
+            turns.append((role, i, blocks))
+    return turns
+
+
+def _check_tool_pairs(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> None:
+    """Anthropic's pairing rules for tool blocks (the roles are checked already).
+
+    Every tool_result answers a tool_use of the assistant turn just before,
+    and every tool_use of an assistant turn is answered in the user turn
+    just after (a last assistant turn is a prefill: ``_check_prefill``).
+    Tool blocks need ``tools``. The results may come in any order and with
+    text after them, as Claude Code sends them.
+    """
+    calls: dict[str, str] = {}  # the last assistant turn's tool_use ids -> its place
+    asked_at = ""
+    for role, first, blocks in _tool_blocks(messages):
+        if blocks and not tools:
+            here = blocks[0][0]
+            raise InvalidRequest(
+                f"{here}: a request with tool_use or tool_result blocks must define tools "
+                "(the tools field)",
+                param=here,
+            )
+        if role == "assistant":
+            calls = {block["id"]: where for where, block in blocks}
+            asked_at = f"messages.{first}"
+            continue
+        answered = set()
+        for where, block in blocks:
+            if block["tool_use_id"] not in calls:
+                raise InvalidRequest(
+                    f"{where}: unexpected tool_use_id found in tool_result blocks: "
+                    f"{block['tool_use_id']}. Each tool_result block must have a corresponding "
+                    "tool_use block in the previous message.",
+                    param=where,
+                )
+            answered.add(block["tool_use_id"])
+        unanswered = [call for call in calls if call not in answered]
+        if unanswered:
+            raise InvalidRequest(
+                f"{asked_at}: tool_use ids were found without tool_result blocks immediately "
+                f"after: {', '.join(unanswered)}. Each tool_use block must have a "
+                "corresponding tool_result block in the next message.",
+                param=asked_at,
+            )
+        calls = {}
 
 
 def _system(body: Mapping[str, Any]) -> str | list[dict[str, Any]] | None:
@@ -154,11 +255,7 @@ def _stop_sequences(body: Mapping[str, Any]) -> tuple[str, ...]:
         return ()
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
         raise InvalidRequest("stop_sequences must be a list of strings", param="stop_sequences")
-    if len(value) > MAX_STOP:
-        raise InvalidRequest(
-            f"stop_sequences may hold at most {MAX_STOP} strings, got {len(value)}",
-            param="stop_sequences",
-        )
+    fields.check_stop_count(value, "stop_sequences")
     return tuple(s for s in value if s)
 
 
@@ -182,9 +279,22 @@ def _tools(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
             )
         if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
             raise InvalidRequest(f"{where}.name must be a string", param=f"{where}.name")
-        if not isinstance(tool.get("input_schema", {}), dict):
+        if not TOOL_NAME.fullmatch(tool["name"]):
             raise InvalidRequest(
-                f"{where}.input_schema must be an object", param=f"{where}.input_schema"
+                f"{where}.name must be 1 to 64 letters, digits, '_' or '-', "
+                f"got {tool['name'][:80]!r}",
+                param=f"{where}.name",
+            )
+        schema = tool.get("input_schema")
+        if schema is None:
+            raise InvalidRequest(
+                f"{where}.input_schema: field required", param=f"{where}.input_schema"
+            )
+        if not isinstance(schema, dict) or schema.get("type") != "object":
+            raise InvalidRequest(
+                f'{where}.input_schema must be a JSON schema of an object ({{"type": "object", '
+                "...}})",
+                param=f"{where}.input_schema",
             )
     return tools
 
@@ -238,9 +348,66 @@ def _output_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def _metadata(body: Mapping[str, Any]) -> dict[str, Any] | None:
     metadata = body.get("metadata")
-    if metadata is not None and not isinstance(metadata, dict):
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
         raise InvalidRequest("metadata must be an object", param="metadata")
+    for key in metadata:
+        if key != "user_id":
+            raise InvalidRequest(
+                f"metadata.{key}: unknown field; metadata holds only user_id",
+                param=f"metadata.{key}",
+            )
+    user_id = metadata.get("user_id")
+    if user_id is not None and not isinstance(user_id, str):
+        raise InvalidRequest("metadata.user_id must be a string", param="metadata.user_id")
     return metadata
+
+
+def _service_tier(body: Mapping[str, Any]) -> None:
+    tier = body.get("service_tier")
+    if tier is not None and not _is_one_of(tier, SERVICE_TIERS):
+        raise InvalidRequest(
+            f"service_tier must be auto or standard_only, got {tier!r}", param="service_tier"
+        )
+
+
+def _thinking(body: Mapping[str, Any]) -> None:
+    """``thinking`` is checked, then ignored: a local model has no thinking budget.
+
+    Claude Code sends ``{"type": "adaptive"}``; ``budget_tokens`` may exceed
+    ``max_tokens`` (interleaved thinking), so only its least is checked.
+    """
+    thinking = body.get("thinking")
+    if thinking is None:
+        return
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if not _is_one_of(kind, THINKING_TYPES):
+        raise InvalidRequest(
+            "thinking.type must be enabled (with budget_tokens), disabled or adaptive, "
+            f"got {kind!r}",
+            param="thinking.type",
+        )
+    if kind == "enabled":
+        if thinking.get("budget_tokens") is None:
+            raise InvalidRequest(
+                "thinking.budget_tokens: field required (thinking enabled)",
+                param="thinking.budget_tokens",
+            )
+        fields.Integer(MIN_THINKING_BUDGET, fields.MAX_TOKENS).check(
+            "thinking.budget_tokens", fields.whole(thinking["budget_tokens"])
+        )
+
+
+def _mcp_servers(body: Mapping[str, Any]) -> None:
+    if body.get("mcp_servers"):
+        # Anthropic's API connects to them (the MCP connector); a local
+        # fleet has no such client and cannot reach the user's servers.
+        raise InvalidRequest(
+            "mcp_servers is not supported: MCP servers are reached by Anthropic's API; "
+            "run them in the client and send their tools as custom tools",
+            param="mcp_servers",
+        )
 
 
 @attrs.frozen
@@ -281,22 +448,18 @@ class CountTokensRequest:
     prefill: bool = False
 
 
-def parse_messages_request(body: Any) -> MessagesRequest:
-    """Validate a decoded messages body; unknown top-level keys are ignored.
+def _prompt_fields(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields ``create`` and ``count_tokens`` share, checked alike.
 
-    ``max_tokens`` is only checked to be a positive integer: clamping it to
-    the context that is left is the caller's job (Claude Code sends 32000).
-
-    Raises:
-      InvalidRequest: a required field is missing or a used one is malformed.
+    ``thinking``, ``mcp_servers``, ``output_config`` and what a prefill
+    cannot be combined with are checked in both too: a body ``count_tokens``
+    takes must be one ``create`` takes.
     """
-    body = fields.require_object(body)
-    model = fields.model(body)
-    max_tokens = fields.opt_tokens(body, "max_tokens")
-    if max_tokens is None:
-        raise InvalidRequest("max_tokens: field required", param="max_tokens")
     messages = _messages(body)
     tools = _tools(body)
+    _check_tool_pairs(messages, tools)
+    _thinking(body)
+    _mcp_servers(body)
     tool_choice = _tool_choice(body, tools)
     output_schema = _output_format(body)
     prefill = _check_prefill(messages)
@@ -307,39 +470,125 @@ def parse_messages_request(body: Any) -> MessagesRequest:
         config = body.get("output_config") or {}
         where = "output_config.format" if config.get("format") is not None else "output_format"
         raise fields.prefill_conflict(where, "structured output")
+    return {
+        "model": fields.model(body),
+        "messages": messages,
+        "system": _system(body),
+        "tools": tools,
+        "tool_choice": tool_choice,
+        "output_schema": output_schema,
+        "prefill": prefill,
+    }
+
+
+def parse_messages_request(body: Any) -> MessagesRequest:
+    """Validate a decoded messages body; unknown top-level keys are ignored.
+
+    ``max_tokens`` is only checked to be a positive integer: clamping it to
+    the context that is left is the caller's job (Claude Code sends 32000).
+
+    Raises:
+      InvalidRequest: a required field is missing or a used one is malformed.
+    """
+    body = fields.require_object(body)
+    fields.model(body)
+    max_tokens = fields.opt_tokens(body, "max_tokens")
+    if max_tokens is None:
+        raise InvalidRequest("max_tokens: field required", param="max_tokens")
+    prompt = _prompt_fields(body)
+    _service_tier(body)
     return MessagesRequest(
-        model=model,
-        messages=messages,
         max_tokens=max_tokens,
-        system=_system(body),
         stop_sequences=_stop_sequences(body),
         temperature=fields.opt_float(body, "temperature", low=0, high=1),
         top_p=fields.opt_float(body, "top_p", low=0, high=1),
         top_k=fields.opt_int(body, "top_k", minimum=0, maximum=fields.MAX_TOKENS),
-        tools=tools,
-        tool_choice=tool_choice,
         stream=bool(fields.opt_bool(body, "stream")),
         metadata=_metadata(body),
-        output_schema=output_schema,
-        prefill=prefill,
+        **prompt,
     )
 
 
 def parse_count_tokens_request(body: Any) -> CountTokensRequest:
-    """Validate a count_tokens body (no ``max_tokens`` needed)."""
+    """Validate a count_tokens body (no ``max_tokens`` needed) as ``create`` would."""
     body = fields.require_object(body)
-    messages = _messages(body)
+    prompt = _prompt_fields(body)
     return CountTokensRequest(
-        model=fields.model(body),
-        messages=messages,
-        system=_system(body),
-        tools=_tools(body),
-        prefill=_check_prefill(messages),
+        model=prompt["model"],
+        messages=prompt["messages"],
+        system=prompt["system"],
+        tools=prompt["tools"],
+        prefill=prompt["prefill"],
     )
 
 
 def count_tokens_response(input_tokens: int) -> dict[str, int]:
     return {"input_tokens": input_tokens}
+
+
+# -- models -------------------------------------------------------------------
+
+#: ``GET /v1/models``'s page size: Anthropic's default and range.
+MODELS_LIMIT = 20
+MODELS_LIMIT_RANGE = (1, 1000)
+
+
+def model_info(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """An OpenAI ``/v1/models`` entry (``openai.model_entry``) as Anthropic's ``ModelInfo``.
+
+    cortex's own fields (``loaded``, ``status``, ``alias_of``, ...) stay.
+    """
+    info = {k: v for k, v in entry.items() if k not in ("object", "created", "owned_by")}
+    created = datetime.fromtimestamp(entry["created"], UTC)
+    return {
+        "type": "model",
+        "id": entry["id"],
+        "display_name": entry["id"],
+        "created_at": created.isoformat().replace("+00:00", "Z"),
+        **info,
+    }
+
+
+def model_page(entries: list[dict[str, Any]], query: Mapping[str, str]) -> dict[str, Any]:
+    """One page of ``GET /v1/models`` in Anthropic's shape, by its query.
+
+    ``limit`` (default 20, 1 to 1000) entries after ``after_id``, or the
+    last ``limit`` before ``before_id``, or the first ``limit``;
+    ``has_more`` says whether more lie beyond the page that way.
+
+    Raises:
+      InvalidRequest: a bad ``limit``, both ids, or an id that is no model.
+    """
+    raw = query.get("limit")
+    try:
+        limit = MODELS_LIMIT if raw is None else int(raw)
+    except ValueError:
+        raise InvalidRequest(f"limit must be an integer, got {raw!r}", param="limit") from None
+    fields.Integer(*MODELS_LIMIT_RANGE).check("limit", limit)
+    after, before = query.get("after_id"), query.get("before_id")
+    if after is not None and before is not None:
+        raise InvalidRequest("give after_id or before_id, not both", param="before_id")
+    ids = [entry["id"] for entry in entries]
+
+    def index(key: str, model_id: str) -> int:
+        if model_id not in ids:
+            raise InvalidRequest(f"{key}: no model {model_id!r}", param=key)
+        return ids.index(model_id)
+
+    if before is not None:
+        end = index("before_id", before)
+        start = max(0, end - limit)
+        page, has_more = entries[start:end], start > 0
+    else:
+        start = 0 if after is None else index("after_id", after) + 1
+        page, has_more = entries[start : start + limit], start + limit < len(entries)
+    data = [model_info(entry) for entry in page]
+    return {
+        "data": data,
+        "has_more": has_more,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }
 
 
 # -- errors -------------------------------------------------------------------

@@ -23,6 +23,10 @@ from cortex.errors import InvalidRequest
 #: The most tokens a request may ask for (the engines count in C ints).
 MAX_TOKENS = 2**31 - 1
 SEED_RANGE = (-(2**63), 2**64 - 1)
+#: The most stop strings a request may hold (OpenAI's ``stop``, Anthropic's
+#: ``stop_sequences``). OpenAI's API takes 4 and Anthropic's sets no limit;
+#: the engine looks for each after every token, so some bound there is.
+MAX_STOP = 64
 #: OpenAI's range for one ``logit_bias`` value.
 LOGIT_BIAS_RANGE = (-100.0, 100.0)
 
@@ -124,6 +128,14 @@ def model(body: Mapping[str, Any]) -> str:
     if not isinstance(value, str) or not value:
         raise InvalidRequest("model must be a non-empty string", param="model")
     return value
+
+
+def check_stop_count(value: list[str], key: str) -> None:
+    """At most ``MAX_STOP`` stop strings in ``value`` (``body[key]``)."""
+    if len(value) > MAX_STOP:
+        raise InvalidRequest(
+            f"{key} may hold at most {MAX_STOP} strings, got {len(value)}", param=key
+        )
 
 
 def opt_str(body: Mapping[str, Any], key: str) -> str | None:

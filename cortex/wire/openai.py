@@ -20,11 +20,6 @@ from cortex.harness import Sampling
 from cortex.wire import fields
 from cortex.wire.fields import Integer, Number, real, whole
 
-#: OpenAI's own limit; the engine could take more, but clients written
-#: against OpenAI never send more and a translated Anthropic request is
-#: held to the same number so it never fails later at the neuron.
-MAX_STOP = 4
-
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
 #: Content part types that carry text, and the key that holds it.
@@ -55,10 +50,8 @@ def _stop(body: Mapping[str, Any], key: str = "stop") -> tuple[str, ...]:
         value = [value]
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
         raise InvalidRequest(f"{key} must be a string or a list of strings", param=key)
-    if len(value) > MAX_STOP:
-        raise InvalidRequest(
-            f"{key} may hold at most {MAX_STOP} strings, got {len(value)}", param=key
-        )
+    # More than OpenAI's 4: a translated Anthropic request may hold more.
+    fields.check_stop_count(value, key)
     # An empty stop string would end every generation before it starts.
     return tuple(s for s in value if s)
 

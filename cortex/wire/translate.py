@@ -76,7 +76,7 @@ def _kept(content: str | list[dict[str, Any]], where: str) -> list[tuple[str, di
     if isinstance(content, str):
         return [(where, {"type": "text", "text": content})]
     return [
-        (f"{where}[{j}]", block)
+        (f"{where}.{j}", block)
         for j, block in enumerate(content)
         if block["type"] not in _DROPPED_BLOCKS
     ]
