@@ -459,6 +459,29 @@ async def test_stop_sequence_and_max_tokens(client: anthropic.AsyncAnthropic, st
 
 
 @pytest.mark.parametrize("stream", [False, True])
+async def test_more_stop_sequences_than_openai_takes(
+    client: anthropic.AsyncAnthropic, gateway_url: str, stream: bool
+) -> None:
+    # Anthropic sets no limit; the neuron, behind its OpenAI route, takes them too.
+    stops = ["six", "seven", "eight", "nine", "ten", "three"]
+    kwargs: Any = {"model": "scripted", "max_tokens": 200, "messages": ask("count to five")}
+    with trio.fail_after(10):
+        if stream:
+            _, message = await stream_message(client, stop_sequences=stops, **kwargs)
+        else:
+            message = await client.messages.create(stop_sequences=stops, **kwargs)
+        assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "three")
+        assert message.content[0].text == "one, two, "
+        with pytest.raises(anthropic.BadRequestError, match="at most 64 strings, got 65"):
+            await client.messages.create(stop_sequences=["x"] * 65, **kwargs)
+        async with openai.AsyncOpenAI(base_url=gateway_url + "/v1", api_key="x") as oai:
+            chat = await oai.chat.completions.create(
+                model="scripted", messages=ask("count to five"), stop=stops
+            )
+        assert chat.choices[0].message.content == "one, two, "
+
+
+@pytest.mark.parametrize("stream", [False, True])
 async def test_too_long_prompt_in_anthropic_words(
     client: anthropic.AsyncAnthropic, stream: bool
 ) -> None:

@@ -104,8 +104,8 @@ SURROGATE_AT = {
     "/v1/chat/completions": "messages[0].content",
     "/v1/completions": "prompt",
     "/v1/responses": "input[0].content",
-    "/v1/messages": "messages[0].content",
-    "/v1/messages/count_tokens": "messages[0].content",
+    "/v1/messages": "messages.0.content",
+    "/v1/messages/count_tokens": "messages.0.content",
 }
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
+from functools import partial
+from typing import Any
 
 import anthropic
 import openai
@@ -223,3 +225,157 @@ async def test_anthropic_requests_nothing_here_can_honour_are_400() -> None:
             )
             assert message.stop_reason == "end_turn"
             assert len(a.requests) == 1
+
+
+TOOL = {"name": "f", "input_schema": {"type": "object"}}
+USE = {"type": "tool_use", "id": "toolu_x", "name": "f", "input": {}}
+CALL = {"role": "assistant", "content": [USE]}
+RESULT = {"type": "tool_result", "tool_use_id": "toolu_x", "content": "done"}
+HI = {"role": "user", "content": "hi"}
+
+#: (what the request adds, the message's start): each a 400 at Anthropic's API too.
+INVALID: list[tuple[dict[str, Any], str]] = [
+    (
+        {"messages": [{"role": "user", "content": [USE]}], "tools": [TOOL]},
+        "messages.0.content.0: a tool_use block belongs in an assistant message",
+    ),
+    (
+        {"messages": [HI, {"role": "assistant", "content": [RESULT]}], "tools": [TOOL]},
+        "messages.1.content.0: a tool_result block belongs in a user message",
+    ),
+    (
+        {
+            "messages": [
+                HI,
+                CALL,
+                {"role": "user", "content": [{**RESULT, "tool_use_id": "toolu_y"}]},
+            ],
+            "tools": [TOOL],
+        },
+        "messages.2.content.0: unexpected tool_use_id found in tool_result blocks: toolu_y. "
+        "Each tool_result block must have a corresponding tool_use block in the previous message.",
+    ),
+    (
+        {"messages": [HI, CALL, {"role": "user", "content": "and?"}], "tools": [TOOL]},
+        "messages.1: tool_use ids were found without tool_result blocks immediately after: "
+        "toolu_x. Each tool_use block must have a corresponding tool_result block in the next "
+        "message.",
+    ),
+    (
+        {"messages": [HI, CALL, {"role": "user", "content": [RESULT]}]},
+        "messages.1.content.0: a request with tool_use or tool_result blocks must define tools",
+    ),
+    ({"tools": [{"name": "x", "description": "d"}]}, "tools.0.input_schema: field required"),
+    ({"tools": [{**TOOL, "name": "read file"}]}, "tools.0.name must be 1 to 64 letters"),
+    ({"thinking": {"type": "bogus"}}, "thinking.type must be enabled"),
+    ({"metadata": {"user_id": "u", "plan": "x"}}, "metadata.plan: unknown field"),
+    ({"metadata": {"user_id": 5}}, "metadata.user_id must be a string"),
+    ({"service_tier": "priority"}, "service_tier must be auto or standard_only"),
+    (
+        {"mcp_servers": [{"type": "url", "url": "https://mcp.example", "name": "x"}]},
+        "mcp_servers is not supported",
+    ),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+        "messages.0.content.0.text must be a string",
+    ),
+]
+
+
+async def test_anthropic_sdk_invalid_requests_are_400_in_anthropics_words() -> None:
+    a = FakeNeuron("a", preload=["org/small"])
+    with trio.fail_after(10):
+        async with running_fleet([a], MODELS, api_keys=[KEY]) as fleet, AsyncExitStack() as stack:
+            client = await stack.enter_async_context(anthropic_client(fleet.url))
+            for extra, message in INVALID:
+                body = {"messages": [HI], **extra}
+                calls = [partial(client.messages.create, max_tokens=3)]
+                if not {"metadata", "service_tier"} & set(extra):
+                    # count_tokens validates the fields it shares with create alike.
+                    calls.append(client.messages.count_tokens)
+                for call in calls:
+                    with pytest.raises(anthropic.BadRequestError) as caught:
+                        await call(model="org/small", messages=[], extra_body=body)
+                    assert caught.value.body["type"] == "error"
+                    assert caught.value.body["error"]["type"] == "invalid_request_error"
+                    assert caught.value.body["error"]["message"].startswith(message), extra
+            with pytest.raises(anthropic.BadRequestError, match="needs tools"):
+                await client.messages.count_tokens(
+                    model="org/small", messages=[HI], tool_choice={"type": "any"}
+                )
+            assert not [path for path, _, _ in a.requests if path != "/tokenize"]
+
+            # What Claude Code sends: results first, text after, a system reminder.
+            followed = await client.messages.create(
+                model="org/small",
+                max_tokens=3,
+                tools=[TOOL],  # type: ignore[list-item]
+                thinking={"type": "adaptive"},  # type: ignore[typeddict-item]
+                metadata={"user_id": '{"session_id": "s"}'},
+                service_tier="auto",
+                messages=[  # type: ignore[list-item]
+                    HI,
+                    CALL,
+                    {"role": "user", "content": [RESULT, {"type": "text", "text": "go on"}]},
+                    {"role": "system", "content": "reminder"},
+                ],
+            )
+            assert followed.type == "message"
+            sent = a.requests[-1][1]["messages"]
+            assert [m["role"] for m in sent] == ["user", "assistant", "tool", "user", "system"]
+
+
+async def test_anthropic_sdk_models_in_anthropics_shape() -> None:
+    a = FakeNeuron("a", preload=["org/small"])
+    with trio.fail_after(10):
+        async with running_fleet([a], MODELS, api_keys=[KEY]) as fleet, AsyncExitStack() as stack:
+            client = await stack.enter_async_context(anthropic_client(fleet.url))
+            page = await client.models.list()
+            assert [m.id for m in page.data] == ["org/small", "claude-sonnet"]
+            assert not page.has_more
+            first = page.data[0]
+            assert (first.type, first.display_name) == ("model", "org/small")
+            assert first.created_at.tzinfo is not None
+            assert first.model_extra is not None and first.model_extra["loaded"] is True
+            # One a page: the SDK follows after_id to the end.
+            paged = [m.id async for m in await client.models.list(limit=1)]
+            assert paged == ["org/small", "claude-sonnet"]
+            one = await client.models.list(limit=1)
+            assert (one.first_id, one.last_id, one.has_more) == ("org/small", "org/small", True)
+            before = await client.models.list(before_id="claude-sonnet")
+            assert [m.id for m in before.data] == ["org/small"] and not before.has_more
+
+            alias = await client.models.retrieve("claude-sonnet")
+            assert (alias.id, alias.type, alias.display_name) == (
+                "claude-sonnet",
+                "model",
+                "claude-sonnet",
+            )
+            assert alias.model_extra is not None and alias.model_extra["alias_of"] == "org/small"
+            with pytest.raises(anthropic.NotFoundError) as missing:
+                await client.models.retrieve("no-such")
+            assert missing.value.body["error"]["type"] == "not_found_error"
+            with pytest.raises(anthropic.BadRequestError, match="limit must be at most 1000"):
+                await client.models.list(limit=1001)
+            with pytest.raises(anthropic.BadRequestError, match="after_id: no model 'gone'"):
+                await client.models.list(after_id="gone")
+            wrong = anthropic.AsyncAnthropic(base_url=fleet.url, api_key="bad", max_retries=0)
+            await stack.enter_async_context(wrong)
+            with pytest.raises(anthropic.AuthenticationError) as refused:
+                await wrong.models.list()
+            assert refused.value.body["error"]["type"] == "authentication_error"
+
+            # Raw HTTP: the header decides; without it, OpenAI's shape as before.
+            headers = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
+            raw = await fleet.client.get("/v1/models?limit=1", headers=headers)
+            assert raw.headers["request-id"]
+            assert raw.json()["data"][0]["created_at"].endswith("Z")
+            assert set(raw.json()) == {"data", "has_more", "first_id", "last_id"}
+            nowhere = await fleet.client.get("/v1/nothing", headers=headers)
+            assert nowhere.status_code == 404
+            assert nowhere.json()["error"]["type"] == "not_found_error"
+            plain = await fleet.client.get("/v1/models", headers={"x-api-key": KEY})
+            assert plain.json()["object"] == "list"
+            assert plain.json()["data"][0]["object"] == "model"
+            unknown = await fleet.client.get("/v1/models/no-such", headers={"x-api-key": KEY})
+            assert unknown.status_code == 404 and "param" in unknown.json()["error"]

@@ -12,8 +12,9 @@ of both dialects, ``/v1/chat/completions``, ``/v1/completions``,
 ``/v1/responses``, ``/v1/messages`` and ``/v1/messages/count_tokens``; the
 control app here, on Quart, serves the rest: ``/v1/models``, ``/fleet``,
 ``/health`` and ``POST /admin/reload``. Errors come in the caller's
-dialect: Anthropic's envelope under ``/v1/messages``, OpenAI's everywhere
-else.
+dialect: Anthropic's envelope under ``/v1/messages`` and for a client that
+sends ``anthropic-version`` (``/v1/models`` answers it in Anthropic's shape
+too), OpenAI's everywhere else.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ from cortex.gateway.poller import poll_neuron
 from cortex.gateway.reload import reload_gateway
 from cortex.gateway.state import LOADED, LOADING, FleetState, feasible
 from cortex.serve import bound_url, is_loopback, serve
-from cortex.wire import openai
-from cortex.wire.envelope import OPENAI, error_parts, route_error
+from cortex.wire import anthropic, openai
+from cortex.wire.envelope import ANTHROPIC, error_parts, id_headers, route_error
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,18 @@ def authenticated(gateway: Gateway) -> bool:
     return True
 
 
-def error_response(exc: CortexError, *, dialect: str = OPENAI) -> Response:
-    """``exc`` in ``dialect``, with Retry-After where it applies."""
+def client_dialect() -> str:
+    """The current Quart request's dialect: ``error_dialect`` by its path, but
+    Anthropic's for a client that sends ``anthropic-version`` (Anthropic's API
+    requires it: every Anthropic SDK does, no OpenAI one) on a shared route."""
+    if request.headers.get("anthropic-version") is not None:
+        return ANTHROPIC
+    return error_dialect(request.path)
+
+
+def error_response(exc: CortexError, *, dialect: str | None = None) -> Response:
+    """``exc`` in ``dialect`` (None: ``client_dialect()``), with Retry-After where it applies."""
+    dialect = dialect or client_dialect()
     status, body, headers = error_parts(exc, dialect=dialect, request_id=_request_id())
     response = Response(body, status=status, content_type="application/json")
     for name, value in headers:
@@ -152,7 +163,7 @@ def _control_app(gateway: Gateway) -> QuartTrio:
             allowed=getattr(exc, "valid_methods", None) or (),
             description=exc.description or exc.name,
         )
-        return error_response(error, dialect=error_dialect(request.path))
+        return error_response(error)
 
     # -- the catalogue and health ---------------------------------------------------
 
@@ -161,14 +172,25 @@ def _control_app(gateway: Gateway) -> QuartTrio:
         """A liveness answer (HEAD too): Claude Code sends ``HEAD /`` before its first turn."""
         return _json({"status": "ok", "service": "cortex gateway"})
 
+    def models_answer(body: dict[str, Any]) -> Response:
+        response = _json(body)
+        if client_dialect() == ANTHROPIC:
+            for name, value in id_headers(_request_id(), ANTHROPIC):
+                response.headers[name] = value
+        return response
+
     @app.get("/v1/models")
     async def list_models() -> Response:
+        """OpenAI's list, or Anthropic's paged one (``limit``, ``after_id``, ``before_id``)."""
         try:
             authenticate(gateway)
+            await gateway.ready()
+            entries = model_entries(gateway)
+            if client_dialect() == ANTHROPIC:
+                return models_answer(anthropic.model_page(entries, request.args))
         except CortexError as exc:
             return error_response(exc)
-        await gateway.ready()
-        return _json(openai.model_list(model_entries(gateway)))
+        return _json(openai.model_list(entries))
 
     @app.get("/v1/models/<path:model_id>")
     async def get_model(model_id: str) -> Response:
@@ -176,6 +198,8 @@ def _control_app(gateway: Gateway) -> QuartTrio:
             authenticate(gateway)
             for entry in model_entries(gateway):
                 if entry["id"] == model_id:
+                    if client_dialect() == ANTHROPIC:
+                        return models_answer(anthropic.model_info(entry))
                     return _json(entry)
             raise _not_found(model_id)
         except CortexError as exc:

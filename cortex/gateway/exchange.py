@@ -290,7 +290,7 @@ class Pipeline:
             # is closed now and then under the client's next request.
             content = await self.read_body(receive, headers.get(b"content-length"))
             gateway.check_key(headers.get(b"x-api-key"), headers.get(b"authorization"))
-            body = jsonbody.loads_object(content)
+            body = jsonbody.loads_object(content, dotted=dialect.errors == envelope.ANTHROPIC)
             request = dialect.parse(body, content)
             await gateway.ready()
             ex.model = gateway.router.resolve(request.model)

@@ -9,7 +9,7 @@ the web framework turns into a 500:
   escape decodes to a Python ``str`` that cannot be encoded as UTF-8, and
   an engine would fail on it deep in tokenization. JavaScript clients send
   them when they cut a string in the middle of an emoji. The error names
-  the field (``messages[0].content``);
+  the field (``messages[0].content``; Anthropic's ``messages.0.content``);
 - nested deeper than ``MAX_DEPTH``. ``json.loads`` itself raises
   ``RecursionError`` near the interpreter's recursion limit (100k nested
   arrays are 200 KB), and what parses may still be too deep for whatever
@@ -39,8 +39,10 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
-def loads(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
+def loads(data: bytes, *, max_depth: int = MAX_DEPTH, dotted: bool = False) -> Any:
     """``data`` decoded as JSON.
+
+    ``dotted``: a place is named in Anthropic's notation (``lone_surrogate_at``).
 
     Raises:
       InvalidRequest: not valid JSON, a lone surrogate in a string (named
@@ -57,7 +59,7 @@ def loads(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
         raise InvalidRequest(f"request body is nested deeper than {max_depth} levels")
     # Only an escape makes a surrogate: raw ones are not UTF-8 and failed above.
     if _SURROGATE_ESCAPE.search(data):
-        where = lone_surrogate_at(value)
+        where = lone_surrogate_at(value, dotted=dotted)
         if where is not None:
             raise InvalidRequest(
                 f"{where or 'the body'} holds a lone UTF-16 surrogate (an escape from "
@@ -67,13 +69,15 @@ def loads(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
     return value
 
 
-def loads_object(data: bytes, *, max_depth: int = MAX_DEPTH) -> dict[str, Any]:
+def loads_object(
+    data: bytes, *, max_depth: int = MAX_DEPTH, dotted: bool = False
+) -> dict[str, Any]:
     """``data`` decoded as a JSON object.
 
     Raises:
       InvalidRequest: as :func:`loads`, or not an object.
     """
-    value = loads(data, max_depth=max_depth)
+    value = loads(data, max_depth=max_depth, dotted=dotted)
     if not isinstance(value, dict):
         raise InvalidRequest("request body must be a JSON object")
     return value
@@ -91,10 +95,11 @@ def depth_over(value: Any, limit: int) -> bool:
     return False
 
 
-def lone_surrogate_at(value: Any) -> str | None:
+def lone_surrogate_at(value: Any, *, dotted: bool = False) -> str | None:
     """Where ``value`` first holds a string with a lone surrogate, or None.
 
-    The place is a path like ``messages[0].content`` (``""``: the value
+    The place is a path like ``messages[0].content``, or with ``dotted``
+    ``messages.0.content`` as Anthropic writes it (``""``: the value
     itself); a key with one is named by its object's path.
     """
     stack: list[tuple[Any, str]] = [(value, "")]
@@ -109,5 +114,8 @@ def lone_surrogate_at(value: Any) -> str | None:
                     return where
                 stack.append((child, f"{where}.{key}" if where else key))
         elif isinstance(item, list):
-            stack.extend((child, f"{where}[{i}]") for i, child in enumerate(item))
+            stack.extend(
+                (child, f"{where}.{i}" if dotted else f"{where}[{i}]")
+                for i, child in enumerate(item)
+            )
     return None
