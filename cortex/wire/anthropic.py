@@ -221,7 +221,7 @@ def _check_tool_pairs(messages: list[dict[str, Any]], tools: list[dict[str, Any]
             calls = {block["id"]: where for where, block in blocks}
             asked_at = f"messages.{first}"
             continue
-        answered = set()
+        answered: set[str] = set()
         for where, block in blocks:
             if block["tool_use_id"] not in calls:
                 raise InvalidRequest(
