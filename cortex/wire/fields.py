@@ -69,11 +69,10 @@ class Integer:
 
 @attrs.frozen
 class Number:
-    """Validator: a finite float in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+    """Validator: a finite float in ``[low, high]``."""
 
     low: float
     high: float | None = None
-    low_open: bool = False
 
     def __call__(self, instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         self.check(_name(attribute), value)
@@ -81,13 +80,11 @@ class Number:
     def check(self, key: str, value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, float) or not math.isfinite(value):
             raise InvalidRequest(f"{key} must be a number", param=key)
-        too_low = value <= self.low if self.low_open else value < self.low
-        too_high = self.high is not None and value > self.high
-        if too_low or too_high:
+        if value < self.low or (self.high is not None and value > self.high):
             if self.high is None:
-                bound = f"{'above' if self.low_open else 'at least'} {self.low:g}"
+                bound = f"at least {self.low:g}"
             else:
-                bound = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+                bound = f"in [{self.low:g}, {self.high:g}]"
             raise InvalidRequest(f"{key} must be {bound}, got {value:g}", param=key)
         return value
 
@@ -161,13 +158,12 @@ def opt_float(
     *,
     low: float,
     high: float | None = None,
-    low_open: bool = False,
 ) -> float | None:
     """``body[key]`` checked by :class:`Number`; None when absent or null."""
     value = body.get(key)
     if value is None:
         return None
-    return Number(low, high, low_open).check(key, real(value))
+    return Number(low, high).check(key, real(value))
 
 
 def prefill_conflict(param: str, what: str) -> InvalidRequest:

@@ -78,10 +78,8 @@ def _optional(validator: Any) -> Any:
     return attrs.validators.optional(validator)
 
 
-def _float_field(low: float, high: float | None = None, *, low_open: bool = False) -> Any:
-    return attrs.field(
-        default=None, converter=real, validator=_optional(Number(low, high, low_open))
-    )
+def _float_field(low: float, high: float | None = None) -> Any:
+    return attrs.field(default=None, converter=real, validator=_optional(Number(low, high)))
 
 
 def _int_field(low: int, high: int) -> Any:
@@ -97,7 +95,9 @@ class SamplingOverrides:
     """
 
     temperature: float | None = _float_field(0, 2)
-    top_p: float | None = _float_field(0, 1, low_open=True)
+    #: 0 keeps only the most likely token (greedy), in llama.cpp's and
+    #: ctransformers' samplers alike, as clients that send it expect.
+    top_p: float | None = _float_field(0, 1)
     top_k: int | None = _int_field(0, fields.MAX_TOKENS)
     min_p: float | None = _float_field(0, 1)
     repeat_penalty: float | None = _float_field(0)
