@@ -403,6 +403,42 @@ async def test_responses_parallel_and_round_trip(
     assert f"<|tool|>{call.call_id}: sunny, 21" in engine_model(neuron).prompts[-1]
 
 
+async def test_responses_max_tool_calls_caps_the_calls_and_is_echoed(
+    client: openai.AsyncOpenAI,
+) -> None:
+    with trio.fail_after(10):
+        whole = await client.responses.create(
+            model="scripted", input="Paris and Rome", tools=RESPONSES_TOOLS, max_tool_calls=1
+        )
+        async with client.responses.stream(
+            model="scripted", input="Paris and Rome", tools=RESPONSES_TOOLS, max_tool_calls=1
+        ) as stream:
+            events = [event async for event in stream]
+            final = await stream.get_final_response()
+        for response in (whole, final):
+            assert [(i.type, i.name) for i in response.output] == [("function_call", "get_weather")]
+            assert json.loads(response.output[0].arguments) == {"city": "Paris"}
+            assert response.max_tool_calls == 1
+        assert [e.type for e in events].count("response.output_item.added") == 1
+        # 0: no call at all, so the model is not shown the tools.
+        none = await client.responses.create(
+            model="scripted",
+            input="What's the weather in Paris?",
+            tools=RESPONSES_TOOLS,
+            max_tool_calls=0,
+        )
+        assert none.output_text == "I cannot look that up." and none.max_tool_calls == 0
+        with pytest.raises(openai.BadRequestError) as forced:
+            await client.responses.create(
+                model="scripted",
+                input="Paris and Rome",
+                tools=RESPONSES_TOOLS,
+                tool_choice="required",
+                max_tool_calls=0,
+            )
+        assert forced.value.body["param"] == "max_tool_calls"
+
+
 async def test_response_format_reaches_the_engine_as_a_grammar(
     neuron: NeuronHandle, client: openai.AsyncOpenAI
 ) -> None:
