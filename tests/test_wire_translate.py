@@ -159,7 +159,8 @@ def _tool_conversation(user_turn):
 
 
 def test_tool_use_becomes_tool_calls_with_json_arguments():
-    out = _to_openai(messages=_tool_conversation("ok"))
+    results = [{"type": "tool_result", "tool_use_id": i} for i in ("toolu_a", "toolu_b")]
+    out = _to_openai(messages=_tool_conversation(results))
     assistant = out["messages"][1]
     assert assistant == {
         "role": "assistant",

@@ -73,6 +73,7 @@ def _input_messages(body: Mapping[str, Any], model: str) -> list[dict[str, Any]]
         return messages
     if not isinstance(items, list):
         raise InvalidRequest("input must be a string or a list of items", param="input")
+    unanswered: dict[str, None] = {}  # the call_ids of function_call items, in order
     for i, item in enumerate(items):
         where = f"input[{i}]"
         if not isinstance(item, dict):
@@ -90,6 +91,7 @@ def _input_messages(body: Mapping[str, Any], model: str) -> list[dict[str, Any]]
             messages.append({"role": role, "content": _content(item, "content", where, model)})
         elif kind == "function_call":
             call = _function_call(item, where)
+            unanswered[call["id"]] = None
             last = messages[-1] if messages else None
             # Parallel calls (and a text reply before them) are one
             # assistant turn in chat form.
@@ -101,12 +103,23 @@ def _input_messages(body: Mapping[str, Any], model: str) -> list[dict[str, Any]]
             call_id = item.get("call_id")
             if not isinstance(call_id, str):
                 raise InvalidRequest(f"{where}.call_id must be a string", param=f"{where}.call_id")
+            # As at OpenAI: an output answers an earlier call of the input, once.
+            if call_id not in unanswered:
+                raise InvalidRequest(
+                    f"No tool call found for function call output with call_id {call_id}.",
+                    param="input",
+                )
+            del unanswered[call_id]
             output = _content(item, "output", where, model)
             messages.append({"role": "tool", "tool_call_id": call_id, "content": output})
         elif kind in _IGNORED_ITEMS:
             continue
         else:
             raise InvalidRequest(f"{where}: unsupported input item type {kind!r}", param=where)
+    if unanswered:
+        raise InvalidRequest(
+            f"No tool output found for function call {next(iter(unanswered))}.", param="input"
+        )
     if not any(m["role"] != "system" for m in messages):
         raise InvalidRequest("input must not be empty", param="input")
     return [chat_message(m, f"input(converted)[{i}]", model=model) for i, m in enumerate(messages)]
