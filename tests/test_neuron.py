@@ -491,6 +491,8 @@ async def test_queue_limit(tmp_path: Path) -> None:
     assert second.status_code == 429
     assert second.headers["retry-after"]
     assert second.json()["error"]["type"] == "rate_limit_error"
+    message = second.json()["error"]["message"]
+    assert message == "the queue for model 'tiny' is full (0 waiting); retry later"
 
 
 async def test_metrics(

@@ -166,7 +166,7 @@ def test_chat_validation_errors(body, param, match):
         ({"logit_bias": {"\u0661": 1}}, "logit_bias", "is no token id"),
         ({"logit_bias": {"12": 101}}, "logit_bias", "got 101"),
         ({"logit_bias": {"12": "1"}}, "logit_bias", "got '1'"),
-        ({"logit_bias": {"12": True}}, "logit_bias", "got True"),
+        ({"logit_bias": {"12": True}}, "logit_bias", "got true"),
     ],
 )
 def test_numbers_and_biases_are_bounded(extra, param, match):

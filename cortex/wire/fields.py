@@ -12,6 +12,7 @@ are bounded to 32 bits, seeds to 64, and no float may be NaN or infinite.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -39,6 +40,18 @@ def real(value: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
+
+
+def shown(value: Any) -> str:
+    """A client's value as an error message quotes it, never as Python writes it.
+
+    A string is quoted as the messages quote names (``'bot'``); anything else
+    is JSON (``null``, ``true``, ``["text", "audio"]``), cut to 100 characters.
+    """
+    if isinstance(value, str):
+        return repr(value)
+    text = json.dumps(value, ensure_ascii=False, default=repr)
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def _name(attribute: attrs.Attribute) -> str:
@@ -101,7 +114,7 @@ def logit_bias(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
             raise InvalidRequest(f"{shape}; {token[:32]!r} is no token id", param=key)
         bias = real(bias)
         if isinstance(bias, bool) or not isinstance(bias, float) or not low <= bias <= high:
-            raise InvalidRequest(f"{shape}; got {bias!r} for token {token}", param=key)
+            raise InvalidRequest(f"{shape}; got {shown(bias)} for token {token}", param=key)
 
 
 # -- readers: one key of a decoded body -------------------------------------------------

@@ -261,7 +261,8 @@ def chat_message(message: Any, where: str, *, model: str) -> dict[str, Any]:
     role = message.get("role")
     if not isinstance(role, str) or role not in CHAT_ROLES:
         raise InvalidRequest(
-            f"{where}.role must be one of {', '.join(sorted(CHAT_ROLES))}, got {role!r}",
+            f"{where}.role must be one of {', '.join(sorted(CHAT_ROLES))}, "
+            f"got {fields.shown(role)}",
             param=f"{where}.role",
         )
     content = message.get("content")
@@ -376,7 +377,8 @@ def _reject_unsupported(body: Mapping[str, Any]) -> None:
             raise InvalidRequest("modalities must be a list of strings", param="modalities")
         if set(modalities) - {"text"}:
             raise InvalidRequest(
-                f"modalities {modalities!r} are not supported: the models here answer in text",
+                f"modalities {fields.shown(modalities)} are not supported: "
+                "the models here answer in text",
                 param="modalities",
             )
 
