@@ -291,6 +291,32 @@ async def test_an_assistant_turn_with_null_content_is_an_empty_turn(
     assert answer.status_code == 200, answer.text
 
 
+async def test_errors_quote_the_clients_values_as_json_not_python(tiny_model_path: Path) -> None:
+    hi = {"role": "user", "content": "hi"}
+    refusals = [
+        ({"messages": [{"content": "hi"}]}, "got null"),
+        ({"messages": [{"role": True, "content": "hi"}]}, "got true"),
+        ({"messages": [{"role": "bot", "content": "hi"}]}, "got 'bot'"),
+        ({"messages": [hi], "modalities": ["audio"]}, 'modalities ["audio"] are not'),
+        ({"messages": [hi], "logit_bias": {"5": None}}, "got null for token 5"),
+    ]
+    with trio.fail_after(30):
+        async with (
+            running_neuron([("tiny", str(tiny_model_path))]) as neuron,
+            httpx.AsyncClient(base_url=neuron.url, timeout=20) as http,
+        ):
+            for body, quoted in refusals:
+                response = await http.post("/v1/chat/completions", json={"model": "tiny", **body})
+                assert response.status_code == 400, response.text
+                message = error_of(response, "/v1/chat/completions")["message"]
+                assert quoted in message and "None" not in message and "True" not in message
+        async with running_fleet([FakeNeuron("a", preload=["org/small"])], MODELS) as fleet:
+            body = {"model": "org/small", "max_tokens": 8, "messages": [{"content": "hi"}]}
+            response = await fleet.client.post("/v1/messages", json=body)
+    assert response.status_code == 400
+    assert error_of(response, "/v1/messages")["message"].endswith("got null")
+
+
 async def test_no_route_says_which_request_in_the_dialect() -> None:
     a = FakeNeuron("a", preload=["org/small"])
     with trio.fail_after(20):

@@ -213,12 +213,18 @@ FIELDS: dict[str, Field] = {
     ),
     "store": BOOL,
     "previous_response_id": Field(st.none(), TEXT),
+    "max_tool_calls": Field(st.integers(0, 3), EDGE_NUMBERS),
+    "background": Field(st.just(False), st.just(True)),
+    "top_logprobs": Field(st.just(0), EDGE_NUMBERS),
+    "include": Field(
+        st.just(["reasoning.encrypted_content"]), st.just(["message.output_text.logprobs"])
+    ),
     "system": Field(
         TEXT | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}), max_size=2)
     ),
     "metadata": Field(st.fixed_dictionaries({"user_id": TEXT})),
     "temperature": number(0, 1),
-    "top_p": number(0.01, 1),
+    "top_p": number(0, 1),
     "top_k": integer(0, 50),
     "min_p": number(0, 1),
     "repeat_penalty": number(0.5, 1.5),
@@ -307,7 +313,9 @@ RESPONSES = request(
     shape_keys(
         ResponsesRequest,
         drop=frozenset({"sampling", "messages", "response_format", "echo"}),
-        add=SAMPLING | {"input", "instructions", "text", "previous_response_id"},
+        add=SAMPLING
+        | {"input", "instructions", "text", "previous_response_id"}
+        | {"background", "top_logprobs", "include"},
     ),
     {
         **FIELDS,

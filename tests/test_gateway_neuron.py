@@ -477,3 +477,65 @@ async def test_a_model_the_neuron_loaded_at_its_start_is_never_evicted(
                 reply = await http.post("/v1/chat/completions", json=chat("keepme"))
                 assert reply.status_code == 200, reply.text
                 assert set(manager.slots) == {"keepme"}
+
+
+async def test_top_p_0_keeps_the_most_likely_token_on_every_route(tiny_model_path) -> None:
+    """``top_p: 0`` with ``temperature: 1`` is greedy whatever the seed (OpenAI: [0, 1])."""
+    models = ModelsFile(
+        models=[CatalogModel(id="t/tiny", source=str(tiny_model_path), vram_mb=50)],
+        aliases={"tiny": "t/tiny"},
+    )
+    hi = [{"role": "user", "content": "hi"}]
+    with trio.fail_after(60):
+        async with (
+            running_neuron([("t/tiny", str(tiny_model_path))]) as neuron,
+            gateway_over(models, n1=neuron.url) as (gw, http),
+            openai.AsyncOpenAI(base_url=gw.api_url + "/v1", api_key="x", max_retries=0) as client,
+            anthropic.AsyncAnthropic(base_url=gw.api_url, api_key="x", max_retries=0) as claude,
+        ):
+            greedy = await client.chat.completions.create(
+                model="tiny", messages=hi, max_tokens=12, temperature=0
+            )
+            sampled = {
+                (
+                    await client.chat.completions.create(
+                        model="tiny", messages=hi, max_tokens=12, temperature=1, seed=seed
+                    )
+                )
+                .choices[0]
+                .message.content
+                for seed in range(4)
+            }
+            assert len(sampled) > 1  # else the check below would prove nothing
+            chats, prompts, answers = set(), set(), set()
+            for seed in range(4):
+                reply = await client.chat.completions.create(
+                    model="tiny", messages=hi, max_tokens=12, temperature=1, top_p=0, seed=seed
+                )
+                chats.add(reply.choices[0].message.content)
+                text = await client.completions.create(
+                    model="tiny", prompt="Once", max_tokens=12, temperature=1, top_p=0, seed=seed
+                )
+                prompts.add(text.choices[0].text)
+                response = await client.responses.create(
+                    model="tiny",
+                    input=hi,
+                    max_output_tokens=12,
+                    temperature=1,
+                    top_p=0,
+                    extra_body={"seed": seed},
+                )
+                answers.add(response.output_text)
+            assert chats == answers == {greedy.choices[0].message.content}
+            assert len(prompts) == 1
+            message = await claude.messages.create(
+                model="tiny", max_tokens=12, messages=hi, extra_body={"temperature": 1, "top_p": 0}
+            )
+            assert message.content[0].text == greedy.choices[0].message.content
+            for path, body in [
+                ("/v1/chat/completions", {"messages": hi}),
+                ("/v1/messages", {"messages": hi, "max_tokens": 4}),
+            ]:
+                refused = await http.post(path, json={"model": "tiny", "top_p": -1, **body})
+                assert refused.status_code == 400
+                assert "top_p must be in [0, 1], got -1" in refused.text

@@ -296,6 +296,56 @@ async def test_responses(client: openai.AsyncOpenAI) -> None:
     assert "".join(deltas) == whole.output_text == final.output_text
 
 
+async def test_responses_echo_what_was_asked_and_what_was_used(
+    client: openai.AsyncOpenAI,
+) -> None:
+    with trio.fail_after(30):
+        plain = await client.responses.create(model="tiny", input="Hi", max_output_tokens=2)
+        asked = await client.responses.create(
+            model="tiny",
+            input="Hi",
+            max_output_tokens=2,
+            temperature=0,
+            top_p=0.5,
+            user="u-7",
+            text={"format": {"type": "json_object"}},
+        )
+    # OpenAI's defaults, which are what the neuron sampled with.
+    assert (plain.temperature, plain.top_p) == (1.0, 1.0)
+    assert plain.text.format.type == "text" and plain.user is None
+    assert plain.background is False and plain.max_tool_calls is None
+    assert (asked.temperature, asked.top_p, asked.user) == (0.0, 0.5, "u-7")
+    assert asked.text.format.type == "json_object"
+
+
+@pytest.mark.parametrize(
+    "extra, param, match",
+    [
+        ({"prompt": {"id": "pmpt_1"}}, "prompt", "not stored"),
+        ({"background": True}, "background", "synchronously"),
+        ({"top_logprobs": 2}, "top_logprobs", "top_logprobs is not supported"),
+        ({"include": ["message.output_text.logprobs"]}, "include", "logprobs is not supported"),
+        ({"max_tool_calls": -1}, "max_tool_calls", "at least 0"),
+    ],
+)
+async def test_responses_refuse_what_no_engine_honours(
+    client: openai.AsyncOpenAI, extra: dict, param: str, match: str
+) -> None:
+    with trio.fail_after(30):
+        with pytest.raises(openai.BadRequestError, match=match) as refused:
+            await client.responses.create(model="tiny", input="Hi", **extra)
+        assert refused.value.body["param"] == param
+        # What a client sends routinely is no refusal.
+        await client.responses.create(
+            model="tiny",
+            input="Hi",
+            max_output_tokens=1,
+            background=False,
+            top_logprobs=0,
+            include=["reasoning.encrypted_content"],
+        )
+
+
 async def test_errors_in_openai_envelope(
     http: httpx.AsyncClient, client: openai.AsyncOpenAI
 ) -> None:
@@ -441,6 +491,8 @@ async def test_queue_limit(tmp_path: Path) -> None:
     assert second.status_code == 429
     assert second.headers["retry-after"]
     assert second.json()["error"]["type"] == "rate_limit_error"
+    message = second.json()["error"]["message"]
+    assert message == "the queue for model 'tiny' is full (0 waiting); retry later"
 
 
 async def test_metrics(

@@ -187,6 +187,38 @@ async def test_chat_and_completions_on_both_models(served: Served, model: str) -
 
 
 @pytest.mark.parametrize("model", MODELS)
+async def test_top_p_0_keeps_the_most_likely_token_whatever_the_seed(
+    served: Served, model: str
+) -> None:
+    """``top_p: 0`` at ``temperature: 1`` is greedy: llama.cpp keeps one candidate."""
+    ask = user("Tell me about Paris.")
+    with trio.fail_after(120):
+        async with openai_client(served.gateway_url) as client:
+
+            async def texts(top_p: float) -> set[str]:
+                replies = [
+                    await client.chat.completions.create(
+                        model=model,
+                        messages=ask,
+                        max_tokens=12,
+                        temperature=1,
+                        top_p=top_p,
+                        seed=seed,
+                    )
+                    for seed in range(4)
+                ]
+                return {reply.choices[0].message.content or "" for reply in replies}
+
+            sampled, kept = await texts(1), await texts(0)
+            counting = await client.completions.create(
+                model=model, prompt=COUNTING, max_tokens=8, temperature=1, top_p=0, seed=7
+            )
+    assert len(sampled) > 1, sampled  # else the next check would prove nothing
+    assert len(kept) == 1, kept
+    assert counting.choices[0].text.startswith(" 6, 7, 8")
+
+
+@pytest.mark.parametrize("model", MODELS)
 async def test_streaming_equals_non_streaming(served: Served, model: str) -> None:
     """Greedy decoding: the same text, finish reason and usage either way, both endpoints.
 

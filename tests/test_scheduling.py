@@ -446,7 +446,8 @@ async def test_queue_bound_gives_503_and_529_with_retry_after() -> None:
                 response = await fleet.chat("org/m")
                 assert response.status_code == 503
                 assert int(response.headers["retry-after"]) >= 1
-                assert "waiting already" in response.json()["error"]["message"]
+                message = response.json()["error"]["message"]
+                assert message == "the queue for 'org/m' is full: 1 waiting already"
                 anthropic = await fleet.client.post(
                     "/v1/messages",
                     json={

@@ -403,6 +403,125 @@ async def test_responses_parallel_and_round_trip(
     assert f"<|tool|>{call.call_id}: sunny, 21" in engine_model(neuron).prompts[-1]
 
 
+async def test_responses_max_tool_calls_caps_the_calls_and_is_echoed(
+    client: openai.AsyncOpenAI,
+) -> None:
+    with trio.fail_after(10):
+        whole = await client.responses.create(
+            model="scripted", input="Paris and Rome", tools=RESPONSES_TOOLS, max_tool_calls=1
+        )
+        async with client.responses.stream(
+            model="scripted", input="Paris and Rome", tools=RESPONSES_TOOLS, max_tool_calls=1
+        ) as stream:
+            events = [event async for event in stream]
+            final = await stream.get_final_response()
+        for response in (whole, final):
+            assert [(i.type, i.name) for i in response.output] == [("function_call", "get_weather")]
+            assert json.loads(response.output[0].arguments) == {"city": "Paris"}
+            assert response.max_tool_calls == 1
+        assert [e.type for e in events].count("response.output_item.added") == 1
+        # 0: no call at all, so the model is not shown the tools.
+        none = await client.responses.create(
+            model="scripted",
+            input="What's the weather in Paris?",
+            tools=RESPONSES_TOOLS,
+            max_tool_calls=0,
+        )
+        assert none.output_text == "I cannot look that up." and none.max_tool_calls == 0
+        with pytest.raises(openai.BadRequestError) as forced:
+            await client.responses.create(
+                model="scripted",
+                input="Paris and Rome",
+                tools=RESPONSES_TOOLS,
+                tool_choice="required",
+                max_tool_calls=0,
+            )
+        assert forced.value.body["param"] == "max_tool_calls"
+
+
+def called(*ids: str) -> dict[str, Any]:
+    """An assistant turn that called get_weather once per id."""
+    calls = [
+        {"id": i, "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+        for i in ids
+    ]
+    return {"role": "assistant", "content": None, "tool_calls": calls}
+
+
+def result(call_id: str) -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": call_id, "content": "sunny"}
+
+
+UNANSWERED = "An assistant message with 'tool_calls' must be followed by tool messages"
+
+
+@pytest.mark.parametrize(
+    "messages, param, match",
+    [
+        (
+            [*ask("hi"), result("call_x")],
+            "messages[1].role",
+            "messages with role 'tool' must be a response to a preceding message with 'tool_calls'",
+        ),
+        (
+            [*ask("hi"), called("call_a"), result("call_a"), *ask("and?"), result("call_a")],
+            "messages[4].role",
+            "must be a response to a preceding message",
+        ),
+        (
+            [*ask("hi"), called("call_a"), result("call_b")],
+            "messages[2].tool_call_id",
+            "'tool_call_id' of \"call_b\" not found in 'tool_calls' of previous message",
+        ),
+        (
+            [*ask("hi"), called("call_a", "call_b"), result("call_a"), *ask("and?")],
+            "messages[3].role",
+            f"{UNANSWERED}.*did not have response messages: call_b$",
+        ),
+        ([*ask("hi"), called("call_a")], "messages", "response messages: call_a$"),
+    ],
+)
+async def test_chat_tool_results_must_answer_the_calls_before_them(
+    client: openai.AsyncOpenAI, messages: list[dict[str, Any]], param: str, match: str
+) -> None:
+    with trio.fail_after(10):
+        with pytest.raises(openai.BadRequestError, match=match) as refused:
+            await client.chat.completions.create(model="scripted", messages=messages, tools=TOOLS)
+    assert refused.value.body["param"] == param
+
+
+@pytest.mark.parametrize(
+    "items, match",
+    [
+        (
+            [{"type": "function_call_output", "call_id": "call_x", "output": "sunny"}],
+            "No tool call found for function call output with call_id call_x.",
+        ),
+        (
+            [
+                {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": ""},
+                {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+                {"type": "function_call_output", "call_id": "c1", "output": "again"},
+            ],
+            "No tool call found for function call output with call_id c1.",
+        ),
+        (
+            [{"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": ""}],
+            "No tool output found for function call c1.",
+        ),
+    ],
+)
+async def test_responses_function_call_outputs_must_answer_a_call(
+    client: openai.AsyncOpenAI, items: list[dict[str, Any]], match: str
+) -> None:
+    with trio.fail_after(10):
+        with pytest.raises(openai.BadRequestError, match=match) as refused:
+            await client.responses.create(
+                model="scripted", input=[*ask("weather in Paris"), *items], tools=RESPONSES_TOOLS
+            )
+    assert refused.value.body["param"] == "input"
+
+
 async def test_response_format_reaches_the_engine_as_a_grammar(
     neuron: NeuronHandle, client: openai.AsyncOpenAI
 ) -> None:

@@ -84,7 +84,7 @@ def test_stream_and_include_usage():
         (_chat(temperature=2.5), "temperature", r"temperature must be in \[0, 2\]"),
         (_chat(temperature="hot"), "temperature", "must be a number"),
         (_chat(temperature=True), "temperature", "must be a number"),
-        (_chat(top_p=0), "top_p", r"top_p must be in \(0, 1\]"),
+        (_chat(top_p=-0.5), "top_p", r"top_p must be in \[0, 1\], got -0.5"),
         (_chat(top_p=1.5), "top_p", "top_p"),
         (_chat(max_tokens=-1), "max_tokens", "at least 1"),
         (_chat(max_completion_tokens="9"), "max_completion_tokens", "integer"),
@@ -166,7 +166,7 @@ def test_chat_validation_errors(body, param, match):
         ({"logit_bias": {"\u0661": 1}}, "logit_bias", "is no token id"),
         ({"logit_bias": {"12": 101}}, "logit_bias", "got 101"),
         ({"logit_bias": {"12": "1"}}, "logit_bias", "got '1'"),
-        ({"logit_bias": {"12": True}}, "logit_bias", "got True"),
+        ({"logit_bias": {"12": True}}, "logit_bias", "got true"),
     ],
 )
 def test_numbers_and_biases_are_bounded(extra, param, match):

@@ -135,10 +135,11 @@ def test_function_call_without_preceding_text_opens_an_assistant_turn():
             "input": [
                 {"role": "user", "content": "go"},
                 {"type": "function_call", "call_id": "c1", "name": "f", "arguments": '{"a":1}'},
+                {"type": "function_call_output", "call_id": "c1", "output": "done"},
             ],
         }
     )
-    assert req.messages[-1] == {
+    assert req.messages[-2] == {
         "role": "assistant",
         "content": None,
         "tool_calls": [

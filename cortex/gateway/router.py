@@ -369,7 +369,7 @@ class Router:
     def _enter_queue(self, model_id: str, arrived: float) -> Ticket:
         if self.queue.full(model_id):
             raise Unavailable(
-                f"{self.queue.depth(model_id)} requests for {model_id!r} are waiting already",
+                f"the queue for {model_id!r} is full: {self.queue.depth(model_id)} waiting already",
                 retry_after=self._retry_after(model_id),
             )
         ticket = self.queue.enter(model_id, arrived)

@@ -478,7 +478,11 @@ class NeuronApi:
         if not req.stream:
             return await response_answer(generation, response_id, created_at, req)
         builder = ResponsesStream(
-            id=response_id, created_at=created_at, model=req.model, echo=req.echo
+            id=response_id,
+            created_at=created_at,
+            model=req.model,
+            echo=req.echo,
+            max_tool_calls=req.max_tool_calls,
         )
         return event_stream(response_events(generation, builder))
 
@@ -618,6 +622,7 @@ async def response_answer(
     calls: list[toolcalls.ToolCall] = []
     if generation.plan.family is not None:
         text, calls = toolcalls.parse_tool_calls(text, generation.plan.family)
+        calls = calls[: req.max_tool_calls]
     status, reason = outcome(done)
     return responses.response_object(
         id=response_id,

@@ -247,8 +247,8 @@ class GenerationWorker:
         free = self.parallel - len(self._running)
         if self._send.statistics().current_buffer_used >= free + self._queue_limit:
             raise QueueFull(
-                f"model {self.model.model_id!r} has {self._waiting()} requests waiting; "
-                "retry later",
+                f"the queue for model {self.model.model_id!r} is full "
+                f"({self._waiting()} waiting); retry later",
                 retry_after=1,
             )
         self._send.send_nowait(job)

@@ -100,7 +100,7 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
         if not _is_one_of(message.get("role"), ROLES):
             raise InvalidRequest(
                 f"{where}.role must be user or assistant (or system, mid-conversation), "
-                f"got {message.get('role')!r}",
+                f"got {fields.shown(message.get('role'))}",
                 param=f"{where}.role",
             )
         if "content" not in message:
@@ -273,7 +273,7 @@ def _tools(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
             # text_editor_*, ...) runs on Anthropic's side or has a schema
             # only Anthropic's models know: nothing here can honour it.
             raise InvalidRequest(
-                f"{where}.type: tool type {kind!r} is not supported; only custom tools "
+                f"{where}.type: tool type {fields.shown(kind)} is not supported; only custom tools "
                 "(a name, a description and an input_schema; type absent or 'custom') are",
                 param=f"{where}.type",
             )

@@ -12,6 +12,7 @@ are bounded to 32 bits, seeds to 64, and no float may be NaN or infinite.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -45,6 +46,18 @@ def real(value: Any) -> Any:
     return value
 
 
+def shown(value: Any) -> str:
+    """A client's value as an error message quotes it, never as Python writes it.
+
+    A string is quoted as the messages quote names (``'bot'``); anything else
+    is JSON (``null``, ``true``, ``["text", "audio"]``), cut to 100 characters.
+    """
+    if isinstance(value, str):
+        return repr(value)
+    text = json.dumps(value, ensure_ascii=False, default=repr)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
 def _name(attribute: attrs.Attribute) -> str:
     return attribute.alias or attribute.name
 
@@ -73,11 +86,10 @@ class Integer:
 
 @attrs.frozen
 class Number:
-    """Validator: a finite float in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+    """Validator: a finite float in ``[low, high]``."""
 
     low: float
     high: float | None = None
-    low_open: bool = False
 
     def __call__(self, instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         self.check(_name(attribute), value)
@@ -85,13 +97,11 @@ class Number:
     def check(self, key: str, value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, float) or not math.isfinite(value):
             raise InvalidRequest(f"{key} must be a number", param=key)
-        too_low = value <= self.low if self.low_open else value < self.low
-        too_high = self.high is not None and value > self.high
-        if too_low or too_high:
+        if value < self.low or (self.high is not None and value > self.high):
             if self.high is None:
-                bound = f"{'above' if self.low_open else 'at least'} {self.low:g}"
+                bound = f"at least {self.low:g}"
             else:
-                bound = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+                bound = f"in [{self.low:g}, {self.high:g}]"
             raise InvalidRequest(f"{key} must be {bound}, got {value:g}", param=key)
         return value
 
@@ -108,7 +118,7 @@ def logit_bias(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
             raise InvalidRequest(f"{shape}; {token[:32]!r} is no token id", param=key)
         bias = real(bias)
         if isinstance(bias, bool) or not isinstance(bias, float) or not low <= bias <= high:
-            raise InvalidRequest(f"{shape}; got {bias!r} for token {token}", param=key)
+            raise InvalidRequest(f"{shape}; got {shown(bias)} for token {token}", param=key)
 
 
 # -- readers: one key of a decoded body -------------------------------------------------
@@ -173,13 +183,12 @@ def opt_float(
     *,
     low: float,
     high: float | None = None,
-    low_open: bool = False,
 ) -> float | None:
     """``body[key]`` checked by :class:`Number`; None when absent or null."""
     value = body.get(key)
     if value is None:
         return None
-    return Number(low, high, low_open).check(key, real(value))
+    return Number(low, high).check(key, real(value))
 
 
 def prefill_conflict(param: str, what: str) -> InvalidRequest:

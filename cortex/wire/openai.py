@@ -8,6 +8,7 @@ business: it encodes the chunk dicts with :mod:`cortex.wire.sse`.
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Mapping
@@ -71,10 +72,8 @@ def _optional(validator: Any) -> Any:
     return attrs.validators.optional(validator)
 
 
-def _float_field(low: float, high: float | None = None, *, low_open: bool = False) -> Any:
-    return attrs.field(
-        default=None, converter=real, validator=_optional(Number(low, high, low_open))
-    )
+def _float_field(low: float, high: float | None = None) -> Any:
+    return attrs.field(default=None, converter=real, validator=_optional(Number(low, high)))
 
 
 def _int_field(low: int, high: int) -> Any:
@@ -90,7 +89,9 @@ class SamplingOverrides:
     """
 
     temperature: float | None = _float_field(0, 2)
-    top_p: float | None = _float_field(0, 1, low_open=True)
+    #: 0 keeps only the most likely token (greedy), in llama.cpp's and
+    #: ctransformers' samplers alike, as clients that send it expect.
+    top_p: float | None = _float_field(0, 1)
     top_k: int | None = _int_field(0, fields.MAX_TOKENS)
     min_p: float | None = _float_field(0, 1)
     repeat_penalty: float | None = _float_field(0)
@@ -179,7 +180,61 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     if not messages:
         raise InvalidRequest("messages must not be empty", param="messages")
     model = fields.model(body)
-    return [chat_message(m, f"messages[{i}]", model=model) for i, m in enumerate(messages)]
+    checked = [chat_message(m, f"messages[{i}]", model=model) for i, m in enumerate(messages)]
+    _check_tool_results(checked)
+    return checked
+
+
+def _unanswered(ids: list[str], param: str) -> InvalidRequest:
+    return InvalidRequest(
+        "An assistant message with 'tool_calls' must be followed by tool messages responding "
+        "to each 'tool_call_id'. The following tool_call_ids did not have response messages: "
+        + ", ".join(ids),
+        param=param,
+    )
+
+
+def _check_tool_results(messages: list[dict[str, Any]]) -> None:
+    """Refuse tool results that answer no call, and calls left without a result.
+
+    As at OpenAI: the ``tool`` messages right after an assistant turn with
+    ``tool_calls`` answer those calls, one each, before any other message.
+    The model would otherwise read a result of nothing, or a call whose
+    result never came. Calls without an id cannot be paired: a turn with one
+    is not held to its ids.
+
+    Raises:
+      InvalidRequest: in OpenAI's words, naming the message that breaks the rule.
+    """
+    calls: list[str] | None = None  # the ids of the turn the tool messages answer
+    pending: list[str] = []
+    for i, message in enumerate(messages):
+        if message["role"] == "tool":
+            if calls is None:
+                raise InvalidRequest(
+                    "Invalid parameter: messages with role 'tool' must be a response to a "
+                    "preceding message with 'tool_calls'.",
+                    param=f"messages[{i}].role",
+                )
+            call_id = message["tool_call_id"]
+            if calls and call_id not in calls:
+                raise InvalidRequest(
+                    f"Invalid parameter: 'tool_call_id' of {json.dumps(call_id)} not found in "
+                    "'tool_calls' of previous message.",
+                    param=f"messages[{i}].tool_call_id",
+                )
+            pending = [p for p in pending if p != call_id]
+            continue
+        if pending:
+            raise _unanswered(pending, f"messages[{i}].role")
+        tool_calls = message.get("tool_calls") if message["role"] == "assistant" else None
+        calls = None
+        if tool_calls:
+            ids = [call.get("id") for call in tool_calls]
+            calls = ids if all(isinstance(call_id, str) for call_id in ids) else []
+            pending = list(calls)
+    if pending:
+        raise _unanswered(pending, "messages")
 
 
 def chat_message(message: Any, where: str, *, model: str) -> dict[str, Any]:
@@ -199,7 +254,8 @@ def chat_message(message: Any, where: str, *, model: str) -> dict[str, Any]:
     role = message.get("role")
     if not isinstance(role, str) or role not in CHAT_ROLES:
         raise InvalidRequest(
-            f"{where}.role must be one of {', '.join(sorted(CHAT_ROLES))}, got {role!r}",
+            f"{where}.role must be one of {', '.join(sorted(CHAT_ROLES))}, "
+            f"got {fields.shown(role)}",
             param=f"{where}.role",
         )
     content = message.get("content")
@@ -314,7 +370,8 @@ def _reject_unsupported(body: Mapping[str, Any]) -> None:
             raise InvalidRequest("modalities must be a list of strings", param="modalities")
         if set(modalities) - {"text"}:
             raise InvalidRequest(
-                f"modalities {modalities!r} are not supported: the models here answer in text",
+                f"modalities {fields.shown(modalities)} are not supported: "
+                "the models here answer in text",
                 param="modalities",
             )
 

@@ -73,6 +73,7 @@ def _input_messages(body: Mapping[str, Any], model: str) -> list[dict[str, Any]]
         return messages
     if not isinstance(items, list):
         raise InvalidRequest("input must be a string or a list of items", param="input")
+    unanswered: dict[str, None] = {}  # the call_ids of function_call items, in order
     for i, item in enumerate(items):
         where = f"input[{i}]"
         if not isinstance(item, dict):
@@ -90,6 +91,7 @@ def _input_messages(body: Mapping[str, Any], model: str) -> list[dict[str, Any]]
             messages.append({"role": role, "content": _content(item, "content", where, model)})
         elif kind == "function_call":
             call = _function_call(item, where)
+            unanswered[call["id"]] = None
             last = messages[-1] if messages else None
             # Parallel calls (and a text reply before them) are one
             # assistant turn in chat form.
@@ -101,12 +103,23 @@ def _input_messages(body: Mapping[str, Any], model: str) -> list[dict[str, Any]]
             call_id = item.get("call_id")
             if not isinstance(call_id, str):
                 raise InvalidRequest(f"{where}.call_id must be a string", param=f"{where}.call_id")
+            # As at OpenAI: an output answers an earlier call of the input, once.
+            if call_id not in unanswered:
+                raise InvalidRequest(
+                    f"No tool call found for function call output with call_id {call_id}.",
+                    param="input",
+                )
+            del unanswered[call_id]
             output = _content(item, "output", where, model)
             messages.append({"role": "tool", "tool_call_id": call_id, "content": output})
         elif kind in _IGNORED_ITEMS:
             continue
         else:
             raise InvalidRequest(f"{where}: unsupported input item type {kind!r}", param=where)
+    if unanswered:
+        raise InvalidRequest(
+            f"No tool output found for function call {next(iter(unanswered))}.", param="input"
+        )
     if not any(m["role"] != "system" for m in messages):
         raise InvalidRequest("input must not be empty", param="input")
     return [chat_message(m, f"input(converted)[{i}]", model=model) for i, m in enumerate(messages)]
@@ -159,7 +172,9 @@ def _tool_choice(body: Mapping[str, Any]) -> str | dict[str, Any] | None:
 
 def _response_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
     text = body.get("text")
-    fmt = text.get("format") if isinstance(text, dict) else None
+    if text is not None and not isinstance(text, dict):
+        raise InvalidRequest("text must be an object", param="text")
+    fmt = text.get("format") if text is not None else None
     if fmt is None:
         return None
     kind = fmt.get("type") if isinstance(fmt, dict) else None
@@ -184,7 +199,11 @@ def _metadata(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _echo_defaults() -> dict[str, Any]:
-    """What a response object says of the request when the request left it out."""
+    """What a response object says of the request when the request left it out.
+
+    ``temperature`` and ``top_p`` are OpenAI's defaults, which are also what
+    the neuron samples with when a request names neither.
+    """
     return {
         "instructions": None,
         "metadata": {},
@@ -192,22 +211,32 @@ def _echo_defaults() -> dict[str, Any]:
         "tool_choice": "auto",
         "tools": [],
         "max_output_tokens": None,
-        "temperature": None,
-        "top_p": None,
+        "max_tool_calls": None,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "text": {"format": {"type": "text"}},
+        "user": None,
+        "background": False,
     }
 
 
 def _echo(body: Mapping[str, Any], req: ResponsesRequest) -> dict[str, Any]:
     """The request's fields as the response object repeats them (Responses shapes)."""
+    used = req.sampling.apply({})
     sent = {
         "instructions": fields.opt_str(body, "instructions"),
         "metadata": _metadata(body),
-        "parallel_tool_calls": req.parallel_tool_calls,
+        "parallel_tool_calls": fields.opt_bool(body, "parallel_tool_calls"),
         "tool_choice": body.get("tool_choice"),
         "tools": body.get("tools"),
         "max_output_tokens": req.max_output_tokens,
-        "temperature": req.sampling.temperature,
-        "top_p": req.sampling.top_p,
+        "max_tool_calls": req.max_tool_calls,
+        # What the neuron samples with: the gateway has filled in the
+        # catalogue's defaults, Sampling's are OpenAI's.
+        "temperature": used.temperature,
+        "top_p": used.top_p,
+        "text": body.get("text"),
+        "user": req.user,
     }
     defaults = _echo_defaults()
     return {key: defaults[key] if value is None else value for key, value in sent.items()}
@@ -232,29 +261,91 @@ class ResponsesRequest:
     response_format: dict[str, Any] | None = None
     store: bool | None = None
     user: str | None = None
+    #: The most function calls the answer holds; those the model writes
+    #: beyond are dropped. None: no limit.
+    max_tool_calls: int | None = None
     #: What the response object repeats of the request (``instructions``,
     #: ``metadata``, ``tools`` as sent, ...): see ``response_object``.
     echo: dict[str, Any] = attrs.field(factory=_echo_defaults)
+
+
+_NOT_STORED = "responses are not stored, send the whole conversation in input"
+#: Fields that name state the gateway does not keep, each refused with why.
+_STORED_STATE = {
+    "previous_response_id": f"previous_response_id is not supported: {_NOT_STORED}",
+    "conversation": f"conversation is not supported: {_NOT_STORED}",
+    "prompt": "prompt (a stored prompt template) is not supported: prompts and "
+    f"{_NOT_STORED} and its instructions in instructions",
+}
+_OUTPUT_LOGPROBS = "message.output_text.logprobs"
+
+
+def _reject_unsupported(body: Mapping[str, Any]) -> None:
+    """Refuse what no engine here honours, naming the field (as chat does)."""
+    for key, why in _STORED_STATE.items():
+        if body.get(key) is not None:
+            raise InvalidRequest(why, param=key)
+    if fields.opt_bool(body, "background"):
+        raise InvalidRequest(
+            "background is not supported: cortex answers synchronously, "
+            "leave background out or false",
+            param="background",
+        )
+    top_logprobs = fields.opt_int(body, "top_logprobs", minimum=0, maximum=20)
+    if top_logprobs:
+        raise InvalidRequest("top_logprobs is not supported", param="top_logprobs")
+    include = body.get("include")
+    if include is not None:
+        if not isinstance(include, list) or not all(isinstance(i, str) for i in include):
+            raise InvalidRequest("include must be a list of strings", param="include")
+        # The others name output of tools cortex refuses, or reasoning it has
+        # none of: clients send them routinely, nothing to add.
+        if _OUTPUT_LOGPROBS in include:
+            raise InvalidRequest(
+                f"include {_OUTPUT_LOGPROBS}: logprobs is not supported", param="include"
+            )
+
+
+def _tool_call_limit(
+    body: Mapping[str, Any], tool_choice: str | dict[str, Any] | None, parallel: bool | None
+) -> tuple[int | None, str | dict[str, Any] | None, bool | None]:
+    """``max_tool_calls``, and the ``tool_choice`` and ``parallel_tool_calls`` it implies.
+
+    0 hides the tools from the model (``tool_choice`` none), 1 asks for one
+    call at a time; any limit also drops the calls the model writes beyond it.
+
+    Raises:
+      InvalidRequest: 0 with a ``tool_choice`` that forces a call.
+    """
+    limit = fields.opt_int(body, "max_tool_calls", minimum=0, maximum=fields.MAX_TOKENS)
+    if limit == 0:
+        if tool_choice not in (None, "none", "auto"):
+            raise InvalidRequest(
+                "max_tool_calls 0 allows no call, but tool_choice forces one",
+                param="max_tool_calls",
+            )
+        return limit, "none", parallel
+    if limit == 1:
+        return limit, tool_choice, False
+    return limit, tool_choice, parallel
 
 
 def parse_responses_request(body: Any) -> ResponsesRequest:
     """Validate a decoded Responses body and convert its input to chat messages.
 
     Raises:
-      InvalidRequest: on a malformed body, non-function tools, or state the
-        gateway does not keep (``previous_response_id``, ``conversation``).
+      InvalidRequest: on a malformed body, non-function tools, state the
+        gateway does not keep (``previous_response_id``, ``conversation``,
+        ``prompt``), or what no engine here does (``background``, logprobs).
     """
     body = fields.require_object(body)
     model = fields.model(body)
-    for key in ("previous_response_id", "conversation"):
-        if body.get(key) is not None:
-            raise InvalidRequest(
-                f"{key} is not supported: responses are not stored, "
-                "send the whole conversation in input",
-                param=key,
-            )
+    _reject_unsupported(body)
     tools, tool_choice = _tools(body), _tool_choice(body)
     needs_tools(tool_choice, tools)
+    max_tool_calls, tool_choice, parallel_tool_calls = _tool_call_limit(
+        body, tool_choice, fields.opt_bool(body, "parallel_tool_calls")
+    )
     req = ResponsesRequest(
         model=model,
         messages=_input_messages(body, model),
@@ -263,10 +354,11 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
         stream=bool(fields.opt_bool(body, "stream")),
         tools=tools,
         tool_choice=tool_choice,
-        parallel_tool_calls=fields.opt_bool(body, "parallel_tool_calls"),
+        parallel_tool_calls=parallel_tool_calls,
         response_format=_response_format(body),
         store=fields.opt_bool(body, "store"),
         user=fields.opt_str(body, "user"),
+        max_tool_calls=max_tool_calls,
     )
     return attrs.evolve(req, echo=_echo(body, req))
 
@@ -411,6 +503,7 @@ class ResponsesStream:
         model: str,
         message_id: str | None = None,
         echo: Mapping[str, Any] | None = None,
+        max_tool_calls: int | None = None,
     ) -> None:
         self.id = id
         self.created_at = created_at
@@ -424,6 +517,9 @@ class ResponsesStream:
         self._call: dict[str, Any] | None = None  # the open function call
         self._arguments: list[str] = []
         self._status = "completed"
+        #: Function calls beyond this many are dropped (``ResponsesRequest.max_tool_calls``).
+        self.max_tool_calls = max_tool_calls
+        self._calls = 0
 
     @property
     def _index(self) -> int:
@@ -540,8 +636,14 @@ class ResponsesStream:
     def function_call(
         self, *, call_id: str, name: str, item_id: str | None = None
     ) -> list[tuple[str, dict[str, Any]]]:
-        """Open a ``function_call`` item; its arguments follow as :meth:`arguments`."""
+        """Open a ``function_call`` item; its arguments follow as :meth:`arguments`.
+
+        A call beyond ``max_tool_calls`` opens nothing: it and its arguments are dropped.
+        """
         events = self._close()
+        if self.max_tool_calls is not None and self._calls >= self.max_tool_calls:
+            return events
+        self._calls += 1
         self._call = function_call_item(
             id=item_id or new_function_call_id(),
             call_id=call_id,

@@ -53,6 +53,7 @@ import secrets
 from typing import Any
 
 from cortex.errors import InvalidRequest
+from cortex.wire import fields
 from cortex.wire.anthropic import CountTokensRequest, MessagesRequest, error_from
 from cortex.wire.openai import unsupported_content
 
@@ -96,7 +97,8 @@ def _text(where: str, block: dict[str, Any], model: str) -> str:
         if source.get("type") == "text":
             return source.get("data", "")
         raise InvalidRequest(
-            f"{where}.source: document source type {source.get('type')!r} is not supported "
+            f"{where}.source: document source type {fields.shown(source.get('type'))} "
+            "is not supported "
             f"by model {model!r}; only plain-text documents are",
             param=f"{where}.source",
         )
