@@ -181,7 +181,10 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
         raise InvalidRequest("messages must not be empty", param="messages")
     model = fields.model(body)
     checked = [chat_message(m, f"messages[{i}]", model=model) for i, m in enumerate(messages)]
-    _check_tool_results(checked)
+    # A final assistant turn to continue is a prefill: its own rules
+    # (``_continue_final_message``) say what it may hold.
+    continued = body.get("continue_final_message") is True and checked[-1]["role"] == "assistant"
+    _check_tool_results(checked[:-1] if continued else checked)
     return checked
 
 
