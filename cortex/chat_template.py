@@ -11,7 +11,8 @@ conversation into what the template does take (:func:`adapt_chat`):
 
 - system messages are folded into the next user turn, as Gemma's own
   template does with a leading one: the system text, a blank line, then
-  the user text (:func:`fold_system`);
+  the user text; one right after a user turn joins that turn, so that the
+  conversation's prompt only grows at its end (:func:`fold_system`);
 - tools become the Hermes-style block :func:`tools_text` writes, added to
   the leading system text; earlier tool calls become ``<tool_call>`` text in
   their assistant turn and tool results ``<tool_response>`` text in a user
@@ -155,16 +156,22 @@ def _with_system_text(messages: list[dict[str, Any]], text: str) -> list[dict[st
 
 
 def fold_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Fold system messages into the next user turn: system text, a blank line, user text.
+    """Fold system messages into a user turn: system text, a blank line, user text.
 
-    A system message with no user turn after it is added to the last turn
-    when that is a user's, else it becomes a user turn of its own at the end.
+    One right after a user turn joins that turn, after its text (Claude Code
+    puts a reminder there, and the turn renders the same when the
+    conversation goes on: the prompt cache keeps it); any other goes into
+    the next user turn, before its text, or becomes a user turn of its own
+    at the end when none follows.
     """
     out: list[dict[str, Any]] = []
     pending: list[str] = []
     for message in messages:
         if message["role"] == "system":
-            pending.append(_text(message))
+            if out and out[-1]["role"] == "user" and not pending:
+                out[-1] = {**out[-1], "content": _joined(_text(out[-1]), _text(message))}
+            else:
+                pending.append(_text(message))
             continue
         if message["role"] == "user" and pending:
             message = {**message, "content": _joined(*pending, _text(message))}

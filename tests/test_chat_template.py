@@ -84,7 +84,7 @@ def test_leading_system_folds_into_the_first_user_turn():
     ]
 
 
-def test_later_system_messages_fold_forward_or_into_the_last_user_turn():
+def test_later_system_messages_fold_forward_or_into_the_user_turn_before():
     # Claude Code puts a reminder right after the user's turn.
     messages = [
         {"role": "user", "content": "Hi"},
@@ -97,6 +97,18 @@ def test_later_system_messages_fold_forward_or_into_the_last_user_turn():
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello"},
         {"role": "user", "content": "Reminder A.\n\nGo\n\nReminder B."},
+    ]
+    # The next turn renders that turn the same: the reminder stays with "Go"
+    # (a prompt that only grows at its end keeps the prompt cache).
+    going_on = [
+        *messages,
+        {"role": "assistant", "content": "Done"},
+        {"role": "user", "content": "Thanks"},
+    ]
+    assert fold_system(going_on) == [
+        *fold_system(messages),
+        {"role": "assistant", "content": "Done"},
+        {"role": "user", "content": "Thanks"},
     ]
     after_assistant = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
     assert fold_system([*after_assistant, {"role": "system", "content": "S"}]) == [

@@ -44,6 +44,7 @@ SCRIPT = {
         {"when": "cortex-tool-ok", "reply": "The command printed cortex-tool-ok. Done."},
         {"when": "run the check", "tools": True, "reply": "Running it.\n" + BASH_CALL},
         {"when": "hello", "reply": "Hello from the cortex fleet!"},
+        {"when": "take your time", "delay": 330, "reply": "Worth the wait."},
     ],
     "default": "Scripted answer.",
 }
@@ -67,7 +68,9 @@ async def fleet(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch):
             yield neuron, gateway.api_url
 
 
-async def claude(url: str, home: pathlib.Path, *args: str, model: str = "claude-local") -> Any:
+async def claude(
+    url: str, home: pathlib.Path, *args: str, model: str = "claude-local", seconds: float = 90
+) -> Any:
     """``claude -p ... --output-format json`` against ``url``: (exit status, the JSON result)."""
     env = {
         "PATH": os.environ["PATH"],
@@ -84,7 +87,7 @@ async def claude(url: str, home: pathlib.Path, *args: str, model: str = "claude-
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
     }
     assert CLAUDE is not None
-    with trio.fail_after(90):
+    with trio.fail_after(seconds):
         done = await trio.run_process(
             [CLAUDE, "-p", *args, "--output-format", "json"],
             env=env,
@@ -139,3 +142,19 @@ async def test_claude_code_recognises_a_too_long_prompt(fleet: Any, tmp_path: pa
     assert result["api_error_status"] == 400
     # Its own message for "prompt is too long: N tokens > M maximum", not a bare API error.
     assert result["result"].startswith("Prompt is too long"), result["result"]
+
+
+@pytest.mark.skipif(
+    not os.environ.get("CORTEX_SLOW_TESTS"), reason="takes 6 minutes: set CORTEX_SLOW_TESTS=1"
+)
+async def test_claude_code_waits_out_a_first_token_slower_than_its_watchdog(
+    fleet: Any, tmp_path: pathlib.Path
+) -> None:
+    # Claude Code drops a stream that sends nothing but pings for 300 s, and
+    # retries without streaming; the gateway's keep-alive is an empty text
+    # delta, which its watchdog counts. The first token comes after 330 s.
+    _, url = fleet
+    status, result = await claude(url, tmp_path, "take your time", seconds=600)
+    assert (status, result["is_error"]) == (0, False), result
+    assert result["result"] == "Worth the wait."
+    assert result["duration_api_ms"] < 400_000  # one request, not a retry after a timeout

@@ -260,6 +260,11 @@ async def test_client_going_away_before_the_answer_closes_the_neuron_request() -
             metrics = await fleet.client.get(fleet.handle.metrics_url + "/metrics")
             assert 'cortex_request_errors_total{endpoint="chat/completions"' in metrics.text
             assert 'status="499"' in metrics.text
+            # Counted against the neuron that was working on it.
+            assert (
+                'cortex_requests_total{endpoint="chat/completions",model="org/small",neuron="a"}'
+                in metrics.text
+            )
 
 
 async def test_completions_and_responses_pass_through() -> None:
@@ -589,8 +594,16 @@ async def test_anthropic_stream_cut_short_ends_with_an_error_event(fault: str) -
             )
 
 
-async def _anthropic_events(fleet, neuron: FakeNeuron, pings: int) -> list[dict]:
-    """The events of a streamed /v1/messages, letting the neuron answer after ``pings``."""
+def _kept_alive(events: list[dict]) -> int:
+    """The keep-alives among ``events``: empty text deltas."""
+    return sum(e["type"] == "content_block_delta" and e["delta"] == _EMPTY for e in events)
+
+
+_EMPTY = {"type": "text_delta", "text": ""}
+
+
+async def _anthropic_events(fleet, neuron: FakeNeuron, keep_alives: int) -> list[dict]:
+    """The events of a streamed /v1/messages, letting the neuron answer after ``keep_alives``."""
     events = []
     decoder = SSEDecoder()
     async with fleet.client.stream("POST", "/v1/messages", json=MESSAGES_STREAM) as response:
@@ -598,7 +611,7 @@ async def _anthropic_events(fleet, neuron: FakeNeuron, pings: int) -> list[dict]
         async for chunk in response.aiter_bytes():
             for event in decoder.feed(chunk):
                 events.append(json.loads(event.data))
-                if sum(e["type"] == "ping" for e in events) == pings:
+                if _kept_alive(events) == keep_alives:
                     neuron.hold.set()
     return events
 
@@ -607,8 +620,9 @@ async def _anthropic_events(fleet, neuron: FakeNeuron, pings: int) -> list[dict]
 async def test_an_anthropic_stream_slow_to_its_first_byte_starts_and_keeps_alive(
     monkeypatch, fault: str | None
 ) -> None:
-    # Claude Code gives up on a stream silent for 300 s: a long prompt (or a
-    # cold load) gets message_start and pings, as from Anthropic's API.
+    # Claude Code gives up on a stream silent for 300 s, pings counting as
+    # silence: a long prompt (or a cold load) gets message_start and a text
+    # block whose empty deltas keep it alive; the answer goes on in it.
     from cortex.gateway import exchange
 
     monkeypatch.setattr(exchange, "EARLY_START_S", 0.2)
@@ -616,13 +630,20 @@ async def test_an_anthropic_stream_slow_to_its_first_byte_starts_and_keeps_alive
     a = FakeNeuron("a", preload=["org/small"], hold=trio.Event(), fault=fault)
     with trio.fail_after(20):
         async with running_fleet([a], MODELS) as fleet:
-            events = await _anthropic_events(fleet, a, pings=2)
+            events = await _anthropic_events(fleet, a, keep_alives=2)
             metrics = (await fleet.client.get(fleet.handle.metrics_url + "/metrics")).text
     kinds = [e["type"] for e in events]
-    assert kinds[:3] == ["message_start", "ping", "ping"]
-    assert kinds.count("message_start") == 1
+    assert kinds[:4] == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+    ]
+    assert events[1]["content_block"] == {"type": "text", "text": ""}
+    assert kinds.count("message_start") == 1 and "ping" not in kinds
     if fault is None:
         assert kinds[-1] == "message_stop"
+        assert kinds.count("content_block_start") == 1
         text = "".join(
             e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta"
         )

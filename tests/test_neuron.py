@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import httpx
@@ -542,10 +543,11 @@ LONG_PROMPT = " ".join(["apple river stone blue seven quick moon table"] * 240)
 
 @pytest.mark.parametrize("stream", [True, False])
 async def test_a_client_that_leaves_during_the_prompt_frees_its_slot(
-    smollm2_path: Path, stream: bool
+    smollm2_path: Path, stream: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Real weights: a tiny model evaluates any prompt it can hold in
     # milliseconds, before a client could leave.
+    caplog.set_level(logging.INFO, logger="cortex.neuron")
     options = {"n_threads": 1, "n_ctx": 2048, "n_batch": 64}
     async with running_neuron([("smollm2", str(smollm2_path))], options=options) as neuron:
         slot = neuron.neuron.manager.slots["smollm2"]
@@ -582,6 +584,8 @@ async def test_a_client_that_leaves_during_the_prompt_frees_its_slot(
                     await trio.sleep(0.01)
                 # Within a chunk of 64 tokens or so, not the whole prompt.
                 assert trio.current_time() - left < 5
+                # Logged, though the answer never began.
+                assert "POST /v1/chat/completions 499" in caplog.text
                 evaluated = decoder.statistics().prompt_tokens - before
                 assert evaluated < 1000
                 assert decoder.statistics().active == 0

@@ -477,6 +477,39 @@ async def test_the_next_turn_reads_its_prefix_from_its_slot(served: Served) -> N
     assert "Paris" in (second.choices[0].message.content or "")
 
 
+async def test_a_reminder_after_the_users_turn_keeps_the_next_turns_prefix(
+    served: Served,
+) -> None:
+    """Gemma has no system role, and sliding-window layers: a prompt that changes
+    anywhere before its end is processed again whole. Claude Code's reminder
+    right after the user's turn is folded into that turn, where it stays."""
+    with trio.fail_after(180):
+        async with openai_client(served.neuron_url) as client:
+            messages: Any = [
+                {"role": "system", "content": SYSTEM},
+                *user(
+                    "Some capitals: Paris, Berlin, Madrid, Rome, Lisbon, Vienna, Prague, "
+                    "Warsaw, Athens, Dublin. Name three rivers in Europe."
+                ),
+                {"role": "system", "content": "Reminder: today is Tuesday. Be brief."},
+            ]
+            first = await client.chat.completions.create(
+                model="gemma3", messages=messages, max_tokens=12, **GREEDY
+            )
+            messages += [
+                {"role": "assistant", "content": first.choices[0].message.content},
+                *user(FRANCE),
+            ]
+            second = await client.chat.completions.create(
+                model="gemma3", messages=messages, max_tokens=8, **GREEDY
+            )
+    assert first.usage is not None and second.usage is not None
+    details = second.usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens is not None
+    assert first.usage.prompt_tokens > 64
+    assert details.cached_tokens >= first.usage.prompt_tokens
+
+
 # -- llama.cpp's extra CPU buffers ------------------------------------------------------
 
 

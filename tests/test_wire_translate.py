@@ -847,6 +847,81 @@ def test_ping_and_error_events():
         _final(events)
 
 
+def _kept_alive(chunks, times=2):
+    """A stream kept alive ``times`` before its chunks (a long prompt): its events."""
+    stream = AnthropicStream(message_id="msg_s", model="claude", input_tokens=12)
+    events = []
+    for _ in range(times):
+        events += stream.keep_alive()
+    for chunk in chunks:
+        events += stream.feed(chunk)
+    return events + stream.finish()
+
+
+def test_keep_alive_is_an_empty_text_delta_the_answer_goes_on_in():
+    # Claude Code's watchdog counts a ping as silence: an empty delta is not.
+    events = _kept_alive(
+        [
+            _chunk({"role": "assistant", "content": "Hel"}),
+            _chunk({"content": "lo"}),
+            _chunk({}, finish_reason="stop"),
+            _usage(),
+        ]
+    )
+    names = [name for name, _ in events]
+    assert names[:4] == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+    ]
+    assert "ping" not in names
+    assert names.count("content_block_start") == 1  # the answer's text is in that block
+    assert [p["index"] for n, p in events if n == "content_block_delta"] == [0, 0, 0, 0]
+    final = _final(events)
+    assert [(b.type, b.text) for b in final.content] == [("text", "Hello")]
+
+
+def test_keep_alive_before_a_tool_call_leaves_an_empty_text_block_clients_send_back():
+    events = _kept_alive(
+        [
+            _chunk(_tool_delta(0, id="call_a", name="Bash", arguments='{"cmd": "ls"}')),
+            _chunk({}, finish_reason="tool_calls"),
+            _usage(),
+        ]
+    )
+    final = _final(events)
+    assert [b.type for b in final.content] == ["text", "tool_use"]
+    assert final.content[0].text == "" and final.content[1].input == {"cmd": "ls"}
+    assert final.stop_reason == "tool_use"
+    # The next turn, as Claude Code sends it, is a request like any other.
+    request = parse_messages_request(
+        {
+            "model": "c",
+            "max_tokens": 5,
+            "tools": [{"name": "Bash", "input_schema": {"type": "object"}}],
+            "messages": [
+                {"role": "user", "content": "list"},
+                {"role": "assistant", "content": [b.model_dump() for b in final.content]},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": "call_a", "content": "a.py"}
+                    ],
+                },
+            ],
+        }
+    )
+    assistant = anthropic_to_openai(request)["messages"][1]
+    assert assistant["tool_calls"][0]["function"]["name"] == "Bash"
+
+
+def test_keep_alive_after_the_answer_began_is_a_ping():
+    stream = AnthropicStream(message_id="m", model="c", input_tokens=1)
+    stream.feed(_chunk(_tool_delta(0, id="call_a", name="Bash", arguments="{}")))
+    assert stream.keep_alive() == [("ping", {"type": "ping"})]
+
+
 def test_text_document_becomes_text_other_documents_refused():
     doc = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "D"}}
     out = _to_openai(messages=[{"role": "user", "content": [doc, {"type": "text", "text": "sum"}]}])

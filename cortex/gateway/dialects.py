@@ -411,7 +411,7 @@ class Messages(Dialect):
         return _encode(self._stream(ex).start())
 
     def keep_alive(self, ex: Exchange) -> bytes:
-        return _encode(self._stream(ex).ping())
+        return _encode(self._stream(ex).keep_alive())
 
     def early_error(self, ex: Exchange, exc: CortexError) -> bytes:
         return _encode(self._stream(ex).error(exc.message, status=anthropic.status_for(exc)))

@@ -75,6 +75,9 @@ class Exchange:
     model: str | None = None
     stream: bool = False
     neuron: NeuronState | None = None
+    #: The neuron last sent the request, answered or not (what the log and
+    #: metrics name for a request given up before its first byte).
+    tried: NeuronState | None = None
     #: The neuron's response; a stream's later chunks are read from it.
     response: hop.Response | None = None
     #: A stream's first chunk, or the whole body when not streaming.
@@ -319,6 +322,7 @@ class Proxy:
                 if last_error is not None:
                     exc.message = f"{exc.message} (tried: {last_error.message})"
                 raise
+            ex.tried = neuron
             try:
                 await self._attempt(ex, neuron, path, content)
                 self.router.answering(neuron, ex.model, ex.prompt)
@@ -464,7 +468,8 @@ class Proxy:
         ex.finished = True
         end = trio.current_time()
         model = ex.model or "unknown"
-        neuron = ex.neuron.name if ex.neuron is not None else ""
+        tried = ex.neuron or ex.tried
+        neuron = tried.name if tried is not None else ""
         status = ex.status
         counts = token_counts(ex.usage)
         # A stream's first chunk marks its first token and the start of

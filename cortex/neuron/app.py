@@ -146,9 +146,26 @@ class Draining:
             await self.app(scope, receive, send)
             return
         self.running += 1
+        answered = False
+
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal answered
+            answered = answered or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, sending)
         finally:
+            if not answered:
+                # The client left before the answer began (the view was
+                # cancelled): the request's log line would never come.
+                headers = dict(scope.get("headers") or ())
+                log.info(
+                    "%s %s 499 request_id=%s (the client left before the answer)",
+                    scope["method"],
+                    scope["path"],
+                    headers.get(b"x-request-id", b"-").decode("latin-1"),
+                )
             self.running -= 1
             if not self.running:
                 self._idle.set()

@@ -504,8 +504,25 @@ class AnthropicStream:
         return [("message_start", {"type": "message_start", "message": message})]
 
     def ping(self) -> list[tuple[str, dict[str, Any]]]:
-        """A keep-alive, e.g. while a long prompt is processed."""
+        """A ``ping``: what Anthropic's API sends between events."""
         return [("ping", {"type": "ping"})]
+
+    def keep_alive(self) -> list[tuple[str, dict[str, Any]]]:
+        """A keep-alive while the answer has not begun (a long prompt, a cold load).
+
+        An empty text delta in the first block, opened for it: Claude Code's
+        watchdog takes a ``ping`` for silence (it gives up after 300 s of
+        anything else), and the answer's text goes on in that block. An
+        answer that begins with a tool call closes it empty first.
+        """
+        events = self.start()
+        if self._open is None and self._next_index == 0:
+            events += self._start_block("text", {"type": "text", "text": ""})
+        if self._open is not None and self._open[0] == "text":
+            events.append(self._delta(self._open[1], {"type": "text_delta", "text": ""}))
+        else:
+            events += self.ping()
+        return events
 
     def _close(self) -> list[tuple[str, dict[str, Any]]]:
         if self._open is None:

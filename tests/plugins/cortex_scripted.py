@@ -8,6 +8,9 @@ a JSON script (``*.script.json``) whose replies are fixed per prompt:
     {"rules": [{"when": "weather in Paris", "tools": true, "reply": "..."}],
      "default": "..."}
 
+A rule's ``"delay"`` holds its first token that many seconds (a long prompt
+on a CPU host).
+
 The first rule whose ``when`` occurs in the last user or tool turn, and
 whose ``tools`` (when given) says whether the prompt shows tools, gives the
 reply. Prompts render through a Hermes-style Jinja template, so assistant
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -91,13 +95,19 @@ class ScriptedModel(LoadedModel):
         self.prompts.append(text)
         return ChatPrompt(text=text, stop=(END,), add_bos=False)
 
-    def reply(self, prompt: str) -> str:
+    def rule(self, prompt: str) -> dict[str, Any] | None:
         turns = _TURN.split(prompt)
         last = turns[-1] if len(turns) > 1 else prompt
         shows_tools = "# Tools" in prompt
         for rule in self._script.get("rules", ()):
             if rule["when"] in last and rule.get("tools", shows_tools) == shows_tools:
-                return rule["reply"]
+                return rule
+        return None
+
+    def reply(self, prompt: str) -> str:
+        rule = self.rule(prompt)
+        if rule is not None:
+            return rule["reply"]
         return self._script.get("default", "Nothing scripted for that.")
 
     def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[Token]:
@@ -106,8 +116,11 @@ class ScriptedModel(LoadedModel):
         # Built before the first token, as a real engine would: a schema that
         # does not convert is the client's 400.
         self.grammars.append(None if constraint is None else grammar_for(constraint))
+        prompt = bytes(tokens).decode()
+        # A rule's "delay": seconds before its first token (a long prompt on a CPU).
+        time.sleep((self.rule(prompt) or {}).get("delay", 0))
         # Markup comes out as one token, the rest two characters a token.
-        for piece in _TOKEN.findall(self.reply(bytes(tokens).decode())):
+        for piece in _TOKEN.findall(self.reply(prompt)):
             yield Token(0, piece.encode())
 
     def unload(self) -> None:
