@@ -163,8 +163,11 @@ class GatewaySection:
     #: Seconds between /discovery polls.
     discovery_interval: float = attrs.field(default=60.0, validator=POSITIVE)
     connect_timeout: float = attrs.field(default=5.0, validator=POSITIVE)
-    #: Seconds to wait for a neuron's first byte (cold loads of big models take minutes).
-    first_byte_timeout: float = attrs.field(default=600.0, validator=POSITIVE)
+    #: Seconds to wait for a neuron's first byte: cold loads of big models
+    #: take minutes, and so does a long prompt on a CPU host (Claude Code's
+    #: ~28k tokens: about 10 minutes on 2 cores). A neuron that stops
+    #: answering its polls is left long before (its requests fail over).
+    first_byte_timeout: float = attrs.field(default=1800.0, validator=POSITIVE)
     #: Seconds allowed between two chunks of a stream.
     idle_timeout: float = attrs.field(default=120.0, validator=POSITIVE)
     #: Seconds a request waits for a model load before giving up.
