@@ -246,9 +246,58 @@ class ChatTemplateMissing(HarnessError):
 
 
 class ContextOverflow(HarnessError):
+    """The prompt leaves no room in the model's context.
+
+    The message is OpenAI's wording (``This model's maximum context length
+    is M tokens. However, your messages resulted in N tokens. ...``), which
+    LiteLLM and so aider recognise; the Anthropic dialect words it
+    Anthropic's way from ``prompt_tokens`` and ``n_ctx`` (Claude Code
+    recognises ``prompt is too long: N tokens > M maximum``).
+    """
+
     status = 400
     kind = "invalid_request_error"
     code = "context_length_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        prompt_tokens: int | None = None,
+        n_ctx: int | None = None,
+    ) -> None:
+        super().__init__(message, param=param)
+        if prompt_tokens is None or n_ctx is None:
+            # Back from an answer: the figures are in the message, where the neuron put them.
+            found = _OVERFLOW.search(message)
+            if found:
+                n_ctx, prompt_tokens = int(found.group(1)), int(found.group(2))
+        #: The prompt's length and the context's, in tokens; None: not said.
+        self.prompt_tokens = prompt_tokens
+        self.n_ctx = n_ctx
+
+    @classmethod
+    def of(cls, prompt_tokens: int, n_ctx: int, *, param: str | None = None) -> ContextOverflow:
+        """The error for a prompt of ``prompt_tokens`` in a context of ``n_ctx``, in OpenAI's words.
+
+        Args:
+          param: the request field that holds the prompt (``messages``,
+            ``prompt``, ``input``); it is named in the message too.
+        """
+        field = param or "prompt"
+        return cls(
+            f"This model's maximum context length is {n_ctx} tokens. However, your {field} "
+            f"resulted in {prompt_tokens} tokens. Please reduce the length of the {field}.",
+            param=param,
+            prompt_tokens=prompt_tokens,
+            n_ctx=n_ctx,
+        )
+
+
+_OVERFLOW = re.compile(
+    r"maximum context length is (\d+) tokens\. However, your \w+ resulted in (\d+) tokens"
+)
 
 
 #: The class an error answer's status stands for, where one class owns it.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 
 import pytest
 
@@ -61,6 +62,27 @@ def test_a_code_under_another_status_keeps_the_status() -> None:
     exc = error_for_status(500, "m", code="context_length_exceeded")
     assert type(exc) is errors.ServiceError
     assert exc.status == 500 and exc.code == "context_length_exceeded"
+
+
+def test_a_too_long_prompt_is_worded_by_each_dialect() -> None:
+    sent = errors.ContextOverflow.of(18031, 8192, param="messages")
+    # Back from the neuron's answer, the figures are read from its message.
+    back = error_for_status(400, sent.message, code="context_length_exceeded", param="messages")
+    assert isinstance(back, errors.ContextOverflow)
+    for exc in (sent, back):
+        _, body, _ = envelope.error_parts(exc)
+        assert json.loads(body)["error"] == {
+            "message": "This model's maximum context length is 8192 tokens. However, your "
+            "messages resulted in 18031 tokens. Please reduce the length of the messages.",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
+        _, body, _ = envelope.error_parts(exc, dialect=envelope.ANTHROPIC)
+        assert json.loads(body)["error"] == {
+            "type": "invalid_request_error",
+            "message": "prompt is too long: 18031 tokens > 8192 maximum",
+        }
 
 
 def test_retry_after_is_the_class_default_unless_given() -> None:

@@ -366,6 +366,7 @@ async def test_errors_in_openai_envelope(
         with pytest.raises(openai.BadRequestError) as overflow:
             await client.completions.create(model="tiny", prompt=list(range(5, 600)), max_tokens=1)
         assert overflow.value.body["code"] == "context_length_exceeded"
+        assert overflow.value.body["message"].startswith("This model's maximum context length is ")
 
 
 async def test_chat_without_template(no_template_model_path: Path) -> None:

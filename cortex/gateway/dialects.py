@@ -414,7 +414,9 @@ class Messages(Dialect):
         return _encode(self._stream(ex).keep_alive())
 
     def early_error(self, ex: Exchange, exc: CortexError) -> bytes:
-        return _encode(self._stream(ex).error(exc.message, status=anthropic.status_for(exc)))
+        return _encode(
+            self._stream(ex).error(anthropic.message_for(exc), status=anthropic.status_for(exc))
+        )
 
     async def relay(self, gateway: Gateway, ex: Exchange) -> AsyncGenerator[bytes, None]:
         """The neuron's chat stream as Anthropic events."""
@@ -455,7 +457,7 @@ class Messages(Dialect):
             except CortexError as exc:
                 log.warning("request %s: %s", ex.request_id, exc.message)
                 ex.status = anthropic.status_for(exc)
-                yield _encode(stream.error(exc.message, status=ex.status))
+                yield _encode(stream.error(anthropic.message_for(exc), status=ex.status))
                 return
         # No finish_reason: the neuron's stream was cut short, and finish()
         # ends it with an error event.

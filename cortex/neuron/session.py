@@ -191,11 +191,8 @@ class Sessions:
         assert slot.model is not None
         room = slot.model.n_ctx - prompt_length
         if room <= 0:
-            # Anthropic's wording: Claude Code recognises it and compacts.
-            raise ContextOverflow(
-                f"prompt is too long: {prompt_length} tokens > {slot.model.n_ctx} maximum "
-                f"(the context of model {slot.id!r})",
-                param=PROMPT_FIELD.get(endpoint, "messages"),
+            raise ContextOverflow.of(
+                prompt_length, slot.model.n_ctx, param=PROMPT_FIELD.get(endpoint, "messages")
             )
         # Beyond what the context leaves, max_tokens is clamped (finish_reason
         # "length"), never rejected: clients such as Claude Code ask for 32000.

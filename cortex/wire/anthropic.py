@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from cortex.errors import CortexError, InvalidRequest
+from cortex.errors import ContextOverflow, CortexError, InvalidRequest
 from cortex.wire import fields
 
 ROLES = frozenset({"user", "assistant", "system"})
@@ -624,5 +624,16 @@ def error_from(status: int, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": message}}
 
 
+def message_for(exc: CortexError) -> str:
+    """``exc``'s message in this dialect's words, for the envelope and the error event.
+
+    A too long prompt reads as Anthropic's API words it, ``prompt is too
+    long: N tokens > M maximum``: Claude Code recognises that and compacts.
+    """
+    if isinstance(exc, ContextOverflow) and exc.prompt_tokens is not None:
+        return f"prompt is too long: {exc.prompt_tokens} tokens > {exc.n_ctx} maximum"
+    return exc.message
+
+
 def error_body(exc: CortexError) -> dict[str, Any]:
-    return error_from(status_for(exc), exc.message)
+    return error_from(status_for(exc), message_for(exc))

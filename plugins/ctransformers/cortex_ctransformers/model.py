@@ -346,10 +346,7 @@ class CTransformersModel(LoadedModel):
             # ggml reads embedding rows by id, unchecked.
             raise InvalidRequest(f"token ids must be in [0, {self._n_vocab})", param="prompt")
         if len(tokens) >= self.n_ctx:
-            raise ContextOverflow(
-                f"the prompt is {len(tokens)} tokens; model {self.model_id!r} "
-                f"has a context of {self.n_ctx}"
-            )
+            raise ContextOverflow.of(len(tokens), self.n_ctx, param="prompt")
         if sampling.constraint is not None:
             raise InvalidRequest(
                 f"model {self.model_id!r} cannot constrain its output: the ctransformers "

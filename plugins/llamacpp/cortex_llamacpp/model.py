@@ -673,10 +673,7 @@ class LlamaCppModel(LoadedModel):
             # would reject them with a bare RuntimeError.
             raise InvalidRequest(f"token ids must be in [0, {n_vocab})", param="prompt")
         if len(tokens) >= self.n_ctx:
-            raise ContextOverflow(
-                f"the prompt is {len(tokens)} tokens; model {self.model_id!r} "
-                f"has a context of {self.n_ctx}"
-            )
+            raise ContextOverflow.of(len(tokens), self.n_ctx, param="prompt")
         text = None if sampling.constraint is None else grammar_for(sampling.constraint)
         if self._decoder is not None:
             return (
