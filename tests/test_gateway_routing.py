@@ -269,3 +269,41 @@ async def test_model_list() -> None:
             assert alias["alias_of"] == "org/small" and alias["loaded"] is True
             one = await fleet.client.get("/v1/models/tier/small")
             assert one.json()["alias_of"] == "org/small"
+
+
+async def test_model_list_says_each_models_context_length() -> None:
+    # Aider (through LiteLLM), IDE plugins (Continue) and vLLM's clients size
+    # their prompts by it.
+    models = catalogue(
+        *MODELS.models,
+        CatalogModel(id="org/unsized", source="hf:org/unsized-GGUF", vram_mb=100),
+        aliases={"tier/small": "org/small"},
+    )
+    a = FakeNeuron("a", preload=["org/small", "extra/model"])
+    b = FakeNeuron("b", preload=["org/small"])
+    a.loaded["org/small"]["n_ctx"] = 8192
+    b.loaded["org/small"]["n_ctx"] = 4096
+    with trio.fail_after(10):
+        async with running_fleet([a, b], models) as fleet:
+            body = (await fleet.client.get("/v1/models")).json()
+            one = (await fleet.client.get("/v1/models/org/tuned")).json()
+            pages = await fleet.client.get(
+                "/v1/models", headers={"anthropic-version": "2023-06-01"}
+            )
+    entries = {m["id"]: m for m in body["data"]}
+    contexts = {
+        model_id: (entry.get("context_length"), entry.get("max_model_len"))
+        for model_id, entry in entries.items()
+    }
+    assert contexts == {
+        "org/small": (4096, 4096),  # the smallest of its replicas'
+        "extra/model": (4096, 4096),  # as its neuron reports it
+        "org/tuned": (2048, 2048),  # not loaded: its entry's options.n_ctx
+        "org/unsized": (None, None),  # unknown: no neuron runs it, no n_ctx in its entry
+        "tier/small": (4096, 4096),
+    }
+    assert "context_length" not in entries["org/unsized"]
+    assert one["context_length"] == one["max_model_len"] == 2048
+    anthropic = {m["id"]: m for m in pages.json()["data"]}
+    assert anthropic["org/small"]["type"] == "model"
+    assert anthropic["org/small"]["context_length"] == 4096

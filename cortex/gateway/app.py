@@ -294,6 +294,8 @@ def model_entries(gateway: Gateway) -> list[dict[str, Any]]:
     def describe(model_id: str) -> dict[str, Any]:
         locations = []
         created = int(state.started_at)
+        # The context a neuron runs it with; the smallest where replicas differ.
+        contexts: list[int] = []
         for neuron in state.neurons.values():
             if not neuron.up:
                 continue
@@ -305,7 +307,17 @@ def model_entries(gateway: Gateway) -> list[dict[str, Any]]:
             loaded = neuron.models.get(model_id)
             if loaded is not None and loaded.loaded_at:
                 created = min(created, int(loaded.loaded_at))
+            if loaded is not None and loaded.status == LOADED and loaded.n_ctx:
+                contexts.append(loaded.n_ctx)
         entry = state.catalogue.models.get(model_id)
+        configured = entry.options.get("n_ctx") if entry is not None else None
+        if not contexts and isinstance(configured, int) and configured > 0:
+            contexts.append(configured)  # 0 is the engine's "the model's own": unknown here
+        # Both names: IDE plugins (Continue) read context_length, vLLM's clients
+        # max_model_len. Unknown (no neuron has it, no n_ctx in its entry): absent.
+        context = (
+            {"context_length": min(contexts), "max_model_len": min(contexts)} if contexts else {}
+        )
         feasible_on = (
             [n.name for n in state.neurons.values() if feasible(entry, n)] if entry else []
         )
@@ -320,6 +332,7 @@ def model_entries(gateway: Gateway) -> list[dict[str, Any]]:
             "status": status,
             "locations": locations,
             "feasible_on": feasible_on,
+            **context,
         }
 
     described = {model_id: describe(model_id) for model_id in ids}
