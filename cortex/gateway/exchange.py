@@ -163,7 +163,7 @@ class Pipeline:
         self,
         gateway: Gateway,
         control: Any,
-        control_methods: Callable[[str], Sequence[str]] = lambda path: (),
+        control_methods: Callable[[str], Sequence[str]],
     ) -> None:
         self.gateway = gateway
         self.control = control
