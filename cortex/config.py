@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Iterable, Mapping
@@ -99,6 +100,20 @@ POSITIVE = in_range(gt=0)
 NON_NEGATIVE = in_range(ge=0)
 
 
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#@\s]+", re.IGNORECASE)
+
+
+def validate_origins(instance: object, attribute: attrs.Attribute, value: list[str]) -> None:
+    """Each item ``*`` or an origin as browsers send it: ``SCHEME://HOST[:PORT]``."""
+    for item in value:
+        if item != "*" and not _ORIGIN.fullmatch(item):
+            raise InvalidValue(
+                attribute.name,
+                f"{item!r} is not an origin: write SCHEME://HOST[:PORT] "
+                '(no path, no trailing slash), or "*" for any',
+            )
+
+
 # -- neuron ---------------------------------------------------------------------------
 
 
@@ -177,6 +192,10 @@ class GatewaySection:
     #: none; None leaves them to the neuron's own default_max_tokens.
     default_max_tokens: int | None = attrs.field(default=None, validator=POSITIVE)
     max_body_bytes: int = attrs.field(default=16 * 1024 * 1024, validator=POSITIVE)
+    #: Origins whose browser pages may call the API (CORS), as
+    #: ``SCHEME://HOST[:PORT]``; ``"*"``: any. Empty: no CORS headers, and
+    #: browsers refuse pages of other origins.
+    cors_origins: list[str] = attrs.field(factory=list, validator=validate_origins)
 
 
 @attrs.define
@@ -345,6 +364,14 @@ def _strict(kind: type, accepts: tuple[type, ...]) -> Any:
     return structure
 
 
+def _structure_strings(value: Any, _: Any) -> list[str]:
+    # cattrs would take a string as the list of its characters: api_keys = "k1"
+    # would accept the keys "k" and "1".
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of strings, got {value!r}")
+    return list(value)
+
+
 def make_converter() -> cattrs.Converter:
     # cattrs' own hooks coerce (str(3) == "3", int(2.5) == 2); a config file
     # with the wrong type is an error, not something to guess about.
@@ -354,6 +381,7 @@ def make_converter() -> cattrs.Converter:
     converter.register_structure_hook(float, _strict(float, (int, float)))
     converter.register_structure_hook(bool, _strict(bool, (bool,)))
     converter.register_structure_hook_func(lambda t: t == AliasTarget, _structure_alias)
+    converter.register_structure_hook_func(lambda t: t == list[str], _structure_strings)
     return converter
 
 

@@ -551,3 +551,54 @@ def test_the_readme_shows_the_real_error_lines(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:
         cfg.load(cfg.GatewayConfig, None, environ={"CORTEX_GATEWAY_POLL_INTERVAL": "-1"})
     assert f"    cortex: {error.value.message}\n" in readme
+
+
+def test_cors_origins_from_a_file_and_the_environment(tmp_path: Path) -> None:
+    assert cfg.load(cfg.GatewayConfig, None, environ={}).gateway.cors_origins == []
+    path = write(tmp_path, '[gateway]\ncors_origins = ["http://localhost:3000"]\n')
+    loaded = cfg.load(cfg.GatewayConfig, path, environ={})
+    assert loaded.gateway.cors_origins == ["http://localhost:3000"]
+    for value, origins in [
+        ("*", ["*"]),
+        (
+            "http://localhost:3000, https://chat.example",
+            ["http://localhost:3000", "https://chat.example"],
+        ),
+        ('["https://[::1]:8080"]', ["https://[::1]:8080"]),
+    ]:
+        environ = {"CORTEX_GATEWAY_CORS_ORIGINS": value}
+        assert cfg.load(cfg.GatewayConfig, path, environ=environ).gateway.cors_origins == origins
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ('cors_origins = ["localhost:3000"]', "'localhost:3000' is not an origin: "),
+        ('cors_origins = ["http://localhost:3000/"]', "'http://localhost:3000/' is not an "),
+        ('cors_origins = ["https://a.example/app"]', "'https://a.example/app' is not an "),
+        # A string is no list (cattrs would take its characters: the keys "k" and "1").
+        ('cors_origins = "*"', "expected a list of strings, got '*'"),
+        ('api_keys = "k1"', "expected a list of strings, got 'k1'"),
+    ],
+)
+def test_cors_origins_must_be_origins(tmp_path: Path, line: str, reason: str) -> None:
+    path = write(tmp_path, f"[gateway]\n{line}\n")
+    with pytest.raises(ConfigError) as error:
+        cfg.load(cfg.GatewayConfig, path, environ={})
+    key = line.split(" ")[0]
+    assert error.value.message.startswith(f"{path}: gateway.{key}: {reason}")
+
+
+def test_cli_exits_2_on_a_bad_cors_origin() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cortex", "--role", "gateway"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "CORTEX_GATEWAY_CORS_ORIGINS": "http://localhost:3000/"},
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "cortex: CORTEX_GATEWAY_CORS_ORIGINS: gateway.cors_origins: 'http://localhost:3000/' "
+        'is not an origin: write SCHEME://HOST[:PORT] (no path, no trailing slash), or "*" for any'
+    ]

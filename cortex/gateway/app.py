@@ -141,7 +141,9 @@ def create_app(gateway: Gateway) -> Pipeline:
     The exchange pipeline answers the inference routes without a web
     framework; every other request goes to the Quart control app.
     """
-    return Pipeline(gateway, _control_app(gateway))
+    control = _control_app(gateway)
+    routes = control.url_map.bind("localhost")
+    return Pipeline(gateway, control, lambda path: sorted(routes.allowed_methods(path)))
 
 
 def _control_app(gateway: Gateway) -> QuartTrio:
