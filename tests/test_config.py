@@ -402,16 +402,21 @@ def test_every_numeric_setting_has_a_range(cls: type) -> None:
     assert unbounded == []
 
 
-def test_cli_exits_2_on_a_value_out_of_range() -> None:
+def gateway_refuses(variable: str, value: str) -> list[str]:
+    """``cortex --role gateway`` with ``variable=value``: what it says, having exited 2."""
     result = subprocess.run(
         [sys.executable, "-m", "cortex", "--role", "gateway"],
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "CORTEX_GATEWAY_POLL_INTERVAL": "-1"},
+        env={**os.environ, variable: value},
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+    return result.stderr.strip().splitlines()
+
+
+def test_cli_exits_2_on_a_value_out_of_range() -> None:
+    assert gateway_refuses("CORTEX_GATEWAY_POLL_INTERVAL", "-1") == [
         "cortex: CORTEX_GATEWAY_POLL_INTERVAL: gateway.poll_interval: must be > 0, got -1"
     ]
 
@@ -590,15 +595,7 @@ def test_cors_origins_must_be_origins(tmp_path: Path, line: str, reason: str) ->
 
 
 def test_cli_exits_2_on_a_bad_cors_origin() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "cortex", "--role", "gateway"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "CORTEX_GATEWAY_CORS_ORIGINS": "http://localhost:3000/"},
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+    assert gateway_refuses("CORTEX_GATEWAY_CORS_ORIGINS", "http://localhost:3000/") == [
         "cortex: CORTEX_GATEWAY_CORS_ORIGINS: gateway.cors_origins: 'http://localhost:3000/' "
         'is not an origin: write SCHEME://HOST[:PORT] (no path, no trailing slash), or "*" for any'
     ]
