@@ -307,3 +307,6 @@ async def test_model_list_says_each_models_context_length() -> None:
     anthropic = {m["id"]: m for m in pages.json()["data"]}
     assert anthropic["org/small"]["type"] == "model"
     assert anthropic["org/small"]["context_length"] == 4096
+    # Where Anthropic's SDK reads it (ModelInfo.max_input_tokens).
+    assert anthropic["org/small"]["max_input_tokens"] == 4096
+    assert "max_input_tokens" not in anthropic["org/unsized"]

@@ -335,6 +335,7 @@ async def test_anthropic_sdk_models_in_anthropics_shape() -> None:
             assert not page.has_more
             first = page.data[0]
             assert (first.type, first.display_name) == ("model", "org/small")
+            assert first.max_input_tokens == 4096  # the context the neuron reports
             assert first.created_at.tzinfo is not None
             assert first.model_extra is not None and first.model_extra["loaded"] is True
             # One a page: the SDK follows after_id to the end.

@@ -536,15 +536,18 @@ MODELS_LIMIT_RANGE = (1, 1000)
 def model_info(entry: Mapping[str, Any]) -> dict[str, Any]:
     """An OpenAI ``/v1/models`` entry (``openai.model_entry``) as Anthropic's ``ModelInfo``.
 
-    cortex's own fields (``loaded``, ``status``, ``alias_of``, ...) stay.
+    cortex's own fields (``loaded``, ``status``, ``alias_of``, ...) stay; the
+    context, where known, is also ``max_input_tokens``, where the SDK reads it.
     """
     info = {k: v for k, v in entry.items() if k not in ("object", "created", "owned_by")}
     created = datetime.fromtimestamp(entry["created"], UTC)
+    context = {"max_input_tokens": entry["context_length"]} if "context_length" in entry else {}
     return {
         "type": "model",
         "id": entry["id"],
         "display_name": entry["id"],
         "created_at": created.isoformat().replace("+00:00", "Z"),
+        **context,
         **info,
     }
 
