@@ -20,6 +20,26 @@ def write(tmp_path: Path, text: str, name: str = "c.toml") -> Path:
     return path
 
 
+def cortex_exits(
+    *argv: str, status: int = 2, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``cortex *argv`` (with ``env`` added to the environment), having exited ``status``."""
+    result = subprocess.run(
+        [sys.executable, "-m", "cortex", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+    assert result.returncode == status, result.stderr
+    return result
+
+
+def said(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """The lines a run wrote to stderr."""
+    return result.stderr.strip().splitlines()
+
+
 def test_defaults_without_a_file() -> None:
     neuron = cfg.load(cfg.NeuronConfig, None, environ={})
     assert neuron.neuron.listen == "0.0.0.0:13131"
@@ -108,14 +128,8 @@ def test_models_file(tmp_path: Path) -> None:
 
 def test_cli_reports_a_bad_config_in_one_line(tmp_path: Path) -> None:
     path = write(tmp_path, "[neuron]\nbogus = 1\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "cortex", "--role", "neuron", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"cortex: {path}: neuron: unknown keys ['bogus']"]
+    result = cortex_exits("--role", "neuron", "--config", str(path))
+    assert said(result) == [f"cortex: {path}: neuron: unknown keys ['bogus']"]
 
 
 def test_example_configs_parse() -> None:
@@ -125,42 +139,17 @@ def test_example_configs_parse() -> None:
 
 
 def test_errors_from_inside_the_event_loop_are_one_line(tmp_path: Path) -> None:
-    env = {**os.environ, "CORTEX_GATEWAY_API_KEYS_FILE": str(tmp_path / "missing")}
-    missing = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cortex",
-            "--role",
-            "gateway",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
+    missing = cortex_exits(
+        *("--role", "gateway", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"),
+        env={"CORTEX_GATEWAY_API_KEYS_FILE": str(tmp_path / "missing")},
     )
-    assert missing.returncode == 2
-    assert missing.stderr.strip().splitlines() == [
-        f"cortex: {tmp_path / 'missing'}: No such file or directory"
-    ]
+    assert said(missing) == [f"cortex: {tmp_path / 'missing'}: No such file or directory"]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        busy = subprocess.run(
-            [sys.executable, "-m", "cortex", "--role", "neuron", "--listen", f"127.0.0.1:{port}"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    assert busy.returncode == 1
-    assert busy.stderr.strip().splitlines()[-1] == (
-        f"cortex: listen 127.0.0.1:{port}: Address already in use"
-    )
+        busy = cortex_exits("--role", "neuron", "--listen", f"127.0.0.1:{port}", status=1)
+    assert said(busy)[-1] == (f"cortex: listen 127.0.0.1:{port}: Address already in use")
     assert "Traceback" not in busy.stderr
 
 
@@ -169,26 +158,12 @@ def test_a_taken_metrics_port_is_named() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        busy = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "cortex",
-                "--role",
-                "gateway",
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                f"127.0.0.1:{port}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
+        busy = cortex_exits(
+            *("--role", "gateway", "--listen", "127.0.0.1:0"),
+            *("--metrics-listen", f"127.0.0.1:{port}"),
+            status=1,
         )
-    assert busy.returncode == 1
-    assert busy.stderr.strip().splitlines()[-1] == (
-        f"cortex: metrics_listen 127.0.0.1:{port}: Address already in use"
-    )
+    assert said(busy)[-1] == (f"cortex: metrics_listen 127.0.0.1:{port}: Address already in use")
 
 
 def role_config_error(argv: list[str]) -> str:
@@ -222,25 +197,11 @@ def test_a_bad_listen_option_is_a_usage_error(argv: list[str], message: str) -> 
 
 
 def test_an_unknown_listen_host_exits_2() -> None:
-    option = subprocess.run(
-        [sys.executable, "-m", "cortex", "--role", "neuron", "--listen", "foo"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert option.returncode == 2
-    [line] = option.stderr.strip().splitlines()
+    [line] = said(cortex_exits("--role", "neuron", "--listen", "foo"))
     assert line.startswith("cortex: --listen foo: unknown host 'foo' (")
     # From the environment (or a file), the key names it once the server binds.
-    setting = subprocess.run(
-        [sys.executable, "-m", "cortex", "--role", "neuron"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "CORTEX_NEURON_LISTEN": "nosuch.invalid:0"},
-    )
-    assert setting.returncode == 2
-    last = setting.stderr.strip().splitlines()[-1]
+    setting = cortex_exits("--role", "neuron", env={"CORTEX_NEURON_LISTEN": "nosuch.invalid:0"})
+    last = said(setting)[-1]
     assert last.startswith("cortex: listen nosuch.invalid:0: unknown host (")
     assert "Traceback" not in setting.stderr
 
@@ -404,15 +365,7 @@ def test_every_numeric_setting_has_a_range(cls: type) -> None:
 
 def gateway_refuses(variable: str, value: str) -> list[str]:
     """``cortex --role gateway`` with ``variable=value``: what it says, having exited 2."""
-    result = subprocess.run(
-        [sys.executable, "-m", "cortex", "--role", "gateway"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, variable: value},
-    )
-    assert result.returncode == 2
-    return result.stderr.strip().splitlines()
+    return said(cortex_exits("--role", "gateway", env={variable: value}))
 
 
 def test_cli_exits_2_on_a_value_out_of_range() -> None:
@@ -507,14 +460,7 @@ def test_an_option_the_role_would_ignore_is_refused(argv: list[str], message: st
 
 
 def test_cli_refuses_a_role_option_with_exit_2() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "cortex", "--role", "gateway", "--model", "x=demo"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 2
-    [line] = result.stderr.strip().splitlines()
+    [line] = said(cortex_exits("--role", "gateway", "--model", "x=demo"))
     assert line.startswith("cortex: --model: the gateway role loads no models")
 
 

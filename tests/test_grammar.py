@@ -263,23 +263,16 @@ async def test_required_tool_choice_lets_the_model_end_after_one_call(
     # newline led only to another block made it call again (twice here,
     # Gemma 3 until the token limit).
     with trio.fail_after(120):
-        reply = await smollm2.chat.completions.create(
-            model="smollm2",
-            messages=PARIS,
-            tools=CITY_TOOLS,
-            tool_choice="required",
-            temperature=0,
-            max_tokens=200,
-        )
-        stream = await smollm2.chat.completions.create(
-            model="smollm2",
-            messages=PARIS,
-            tools=CITY_TOOLS,
-            tool_choice="required",
-            temperature=0,
-            max_tokens=200,
-            stream=True,
-        )
+        asked: Any = {
+            "model": "smollm2",
+            "messages": PARIS,
+            "tools": CITY_TOOLS,
+            "tool_choice": "required",
+            "temperature": 0,
+            "max_tokens": 200,
+        }
+        reply = await smollm2.chat.completions.create(**asked)
+        stream = await smollm2.chat.completions.create(**asked, stream=True)
         chunks = [chunk async for chunk in stream]
         response = await smollm2.responses.create(
             model="smollm2",

@@ -50,7 +50,7 @@ from cortex.gateway.reload import reload_gateway
 from cortex.gateway.state import LOADED, LOADING, FleetState, feasible
 from cortex.serve import bound_url, is_loopback, serve
 from cortex.wire import anthropic, openai
-from cortex.wire.envelope import ANTHROPIC, error_parts, id_headers, route_error
+from cortex.wire.envelope import ANTHROPIC, error_parts, framework_error, id_headers
 
 log = logging.getLogger(__name__)
 
@@ -158,14 +158,7 @@ def _control_app(gateway: Gateway) -> QuartTrio:
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
-        error = route_error(
-            exc.code or 500,
-            request.method,
-            request.path,
-            allowed=getattr(exc, "valid_methods", None) or (),
-            description=exc.description or exc.name,
-        )
-        return error_response(error)
+        return error_response(framework_error(exc, request.method, request.path))
 
     # -- the catalogue and health ---------------------------------------------------
 

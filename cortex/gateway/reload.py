@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from cortex.config import GatewaySection, check_pins, load_models, read_api_keys
+from cortex.config import check_pins, load_models, read_api_keys
 from cortex.errors import ConfigError
 from cortex.gateway.state import Catalogue, FleetState
 
@@ -57,7 +57,7 @@ async def reload_gateway(gateway: Gateway) -> Catalogue:
     keys = None
     if section.api_keys_file:
         try:
-            keys = await trio.to_thread.run_sync(_read_keys, section)
+            keys = await trio.to_thread.run_sync(read_api_keys, section)
         except ConfigError as exc:
             log.error("reload failed, keeping the old catalogue and keys: %s", exc.message)
             raise
@@ -68,11 +68,6 @@ async def reload_gateway(gateway: Gateway) -> Catalogue:
         gateway.api_keys = keys
         log.info("reloaded %s: %d API key(s)", section.api_keys_file, len(keys))
     return catalogue
-
-
-def _read_keys(section: GatewaySection) -> frozenset[str]:
-    """``read_api_keys`` (which refuses a keys file with no key in it)."""
-    return read_api_keys(section)
 
 
 def summary(catalogue: Catalogue) -> str:

@@ -315,14 +315,7 @@ async def cortex_error(exc: CortexError) -> Response:
 
 
 async def http_error(exc: HTTPException) -> Response:
-    error = envelope.route_error(
-        exc.code or 500,
-        request.method,
-        request.path,
-        allowed=getattr(exc, "valid_methods", None) or (),
-        description=exc.description or exc.name,
-    )
-    return error_response(error)
+    return error_response(envelope.framework_error(exc, request.method, request.path))
 
 
 async def read_json() -> Any:

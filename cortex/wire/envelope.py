@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from typing import Any
 
 from cortex.errors import CortexError, MethodNotAllowed, NotFound, error_for_status
 from cortex.wire import anthropic, openai
@@ -71,3 +72,14 @@ def route_error(
         suffix = f" (allowed: {', '.join(takes)})" if takes else ""
         return MethodNotAllowed(f"{method} is not allowed on {path}{suffix}")
     return error_for_status(status, description or f"{method} {path} failed")
+
+
+def framework_error(exc: Any, method: str, path: str) -> CortexError:
+    """``route_error`` for the web framework's own ``HTTPException`` (Werkzeug's)."""
+    return route_error(
+        exc.code or 500,
+        method,
+        path,
+        allowed=getattr(exc, "valid_methods", None) or (),
+        description=exc.description or exc.name,
+    )

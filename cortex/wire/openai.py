@@ -171,7 +171,7 @@ def _tool_calls(calls: Any, param: str) -> None:
             raise InvalidRequest(f"{where}.function.arguments must be a JSON string", param=where)
 
 
-def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _messages(body: Mapping[str, Any], *, continuing: bool) -> list[dict[str, Any]]:
     messages = body.get("messages")
     if messages is None:
         raise InvalidRequest("messages: field required", param="messages")
@@ -183,7 +183,7 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     checked = [chat_message(m, f"messages[{i}]", model=model) for i, m in enumerate(messages)]
     # A final assistant turn to continue is a prefill: its own rules
     # (``_continue_final_message``) say what it may hold.
-    continued = body.get("continue_final_message") is True and checked[-1]["role"] == "assistant"
+    continued = continuing and checked[-1]["role"] == "assistant"
     _check_tool_results(checked[:-1] if continued else checked)
     return checked
 
@@ -400,7 +400,7 @@ def _reject_logprobs(body: Mapping[str, Any], key: str = "logprobs") -> None:
 
 
 def _continue_final_message(
-    body: Mapping[str, Any],
+    continuing: bool,
     messages: list[dict[str, Any]],
     tool_choice: str | dict[str, Any] | None,
     response_format: dict[str, Any] | None,
@@ -412,7 +412,7 @@ def _continue_final_message(
         or a forced tool call or a JSON format would have to shape an
         answer that begins inside the prefill.
     """
-    if not fields.opt_bool(body, "continue_final_message"):
+    if not continuing:
         return False
     where = f"messages[{len(messages) - 1}]"
     last = messages[-1]
@@ -474,7 +474,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
     """
     body = fields.require_object(body)
     model = fields.model(body)
-    messages = _messages(body)
+    continuing = bool(fields.opt_bool(body, "continue_final_message"))
+    messages = _messages(body, continuing=continuing)
     _reject_n(body)
     _reject_logprobs(body)
     _reject_unsupported(body)
@@ -500,7 +501,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         user=fields.opt_str(body, "user"),
         logit_bias=body.get("logit_bias"),
         continue_final_message=_continue_final_message(
-            body, messages, tool_choice, response_format
+            continuing, messages, tool_choice, response_format
         ),
     )
 
