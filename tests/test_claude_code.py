@@ -1,11 +1,11 @@
 """Claude Code itself against a gateway and a neuron with the scripted engine.
 
 Runs only where the ``claude`` CLI is installed (``npm install -g
-@anthropic-ai/claude-code``); CI does not have it. It runs offline: the
-environment points every model tier at the gateway and turns telemetry and
-other traffic off, and ``HOME`` is a temporary directory. The manual
-version, with a capture of what Claude Code sends, is
-``contrib/claude-code/README.md``.
+@anthropic-ai/claude-code``; ``.ci/run`` installs it where npm can). It
+runs offline: the environment points every model tier at the gateway and
+turns telemetry and other traffic off, and ``HOME`` is a temporary
+directory. The manual version, with a capture of what Claude Code sends,
+is ``contrib/claude-code/README.md``.
 """
 
 from __future__ import annotations
