@@ -370,3 +370,20 @@ def test_failed_stream():
     )
     assert received[-1].response.status == "failed"
     assert stream.message_id.startswith("msg_")
+
+
+def test_a_stream_started_early_adopts_the_engines_events():
+    # The gateway sent created and in_progress before the engine's first
+    # event: the engine's own are dropped, the rest take the gateway's id,
+    # created_at and next sequence numbers.
+    early = ResponsesStream(id="resp_early", created_at=1, model="m")
+    events = early.start()
+    for _, payload in _stream_events(["Hel", "lo"]):
+        events += early.adopt(payload)
+    names = [name for name, _ in events]
+    assert names.count("response.created") == names.count("response.in_progress") == 1
+    assert [p["sequence_number"] for _, p in events] == list(range(len(events)))
+    assert events[-1][1]["response"]["id"] == "resp_early"
+    assert events[-1][1]["response"]["created_at"] == 1
+    with _client(_encode(events), stream=True).responses.stream(model="m", input="hi") as stream:
+        assert stream.get_final_response().output_text == "Hello"

@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Any
 
 import attrs
@@ -38,7 +38,7 @@ from cortex.gateway import affinity
 from cortex.gateway.context import Gateway
 from cortex.gateway.proxy import Exchange
 from cortex.gateway.state import LOADED
-from cortex.wire import anthropic, envelope, openai, sse, translate
+from cortex.wire import anthropic, envelope, openai, responses, sse, translate
 
 log = logging.getLogger(__name__)
 
@@ -123,16 +123,17 @@ class Dialect:
         """The content type of a stream's answer."""
         return EVENT_STREAM
 
-    def early_start(self, ex: Exchange) -> bytes | None:
+    def early_start(self, ex: Exchange, upstream: Upstream) -> bytes | None:
         """A stream's opening events, sent before the neuron's first byte; None: wait for it.
 
         For clients that give up on a silent stream (Claude Code, after
-        300 s) while a long prompt is processed. Sets ``ex.early``.
+        300 s; a proxy's or a client's read timeout) while a long prompt is
+        processed. May set ``ex.early``, the dialect's state for the rest.
         """
         return None
 
     def keep_alive(self, ex: Exchange) -> bytes:
-        """An event that keeps a stream started early alive until the first byte."""
+        """What keeps a stream started early alive until the first byte."""
         raise NotImplementedError
 
     def early_error(self, ex: Exchange, exc: CortexError) -> bytes:
@@ -277,18 +278,55 @@ class OpenAI(Dialect):
         return Answer(ex.status, self._content_type(ex), ex.first)
 
     def stream_type(self, ex: Exchange) -> bytes:
-        return self._content_type(ex)
+        # Started early, the stream's head goes out before the neuron's.
+        return EVENT_STREAM if ex.response is None else self._content_type(ex)
 
     @staticmethod
     def _content_type(ex: Exchange) -> bytes:
         assert ex.response is not None
         return ex.response.headers.get("content-type", "application/json").encode("latin-1")
 
+    def early_start(self, ex: Exchange, upstream: Upstream) -> bytes | None:
+        # Chat and completions: comments alone. A role-only chunk now would
+        # fake the time to first token (WIRE.md).
+        if self.endpoint != "responses":
+            return sse.KEEP_ALIVE
+        # Responses: created and in_progress now, as OpenAI sends them, with
+        # what the neuron's own would say (it echoes the same body); the
+        # relay then drops the neuron's and renumbers the rest.
+        assert ex.model is not None
+        try:
+            req = responses.parse_responses_request(json.loads(upstream.content))
+        except (ValueError, InvalidRequest):
+            return None  # the neuron refuses it: that stays a 400
+        ex.early = responses.ResponsesStream(
+            id=responses.new_response_id(),
+            created_at=openai.now(),
+            model=ex.model,
+            echo=req.echo,
+        )
+        return _encode(ex.early.start())
+
+    def keep_alive(self, ex: Exchange) -> bytes:
+        return sse.KEEP_ALIVE
+
+    def early_error(self, ex: Exchange, exc: CortexError) -> bytes:
+        if isinstance(ex.early, responses.ResponsesStream):
+            return _encode(ex.early.fail(exc.message, code=exc.code or exc.kind))
+        return sse.encode(openai.error_body(exc))
+
     async def relay(self, gateway: Gateway, ex: Exchange) -> AsyncGenerator[bytes, None]:
-        """The stream byte for byte; an error chunk if the neuron fails."""
+        """The stream byte for byte; an error chunk if the neuron fails.
+
+        A Responses stream started early goes on as the response it began
+        (``ResponsesStream.adopt``): its events are re-encoded.
+        """
         tail: collections.deque[bytes] = collections.deque(maxlen=TAIL_CHUNKS)
         chunk: bytes | None = ex.first
+        adopt = _adopter(ex.early) if isinstance(ex.early, responses.ResponsesStream) else None
         while chunk is not None:
+            if adopt is not None:
+                chunk = adopt(chunk)
             if chunk:
                 tail.append(chunk)
                 yield chunk
@@ -301,6 +339,26 @@ class OpenAI(Dialect):
                 return
         ex.status, ex.usage = 200, usage_from_tail(tail)
         ex.follows = calls_tool_in_tail(tail)
+
+
+def _adopter(stream: responses.ResponsesStream) -> Callable[[bytes], bytes]:
+    """Chunks of the neuron's Responses stream -> the events ``stream`` goes on with."""
+    decoder = sse.SSEDecoder()
+
+    def adopt(chunk: bytes) -> bytes:
+        out = []
+        for event in decoder.feed(chunk):
+            try:
+                payload = json.loads(event.data)
+            except ValueError:
+                payload = None
+            if isinstance(payload, dict) and isinstance(payload.get("type"), str):
+                out += [sse.encode(p, event=n) for n, p in stream.adopt(payload)]
+            else:
+                out.append(sse.encode(event.data, event=event.event))  # as it came
+        return b"".join(out)
+
+    return adopt
 
 
 # -- Anthropic: translated ----------------------------------------------------------
@@ -405,7 +463,7 @@ class Messages(Dialect):
             )
         return ex.early
 
-    def early_start(self, ex: Exchange) -> bytes | None:
+    def early_start(self, ex: Exchange, upstream: Upstream) -> bytes | None:
         # message_start now, as Anthropic's API sends it: its usage is the
         # prompt's count so far, the cache split then in message_delta.
         return _encode(self._stream(ex).start())

@@ -74,9 +74,9 @@ _METHODS = ("OPTIONS", "POST")
 _ALLOW = (b"allow", ", ".join(_METHODS).encode())
 #: Seconds a stream the server cuts at once gets to send its error event.
 CUT_NOTICE_S = 0.5
-#: Seconds without the neuron's first byte after which a stream whose
-#: dialect can (Anthropic's) is started anyway, and then kept alive every
-#: ``KEEP_ALIVE_S``: Claude Code gives up on a stream silent for 300 s.
+#: Seconds without the neuron's first byte after which a stream is started
+#: anyway, and then kept alive every ``KEEP_ALIVE_S``: Claude Code gives up
+#: on a stream silent for 300 s, nginx (``proxy_read_timeout``) after 60 s.
 EARLY_START_S = 10.0
 KEEP_ALIVE_S = 10.0
 
@@ -387,12 +387,15 @@ class Pipeline:
     ) -> bool:
         """``dialect.send`` for a stream, starting the answer if the first byte is slow.
 
-        A dialect with ``early_start`` events (Anthropic's) gets its head and
-        those events once ``EARLY_START_S`` pass without the neuron's first
-        byte (a long prompt, a cold load), then a keep-alive event every
-        ``KEEP_ALIVE_S``: clients that give up on a silent stream (Claude
-        Code, after 300 s) wait. A failure after that is the stream's error
-        event, the status recorded as the dialect would have answered it.
+        Once ``EARLY_START_S`` pass without the neuron's first byte (a long
+        prompt, a cold load), the stream gets its head and the dialect's
+        ``early_start`` events, then its ``keep_alive`` every
+        ``KEEP_ALIVE_S``: clients and proxies that give up on a silent
+        stream (Claude Code after 300 s, nginx after 60 s) wait. The
+        request is still routed and retried meanwhile; a failure after the
+        head is the stream's ``early_error`` event, the status recorded as
+        the dialect would have answered it. Streams whose first byte comes
+        sooner are untouched, and errors before it stay error answers.
 
         Returns:
           True when the stream was started early and has ended with an error
@@ -417,7 +420,7 @@ class Pipeline:
             nursery.start_soon(forward)
             with trio.move_on_after(EARLY_START_S):
                 await done.wait()
-            opening = None if done.is_set() else dialect.early_start(ex)
+            opening = None if done.is_set() else dialect.early_start(ex, upstream)
             if opening is not None:
                 await send(
                     {

@@ -484,7 +484,7 @@ class NeuronApi:
         generation = await self.sessions.start_chat(
             req, max_tokens=req.max_output_tokens, stops=(), endpoint="responses", arrived=arrived
         )
-        response_id, created_at = "resp_" + uuid.uuid4().hex, openai.now()
+        response_id, created_at = responses.new_response_id(), openai.now()
         if not req.stream:
             return await response_answer(generation, response_id, created_at, req)
         builder = ResponsesStream(

@@ -366,6 +366,10 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
 # -- output -------------------------------------------------------------------
 
 
+def new_response_id() -> str:
+    return f"resp_{secrets.token_hex(16)}"
+
+
 def new_message_id() -> str:
     return f"msg_{secrets.token_hex(16)}"
 
@@ -692,7 +696,7 @@ class ResponsesStream:
         events.append(self._event(name, response=final))
         return events
 
-    def fail(self, message: str) -> list[tuple[str, dict[str, Any]]]:
+    def fail(self, message: str, code: str = "server_error") -> list[tuple[str, dict[str, Any]]]:
         """End a stream that broke mid-way with ``response.failed``."""
         response = _response(
             id=self.id,
@@ -700,7 +704,26 @@ class ResponsesStream:
             model=self.model,
             status="failed",
             output=[],
-            error={"code": "server_error", "message": message},
+            error={"code": code, "message": message},
             echo=self.echo,
         )
         return [self._event("response.failed", response=response)]
+
+    def adopt(self, payload: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        """An event of the engine's own stream of this response, after :meth:`start`.
+
+        For a stream begun before the engine's first event (the gateway
+        starts a slow one early): the engine's ``response.created`` and
+        ``response.in_progress`` are dropped, :meth:`start` sent them; its
+        other events take this stream's id, ``created_at`` and next
+        sequence numbers, so the client sees one response, numbered
+        without a gap.
+        """
+        kind = payload["type"]
+        if kind in ("response.created", "response.in_progress"):
+            return []
+        fields = {k: v for k, v in payload.items() if k not in ("type", "sequence_number")}
+        response = fields.get("response")
+        if isinstance(response, dict):
+            fields["response"] = {**response, "id": self.id, "created_at": self.created_at}
+        return [self._event(kind, **fields)]

@@ -12,6 +12,9 @@ from typing import Any
 import attrs
 
 DONE = b"data: [DONE]\n\n"
+#: A comment line: it keeps a stream from looking idle and carries no
+#: event, so clients skip it (the openai SDKs, python and node, do).
+KEEP_ALIVE = b": keep-alive\n\n"
 
 
 def encode(data: dict[str, Any] | str, event: str | None = None) -> bytes:
