@@ -219,7 +219,7 @@ def test_text_format_becomes_response_format():
         (
             {"model": "m", "input": [{"type": "item_reference", "id": "x"}]},
             "input[0]",
-            "unsupported input item",
+            "input item type .item_reference. is not supported .it names a stored item",
         ),
         ({"model": "m", "input": [{"role": "robot", "content": "x"}]}, "input[0].role", None),
         (
@@ -231,7 +231,7 @@ def test_text_format_becomes_response_format():
         (
             {"model": "m", "input": "x", "tools": [{"type": "web_search"}]},
             "tools[0]",
-            "only function tools",
+            "tool type .web_search. is not supported .hosted tools run at OpenAI",
         ),
         ({"model": "m", "input": "x", "tool_choice": {"type": "file_search"}}, "tool_choice", None),
         ({"model": "m", "input": "x", "max_output_tokens": 0}, "max_output_tokens", None),

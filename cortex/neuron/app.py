@@ -493,6 +493,7 @@ class NeuronApi:
             model=req.model,
             echo=req.echo,
             max_tool_calls=req.max_tool_calls,
+            namespaced=req.namespaced,
         )
         return event_stream(response_events(generation, builder))
 
@@ -648,11 +649,13 @@ async def response_answer(
             responses.function_call_item(
                 id=responses.new_function_call_id(),
                 call_id=call.id,
-                name=call.name,
+                name=name,
                 arguments=call.arguments,
                 status=status,
+                namespace=namespace,
             )
             for call in calls
+            for name, namespace in [req.called(call.name)]
         ],
     )
 

@@ -272,10 +272,15 @@ def _tools(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
             # A server or built-in tool (web_search_20250305, bash_20250124,
             # text_editor_*, ...) runs on Anthropic's side or has a schema
             # only Anthropic's models know: nothing here can honour it.
-            raise InvalidRequest(
-                f"{where}.type: tool type {fields.shown(kind)} is not supported; only custom tools "
-                "(a name, a description and an input_schema; type absent or 'custom') are",
-                param=f"{where}.type",
+            raise fields.unsupported_type(
+                f"{where}.type",
+                "tool",
+                kind,
+                serves="only custom tools (a name, a description and an input_schema; "
+                "type absent or 'custom')",
+                why="server and built-in tools run at Anthropic or have a schema only "
+                "Anthropic's models know",
+                todo="remove it",
             )
         if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
             raise InvalidRequest(f"{where}.name must be a string", param=f"{where}.name")

@@ -204,3 +204,29 @@ def prefill_conflict(param: str, what: str) -> InvalidRequest:
         "begin inside the prefill's text",
         param=param,
     )
+
+
+def unsupported_type(
+    where: str, noun: str, kind: Any, *, serves: str, why: str | None = None, todo: str
+) -> InvalidRequest:
+    """The 400 for a tool or input item of a type nothing here serves.
+
+    One wording for every dialect: the type, why cortex cannot serve it, what
+    it serves instead and what the client should do, e.g. ``tools[8]: tool
+    type 'web_search' is not supported (hosted tools run at OpenAI; cortex
+    serves only function tools: remove it)``.
+
+    Args:
+      where: the field; also the error's ``param``.
+      noun: what has the type (``tool``, ``input item``).
+      kind: the type as sent.
+      serves: what cortex takes instead.
+      why: the reason this type cannot be served, when there is more to say.
+      todo: what to do about it.
+    """
+    reason = f"{why}; " if why else ""
+    return InvalidRequest(
+        f"{where}: {noun} type {shown(kind)} is not supported "
+        f"({reason}cortex serves {serves}: {todo})",
+        param=where,
+    )

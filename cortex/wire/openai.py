@@ -283,6 +283,12 @@ def chat_message(message: Any, where: str, *, model: str) -> dict[str, Any]:
     return {**message, "role": "system" if role == "developer" else role, "content": content}
 
 
+#: Why a custom tool (OpenAI's, chat and Responses alike) is refused.
+CUSTOM_TOOLS = (
+    "custom tools take free-form text, which a local model's tool-call markup cannot carry"
+)
+
+
 def _tools(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
     tools = body.get("tools")
     if tools is None:
@@ -291,8 +297,18 @@ def _tools(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
         raise InvalidRequest("tools must be a list", param="tools")
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
-        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
-            raise InvalidRequest(f"{where}: only function tools are supported", param=where)
+        if not isinstance(tool, dict):
+            raise InvalidRequest(f"{where} must be an object", param=where)
+        kind = tool.get("type", "function")
+        if kind != "function":
+            raise fields.unsupported_type(
+                where,
+                "tool",
+                kind,
+                serves="only function tools",
+                why=CUSTOM_TOOLS if kind == "custom" else None,
+                todo="remove it, or declare it as a function tool with a JSON schema",
+            )
         function = tool.get("function")
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise InvalidRequest(f"{where}.function.name must be a string", param=where)

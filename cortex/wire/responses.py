@@ -17,6 +17,7 @@ import attrs
 from cortex.errors import InvalidRequest
 from cortex.wire import fields
 from cortex.wire.openai import (
+    CUSTOM_TOOLS,
     SamplingOverrides,
     Usage,
     chat_message,
@@ -30,6 +31,56 @@ _MESSAGE_ROLES = frozenset({"user", "assistant", "system", "developer"})
 _IGNORED_ITEMS = frozenset({"reasoning"})
 #: Content part types that carry text, and the key that holds it.
 _TEXT_PARTS = {"input_text": "text", "output_text": "text", "text": "text", "refusal": "refusal"}
+
+
+_ITEMS_SERVED = "messages, function_call, function_call_output and reasoning items"
+_HOSTED_CALL = "it records a call of a hosted tool, and hosted tools run at OpenAI"
+_BUILT_IN_CALL = (
+    "it records a call of an OpenAI built-in tool, whose call format only OpenAI's models know"
+)
+#: Input item types cortex does not take: why, and what to do instead.
+_ITEM_REFUSALS: dict[str, tuple[str, str]] = {
+    **dict.fromkeys(
+        (
+            "web_search_call",
+            "file_search_call",
+            "code_interpreter_call",
+            "image_generation_call",
+            "mcp_call",
+            "mcp_list_tools",
+            "mcp_approval_request",
+            "mcp_approval_response",
+            "tool_search_call",
+            "tool_search_output",
+        ),
+        (_HOSTED_CALL, "leave it out of input"),
+    ),
+    **dict.fromkeys(
+        (
+            "local_shell_call",
+            "local_shell_call_output",
+            "shell_call",
+            "shell_call_output",
+            "apply_patch_call",
+            "apply_patch_call_output",
+            "computer_call",
+            "computer_call_output",
+        ),
+        (_BUILT_IN_CALL, "leave it out, and declare the tool as a function tool"),
+    ),
+    **dict.fromkeys(
+        ("custom_tool_call", "custom_tool_call_output"),
+        (CUSTOM_TOOLS, "leave it out, and declare the tool as a function tool"),
+    ),
+    "compaction": (
+        "it holds history that OpenAI compacted and encrypted, which only OpenAI can read",
+        "start a new conversation, or compact it on the client",
+    ),
+    "item_reference": (
+        "it names a stored item, and cortex stores nothing",
+        "send the item itself",
+    ),
+}
 
 
 def _text_of_parts(parts: list[Any], where: str, model: str) -> str:
@@ -115,7 +166,10 @@ def _input_messages(body: Mapping[str, Any], model: str) -> list[dict[str, Any]]
         elif kind in _IGNORED_ITEMS:
             continue
         else:
-            raise InvalidRequest(f"{where}: unsupported input item type {kind!r}", param=where)
+            why, todo = _ITEM_REFUSALS.get(kind, (None, "leave it out"))
+            raise fields.unsupported_type(
+                where, "input item", kind, serves=_ITEMS_SERVED, why=why, todo=todo
+            )
     if unanswered:
         raise InvalidRequest(
             f"No tool output found for function call {next(iter(unanswered))}.", param="input"
@@ -132,29 +186,128 @@ def _function_call(item: Mapping[str, Any], where: str) -> dict[str, Any]:
         raise InvalidRequest(f"{where}: function_call needs call_id and name", param=where)
     if not isinstance(arguments, str):
         arguments = json.dumps(arguments)
+    namespace = item.get("namespace")
+    if namespace is not None:
+        if not isinstance(namespace, str):
+            raise InvalidRequest(f"{where}.namespace must be a string", param=f"{where}.namespace")
+        name = f"{namespace}.{name}"  # as the model sees the function (see _namespace)
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
-def _tools(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+_HOSTED = "hosted tools run at OpenAI"
+_BUILT_IN = "OpenAI's built-in tools have a call format only OpenAI's models know"
+_NO_WEB_SEARCH = "remove it; for Codex: -c web_search='\"disabled\"'"
+#: Tool types cortex does not serve: why, and what to do instead.
+_TOOL_REFUSALS: dict[str, tuple[str, str]] = {
+    "web_search": (_HOSTED, _NO_WEB_SEARCH),
+    "web_search_preview": (_HOSTED, _NO_WEB_SEARCH),
+    **dict.fromkeys(
+        ("file_search", "code_interpreter", "image_generation", "mcp", "tool_search"),
+        (_HOSTED, "remove it"),
+    ),
+    **dict.fromkeys(
+        ("local_shell", "shell", "apply_patch", "computer", "computer_use_preview"),
+        (_BUILT_IN, "remove it, or declare the tool as a function tool"),
+    ),
+    "custom": (CUSTOM_TOOLS, "remove it, or declare it as a function tool with a JSON schema"),
+}
+
+
+def _refuse_tool(kind: Any, where: str, *, serves: str = "only function tools") -> InvalidRequest:
+    why, todo = _TOOL_REFUSALS.get(kind, (None, "remove it"))
+    return fields.unsupported_type(where, "tool", kind, serves=serves, why=why, todo=todo)
+
+
+def _function(tool: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A Responses function tool -> its chat ``function``."""
+    if not isinstance(tool.get("name"), str):
+        raise InvalidRequest(f"{where}.name must be a string", param=f"{where}.name")
+    function = {"name": tool["name"], "parameters": tool.get("parameters") or {}}
+    if tool.get("description") is not None:
+        function["description"] = tool["description"]
+    if tool.get("strict") is not None:
+        function["strict"] = tool["strict"]
+    return function
+
+
+def _namespace(tool: Mapping[str, Any], where: str) -> tuple[str, list[dict[str, Any]]]:
+    """A ``namespace`` tool: its name and its functions, named as the model sees them.
+
+    The model sees ``<namespace>.<function>`` (as OpenAI's own models address
+    a namespace's functions), with the namespace's description before the
+    function's own. A dot is in no function name OpenAI's API accepts, so
+    the names cannot meet a top-level tool's.
+    """
+    name, tools = tool.get("name"), tool.get("tools")
+    if not isinstance(name, str) or not name or "." in name:
+        raise InvalidRequest(
+            f"{where}.name must be a non-empty string without '.'", param=f"{where}.name"
+        )
+    if not isinstance(tools, list):
+        raise InvalidRequest(f"{where}.tools must be a list", param=f"{where}.tools")
+    about = tool.get("description")
+    functions = []
+    for j, inner in enumerate(tools):
+        here = f"{where}.tools[{j}]"
+        kind = inner.get("type") if isinstance(inner, dict) else None
+        if kind != "function":
+            raise _refuse_tool(kind, here, serves="only function tools, in a namespace too")
+        function = _function(inner, here)
+        function["name"] = f"{name}.{function['name']}"
+        if isinstance(about, str) and about:
+            own = function.get("description")
+            function["description"] = f"{about}\n\n{own}" if own else about
+        functions.append(function)
+    return name, functions
+
+
+def _tools(
+    body: Mapping[str, Any],
+) -> tuple[list[dict[str, Any]] | None, dict[str, tuple[str, str]]]:
+    """The request's tools as chat tools, and the namespaced ones' names.
+
+    Returns:
+      The chat tools (None: the request has none), and for each function of a
+      ``namespace`` tool, its name as the model sees it -> (namespace, name).
+
+    Raises:
+      InvalidRequest: a tool type other than function and namespace, or two
+        tools the model would see under one name.
+    """
     tools = body.get("tools")
     if tools is None:
-        return None
+        return None, {}
     if not isinstance(tools, list):
         raise InvalidRequest("tools must be a list", param="tools")
-    converted = []
+    converted: list[dict[str, Any]] = []
+    namespaced: dict[str, tuple[str, str]] = {}
+    declared: dict[str, str] = {}  # name the model sees -> where it was declared
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            raise InvalidRequest(f"{where}: only function tools are supported", param=where)
-        if not isinstance(tool.get("name"), str):
-            raise InvalidRequest(f"{where}.name must be a string", param=f"{where}.name")
-        function = {"name": tool["name"], "parameters": tool.get("parameters") or {}}
-        if tool.get("description") is not None:
-            function["description"] = tool["description"]
-        if tool.get("strict") is not None:
-            function["strict"] = tool["strict"]
-        converted.append({"type": "function", "function": function})
-    return converted
+        if not isinstance(tool, dict):
+            raise InvalidRequest(f"{where} must be an object", param=where)
+        kind = tool.get("type")
+        if kind == "function":
+            found = [(where, _function(tool, where))]
+        elif kind == "namespace":
+            namespace, functions = _namespace(tool, where)
+            found = [(f"{where}.tools[{j}]", f) for j, f in enumerate(functions)]
+            for function in functions:
+                namespaced[function["name"]] = (namespace, function["name"][len(namespace) + 1 :])
+        else:
+            raise _refuse_tool(kind, where)
+        for here, function in found:
+            name = function["name"]
+            if name in declared:
+                # Two tools under one name: the model could not tell them apart.
+                raise InvalidRequest(
+                    f"{here}: the model would see this tool as {name!r}, "
+                    f"as it sees {declared[name]}: give each tool its own name",
+                    param=f"{here}.name",
+                )
+            declared[name] = here
+            converted.append({"type": "function", "function": function})
+    return converted, namespaced
 
 
 def _tool_choice(body: Mapping[str, Any]) -> str | dict[str, Any] | None:
@@ -267,6 +420,18 @@ class ResponsesRequest:
     #: What the response object repeats of the request (``instructions``,
     #: ``metadata``, ``tools`` as sent, ...): see ``response_object``.
     echo: dict[str, Any] = attrs.field(factory=_echo_defaults)
+    #: The functions of ``namespace`` tools: the name the model sees
+    #: (``<namespace>.<function>``) -> (namespace, function name).
+    namespaced: dict[str, tuple[str, str]] = attrs.field(factory=dict)
+
+    def called(self, name: str) -> tuple[str, str | None]:
+        """The function the model called by ``name``: (its name, its namespace or None)."""
+        return _called(self.namespaced, name)
+
+
+def _called(namespaced: Mapping[str, tuple[str, str]], name: str) -> tuple[str, str | None]:
+    namespace, function = namespaced.get(name, (None, name))
+    return function, namespace
 
 
 _NOT_STORED = "responses are not stored, send the whole conversation in input"
@@ -341,7 +506,7 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
     body = fields.require_object(body)
     model = fields.model(body)
     _reject_unsupported(body)
-    tools, tool_choice = _tools(body), _tool_choice(body)
+    (tools, namespaced), tool_choice = _tools(body), _tool_choice(body)
     needs_tools(tool_choice, tools)
     max_tool_calls, tool_choice, parallel_tool_calls = _tool_call_limit(
         body, tool_choice, fields.opt_bool(body, "parallel_tool_calls")
@@ -359,6 +524,7 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
         store=fields.opt_bool(body, "store"),
         user=fields.opt_str(body, "user"),
         max_tool_calls=max_tool_calls,
+        namespaced=namespaced,
     )
     return attrs.evolve(req, echo=_echo(body, req))
 
@@ -434,10 +600,21 @@ def new_function_call_id() -> str:
 
 
 def function_call_item(
-    *, id: str, call_id: str, name: str, arguments: str, status: str = "completed"
+    *,
+    id: str,
+    call_id: str,
+    name: str,
+    arguments: str,
+    status: str = "completed",
+    namespace: str | None = None,
 ) -> dict[str, Any]:
-    """A ``function_call`` output item: a tool call the client should run."""
-    return {
+    """A ``function_call`` output item: a tool call the client should run.
+
+    Args:
+      name: the function's own name, without its namespace.
+      namespace: the ``namespace`` tool it belongs to; None: a top-level function.
+    """
+    item = {
         "type": "function_call",
         "id": id,
         "call_id": call_id,
@@ -445,6 +622,9 @@ def function_call_item(
         "arguments": arguments,
         "status": status,
     }
+    if namespace is not None:
+        item["namespace"] = namespace
+    return item
 
 
 def response_object(
@@ -508,6 +688,7 @@ class ResponsesStream:
         message_id: str | None = None,
         echo: Mapping[str, Any] | None = None,
         max_tool_calls: int | None = None,
+        namespaced: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
         self.id = id
         self.created_at = created_at
@@ -524,6 +705,8 @@ class ResponsesStream:
         #: Function calls beyond this many are dropped (``ResponsesRequest.max_tool_calls``).
         self.max_tool_calls = max_tool_calls
         self._calls = 0
+        #: ``ResponsesRequest.namespaced``: calls of these names are a namespace's.
+        self.namespaced = namespaced or {}
 
     @property
     def _index(self) -> int:
@@ -648,12 +831,14 @@ class ResponsesStream:
         if self.max_tool_calls is not None and self._calls >= self.max_tool_calls:
             return events
         self._calls += 1
+        function, namespace = _called(self.namespaced, name)
         self._call = function_call_item(
             id=item_id or new_function_call_id(),
             call_id=call_id,
-            name=name,
+            name=function,
             arguments="",
             status="in_progress",
+            namespace=namespace,
         )
         self._arguments = []
         events.append(
