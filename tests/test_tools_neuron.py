@@ -59,6 +59,12 @@ SCRIPT = {
             ),
         },
         {"when": "sunny, 21", "reply": "It is sunny and 21 °C in Paris."},
+        {
+            "when": "find Ada",
+            "reply": '<tool_call>\n{"name": "crm.find_customer", "arguments": {"name": "Ada"}}'
+            "\n</tool_call>",
+        },
+        {"when": "customer 42", "reply": "Ada is customer 42."},
         {"when": "broken", "reply": '<tool_call>{"name": oops}</tool_call> sorry'},
     ],
 }
@@ -437,6 +443,166 @@ async def test_responses_max_tool_calls_caps_the_calls_and_is_echoed(
                 max_tool_calls=0,
             )
         assert forced.value.body["param"] == "max_tool_calls"
+
+
+FIND_CUSTOMER = {
+    "type": "function",
+    "name": "find_customer",
+    "description": "Look a customer up by name.",
+    "parameters": {"type": "object", "properties": {"name": {"type": "string"}}},
+}
+CRM = {
+    "type": "namespace",
+    "name": "crm",
+    "description": "The customer database.",
+    "tools": [FIND_CUSTOMER],
+}
+
+
+async def test_responses_namespace_tools_are_called_as_the_namespace_s(
+    client: openai.AsyncOpenAI, neuron: NeuronHandle
+) -> None:
+    tools: list[Any] = [*RESPONSES_TOOLS, CRM]
+    with trio.fail_after(10):
+        whole = await client.responses.create(model="scripted", input="find Ada", tools=tools)
+        async with client.responses.stream(
+            model="scripted", input="find Ada", tools=tools
+        ) as stream:
+            events = [event async for event in stream]
+            final = await stream.get_final_response()
+    # The model sees the function as <namespace>.<name>, described by both.
+    shown = json.loads(engine_model(neuron).prompts[-1].splitlines()[3])
+    assert shown["function"]["name"] == "crm.find_customer"
+    assert shown["function"]["description"] == (
+        "The customer database.\n\nLook a customer up by name."
+    )
+    for response in (whole, final):
+        [call] = response.output
+        assert (call.type, call.namespace, call.name) == ("function_call", "crm", "find_customer")
+        assert json.loads(call.arguments) == {"name": "Ada"}
+    items = [
+        e.item
+        for e in events
+        if e.type in ("response.output_item.added", "response.output_item.done")
+    ]
+    assert [(i.namespace, i.name) for i in items] == [("crm", "find_customer")] * 2
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert done[0].name == "find_customer"
+
+    # The next turn: the call (with its namespace) and its output pair up.
+    with trio.fail_after(10):
+        answer = await client.responses.create(
+            model="scripted",
+            tools=tools,
+            input=[
+                {"role": "user", "content": "find Ada"},
+                final.output[0].model_dump(exclude_none=True),
+                {
+                    "type": "function_call_output",
+                    "call_id": final.output[0].call_id,
+                    "output": "customer 42",
+                },
+            ],
+        )
+    assert answer.output_text == "Ada is customer 42."
+    prompt = engine_model(neuron).prompts[-1]
+    assert '<tool_call>{"name": "crm.find_customer", "arguments": {"name": "Ada"}}' in prompt
+    assert f"<|tool|>{final.output[0].call_id}: customer 42" in prompt
+
+
+HOSTED = "hosted tools run at OpenAI; cortex serves only function tools"
+
+
+@pytest.mark.parametrize(
+    "tools, items, param, message",
+    [
+        (
+            [*RESPONSES_TOOLS, {"type": "web_search", "external_web_access": False}],
+            [],
+            "tools[2]",
+            f"tools[2]: tool type 'web_search' is not supported ({HOSTED}: remove it; "
+            "for Codex: -c web_search='\"disabled\"')",
+        ),
+        (
+            [{"type": "file_search", "vector_store_ids": ["vs_1"]}],
+            [],
+            "tools[0]",
+            f"tools[0]: tool type 'file_search' is not supported ({HOSTED}: remove it)",
+        ),
+        (
+            [{**CRM, "tools": [FIND_CUSTOMER, {"type": "custom", "name": "patch"}]}],
+            [],
+            "tools[0].tools[1]",
+            "tools[0].tools[1]: tool type 'custom' is not supported (custom tools take "
+            "free-form text, which a local model's tool-call markup cannot carry; cortex "
+            "serves only function tools, in a namespace too: remove it, or declare it as a "
+            "function tool with a JSON schema)",
+        ),
+        (
+            [CRM, {**CRM, "description": "Another one."}],
+            [],
+            "tools[1].tools[0].name",
+            "tools[1].tools[0]: the model would see this tool as 'crm.find_customer', as it "
+            "sees tools[0].tools[0]: give each tool its own name",
+        ),
+        (
+            [{**FIND_CUSTOMER, "name": "crm.find_customer"}, CRM],
+            [],
+            "tools[1].tools[0].name",
+            "as it sees tools[0]",
+        ),
+        (
+            [*RESPONSES_TOOLS, RESPONSES_TOOLS[0]],
+            [],
+            "tools[2].name",
+            "tools[2]: the model would see this tool as 'get_weather', as it sees tools[0]",
+        ),
+        (
+            RESPONSES_TOOLS,
+            [{"type": "web_search_call", "id": "ws_1", "status": "completed"}],
+            "input[1]",
+            "input[1]: input item type 'web_search_call' is not supported (it records a call "
+            "of a hosted tool, and hosted tools run at OpenAI; cortex serves messages, "
+            "function_call, function_call_output and reasoning items: leave it out of input)",
+        ),
+        (
+            RESPONSES_TOOLS,
+            [{"type": "local_shell_call", "call_id": "c1", "status": "completed"}],
+            "input[1]",
+            "input[1]: input item type 'local_shell_call' is not supported (it records a call "
+            "of an OpenAI built-in tool",
+        ),
+        (
+            RESPONSES_TOOLS,
+            [{"type": "custom_tool_call", "call_id": "c1", "name": "patch", "input": "x"}],
+            "input[1]",
+            "type 'custom_tool_call' is not supported (custom tools take free-form text",
+        ),
+        (
+            RESPONSES_TOOLS,
+            [{"type": "compaction", "encrypted_content": "gAAA"}],
+            "input[1]",
+            "input[1]: input item type 'compaction' is not supported (it holds history that "
+            "OpenAI compacted and encrypted, which only OpenAI can read; cortex serves "
+            "messages, function_call, function_call_output and reasoning items: start a new "
+            "conversation, or compact it on the client)",
+        ),
+    ],
+)
+async def test_responses_refuses_what_it_cannot_serve_saying_what_to_do(
+    client: openai.AsyncOpenAI,
+    tools: list[Any],
+    items: list[dict[str, Any]],
+    param: str,
+    message: str,
+) -> None:
+    with trio.fail_after(10):
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.responses.create(
+                model="scripted", input=[*ask("find Ada"), *items], tools=tools
+            )
+    assert refused.value.body["param"] == param
+    assert message in refused.value.body["message"]
 
 
 def called(*ids: str) -> dict[str, Any]:

@@ -255,7 +255,7 @@ def test_claude_code_body_is_accepted():
         (
             _body(tools=[{"type": "web_search_20250305", "name": "web_search"}]),
             "tools.0.type",
-            "'web_search_20250305' is not supported",
+            "'web_search_20250305' is not supported \\(server and built-in tools run at Anthropic",
         ),
         (_body(tools=[{"type": "bash_20250124", "name": "bash"}]), "tools.0.type", None),
         (_body(tools=[{"type": "text_editor_20250728", "name": "e"}]), "tools.0.type", None),

@@ -103,7 +103,12 @@ def test_stream_and_include_usage():
         (_chat(tool_choice="sometimes"), "tool_choice", None),
         (_chat(tool_choice={"type": "function"}), "tool_choice", None),
         (_chat(tools={"type": "function"}), "tools", "list"),
-        (_chat(tools=[{"type": "retrieval"}]), "tools[0]", "type .retrieval. is not supported"),
+        (
+            _chat(tools=[{"type": "retrieval"}]),
+            "tools[0]",
+            "type .retrieval. is not supported .cortex",
+        ),
+        (_chat(tools=[{"type": "custom", "custom": {"name": "p"}}]), "tools[0]", "free-form text"),
         (_chat(tools=[{"type": "function", "function": {}}]), "tools[0]", "name"),
         (_chat(user=5), "user", "string"),
         (_chat(stream_options=True), "stream_options", None),
