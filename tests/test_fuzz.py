@@ -308,11 +308,19 @@ COMPLETION = request(
         add=SAMPLING | {"prompt", "stream_options", "echo", "suffix", "best_of", "n", "logprobs"},
     ),
 )
+RESPONSES_TOOL = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+
+
+def namespace_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "namespace", "name": "weather", "description": "Weather.", "tools": [tool]}
+
+
 RESPONSES = request(
     {"model", "input"},
     shape_keys(
         ResponsesRequest,
-        drop=frozenset({"sampling", "messages", "response_format", "echo"}),
+        # namespaced is read from tools: its namespace tools.
+        drop=frozenset({"sampling", "messages", "response_format", "echo", "namespaced"}),
         add=SAMPLING
         | {"input", "instructions", "text", "previous_response_id"}
         | {"background", "top_logprobs", "include"},
@@ -320,16 +328,15 @@ RESPONSES = request(
     {
         **FIELDS,
         "tools": Field(
-            st.lists(
-                st.fixed_dictionaries(
-                    {
-                        "type": st.just("function"),
-                        "name": st.just("get_weather"),
-                        "parameters": st.just({"type": "object"}),
-                    }
-                ),
-                max_size=1,
-            )
+            st.lists(st.just(RESPONSES_TOOL), max_size=1)
+            | st.just([RESPONSES_TOOL, namespace_tool(RESPONSES_TOOL)]),
+            st.sampled_from(
+                [
+                    [RESPONSES_TOOL, {"type": "web_search"}],
+                    [namespace_tool({"type": "custom", "name": "patch"})],
+                    [namespace_tool(RESPONSES_TOOL), namespace_tool(RESPONSES_TOOL)],
+                ]
+            ),
         ),
         "tool_choice": Field(st.sampled_from(["auto", "none"])),
     },
