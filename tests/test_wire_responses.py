@@ -199,6 +199,41 @@ def test_text_format_becomes_response_format():
     assert req.response_format == {"type": "text"}
 
 
+def test_namespace_tools_are_shown_as_namespace_dot_function():
+    ns = {
+        "type": "namespace",
+        "name": "crm",
+        "description": "The customer database.",
+        "tools": [{"type": "function", "name": "find", "parameters": {"type": "object"}}],
+    }
+    req = parse_responses_request(
+        {
+            "model": "m",
+            "tools": [ns],
+            "tool_choice": {"type": "function", "name": "find", "namespace": "crm"},
+            "input": [
+                {"role": "user", "content": "find Ada"},
+                {"type": "function_call", "call_id": "c1", "namespace": "crm", "name": "find"},
+                {"type": "function_call_output", "call_id": "c1", "output": "42"},
+            ],
+        }
+    )
+    assert req.tools == [
+        {
+            "type": "function",
+            "function": {
+                "name": "crm.find",
+                "parameters": {"type": "object"},
+                "description": "The customer database.",
+            },
+        }
+    ]
+    assert req.tool_choice == {"type": "function", "function": {"name": "crm.find"}}
+    assert req.messages[1]["tool_calls"][0]["function"]["name"] == "crm.find"
+    assert req.called("crm.find") == ("find", "crm")
+    assert req.called("other") == ("other", None)
+
+
 @pytest.mark.parametrize(
     ("body", "param", "match"),
     [

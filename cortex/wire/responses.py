@@ -316,7 +316,10 @@ def _tool_choice(body: Mapping[str, Any]) -> str | dict[str, Any] | None:
         return choice
     named = isinstance(choice, dict) and choice.get("type") == "function"
     if named and isinstance(choice.get("name"), str):
-        return {"type": "function", "function": {"name": choice["name"]}}
+        name, namespace = choice["name"], choice.get("namespace")
+        if isinstance(namespace, str):  # as a function_call names it
+            name = f"{namespace}.{name}"
+        return {"type": "function", "function": {"name": name}}
     raise InvalidRequest(
         'tool_choice must be none, auto, required or {"type": "function", "name": ...}',
         param="tool_choice",
