@@ -39,8 +39,14 @@ SHELL_CALL = (
     '<tool_call>\n{"name": "exec_command", "arguments": {"cmd": "echo cortex-tool-ok"}}'
     "\n</tool_call>"
 )
+CLOSE_CALL = (
+    '<tool_call>\n{"name": "multi_agent_v1.close_agent", "arguments": {"target": "nobody"}}'
+    "\n</tool_call>"
+)
 SCRIPT = {
     "rules": [
+        {"when": "invalid agent id nobody", "reply": "There is no such agent."},
+        {"when": "close the agent", "tools": True, "reply": CLOSE_CALL},
         {"when": "cortex-tool-ok", "reply": "The command printed cortex-tool-ok. Done."},
         {"when": "run the check", "tools": True, "reply": SHELL_CALL},
         {"when": "hello", "reply": "Hello from the cortex fleet!"},
@@ -142,3 +148,16 @@ async def test_codex_runs_a_shell_command_and_sends_the_result(
     call = prompt.index('<tool_call>{"name": "exec_command"')
     result = prompt.index("<|tool|>call_")
     assert call < result and "cortex-tool-ok" in prompt[result:]
+
+
+async def test_codex_runs_a_namespace_s_function(fleet: Any, tmp_path: pathlib.Path) -> None:
+    # The call comes back as close_agent of namespace multi_agent_v1, which
+    # Codex runs (there is no such agent) and answers on the next turn.
+    neuron, url = fleet
+    events = await codex(url, tmp_path, "please close the agent")
+    assert [i["text"] for i in items(events, "agent_message")] == ["There is no such agent."]
+    prompt = engine_model(neuron).prompts[-1]
+    call = prompt.index('<tool_call>{"name": "multi_agent_v1.close_agent"')
+    result = prompt.index("<|tool|>call_")
+    assert call < result
+    assert prompt[result:].split(": ", 1)[1].startswith("invalid agent id nobody")

@@ -1,7 +1,8 @@
 """The OpenAI Responses dialect (``POST /v1/responses``): text and function calls.
 
 A request's ``input`` items and ``instructions`` become ordinary chat
-messages, so the engine path is the chat one. Nothing is stored: a
+messages, and its function tools, also those grouped in ``namespace``
+tools, chat tools, so the engine path is the chat one. Nothing is stored: a
 ``previous_response_id`` is refused, the client sends the whole conversation.
 """
 
@@ -502,7 +503,9 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
     """Validate a decoded Responses body and convert its input to chat messages.
 
     Raises:
-      InvalidRequest: on a malformed body, non-function tools, state the
+      InvalidRequest: on a malformed body, tools other than functions (also
+        in namespaces), two tools under one name, input items other than
+        messages, function calls and their outputs, state the
         gateway does not keep (``previous_response_id``, ``conversation``,
         ``prompt``), or what no engine here does (``background``, logprobs).
     """
