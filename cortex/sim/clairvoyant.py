@@ -107,6 +107,21 @@ HORIZON = 30.0
 QUIET = 0.1
 
 
+@attrs.frozen
+class Rule:
+    """The rule's constants, for searching over them (``contrib/sim/rules.py``).
+
+    ``regret``: a victim's weight where the rule must evict what may come
+    back: its MiB, or 1 (loads). ``victims``: their order, by chance, or by
+    chance per MiB freed (``density``).
+    """
+
+    horizon: float = HORIZON
+    quiet: float = QUIET
+    regret: Literal["mib", "loads"] = "mib"
+    victims: Literal["chance", "density"] = "chance"
+
+
 @attrs.define
 class Sends:
     """How soon each model will be asked for, as the replay lets a reference know it.
@@ -118,6 +133,7 @@ class Sends:
     knows: Knows
     think: float
     going_on: float
+    horizon: float = HORIZON
     #: model -> sorted trio times at which sessions of it start (``knows.starts``).
     _starts: dict[str, list[float]] = attrs.field(factory=dict)
     #: model -> {session: trio time of its next send}, sessions between turns
@@ -125,11 +141,13 @@ class Sends:
     _next: dict[str, dict[int, float]] = attrs.field(factory=lambda: collections.defaultdict(dict))
 
     @classmethod
-    def of(cls, knows: Knows, think_times: Sequence[float], sessions: int) -> Sends:
+    def of(
+        cls, knows: Knows, think_times: Sequence[float], sessions: int, horizon: float = HORIZON
+    ) -> Sends:
         """For ``knows``, over a trace's think times (0 on a session's first turn) and sessions."""
         later = [t for t in think_times if t > 0]
         going_on = 1.0 - sessions / len(think_times) if think_times else 0.0
-        return cls(knows, statistics.fmean(later) if later else 0.0, going_on)
+        return cls(knows, statistics.fmean(later) if later else 0.0, going_on, horizon)
 
     def start(self, model: str, at: float) -> None:
         """A session will send its first request, for ``model``, at trio time ``at``."""
@@ -168,12 +186,12 @@ class Sends:
         return soonest
 
     def chance(self, model: str, now: float) -> float:
-        """How likely a request for ``model`` is sent within ``HORIZON`` seconds of ``now``."""
+        """How likely a request for ``model`` is sent within ``horizon`` seconds of ``now``."""
         if self.knows.sessions != "none":
-            return float(self.next_send(model, now) - now < HORIZON)
+            return float(self.next_send(model, now) - now < self.horizon)
         quiet = 1.0
         pending = self._next.get(model, {}) if self.think > 0 else {}
-        within = 1.0 - math.exp(-HORIZON / self.think) if pending else 0.0
+        within = 1.0 - math.exp(-self.horizon / self.think) if pending else 0.0
         for answered in pending.values():
             # The posterior chance it goes on, quiet since its answer; then
             # that its next turn comes within the horizon.
@@ -189,21 +207,24 @@ class ClairvoyantPolicy(PredictivePolicy):
     name: ClassVar[str] = "clairvoyant"
 
     sends: Sends = attrs.field(kw_only=True)
+    rule: Rule = attrs.field(factory=Rule, kw_only=True)
+
+    def _mib(self, model_id: str) -> int:
+        models = self.state.catalogue.models
+        return models[model_id].vram_mb if model_id in models else 1
 
     def victim_key(self, neuron: NeuronState, now: float) -> VictimKey | None:
+        per = self._mib if self.rule.victims == "density" else lambda _: 1
         return lambda victim: (
-            self.sends.chance(victim, now),
+            self.sends.chance(victim, now) / per(victim),
             -self.sends.next_send(victim, now),
         )
 
     def regret(self, option: Option, now: float) -> float:
-        """MiB the option evicts, each victim's times its chance of being asked for soon."""
+        """What the option evicts, each victim's MiB (or 1) times its chance of being asked for soon."""
         assert option.plan is not None
-        models = self.state.catalogue.models
-        return sum(
-            (models[victim].vram_mb if victim in models else 1) * self.sends.chance(victim, now)
-            for victim in option.plan.evictions
-        )
+        weight = self._mib if self.rule.regret == "mib" else lambda _: 1
+        return sum(weight(v) * self.sends.chance(v, now) for v in option.plan.evictions)
 
     def choose(
         self, model_id: str, options: list[Option], now: float, waited: float, ahead: int
@@ -217,7 +238,7 @@ class ClairvoyantPolicy(PredictivePolicy):
         free = [
             o
             for o in loads
-            if all(self.sends.chance(v, now) < QUIET for v in o.plan.evictions)  # type: ignore[union-attr]
+            if all(self.sends.chance(v, now) < self.rule.quiet for v in o.plan.evictions)  # type: ignore[union-attr]
         ]
         if free:
             return Decision(min(free, key=lambda o: (o.predicted - o.penalty, o.neuron.name)))
@@ -233,6 +254,6 @@ class ClairvoyantPolicy(PredictivePolicy):
         return Decision(None, recheck=min(1.0, limit - waited - quickest), hold=True)
 
 
-def factory(sends: Sends) -> PolicyFactory:
+def factory(sends: Sends, rule: Rule | None = None) -> PolicyFactory:
     """A ``Router`` policy factory that builds the clairvoyant policy over ``sends``."""
-    return functools.partial(ClairvoyantPolicy, sends=sends)
+    return functools.partial(ClairvoyantPolicy, sends=sends, rule=rule or Rule())

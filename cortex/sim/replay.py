@@ -58,7 +58,7 @@ from cortex.gateway.router import Router
 from cortex.gateway.scheduler import make_policy
 from cortex.gateway.state import FleetState
 from cortex.sim.cache import Runs, length, render
-from cortex.sim.clairvoyant import CLAIRVOYANT, Sends, factory
+from cortex.sim.clairvoyant import CLAIRVOYANT, Rule, Sends, factory
 from cortex.sim.fleet import FleetFile
 from cortex.sim.neuron import SimLink, SimNeuron
 
@@ -396,12 +396,13 @@ async def run_replay(
     sample_every: float = 10.0,
     routing: dict[str, Any] | None = None,
     loop: Loop = "closed",
+    rule: Rule | None = None,
 ) -> Result:
     """Replay ``trace`` on ``fleet`` under ``policy``; call under a MockClock.
 
     ``policy``: a ``[routing] policy``, or a reference of
     :mod:`cortex.sim.clairvoyant` (the predictive policy's settings apply;
-    closed loop only).
+    closed loop only; ``rule``: its constants, the defaults where None).
 
     Raises:
       ValueError: a clairvoyant reference in an open-loop replay.
@@ -411,7 +412,12 @@ async def run_replay(
         raise ValueError(f"{policy} needs a closed-loop replay: it knows when sessions send")
     outcomes = [Outcome(r) for r in trace]
     groups = sessions(outcomes) if loop == "closed" else [[o] for o in outcomes]
-    sends = Sends.of(knows, [r.think for r in trace], len(groups)) if knows is not None else None
+    rule = rule or Rule()
+    sends = (
+        Sends.of(knows, [r.think for r in trace], len(groups), rule.horizon)
+        if knows is not None
+        else None
+    )
     config = fleet.gateway_config("predictive" if knows else policy, **(routing or {}))
     max_wait = config.routing.max_wait
     state = FleetState.build(
@@ -428,7 +434,7 @@ async def run_replay(
         state=state,
         api=link,
         metrics=metrics,
-        policy_factory=factory(sends) if sends is not None else make_policy,
+        policy_factory=factory(sends, rule) if sends is not None else make_policy,
     )
     samples: list[Sample] = []
     clients = _Clients(router, sims, max_wait, retries, trio.current_time(), sends=sends)
