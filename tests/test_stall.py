@@ -23,7 +23,9 @@ import trio
 from cortex import status as status_command
 from cortex.config import CatalogModel, GatewayConfig, GatewaySection, ModelsFile, NeuronEndpoint
 from cortex.gateway.app import GatewayHandle, run_gateway
-from cortex.testing import FakeEngine
+from cortex.harness import Sampling
+from cortex.neuron.workers import GenerationRequest, GenerationWorker, Job, collect
+from cortex.testing import FakeEngine, FakeModel
 from tests.neuron_helpers import running_neuron
 
 BODY = {"model": "m", "prompt": "go", "max_tokens": 32}
@@ -217,3 +219,37 @@ async def test_with_no_other_route_a_wedged_model_is_an_error(
             assert elapsed < 1.9 if stall_timeout else elapsed >= 2.0
             stalls = f"{STALLS} 1.0" in await metrics(gw, http)
             assert stalls == bool(stall_timeout)
+
+
+def job(buffer: int = 64) -> Job:
+    request = GenerationRequest(tokens=[1, 2], sampling=Sampling(temperature=0.0), max_tokens=50)
+    return Job(request, buffer=buffer)
+
+
+async def test_the_worker_counts_a_wedged_engine_but_not_a_slow_consumer() -> None:
+    """``stalled_secs`` grows while a job sits in a hung engine, and stays 0 while
+    the engine waits for a consumer that does not read (that is the client's
+    doing, and the neuron ends it after 120 s)."""
+    wedged = threading.Event()
+    hung = GenerationWorker(FakeModel("hung", reply=lambda prompt: "x" * 50, wedged=wedged))
+    waiting = GenerationWorker(FakeModel("waiting", reply=lambda prompt: "x" * 50))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hung.run)
+            await nursery.start(waiting.run)
+            assert hung.stalled_secs() == 0.0  # idle
+            stuck, unread = job(), job(buffer=1)
+            hung.submit(stuck)
+            waiting.submit(unread)
+            # Its first token fills the buffer; the next waits for a reader.
+            await unread.admitted.wait()
+            waiting.stalled_secs()
+            await trio.sleep(0.3)
+            assert unread.delivering
+            assert hung.stalled_secs() >= 0.3
+            assert waiting.stalled_secs() == 0.0
+            wedged.set()
+            assert (await collect(stuck))[0] == (await collect(unread))[0] == "x" * 50
+            assert hung.stalled_secs() == waiting.stalled_secs() == 0.0
+            hung.close(cancel=False)
+            waiting.close(cancel=False)
