@@ -189,7 +189,7 @@ async def test_a_slow_prompt_that_makes_progress_is_not_given_up(
     ("stall_timeout", "status", "message"),
     [
         (0.5, 503, "model m on neuron a made no progress"),
-        (0.0, 504, "neuron a sent nothing within 2 s"),
+        (0.0, 504, "neuron a sent nothing within 4 s"),
     ],
     ids=["detected", "off"],
 )
@@ -208,7 +208,7 @@ async def test_with_no_other_route_a_wedged_model_is_an_error(
                 catalogue(source),
                 {"a": a.url},
                 stall_timeout=stall_timeout,
-                first_byte_timeout=2.0,
+                first_byte_timeout=4.0,
             ) as (gw, http),
         ):
             started = trio.current_time()
@@ -216,7 +216,7 @@ async def test_with_no_other_route_a_wedged_model_is_an_error(
             elapsed = trio.current_time() - started
             assert reply.status_code == status, reply.text
             assert message in reply.json()["error"]["message"]
-            assert elapsed < 1.9 if stall_timeout else elapsed >= 2.0
+            assert elapsed < 3.5 if stall_timeout else elapsed >= 4.0
             stalls = f"{STALLS} 1.0" in await metrics(gw, http)
             assert stalls == bool(stall_timeout)
 
@@ -233,23 +233,30 @@ async def test_the_worker_counts_a_wedged_engine_but_not_a_slow_consumer() -> No
     wedged = threading.Event()
     hung = GenerationWorker(FakeModel("hung", reply=lambda prompt: "x" * 50, wedged=wedged))
     waiting = GenerationWorker(FakeModel("waiting", reply=lambda prompt: "x" * 50))
+    stuck, unread = job(), job(buffer=1)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(hung.run)
             await nursery.start(waiting.run)
-            assert hung.stalled_secs() == 0.0  # idle
-            stuck, unread = job(), job(buffer=1)
-            hung.submit(stuck)
-            waiting.submit(unread)
-            # Its first token fills the buffer; the next waits for a reader.
-            await unread.admitted.wait()
-            waiting.stalled_secs()
-            await trio.sleep(0.3)
-            assert unread.delivering
-            assert hung.stalled_secs() >= 0.3
-            assert waiting.stalled_secs() == 0.0
-            wedged.set()
-            assert (await collect(stuck))[0] == (await collect(unread))[0] == "x" * 50
-            assert hung.stalled_secs() == waiting.stalled_secs() == 0.0
-            hung.close(cancel=False)
-            waiting.close(cancel=False)
+            try:
+                assert hung.stalled_secs() == 0.0  # idle
+                hung.submit(stuck)
+                waiting.submit(unread)
+                # Its first token fills the buffer; the next waits for a reader.
+                await unread.admitted.wait()
+                await trio.sleep(0.1)
+                assert unread.delivering
+                waiting.stalled_secs()
+                await trio.sleep(0.3)
+                assert hung.stalled_secs() >= 0.3
+                assert waiting.stalled_secs() == 0.0
+                wedged.set()
+                assert (await collect(stuck))[0] == (await collect(unread))[0] == "x" * 50
+                assert hung.stalled_secs() == waiting.stalled_secs() == 0.0
+            finally:
+                # A failed check must not leave threads behind for the nursery to wait on.
+                wedged.set()
+                for each in (stuck, unread):
+                    each.close()
+                hung.close(cancel=True)
+                waiting.close(cancel=True)
