@@ -183,6 +183,14 @@ class GatewaySection:
     #: ~28k tokens: about 10 minutes on 2 cores). A neuron that stops
     #: answering its polls is left long before (its requests fail over).
     first_byte_timeout: float = attrs.field(default=1800.0, validator=POSITIVE)
+    #: Seconds a model may have requests running on a neuron without its
+    #: engine making progress (``stalled_secs`` in the neuron's /models)
+    #: before the gateway routes nothing more to it there and fails over the
+    #: requests waiting there for their first byte; 0: never. Longer than
+    #: the longest single step of an engine that is working (a prompt chunk
+    #: on a slow CPU host) and than the neuron's 120 s wait for a client
+    #: that stopped reading.
+    stall_timeout: float = attrs.field(default=300.0, validator=NON_NEGATIVE)
     #: Seconds allowed between two chunks of a stream.
     idle_timeout: float = attrs.field(default=120.0, validator=POSITIVE)
     #: Seconds a request waits for a model load before giving up.

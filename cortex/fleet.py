@@ -113,6 +113,10 @@ class ModelStatus:
     prompt_cache: PromptCacheStatistics | None = None
     #: The engine's KV layout ("unified", "per-slot"), when it says.
     kv_layout: str | None = None
+    #: Seconds the model has had requests running without its engine's
+    #: progress count moving (``LoadedModel.progress``); 0 while it moves,
+    #: while idle, and for engines that do not count.
+    stalled_secs: float = 0.0
 
 
 def make_converter(*, strict: bool = False) -> cattrs.Converter:

@@ -332,6 +332,23 @@ class LoadedModel(abc.ABC):
         """
         return None
 
+    def progress(self) -> int | None:
+        """A count that grows whenever the engine does work; None when it cannot tell.
+
+        Any unit will do (the llama.cpp engine counts its ``llama_decode``
+        calls); what matters is that it moves while a generation is being
+        worked on, including while a long prompt is evaluated (in chunks,
+        each one counted). The neuron reports how long a model with
+        requests running has gone without it moving, and gateways stop
+        routing to a model stalled too long (a hung GPU kernel, a
+        deadlocked decode thread). None (the default) reports nothing, and
+        the model is never judged stalled.
+
+        Called from the neuron's event loop (``GET /models``): it must not
+        block, so read a counter, never wait for a lock the decode loop holds.
+        """
+        return None
+
     @abc.abstractmethod
     def unload(self) -> None:
         """Free everything the model holds. The object is unusable afterwards."""

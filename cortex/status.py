@@ -112,6 +112,11 @@ def render(fleet: dict[str, Any], *, now: float | None = None) -> str:
         for loc in m["locations"]:
             if loc.get("error"):
                 out.append(f"  {m['id']} on {loc['neuron']}: {loc['error']}")
+            if loc["status"] == "stalled":
+                out.append(
+                    f"  {m['id']} on {loc['neuron']}: no progress for "
+                    f"{loc.get('stalled_secs', 0):.0f} s with requests running"
+                )
     # Tiers are aliases too (models.toml's [aliases]): one table, a tier's
     # members in the router's order of preference.
     aliases = [[alias, model] for alias, model in fleet["aliases"].items()]

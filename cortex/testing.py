@@ -13,6 +13,7 @@ to misbehave on purpose (slow tokens, failures mid-generation).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -48,6 +49,9 @@ class FakeModel(LoadedModel):
         fail_after: int | None = None,
         parallel: int = 1,
         tokenize_delay: float = 0.0,
+        prompt_delay: float = 0.0,
+        counts_progress: bool = True,
+        wedged: threading.Event | None = None,
     ) -> None:
         self.model_id = model_id
         # generate() keeps no state between calls: any number may run at once.
@@ -58,6 +62,11 @@ class FakeModel(LoadedModel):
         self._token_delay = token_delay
         self._fail_after = fail_after
         self._tokenize_delay = tokenize_delay
+        self._prompt_delay = prompt_delay
+        self._counts_progress = counts_progress
+        self._wedged = wedged
+        # Prompt chunks and tokens so far (LoadedModel.progress).
+        self._steps = 0
         self.unloaded = False
 
     def _check(self) -> None:
@@ -87,12 +96,24 @@ class FakeModel(LoadedModel):
             lines.append(f"{message['role']}: {content}{END_OF_TURN}")
         return ChatPrompt(text="".join(lines) + "assistant: ", stop=(END_OF_TURN,))
 
+    def progress(self) -> int | None:
+        return self._steps if self._counts_progress else None
+
     def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[Token]:
         self._check()
+        if self._wedged is not None:
+            # Hung (a GPU kernel that never returns): no progress, no cancel.
+            self._wedged.wait()
+        # The prompt, in chunks of 10 ms that each count as progress.
+        until = time.monotonic() + self._prompt_delay
+        while time.monotonic() < until:
+            time.sleep(min(0.01, max(0.0, until - time.monotonic())))
+            self._steps += 1
         prompt = bytes(t for t in tokens if t < 256).decode(errors="replace")
         for count, byte in enumerate(self._reply(prompt).encode(), start=1):
             if self._token_delay:
                 time.sleep(self._token_delay)
+            self._steps += 1
             if self._fail_after is not None and count > self._fail_after:
                 raise RuntimeError("the fake engine failed on purpose")
             yield Token(byte, bytes([byte]))
@@ -110,6 +131,12 @@ class FakeEngine:
       fail_after: raise after this many tokens, to test failure paths.
       parallel: the generations a loaded model serves at once.
       tokenize_delay: seconds each tokenize call takes (blocking).
+      prompt_delay: seconds each generation takes before its first token
+        (a long prompt), its progress count moving all along.
+      counts_progress: whether ``progress()`` counts (False: None, an
+        engine that cannot tell).
+      wedged: while this is not set, every generation hangs before its
+        first token without progress (a hung engine); set it to end that.
     """
 
     name = "fake"
@@ -122,12 +149,18 @@ class FakeEngine:
         fail_after: int | None = None,
         parallel: int = 1,
         tokenize_delay: float = 0.0,
+        prompt_delay: float = 0.0,
+        counts_progress: bool = True,
+        wedged: threading.Event | None = None,
     ) -> None:
         self.reply = reply
         self.token_delay = token_delay
         self.fail_after = fail_after
         self.parallel = parallel
         self.tokenize_delay = tokenize_delay
+        self.prompt_delay = prompt_delay
+        self.counts_progress = counts_progress
+        self.wedged = wedged
         self.loaded: list[FakeModel] = []
 
     @hookimpl
@@ -151,6 +184,9 @@ class FakeEngine:
             fail_after=self.fail_after,
             parallel=self.parallel,
             tokenize_delay=self.tokenize_delay,
+            prompt_delay=self.prompt_delay,
+            counts_progress=self.counts_progress,
+            wedged=self.wedged,
         )
         self.loaded.append(model)
         return model

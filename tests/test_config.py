@@ -287,6 +287,7 @@ def test_standalone_listens_on_loopback_unless_told() -> None:
             "neuron.memory_budget_mb: must be > 0, got -5",
         ),
         (cfg.GatewayConfig, "GATEWAY_GRACE_PERIOD", "-0.5", "gateway.grace_period: must be >= 0"),
+        (cfg.GatewayConfig, "GATEWAY_STALL_TIMEOUT", "-1", "gateway.stall_timeout: must be >= 0"),
         (cfg.GatewayConfig, "GATEWAY_IDLE_TIMEOUT", "nan", "must be > 0, got nan"),
         (cfg.GatewayConfig, "ROUTING_SCALE_IN_IDLE", "0", "routing.scale_in_idle: must be > 0"),
         (cfg.GatewayConfig, "ROUTING_PATIENCE_TAIL", "101", "must be > 0 and <= 100, got 101"),

@@ -549,3 +549,27 @@ def test_cancel_stops_the_prompt_between_chunks(load, smollm2_path, parallel):
         assert model._decoder.statistics().active == 0
     # The model serves the next request as usual.
     assert len(take(model.generate(model.tokenize("Hello"), GREEDY), 3)) == 3
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_progress_moves_with_every_chunk_of_a_long_prompt(load, tiny_model_factory, parallel):
+    """A 3,000-token prompt is evaluated in steps of at most ``n_batch`` tokens,
+    each counted in ``progress()``: a long prefill is never one silent step."""
+    path = tiny_model_factory(n_ctx=4096)
+    model = load(
+        path, options={"n_threads": 1, "n_ctx": 4096, "n_batch": 256, "parallel": parallel}
+    )
+    prompt = model.tokenize("apple river stone blue seven quick moon table " * 400)[:3000]
+    assert len(prompt) == 3000
+    before = model.progress()
+    generation = model.generate(prompt, GREEDY)
+    try:
+        next(generation)
+        # ceil(3000 / 256) = 12 prompt chunks before the first token.
+        assert model.progress() - before >= 12
+        if model._decoder is not None:
+            assert model._decoder.statistics().max_batch <= 256
+        next(generation)
+        assert model.progress() - before >= 13
+    finally:
+        generation.close()

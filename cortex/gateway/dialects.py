@@ -37,7 +37,6 @@ from cortex.errors import CortexError, InvalidRequest, UpstreamError
 from cortex.gateway import affinity
 from cortex.gateway.context import Gateway
 from cortex.gateway.proxy import Exchange
-from cortex.gateway.state import LOADED
 from cortex.wire import anthropic, envelope, openai, responses, sse, translate
 
 log = logging.getLogger(__name__)
@@ -375,7 +374,7 @@ async def count_input(gateway: Gateway, ex: Exchange, body: dict[str, Any]) -> i
     try:
         with trio.fail_after(gateway.config.gateway.load_timeout):
             while True:
-                loaded = [n for n in state.routable() if n.status_of(ex.model or "") == LOADED]
+                loaded = [n for n in state.routable() if n.serves(ex.model or "")]
                 if loaded:
                     break
                 await state.wait_changed()

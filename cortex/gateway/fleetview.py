@@ -4,9 +4,11 @@ One JSON document: neurons (up/down, devices with memory and utilisation,
 host memory budget, work in flight), models (where loaded or loading, pinned
 where (a model this gateway never had in its catalogue: wherever it is,
 since it is never evicted; one a reload retired is pinned nowhere), in
-flight, last used, and ``error``: why its catalogue entry cannot load, once
-a neuron refused it as a bad request) and aliases. A model outside the
-catalogue that no neuron holds (a failed load's record) is not listed.
+flight, last used, ``stalled_secs`` (how long its engine has had requests
+without making progress, as its neuron last said), and ``error``: why its
+catalogue entry cannot load, once a neuron refused it as a bad request)
+and aliases. A model outside the catalogue that no neuron holds (a failed
+load's record) is not listed.
 Built from the pollers' state and the gateway's own counts; no neuron is
 asked anything.
 """
@@ -19,18 +21,23 @@ from cortex.gateway.state import LOADING, FleetState, NeuronState
 
 #: A model on a neuron that is down: what it last reported is no longer known.
 UNREACHABLE = "unreachable"
+#: A loaded model past ``stall_timeout`` without progress: routed nothing there.
+STALLED = "stalled"
 
 
 def location_status(state: FleetState, neuron: NeuronState, model_id: str) -> str | None:
     """What ``neuron`` holds of ``model_id`` as shown to operators; None: nothing.
 
-    A neuron that is down serves nothing, whatever its last poll said.
+    A neuron that is down serves nothing, whatever its last poll said; a
+    model stalled there shows as such.
     """
     status = neuron.status_of(model_id)
     if status is None and (neuron.name, model_id) in state.pending:
         status = LOADING
     if status is not None and not neuron.up:
         return UNREACHABLE
+    if model_id in neuron.stalled:
+        return STALLED
     return status
 
 
@@ -104,6 +111,7 @@ def fleet_view(state: FleetState) -> dict[str, Any]:
                     if neuron.up
                     else neuron.in_flight.get(model_id, 0),
                     "last_used": neuron.recency(model_id) or None,
+                    "stalled_secs": known.stalled_secs if known else 0.0,
                     "error": known.error if known else None,
                 }
             )

@@ -32,6 +32,7 @@ class GatewayMetrics:
     cold_starts: Counter
     load_seconds: Histogram
     evictions: Counter
+    stalls: Counter
     in_flight: Gauge
     neuron_up: Gauge
     queue_depth: Gauge
@@ -111,6 +112,12 @@ class GatewayMetrics:
             evictions=Counter(
                 "cortex_evictions",
                 "Models unloaded to make room for another.",
+                ["model", "neuron"],
+                **kw,
+            ),
+            stalls=Counter(
+                "cortex_model_stalls",
+                "Times a model on a neuron ran past stall_timeout with requests and no progress.",
                 ["model", "neuron"],
                 **kw,
             ),

@@ -11,6 +11,14 @@ when the neuron goes down and whenever the reason changes, so a neuron
 never reached (a wrong endpoint or token) shows in the log too. A model
 the neuron no longer lists is dropped. Each poll sets the gauges of the
 neuron's queue and of its models' prompt caches.
+
+Stalls: a model whose neuron says it has had requests running for longer
+than ``stall_timeout`` without its engine making progress (``stalled_secs``;
+a hung GPU kernel, a deadlocked decode thread, while the neuron's HTTP
+server still answers) is marked stalled on that neuron: nothing new is
+routed to it there, and the proxy fails over the requests waiting there for
+their first byte. Logged at warning and counted once per stall; the first
+poll that shows it moving again makes it routable again.
 """
 
 from __future__ import annotations
@@ -107,6 +115,7 @@ async def poll_neuron(
                 await refresh(api, state, neuron)
             except CortexError:
                 pass
+        track_stalls(state, neuron, section.stall_timeout, metrics)
         metrics.neuron_up.labels(neuron.name).set(1 if neuron.up else 0)
         if neuron.health is not None:
             metrics.queue_depth.labels(neuron.name).set(neuron.health.queue_depth)
@@ -115,6 +124,37 @@ async def poll_neuron(
         with trio.move_on_after(section.poll_interval):
             await neuron.poke.wait()
         neuron.poke = trio.Event()
+
+
+def track_stalls(
+    state: FleetState, neuron: NeuronState, limit: float, metrics: GatewayMetrics
+) -> None:
+    """Mark the models of ``neuron`` stalled past ``limit`` seconds (0: never), unmark the rest.
+
+    A neuron that is down has nothing stalled: it serves nothing anyway, and
+    its models are judged afresh once it is back.
+    """
+    stalled: set[str] = set()
+    if limit > 0 and neuron.up:
+        stalled = {m.id for m in neuron.models.values() if m.stalled_secs > limit}
+    if stalled == neuron.stalled:
+        return
+    for model_id in sorted(stalled - neuron.stalled):
+        log.warning(
+            "model %s on neuron %s has made no progress for %.0f s with requests running "
+            "(stall_timeout %g s): routing nothing more to it there, failing its waiting "
+            "requests over",
+            model_id,
+            neuron.name,
+            neuron.models[model_id].stalled_secs,
+            limit,
+        )
+        metrics.stalls.labels(model_id, neuron.name).inc()
+    for model_id in sorted(neuron.stalled - stalled):
+        if neuron.up and model_id in neuron.models:
+            log.info("model %s on neuron %s is making progress again", model_id, neuron.name)
+    neuron.stalled = stalled
+    state.changed()
 
 
 def export_prompt_cache(

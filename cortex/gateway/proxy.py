@@ -17,9 +17,11 @@ are the cancel scopes here: the connect, the first byte, each chunk.
 Waits on a neuron can be cut short by the fleet (``Proxy.cut``): the
 requests waiting for a neuron's first byte fail over to the next route as
 soon as its poller marks it down (``Proxy.watch_fleet``), not after
-``first_byte_timeout``; at shutdown, after ``grace_period``, every wait
-still open ends with a 503 the client's dialect renders (the error answer,
-or a stream's error event), before the server cuts the connections.
+``first_byte_timeout``, and so do those waiting on a model its poller
+marks stalled there (its engine made no progress for ``stall_timeout``);
+at shutdown, after ``grace_period``, every wait still open ends with a
+503 the client's dialect renders (the error answer, or a stream's error
+event), before the server cuts the connections.
 
 Resource handling: ``finish`` closes the upstream response, releases the
 route and records the exchange, once; the exchange pipeline
@@ -113,6 +115,8 @@ class _Wait:
     scope: trio.CancelScope
     #: Waiting for the first byte (a neuron that goes down fails it over).
     first_byte: bool
+    #: The model it waits on (one stalled on the neuron fails it over); None: none.
+    model: str | None = None
     #: Why it was cut short; None: it was not.
     cut: CortexError | None = None
     #: Whether the request may move to the next route after the cut.
@@ -204,7 +208,9 @@ class Proxy:
 
     # -- cutting waits short --------------------------------------------------
 
-    def _begin_wait(self, neuron: NeuronState, timeout: float, *, first_byte: bool) -> _Wait:
+    def _begin_wait(
+        self, neuron: NeuronState, timeout: float, *, first_byte: bool, model: str | None = None
+    ) -> _Wait:
         """A wait on ``neuron`` of at most ``timeout`` seconds, open to ``cut``.
 
         The caller enters its scope, and calls ``_end_wait`` in a
@@ -212,12 +218,15 @@ class Proxy:
         whether the wait ended early: cut short when ``cut`` is set, else
         timed out. (Not a context manager: it runs for every chunk.)
         """
-        wait = _Wait(neuron, trio.CancelScope(deadline=trio.current_time() + timeout), first_byte)
+        scope = trio.CancelScope(deadline=trio.current_time() + timeout)
+        wait = _Wait(neuron, scope, first_byte, model)
         self.waits.add(wait)
         if first_byte:
             self.first_byte.setdefault(neuron, set()).add(wait)
             if not neuron.up:
                 self._cut_down(wait)
+            elif model in neuron.stalled:
+                self._cut_stalled(wait)
         if self.stopped is not None:
             self.cut(wait, self.stopped)
         return wait
@@ -244,17 +253,30 @@ class Proxy:
         )
         self.cut(wait, error, retry=True)
 
+    def _cut_stalled(self, wait: _Wait) -> None:
+        neuron, model = wait.neuron, wait.model
+        status = neuron.models.get(model or "")
+        stalled = f" for {status.stalled_secs:.0f} s" if status is not None else ""
+        error = UpstreamTimeout(
+            f"model {model} on neuron {neuron.name} made no progress{stalled} "
+            f"(stall_timeout {self.section.stall_timeout:g} s)"
+        )
+        self.cut(wait, error, retry=True)
+
     def neurons_down(self) -> None:
-        """Fail over the requests waiting for the first byte of a neuron that is down.
+        """Fail over the requests waiting for the first byte of a neuron that is
+        down, or of a model stalled on its neuron.
 
         Nothing has been sent to their clients yet: like a request that
         could not connect, each moves to the next route. Streams under way
         keep their ``idle_timeout``.
         """
         for neuron, waits in self.first_byte.items():
-            if not neuron.up:
-                for wait in waits:
+            for wait in waits:
+                if not neuron.up:
                     self._cut_down(wait)
+                elif wait.model in neuron.stalled:
+                    self._cut_stalled(wait)
 
     async def watch_fleet(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -361,7 +383,7 @@ class Proxy:
         request = self._request(neuron, path, content, ex.request_id)
         assert ex.model is not None
         timeout = self.section.first_byte_timeout
-        wait = self._begin_wait(neuron, timeout, first_byte=True)
+        wait = self._begin_wait(neuron, timeout, first_byte=True, model=ex.model)
         try:
             with wait.scope:
                 response = await self.pool(neuron.base_url).send(request)

@@ -391,7 +391,7 @@ class Router:
         waits = [
             self.predictor.replica_wait(n, model_id)
             for n in self.state.routable()
-            if n.status_of(model_id) == LOADED
+            if n.serves(model_id)
         ]
         guess = min(waits) if waits else self.config.routing.max_wait / 10
         return max(1, min(60, math.ceil(guess)))

@@ -99,6 +99,10 @@ class NeuronState:
     last_used: dict[str, float] = attrs.field(factory=dict)
     #: Models chosen for eviction whose unload has not finished.
     evicting: set[str] = attrs.field(factory=set)
+    #: Models whose engine has had requests without making progress for
+    #: longer than ``stall_timeout``, as of the last poll (``poller``):
+    #: nothing new goes to them here until they move again.
+    stalled: set[str] = attrs.field(factory=set)
     #: Raised by every change the gateway makes to ``models`` itself, so
     #: that a poll answer older than the change does not undo it.
     epoch: int = 0
@@ -129,6 +133,16 @@ class NeuronState:
             if model_id in activation.in_progress or model_id in activation.pending:
                 return LOADING
         return None
+
+    def serves(self, model_id: str) -> bool:
+        """Whether new requests for ``model_id`` may go here: loaded, neither
+        being evicted nor stalled. (Whether the neuron itself is routable is
+        the caller's to check.)"""
+        return (
+            self.status_of(model_id) == LOADED
+            and model_id not in self.evicting
+            and model_id not in self.stalled
+        )
 
     def busy(self, model_id: str) -> int:
         """Requests on the model here: ours now, and others' as of the last poll."""

@@ -142,6 +142,7 @@ class ModelSlot:
             parallel=stats.parallel if stats else 1,
             prompt_cache=self.model.prompt_cache() if self.model else None,
             kv_layout=self.model.kv_layout if self.model else None,
+            stalled_secs=round(self.worker.stalled_secs(), 1) if self.worker else 0.0,
         )
 
 

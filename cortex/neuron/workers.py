@@ -116,6 +116,8 @@ class Job:
         self.counted = False
         #: The engine generator's ``cancel``, once its thread has one.
         self._interrupt: Callable[[], None] | None = None
+        #: Its thread waits for the consumer to take an event (not for the engine).
+        self.delivering = False
 
     async def wait_admitted(self) -> None:
         """Wait until the engine has taken the request: its first event, or its end.
@@ -159,9 +161,13 @@ class Job:
     async def deliver(self, event: Event) -> None:
         """Hand ``event`` to the consumer (called from the job's thread)."""
         self.admitted.set()
-        with trio.move_on_after(CONSUMER_STALL_SECONDS):
-            await self._send.send(event)
-            return
+        self.delivering = True
+        try:
+            with trio.move_on_after(CONSUMER_STALL_SECONDS):
+                await self._send.send(event)
+                return
+        finally:
+            self.delivering = False
         log.warning(
             "a consumer read nothing for %.0f s: cancelling its job", CONSUMER_STALL_SECONDS
         )
@@ -219,6 +225,10 @@ class GenerationWorker:
         self._cancel_all = False
         self._last_used: float | None = None
         self._tokens_generated = 0
+        # The engine's progress count when last looked at, and since when
+        # (monotonic) it has held still with jobs in the engine.
+        self._progress: int | None = None
+        self._progress_at = time.monotonic()
 
     def _waiting(self) -> int:
         """Jobs in the queue beyond those the free slots are about to take."""
@@ -234,6 +244,25 @@ class GenerationWorker:
             + sum(job.completion_tokens for job in self._running),
             parallel=self.parallel,
         )
+
+    def stalled_secs(self) -> float:
+        """Seconds the engine has worked on jobs without its progress count moving.
+
+        0 when the count moved since the last call, when no job is in the
+        engine (none running, or every one waiting for its consumer to read:
+        the engine has nothing to do for it then), and when the engine does
+        not count (``LoadedModel.progress`` is None). Measured from the
+        last call that saw it move or idle, or from the start of the first
+        job after an idle spell, whichever is later: call it now and then
+        (every ``GET /models`` does).
+        """
+        progress = self.model.progress()
+        now = time.monotonic()
+        working = any(not job.delivering for job in self._running)
+        if progress is None or not working or progress != self._progress:
+            self._progress, self._progress_at = progress, now
+            return 0.0
+        return now - self._progress_at
 
     def submit(self, job: Job) -> None:
         """Queue ``job``.
@@ -288,6 +317,9 @@ class GenerationWorker:
                     raise
                 if self._cancel_all:
                     job.cancel()
+                if not self._running:
+                    # Idle until now: a stall counts from here, not from the last look.
+                    self._progress_at = time.monotonic()
                 self._running.add(job)
                 nursery.start_soon(self._serve, job, token)
 

@@ -221,7 +221,7 @@ class ClairvoyantPolicy(PredictivePolicy):
         )
 
     def regret(self, option: Option, now: float) -> float:
-        """What the option evicts, each victim's MiB (or 1) times its chance of being asked for soon."""
+        """What the option evicts: each victim's MiB (or 1) times its chance of coming back soon."""
         assert option.plan is not None
         weight = self._mib if self.rule.regret == "mib" else lambda _: 1
         return sum(weight(v) * self.sends.chance(v, now) for v in option.plan.evictions)

@@ -72,7 +72,7 @@ def options(
     holding: set[str] = set()
     for neuron in usable:
         status = neuron.status_of(model_id)
-        if status == LOADED and model_id not in neuron.evicting:
+        if neuron.serves(model_id):
             found.append(Option("loaded", neuron, predictor.replica_wait(neuron, model_id)))
         if status in (LOADED, LOADING):
             holding.add(neuron.name)
@@ -242,10 +242,7 @@ def scale_in(
     if status is None or status.status != LOADED or model_id in neuron.evicting:
         return ScaleIn()
     idle = state.clock() - neuron.recency(model_id)
-    others = any(
-        n is not neuron and n.status_of(model_id) == LOADED and model_id not in n.evicting
-        for n in state.routable()
-    )
+    others = any(n is not neuron and n.serves(model_id) for n in state.routable())
     quiet = not neuron.busy(model_id) and not queue.depth(model_id)
     if others and quiet and idle >= idle_limit:
         return ScaleIn(unload=True)

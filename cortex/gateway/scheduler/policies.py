@@ -79,7 +79,10 @@ class Policy:
         """The member of a tier to route to: loaded and healthy first, in tier order."""
         for status in (LOADED, "loading"):
             for member in members:
-                if any(n.status_of(member) == status for n in self.state.routable()):
+                if any(
+                    n.status_of(member) == status and member not in n.stalled
+                    for n in self.state.routable()
+                ):
                     return member
         return members[0]
 
@@ -320,6 +323,8 @@ class PredictivePolicy(Policy):
         for order, member in enumerate(members):
             for neuron in self.state.routable():
                 status = neuron.status_of(member)
+                if member in neuron.stalled:
+                    continue
                 if status == LOADED:
                     guess = self.predictor.replica_wait(neuron, member)
                 elif status == "loading":

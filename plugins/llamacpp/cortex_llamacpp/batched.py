@@ -359,6 +359,17 @@ class BatchedDecoder:
             ),
         )
 
+    @property
+    def steps(self) -> int:
+        """``llama_decode`` calls so far, read without the lock.
+
+        For ``LoadedModel.progress``, asked from the neuron's event loop:
+        ``statistics`` would wait while the decode thread holds the lock. A
+        long prompt takes one call per chunk of at most ``n_batch`` tokens,
+        so the count moves while it is evaluated.
+        """
+        return self._steps
+
     def prompt_cache(self) -> PromptCacheStatistics:
         """The prompt cache for ``LoadedModel.prompt_cache``, with block hashes.
 

@@ -499,6 +499,8 @@ class LlamaCppModel(LoadedModel):
         self._hits = 0
         self._misses = 0
         self._reused_tokens = 0
+        # Its progress count: prompt chunks and tokens evaluated.
+        self._evaluated = 0
         self._bos_text = self._special_text(llama.token_bos())
         template = llama.metadata.get("tokenizer.chat_template")
         self._formatter: ChatFormatter | None
@@ -589,6 +591,12 @@ class LlamaCppModel(LoadedModel):
         return PromptCacheStatistics(
             hits=self._hits, misses=self._misses, slot_tokens=self._reused_tokens
         )
+
+    def progress(self) -> int:
+        """See LoadedModel.progress: ``llama_decode`` calls (a prompt chunk or a token each)."""
+        if self._decoder is not None:
+            return self._decoder.steps
+        return self._evaluated
 
     def memory_mb(self) -> int:
         """The file size plus the f16 KV cache estimate for the full context,
@@ -703,6 +711,7 @@ class LlamaCppModel(LoadedModel):
             if cancellation.is_cancelled():
                 return
             llama.eval(tokens[start : start + llama.n_batch])
+            self._evaluated += 1
         if cancellation.is_cancelled():
             return
         # The seed is sticky on the Llama object: reset it on every call.
@@ -721,6 +730,7 @@ class LlamaCppModel(LoadedModel):
         )
         try:
             for n, token in enumerate(steps, start=1):
+                self._evaluated += 1
                 if llama_cpp.llama_vocab_is_eog(self._vocab, token):
                     return
                 yield Token(
