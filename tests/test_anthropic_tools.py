@@ -14,12 +14,15 @@ import contextlib
 import json
 import pathlib
 import re
+import shutil
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any
 
 import anthropic
 import httpx
+import httpx2
 import openai
 import pydantic
 import pytest
@@ -864,6 +867,171 @@ async def test_claude_code_shaped_turn_without_streaming(gateway_url: str) -> No
     assert message["stop_reason"] == "tool_use"
     assert [b["type"] for b in message["content"]] == ["text", "tool_use"]
     assert message["content"][1]["input"] == {"command": "ls -la", "description": "List the files"}
+
+
+# -- message threads: the SDKs' tool runners fall back to the whole history ---------------
+
+THREADS_BETA = "message-threads-2026-08-12"
+#: The 400 for a ``thread``, as the SDKs' tool runners recognise it (``error.details.error_code``).
+THREAD_ERROR = {
+    "type": "error",
+    "error": {
+        "type": "invalid_request_error",
+        "message": "thread is not supported: cortex keeps no conversation between requests; "
+        "send the whole conversation in messages, without thread",
+        "details": {"error_code": "thread_unsupported_request"},
+    },
+}
+
+
+@anthropic.lib.tools.beta_async_tool
+async def get_weather(city: str, unit: str = "celsius") -> str:
+    """The weather in a city.
+
+    Args:
+      city: the city.
+      unit: celsius or fahrenheit.
+    """
+    return "sunny, 21"
+
+
+async def test_the_tool_runner_falls_back_from_a_thread_to_the_whole_history(
+    gateway_url: str,
+) -> None:
+    # The SDK's tool runner threads by default: its first turn asks for a
+    # thread, and on this 400 it sends that turn and the next without one.
+    sent: list[tuple[str | None, dict[str, Any]]] = []
+    answered: list[tuple[int, Any]] = []
+
+    async def request(request: httpx2.Request) -> None:
+        sent.append((request.headers.get("anthropic-beta"), json.loads(request.content)))
+
+    async def response(response: httpx2.Response) -> None:
+        await response.aread()
+        answered.append((response.status_code, response.json()))
+
+    hooks = {"request": [request], "response": [response]}
+    with trio.fail_after(20):
+        async with (
+            httpx2.AsyncClient(event_hooks=hooks) as http,  # this SDK's httpx
+            anthropic.AsyncAnthropic(
+                base_url=gateway_url, api_key="x", max_retries=0, http_client=http
+            ) as client,
+        ):
+            runner = client.beta.messages.tool_runner(
+                model="scripted",
+                max_tokens=200,
+                tools=[get_weather],
+                messages=ask("What's the weather in Paris?"),
+            )
+            replies = [message async for message in runner]
+    assert [status for status, _ in answered] == [400, 200, 200]
+    assert answered[0][1] == THREAD_ERROR
+    (beta, first), (_, again), (_, after) = sent
+    assert THREADS_BETA in (beta or "") and first["thread"] == {"type": "create"}
+    assert "thread" not in again and again["messages"] == first["messages"]
+    assert "thread" not in after and len(after["messages"]) == 3
+    assert [reply.stop_reason for reply in replies] == ["tool_use", "end_turn"]
+    assert replies[-1].content[0].text == "It is sunny and 21 °C in Paris."
+
+
+async def test_a_thread_is_a_400_the_sdk_knows_before_anything_else(gateway_url: str) -> None:
+    # A turn that continues a thread, as the SDK sends it: only the new
+    # tool_result, without tools. The thread is what is wrong, not the result.
+    body = {
+        "model": "scripted",
+        "max_tokens": 200,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny, 21"}
+                ],
+            }
+        ],
+        "thread": {"type": "continue", "previous_message_id": "msg_0123456789abcdef01234567"},
+    }
+    headers = {"anthropic-beta": THREADS_BETA, "anthropic-version": "2023-06-01"}
+    async with (
+        httpx.AsyncClient(base_url=gateway_url, timeout=10) as http,
+        anthropic.AsyncAnthropic(base_url=gateway_url, api_key="x", max_retries=0) as client,
+    ):
+        with trio.fail_after(10):
+            continued = await http.post("/v1/messages?beta=true", json=body, headers=headers)
+            counted = await http.post("/v1/messages/count_tokens", json=body, headers=headers)
+            with pytest.raises(anthropic.BadRequestError) as created:
+                await client.beta.messages.create(
+                    model="scripted",
+                    max_tokens=200,
+                    messages=ask("hi"),
+                    thread={"type": "create"},
+                    betas=[THREADS_BETA],
+                )
+    assert continued.status_code == counted.status_code == 400
+    assert continued.json() == counted.json() == THREAD_ERROR
+    assert type(created.value).__name__ == "ThreadUnsupportedRequestError"
+    assert created.value.body == THREAD_ERROR
+
+
+#: The Node SDK's tool runner, run by node; the gateway's URL is its argument.
+NODE_TOOL_RUNNER = """
+const Anthropic = require('@anthropic-ai/sdk').default;
+const { betaTool } = require('@anthropic-ai/sdk/helpers/beta/json-schema');
+const statuses = [];
+const fetchLogged = async (url, init) => {
+  const response = await fetch(url, init);
+  statuses.push(response.status);
+  return response;
+};
+const client = new Anthropic({
+  baseURL: process.argv[1], apiKey: 'x', maxRetries: 0, fetch: fetchLogged,
+});
+const weather = betaTool({
+  name: 'get_weather',
+  description: 'The weather in a city.',
+  inputSchema: {
+    type: 'object', properties: { city: { type: 'string' }, unit: { type: 'string' } },
+  },
+  run: async () => 'sunny, 21',
+});
+(async () => {
+  const replies = [];
+  const messages = [{ role: 'user', content: "What's the weather in Paris?" }];
+  for await (const message of client.beta.messages.toolRunner({
+    model: 'scripted', max_tokens: 200, tools: [weather], messages,
+  })) replies.push([message.stop_reason, message.content]);
+  console.log(JSON.stringify({ statuses, replies }));
+})().catch((error) => { console.error(error); process.exit(1); });
+"""
+
+
+def node_sdk() -> str | None:
+    """``node``, where it can load ``@anthropic-ai/sdk`` (as installed, or on ``NODE_PATH``)."""
+    node = shutil.which("node")
+    if node is None:
+        return None
+    found = subprocess.run(
+        [node, "-e", "require.resolve('@anthropic-ai/sdk/helpers/beta/json-schema')"],
+        capture_output=True,
+        check=False,
+    )
+    return node if found.returncode == 0 else None
+
+
+@pytest.mark.skipif(node_sdk() is None, reason="node with @anthropic-ai/sdk is not installed")
+async def test_the_node_sdks_tool_runner_with_its_defaults(gateway_url: str) -> None:
+    node = node_sdk()
+    assert node is not None
+    with trio.fail_after(30):
+        done = await trio.run_process(
+            [node, "-e", NODE_TOOL_RUNNER, gateway_url], capture_stdout=True, check=False
+        )
+    assert done.returncode == 0
+    result = json.loads(done.stdout)
+    # The thread it asks for first is refused; it carries on without one.
+    assert result["statuses"] == [400, 200, 200]
+    assert [stop for stop, _ in result["replies"]] == ["tool_use", "end_turn"]
+    assert result["replies"][-1][1][0]["text"] == "It is sunny and 21 °C in Paris."
 
 
 # -- follow-ups: an answer that calls a tool keeps its model for the result ----------------

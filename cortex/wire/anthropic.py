@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from cortex.errors import ContextOverflow, CortexError, InvalidRequest
+from cortex.errors import ContextOverflow, CortexError, InvalidRequest, ThreadUnsupported
 from cortex.wire import fields
 
 ROLES = frozenset({"user", "assistant", "system"})
@@ -399,6 +399,22 @@ def _thinking(body: Mapping[str, Any]) -> None:
         )
 
 
+def _thread(body: Mapping[str, Any]) -> None:
+    """A message thread (``thread``, the ``message-threads`` beta) is a 400 the SDKs act on.
+
+    Anthropic's API keeps a thread's conversation and each turn sends only
+    what is new; cortex keeps none, and a turn that continued a thread
+    would reach the model without its history. The SDKs' tool runners use
+    threads by default and, on this error, send the whole history instead.
+    """
+    if body.get("thread") is not None:
+        raise ThreadUnsupported(
+            "thread is not supported: cortex keeps no conversation between requests; "
+            "send the whole conversation in messages, without thread",
+            param="thread",
+        )
+
+
 def _mcp_servers(body: Mapping[str, Any]) -> None:
     if body.get("mcp_servers"):
         # Anthropic's API connects to them (the MCP connector); a local
@@ -453,8 +469,11 @@ def _prompt_fields(body: Mapping[str, Any]) -> dict[str, Any]:
 
     ``thinking``, ``mcp_servers``, ``output_config`` and what a prefill
     cannot be combined with are checked in both too: a body ``count_tokens``
-    takes must be one ``create`` takes.
+    takes must be one ``create`` takes. ``thread`` comes first: a turn
+    that continues a thread sends only what is new, which alone may look
+    like a broken conversation (a tool_result with no tools).
     """
+    _thread(body)
     messages = _messages(body)
     tools = _tools(body)
     _check_tool_pairs(messages, tools)
@@ -639,4 +658,8 @@ def message_for(exc: CortexError) -> str:
 
 
 def error_body(exc: CortexError) -> dict[str, Any]:
-    return error_from(status_for(exc), message_for(exc))
+    body = error_from(status_for(exc), message_for(exc))
+    if isinstance(exc, ThreadUnsupported):
+        # Where the SDKs read it (``error.details.error_code``) to retry unthreaded.
+        body["error"]["details"] = {"error_code": exc.code}
+    return body
