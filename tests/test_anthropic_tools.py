@@ -388,6 +388,10 @@ async def test_tool_choice_mapping(client: anthropic.AsyncAnthropic, neuron: Neu
     assert none.stop_reason == "end_turn"
     assert unknown.value.body["type"] == "error"
     assert unknown.value.body["error"]["type"] == "invalid_request_error"
+    # In Anthropic's words and notation, not the neuron's OpenAI ones.
+    assert (
+        unknown.value.body["error"]["message"] == "tool_choice.name: no tool named 'nope' in tools"
+    )
 
 
 class City(pydantic.BaseModel):

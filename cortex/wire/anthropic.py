@@ -316,6 +316,11 @@ def _tool_choice(
         raise InvalidRequest(
             f"tool_choice.type {kind!r} needs tools: the request has none", param="tool_choice"
         )
+    if kind == "tool" and all(tool["name"] != choice["name"] for tool in tools or ()):
+        raise InvalidRequest(
+            f"tool_choice.name: no tool named {fields.shown(choice['name'])} in tools",
+            param="tool_choice.name",
+        )
     return choice
 
 
