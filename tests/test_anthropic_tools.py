@@ -677,6 +677,91 @@ async def test_responses_tools_through_the_gateway(gateway_url: str, neuron: Neu
     assert f"<|tool|>{call.call_id}: sunny, 21" in engine_model(neuron).prompts[-1]
 
 
+# -- schemas no grammar can be built from: a 400 naming the route's own field -------------
+
+#: An object schema whose ref resolves to nothing: no grammar holds an answer to it.
+UNGRAMMATICAL = {"type": "object", "properties": {"a": {"$ref": "#/$defs/nope"}}}
+GRAMMAR_REFUSED = "cannot build a grammar from the JSON schema"
+
+
+async def test_a_schema_without_a_grammar_is_named_in_each_routes_terms(
+    gateway_url: str,
+) -> None:
+    # The neuron builds the grammar; each route names the field as its request holds it.
+    chat_tools = [
+        {"type": "function", "function": {"name": "get_time", "parameters": TIME["input_schema"]}},
+        {"type": "function", "function": {"name": "broken", "parameters": UNGRAMMATICAL}},
+    ]
+    responses_tools = [{"type": "function", **t["function"]} for t in chat_tools]
+    anthropic_tools = [TIME, {"name": "broken", "input_schema": UNGRAMMATICAL}]
+    chat = {"model": "scripted", "messages": ask("hi"), "tools": chat_tools}
+    responses = {"model": "scripted", "input": "hi", "tools": responses_tools}
+    messages = {"model": "scripted", "max_tokens": 50, "messages": ask("hi")}
+    json_schema = {"type": "json_schema", "schema": UNGRAMMATICAL}
+    openai_refused: list[tuple[str, dict[str, Any], str]] = [
+        ("chat/completions", chat | {"tool_choice": "required"}, "tools[1].function.parameters"),
+        (
+            "chat/completions",
+            chat | {"tool_choice": {"type": "function", "function": {"name": "broken"}}},
+            "tools[1].function.parameters",
+        ),
+        (
+            "chat/completions",
+            {
+                "model": "scripted",
+                "messages": ask("hi"),
+                "response_format": {"type": "json_schema", "json_schema": json_schema},
+            },
+            "response_format.json_schema",
+        ),
+        ("responses", responses | {"tool_choice": "required"}, "tools[1].parameters"),
+        (
+            "responses",
+            responses | {"tool_choice": {"type": "function", "name": "broken"}},
+            "tools[1].parameters",
+        ),
+        (
+            "responses",
+            {"model": "scripted", "input": "hi", "text": {"format": json_schema | {"name": "x"}}},
+            "text.format.schema",
+        ),
+    ]
+    anthropic_refused: list[tuple[dict[str, Any], str]] = [
+        (
+            messages | {"tools": anthropic_tools, "tool_choice": {"type": "any"}},
+            "tools.1.input_schema",
+        ),
+        (
+            messages
+            | {"tools": anthropic_tools, "tool_choice": {"type": "tool", "name": "broken"}},
+            "tools.1.input_schema",
+        ),
+        (messages | {"output_config": {"format": json_schema}}, "output_config.format.schema"),
+        (messages | {"output_format": json_schema}, "output_format.schema"),
+    ]
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=10) as http:
+        with trio.fail_after(20):
+            for route, body, param in openai_refused:
+                for stream in (False, True):
+                    answer = await http.post(f"/v1/{route}", json=body | {"stream": stream})
+                    assert answer.status_code == 400, (route, body, answer.text)
+                    error = answer.json()["error"]
+                    assert error["param"] == param, (route, body, error)
+                    assert error["message"].startswith(f"{param}: {GRAMMAR_REFUSED}"), error
+                    assert param.startswith("tools") == ("of tool 'broken'" in error["message"])
+            for body, field in anthropic_refused:
+                for stream in (False, True):
+                    answer = await http.post("/v1/messages", json=body | {"stream": stream})
+                    assert answer.status_code == 400, (body, answer.text)
+                    error = answer.json()["error"]
+                    assert error["type"] == "invalid_request_error"
+                    assert error["message"].startswith(f"{field}: {GRAMMAR_REFUSED}"), error
+                    assert field.startswith("tools") == ("of tool 'broken'" in error["message"])
+            # With tool_choice auto the model may answer in text: no grammar, no refusal.
+            auto = await http.post("/v1/messages", json=messages | {"tools": anthropic_tools})
+    assert auto.status_code == 200, auto.text
+
+
 # -- a Claude Code-shaped turn ------------------------------------------------------------
 
 CLAUDE_CODE_TOOLS = [

@@ -324,8 +324,8 @@ def _tool_choice(
     return choice
 
 
-def _output_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The JSON schema of ``output_config.format`` (structured output), or None.
+def _output_format(body: Mapping[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    """Where the body asks for structured output, and its JSON schema (None: it does not).
 
     The ``anthropic`` SDK's ``messages.parse(output_format=Model)`` sends
     ``output_config: {"format": {"type": "json_schema", "schema": {...}}}``;
@@ -340,7 +340,7 @@ def _output_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
     if fmt is None:
         where, fmt = "output_format", body.get("output_format")
     if fmt is None:
-        return None
+        return "output_config.format", None
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
         raise InvalidRequest(
             f'{where} must be {{"type": "json_schema", "schema": {{...}}}}', param=where
@@ -348,7 +348,7 @@ def _output_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
     schema = fmt.get("schema")
     if not isinstance(schema, dict):
         raise InvalidRequest(f"{where}.schema must be an object", param=f"{where}.schema")
-    return schema
+    return where, schema
 
 
 def _metadata(body: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -453,6 +453,8 @@ class MessagesRequest:
     metadata: dict[str, Any] | None = None
     #: The JSON schema of ``output_config.format``; None: free text.
     output_schema: dict[str, Any] | None = None
+    #: Where the body holds it: ``output_config.format``, or the beta's ``output_format``.
+    output_field: str = "output_config.format"
     #: ``messages`` ends with an assistant turn whose text the answer continues.
     prefill: bool = False
 
@@ -485,15 +487,13 @@ def _prompt_fields(body: Mapping[str, Any]) -> dict[str, Any]:
     _thinking(body)
     _mcp_servers(body)
     tool_choice = _tool_choice(body, tools)
-    output_schema = _output_format(body)
+    output_field, output_schema = _output_format(body)
     prefill = _check_prefill(messages)
     if prefill and tool_choice is not None and tool_choice["type"] in ("any", "tool"):
         kind = tool_choice["type"]
         raise fields.prefill_conflict("tool_choice", f"type {kind!r} (a forced tool call)")
     if prefill and output_schema is not None:
-        config = body.get("output_config") or {}
-        where = "output_config.format" if config.get("format") is not None else "output_format"
-        raise fields.prefill_conflict(where, "structured output")
+        raise fields.prefill_conflict(output_field, "structured output")
     return {
         "model": fields.model(body),
         "messages": messages,
@@ -501,6 +501,7 @@ def _prompt_fields(body: Mapping[str, Any]) -> dict[str, Any]:
         "tools": tools,
         "tool_choice": tool_choice,
         "output_schema": output_schema,
+        "output_field": output_field,
         "prefill": prefill,
     }
 
