@@ -10,6 +10,7 @@ and ``cortex.wire.envelope`` makes the whole answer, for both roles.
     ├── ConfigError               a config file, key or environment value is wrong
     ├── RequestError              the client's fault (4xx)
     │   ├── InvalidRequest        400: the body is not a valid request
+    │   │   └── ThreadUnsupported 400: an Anthropic message thread, which cortex does not keep
     │   ├── Unauthorized          401: missing or wrong key or token
     │   ├── PermissionDenied      403: not allowed here
     │   ├── NotFound              404: no such route
@@ -86,6 +87,17 @@ class RequestError(CortexError):
 
 class InvalidRequest(RequestError):
     status = 400
+
+
+class ThreadUnsupported(InvalidRequest):
+    """An Anthropic ``thread`` (the message-threads beta): the server keeps no conversation.
+
+    The Anthropic dialect puts ``code`` in ``error.details.error_code``,
+    where the SDKs' tool runners look for it: on this one they send the
+    turn again, and every later one, with the whole history and no thread.
+    """
+
+    code = "thread_unsupported_request"
 
 
 class Unauthorized(RequestError):

@@ -106,6 +106,9 @@ class ToolCalls:
     parallel: bool = True
     #: The request field a refusal names.
     param: str = "tool_choice"
+    #: The request field of each function's ``parameters``, in order, for a
+    #: refusal of that schema; empty: ``param`` stands for them all.
+    parameters: tuple[str, ...] = ()
 
 
 #: What the output must look like: engine-neutral, each engine enforces it

@@ -14,12 +14,15 @@ import contextlib
 import json
 import pathlib
 import re
+import shutil
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any
 
 import anthropic
 import httpx
+import httpx2
 import openai
 import pydantic
 import pytest
@@ -385,6 +388,10 @@ async def test_tool_choice_mapping(client: anthropic.AsyncAnthropic, neuron: Neu
     assert none.stop_reason == "end_turn"
     assert unknown.value.body["type"] == "error"
     assert unknown.value.body["error"]["type"] == "invalid_request_error"
+    # In Anthropic's words and notation, not the neuron's OpenAI ones.
+    assert (
+        unknown.value.body["error"]["message"] == "tool_choice.name: no tool named 'nope' in tools"
+    )
 
 
 class City(pydantic.BaseModel):
@@ -670,6 +677,91 @@ async def test_responses_tools_through_the_gateway(gateway_url: str, neuron: Neu
     assert f"<|tool|>{call.call_id}: sunny, 21" in engine_model(neuron).prompts[-1]
 
 
+# -- schemas no grammar can be built from: a 400 naming the route's own field -------------
+
+#: An object schema whose ref resolves to nothing: no grammar holds an answer to it.
+UNGRAMMATICAL = {"type": "object", "properties": {"a": {"$ref": "#/$defs/nope"}}}
+GRAMMAR_REFUSED = "cannot build a grammar from the JSON schema"
+
+
+async def test_a_schema_without_a_grammar_is_named_in_each_routes_terms(
+    gateway_url: str,
+) -> None:
+    # The neuron builds the grammar; each route names the field as its request holds it.
+    chat_tools = [
+        {"type": "function", "function": {"name": "get_time", "parameters": TIME["input_schema"]}},
+        {"type": "function", "function": {"name": "broken", "parameters": UNGRAMMATICAL}},
+    ]
+    responses_tools = [{"type": "function", **t["function"]} for t in chat_tools]
+    anthropic_tools = [TIME, {"name": "broken", "input_schema": UNGRAMMATICAL}]
+    chat = {"model": "scripted", "messages": ask("hi"), "tools": chat_tools}
+    responses = {"model": "scripted", "input": "hi", "tools": responses_tools}
+    messages = {"model": "scripted", "max_tokens": 50, "messages": ask("hi")}
+    json_schema = {"type": "json_schema", "schema": UNGRAMMATICAL}
+    openai_refused: list[tuple[str, dict[str, Any], str]] = [
+        ("chat/completions", chat | {"tool_choice": "required"}, "tools[1].function.parameters"),
+        (
+            "chat/completions",
+            chat | {"tool_choice": {"type": "function", "function": {"name": "broken"}}},
+            "tools[1].function.parameters",
+        ),
+        (
+            "chat/completions",
+            {
+                "model": "scripted",
+                "messages": ask("hi"),
+                "response_format": {"type": "json_schema", "json_schema": json_schema},
+            },
+            "response_format.json_schema",
+        ),
+        ("responses", responses | {"tool_choice": "required"}, "tools[1].parameters"),
+        (
+            "responses",
+            responses | {"tool_choice": {"type": "function", "name": "broken"}},
+            "tools[1].parameters",
+        ),
+        (
+            "responses",
+            {"model": "scripted", "input": "hi", "text": {"format": json_schema | {"name": "x"}}},
+            "text.format.schema",
+        ),
+    ]
+    anthropic_refused: list[tuple[dict[str, Any], str]] = [
+        (
+            messages | {"tools": anthropic_tools, "tool_choice": {"type": "any"}},
+            "tools.1.input_schema",
+        ),
+        (
+            messages
+            | {"tools": anthropic_tools, "tool_choice": {"type": "tool", "name": "broken"}},
+            "tools.1.input_schema",
+        ),
+        (messages | {"output_config": {"format": json_schema}}, "output_config.format.schema"),
+        (messages | {"output_format": json_schema}, "output_format.schema"),
+    ]
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=10) as http:
+        with trio.fail_after(20):
+            for route, body, param in openai_refused:
+                for stream in (False, True):
+                    answer = await http.post(f"/v1/{route}", json=body | {"stream": stream})
+                    assert answer.status_code == 400, (route, body, answer.text)
+                    error = answer.json()["error"]
+                    assert error["param"] == param, (route, body, error)
+                    assert error["message"].startswith(f"{param}: {GRAMMAR_REFUSED}"), error
+                    assert param.startswith("tools") == ("of tool 'broken'" in error["message"])
+            for body, field in anthropic_refused:
+                for stream in (False, True):
+                    answer = await http.post("/v1/messages", json=body | {"stream": stream})
+                    assert answer.status_code == 400, (body, answer.text)
+                    error = answer.json()["error"]
+                    assert error["type"] == "invalid_request_error"
+                    assert error["message"].startswith(f"{field}: {GRAMMAR_REFUSED}"), error
+                    assert field.startswith("tools") == ("of tool 'broken'" in error["message"])
+            # With tool_choice auto the model may answer in text: no grammar, no refusal.
+            auto = await http.post("/v1/messages", json=messages | {"tools": anthropic_tools})
+    assert auto.status_code == 200, auto.text
+
+
 # -- a Claude Code-shaped turn ------------------------------------------------------------
 
 CLAUDE_CODE_TOOLS = [
@@ -864,6 +956,171 @@ async def test_claude_code_shaped_turn_without_streaming(gateway_url: str) -> No
     assert message["stop_reason"] == "tool_use"
     assert [b["type"] for b in message["content"]] == ["text", "tool_use"]
     assert message["content"][1]["input"] == {"command": "ls -la", "description": "List the files"}
+
+
+# -- message threads: the SDKs' tool runners fall back to the whole history ---------------
+
+THREADS_BETA = "message-threads-2026-08-12"
+#: The 400 for a ``thread``, as the SDKs' tool runners recognise it (``error.details.error_code``).
+THREAD_ERROR = {
+    "type": "error",
+    "error": {
+        "type": "invalid_request_error",
+        "message": "thread is not supported: cortex keeps no conversation between requests; "
+        "send the whole conversation in messages, without thread",
+        "details": {"error_code": "thread_unsupported_request"},
+    },
+}
+
+
+@anthropic.lib.tools.beta_async_tool
+async def get_weather(city: str, unit: str = "celsius") -> str:
+    """The weather in a city.
+
+    Args:
+      city: the city.
+      unit: celsius or fahrenheit.
+    """
+    return "sunny, 21"
+
+
+async def test_the_tool_runner_falls_back_from_a_thread_to_the_whole_history(
+    gateway_url: str,
+) -> None:
+    # The SDK's tool runner threads by default: its first turn asks for a
+    # thread, and on this 400 it sends that turn and the next without one.
+    sent: list[tuple[str | None, dict[str, Any]]] = []
+    answered: list[tuple[int, Any]] = []
+
+    async def request(request: httpx2.Request) -> None:
+        sent.append((request.headers.get("anthropic-beta"), json.loads(request.content)))
+
+    async def response(response: httpx2.Response) -> None:
+        await response.aread()
+        answered.append((response.status_code, response.json()))
+
+    hooks = {"request": [request], "response": [response]}
+    with trio.fail_after(20):
+        async with (
+            httpx2.AsyncClient(event_hooks=hooks) as http,  # this SDK's httpx
+            anthropic.AsyncAnthropic(
+                base_url=gateway_url, api_key="x", max_retries=0, http_client=http
+            ) as client,
+        ):
+            runner = client.beta.messages.tool_runner(
+                model="scripted",
+                max_tokens=200,
+                tools=[get_weather],
+                messages=ask("What's the weather in Paris?"),
+            )
+            replies = [message async for message in runner]
+    assert [status for status, _ in answered] == [400, 200, 200]
+    assert answered[0][1] == THREAD_ERROR
+    (beta, first), (_, again), (_, after) = sent
+    assert THREADS_BETA in (beta or "") and first["thread"] == {"type": "create"}
+    assert "thread" not in again and again["messages"] == first["messages"]
+    assert "thread" not in after and len(after["messages"]) == 3
+    assert [reply.stop_reason for reply in replies] == ["tool_use", "end_turn"]
+    assert replies[-1].content[0].text == "It is sunny and 21 °C in Paris."
+
+
+async def test_a_thread_is_a_400_the_sdk_knows_before_anything_else(gateway_url: str) -> None:
+    # A turn that continues a thread, as the SDK sends it: only the new
+    # tool_result, without tools. The thread is what is wrong, not the result.
+    body = {
+        "model": "scripted",
+        "max_tokens": 200,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny, 21"}
+                ],
+            }
+        ],
+        "thread": {"type": "continue", "previous_message_id": "msg_0123456789abcdef01234567"},
+    }
+    headers = {"anthropic-beta": THREADS_BETA, "anthropic-version": "2023-06-01"}
+    async with (
+        httpx.AsyncClient(base_url=gateway_url, timeout=10) as http,
+        anthropic.AsyncAnthropic(base_url=gateway_url, api_key="x", max_retries=0) as client,
+    ):
+        with trio.fail_after(10):
+            continued = await http.post("/v1/messages?beta=true", json=body, headers=headers)
+            counted = await http.post("/v1/messages/count_tokens", json=body, headers=headers)
+            with pytest.raises(anthropic.BadRequestError) as created:
+                await client.beta.messages.create(
+                    model="scripted",
+                    max_tokens=200,
+                    messages=ask("hi"),
+                    thread={"type": "create"},
+                    betas=[THREADS_BETA],
+                )
+    assert continued.status_code == counted.status_code == 400
+    assert continued.json() == counted.json() == THREAD_ERROR
+    assert type(created.value).__name__ == "ThreadUnsupportedRequestError"
+    assert created.value.body == THREAD_ERROR
+
+
+#: The Node SDK's tool runner, run by node; the gateway's URL is its argument.
+NODE_TOOL_RUNNER = """
+const Anthropic = require('@anthropic-ai/sdk').default;
+const { betaTool } = require('@anthropic-ai/sdk/helpers/beta/json-schema');
+const statuses = [];
+const fetchLogged = async (url, init) => {
+  const response = await fetch(url, init);
+  statuses.push(response.status);
+  return response;
+};
+const client = new Anthropic({
+  baseURL: process.argv[1], apiKey: 'x', maxRetries: 0, fetch: fetchLogged,
+});
+const weather = betaTool({
+  name: 'get_weather',
+  description: 'The weather in a city.',
+  inputSchema: {
+    type: 'object', properties: { city: { type: 'string' }, unit: { type: 'string' } },
+  },
+  run: async () => 'sunny, 21',
+});
+(async () => {
+  const replies = [];
+  const messages = [{ role: 'user', content: "What's the weather in Paris?" }];
+  for await (const message of client.beta.messages.toolRunner({
+    model: 'scripted', max_tokens: 200, tools: [weather], messages,
+  })) replies.push([message.stop_reason, message.content]);
+  console.log(JSON.stringify({ statuses, replies }));
+})().catch((error) => { console.error(error); process.exit(1); });
+"""
+
+
+def node_sdk() -> str | None:
+    """``node``, where it can load ``@anthropic-ai/sdk`` (as installed, or on ``NODE_PATH``)."""
+    node = shutil.which("node")
+    if node is None:
+        return None
+    found = subprocess.run(
+        [node, "-e", "require.resolve('@anthropic-ai/sdk/helpers/beta/json-schema')"],
+        capture_output=True,
+        check=False,
+    )
+    return node if found.returncode == 0 else None
+
+
+@pytest.mark.skipif(node_sdk() is None, reason="node with @anthropic-ai/sdk is not installed")
+async def test_the_node_sdks_tool_runner_with_its_defaults(gateway_url: str) -> None:
+    node = node_sdk()
+    assert node is not None
+    with trio.fail_after(30):
+        done = await trio.run_process(
+            [node, "-e", NODE_TOOL_RUNNER, gateway_url], capture_stdout=True, check=False
+        )
+    assert done.returncode == 0
+    result = json.loads(done.stdout)
+    # The thread it asks for first is refused; it carries on without one.
+    assert result["statuses"] == [400, 200, 200]
+    assert [stop for stop, _ in result["replies"]] == ["tool_use", "end_turn"]
+    assert result["replies"][-1][1][0]["text"] == "It is sunny and 21 °C in Paris."
 
 
 # -- follow-ups: an answer that calls a tool keeps its model for the result ----------------

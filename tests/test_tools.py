@@ -382,7 +382,10 @@ def test_tool_call_grammar_markup(family: str) -> None:
 def test_constraints_are_engine_neutral() -> None:
     required = plan(tools=[TOOL], tool_choice="required", parallel_tool_calls=False)
     assert required.constraint == ToolCalls(
-        family="hermes", functions=(TOOL["function"],), parallel=False
+        family="hermes",
+        functions=(TOOL["function"],),
+        parallel=False,
+        parameters=("tools[0].function.parameters",),
     )
     schema = {"type": "object"}
     spec = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
@@ -395,3 +398,27 @@ def test_a_schema_that_does_not_convert_is_the_clients_fault() -> None:
     with pytest.raises(InvalidRequest) as refused:
         grammar_for(JsonSchema({"$ref": "#/nope"}, param="response_format.json_schema"))
     assert refused.value.param == "response_format.json_schema"
+
+
+def test_a_tools_schema_is_held_to_as_given_or_refused() -> None:
+    # A ref into the tool's own $defs (what pydantic writes) resolves there,
+    # and the client's schema is left as it came.
+    unit = {"type": "string", "enum": ["celsius", "fahrenheit"]}
+    parameters = {
+        "type": "object",
+        "$defs": {"Unit": unit},
+        "properties": {"unit": {"$ref": "#/$defs/Unit"}},
+    }
+    sent = json.dumps(parameters)
+    grammar = tool_call_grammar("hermes", [{"name": "f", "parameters": parameters}])
+    assert '"\\"celsius\\""' in grammar
+    assert json.dumps(parameters) == sent
+    # One that resolves nowhere is refused, naming the tool and where it is.
+    broken = {"type": "object", "properties": {"a": {"$ref": "#/$defs/nope"}}}
+    functions = [{"name": "f", "parameters": parameters}, {"name": "g", "parameters": broken}]
+    with pytest.raises(InvalidRequest) as refused:
+        tool_call_grammar("hermes", functions, params=("tools[0].x", "tools[1].x"))
+    assert refused.value.param == "tools[1].x"
+    assert refused.value.message.startswith(
+        "tools[1].x: cannot build a grammar from the JSON schema of tool 'g'"
+    )

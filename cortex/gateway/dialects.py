@@ -68,6 +68,9 @@ class Upstream:
     content: bytes
     #: The body to count the prompt of (``/tokenize``) beside the request; None: no count.
     count: dict[str, Any] | None = None
+    #: The fields of ``content`` a neuron's refusal may name -> the client's own names
+    #: for them, where the two differ (``translate.anthropic_fields``).
+    fields: dict[str, str] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -415,9 +418,20 @@ class Messages(Dialect):
         content = json.dumps(chat).encode()
         session = affinity.session_key(ex.session, {"metadata": request.data.metadata or {}})
         ex.prompt = affinity.prompt_of(content, session)
-        return Upstream("/v1/chat/completions", content, _prompt(chat) if ex.stream else None)
+        return Upstream(
+            "/v1/chat/completions",
+            content,
+            _prompt(chat) if ex.stream else None,
+            translate.anthropic_fields(request.data),
+        )
 
     async def send(self, gateway: Gateway, ex: Exchange, upstream: Upstream) -> None:
+        try:
+            await self._send(gateway, ex, upstream)
+        except CortexError as exc:
+            raise translate.in_request_terms(exc, upstream.fields)
+
+    async def _send(self, gateway: Gateway, ex: Exchange, upstream: Upstream) -> None:
         if upstream.count is None:
             await gateway.proxy.dispatch(ex, upstream.path, upstream.content)
             return

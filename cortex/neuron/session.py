@@ -23,7 +23,7 @@ from cortex.errors import ContextOverflow, CortexError, Unavailable
 from cortex.harness import ChatPrompt, Sampling
 from cortex.neuron.metrics import NeuronMetrics
 from cortex.neuron.models import ModelManager, ModelSlot
-from cortex.neuron.tools import PLAIN, OutputPlan, plan_output
+from cortex.neuron.tools import CHAT_FIELDS, PLAIN, RESPONSES_FIELDS, OutputPlan, plan_output
 from cortex.neuron.workers import (
     Delta,
     Done,
@@ -216,6 +216,7 @@ def output_plan(slot: ModelSlot, req: ChatLike) -> OutputPlan:
         tool_choice=req.tool_choice,
         parallel_tool_calls=req.parallel_tool_calls,
         response_format=req.response_format,
+        fields=RESPONSES_FIELDS if isinstance(req, responses.ResponsesRequest) else CHAT_FIELDS,
     )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from cortex.errors import ContextOverflow, CortexError, InvalidRequest
+from cortex.errors import ContextOverflow, CortexError, InvalidRequest, ThreadUnsupported
 from cortex.wire import fields
 
 ROLES = frozenset({"user", "assistant", "system"})
@@ -321,11 +321,16 @@ def _tool_choice(
         raise InvalidRequest(
             f"tool_choice.type {kind!r} needs tools: the request has none", param="tool_choice"
         )
+    if kind == "tool" and all(tool["name"] != choice["name"] for tool in tools or ()):
+        raise InvalidRequest(
+            f"tool_choice.name: no tool named {fields.shown(choice['name'])} in tools",
+            param="tool_choice.name",
+        )
     return choice
 
 
-def _output_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The JSON schema of ``output_config.format`` (structured output), or None.
+def _output_format(body: Mapping[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    """Where the body asks for structured output, and its JSON schema (None: it does not).
 
     The ``anthropic`` SDK's ``messages.parse(output_format=Model)`` sends
     ``output_config: {"format": {"type": "json_schema", "schema": {...}}}``;
@@ -340,7 +345,7 @@ def _output_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
     if fmt is None:
         where, fmt = "output_format", body.get("output_format")
     if fmt is None:
-        return None
+        return "output_config.format", None
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
         raise InvalidRequest(
             f'{where} must be {{"type": "json_schema", "schema": {{...}}}}', param=where
@@ -348,7 +353,7 @@ def _output_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
     schema = fmt.get("schema")
     if not isinstance(schema, dict):
         raise InvalidRequest(f"{where}.schema must be an object", param=f"{where}.schema")
-    return schema
+    return where, schema
 
 
 def _metadata(body: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -404,6 +409,22 @@ def _thinking(body: Mapping[str, Any]) -> None:
         )
 
 
+def _thread(body: Mapping[str, Any]) -> None:
+    """A message thread (``thread``, the ``message-threads`` beta) is a 400 the SDKs act on.
+
+    Anthropic's API keeps a thread's conversation and each turn sends only
+    what is new; cortex keeps none, and a turn that continued a thread
+    would reach the model without its history. The SDKs' tool runners use
+    threads by default and, on this error, send the whole history instead.
+    """
+    if body.get("thread") is not None:
+        raise ThreadUnsupported(
+            "thread is not supported: cortex keeps no conversation between requests; "
+            "send the whole conversation in messages, without thread",
+            param="thread",
+        )
+
+
 def _mcp_servers(body: Mapping[str, Any]) -> None:
     if body.get("mcp_servers"):
         # Anthropic's API connects to them (the MCP connector); a local
@@ -437,6 +458,8 @@ class MessagesRequest:
     metadata: dict[str, Any] | None = None
     #: The JSON schema of ``output_config.format``; None: free text.
     output_schema: dict[str, Any] | None = None
+    #: Where the body holds it: ``output_config.format``, or the beta's ``output_format``.
+    output_field: str = "output_config.format"
     #: ``messages`` ends with an assistant turn whose text the answer continues.
     prefill: bool = False
 
@@ -458,23 +481,24 @@ def _prompt_fields(body: Mapping[str, Any]) -> dict[str, Any]:
 
     ``thinking``, ``mcp_servers``, ``output_config`` and what a prefill
     cannot be combined with are checked in both too: a body ``count_tokens``
-    takes must be one ``create`` takes.
+    takes must be one ``create`` takes. ``thread`` comes first: a turn
+    that continues a thread sends only what is new, which alone may look
+    like a broken conversation (a tool_result with no tools).
     """
+    _thread(body)
     messages = _messages(body)
     tools = _tools(body)
     _check_tool_pairs(messages, tools)
     _thinking(body)
     _mcp_servers(body)
     tool_choice = _tool_choice(body, tools)
-    output_schema = _output_format(body)
+    output_field, output_schema = _output_format(body)
     prefill = _check_prefill(messages)
     if prefill and tool_choice is not None and tool_choice["type"] in ("any", "tool"):
         kind = tool_choice["type"]
         raise fields.prefill_conflict("tool_choice", f"type {kind!r} (a forced tool call)")
     if prefill and output_schema is not None:
-        config = body.get("output_config") or {}
-        where = "output_config.format" if config.get("format") is not None else "output_format"
-        raise fields.prefill_conflict(where, "structured output")
+        raise fields.prefill_conflict(output_field, "structured output")
     return {
         "model": fields.model(body),
         "messages": messages,
@@ -482,6 +506,7 @@ def _prompt_fields(body: Mapping[str, Any]) -> dict[str, Any]:
         "tools": tools,
         "tool_choice": tool_choice,
         "output_schema": output_schema,
+        "output_field": output_field,
         "prefill": prefill,
     }
 
@@ -644,4 +669,8 @@ def message_for(exc: CortexError) -> str:
 
 
 def error_body(exc: CortexError) -> dict[str, Any]:
-    return error_from(status_for(exc), message_for(exc))
+    body = error_from(status_for(exc), message_for(exc))
+    if isinstance(exc, ThreadUnsupported):
+        # Where the SDKs read it (``error.details.error_code``) to retry unthreaded.
+        body["error"]["details"] = {"error_code": exc.code}
+    return body

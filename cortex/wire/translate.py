@@ -39,6 +39,9 @@ Choices made where the two dialects do not line up:
 - A final assistant turn is a prefill, as at Anthropic: the chat body
   carries ``continue_final_message: true`` (vLLM's extension, which the
   neuron takes), and the answer is the continuation only.
+- A neuron's refusal that names a field of the chat body (a schema no
+  grammar can be built from) names the Anthropic request's field instead:
+  ``tools.N.input_schema``, ``output_config.format.schema``.
 - Claude Code's ``x-anthropic-billing-header: ...`` system block is client
   metadata, not prompt: dropped. Some versions put a per-request hash in
   it; reaching the model, it would change the prompt's first tokens on
@@ -52,7 +55,7 @@ import re
 import secrets
 from typing import Any
 
-from cortex.errors import InvalidRequest
+from cortex.errors import CortexError, InvalidRequest
 from cortex.wire import fields
 from cortex.wire.anthropic import CountTokensRequest, MessagesRequest, error_from
 from cortex.wire.openai import unsupported_content
@@ -273,6 +276,34 @@ def anthropic_to_openai(
         # message_delta must carry real totals, which come in the usage chunk.
         body["stream_options"] = {"include_usage": True}
     return body
+
+
+def anthropic_fields(req: MessagesRequest) -> dict[str, str]:
+    """The fields of the chat body ``anthropic_to_openai`` makes that the neuron may
+    refuse, each mapped to the field of ``req`` it came from."""
+    names = {
+        f"tools[{i}].function.parameters": f"tools.{i}.input_schema"
+        for i in range(len(req.tools or ()))
+    }
+    if req.output_schema is not None:
+        names["response_format.json_schema"] = f"{req.output_field}.schema"
+    return names
+
+
+def in_request_terms(exc: CortexError, names: dict[str, str]) -> CortexError:
+    """``exc``, a neuron's error about the chat body, naming the client's own field.
+
+    ``names`` is ``anthropic_fields``: a ``param`` it maps is replaced, in
+    the message too where the message begins with it (the Anthropic
+    envelope carries the message alone).
+    """
+    if exc.param not in names:
+        return exc
+    field = names[exc.param]
+    if exc.message.startswith(exc.param):
+        exc.message = field + exc.message[len(exc.param) :]
+    exc.param = field
+    return exc
 
 
 # -- answers ------------------------------------------------------------------

@@ -10,6 +10,7 @@ Other engines with a GBNF sampler may import :func:`grammar_for` as it is.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -35,7 +36,10 @@ def grammar_for(constraint: OutputConstraint) -> str:
         return json_grammar(constraint.schema, param=constraint.param)
     if isinstance(constraint, ToolCalls):
         return tool_call_grammar(
-            constraint.family, constraint.functions, parallel=constraint.parallel
+            constraint.family,
+            constraint.functions,
+            parallel=constraint.parallel,
+            params=constraint.parameters or (constraint.param,) * len(constraint.functions),
         )
     raise InvalidRequest(
         f"the llama.cpp engine cannot enforce a {type(constraint).__name__} constraint"
@@ -59,24 +63,41 @@ def json_grammar(schema: Mapping[str, Any] | None, *, param: str = "response_for
     """
     converter = _schema_converter()
     try:
-        resolved = converter.resolve_refs(dict(schema or {"type": "object"}), "schema")
+        # A copy: resolving rewrites the refs in place, and the schema is the client's.
+        resolved = converter.resolve_refs(copy.deepcopy(schema or {"type": "object"}), "schema")
         converter.visit(resolved, "")
         return converter.format_grammar()
     except InvalidRequest:
         raise
     except Exception as exc:
-        raise InvalidRequest(f"cannot build a grammar from the JSON schema: {exc}", param=param)
+        raise InvalidRequest(
+            f"{param}: cannot build a grammar from the JSON schema: {_why(exc)}", param=param
+        )
+
+
+def _why(exc: Exception) -> str:
+    # The converter's reasons can quote the whole schema back.
+    text = str(exc)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def tool_call_grammar(
-    family: str, functions: Sequence[Mapping[str, Any]], *, parallel: bool = True
+    family: str,
+    functions: Sequence[Mapping[str, Any]],
+    *,
+    parallel: bool = True,
+    params: Sequence[str] = (),
 ) -> str:
     """A GBNF grammar whose every output is a call (or, with ``parallel``, calls)
     in ``family``'s markup to one of ``functions``.
 
     ``functions`` are OpenAI ``tool.function`` objects; each call's arguments
-    follow the function's ``parameters`` schema, or are any JSON object where
-    that schema does not convert.
+    follow the function's ``parameters`` schema. ``params`` names where the
+    request holds each of those schemas (default ``tools``).
+
+    Raises:
+      InvalidRequest: a ``parameters`` schema does not convert. A call whose
+        arguments could be anything would not be the call the schema asks for.
     """
     check_family(family)
     converter = _schema_converter()
@@ -84,19 +105,26 @@ def tool_call_grammar(
     names = []
     for i, function in enumerate(functions):
         name = f"tool-call-{i}"
-        parameters = function.get("parameters") or {"type": "object"}
-        for arguments in (parameters, {"type": "object"}):
+        try:
+            # Resolved on their own: their "#/$defs/..." refs point into them,
+            # not into the call object around them.
+            arguments = converter.resolve_refs(
+                copy.deepcopy(function.get("parameters") or {"type": "object"}), name
+            )
             schema = {
                 "type": "object",
                 "properties": {"name": {"const": function["name"]}, arguments_key: arguments},
                 "required": ["name", arguments_key],
                 "additionalProperties": False,
             }
-            try:
-                converter.visit(converter.resolve_refs(schema, name), name)
-                break
-            except Exception:
-                continue
+            converter.visit(schema, name)
+        except Exception as exc:
+            param = params[i] if i < len(params) else "tools"
+            raise InvalidRequest(
+                f"{param}: cannot build a grammar from the JSON schema of tool "
+                f"{function['name']!r}: {_why(exc)}",
+                param=param,
+            )
         names.append(name)
     if not names:
         raise InvalidRequest("no function to call", param="tool_choice")
