@@ -45,11 +45,11 @@ from cortex.serve import serve
 
 FAULTS = (
     "die_before_first_byte",  # headers maybe, then the connection drops
-    "die_mid_stream",  # two chunks, then the connection drops
+    "die_mid_stream",  # `mid` chunks (2), then the connection drops
     "hang_before_first_byte",  # never sends a byte of body
-    "hang_mid_stream",  # two chunks, then nothing
-    "error_chunk",  # two chunks, then an OpenAI error object
-    "end_mid_stream",  # two chunks, then the body ends cleanly (no finish, no [DONE])
+    "hang_mid_stream",  # `mid` chunks, then nothing
+    "error_chunk",  # `mid` chunks, then an OpenAI error object
+    "end_mid_stream",  # `mid` chunks, then the body ends cleanly (no finish, no [DONE])
 )
 
 CREATED = 1_700_000_000
@@ -97,8 +97,11 @@ class FakeNeuron:
     load_gate: trio.Event | None = None
     #: When set, inference requests wait for it before answering.
     hold: trio.Event | None = None
-    #: When set, streams wait for it after their first two chunks.
+    #: When set, streams wait for it after their first ``mid`` chunks.
     hold_mid: trio.Event | None = None
+    #: The chunks a stream sends before a ``*_mid_stream`` or ``error_chunk``
+    #: fault, or ``hold_mid``.
+    mid: int = 2
     #: Model ids whose load fails.
     failing: set[str] = attrs.field(factory=set)
     #: Load options this engine does not take: a load naming one is a 400.
@@ -267,6 +270,30 @@ class FakeNeuron:
             )
         return [f"data: {json.dumps(f)}\n\n".encode() for f in frames] + [b"data: [DONE]\n\n"]
 
+    @staticmethod
+    def response_events(answer: dict[str, Any], words: list[str]) -> list[bytes]:
+        """A Responses stream of ``answer``, one event a frame, as the neuron sends it."""
+        started = {**answer, "status": "in_progress", "output": [], "usage": None}
+        item = answer["output"][0]
+        opened = {**item, "status": "in_progress", "content": []}
+        place = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+        part = item["content"][0]
+        events: list[dict[str, Any]] = [
+            {"type": "response.created", "response": started},
+            {"type": "response.in_progress", "response": started},
+            {"type": "response.output_item.added", "output_index": 0, "item": opened},
+            {"type": "response.content_part.added", **place, "part": {**part, "text": ""}},
+            *({"type": "response.output_text.delta", **place, "delta": w} for w in words),
+            {"type": "response.output_text.done", **place, "text": part["text"]},
+            {"type": "response.content_part.done", **place, "part": part},
+            {"type": "response.output_item.done", "output_index": 0, "item": item},
+            {"type": "response.completed", "response": answer},
+        ]
+        return [
+            f"event: {e['type']}\ndata: {json.dumps({**e, 'sequence_number': n})}\n\n".encode()
+            for n, e in enumerate(events)
+        ]
+
     def usage(self, body: dict[str, Any], completion: int) -> dict[str, int]:
         prompt = words_of(body.get("messages")) or len(str(body.get("prompt", "")).split())
         return {
@@ -432,14 +459,7 @@ def create_fake_app(fake: FakeNeuron) -> QuartTrio:
                 },
             }
             frames = (
-                [
-                    b'event: response.created\ndata: {"type":"response.created"}\n\n',
-                    b"event: response.completed\ndata: "
-                    + json.dumps({"type": "response.completed", "response": answer}).encode()
-                    + b"\n\n",
-                ]
-                if stream
-                else [json.dumps(answer).encode()]
+                fake.response_events(answer, words) if stream else [json.dumps(answer).encode()]
             )
         sent = bytearray()
         fake.sent.append(b"")
@@ -454,15 +474,15 @@ def create_fake_app(fake: FakeNeuron) -> QuartTrio:
                         raise RuntimeError("fake neuron dies before its first byte")
                     if n == 0 and fake.fault == "hang_before_first_byte":
                         await trio.sleep_forever()
-                    if n == 2 and fake.hold_mid is not None:
+                    if n == fake.mid and fake.hold_mid is not None:
                         await fake.hold_mid.wait()
-                    if n == 2 and fake.fault == "die_mid_stream":
+                    if n == fake.mid and fake.fault == "die_mid_stream":
                         raise RuntimeError("fake neuron dies mid-stream")
-                    if n == 2 and fake.fault == "hang_mid_stream":
+                    if n == fake.mid and fake.fault == "hang_mid_stream":
                         await trio.sleep_forever()
-                    if n == 2 and fake.fault == "end_mid_stream":
+                    if n == fake.mid and fake.fault == "end_mid_stream":
                         return
-                    if n == 2 and fake.fault == "error_chunk":
+                    if n == fake.mid and fake.fault == "error_chunk":
                         frame = (
                             b'data: {"error": {"message": "generation failed", '
                             b'"type": "server_error", "param": null, "code": null}}\n\n'

@@ -6,6 +6,7 @@ from cortex.errors import InvalidRequest
 from cortex.wire import sse
 from cortex.wire.openai import Usage, parse_chat_request
 from cortex.wire.responses import (
+    RelayedResponse,
     ResponsesStream,
     parse_responses_request,
     response_object,
@@ -405,6 +406,30 @@ def test_failed_stream():
     )
     assert received[-1].response.status == "failed"
     assert stream.message_id.startswith("msg_")
+
+
+def test_a_relayed_stream_fails_as_the_engines_response_numbered_on():
+    # The gateway ends a stream it passed through: response.failed names
+    # the engine's response and follows its last event.
+    engine = ResponsesStream(id="resp_engine", created_at=7, model="m", echo={"user": "u"})
+    events = engine.start() + engine.delta("Hel") + engine.delta("lo")
+    relayed = RelayedResponse(model="m")
+    for event in sse.SSEDecoder().feed(_encode(events)):
+        relayed.see(event.data)
+    events += relayed.fail("neuron died", code="upstream_error")
+    assert [p["sequence_number"] for _, p in events] == list(range(len(events)))
+    failed = events[-1][1]["response"]
+    assert (failed["id"], failed["created_at"], failed["user"]) == ("resp_engine", 7, "u")
+    assert failed["status"] == "failed" and failed["output"] == []
+    assert failed["error"] == {"code": "upstream_error", "message": "neuron died"}
+    with _client(_encode(events), stream=True).responses.stream(model="m", input="hi") as stream:
+        assert [e.type for e in stream][-1] == "response.failed"
+
+
+def test_a_relayed_stream_that_said_nothing_fails_as_a_response_of_its_own():
+    (name, payload), *_ = RelayedResponse(model="m").fail("cut")
+    assert name == "response.failed" and payload["sequence_number"] == 0
+    assert payload["response"]["id"].startswith("resp_") and payload["response"]["model"] == "m"
 
 
 def test_a_stream_started_early_adopts_the_engines_events():

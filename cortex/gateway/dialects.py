@@ -138,14 +138,19 @@ class Dialect:
         """What keeps a stream started early alive until the first byte."""
         raise NotImplementedError
 
-    def early_error(self, ex: Exchange, exc: CortexError) -> bytes:
-        """The event that ends a stream started early whose request then failed."""
+    def stream_error(self, ex: Exchange, exc: CortexError) -> bytes:
+        """The event that ends a stream under way whose request then failed.
+
+        Started early and failed before the neuron's first byte, or failed
+        after it (the neuron, a timeout, the shutdown): the stream's answer
+        so far is the dialect's state in ``ex.early``.
+        """
         raise NotImplementedError
 
     def relay(self, gateway: Gateway, ex: Exchange) -> AsyncGenerator[bytes, None]:
         """A stream's answer, from ``ex.first`` and the neuron's next chunks.
 
-        Ends with the dialect's error event if the neuron fails mid-way.
+        Ends with the dialect's ``stream_error`` event if the neuron fails mid-way.
         """
         raise NotImplementedError
 
@@ -312,23 +317,40 @@ class OpenAI(Dialect):
     def keep_alive(self, ex: Exchange) -> bytes:
         return sse.KEEP_ALIVE
 
-    def early_error(self, ex: Exchange, exc: CortexError) -> bytes:
-        if isinstance(ex.early, responses.ResponsesStream):
-            return _encode(ex.early.fail(exc.message, code=exc.code or exc.kind))
-        return sse.encode(openai.error_body(exc))
+    def stream_error(self, ex: Exchange, exc: CortexError) -> bytes:
+        # Responses: a stream's frames are all Responses events (the AI
+        # SDK's provider validates each), so it ends with response.failed,
+        # as the neuron's own do; chat and completions with an error chunk.
+        if self.endpoint != "responses":
+            return sse.encode(openai.error_body(exc))
+        if ex.early is None:  # cut before the relay saw a byte
+            assert ex.model is not None
+            ex.early = responses.RelayedResponse(model=ex.model)
+        return _encode(ex.early.fail(exc.message, code=exc.code or exc.kind))
 
     async def relay(self, gateway: Gateway, ex: Exchange) -> AsyncGenerator[bytes, None]:
-        """The stream byte for byte; an error chunk if the neuron fails.
+        """The stream byte for byte; its ``stream_error`` if the neuron fails.
 
         A Responses stream started early goes on as the response it began
-        (``ResponsesStream.adopt``): its events are re-encoded.
+        (``ResponsesStream.adopt``): its events are re-encoded. Any other is
+        watched (``RelayedResponse``) for the id and the numbering an end
+        the gateway adds must have.
         """
         tail: collections.deque[bytes] = collections.deque(maxlen=TAIL_CHUNKS)
         chunk: bytes | None = ex.first
-        adopt = _adopter(ex.early) if isinstance(ex.early, responses.ResponsesStream) else None
+        adopt: Callable[[bytes], bytes] | None = None
+        watch: Callable[[bytes], None] | None = None
+        if isinstance(ex.early, responses.ResponsesStream):
+            adopt = _adopter(ex.early)
+        elif self.endpoint == "responses":
+            assert ex.model is not None
+            ex.early = responses.RelayedResponse(model=ex.model)
+            watch = _watcher(ex.early)
         while chunk is not None:
             if adopt is not None:
                 chunk = adopt(chunk)
+            elif watch is not None:
+                watch(chunk)
             if chunk:
                 tail.append(chunk)
                 yield chunk
@@ -337,7 +359,7 @@ class OpenAI(Dialect):
             except CortexError as exc:
                 log.warning("request %s: %s", ex.request_id, exc.message)
                 ex.status, ex.usage = exc.status, usage_from_tail(tail)
-                yield sse.encode(openai.error_body(exc))
+                yield self.stream_error(ex, exc)
                 return
         ex.status, ex.usage = 200, usage_from_tail(tail)
         ex.follows = calls_tool_in_tail(tail)
@@ -361,6 +383,17 @@ def _adopter(stream: responses.ResponsesStream) -> Callable[[bytes], bytes]:
         return b"".join(out)
 
     return adopt
+
+
+def _watcher(relayed: responses.RelayedResponse) -> Callable[[bytes], None]:
+    """Chunks of the neuron's Responses stream, relayed as they are -> ``relayed``."""
+    decoder = sse.SSEDecoder()
+
+    def watch(chunk: bytes) -> None:
+        for event in decoder.feed(chunk):
+            relayed.see(event.data)
+
+    return watch
 
 
 # -- Anthropic: translated ----------------------------------------------------------
@@ -484,7 +517,7 @@ class Messages(Dialect):
     def keep_alive(self, ex: Exchange) -> bytes:
         return _encode(self._stream(ex).keep_alive())
 
-    def early_error(self, ex: Exchange, exc: CortexError) -> bytes:
+    def stream_error(self, ex: Exchange, exc: CortexError) -> bytes:
         return _encode(
             self._stream(ex).error(anthropic.message_for(exc), status=anthropic.status_for(exc))
         )

@@ -58,7 +58,7 @@ from cortex.gateway.cors import CorsPolicy, Preflight
 from cortex.gateway.dialects import JSON, ROUTES, Dialect, Upstream
 from cortex.gateway.metrics import UNKNOWN
 from cortex.gateway.proxy import CLIENT_CLOSED, SHUT_DOWN, Exchange
-from cortex.wire import anthropic, envelope, jsonbody, openai, sse
+from cortex.wire import envelope, jsonbody
 
 log = logging.getLogger(__name__)
 
@@ -318,10 +318,7 @@ class Pipeline:
         if not sent:
             return
         error = Unavailable("the gateway stopped at once: the answer was cut short")
-        if dialect.errors == envelope.ANTHROPIC:
-            event = sse.encode(anthropic.error_body(error), event="error")
-        else:
-            event = sse.encode(openai.error_body(error))
+        event = dialect.stream_error(ex, error)
         with trio.CancelScope(shield=True, deadline=trio.current_time() + CUT_NOTICE_S):
             await send({"type": "http.response.body", "body": event, "more_body": False})
 
@@ -393,7 +390,7 @@ class Pipeline:
         ``KEEP_ALIVE_S``: clients and proxies that give up on a silent
         stream (Claude Code after 300 s, nginx after 60 s) wait. The
         request is still routed and retried meanwhile; a failure after the
-        head is the stream's ``early_error`` event, the status recorded as
+        head is the stream's ``stream_error`` event, the status recorded as
         the dialect would have answered it. Streams whose first byte comes
         sooner are untouched, and errors before it stay error answers.
 
@@ -444,7 +441,7 @@ class Pipeline:
         log.warning("request %s: %s", ex.request_id, failure.message)
         ex.status = dialect.error(failure, ex.request_id)[0]
         self.gateway.proxy.finish(ex)
-        await send({"type": "http.response.body", "body": dialect.early_error(ex, failure)})
+        await send({"type": "http.response.body", "body": dialect.stream_error(ex, failure)})
         return True
 
     def head(self, dialect: Dialect, ex: Exchange) -> list[tuple[bytes, bytes]]:

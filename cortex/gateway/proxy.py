@@ -100,8 +100,9 @@ class Exchange:
     #: conversation again with the tool's result (``Router.release(follows=)``).
     follows: bool = False
     finished: bool = False
-    #: A stream the gateway started before the neuron's first byte (the
-    #: dialect's state for it: ``Dialect.early_start``); None: not started.
+    #: The dialect's state for a stream under way: set by ``Dialect.early_start``
+    #: for one started before the neuron's first byte, or by the relay; what
+    #: ``Dialect.stream_error`` ends it from. None: neither yet.
     early: Any = None
     #: The stream's head went out before the neuron's first byte.
     head_sent: bool = False

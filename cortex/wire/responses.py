@@ -9,6 +9,7 @@ tools, chat tools, so the engine path is the chat one. Nothing is stored: a
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +24,7 @@ from cortex.wire.openai import (
     Usage,
     chat_message,
     needs_tools,
+    now,
     unsupported_content,
 )
 
@@ -601,6 +603,21 @@ def _response(
     }
 
 
+def _failed(response: Mapping[str, Any], message: str, code: str) -> dict[str, Any]:
+    """``response`` as ``response.failed`` carries it: the error, no output, no usage.
+
+    The output so far is left out: the client has it from the events.
+    """
+    return {
+        **response,
+        "status": "failed",
+        "output": [],
+        "error": {"code": code, "message": message},
+        "incomplete_details": None,
+        "usage": None,
+    }
+
+
 def new_function_call_id() -> str:
     return f"fc_{secrets.token_hex(16)}"
 
@@ -888,17 +905,9 @@ class ResponsesStream:
         return events
 
     def fail(self, message: str, code: str = "server_error") -> list[tuple[str, dict[str, Any]]]:
-        """End a stream that broke mid-way with ``response.failed``."""
-        response = _response(
-            id=self.id,
-            created_at=self.created_at,
-            model=self.model,
-            status="failed",
-            output=[],
-            error={"code": code, "message": message},
-            echo=self.echo,
-        )
-        return [self._event("response.failed", response=response)]
+        """End a stream that broke mid-way with ``response.failed`` (an empty ``output``)."""
+        failed = _failed(self._snapshot("failed"), message, code)
+        return [self._event("response.failed", response=failed)]
 
     def adopt(self, payload: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         """An event of the engine's own stream of this response, after :meth:`start`.
@@ -918,3 +927,53 @@ class ResponsesStream:
         if isinstance(response, dict):
             fields["response"] = {**response, "id": self.id, "created_at": self.created_at}
         return [self._event(kind, **fields)]
+
+
+_SEQUENCE = re.compile(r'"sequence_number"\s*:\s*(\d+)')
+
+
+class RelayedResponse:
+    """An engine's Responses stream passed through as it came, watched for how to end it.
+
+    When the relay has to end such a stream itself (the engine failed
+    mid-way, a timeout, a shutdown), its ``response.failed`` must name the
+    engine's response and number on from the last event relayed. Cheaply:
+    each event's data is only searched for its ``sequence_number``, and
+    only the first event that carries a ``response`` (``response.created``)
+    is decoded.
+    """
+
+    def __init__(self, *, model: str) -> None:
+        #: The model named when no event has named the response.
+        self.model = model
+        #: The response as the first lifecycle event had it; None: none seen.
+        self.response: dict[str, Any] | None = None
+        #: The next event's ``sequence_number``.
+        self.sequence = 0
+
+    def see(self, data: str) -> None:
+        """The data of one event relayed."""
+        found = _SEQUENCE.search(data)
+        if found is not None:
+            self.sequence = int(found.group(1)) + 1
+        if self.response is None and '"response"' in data:
+            try:
+                payload = json.loads(data)
+            except ValueError:
+                return
+            response = payload.get("response") if isinstance(payload, dict) else None
+            if isinstance(response, dict) and isinstance(response.get("id"), str):
+                self.response = response
+
+    def fail(self, message: str, code: str = "server_error") -> list[tuple[str, dict[str, Any]]]:
+        """``response.failed`` for the response relayed so far, numbered on from it."""
+        response = self.response or _response(
+            id=new_response_id(), created_at=now(), model=self.model, status="failed", output=[]
+        )
+        payload = {
+            "type": "response.failed",
+            "sequence_number": self.sequence,
+            "response": _failed(response, message, code),
+        }
+        self.sequence += 1
+        return [("response.failed", payload)]
