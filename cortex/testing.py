@@ -100,17 +100,26 @@ class FakeModel(LoadedModel):
         return self._steps if self._counts_progress else None
 
     def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[Token]:
+        cancelled = threading.Event()
+        return FakeGeneration(self._generate(tokens, cancelled), cancelled)
+
+    def _generate(self, tokens: list[int], cancelled: threading.Event) -> Iterator[Token]:
         self._check()
         if self._wedged is not None:
             # Hung (a GPU kernel that never returns): no progress, no cancel.
             self._wedged.wait()
-        # The prompt, in chunks of 10 ms that each count as progress.
+        # The prompt, in chunks of 10 ms that each count as progress; a
+        # cancel ends it after the chunk in hand, as llama.cpp's does.
         until = time.monotonic() + self._prompt_delay
         while time.monotonic() < until:
+            if cancelled.is_set():
+                return
             time.sleep(min(0.01, max(0.0, until - time.monotonic())))
             self._steps += 1
         prompt = bytes(t for t in tokens if t < 256).decode(errors="replace")
         for count, byte in enumerate(self._reply(prompt).encode(), start=1):
+            if cancelled.is_set():
+                return
             if self._token_delay:
                 time.sleep(self._token_delay)
             self._steps += 1
@@ -120,6 +129,27 @@ class FakeModel(LoadedModel):
 
     def unload(self) -> None:
         self.unloaded = True
+
+
+class FakeGeneration(Iterator[Token]):
+    """The tokens of one ``FakeModel.generate`` call, cancellable from another
+    thread (``cancel``) as llama.cpp's are, even during the prompt."""
+
+    def __init__(self, tokens: Iterator[Token], cancelled: threading.Event) -> None:
+        self._tokens = tokens
+        self._cancelled = cancelled
+
+    def __next__(self) -> Token:
+        return next(self._tokens)
+
+    def close(self) -> None:
+        close = getattr(self._tokens, "close", None)
+        if close is not None:
+            close()
+
+    def cancel(self) -> None:
+        """End the generation after the prompt chunk or token in hand; any thread."""
+        self._cancelled.set()
 
 
 class FakeEngine:
@@ -132,7 +162,8 @@ class FakeEngine:
       parallel: the generations a loaded model serves at once.
       tokenize_delay: seconds each tokenize call takes (blocking).
       prompt_delay: seconds each generation takes before its first token
-        (a long prompt), its progress count moving all along.
+        (a long prompt), its progress count moving all along; a cancel
+        (``FakeGeneration.cancel``) ends it after the 10 ms chunk in hand.
       counts_progress: whether ``progress()`` counts (False: None, an
         engine that cannot tell).
       wedged: while this is not set, every generation hangs before its

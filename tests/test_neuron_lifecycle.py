@@ -12,6 +12,7 @@ import threading
 import time
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -19,9 +20,18 @@ import trio
 
 from cortex.errors import InsufficientMemory
 from cortex.gateway.upstream import error_from_response
-from cortex.harness import plugin_manager
+from cortex.harness import Sampling, plugin_manager
 from cortex.neuron.app import DRAIN_TAIL, run_neuron
+from cortex.neuron.metrics import NeuronMetrics
 from cortex.neuron.models import LoadRequest, ModelManager
+from cortex.neuron.session import Generation
+from cortex.neuron.workers import (
+    CANCELLED_BY_UNLOAD,
+    Delta,
+    Failed,
+    GenerationRequest,
+    Job,
+)
 from cortex.testing import FakeEngine
 from tests.neuron_helpers import neuron_config, running_neuron
 
@@ -49,6 +59,50 @@ async def test_unload_cancels_in_flight(tmp_path: Path) -> None:
     # The stream ends early and cleanly: no [DONE] after a cancelled generation.
     assert "data: [DONE]" not in rest
     assert engine.loaded[0].unloaded
+
+
+async def test_unload_with_cancel_interrupts_a_prompt(tmp_path: Path) -> None:
+    """Requests still on their prompt are cancelled at once, between two
+    prompt chunks: the unload does not wait for their first token, and the
+    clients get a 503 (nothing was streamed yet), not a token."""
+    engine = FakeEngine(reply=lambda prompt: "x" * 50, prompt_delay=60, parallel=2)
+    async with running_neuron([("m", fake_model(tmp_path))], plugins=[engine]) as handle:
+        async with httpx.AsyncClient(base_url=handle.url, timeout=30) as http:
+            replies: list[httpx.Response] = []
+
+            async def ask(path: str, body: dict[str, object]) -> None:
+                replies.append(await http.post(path, json={"model": "m", "stream": True, **body}))
+
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(ask, "/v1/responses", {"input": "go"})
+                    chat = {"messages": [{"role": "user", "content": "go"}]}
+                    nursery.start_soon(ask, "/v1/chat/completions", chat)
+                    worker = handle.neuron.manager.slots["m"].worker
+                    while worker.statistics().in_flight < 2:  # noqa: ASYNC110 (state, not an event)
+                        await trio.sleep(0.001)
+                    unloaded = await http.post(
+                        "/models/unload", json={"model_id": "m", "cancel": True}
+                    )
+    assert unloaded.json()["cancelled"] == 2
+    for reply in replies:
+        assert reply.status_code == 503, reply.text
+        assert "being unloaded" in reply.json()["error"]["message"]
+
+
+async def test_no_token_is_handed_out_after_a_cancel() -> None:
+    """Tokens made before an unload's cancel that the client has not read yet
+    are not sent after it: the stream ends with its error event at once."""
+    job = Job(GenerationRequest(tokens=[1], sampling=Sampling(), max_tokens=8))
+    for piece in "abc":
+        job._send.send_nowait(Delta(piece))
+    job._send.close()
+    job.cancel()
+    slot = SimpleNamespace(id="m")
+    generation = Generation(slot, job, arrived=0.0, metrics=NeuronMetrics(list, list))  # type: ignore[arg-type]
+    with trio.fail_after(5):
+        events = [event async for event in generation.events()]
+    assert events == [Failed(CANCELLED_BY_UNLOAD)]
 
 
 async def test_unload_waits_for_in_flight(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from cortex.neuron.metrics import NeuronMetrics
 from cortex.neuron.models import ModelManager, ModelSlot
 from cortex.neuron.tools import CHAT_FIELDS, PLAIN, RESPONSES_FIELDS, OutputPlan, plan_output
 from cortex.neuron.workers import (
+    CANCELLED_BY_UNLOAD,
     Delta,
     Done,
     Failed,
@@ -62,6 +63,10 @@ class Generation:
         first = True
         try:
             async for event in self.job.events:
+                if self.job.scope.cancel_called:
+                    # What is still buffered was generated before the cancel:
+                    # nothing is sent after it.
+                    break
                 if first and isinstance(event, Delta):
                     first = False
                     self.metrics.time_to_first_token.labels(self.slot.id).observe(
@@ -74,7 +79,7 @@ class Generation:
                     return
             # The worker closed the job without an ending: it was cancelled
             # (the model is being unloaded).
-            yield Failed("generation cancelled: the model is being unloaded")
+            yield Failed(CANCELLED_BY_UNLOAD)
         finally:
             self.job.close()
 
@@ -126,7 +131,7 @@ class Sessions:
             plan = output_plan(slot, req)
             continues = isinstance(req, openai.ChatRequest) and req.continue_final_message
             prompt = await render(slot, req.messages, plan.tools, continue_final=continues)
-            generation = await self.submit(
+            job = self.queue(
                 slot,
                 prompt_tokens=await tokenize_prompt(slot, prompt),
                 max_tokens=max_tokens,
@@ -134,8 +139,11 @@ class Sessions:
                 stops=stops,
                 template_stops=prompt.stop,
                 endpoint=endpoint,
-                arrived=arrived,
             )
+        # Admission waits out the prompt (minutes, for a long one) outside
+        # ``using``: an unload waits for the slot's users, and must be able
+        # to cancel this job meanwhile, not wait for its first token.
+        generation = await self.admit(slot, job, arrived=arrived)
         return attrs.evolve(generation, plan=plan)
 
     async def submit(
@@ -157,6 +165,35 @@ class Sessions:
           ContextOverflow: the prompt leaves no room in the context.
           CortexError: the queue is full, or the engine refused the request.
         """
+        job = self.queue(
+            slot,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            sampling=sampling,
+            stops=stops,
+            template_stops=template_stops,
+            endpoint=endpoint,
+        )
+        return await self.admit(slot, job, arrived=arrived)
+
+    def queue(
+        self,
+        slot: ModelSlot,
+        *,
+        prompt_tokens: list[int],
+        max_tokens: int | None,
+        sampling: Sampling,
+        stops: Sequence[str],
+        template_stops: Sequence[str],
+        endpoint: str,
+    ) -> Job:
+        """Queue one generation on ``slot``'s worker; ``admit`` waits for it.
+
+        Raises:
+          Unavailable: the model is being unloaded.
+          ContextOverflow: the prompt leaves no room in the context.
+          QueueFull: the model's queue is at its limit.
+        """
         # A request that got past serving() before an unload began still runs:
         # the unload waits for it (ModelManager.using) and then drains it.
         if slot.model is None or slot.worker is None:
@@ -176,6 +213,15 @@ class Sessions:
             self.metrics.rejected.labels(slot.id).inc()
             raise
         self.metrics.requests.labels(slot.id, endpoint).inc()
+        return job
+
+    async def admit(self, slot: ModelSlot, job: Job, *, arrived: float) -> Generation:
+        """Wait until the engine admits ``job`` (``Job.wait_admitted``).
+
+        Raises:
+          Unavailable: the job was cancelled first (the model is being unloaded).
+          CortexError: the engine refused the request.
+        """
         try:
             # Before any answer is begun: a request the engine refuses is a
             # 4xx, not a 200 stream that ends in an error.

@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 #: client stopped reading. It must not hold a generation slot forever.
 CONSUMER_STALL_SECONDS = 120.0
 
+#: Why a job the worker cancelled (``GenerationWorker.close``) has no ending.
+CANCELLED_BY_UNLOAD = "generation cancelled: the model is being unloaded"
+
 
 @attrs.frozen
 class GenerationRequest:
@@ -129,6 +132,17 @@ class Job:
         await self.admitted.wait()
         if self.refusal is not None:
             raise self.refusal
+        if self.ended_empty():
+            raise Unavailable(CANCELLED_BY_UNLOAD, retry_after=2)
+
+    def ended_empty(self) -> bool:
+        """Whether the job's channel is closed with nothing left to read.
+
+        A job that ran to its end always sends one: ``Done`` or ``Failed``;
+        one without is a job the worker cancelled (the model is unloading).
+        """
+        stats = self.events.statistics()
+        return stats.open_send_channels == 0 and stats.current_buffer_used == 0
 
     def cancel(self) -> None:
         """End the job: its thread sees ``Cancelled``, and an engine busy with
@@ -442,7 +456,7 @@ async def collect(job: Job) -> tuple[str, Done]:
     finally:
         job.close()
     # The worker closed the job without an ending: the model is being unloaded.
-    raise Unavailable("generation cancelled: the model is being unloaded")
+    raise Unavailable(CANCELLED_BY_UNLOAD)
 
 
 class ConsumerGone(Exception):
