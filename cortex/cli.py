@@ -21,6 +21,9 @@ from cortex.errors import ConfigError
 
 log = logging.getLogger("cortex")
 
+#: Loggers kept at warning unless ``--log-level trace``.
+QUIET_LOGGERS = ("httpx", "httpcore")
+
 ROLES = ("neuron", "gateway", "standalone")
 
 
@@ -52,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         default="info",
-        choices=("debug", "info", "warning", "error"),
-        help="log verbosity (default: info)",
+        choices=("trace", "debug", "info", "warning", "error"),
+        help="log verbosity (default: info); trace is debug plus the HTTP client's "
+        "own traces (httpx, httpcore), which debug leaves out",
     )
     neuron = parser.add_argument_group("neuron")
     neuron.add_argument(
@@ -281,13 +285,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.role is None:
         parser.error("choose a role: --role neuron|gateway|standalone")
     stderr = _lasting_stderr()
+    trace = args.log_level == "trace"
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=logging.DEBUG if trace else args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=stderr,
     )
-    # One line per proxied request is the gateway's job, not its HTTP client's.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    if not trace:
+        # One line per proxied request is the gateway's job, not its HTTP
+        # client's: at debug, the polls' traces would be nearly every line.
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
     if args.role in ("neuron", "standalone"):
         # An engine runs in this process: a crash in its native code (a
         # segfault in a llama.cpp kernel) would otherwise leave nothing in the

@@ -372,3 +372,19 @@ def error_for_status(
     if exc.status != status:
         exc.status = status  # a status no class of the tree owns
     return exc
+
+
+#: Characters of an error's message that its log line keeps: enough for the
+#: field and what is wrong, not a whole echoed prompt.
+LOGGED_MESSAGE_CHARS = 300
+
+
+def log_summary(exc: CortexError) -> str:
+    """``exc`` for the log line of the answer it made: its code (or type) and message.
+
+    The message is on one line and cut at ``LOGGED_MESSAGE_CHARS``.
+    """
+    message = " ".join(exc.message.split())
+    if len(message) > LOGGED_MESSAGE_CHARS:
+        message = message[: LOGGED_MESSAGE_CHARS - 3] + "..."
+    return f"{exc.code or exc.kind}: {message}"

@@ -188,6 +188,22 @@ Gateway and standalone roles: re\-reads the model catalogue and aliases
 old one and the log says why.
 """
 
+LOGGING = r"""
+Log lines go to standard error, at the level \-\-log\-level sets (info by
+default). Each request is one line with its status and request id; an answer
+that is an error (4xx or 5xx, either role) also says why: the neuron on the
+same line
+.RB ( "error=invalid_request_error: messages must be a list" ),
+the gateway on the line after it
+.RB ( "request_id=req_... answered 400: ..." ),
+the error's code or type and its message, cut at 300 characters.
+.B debug
+leaves out the traces of the HTTP client (httpx, httpcore: the gateway's
+polls and proxied requests, nearly every line otherwise);
+.B trace
+is debug with them.
+"""
+
 EXIT_STATUS = r"""
 .TP
 .B 0
@@ -562,6 +578,7 @@ def render(parser: argparse.ArgumentParser | None = None) -> str:
     for title, body in (
         ("FILES", FILES),
         ("SIGNALS", SIGNALS),
+        ("LOGGING", LOGGING),
         ("EXIT STATUS", EXIT_STATUS),
         ("EXAMPLES", EXAMPLES),
         ("SEE ALSO", SEE_ALSO),

@@ -51,7 +51,7 @@ from typing import Any
 
 import trio
 
-from cortex.errors import CortexError, PayloadTooLarge, Unavailable
+from cortex.errors import CortexError, PayloadTooLarge, Unavailable, log_summary
 from cortex.gateway.affinity import SESSION_HEADER
 from cortex.gateway.context import Gateway
 from cortex.gateway.cors import CorsPolicy, Preflight
@@ -106,6 +106,11 @@ def error_dialect(path: str) -> str:
 
 def new_request_id() -> str:
     return f"req_{secrets.token_hex(12)}"
+
+
+def log_error(request_id: str, status: int, exc: CortexError) -> None:
+    """The line beside a request's log line that says why it was answered with an error."""
+    log.info("request_id=%s answered %d: %s", request_id, status, log_summary(exc))
 
 
 class ClientGone(Exception):
@@ -261,6 +266,7 @@ class Pipeline:
         exc = envelope.route_error(405, scope["method"], scope["path"], allowed=["POST"])
         status, body, headers = dialect.error(exc, request_id)
         self.log_and_count(scope["method"], scope["path"], status, request_id)
+        log_error(request_id, status, exc)
         await _send_json(send, status, body, headers, [_ALLOW])
 
     async def serve(self, dialect: Dialect, scope: Scope, receive: Receive, send: Send) -> None:
@@ -500,6 +506,7 @@ class Pipeline:
         status, body, headers = dialect.error(exc, ex.request_id)
         ex.status = status
         self.gateway.proxy.finish(ex)
+        log_error(ex.request_id, status, exc)
         await _send_json(send, status, body, headers, [])
 
 

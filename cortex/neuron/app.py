@@ -34,6 +34,7 @@ from cortex.errors import (
     InvalidRequest,
     Unauthorized,
     Unavailable,
+    log_summary,
 )
 from cortex.fleet import DeviceSample, Discovery, Health, MemoryBudget, make_converter
 from cortex.harness import harness_infos, plugin_manager
@@ -304,8 +305,14 @@ async def add_request_id(response: Response) -> Response:
     if request_id:
         response.headers["x-request-id"] = request_id
     if request.path.startswith("/v1/") or request.method == "POST":
+        error = g.get("error")
         log.info(
-            "%s %s %d request_id=%s", request.method, request.path, response.status_code, request_id
+            "%s %s %d request_id=%s%s",
+            request.method,
+            request.path,
+            response.status_code,
+            request_id,
+            "" if error is None else f" error={log_summary(error)}",
         )
     return response
 
@@ -700,6 +707,7 @@ def response_pieces(
 def error_response(exc: CortexError) -> Response:
     """``exc`` as an answer (the request id header is added after each request)."""
     status, body, headers = envelope.error_parts(exc)
+    g.error = exc  # for the request's log line (add_request_id)
     response = Response(body, status=status, content_type="application/json")
     response.headers.update(headers)
     return response
