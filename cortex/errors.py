@@ -17,6 +17,7 @@ and ``cortex.wire.envelope`` makes the whole answer, for both roles.
     │   │   └── ModelNotFound     404: no such model, nowhere can serve it
     │   ├── MethodNotAllowed      405: the route takes other methods
     │   ├── PayloadTooLarge       413: the body is over the size limit
+    │   ├── UnsupportedMediaType  415: the body's Content-Encoding is not one cortex decodes
     │   └── QueueFull             429: the model's queue is full (Retry-After)
     ├── ServiceError              our side or a dependency (5xx)
     │   ├── Unavailable           503: known, but nobody can serve it now (Retry-After)
@@ -127,6 +128,10 @@ class MethodNotAllowed(RequestError):
 class PayloadTooLarge(RequestError):
     status = 413
     kind = "request_too_large"
+
+
+class UnsupportedMediaType(RequestError):
+    status = 415
 
 
 class QueueFull(RequestError):
@@ -320,6 +325,7 @@ _BY_STATUS: dict[int, type[CortexError]] = {
     404: NotFound,
     405: MethodNotAllowed,
     413: PayloadTooLarge,
+    415: UnsupportedMediaType,
     429: QueueFull,
     502: UpstreamError,
     503: Unavailable,

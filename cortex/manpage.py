@@ -288,7 +288,10 @@ distribution.
 #: Descriptions of keys that have no ``#:`` comment in cortex.config (a comment wins).
 KEY_NOTES = {
     ("NeuronSection", "listen"): "Address of the neuron's API (--listen).",
-    ("NeuronSection", "max_body_bytes"): "Largest request body accepted; bigger ones get 413.",
+    (
+        "NeuronSection",
+        "max_body_bytes",
+    ): "Largest request body accepted, decoded (gzip, deflate) or not; bigger ones get 413.",
     ("NeuronModel", "id"): "The id clients send as model; may contain slashes.",
     ("NeuronModel", "source"): (
         "A .gguf path, a directory holding one, hf:ORG/REPO/FILE.gguf from the local "
@@ -302,7 +305,10 @@ KEY_NOTES = {
     ("GatewaySection", "metrics_listen"): "Address of /metrics (--metrics-listen).",
     ("GatewaySection", "connect_timeout"): "Seconds to open a connection to a neuron.",
     ("GatewaySection", "grace_period"): "Seconds in-flight requests get to finish on shutdown.",
-    ("GatewaySection", "max_body_bytes"): "Largest request body accepted; bigger ones get 413.",
+    (
+        "GatewaySection",
+        "max_body_bytes",
+    ): "Largest request body accepted, decoded (gzip, deflate) or not; bigger ones get 413.",
     ("EvictionSection", "strategy"): (
         "What to unload first when a cold load needs room: the least recently used model, "
         "or the lowest priority (models.toml)."

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cortex.config import CatalogModel
 from cortex.errors import InvalidRequest
 from cortex.gateway.router import Router
+from cortex.testing import FakeEngine
 from cortex.wire import jsonbody
 from tests.gateway_helpers import FakeNeuron, catalogue, gateway_app, running_fleet
 from tests.neuron_helpers import running_neuron
@@ -352,3 +356,107 @@ async def test_no_route_on_the_neuron_says_which_request(tiny_model_path: Path) 
     assert error_of(wrong, "/v1/completions")["message"] == (
         "GET is not allowed on /v1/completions (allowed: POST)"
     )
+
+
+# -- compressed bodies ------------------------------------------------------------------
+
+
+def compressed(data: bytes, encoding: str) -> bytes:
+    if encoding == "gzip":
+        return gzip.compress(data)
+    return zlib.compress(data)  # HTTP's deflate: zlib's format
+
+
+#: 10 MB of spaces in a JSON string: 10 KB compressed, over the 1 MB limit once decoded.
+BOMB = gzip.compress(b'{"model": "org/small", "prompt": "' + b" " * 10_000_000 + b'"}')
+
+
+@pytest.mark.parametrize("path", GATEWAY_POSTS)
+async def test_compressed_bodies_are_decoded_on_every_gateway_route(path: str) -> None:
+    a = FakeNeuron("a", preload=["org/small"])
+    with trio.fail_after(20):
+        async with running_fleet([a], MODELS, max_body_bytes=1_000_000) as fleet:
+            # Decoded, then parsed as any body: the same 400 naming the field.
+            for encoding in ("gzip", "deflate", "identity, gzip"):
+                response = await fleet.client.post(
+                    path,
+                    content=compressed(LONE_SURROGATE[path], encoding.split(", ")[-1]),
+                    headers={"content-encoding": encoding},
+                )
+                assert response.status_code == 400, (encoding, response.text)
+                assert "lone UTF-16 surrogate" in error_of(response, path)["message"]
+            for encoding in ("zstd", "br"):
+                response = await fleet.client.post(
+                    path, content=b"\x28\xb5\x2f\xfd", headers={"content-encoding": encoding}
+                )
+                assert response.status_code == 415, response.text
+                error = error_of(response, path)
+                assert f"Content-Encoding '{encoding}' is not supported" in error["message"]
+                assert "gzip or deflate" in error["message"]
+                if path.startswith("/v1/messages"):
+                    assert error["type"] == "invalid_request_error"
+            response = await fleet.client.post(
+                path, content=BOMB, headers={"content-encoding": "gzip"}
+            )
+            assert response.status_code == 413, response.text
+            assert "limit once decoded" in error_of(response, path)["message"]
+            broken = await fleet.client.post(
+                path, content=BOMB[:100], headers={"content-encoding": "gzip"}
+            )
+            assert broken.status_code == 400
+            assert "not valid gzip data" in error_of(broken, path)["message"]
+            assert a.requests == []
+
+
+async def test_a_compressed_request_reaches_the_neuron_decoded() -> None:
+    a = FakeNeuron("a", preload=["org/small"])
+    body = {"model": "org/small", "messages": [{"role": "user", "content": "hi"}]}
+    with trio.fail_after(20):
+        async with running_fleet([a], MODELS) as fleet:
+            response = await fleet.client.post(
+                "/v1/chat/completions",
+                content=gzip.compress(json.dumps(body).encode()),
+                headers={"content-encoding": "gzip", "content-type": "application/json"},
+            )
+            assert response.status_code == 200, response.text
+    [(path, sent, headers)] = a.requests
+    assert path == "/v1/chat/completions" and sent["messages"] == body["messages"]
+    assert "content-encoding" not in headers
+
+
+async def test_compressed_bodies_are_decoded_on_every_neuron_route(tmp_path: Path) -> None:
+    source = tmp_path / "m.fake"
+    source.write_text("fake")
+    with trio.fail_after(30):
+        async with running_neuron(
+            [("m", str(source))],
+            plugins=[FakeEngine(reply=lambda prompt: "Hi")],
+            max_body_bytes=1_000_000,
+        ) as neuron:
+            async with httpx.AsyncClient(base_url=neuron.url, timeout=20) as http:
+                for path in NEURON_POSTS:
+                    for encoding in ("gzip", "deflate"):
+                        response = await http.post(
+                            path,
+                            content=compressed(DEEP_IN_OBJECT, encoding),
+                            headers={"content-encoding": encoding},
+                        )
+                        assert response.status_code == 400, (path, response.text)
+                        assert "nested deeper" in error_of(response, path)["message"]
+                    response = await http.post(
+                        path, content=b"{}", headers={"content-encoding": "br"}
+                    )
+                    assert response.status_code == 415, (path, response.text)
+                    assert "'br' is not supported" in error_of(response, path)["message"]
+                    response = await http.post(
+                        path, content=BOMB, headers={"content-encoding": "gzip"}
+                    )
+                    assert response.status_code == 413, (path, response.text)
+                chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+                response = await http.post(
+                    "/v1/chat/completions",
+                    content=zlib.compress(json.dumps(chat).encode()),
+                    headers={"content-encoding": "deflate"},
+                )
+                assert response.status_code == 200, response.text
+                assert response.json()["choices"][0]["message"]["content"] == "Hi"

@@ -67,7 +67,14 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _WANTED = frozenset(
-    {b"x-request-id", b"x-api-key", b"authorization", b"content-length", SESSION_HEADER}
+    {
+        b"x-request-id",
+        b"x-api-key",
+        b"authorization",
+        b"content-length",
+        b"content-encoding",
+        SESSION_HEADER,
+    }
 )
 _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _METHODS = ("OPTIONS", "POST")
@@ -344,6 +351,8 @@ class Pipeline:
             # is closed now and then under the client's next request.
             content = await self.read_body(receive, headers.get(b"content-length"))
             gateway.check_key(headers.get(b"x-api-key"), headers.get(b"authorization"))
+            # Decoded here: what goes on to a neuron is the plain body.
+            content = jsonbody.decode(content, headers.get(b"content-encoding"), limit=self.limit)
             body = jsonbody.loads_object(content, dotted=dialect.errors == envelope.ANTHROPIC)
             request = dialect.parse(body, content)
             await gateway.ready()

@@ -22,7 +22,7 @@ import cattrs
 import pluggy
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from quart import Response, g, request
+from quart import Response, current_app, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -326,7 +326,12 @@ async def http_error(exc: HTTPException) -> Response:
 
 
 async def read_json() -> Any:
-    return jsonbody.loads(await request.get_data(cache=False))
+    content = jsonbody.decode(
+        await request.get_data(cache=False),
+        request.headers.get("content-encoding"),
+        limit=current_app.config["MAX_CONTENT_LENGTH"],
+    )
+    return jsonbody.loads(content)
 
 
 View = Callable[..., Awaitable[Any]]

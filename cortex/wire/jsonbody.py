@@ -16,15 +16,22 @@ the web framework turns into a 500:
   walks it later (re-encoding, a schema converter), so the bound is far
   below that limit and far above any real request (tool schemas nest a few
   dozen levels at most).
+
+A body may come compressed (``Content-Encoding``): :func:`decode` undoes
+gzip and deflate before parsing, and refuses any other encoding (415),
+naming it and the ones it takes. The size limit applies to the decoded
+body too, checked as it is decompressed: a small bomb never expands in
+memory beyond the limit.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import zlib
 from typing import Any
 
-from cortex.errors import InvalidRequest
+from cortex.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 
 #: Containers (objects, arrays) a body may nest, the outermost included.
 MAX_DEPTH = 100
@@ -33,6 +40,68 @@ MAX_DEPTH = 100
 #: decodes to one code point, a lone one stays a surrogate.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+#: The Content-Encoding values :func:`decode` undoes; ``identity`` is none.
+ENCODINGS = ("gzip", "deflate")
+
+
+def decode(data: bytes, encoding: str | None, *, limit: int) -> bytes:
+    """``data`` with its ``Content-Encoding`` undone; as is when it has none.
+
+    A list (``deflate, gzip``: applied in that order) is undone last first.
+
+    Args:
+      encoding: the Content-Encoding header, or None.
+      limit: the most bytes the decoded body may have.
+
+    Raises:
+      UnsupportedMediaType: an encoding other than gzip, deflate or identity.
+      PayloadTooLarge: the decoded body is over ``limit``.
+      InvalidRequest: the data is not what its encoding says.
+    """
+    codings = [c.strip().lower() for c in (encoding or "").split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    for coding in codings:
+        if coding not in ENCODINGS:
+            raise UnsupportedMediaType(
+                f"Content-Encoding {coding!r} is not supported: send the body "
+                f"uncompressed, or as {' or '.join(ENCODINGS)}"
+            )
+    for coding in reversed(codings):
+        data = _decompress(data, coding, limit)
+    return data
+
+
+def _decompress(data: bytes, coding: str, limit: int) -> bytes:
+    # gzip: a header and trailer around deflate (wbits 16+); HTTP's deflate
+    # is zlib's format, though some clients send raw deflate (wbits < 0).
+    formats = [16 + zlib.MAX_WBITS] if coding == "gzip" else [zlib.MAX_WBITS, -zlib.MAX_WBITS]
+    for wbits in formats:
+        try:
+            return _inflate(data, wbits, limit)
+        except zlib.error:
+            continue
+    raise InvalidRequest(f"request body is not valid {coding} data (its Content-Encoding)")
+
+
+def _inflate(data: bytes, wbits: int, limit: int) -> bytes:
+    """Decompress every member of ``data``, never more than ``limit`` + 1 bytes out."""
+    parts: list[bytes] = []
+    size = 0
+    while data:
+        inflater = zlib.decompressobj(wbits)
+        # At most one byte over the limit: enough to know it is over.
+        part = inflater.decompress(data, limit - size + 1)
+        size += len(part)
+        if size > limit:
+            raise PayloadTooLarge(f"request body over the {limit}-byte limit once decoded")
+        if not inflater.eof:
+            raise zlib.error("truncated")
+        parts.append(part)
+        # gzip allows members one after another; zlib and raw deflate do not.
+        data = inflater.unused_data if wbits > zlib.MAX_WBITS else b""
+    return b"".join(parts)
 
 
 def _not_json(name: str) -> Any:
