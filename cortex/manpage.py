@@ -288,10 +288,7 @@ distribution.
 #: Descriptions of keys that have no ``#:`` comment in cortex.config (a comment wins).
 KEY_NOTES = {
     ("NeuronSection", "listen"): "Address of the neuron's API (--listen).",
-    (
-        "NeuronSection",
-        "max_body_bytes",
-    ): "Largest request body accepted, decoded (gzip, deflate) or not; bigger ones get 413.",
+    ("NeuronSection", "max_body_bytes"): "Largest request body, once decoded; bigger ones get 413.",
     ("NeuronModel", "id"): "The id clients send as model; may contain slashes.",
     ("NeuronModel", "source"): (
         "A .gguf path, a directory holding one, hf:ORG/REPO/FILE.gguf from the local "
@@ -308,7 +305,7 @@ KEY_NOTES = {
     (
         "GatewaySection",
         "max_body_bytes",
-    ): "Largest request body accepted, decoded (gzip, deflate) or not; bigger ones get 413.",
+    ): "Largest request body, once decoded; bigger ones get 413.",
     ("EvictionSection", "strategy"): (
         "What to unload first when a cold load needs room: the least recently used model, "
         "or the lowest priority (models.toml)."
