@@ -302,10 +302,9 @@ KEY_NOTES = {
     ("GatewaySection", "metrics_listen"): "Address of /metrics (--metrics-listen).",
     ("GatewaySection", "connect_timeout"): "Seconds to open a connection to a neuron.",
     ("GatewaySection", "grace_period"): "Seconds in-flight requests get to finish on shutdown.",
-    (
-        "GatewaySection",
-        "max_body_bytes",
-    ): "Largest request body, once decoded; bigger ones get 413.",
+    ("GatewaySection", "max_body_bytes"): (
+        "Largest request body, once decoded; bigger ones get 413."
+    ),
     ("EvictionSection", "strategy"): (
         "What to unload first when a cold load needs room: the least recently used model, "
         "or the lowest priority (models.toml)."
