@@ -61,7 +61,10 @@ class CortexError(Exception):
     """
 
     status: int = 500
-    #: The OpenAI ``error.type``; the Anthropic type is derived from ``status``.
+    #: The OpenAI ``error.type``. As OpenAI's API sets it: ``invalid_request_error``
+    #: for a 400, 401 and 404 (``code`` says which: ``invalid_api_key``,
+    #: ``model_not_found``), ``server_error`` for every 5xx. The Anthropic type
+    #: is derived from ``status``.
     kind: str = "server_error"
     code: str | None = None
     #: Seconds to wait before trying again (Retry-After); None: no header.
@@ -103,7 +106,6 @@ class ThreadUnsupported(InvalidRequest):
 
 class Unauthorized(RequestError):
     status = 401
-    kind = "authentication_error"
     code = "invalid_api_key"
 
 
@@ -114,7 +116,6 @@ class PermissionDenied(RequestError):
 
 class NotFound(RequestError):
     status = 404
-    kind = "not_found_error"
 
 
 class ModelNotFound(NotFound):
@@ -147,7 +148,6 @@ class ServiceError(CortexError):
 
 class Unavailable(ServiceError):
     status = 503
-    kind = "service_unavailable"
     retry_after = 5
 
 
@@ -171,7 +171,6 @@ class InvalidCatalogue(ServiceError):
 
 class UpstreamError(ServiceError):
     status = 502
-    kind = "upstream_error"
 
 
 class NeuronUnreachable(UpstreamError):
@@ -184,7 +183,6 @@ class NeuronUnreachable(UpstreamError):
 
 class UpstreamTimeout(ServiceError):
     status = 504
-    kind = "upstream_timeout"
 
 
 class HarnessError(CortexError):
@@ -194,7 +192,6 @@ class HarnessError(CortexError):
 
 class NoHarness(HarnessError):
     status = 503
-    kind = "service_unavailable"
 
 
 class ModelLoadError(HarnessError):
@@ -209,7 +206,6 @@ class InsufficientMemory(ModelLoadError):
     """
 
     status = 503
-    kind = "service_unavailable"
     code = "insufficient_memory"
 
     def __init__(self, message: str, *, need_mb: int | None = None) -> None:

@@ -44,7 +44,7 @@ async def test_unknown_model_is_404_in_both_dialects() -> None:
             response = await fleet.client.post(
                 "/v1/chat/completions", json={**CHAT, "model": "no/such"}
             )
-            error = openai_error(response, 404, "not_found_error")
+            error = openai_error(response, 404, "invalid_request_error")
             assert error["code"] == "model_not_found" and error["param"] == "model"
             response = await fleet.client.post(
                 "/v1/messages", json={**MESSAGES, "model": "no/such"}
@@ -64,7 +64,7 @@ async def test_known_but_unavailable_is_503_or_529_with_retry_after() -> None:
             a.shutdown.set()
             await fleet.refresh()
             response = await fleet.chat("org/small")
-            openai_error(response, 503, "service_unavailable")
+            openai_error(response, 503, "server_error")
             assert int(response.headers["retry-after"]) >= 1
             response = await fleet.client.post("/v1/messages", json=MESSAGES)
             anthropic_error(response, 529, "overloaded_error")
@@ -81,7 +81,8 @@ async def test_api_keys_401_in_both_dialects(headers: dict[str, str]) -> None:
     with trio.fail_after(10):
         async with running_fleet([a], MODELS, api_keys=["k1", "k2"]) as fleet:
             response = await fleet.client.post("/v1/chat/completions", json=CHAT, headers=headers)
-            openai_error(response, 401, "authentication_error")
+            # OpenAI's own: the type is invalid_request_error, the code says which.
+            assert openai_error(response, 401, "invalid_request_error")["code"] == "invalid_api_key"
             response = await fleet.client.post("/v1/messages", json=MESSAGES, headers=headers)
             anthropic_error(response, 401, "authentication_error")
             response = await fleet.client.get("/v1/models", headers=headers)
@@ -119,7 +120,7 @@ async def test_a_wrong_x_api_key_does_not_hide_a_valid_bearer() -> None:
             # A key that is not ASCII is just another wrong key (not a 500).
             odd = {"x-api-key": "k\u00e9y".encode("latin-1")}
             response = await fleet.client.post("/v1/chat/completions", json=CHAT, headers=odd)
-            openai_error(response, 401, "authentication_error")
+            openai_error(response, 401, "invalid_request_error")
             response = await fleet.client.get("/v1/models", headers=odd)
             assert response.status_code == 401
 
@@ -194,7 +195,7 @@ async def test_unknown_route_and_method_in_the_envelope() -> None:
     with trio.fail_after(10):
         async with running_fleet([a], MODELS) as fleet:
             response = await fleet.client.get("/v1/nothing")
-            openai_error(response, 404, "not_found_error")
+            openai_error(response, 404, "invalid_request_error")
             response = await fleet.client.get("/v1/chat/completions")
             openai_error(response, 405, "invalid_request_error")
             response = await fleet.client.get("/v1/messages")

@@ -185,7 +185,7 @@ async def test_nothing_evictable_is_503_with_retry_after() -> None:
             response = await fleet.chat("m/c")
             assert response.status_code == 503
             assert int(response.headers["retry-after"]) > 0
-            assert response.json()["error"]["type"] == "service_unavailable"
+            assert response.json()["error"]["type"] == "server_error"
             assert a.load_calls == [] and a.unload_calls == []
 
 

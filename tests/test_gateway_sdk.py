@@ -65,14 +65,24 @@ async def test_openai_sdk_errors() -> None:
     with trio.fail_after(10):
         async with running_fleet([a], MODELS, api_keys=[KEY]) as fleet, AsyncExitStack() as stack:
             client = await stack.enter_async_context(openai_client(fleet.url))
-            with pytest.raises(openai.NotFoundError):
+            # The SDK picks the class by status and exposes type and code as
+            # OpenAI's API sets them, which client code tests.
+            with pytest.raises(openai.NotFoundError) as missing:
                 await client.chat.completions.create(
                     model="no/such", messages=[{"role": "user", "content": "hi"}]
                 )
-            with pytest.raises(openai.AuthenticationError):
+            assert (missing.value.type, missing.value.code) == (
+                "invalid_request_error",
+                "model_not_found",
+            )
+            with pytest.raises(openai.AuthenticationError) as refused:
                 wrong = openai.AsyncOpenAI(base_url=fleet.url + "/v1", api_key="x", max_retries=0)
                 await stack.enter_async_context(wrong)
                 await wrong.models.list()
+            assert (refused.value.type, refused.value.code) == (
+                "invalid_request_error",
+                "invalid_api_key",
+            )
             stream = await client.chat.completions.create(
                 model="org/small", messages=[{"role": "user", "content": "hi"}], stream=True
             )

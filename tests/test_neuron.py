@@ -518,7 +518,7 @@ async def test_token_required_when_set(tiny_model_path: Path) -> None:
                 ok = await http.get("/models", headers={"Authorization": "Bearer s3cret"})
                 assert ok.status_code == 200
                 wrong = await http.get("/models", headers={"Authorization": "Bearer nope"})
-                assert wrong.json()["error"]["type"] == "authentication_error"
+                assert wrong.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_load_request_validation() -> None:

@@ -179,7 +179,7 @@ async def test_a_draining_neuron_says_so_finishes_its_streams_and_takes_nothing_
     assert health["draining"] is True and health["in_flight"] == 1
     assert models.status_code == 200
     assert refused.status_code == 503, refused.text
-    assert refused.json()["error"]["type"] == "service_unavailable"
+    assert refused.json()["error"]["type"] == "server_error"
     assert "shutting down" in refused.json()["error"]["message"]
     assert "retry-after" in refused.headers
     # The running stream finished whole: every token, then [DONE].
@@ -480,7 +480,7 @@ async def test_a_load_refused_for_want_of_memory_says_how_much_it_needs(tmp_path
     assert refused.status_code == 503, refused.text
     error = refused.json()["error"]
     assert error["code"] == "insufficient_memory"
-    assert error["type"] == "service_unavailable"
+    assert error["type"] == "server_error"
     assert "needs at least 3 MiB, 2 MiB of the 3 MiB budget is free" in error["message"]
     # What a gateway reads back: the MiB needed.
     back = error_from_response(refused.status_code, refused.content, refused.headers)

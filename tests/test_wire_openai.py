@@ -573,7 +573,7 @@ def test_error_body_raised_by_sdk():
 
 
 def test_error_from_status():
-    assert wire.error_from(404, "no route")["error"]["type"] == "not_found_error"
+    assert wire.error_from(404, "no route")["error"]["type"] == "invalid_request_error"
     assert wire.error_from(405, "method")["error"]["type"] == "invalid_request_error"
     assert wire.error_from(502, "bad")["error"]["type"] == "server_error"
 
