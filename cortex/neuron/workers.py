@@ -25,7 +25,9 @@ engine's generator, which ends just that sequence, within a token. Before
 the first token the thread is inside the engine (prompt processing, for
 seconds or minutes) and makes no such call: ``Job.cancel()`` then also
 calls the generator's ``cancel()``, where the engine offers one (see
-``LoadedModel.generate``), which ends it between two prompt chunks.
+``LoadedModel.generate``), which ends it between two prompt chunks. A job
+cancelled so ends with no event at all: ``Job.wait_admitted`` raises
+``Unavailable`` for it, and nothing was sent to its client yet.
 """
 
 from __future__ import annotations
