@@ -201,7 +201,7 @@ async def test_a_failure_after_an_early_start_is_an_error_chunk_the_sdk_raises(
                 async for _ in stream:
                     pass
             metrics = (await fleet.client.get(fleet.handle.metrics_url + "/metrics")).text
-    assert caught.value.body["type"] == "service_unavailable"  # type: ignore[index]
+    assert caught.value.body["type"] == "server_error"  # type: ignore[index]
     assert wire.received.startswith(KEEP_ALIVE)
     assert wire.received.endswith(b"\n\n") and b"[DONE]" not in wire.received
     assert (
@@ -225,7 +225,7 @@ async def test_a_failure_after_an_early_start_is_response_failed() -> None:
     assert [event.sequence_number for event in events] == [0, 1, 2]
     failed = events[-1].response
     assert failed.id == events[0].response.id and failed.status == "failed"
-    assert failed.error is not None and failed.error.code == "service_unavailable"
+    assert failed.error is not None and failed.error.code == "server_error"
     assert "org/small" in failed.error.message
 
 
@@ -236,4 +236,4 @@ async def test_a_failure_before_the_early_start_is_still_an_http_error() -> None
             with pytest.raises(openai.APIStatusError) as caught:
                 await client.responses.create(model="org/small", input="hi", stream=True)
     assert caught.value.status_code == 503
-    assert json.loads(caught.value.response.content)["error"]["type"] == "service_unavailable"
+    assert json.loads(caught.value.response.content)["error"]["type"] == "server_error"
