@@ -345,7 +345,9 @@ MESSAGES = request(
     {"model", "max_tokens", "messages"},
     # prefill is read from messages: a final assistant turn.
     shape_keys(
-        MessagesRequest, drop=frozenset({"output_schema", "prefill"}), add={"output_config"}
+        MessagesRequest,
+        drop=frozenset({"output_schema", "output_field", "prefill"}),
+        add={"output_config"},
     ),
     ANTHROPIC_FIELDS,
 )
