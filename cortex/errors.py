@@ -382,11 +382,13 @@ LOGGED_MESSAGE_CHARS = 300
 
 
 def log_summary(exc: CortexError) -> str:
-    """``exc`` for the log line of the answer it made: its code (or type) and message.
+    """``exc`` for the log line of the answer it made: its code (or type) and message."""
+    return summary_line(exc.code or exc.kind, exc.message)
 
-    The message is on one line and cut at ``LOGGED_MESSAGE_CHARS``.
-    """
-    message = " ".join(exc.message.split())
+
+def summary_line(kind: str, message: str) -> str:
+    """``kind: message`` for a log line, the message on one line cut at ``LOGGED_MESSAGE_CHARS``."""
+    message = " ".join(message.split())
     if len(message) > LOGGED_MESSAGE_CHARS:
         message = message[: LOGGED_MESSAGE_CHARS - 3] + "..."
-    return f"{exc.code or exc.kind}: {message}"
+    return f"{kind}: {message}"

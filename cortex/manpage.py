@@ -191,11 +191,8 @@ old one and the log says why.
 LOGGING = r"""
 Log lines go to standard error, at the level \-\-log\-level sets (info by
 default). Each request is one line with its status and request id; an answer
-that is an error (4xx or 5xx, either role) also says why: the neuron on the
-same line
-.RB ( "error=invalid_request_error: messages must be a list" ),
-the gateway on the line after it
-.RB ( "request_id=req_... answered 400: ..." ),
+that is an error (4xx or 5xx, either role) also says why on that line
+.RB ( "error=invalid_request_error: messages must be a list" ):
 the error's code or type and its message, cut at 300 characters.
 .B debug
 leaves out the traces of the HTTP client (httpx, httpcore: the gateway's

@@ -48,17 +48,21 @@ def test_errors_are_logged_with_their_reason_and_debug_has_no_http_client_traces
             assert answer.status_code in (400, 404), answer.text
         answer = httpx.post(f"{gateway_url}/v1/chat/completions", content=b"{", timeout=30)
         assert answer.status_code == 400
-        wait_for(log, "answered 400", process)
+        assert httpx.get(f"{gateway_url}/v1/models/nope", timeout=30).status_code == 404
+        wait_for(log, "error=invalid_request_error: request body is not valid JSON", process)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:
         process.kill()
         process.wait()
     lines = log.read_text().splitlines()
-    # The neuron's own line says why, as does the gateway's beside its request line.
+    # Each role's one line per request says why.
     [neuron_line] = [line for line in lines if "POST /v1/chat/completions 4" in line]
     assert "error=" in neuron_line and "messages" in neuron_line, neuron_line
-    [refused] = [line for line in lines if "answered 400" in line]
-    assert "not valid JSON" in refused, refused
+    [refused] = [line for line in lines if "not valid JSON" in line]
+    assert " cortex.gateway.proxy: chat/completions 400 model=unknown " in refused, refused
+    # The control app's errors too, on the one line the pipeline writes for them.
+    [missing] = [line for line in lines if "GET /v1/models/nope" in line]
+    assert " 404 request_id=" in missing and "error=model_not_found: " in missing, missing
     clients = [line for line in lines if " httpx: " in line or " httpcore." in line]
     assert bool(clients) == (level == "trace"), clients[:3]

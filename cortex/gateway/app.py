@@ -42,7 +42,7 @@ from cortex.errors import (
     Unauthorized,
 )
 from cortex.gateway.context import CALL_TIMEOUT, Gateway
-from cortex.gateway.exchange import Pipeline, error_dialect, log_error, new_request_id
+from cortex.gateway.exchange import Pipeline, error_dialect, new_request_id
 from cortex.gateway.fleetview import fleet_view, location_status
 from cortex.gateway.metrics import UNKNOWN, GatewayMetrics
 from cortex.gateway.poller import poll_neuron
@@ -115,7 +115,6 @@ def error_response(exc: CortexError, *, dialect: str | None = None) -> Response:
     dialect = dialect or client_dialect()
     request_id = _request_id()
     status, body, headers = error_parts(exc, dialect=dialect, request_id=request_id)
-    log_error(request_id, status, exc)
     response = Response(body, status=status, content_type="application/json")
     for name, value in headers:
         response.headers[name] = value

@@ -43,6 +43,7 @@ event (``Pipeline.cut_short``).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import secrets
@@ -51,7 +52,7 @@ from typing import Any
 
 import trio
 
-from cortex.errors import CortexError, PayloadTooLarge, Unavailable, log_summary
+from cortex.errors import CortexError, PayloadTooLarge, Unavailable, log_summary, summary_line
 from cortex.gateway.affinity import SESSION_HEADER
 from cortex.gateway.context import Gateway
 from cortex.gateway.cors import CorsPolicy, Preflight
@@ -79,6 +80,8 @@ _WANTED = frozenset(
 _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _METHODS = ("OPTIONS", "POST")
 _ALLOW = (b"allow", ", ".join(_METHODS).encode())
+#: Bytes of an error answer's body kept to say on its log line why it was given.
+_ERROR_BODY_BYTES = 4096
 #: Seconds a stream the server cuts at once gets to send its error event.
 CUT_NOTICE_S = 0.5
 #: Seconds without the neuron's first byte after which a stream is started
@@ -115,17 +118,13 @@ def new_request_id() -> str:
     return f"req_{secrets.token_hex(12)}"
 
 
-def log_error(request_id: str, status: int, exc: CortexError) -> None:
-    """The line beside a request's log line that says why it was answered with an error."""
-    log.info("request_id=%s answered %d: %s", request_id, status, log_summary(exc))
-
-
 class ClientGone(Exception):
     """The client hung up before its request body was complete."""
 
 
 class _Answered:
-    """What an ASGI app sent: the status and request id of its response head.
+    """What an ASGI app sent: the status and request id of its response head,
+    and an error answer's body, for the log line that says why.
 
     A head without ``x-request-id`` (the control app's answers but its
     errors) gets ``request_id``: every answer carries one.
@@ -134,6 +133,7 @@ class _Answered:
     def __init__(self, request_id: str) -> None:
         self.status: int | None = None
         self.request_id = request_id
+        self._error_body = b""
 
     def watch(self, send: Send) -> Send:
         async def watched(message: dict[str, Any]) -> None:
@@ -147,9 +147,20 @@ class _Answered:
                 else:
                     headers.append((b"x-request-id", self.request_id.encode("latin-1")))
                     message = {**message, "headers": headers}
+            elif (self.status or 0) >= 400 and len(self._error_body) < _ERROR_BODY_BYTES:
+                self._error_body += message.get("body", b"")
             await send(message)
 
         return watched
+
+    def error(self) -> str | None:
+        """Why an error answer was given, from its envelope (either dialect); None if none."""
+        try:
+            body = json.loads(self._error_body)
+            error = body["error"]
+            return summary_line(str(error.get("code") or error["type"]), str(error["message"]))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
 
 
 def _headers(scope: Scope) -> dict[bytes, str]:
@@ -209,10 +220,15 @@ class Pipeline:
         """Log and count a request the control app answered, so no error goes uncounted."""
         method, path = scope["method"], scope["path"]
         status = answered.status if answered.status is not None else CLIENT_CLOSED
-        self.log_and_count(method, path, status, answered.request_id)
+        self.log_and_count(method, path, status, answered.request_id, answered.error())
 
-    def log_and_count(self, method: str, path: str, status: int, request_id: str) -> None:
-        """Log and count a request that no exchange recorded: in requests, errors in errors too."""
+    def log_and_count(
+        self, method: str, path: str, status: int, request_id: str, error: str | None = None
+    ) -> None:
+        """Log and count a request that no exchange recorded: in requests, errors in errors too.
+
+        ``error``: why it was answered with an error, for its log line.
+        """
         quiet = (
             status < 400
             and method != "POST"
@@ -220,11 +236,12 @@ class Pipeline:
         )
         log.log(
             logging.DEBUG if quiet else logging.INFO,
-            "%s %s %d request_id=%s",
+            "%s %s %d request_id=%s%s",
             method,
             path,
             status,
             request_id,
+            f" error={error}" if error else "",
         )
         metrics, label = self.gateway.metrics, route_label(path)
         metrics.requests.labels(label, UNKNOWN, "").inc()
@@ -272,8 +289,7 @@ class Pipeline:
             return
         exc = envelope.route_error(405, scope["method"], scope["path"], allowed=["POST"])
         status, body, headers = dialect.error(exc, request_id)
-        self.log_and_count(scope["method"], scope["path"], status, request_id)
-        log_error(request_id, status, exc)
+        self.log_and_count(scope["method"], scope["path"], status, request_id, log_summary(exc))
         await _send_json(send, status, body, headers, [_ALLOW])
 
     async def serve(self, dialect: Dialect, scope: Scope, receive: Receive, send: Send) -> None:
@@ -513,9 +529,8 @@ class Pipeline:
     ) -> None:
         """Record ``ex`` as answered with ``exc``, then send that answer."""
         status, body, headers = dialect.error(exc, ex.request_id)
-        ex.status = status
+        ex.status, ex.error = status, log_summary(exc)
         self.gateway.proxy.finish(ex)
-        log_error(ex.request_id, status, exc)
         await _send_json(send, status, body, headers, [])
 
 

@@ -93,6 +93,8 @@ class Exchange:
     prompt_tokens: int = 0
     #: The status to record: what the client was answered, or how it ended.
     status: int = CLIENT_CLOSED
+    #: Why it was answered with an error (``errors.log_summary``), for its log line.
+    error: str | None = None
     #: The usage the answer reported (OpenAI, Responses or Anthropic), if any.
     usage: dict[str, Any] | None = None
     #: The answer called a tool (chat ``finish_reason: "tool_calls"``, a
@@ -512,13 +514,14 @@ class Proxy:
                 follows=ex.follows and status < 400,
             )
         log.info(
-            "%s %d model=%s neuron=%s %.3fs request_id=%s",
+            "%s %d model=%s neuron=%s %.3fs request_id=%s%s",
             ex.endpoint,
             status,
             model,
             neuron or "-",
             end - ex.started,
             ex.request_id,
+            f" error={ex.error}" if ex.error else "",
         )
         m = self.metrics
         m.requests.labels(ex.endpoint, model, neuron).inc()
