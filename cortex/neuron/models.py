@@ -241,7 +241,8 @@ class ModelManager:
         """Load a model, or join the load already under way; return when settled.
 
         Raises:
-          CortexError: the load failed (the slot stays, marked failed).
+          CortexError: the load failed (the slot stays, marked failed, unless
+            the load was refused for want of memory).
         """
         # A model being unloaded is gone before it loads again: wait for that.
         while (slot := self.slots.get(request.model_id)) is not None and slot.unloading:
@@ -276,6 +277,10 @@ class ModelManager:
             log.warning("load of %s failed: %s", request.model_id, exc.message)
             slot.status, slot.error, slot.failure = "failed", exc.message, exc
             slot.settled.set()
+            if isinstance(exc, InsufficientMemory) and self.slots.get(slot.id) is slot:
+                # Others held the room: nothing wrong with the model, and a
+                # gateway may well load it elsewhere. No record of it stays.
+                del self.slots[slot.id]
             return
         try:
             slot.model = model
