@@ -377,6 +377,25 @@ class HarnessSpec:
         """
         raise NotImplementedError
 
+    @hookspec(firstresult=True)
+    def cortex_harness_need_mb(self, spec: LoadSpec, placement: Placement) -> int | None:
+        """The least memory budget (MiB) in which this engine would load ``spec``.
+
+        Called in a worker thread before ``cortex_harness_load`` on a host
+        without GPUs, where the neuron refuses a load that does not fit what
+        is free before it asks an engine to load it. Answer without loading
+        the weights: the weights and the least context the options accept,
+        with whatever else the load keeps beside them. The neuron's refusal
+        says that figure, and a gateway unloads others to make that much room
+        and asks again, so it must be enough for the load to succeed.
+
+        Return None when the load is not this engine's (as for
+        ``cortex_harness_load``) or it cannot tell: the neuron then counts the
+        file's size alone. Raise as ``cortex_harness_load`` would where the
+        load is this engine's and cannot succeed (a damaged file, a bad option).
+        """
+        raise NotImplementedError
+
 
 def plugin_manager(
     *, blocked: Iterable[str] = (), plugins: Iterable[object] = ()

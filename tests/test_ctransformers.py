@@ -224,7 +224,7 @@ def test_memory_budget(load, gpt2_path):
 
 
 @pytest.mark.parametrize("which", ["gpt2", "spm"])
-def test_a_refusal_for_memory_says_the_least_that_loads(load, models, which):
+def test_a_refusal_for_memory_says_the_least_that_loads(load, pm, models, which):
     """Weights that fit but not the context beside them: a 503 that says how much loads.
 
     gpt2 keeps the file's context whatever the budget; a GGUF one shrinks a
@@ -246,6 +246,14 @@ def test_a_refusal_for_memory_says_the_least_that_loads(load, models, which):
     assert f"needs at least {refused.need_mb} MiB" in refused.message
     assert f"{weights_mb} MiB is free for it" in refused.message
     assert refused.need_mb > weights_mb
+    # The figure the neuron asks for before a load, in any budget: the same.
+    fields.setdefault("options", ONE_THREAD)
+    for budget in (0, weights_mb, None):
+        spec = LoadSpec(model_id="org/tiny", path=str(path), **fields)
+        estimate = pm.hook.cortex_harness_need_mb(
+            spec=spec, placement=Placement(memory_budget_mb=budget)
+        )
+        assert estimate == refused.need_mb
     with pytest.raises(InsufficientMemory):
         load(path, placement=Placement(memory_budget_mb=refused.need_mb - 1), **fields)
     model = load(path, placement=Placement(memory_budget_mb=refused.need_mb), **fields)

@@ -209,6 +209,40 @@ async def test_model_too_big_for_every_neuron_is_404() -> None:
             assert "fits on no neuron" in response.json()["error"]["message"]
 
 
+async def test_a_tier_or_alias_that_fits_nowhere_is_named_as_the_client_asked() -> None:
+    """The 404 names the tier or alias asked for, and the model it was routed to."""
+    a = FakeNeuron("a", memory_mb=1000)
+    models = ModelsFile(
+        models=[CatalogModel(id="huge", vram_mb=5000)],
+        aliases={"tier/bad": ["huge"], "big": "huge"},
+    )
+    needs = "fits on no neuron of the fleet (needs 5000 MiB"
+    with trio.fail_after(10):
+        async with running_fleet([a], models) as fleet:
+            response = await fleet.chat("tier/bad")
+            assert response.status_code == 404, response.text
+            error = response.json()["error"]
+            assert error["message"].startswith(
+                f"model 'tier/bad' (a tier, its member 'huge') {needs}"
+            )
+            assert error["param"] == "model" and error["code"] == "model_not_found"
+            response = await fleet.client.post(
+                "/v1/messages",
+                json={
+                    "model": "big",
+                    "max_tokens": 8,
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+            )
+            assert response.status_code == 404, response.text
+            body = response.json()
+            assert body["type"] == "error" and body["error"]["type"] == "not_found_error"
+            assert body["error"]["message"].startswith(f"model 'big' (an alias of 'huge') {needs}")
+            # Asked for by its id: the id alone.
+            response = await fleet.chat("huge")
+            assert response.json()["error"]["message"].startswith(f"model 'huge' {needs}")
+
+
 async def test_gpu_neuron_gets_devices_in_the_load() -> None:
     a = FakeNeuron("a", gpus=[8000, 24000])
     models = catalogue(CatalogModel(id="m/gpu", vram_mb=16000))

@@ -451,6 +451,43 @@ async def test_another_gateways_failed_load_is_not_advertised_nor_pinned(
                 assert "badopt" not in status_command.render(fleet)
 
 
+async def test_a_load_refused_for_want_of_memory_leaves_no_failed_record(
+    tmp_path: Path,
+) -> None:
+    """A neuron short of room refused the model: nothing failed, it is servable elsewhere.
+
+    The neuron keeps no record of the refusal, so neither ``/v1/models`` nor
+    ``/fleet`` (``cortex status``) shows it failed, before or after it loads
+    on the other neuron.
+    """
+    big = tmp_path / "big.fake"
+    big.write_bytes(b"\0" * (3 * 1024 * 1024))
+    models = ModelsFile(models=[CatalogModel(id="m", source=str(big))])
+    with trio.fail_after(30):
+        async with (
+            running_neuron(plugins=[FakeEngine()], memory_budget_mb=2) as short,
+            running_neuron(plugins=[FakeEngine()], memory_budget_mb=100) as roomy,
+        ):
+            async with httpx.AsyncClient(base_url=short.url, timeout=30) as direct:
+                refused = await direct.post(
+                    "/models/load", json={"model_id": "m", "source": str(big)}
+                )
+                assert refused.status_code == 503, refused.text
+                assert (await direct.get("/models")).json() == []
+            async with gateway_over(models, a=short.url, b=roomy.url) as (_, http):
+                listed = (await http.get("/v1/models/m")).json()
+                assert listed["status"] == "available" and listed["locations"] == []
+                reply = await http.post("/v1/chat/completions", json=chat("m"))
+                assert reply.status_code == 200, reply.text
+                listed = (await http.get("/v1/models/m")).json()
+                assert listed["status"] == "loaded"
+                assert listed["locations"] == [{"neuron": "b", "status": "loaded"}]
+                fleet = (await http.get("/fleet")).json()
+                (model,) = [m for m in fleet["models"] if m["id"] == "m"]
+                assert [loc["neuron"] for loc in model["locations"]] == ["b"]
+                assert "failed" not in status_command.render(fleet)
+
+
 async def test_a_model_the_neuron_loaded_at_its_start_is_never_evicted(
     tiny_model_path: Path,
 ) -> None:

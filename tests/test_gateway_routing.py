@@ -271,6 +271,26 @@ async def test_model_list() -> None:
             assert one.json()["alias_of"] == "org/small"
 
 
+async def test_a_model_that_failed_on_one_neuron_is_available_where_another_can_load_it() -> None:
+    """A failed load on one neuron shows there, and hides nothing another neuron can serve."""
+    a = FakeNeuron("a", memory_mb=1000)
+    b = FakeNeuron("b", memory_mb=1000)
+    failed = {"id": "m", "harness": "fake", "status": "failed", "memory_mb": 0, "error": "bad file"}
+    a.loaded["m"] = failed
+    models = catalogue(CatalogModel(id="m", source="/m.gguf", vram_mb=100))
+    with trio.fail_after(10):
+        async with running_fleet([a, b], models) as fleet:
+            entry = (await fleet.client.get("/v1/models/m")).json()
+            assert entry["status"] == "available" and entry["feasible_on"] == ["a", "b"]
+            assert entry["locations"] == [{"neuron": "a", "status": "failed"}]
+            listed = {m["id"]: m for m in (await fleet.client.get("/v1/models")).json()["data"]}
+            assert listed["m"]["status"] == "available"
+            # Failed on every neuron it fits on: failed.
+            b.loaded["m"] = failed
+            await fleet.refresh()
+            assert (await fleet.client.get("/v1/models/m")).json()["status"] == "failed"
+
+
 async def test_model_list_says_each_models_context_length() -> None:
     # Aider (through LiteLLM), IDE plugins (Continue) and vLLM's clients size
     # their prompts by it.

@@ -487,6 +487,38 @@ async def test_a_load_refused_for_want_of_memory_says_how_much_it_needs(tmp_path
     assert isinstance(back, InsufficientMemory) and back.need_mb == 3
 
 
+async def test_a_first_refusal_says_all_the_load_needs(gemma3_path: Path) -> None:
+    """Refused where even the file does not fit, the figure is the engine's whole estimate.
+
+    The weights, the KV cells for n_ctx x parallel and the host tier: a
+    budget of that many MiB loads it, so a gateway that unloads others to
+    make that much room does not evict for nothing (the file's size alone
+    said 241 MiB for Gemma 3 270M, and the engine then wanted 322).
+    """
+    pytest.importorskip("cortex_llamacpp")
+    load = {
+        "model_id": "gemma",
+        "source": "demo:gemma3",
+        "options": {"n_ctx": 2048, "parallel": 2, "n_threads": 1},
+    }
+    file_mb = (await trio.Path(gemma3_path).stat()).st_size // 2**20
+    async with running_neuron(memory_budget_mb=file_mb // 4) as handle:
+        async with httpx.AsyncClient(base_url=handle.url, timeout=30) as http:
+            with trio.fail_after(30):
+                refused = await http.post("/models/load", json=load)
+    assert refused.status_code == 503, refused.text
+    back = error_from_response(refused.status_code, refused.content, refused.headers)
+    assert isinstance(back, InsufficientMemory) and back.need_mb is not None
+    assert back.need_mb > file_mb
+    assert f"needs at least {back.need_mb} MiB" in back.message
+    # The least that loads it.
+    async with running_neuron(memory_budget_mb=back.need_mb) as handle:
+        async with httpx.AsyncClient(base_url=handle.url, timeout=60) as http:
+            with trio.fail_after(60):
+                loaded = await http.post("/models/load", json=load)
+    assert loaded.status_code == 200, loaded.text
+
+
 async def test_a_load_the_engines_plan_refuses_says_how_much_it_needs(
     tiny_model_factory,
 ) -> None:

@@ -47,7 +47,7 @@ from cortex.gateway.fleetview import fleet_view, location_status
 from cortex.gateway.metrics import UNKNOWN, GatewayMetrics
 from cortex.gateway.poller import poll_neuron
 from cortex.gateway.reload import reload_gateway
-from cortex.gateway.state import LOADED, LOADING, FleetState, feasible
+from cortex.gateway.state import FAILED, LOADED, LOADING, FleetState, feasible
 from cortex.serve import bound_url, is_loopback, serve
 from cortex.wire import anthropic, openai
 from cortex.wire.envelope import ANTHROPIC, error_parts, framework_error, id_headers
@@ -318,10 +318,14 @@ def model_entries(gateway: Gateway) -> list[dict[str, Any]]:
             [n.name for n in state.neurons.values() if feasible(entry, n)] if entry else []
         )
         statuses = {loc["status"] for loc in locations}
-        status = next(
-            (s for s in (LOADED, LOADING, "failed") if s in statuses),
-            "available" if feasible_on else "unavailable",
-        )
+        failed_on = {loc["neuron"] for loc in locations if loc["status"] == FAILED}
+        status = next((s for s in (LOADED, LOADING) if s in statuses), None)
+        if status is None:
+            # A load that failed on one neuron never hides a model another can load.
+            if set(feasible_on) - failed_on:
+                status = "available"
+            else:
+                status = FAILED if failed_on else "unavailable"
         return {
             "created": created,
             "loaded": status == LOADED,

@@ -372,6 +372,7 @@ class Pipeline:
             body = jsonbody.loads_object(content, dotted=dialect.errors == envelope.ANTHROPIC)
             request = dialect.parse(body, content)
             await gateway.ready()
+            ex.asked = request.model
             ex.model = gateway.router.resolve(request.model)
             ex.stream = request.stream
             upstream = dialect.to_upstream(gateway, ex, request)

@@ -74,7 +74,10 @@ class Exchange:
     endpoint: str
     request_id: str
     started: float
+    #: The model to route to (an alias or a tier resolved).
     model: str | None = None
+    #: The model as the client named it.
+    asked: str | None = None
     stream: bool = False
     neuron: NeuronState | None = None
     #: The neuron last sent the request, answered or not (what the log and
@@ -339,7 +342,9 @@ class Proxy:
         last_error: CortexError | None = None
         for _ in range(len(self.router.state.neurons) + 2):
             try:
-                neuron = await self.router.acquire(ex.model, exclude=exclude, prompt=ex.prompt)
+                neuron = await self.router.acquire(
+                    ex.model, exclude=exclude, prompt=ex.prompt, asked=ex.asked
+                )
             except (ModelNotFound, Unavailable) as exc:
                 # The router's answer (503 with Retry-After, or 404) is the
                 # client's, as for any request with no route; a failed try

@@ -170,6 +170,18 @@ class Router:
             raise ModelNotFound(f"model {name!r} does not exist", param="model")
         return model_id
 
+    def named(self, name: str, model_id: str) -> str:
+        """``model_id`` as errors name it for a client that asked for ``name``.
+
+        ``'tier/bad' (a tier, its member 'huge')``, ``'chat' (an alias of
+        'smollm2')``, or the id alone where the client named it.
+        """
+        if name == model_id:
+            return repr(model_id)
+        if name in self.state.catalogue.tiers:
+            return f"{name!r} (a tier, its member {model_id!r})"
+        return f"{name!r} (an alias of {model_id!r})"
+
     def label(self, name: str | None) -> str:
         """The metrics label for a requested model name."""
         if not name:
@@ -182,14 +194,20 @@ class Router:
     # -- routes ---------------------------------------------------------------
 
     async def acquire(
-        self, model_id: str, *, exclude: set[str], prompt: Prompt | None = None
+        self,
+        model_id: str,
+        *,
+        exclude: set[str],
+        prompt: Prompt | None = None,
+        asked: str | None = None,
     ) -> NeuronState:
         """A neuron with ``model_id`` loaded, its request count already raised.
 
         The caller must call ``release`` once the request is over. Neurons
         named in ``exclude`` are skipped; neurons whose load of the model
         fails are added to it. ``prompt``: the request's, for session
-        affinity (``cortex.gateway.affinity``).
+        affinity (``cortex.gateway.affinity``). ``asked``: the name the
+        client gave (an alias, a tier), which the errors name; None: ``model_id``.
 
         Raises:
           ModelNotFound: no neuron can ever serve it.
@@ -200,6 +218,7 @@ class Router:
           CortexError: the load failed everywhere it was tried (its error).
         """
         arrived = trio.current_time()
+        named = self.named(asked, model_id) if asked is not None else None
         self.observations.record_arrival(model_id, arrived)
         self._follow_up(model_id, prompt, arrived)
         last_error: CortexError | None = None
@@ -210,7 +229,7 @@ class Router:
             with trio.move_on_after(self.config.gateway.load_timeout):
                 await self.state.wait_polled()
                 while True:
-                    decision = self._decide(model_id, exclude, last_error, arrived, prompt)
+                    decision = self._decide(model_id, exclude, last_error, arrived, prompt, named)
                     route = decision.route
                     now = trio.current_time()
                     if route is None:
@@ -425,13 +444,14 @@ class Router:
         last_error: CortexError | None,
         arrived: float,
         prompt: Prompt | None = None,
+        named: str | None = None,
     ) -> Decision:
         """``scheduler.decide`` on this gateway's fleet state, now (no await).
 
         Raises:
           ModelNotFound, Unavailable, or ``last_error`` when waiting cannot help.
         """
-        request = Request(model_id, arrived, frozenset(exclude), prompt, last_error)
+        request = Request(model_id, arrived, frozenset(exclude), prompt, last_error, named)
         return decide(
             self.state,
             request,

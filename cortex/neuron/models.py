@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import pluggy
@@ -39,6 +39,8 @@ from cortex.neuron import sources
 from cortex.neuron.workers import GenerationWorker, Job
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @attrs.frozen
@@ -239,7 +241,8 @@ class ModelManager:
         """Load a model, or join the load already under way; return when settled.
 
         Raises:
-          CortexError: the load failed (the slot stays, marked failed).
+          CortexError: the load failed (the slot stays, marked failed, unless
+            the load was refused for want of memory).
         """
         # A model being unloaded is gone before it loads again: wait for that.
         while (slot := self.slots.get(request.model_id)) is not None and slot.unloading:
@@ -274,6 +277,10 @@ class ModelManager:
             log.warning("load of %s failed: %s", request.model_id, exc.message)
             slot.status, slot.error, slot.failure = "failed", exc.message, exc
             slot.settled.set()
+            if isinstance(exc, InsufficientMemory) and self.slots.get(slot.id) is slot:
+                # Others held the room: nothing wrong with the model, and a
+                # gateway may well load it elsewhere. No record of it stays.
+                del self.slots[slot.id]
             return
         try:
             slot.model = model
@@ -313,6 +320,15 @@ class ModelManager:
         """
         path = sources.resolve(request.source, self._model_dirs)
         chat_format = request.chat_format or sources.DEMO_CHAT_FORMATS.get(request.source)
+        options = dict(request.options)
+        options.setdefault("n_ctx_max", self._n_ctx_max)
+        spec = LoadSpec(
+            model_id=request.model_id,
+            path=str(path),
+            harness=request.harness,
+            chat_format=chat_format,
+            options=options,
+        )
         if free_by_device:
             # A GPU host: the devices asked for, or all of them; the engine
             # fits the context into what they have free, with headroom for
@@ -325,7 +341,15 @@ class ModelManager:
         else:
             devices = ()
             budget = host_free_mb
-            need = os.path.getsize(path) // (1024 * 1024)
+            # The engine's estimate where it has one (weights, the least
+            # context, what it keeps beside them), else the file's size: the
+            # figure a gateway makes room for before it asks again, so it
+            # must be all the load needs.
+            placement = Placement(devices=devices, memory_budget_mb=budget)
+            estimate = self._engine_call(
+                path, self._pm.hook.cortex_harness_need_mb, spec=spec, placement=placement
+            )
+            need = max(os.path.getsize(path) // (1024 * 1024), estimate or 0)
             if need > budget:
                 # Others hold the room: a distinct answer, so that a gateway
                 # can unload some of them and ask again.
@@ -334,28 +358,28 @@ class ModelManager:
                     f"{budget} MiB of the {self.memory_budget_mb} MiB budget is free",
                     need_mb=need,
                 )
-        options = dict(request.options)
-        options.setdefault("n_ctx_max", self._n_ctx_max)
-        spec = LoadSpec(
-            model_id=request.model_id,
-            path=str(path),
-            harness=request.harness,
-            chat_format=chat_format,
-            options=options,
-        )
         placement = Placement(devices=devices, memory_budget_mb=budget)
+        model = self._engine_call(
+            path, self._pm.hook.cortex_harness_load, spec=spec, placement=placement
+        )
+        if model is None:
+            raise self._unclaimed(request, Path(path).name)
+        return model, devices
+
+    @staticmethod
+    def _engine_call(
+        path: Path, hook: Callable[..., T], *, spec: LoadSpec, placement: Placement
+    ) -> T:
+        """Call an engine hook on ``spec``; errors as a client may read them (no paths)."""
         try:
-            model = self._pm.hook.cortex_harness_load(spec=spec, placement=placement)
+            return hook(spec=spec, placement=placement)
         except CortexError as exc:
             exc.message = _hide_path(exc.message, path)
             raise
         except Exception as exc:
             raise ModelLoadError(
-                f"cannot load {request.model_id!r}: {_hide_path(str(exc), path)}"
+                f"cannot load {spec.model_id!r}: {_hide_path(str(exc), path)}"
             ) from exc
-        if model is None:
-            raise self._unclaimed(request, Path(path).name)
-        return model, devices
 
     def _unclaimed(self, request: LoadRequest, name: str) -> CortexError:
         """Why no engine loaded ``name``: the named one is missing, or none reads it."""

@@ -45,6 +45,10 @@ class Request:
     prompt: Prompt | None = None
     #: The error of the last load it waited on, raised when waiting cannot help.
     last_error: CortexError | None = None
+    #: The model as the errors name it: what the client asked for, and the
+    #: member of a tier or the target of an alias where that differs; None:
+    #: the model id.
+    named: str | None = None
 
 
 def options(
@@ -181,17 +185,18 @@ def decide(
     if decision.route is not None or decision.slot or decision.hold:
         return decision
     last_error = request.last_error
+    named = request.named or repr(model_id)
     entry = state.entry(model_id)
     if entry is None:
         if last_error is not None:
             raise last_error
         if state.known(model_id):
-            raise Unavailable(f"no neuron that has {model_id!r} is available")
-        raise ModelNotFound(f"model {model_id!r} does not exist", param="model")
+            raise Unavailable(f"no neuron that has {named} is available")
+        raise ModelNotFound(f"model {named} does not exist", param="model")
     usable = [n for n in state.routable() if n.name not in request.exclude]
     candidates = [n for n in usable if feasible(entry, n)]
     if not candidates:
-        raise last_error or no_candidate(state, entry)
+        raise last_error or no_candidate(state, entry, named)
     wants = frozenset(
         n.name
         for n in candidates
@@ -199,21 +204,25 @@ def decide(
     )
     if not policy.waits or not wants:
         raise last_error or Unavailable(
-            f"no room for {model_id!r} on {', '.join(n.name for n in candidates)} now: "
+            f"no room for {named} on {', '.join(n.name for n in candidates)} now: "
             "the models there are pinned or busy"
         )
     return attrs.evolve(decision, wants=wants)
 
 
-def no_candidate(state: FleetState, entry: CatalogModel) -> CortexError:
-    """The error for a model no routable neuron could hold: 503 if one may come back, else 404."""
+def no_candidate(state: FleetState, entry: CatalogModel, named: str | None = None) -> CortexError:
+    """The error for a model no routable neuron could hold: 503 if one may come back, else 404.
+
+    ``named``: the model as the message names it (``Request.named``); None: its id.
+    """
+    named = named or repr(entry.id)
     neurons = list(state.neurons.values())
     if any(n.discovery is not None and feasible(entry, n) for n in neurons) or any(
         n.discovery is None for n in neurons
     ):
-        return Unavailable(f"no neuron that can load {entry.id!r} is available now")
+        return Unavailable(f"no neuron that can load {named} is available now")
     return ModelNotFound(
-        f"model {entry.id!r} fits on no neuron of the fleet "
+        f"model {named} fits on no neuron of the fleet "
         f"(needs {entry.vram_mb} MiB over at least {entry.min_devices} device(s))",
         param="model",
     )

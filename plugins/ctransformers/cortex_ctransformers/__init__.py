@@ -16,7 +16,7 @@ from importlib.metadata import version
 
 from cortex.harness import HarnessInfo, LoadedModel, LoadSpec, Placement, hookimpl
 
-from .model import NAME, CTransformersModel, load
+from .model import NAME, CTransformersModel, load, need_mb
 from .options import LoadOptions
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "LoadOptions",
     "cortex_harness_info",
     "cortex_harness_load",
+    "cortex_harness_need_mb",
 ]
 
 
@@ -39,3 +40,8 @@ def cortex_harness_info() -> HarnessInfo:
 @hookimpl
 def cortex_harness_load(spec: LoadSpec, placement: Placement) -> LoadedModel | None:
     return load(spec, placement)
+
+
+@hookimpl
+def cortex_harness_need_mb(spec: LoadSpec, placement: Placement) -> int | None:
+    return need_mb(spec, placement)

@@ -158,11 +158,47 @@ def _plan_ggml(where: str, path: pathlib.Path, container: str, options: LoadOpti
     )
 
 
-def load(spec: LoadSpec, placement: Placement) -> CTransformersModel | None:
-    """The ``cortex_harness_load`` hook: see ``cortex.harness.HarnessSpec``.
+@attrs.frozen
+class _Prepared:
+    """A load as far as it goes without ctransformers: the file, options and plan."""
+
+    where: str
+    path: pathlib.Path
+    options: LoadOptions
+    plan: _Plan
+    weights_bytes: int
+
+    def context(self, budget_mb: int | None) -> int:
+        """The context to ask for in ``budget_mb`` (-1: the file's)."""
+        context = self.plan.context_length
+        if self.shrinks and budget_mb is not None:
+            # As llama.cpp's engine does: shrink a context taken from the file to fit.
+            room = (budget_mb * MIB - self.weights_bytes) // self.plan.kv_per_token
+            context = max(1, min(context, room))
+        return context
+
+    @property
+    def shrinks(self) -> bool:
+        """Whether the context, taken from the file, shrinks to fit a budget."""
+        plan = self.plan
+        return (
+            plan.context_length > 0 and bool(plan.kv_per_token) and not self.options.context_length
+        )
+
+    def need_mb(self, context: int) -> tuple[int, int]:
+        """MiB for the weights and ``context`` (as ``context`` gives it), and that context."""
+        expected = context if context > 0 else self.plan.n_ctx_train or 0
+        return -(-(self.weights_bytes + expected * self.plan.kv_per_token) // MIB), expected
+
+
+def _prepare(spec: LoadSpec) -> _Prepared | None:
+    """Read the header and options of a load; None when the load is not ours.
 
     With no harness named, it takes GGML-era files only and leaves GGUF to
     llama.cpp; named, it also takes the GGUF files ctransformers can read.
+
+    Raises:
+      ModelLoadError: the load is ours and cannot succeed (the file, the options).
     """
     if spec.harness is not None and spec.harness != NAME:
         return None
@@ -194,14 +230,28 @@ def load(spec: LoadSpec, placement: Placement) -> CTransformersModel | None:
         weights_bytes = path.stat().st_size
     except OSError as exc:
         raise ModelLoadError(f"{where}: cannot read the file ({exc.strerror})")
+    return _Prepared(where, path, options, plan, weights_bytes)
 
+
+def need_mb(spec: LoadSpec, placement: Placement) -> int | None:
+    """The ``cortex_harness_need_mb`` hook: see ``cortex.harness.HarnessSpec``."""
+    prepared = _prepare(spec)
+    if prepared is None:
+        return None
+    # The least context the load accepts: one token where it shrinks.
+    return prepared.need_mb(1 if prepared.shrinks else prepared.plan.context_length)[0]
+
+
+def load(spec: LoadSpec, placement: Placement) -> CTransformersModel | None:
+    """The ``cortex_harness_load`` hook: see ``cortex.harness.HarnessSpec``."""
+    prepared = _prepare(spec)
+    if prepared is None:
+        return None
+    where, path, options, plan = prepared.where, prepared.path, prepared.options, prepared.plan
+    weights_bytes = prepared.weights_bytes
     budget = placement.memory_budget_mb
-    context = plan.context_length
-    if budget is not None and context > 0 and plan.kv_per_token and not options.context_length:
-        # As llama.cpp's engine does: shrink a context taken from the file to fit.
-        context = max(1, min(context, (budget * MIB - weights_bytes) // plan.kv_per_token))
-    expected_ctx = context if context > 0 else plan.n_ctx_train or 0
-    need_mb = -(-(weights_bytes + expected_ctx * plan.kv_per_token) // MIB)
+    context = prepared.context(budget)
+    need_mb, expected_ctx = prepared.need_mb(context)
     if budget is not None and need_mb > budget:
         # The context is already the least this load accepts (one token where
         # it shrinks, else the one asked for or the file's): a gateway can

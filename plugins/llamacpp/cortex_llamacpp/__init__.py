@@ -11,10 +11,17 @@ import llama_cpp
 
 from cortex.harness import HarnessInfo, LoadedModel, LoadSpec, Placement, hookimpl
 
-from .model import NAME, LlamaCppModel, load
+from .model import NAME, LlamaCppModel, load, need_mb
 from .options import LoadOptions
 
-__all__ = ["NAME", "LlamaCppModel", "LoadOptions", "cortex_harness_info", "cortex_harness_load"]
+__all__ = [
+    "NAME",
+    "LlamaCppModel",
+    "LoadOptions",
+    "cortex_harness_info",
+    "cortex_harness_load",
+    "cortex_harness_need_mb",
+]
 
 
 @hookimpl
@@ -30,3 +37,8 @@ def cortex_harness_info() -> HarnessInfo:
 @hookimpl
 def cortex_harness_load(spec: LoadSpec, placement: Placement) -> LoadedModel | None:
     return load(spec, placement)
+
+
+@hookimpl
+def cortex_harness_need_mb(spec: LoadSpec, placement: Placement) -> int | None:
+    return need_mb(spec, placement)

@@ -233,47 +233,71 @@ def _registered_formatter(name: str) -> ChatFormatter | None:
     return handler.__closure__[code.co_freevars.index("chat_formatter")].cell_contents
 
 
-def _check_fits(
-    where: str,
-    options: LoadOptions,
-    *,
-    budget_mb: int,
-    weights_bytes: int,
-    kv_per_token: int,
-    host_cache_mb: Callable[[int], int] | None,
-) -> None:
-    """Refuse a load whose smallest form does not fit in ``budget_mb``.
+@attrs.frozen
+class _Prepared:
+    """A load as far as it goes without the weights: its file, options and least size."""
 
-    The smallest form is the weights, the least context the options accept
-    (256 cells, or the ``n_ctx`` asked for) in the KV layout they ask for,
-    the small context a batched model keeps for tokenize, and the host tier
-    where it counts: below that, the context plan has nothing left to
-    shrink. The refusal says how much that is, so that a gateway can unload
-    other models to make the room and ask again.
+    where: str
+    path: pathlib.Path
+    options: LoadOptions
+    formatter: ChatFormatter | None
+    weights_bytes: int
+    hparams: _Hparams
+    #: The longest context the load may plan (the file's, capped by n_ctx_max).
+    longest: int
+    #: Whether the model is on GPUs (the host tier then is not in the budget).
+    gpu: bool
+    #: KV cells in the smallest form the options accept.
+    least_cells: int
+    #: The least budget (MiB) the load fits in.
+    need_mb: int
 
-    Args:
-      host_cache_mb: the host tier counted in a budget of that many MiB;
-        None where it does not count (one sequence, a GPU host).
+    @property
+    def batched(self) -> bool:
+        return self.options.parallel > 1
 
-    Raises:
-      InsufficientMemory: it does not fit; ``need_mb`` is the least budget it fits in.
-    """
-    least_ctx = CTX_STEP if options.n_ctx is None else -(-options.n_ctx // CTX_STEP) * CTX_STEP
-    cells = kv_cells(options, least_ctx) + (CTX_STEP if options.parallel > 1 else 0)
-    need_mb = least_budget_mb(
-        weights_bytes + cells * kv_per_token, host_cache_mb or (lambda budget: 0)
-    )
-    if need_mb > budget_mb:
-        host = f" and its host_cache_mb={host_cache_mb(need_mb)}" if host_cache_mb else ""
-        raise InsufficientMemory(
-            f"{where}: needs at least {need_mb} MiB (its weights, {cells} KV cells{host}), "
-            f"{budget_mb} MiB is free for it",
-            need_mb=need_mb,
+    def host_cache_mb(self, budget_mb: int | None) -> int:
+        """The host tier (MiB) beside a budget of ``budget_mb``."""
+        if self.options.host_cache_mb is not None:
+            return self.options.host_cache_mb
+        return default_host_cache_mb(
+            budget_mb=budget_mb,
+            gpu=self.gpu,
+            pool_bytes=self.longest * self.hparams.kv_per_token,
         )
 
+    def check_fits(self, budget_mb: int) -> None:
+        """Refuse a load whose smallest form does not fit in ``budget_mb``.
 
-def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
-    """The ``cortex_harness_load`` hook: see ``cortex.harness.HarnessSpec``."""
+        The refusal says how much that is, so that a gateway can unload
+        other models to make the room and ask again.
+
+        Raises:
+          InsufficientMemory: it does not fit; ``need_mb`` is the least budget it fits in.
+        """
+        if self.need_mb > budget_mb:
+            counted = self.batched and not self.gpu
+            host = f" and its host_cache_mb={self.host_cache_mb(self.need_mb)}" if counted else ""
+            raise InsufficientMemory(
+                f"{self.where}: needs at least {self.need_mb} MiB "
+                f"(its weights, {self.least_cells} KV cells{host}), "
+                f"{budget_mb} MiB is free for it",
+                need_mb=self.need_mb,
+            )
+
+
+def _prepare(spec: LoadSpec, placement: Placement) -> _Prepared | None:
+    """Read what a load needs before its weights; None when the load is not ours.
+
+    The least size is the weights, the least context the options accept
+    (256 cells, or the ``n_ctx`` asked for) in the KV layout they ask for,
+    the small context a batched model keeps for tokenize, and the host tier
+    where it counts (batched, on a CPU host): below that, the context plan
+    has nothing left to shrink.
+
+    Raises:
+      ModelLoadError: the load is ours and cannot succeed (the file, the options).
+    """
     if spec.harness is not None and spec.harness != NAME:
         return None
     path = pathlib.Path(spec.path)
@@ -303,35 +327,53 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
             f"{where}: parallel is at most {llama_cpp.llama_max_parallel_sequences()}"
         )
     weights_bytes = path.stat().st_size
-    batched = options.parallel > 1
     with _load_lock:
         hparams = _probe(path)
-        if hparams is None:
-            raise InvalidModelFile(
-                f"{where}: llama.cpp cannot read this GGUF file "
-                "(truncated, damaged, or an architecture it does not know)"
-            )
-        longest = min(hparams.n_ctx_train or options.n_ctx_max, options.n_ctx_max)
+    if hparams is None:
+        raise InvalidModelFile(
+            f"{where}: llama.cpp cannot read this GGUF file "
+            "(truncated, damaged, or an architecture it does not know)"
+        )
+    least_ctx = CTX_STEP if options.n_ctx is None else -(-options.n_ctx // CTX_STEP) * CTX_STEP
+    cells = kv_cells(options, least_ctx) + (CTX_STEP if options.parallel > 1 else 0)
+    prepared = _Prepared(
+        where=where,
+        path=path,
+        options=options,
+        formatter=formatter,
+        weights_bytes=weights_bytes,
+        hparams=hparams,
+        longest=min(hparams.n_ctx_train or options.n_ctx_max, options.n_ctx_max),
+        gpu=bool(placement.devices),
+        least_cells=cells,
+        need_mb=0,
+    )
+    # The host tier counts where it shares the budget: batched, on a CPU host.
+    counted = prepared.host_cache_mb if prepared.batched and not prepared.gpu else None
+    least = least_budget_mb(
+        weights_bytes + cells * hparams.kv_per_token, counted or (lambda budget: 0)
+    )
+    return attrs.evolve(prepared, need_mb=least)
 
-        def host_cache_for(budget_mb: int | None) -> int:
-            if options.host_cache_mb is not None:
-                return options.host_cache_mb
-            return default_host_cache_mb(
-                budget_mb=budget_mb,
-                gpu=bool(placement.devices),
-                pool_bytes=longest * hparams.kv_per_token,
-            )
 
-        host_cache_mb = host_cache_for(placement.memory_budget_mb)
-        if placement.memory_budget_mb is not None:
-            _check_fits(
-                where,
-                options,
-                budget_mb=placement.memory_budget_mb,
-                weights_bytes=weights_bytes,
-                kv_per_token=hparams.kv_per_token,
-                host_cache_mb=host_cache_for if batched and not placement.devices else None,
-            )
+def need_mb(spec: LoadSpec, placement: Placement) -> int | None:
+    """The ``cortex_harness_need_mb`` hook: see ``cortex.harness.HarnessSpec``."""
+    prepared = _prepare(spec, placement)
+    return None if prepared is None else prepared.need_mb
+
+
+def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
+    """The ``cortex_harness_load`` hook: see ``cortex.harness.HarnessSpec``."""
+    prepared = _prepare(spec, placement)
+    if prepared is None:
+        return None
+    if placement.memory_budget_mb is not None:
+        prepared.check_fits(placement.memory_budget_mb)
+    where, path, options = prepared.where, prepared.path, prepared.options
+    formatter, hparams, batched = prepared.formatter, prepared.hparams, prepared.batched
+    weights_bytes = prepared.weights_bytes
+    host_cache_mb = prepared.host_cache_mb(placement.memory_budget_mb)
+    with _load_lock:
         host_cache_bytes = host_cache_mb * MIB if batched else 0
         # On a CPU host the host tier shares the memory budget with the model.
         counted_bytes = weights_bytes + (0 if placement.devices else host_cache_bytes)
@@ -368,7 +410,7 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
                 options.parallel,
                 layout.reason,
             )
-        # _check_fits saw to it that this pool fits: kv_cells asks for at least it.
+        # check_fits saw to it that this pool fits: kv_cells asks for at least it.
         pool = kv_cells(options, n_ctx)
         extra_buffers = use_extra_buffers(options.extra_buffers)
         try:
