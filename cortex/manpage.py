@@ -296,7 +296,9 @@ KEY_NOTES = {
     ("NeuronModel", "devices"): "NVML device indices to place it on; default: the engine's.",
     ("NeuronModel", "options"): "Engine options (n_ctx, n_threads, n_gpu_layers, ...).",
     ("GatewaySection", "listen"): "Address of the OpenAI + Anthropic API (--listen).",
-    ("GatewaySection", "metrics_listen"): "Address of /metrics (--metrics-listen).",
+    ("GatewaySection", "metrics_listen"): (
+        "Address of /metrics (--metrics-listen); any other path there answers 404."
+    ),
     ("GatewaySection", "connect_timeout"): "Seconds to open a connection to a neuron.",
     ("GatewaySection", "grace_period"): "Seconds in-flight requests get to finish on shutdown.",
     ("GatewaySection", "max_body_bytes"): (

@@ -175,3 +175,36 @@ async def test_status_says_why_a_catalogue_entry_cannot_be_served() -> None:
     assert table.returncode == 0, table.stderr
     [line] = [line for line in table.stdout.splitlines() if line.startswith("  bad: ")]
     assert "n_ctxx" in line
+
+
+async def test_the_metrics_port_answers_404_off_metrics_so_a_misplaced_neuron_says_so() -> None:
+    # A [[neurons]] entry pointed at a gateway's metrics_listen by mistake:
+    # that port serves /metrics only, so the poll's 404 names the path asked.
+    async with running_fleet([FakeNeuron("a")], catalogue()) as first:
+        metrics_url = first.handle.metrics_url
+        with trio.fail_after(30):
+            async with httpx.AsyncClient(base_url=metrics_url) as client:
+                scrape = await client.get("/metrics")
+                off = {path: await client.get(path) for path in ("/nonexistent", "/discovery", "/")}
+            config = GatewayConfig(
+                gateway=GatewaySection(
+                    listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", poll_interval=3600.0
+                ),
+                neurons=[NeuronEndpoint("m", metrics_url)],
+            )
+            async with trio.open_nursery() as nursery:
+                shutdown = trio.Event()
+                second = await nursery.start(
+                    partial(run_gateway, config, catalogue(), shutdown=shutdown)
+                )
+                await second.state.wait_polled()
+                async with httpx.AsyncClient(base_url=second.api_url) as client:
+                    health = (await client.get("/health")).json()
+                shutdown.set()
+    assert scrape.status_code == 200 and "cortex_requests_total" in scrape.text
+    for path, answer in off.items():
+        assert answer.status_code == 404, (path, answer.text)
+        assert answer.headers["content-type"].startswith("text/plain")
+        assert path in answer.text and "/metrics" in answer.text
+    (neuron,) = health["neurons"]
+    assert f"answered 404 to GET {metrics_url}/discovery" in neuron["error"]
