@@ -25,7 +25,14 @@ from cortex.gateway import evictor
 from cortex.gateway.scheduler.policies import Policy
 from cortex.gateway.scheduler.predictor import Decision, Option
 from cortex.gateway.scheduler.queue import WaitQueue
-from cortex.gateway.state import LOADED, LOADING, FleetState, NeuronState, feasible
+from cortex.gateway.state import (
+    LOADED,
+    LOADING,
+    FleetState,
+    NeuronState,
+    feasible,
+    fits_nowhere,
+)
 
 if TYPE_CHECKING:
     # affinity imports this package: a runtime import would be a cycle.
@@ -207,16 +214,10 @@ def decide(
 
 def no_candidate(state: FleetState, entry: CatalogModel) -> CortexError:
     """The error for a model no routable neuron could hold: 503 if one may come back, else 404."""
-    neurons = list(state.neurons.values())
-    if any(n.discovery is not None and feasible(entry, n) for n in neurons) or any(
-        n.discovery is None for n in neurons
-    ):
+    reason = fits_nowhere(entry, state.neurons.values())
+    if reason is None:
         return Unavailable(f"no neuron that can load {entry.id!r} is available now")
-    return ModelNotFound(
-        f"model {entry.id!r} fits on no neuron of the fleet "
-        f"(needs {entry.vram_mb} MiB over at least {entry.min_devices} device(s))",
-        param="model",
-    )
+    return ModelNotFound(reason, param="model")
 
 
 @attrs.frozen
