@@ -170,8 +170,12 @@ class GatewaySection:
     listen: str = attrs.field(default="0.0.0.0:31313", validator=validate_listen)
     metrics_listen: str = attrs.field(default="0.0.0.0:31314", validator=validate_listen)
     #: Client keys accepted as ``Authorization: Bearer`` or ``x-api-key``; empty: open.
+    #: Read at start only.
     api_keys: list[str] = attrs.field(factory=list)
-    #: A file with one key per line, added to api_keys.
+    #: A file with one key per line, added to api_keys. Re-read by SIGHUP and
+    #: POST /admin/reload, all or nothing with the models file: one that cannot
+    #: be read or has no key in it keeps the old keys and the old catalogue. At
+    #: start it is an error (exit status 2).
     api_keys_file: str | None = None
     #: Seconds between /health and /models polls of each neuron.
     poll_interval: float = attrs.field(default=10.0, validator=POSITIVE)

@@ -184,8 +184,17 @@ grace_period before they kill (the packaged units wait 60 seconds).
 .TP
 .B SIGHUP
 Gateway and standalone roles: re\-reads the model catalogue and aliases
-(the \-\-models file) without dropping in\-flight requests; a bad file keeps the
-old one and the log says why.
+(the \-\-models file) and the
+.B api_keys_file
+without dropping in\-flight requests, all or nothing: a bad models file keeps
+the old catalogue and the old keys, a bad keys file (one that cannot be read,
+or with no key in it) the old keys and the old catalogue, and the log says
+why.
+.B POST /admin/reload
+(only when API keys are set) does the same and answers with what it read
+(the counts of models, aliases and tiers) or, for a bad file, a 500
+.B invalid_catalogue
+that says why.
 """
 
 LOGGING = r"""
@@ -296,7 +305,9 @@ KEY_NOTES = {
     ("NeuronModel", "devices"): "NVML device indices to place it on; default: the engine's.",
     ("NeuronModel", "options"): "Engine options (n_ctx, n_threads, n_gpu_layers, ...).",
     ("GatewaySection", "listen"): "Address of the OpenAI + Anthropic API (--listen).",
-    ("GatewaySection", "metrics_listen"): "Address of /metrics (--metrics-listen).",
+    ("GatewaySection", "metrics_listen"): (
+        "Address of /metrics (--metrics-listen); any other path there answers 404."
+    ),
     ("GatewaySection", "connect_timeout"): "Seconds to open a connection to a neuron.",
     ("GatewaySection", "grace_period"): "Seconds in-flight requests get to finish on shutdown.",
     ("GatewaySection", "max_body_bytes"): (

@@ -60,7 +60,9 @@ def render(fleet: dict[str, Any], *, now: float | None = None) -> str:
             if n["suspect"]
             else "up"
         )
-        if n["devices"]:
+        if n["devices"] is None:
+            devices = "-"  # never reached: nothing known
+        elif n["devices"]:
             devices = ", ".join(
                 f"{d['index']}:{d['name']} {_mb(d['vram_used_mb'])}/{_mb(d['vram_total_mb'])}"
                 f" {d['utilization_pct'] if d['utilization_pct'] is not None else '?'}%"
@@ -98,14 +100,16 @@ def render(fleet: dict[str, Any], *, now: float | None = None) -> str:
         )
         in_flight = sum(loc["in_flight"] for loc in m["locations"])
         last_used = max((loc["last_used"] or 0 for loc in m["locations"]), default=0)
+        # .get: a gateway older than the field.
+        name = f"{m['id']} (retired)" if m.get("retired") else m["id"]
         rows.append(
-            [m["id"], where, ", ".join(m["pinned_on"]) or "-", str(in_flight), _ago(last_used, now)]
+            [name, where, ", ".join(m["pinned_on"]) or "-", str(in_flight), _ago(last_used, now)]
         )
     out.append("")
     out.append("MODELS")
     out.append(_table(["model", "where", "pinned on", "in flight", "last used"], rows))
-    # Why a model cannot be served: its catalogue entry (until a reload),
-    # or a neuron's last failure to load it.
+    # Why a model cannot be served: its catalogue entry (refused by a neuron,
+    # until a reload, or fitting on no neuron), or a neuron's last failure to load it.
     for m in fleet["models"]:
         if m.get("error"):
             out.append(f"  {m['id']}: {m['error']}")

@@ -94,3 +94,15 @@ def test_man_renders_without_warnings() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert "SIGNALS" in result.stdout and "EXIT STATUS" in result.stdout
+
+
+def test_reload_is_documented_as_the_readme_says() -> None:
+    # README, POST /admin/reload: SIGHUP and it both re-read api_keys_file too,
+    # all or nothing.
+    page = manpage.render()
+    signals = page.split(".B SIGHUP\n", 1)[1].split(".SH", 1)[0]
+    for words in ("api_keys_file", "POST /admin/reload", "all or nothing", "invalid_catalogue"):
+        assert words in signals, words
+    keys_file = page.split("\\fBapi_keys_file\\fR", 1)[1].split(".TP", 1)[0]
+    assert "SIGHUP" in keys_file and "POST /admin/reload" in keys_file
+    assert "all or nothing" in keys_file

@@ -10,10 +10,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -28,11 +30,14 @@ from cortex.neuron.session import Generation
 from cortex.neuron.workers import (
     CANCELLED_BY_UNLOAD,
     Delta,
+    Done,
+    Event,
     Failed,
     GenerationRequest,
+    GenerationWorker,
     Job,
 )
-from cortex.testing import FakeEngine
+from cortex.testing import FakeEngine, FakeModel
 from tests.neuron_helpers import neuron_config, running_neuron
 
 
@@ -103,6 +108,51 @@ async def test_no_token_is_handed_out_after_a_cancel() -> None:
     with trio.fail_after(5):
         events = [event async for event in generation.events()]
     assert events == [Failed(CANCELLED_BY_UNLOAD)]
+
+
+class SlowToReturnJob(Job):
+    """A job whose thread lingers once its last event is handed over: the
+    window between a client having its whole answer and the worker seeing
+    the job end, held open (it is a scheduling matter otherwise)."""
+
+    def __init__(self, request: GenerationRequest) -> None:
+        super().__init__(request)
+        self.returns = trio.Event()
+
+    async def deliver(self, event: Event) -> None:
+        await super().deliver(event)
+        if isinstance(event, Done):
+            await self.returns.wait()
+
+
+async def test_an_unload_does_not_count_a_job_that_already_finished() -> None:
+    # A drain's unload came just after a stream ended normally: the neuron
+    # logged "unloaded m (1 cancelled)" for an answer its client had whole.
+    worker = GenerationWorker(FakeModel("m", reply=lambda prompt: "x" * 5, parallel=2))
+    request = GenerationRequest(tokens=[1], sampling=Sampling(), max_tokens=3)
+    # Its first token fills its buffer; it waits for a reader from then on.
+    running = Job(attrs.evolve(request, max_tokens=5), buffer=1)
+    finished = SlowToReturnJob(request)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(worker.run)
+            worker.submit(finished)
+            worker.submit(running)
+            events = [event async for event in _until_done(finished)]
+            await running.admitted.wait()
+            assert worker.statistics().in_flight == 2
+            cancelled = worker.close(cancel=True)
+            finished.returns.set()
+            running.close()
+    assert isinstance(events[-1], Done) and events[-1].finish_reason == "length"
+    assert cancelled == 1  # the one still generating, not the one that finished
+
+
+async def _until_done(job: Job) -> AsyncIterator[Event]:
+    async for event in job.events:
+        yield event
+        if isinstance(event, Done):
+            return
 
 
 async def test_unload_waits_for_in_flight(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import trio
 from cortex import status as status_command
 from cortex.config import CatalogModel, GatewayConfig, GatewaySection, NeuronEndpoint
 from cortex.gateway.app import run_gateway
+from cortex.gateway.reload import reload_catalogue
 from tests.gateway_helpers import FakeNeuron, catalogue, running_fleet, start_fake
 
 
@@ -145,6 +146,7 @@ async def test_a_neuron_never_reached_is_logged_with_the_reason(caplog) -> None:
                 await handle.state.wait_polled()
                 async with httpx.AsyncClient(base_url=handle.api_url) as client:
                     health = (await client.get("/health")).json()
+                    fleet = (await client.get("/fleet")).json()
                 for neuron in handle.state.neurons.values():  # a second poll: no new lines
                     neuron.polled = trio.Event()
                     neuron.poke.set()
@@ -157,11 +159,40 @@ async def test_a_neuron_never_reached_is_logged_with_the_reason(caplog) -> None:
     assert "answered 404 to GET " + good.url + "/v1/discovery" in errors["v1"]
     assert "does not look like a cortex neuron" in errors["v1"]
     assert "refused the gateway's token" in errors["token"]
+    # Never reached: its devices are not known, not a host without GPUs.
+    assert all(n["devices"] is None for n in fleet["neurons"])
+    text = status_command.render(fleet)
+    for name in errors:
+        (row,) = [line for line in text.splitlines() if line.startswith(f"{name} ")]
+        assert "cpu" not in row.split() and row.split()[3] == "-", row
     logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(logged) == 3, logged
     for name, error in errors.items():
         (line,) = [message for message in logged if message.startswith(f"neuron {name} ")]
         assert line.endswith(error)
+
+
+async def test_status_marks_a_retired_model_and_says_why_one_fits_nowhere(tmp_path) -> None:
+    models = catalogue(
+        CatalogModel(id="old", vram_mb=100),
+        CatalogModel(id="huge", vram_mb=100_000),
+    )
+    a = FakeNeuron("a", memory_mb=1000, preload=["old"])
+    async with running_fleet([a], models) as fleet:
+        with trio.fail_after(30):
+            listed = (await fleet.client.get("/v1/models")).json()
+            path = tmp_path / "models.toml"
+            path.write_text('[[models]]\nid = "huge"\nvram_mb = 100000\n')
+            await reload_catalogue(fleet.state, str(path))
+            table = await trio.to_thread.run_sync(status, "--gateway", fleet.handle.api_url)
+    (huge,) = [m for m in listed["data"] if m["id"] == "huge"]
+    assert huge["status"] == "unavailable" and huge["feasible_on"] == []
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    (old,) = [line for line in lines if line.startswith("old ")]
+    assert old.startswith("old (retired) ") and "a (loaded)" in old
+    (note,) = [line for line in lines if line.startswith("  huge: ")]
+    assert "fits on no neuron of the fleet (needs 100000 MiB" in note
 
 
 async def test_status_says_why_a_catalogue_entry_cannot_be_served() -> None:
@@ -175,3 +206,36 @@ async def test_status_says_why_a_catalogue_entry_cannot_be_served() -> None:
     assert table.returncode == 0, table.stderr
     [line] = [line for line in table.stdout.splitlines() if line.startswith("  bad: ")]
     assert "n_ctxx" in line
+
+
+async def test_the_metrics_port_answers_404_off_metrics_so_a_misplaced_neuron_says_so() -> None:
+    # A [[neurons]] entry pointed at a gateway's metrics_listen by mistake:
+    # that port serves /metrics only, so the poll's 404 names the path asked.
+    async with running_fleet([FakeNeuron("a")], catalogue()) as first:
+        metrics_url = first.handle.metrics_url
+        with trio.fail_after(30):
+            async with httpx.AsyncClient(base_url=metrics_url) as client:
+                scrape = await client.get("/metrics")
+                off = {path: await client.get(path) for path in ("/nonexistent", "/discovery", "/")}
+            config = GatewayConfig(
+                gateway=GatewaySection(
+                    listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", poll_interval=3600.0
+                ),
+                neurons=[NeuronEndpoint("m", metrics_url)],
+            )
+            async with trio.open_nursery() as nursery:
+                shutdown = trio.Event()
+                second = await nursery.start(
+                    partial(run_gateway, config, catalogue(), shutdown=shutdown)
+                )
+                await second.state.wait_polled()
+                async with httpx.AsyncClient(base_url=second.api_url) as client:
+                    health = (await client.get("/health")).json()
+                shutdown.set()
+    assert scrape.status_code == 200 and "cortex_requests_total" in scrape.text
+    for path, answer in off.items():
+        assert answer.status_code == 404, (path, answer.text)
+        assert answer.headers["content-type"].startswith("text/plain")
+        assert path in answer.text and "/metrics" in answer.text
+    (neuron,) = health["neurons"]
+    assert f"answered 404 to GET {metrics_url}/discovery" in neuron["error"]

@@ -349,7 +349,12 @@ def model_entries(gateway: Gateway) -> list[dict[str, Any]]:
 
 
 def _metrics_app(metrics: GatewayMetrics) -> Any:
-    """prometheus-client's ASGI app, plus the lifespan protocol hypercorn speaks."""
+    """prometheus-client's ASGI app on ``/metrics``, plus the lifespan protocol hypercorn speaks.
+
+    Any other path is a plain 404 naming it, as a neuron answers: prometheus-client
+    serves every path, so a ``[[neurons]]`` entry pointed at this port by mistake
+    would read metrics text as its ``/discovery``.
+    """
     inner = metrics.asgi_app()
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -362,7 +367,21 @@ def _metrics_app(metrics: GatewayMetrics) -> Any:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         elif scope["type"] == "http":
-            await inner(scope, receive, send)
+            if scope["path"] == "/metrics":
+                await inner(scope, receive, send)
+                return
+            body = f"not found: {scope['path']} (the metrics are on /metrics)\n".encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 404,
+                    "headers": [
+                        (b"content-type", b"text/plain; charset=utf-8"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
 
     return app
 

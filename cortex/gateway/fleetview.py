@@ -1,12 +1,14 @@
 """``GET /fleet``: the whole fleet as this gateway sees it, for ``cortex status``.
 
-One JSON document: neurons (up/down, devices with memory and utilisation,
+One JSON document: neurons (up/down, devices with memory and utilisation
+(null for a neuron never reached),
 host memory budget, work in flight), models (where loaded or loading, pinned
 where (a model this gateway never had in its catalogue: wherever it is,
 since it is never evicted; one a reload retired is pinned nowhere), in
 flight, last used, ``stalled_secs`` (how long its engine has had requests
 without making progress, as its neuron last said), and ``error``: why its
-catalogue entry cannot load, once a neuron refused it as a bad request)
+catalogue entry cannot be served, once a neuron refused it as a bad request or
+when it fits on no neuron of the fleet)
 and aliases. A model outside the catalogue that no neuron holds (a failed
 load's record) is not listed.
 Built from the pollers' state and the gateway's own counts; no neuron is
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cortex.gateway.state import LOADING, FleetState, NeuronState
+from cortex.gateway.state import LOADING, FleetState, NeuronState, fits_nowhere
 
 #: A model on a neuron that is down: what it last reported is no longer known.
 UNREACHABLE = "unreachable"
@@ -41,9 +43,10 @@ def location_status(state: FleetState, neuron: NeuronState, model_id: str) -> st
     return status
 
 
-def _devices(neuron: NeuronState) -> list[dict[str, Any]]:
+def _devices(neuron: NeuronState) -> list[dict[str, Any]] | None:
+    """The neuron's devices with their last samples; None: never reached, nothing known."""
     if neuron.discovery is None:
-        return []
+        return None  # not [], a host without GPUs
     samples = {s.index: s for s in neuron.health.devices} if neuron.health else {}
     devices = []
     for device in neuron.discovery.devices:
@@ -134,7 +137,9 @@ def fleet_view(state: FleetState) -> dict[str, Any]:
                 "priority": entry.priority if entry else 0,
                 "vram_mb": entry.vram_mb if entry else None,
                 "locations": locations,
-                "error": state.invalid(model_id),
+                # Why it cannot be served: a neuron refused its entry, or it fits nowhere.
+                "error": state.invalid(model_id)
+                or (fits_nowhere(entry, state.neurons.values()) if entry else None),
             }
         )
     return {

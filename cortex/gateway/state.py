@@ -274,6 +274,26 @@ def feasible(model: CatalogModel, neuron: NeuronState) -> bool:
     return _fits_empty(shape, tuple(total.items()))
 
 
+def fits_nowhere(
+    model: CatalogModel, neurons: Iterable[NeuronState], named: str | None = None
+) -> str | None:
+    """Why ``model`` can never be served: it fits on no neuron, each polled at least once.
+
+    ``named``: the model as the message names it (the tier or alias the
+    client asked for, with it); None: its id.
+
+    Returns:
+      The reason, naming what the model needs; None while some neuron could
+      hold it, or one never polled might.
+    """
+    if any(n.discovery is None or feasible(model, n) for n in neurons):
+        return None
+    return (
+        f"model {named or repr(model.id)} fits on no neuron of the fleet "
+        f"(needs {model.vram_mb} MiB over at least {model.min_devices} device(s))"
+    )
+
+
 @functools.lru_cache(maxsize=4096)
 def _fits_empty(shape: tuple[int, int, int], total: tuple[tuple[int, int], ...]) -> bool:
     # The router asks this of every neuron for every decision; the answer

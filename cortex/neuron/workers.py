@@ -123,6 +123,9 @@ class Job:
         self._interrupt: Callable[[], None] | None = None
         #: Its thread waits for the consumer to take an event (not for the engine).
         self.delivering = False
+        #: Its last event (``Done`` or ``Failed``) is in its channel: its
+        #: generation is over even while the worker still counts it running.
+        self.finished = False
 
     async def wait_admitted(self) -> None:
         """Wait until the engine has taken the request: its first event, or its end.
@@ -181,6 +184,8 @@ class Job:
         try:
             with trio.move_on_after(CONSUMER_STALL_SECONDS):
                 await self._send.send(event)
+                if isinstance(event, Done | Failed):
+                    self.finished = True
                 return
         finally:
             self.delivering = False
@@ -301,7 +306,11 @@ class GenerationWorker:
     def close(self, *, cancel: bool) -> int:
         """Accept no more jobs; with ``cancel``, also cancel the queued and running ones.
 
-        Returns the number of jobs cancelled. ``run`` returns once the queue is empty.
+        Returns the number of jobs cancelled: queued ones, and running ones
+        whose generation was not over. A job that has handed over its last
+        event (its client has the whole answer) is still running until its
+        thread returns to trio; cancelling it would cut nothing.
+        ``run`` returns once the queue is empty.
         """
         self._closed = True
         self._send.close()
@@ -310,6 +319,8 @@ class GenerationWorker:
         self._cancel_all = True
         cancelled = self._send.statistics().current_buffer_used
         for job in self._running:
+            if job.finished:
+                continue
             job.cancel()
             cancelled += 1
         return cancelled
@@ -355,6 +366,7 @@ class GenerationWorker:
                         with trio.move_on_after(1):
                             try:
                                 await job._send.send(failed)
+                                job.finished = True
                             except trio.BrokenResourceError:
                                 pass  # nobody is listening any more
         finally:

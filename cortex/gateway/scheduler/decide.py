@@ -25,7 +25,14 @@ from cortex.gateway import evictor
 from cortex.gateway.scheduler.policies import Policy
 from cortex.gateway.scheduler.predictor import Decision, Option
 from cortex.gateway.scheduler.queue import WaitQueue
-from cortex.gateway.state import LOADED, LOADING, FleetState, NeuronState, feasible
+from cortex.gateway.state import (
+    LOADED,
+    LOADING,
+    FleetState,
+    NeuronState,
+    feasible,
+    fits_nowhere,
+)
 
 if TYPE_CHECKING:
     # affinity imports this package: a runtime import would be a cycle.
@@ -215,17 +222,10 @@ def no_candidate(state: FleetState, entry: CatalogModel, named: str | None = Non
 
     ``named``: the model as the message names it (``Request.named``); None: its id.
     """
-    named = named or repr(entry.id)
-    neurons = list(state.neurons.values())
-    if any(n.discovery is not None and feasible(entry, n) for n in neurons) or any(
-        n.discovery is None for n in neurons
-    ):
-        return Unavailable(f"no neuron that can load {named} is available now")
-    return ModelNotFound(
-        f"model {named} fits on no neuron of the fleet "
-        f"(needs {entry.vram_mb} MiB over at least {entry.min_devices} device(s))",
-        param="model",
-    )
+    reason = fits_nowhere(entry, state.neurons.values(), named)
+    if reason is None:
+        return Unavailable(f"no neuron that can load {named or repr(entry.id)} is available now")
+    return ModelNotFound(reason, param="model")
 
 
 @attrs.frozen
