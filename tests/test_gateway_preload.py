@@ -272,11 +272,14 @@ async def test_a_preload_evicts_nothing_and_waits_for_room(
             for _ in range(3):
                 await fleet.refresh()
             assert a.load_calls == [] and a.unload_calls == []
+            preloader = fleet.handle.gateway.router.preloader
+            assert preloader.statistics().waiting_for_room == 1
             # The room comes (unloaded on the neuron): the next poll loads it.
             del a.loaded["m/x"]
             await fleet.refresh()
             await _until(fleet, _loaded(fleet, "a", "m/p"))
             assert [c["model_id"] for c in a.load_calls] == ["m/p"]
+            assert preloader.statistics().waiting_for_room == 0
     short = [
         r.getMessage()
         for r in caplog.records
