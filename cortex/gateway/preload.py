@@ -44,7 +44,7 @@ from cortex.gateway.evictor import Plan
 from cortex.gateway.loader import Loader
 from cortex.gateway.scheduler import Decision
 from cortex.gateway.scheduler.predictor import Option
-from cortex.gateway.state import FleetState, NeuronState, PendingLoad, feasible, place
+from cortex.gateway.state import LOADED, FleetState, NeuronState, PendingLoad, feasible, place
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,8 @@ class Preloader:
         key = (neuron.name, model.id)
         if self.state.holds(neuron, model.id):
             self._short.discard(key)
+            if neuron.status_of(model.id) == LOADED:
+                self._failures.pop(key, None)  # loaded there, whoever loaded it
             return None
         if (
             not neuron.routable
