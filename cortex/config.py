@@ -278,6 +278,12 @@ class RoutingSection:
     #: ... for at most this many seconds after the answer (tools that run
     #: minutes, a build or a test suite, need more).
     follow_up_limit: float = attrs.field(default=300.0, validator=NON_NEGATIVE)
+    #: A model pinned on a neuron (models.toml ``pinned_on``) is loaded there
+    #: whenever that neuron is up and does not have it (at start, when the
+    #: neuron comes back or restarts, after a reload adds the pin), into
+    #: free memory only: a preload evicts nothing. False: pinned models are
+    #: loaded on demand like the others.
+    preload_pinned: bool = True
 
 
 def validate_endpoint(instance: object, attribute: attrs.Attribute, value: str) -> None:
@@ -326,8 +332,9 @@ class CatalogModel:
     vram_mb: int = attrs.field(default=0, validator=NON_NEGATIVE)
     min_devices: int = attrs.field(default=1, validator=POSITIVE)
     min_device_vram_mb: int = attrs.field(default=0, validator=NON_NEGATIVE)
-    #: Neurons this model is pinned on: never evicted there. Each must be a
-    #: configured neuron's name (standalone: local).
+    #: Neurons this model is pinned on: never evicted there, and loaded there
+    #: whenever the neuron is up and has room ([routing] preload_pinned).
+    #: Each must be a configured neuron's name (standalone: local).
     pinned_on: list[str] = attrs.field(factory=list)
     priority: int = 0
     chat_format: str | None = None

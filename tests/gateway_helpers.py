@@ -718,6 +718,7 @@ async def gateway_app(
         async with make_client(config) as client:
             gateway = Gateway.build(config, models, client)
             await nursery.start(gateway.router.loader.run)
+            await nursery.start(gateway.router.preloader.run)
             await nursery.start(gateway.proxy.watch_fleet)
             for neuron in gateway.state.neurons.values():
                 nursery.start_soon(

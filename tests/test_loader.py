@@ -25,7 +25,7 @@ from cortex.gateway import scheduler
 from cortex.gateway.metrics import GatewayMetrics
 from cortex.gateway.router import Router
 from cortex.gateway.scheduler import Request, ScaleIn, WaitQueue, scale_in
-from cortex.gateway.state import FleetState, NeuronState, PendingLoad
+from cortex.gateway.state import Catalogue, FleetState, NeuronState, PendingLoad
 from tests.test_scheduling import GIB, NOW, gpu
 
 M = CatalogModel(id="m", vram_mb=8 * GIB, harness="llamacpp")
@@ -270,3 +270,12 @@ def test_a_replica_gone_or_going_is_no_longer_watched() -> None:
     assert scale_in(state, queue, added, "m", 300) == ScaleIn()
     added.model_unloaded("m")
     assert scale_in(state, queue, added, "m", 300) == ScaleIn()
+
+
+def test_an_added_replica_pinned_where_it_is_stays() -> None:
+    # A reload pinned it there since: the preloader would only load it back.
+    state, added = replicas(idle=400)
+    state.replace_catalogue(
+        Catalogue.from_file(ModelsFile(models=[attrs.evolve(M, pinned_on=["added"])]))
+    )
+    assert scale_in(state, WaitQueue(limit=4), added, "m", 300) == ScaleIn()

@@ -2,7 +2,8 @@
 
 ``run_gateway`` opens one nursery holding the API server, the metrics
 server, one poller per neuron, and the router's ``Loader`` (the model
-loads, evictions and scale-ins the router decides on); it
+loads, evictions and scale-ins the router decides on) with its
+``Preloader`` (pinned models loaded where they are pinned); it
 reports a :class:`GatewayHandle` once both servers are bound and returns
 after ``shutdown`` is set and in-flight requests have drained.
 
@@ -436,6 +437,7 @@ async def run_gateway(
         app = create_app(gateway)
         async with trio.open_nursery() as background:
             await background.start(gateway.router.loader.run)
+            await background.start(gateway.router.preloader.run)
             await background.start(gateway.proxy.watch_fleet)
             background.start_soon(gateway.proxy.stop_after, shutdown, section.grace_period)
             for neuron in gateway.state.neurons.values():

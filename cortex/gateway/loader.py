@@ -84,12 +84,13 @@ class Loader:
             task_status.started()
             await trio.sleep_forever()
 
-    def start(self, decision: Decision, model_id: str) -> PendingLoad:
+    def start(self, decision: Decision, model_id: str, *, pinned: bool = False) -> PendingLoad:
         """Start the load ``decision``'s route stands for and return it (no await in here).
 
         A route with a plan loads there after its evictions; one without
         joins a load the neuron reports. The load is in the fleet state when
         this returns; its ``done`` is set when it ends, ``error`` saying how.
+        ``pinned``: a preload of a model pinned there (``cortex.gateway.preload``).
 
         Raises:
           RuntimeError: ``run`` is not running.
@@ -120,6 +121,7 @@ class Loader:
                 evictions=route.plan.evictions,
                 started=now,
                 replica=decision.scale_out,
+                pinned=pinned,
             )
         self.state.load_started(load)
         self._nursery.start_soon(self._run_load, load, entry)
@@ -168,7 +170,9 @@ class Loader:
                 self.metrics.evictions.labels(victim, neuron.name).inc()
             if load.evictions:
                 await self._refresh(neuron)
-            if not load.joined:
+            if load.pinned:
+                log.info("loading %s on %s, where it is pinned", load.model_id, neuron.name)
+            elif not load.joined:
                 log.info("loading %s on %s", load.model_id, neuron.name)
             load_start = trio.current_time()
             status = await self.api.load(neuron, self._load_body(load, entry))

@@ -19,7 +19,10 @@ under a policy that does not wait, it gets a 503 at once.
 
 The router acts on nothing itself: a decision that needs a load goes to
 the ``Loader`` (``cortex.gateway.loader``), which runs it, its evictions and
-later the scale-in of an added replica in its own nursery. Each (neuron,
+later the scale-in of an added replica in its own nursery. The
+``Preloader`` (``cortex.gateway.preload``) starts the loads of pinned
+models where they are pinned, before each decision too: a request for one
+whose preload is under way joins it. Each (neuron,
 model) has at most one load in progress; every request that wants it waits
 on its ``done`` Event, so two requests for one cold model cause one load.
 The router keeps the names (aliases, tiers, metrics labels), the requests
@@ -48,6 +51,7 @@ from cortex.errors import (
 from cortex.gateway.affinity import Affinity, Prompt
 from cortex.gateway.loader import Loader
 from cortex.gateway.metrics import UNKNOWN, GatewayMetrics
+from cortex.gateway.preload import Preloader
 from cortex.gateway.scheduler import (
     Decision,
     FollowUps,
@@ -112,6 +116,8 @@ class Router:
     )
     #: Carries out the loads, evictions and scale-ins decided here.
     loader: Loader = attrs.field(init=False)
+    #: Loads pinned models where they are pinned (``cortex.gateway.preload``).
+    preloader: Preloader = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         routing = self.config.routing
@@ -153,6 +159,7 @@ class Router:
             policy=self.policy,
             queue=self.queue,
         )
+        self.preloader = Preloader(config=self.config, state=self.state, loader=self.loader)
 
     # -- names ----------------------------------------------------------------
 
@@ -229,6 +236,9 @@ class Router:
             with trio.move_on_after(self.config.gateway.load_timeout):
                 await self.state.wait_polled()
                 while True:
+                    # A pinned neuron that came up since the last change gets
+                    # its preload first: then this request joins it.
+                    self.preloader.check()
                     decision = self._decide(model_id, exclude, last_error, arrived, prompt, named)
                     route = decision.route
                     now = trio.current_time()

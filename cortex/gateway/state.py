@@ -54,6 +54,8 @@ class PendingLoad:
     started: float | None = None
     #: A further replica of a model already loaded elsewhere (scale-out).
     replica: bool = False
+    #: A preload of a model pinned on that neuron (``cortex.gateway.preload``).
+    pinned: bool = False
     done: trio.Event = attrs.field(factory=trio.Event)
     #: Why it failed, once ``done``; None: it succeeded (``FleetState.load_finished``).
     error: Exception | None = None

@@ -441,6 +441,7 @@ async def run_replay(
     over = trio.Event()
     async with trio.open_nursery() as background:
         await background.start(router.loader.run)
+        await background.start(router.preloader.run)
         for neuron in state.neurons.values():
             background.start_soon(
                 partial(poll_neuron, link, state, neuron, config.gateway, metrics)

@@ -245,10 +245,17 @@ def scale_in(
 
     It goes once it has idled ``idle_limit`` seconds with nothing of it in
     flight or waiting, while another replica is loaded; nobody watches it
-    any longer once it is gone or being unloaded, whoever unloads it.
+    any longer once it is gone or being unloaded, whoever unloads it, or
+    once it is pinned there (a reload may pin it): a pinned model stays.
     """
     status = neuron.models.get(model_id)
-    if status is None or status.status != LOADED or model_id in neuron.evicting:
+    entry = state.catalogue.models.get(model_id)
+    if (
+        status is None
+        or status.status != LOADED
+        or model_id in neuron.evicting
+        or (entry is not None and neuron.name in entry.pinned_on)
+    ):
         return ScaleIn()
     idle = state.clock() - neuron.recency(model_id)
     others = any(n is not neuron and n.serves(model_id) for n in state.routable())
