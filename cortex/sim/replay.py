@@ -441,7 +441,10 @@ async def run_replay(
     over = trio.Event()
     async with trio.open_nursery() as background:
         await background.start(router.loader.run)
-        await background.start(router.preloader.run)
+        if any(m.pinned_on for m in state.catalogue.models.values()):
+            # Only where something is pinned: its task, waking at every
+            # change, would otherwise reorder the others for nothing.
+            await background.start(router.preloader.run)
         for neuron in state.neurons.values():
             background.start_soon(
                 partial(poll_neuron, link, state, neuron, config.gateway, metrics)
