@@ -13,6 +13,7 @@ Checked with the official openai SDK, and with the AI SDK where
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -83,8 +84,9 @@ def assert_all_responses_events(raw: bytes) -> None:
     [("die_mid_stream", "neuron a"), ("hang_mid_stream", "neuron a sent nothing")],
 )
 async def test_a_neuron_that_fails_mid_stream_ends_it_with_response_failed(
-    fault: str, message: str
+    fault: str, message: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="cortex.gateway")
     a = FakeNeuron("a", preload=["org/small"], fault=fault, mid=MID)
     with trio.fail_after(20):
         async with running_fleet([a], MODELS, idle_timeout=0.5) as fleet:
@@ -97,6 +99,16 @@ async def test_a_neuron_that_fails_mid_stream_ends_it_with_response_failed(
     assert_all_responses_events(raw)
     # What the neuron sent is passed on as it came.
     assert raw.startswith(a.sent[-1])
+    assert_one_line_each_says_why(caplog, "responses 50", message)
+
+
+def assert_one_line_each_says_why(caplog: pytest.LogCaptureFixture, line: str, why: str) -> None:
+    """Each request is one log line, its error's reason on it (README: Logs)."""
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("cortex.gateway")]
+    lines = [m for m in said if m.startswith(line)]
+    assert lines and all(" error=" in m and why in m for m in lines), said
+    ids = [m.rsplit("request_id=", 1)[1].split()[0] for m in lines]
+    assert not [m for m in said if m not in lines and any(i in m for i in ids)], said
 
 
 async def test_the_shutdowns_grace_period_ends_a_responses_stream_with_response_failed() -> None:
@@ -117,8 +129,11 @@ async def test_the_shutdowns_grace_period_ends_a_responses_stream_with_response_
     assert_failed(events, "the gateway shut down")
 
 
-async def test_a_responses_stream_cut_at_once_ends_with_response_failed() -> None:
+async def test_a_responses_stream_cut_at_once_ends_with_response_failed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # A second signal cancels the gateway outright (Pipeline.cut_short).
+    caplog.set_level(logging.INFO, logger="cortex.gateway")
     a = FakeNeuron("a", preload=["org/small"], hold_mid=trio.Event(), mid=MID)
     gateway_scope = trio.CancelScope()
     events: list[Any] = []
@@ -144,6 +159,7 @@ async def test_a_responses_stream_cut_at_once_ends_with_response_failed() -> Non
             a.hold_mid.set()
             a.shutdown.set()
     assert_failed(events, "the gateway stopped at once")
+    assert_one_line_each_says_why(caplog, "responses 503", "the gateway stopped at once")
 
 
 async def test_chat_keeps_its_error_chunk_after_the_first_byte() -> None:

@@ -33,7 +33,7 @@ from typing import Any
 import attrs
 import trio
 
-from cortex.errors import CortexError, InvalidRequest, UpstreamError
+from cortex.errors import CortexError, InvalidRequest, UpstreamError, log_summary
 from cortex.gateway import affinity
 from cortex.gateway.context import Gateway
 from cortex.gateway.proxy import Exchange
@@ -357,8 +357,8 @@ class OpenAI(Dialect):
             try:
                 chunk = await gateway.proxy.next_chunk(ex)
             except CortexError as exc:
-                log.warning("request %s: %s", ex.request_id, exc.message)
                 ex.status, ex.usage = exc.status, usage_from_tail(tail)
+                ex.error = log_summary(exc)
                 yield self.stream_error(ex, exc)
                 return
         ex.status, ex.usage = 200, usage_from_tail(tail)
@@ -559,14 +559,13 @@ class Messages(Dialect):
             try:
                 chunk = await gateway.proxy.next_chunk(ex)
             except CortexError as exc:
-                log.warning("request %s: %s", ex.request_id, exc.message)
-                ex.status = anthropic.status_for(exc)
+                ex.status, ex.error = anthropic.status_for(exc), log_summary(exc)
                 yield _encode(stream.error(anthropic.message_for(exc), status=ex.status))
                 return
         # No finish_reason: the neuron's stream was cut short, and finish()
         # ends it with an error event.
         if not stream.complete:
-            log.warning("request %s: the neuron's stream ended early", ex.request_id)
+            ex.error = "upstream_error: the neuron's stream ended early"
         ex.status = 200 if stream.complete else 502
         # What the client is told: tool_use when a tool_use block is in the answer.
         ex.follows = stream.stop_reason == "tool_use"

@@ -339,14 +339,10 @@ class Pipeline:
         Cancellation: called while cancelled; shielded, with its own deadline.
         """
         sent = ex.stream and head_sent
-        log.warning(
-            "request %s cut at once: the gateway stopped before it ended (%s)",
-            ex.request_id,
-            "the stream ends with an error event" if sent else "no error answer sent",
-        )
+        error = Unavailable("the gateway stopped at once: the answer was cut short")
+        ex.error = log_summary(error) + ("" if sent else " (no error answer sent)")
         if not sent:
             return
-        error = Unavailable("the gateway stopped at once: the answer was cut short")
         event = dialect.stream_error(ex, error)
         with trio.CancelScope(shield=True, deadline=trio.current_time() + CUT_NOTICE_S):
             await send({"type": "http.response.body", "body": event, "more_body": False})
@@ -470,8 +466,7 @@ class Pipeline:
             return False
         if not ex.head_sent:
             raise failure
-        log.warning("request %s: %s", ex.request_id, failure.message)
-        ex.status = dialect.error(failure, ex.request_id)[0]
+        ex.status, ex.error = dialect.error(failure, ex.request_id)[0], log_summary(failure)
         self.gateway.proxy.finish(ex)
         await send({"type": "http.response.body", "body": dialect.stream_error(ex, failure)})
         return True
