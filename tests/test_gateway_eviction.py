@@ -146,6 +146,11 @@ async def test_lru_model_is_evicted_to_make_room() -> None:
             metrics = (await fleet.client.get(fleet.handle.metrics_url + "/metrics")).text
             assert 'cortex_evictions_total{model="m/b",neuron="a"} 1.0' in metrics
             assert 'cortex_cold_starts_total{model="m/c",neuron="a"} 1.0' in metrics
+            # Preloads of pinned models count too (test_gateway_preload): the help says so.
+            assert (
+                "# HELP cortex_cold_starts_total Loads this gateway started, "
+                "for a request or to preload a pinned model."
+            ) in metrics
 
 
 async def test_pinned_model_is_never_evicted() -> None:
@@ -297,6 +302,12 @@ async def test_a_catalogue_entry_a_neuron_refused_evicts_nothing_until_a_reload(
             view = (await fleet.client.get("/fleet")).json()
             (entry,) = [m for m in view["models"] if m["id"] == "bad"]
             assert "n_ctxx" in entry["error"]
+            # Not "available": clients listing models see it cannot be used.
+            listed = (await fleet.client.get("/v1/models/bad")).json()
+            assert listed["status"] == "invalid" and listed["loaded"] is False
+            assert listed["error"] == entry["error"]
+            data = (await fleet.client.get("/v1/models")).json()["data"]
+            assert [m["status"] for m in data if m["id"] == "bad"] == ["invalid"]
             path = tmp_path / "models.toml"
             path.write_text(
                 '[[models]]\nid = "m/a"\nvram_mb = 600\n'
@@ -309,6 +320,8 @@ async def test_a_catalogue_entry_a_neuron_refused_evicts_nothing_until_a_reload(
             view = (await fleet.client.get("/fleet")).json()
             (entry,) = [m for m in view["models"] if m["id"] == "bad"]
             assert entry["error"] is None
+            listed = (await fleet.client.get("/v1/models/bad")).json()
+            assert listed["status"] == "loaded" and "error" not in listed
 
 
 async def test_a_model_a_reload_retired_is_served_while_loaded_and_evicted_first(

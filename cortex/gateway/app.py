@@ -321,7 +321,12 @@ def model_entries(gateway: Gateway) -> list[dict[str, Any]]:
         statuses = {loc["status"] for loc in locations}
         failed_on = {loc["neuron"] for loc in locations if loc["status"] == FAILED}
         status = next((s for s in (LOADED, LOADING) if s in statuses), None)
-        if status is None:
+        # A neuron refused its entry: requests fail at once until a reload
+        # (unless a replica is loaded or loading, which they go to).
+        invalid = state.invalid(model_id) if status is None else None
+        if invalid is not None:
+            status = "invalid"
+        elif status is None:
             # A load that failed on one neuron never hides a model another can load.
             if set(feasible_on) - failed_on:
                 status = "available"
@@ -333,6 +338,7 @@ def model_entries(gateway: Gateway) -> list[dict[str, Any]]:
             "status": status,
             "locations": locations,
             "feasible_on": feasible_on,
+            **({"error": invalid} if invalid is not None else {}),
             **context,
         }
 
