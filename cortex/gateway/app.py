@@ -446,12 +446,6 @@ async def run_gateway(
             await background.start(gateway.router.preloader.run)
             await background.start(gateway.proxy.watch_fleet)
             background.start_soon(gateway.proxy.stop_after, shutdown, section.grace_period)
-            for neuron in gateway.state.neurons.values():
-                background.start_soon(
-                    partial(
-                        poll_neuron, gateway.api, gateway.state, neuron, section, gateway.metrics
-                    )
-                )
             # Metrics stay up while the API drains: its shutdown 503s can be scraped.
             api_stopped = trio.Event()
             async with trio.open_nursery() as servers:
@@ -479,6 +473,20 @@ async def run_gateway(
                         name="metrics_listen",
                     )
                 )
+                # Polls start once both ports listen: a [[neurons]] entry
+                # pointed at one of them by mistake then gets its answer (a
+                # 404 naming the path), not a refused connection.
+                for neuron in gateway.state.neurons.values():
+                    background.start_soon(
+                        partial(
+                            poll_neuron,
+                            gateway.api,
+                            gateway.state,
+                            neuron,
+                            section,
+                            gateway.metrics,
+                        )
+                    )
                 log_start(gateway, api_url, metrics_url)
                 task_status.started(GatewayHandle(api_url, metrics_url, gateway.state, gateway))
             # Both servers have drained: stop polling and any load under way.
