@@ -140,7 +140,10 @@ def test_only_pinned_models_in_the_way_is_a_503_at_once() -> None:
     p = policy(a, models=[M, pinned])
     with pytest.raises(Unavailable) as raised:
         decide(p, "m")
-    assert raised.value.message == ("no room for 'm' on a now: the models there are pinned or busy")
+    assert raised.value.message == (
+        "no room for 'm' on a now: it needs 8192 MiB, and at most 4096 MiB on device 0 could be "
+        "free there after evicting every model that may be evicted (pinned there: 'p')"
+    )
 
 
 def test_a_busy_model_in_the_way_makes_the_request_wait_for_room() -> None:
