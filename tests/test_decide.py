@@ -140,7 +140,10 @@ def test_only_pinned_models_in_the_way_is_a_503_at_once() -> None:
     p = policy(a, models=[M, pinned])
     with pytest.raises(Unavailable) as raised:
         decide(p, "m")
-    assert raised.value.message == ("no room for 'm' on a now: the models there are pinned or busy")
+    assert raised.value.message == (
+        "no room for 'm' on a now: it needs 8192 MiB, and at most 4096 MiB on device 0 could be "
+        "free there after evicting every model that may be evicted (pinned there: 'p')"
+    )
 
 
 def test_a_busy_model_in_the_way_makes_the_request_wait_for_room() -> None:
@@ -153,6 +156,20 @@ def test_a_busy_model_in_the_way_makes_the_request_wait_for_room() -> None:
     fixed = policy(a, models=[M, busy], policy="fixed")
     with pytest.raises(Unavailable):
         decide(fixed, "m")
+
+
+def test_no_room_says_the_model_is_stalled_and_where_it_is_out_of_reach() -> None:
+    a, b, c = (gpu(name, 16 * GIB, ("m", 8 * GIB, 5)) for name in "abc")
+    a.stalled.add("m")
+    b.draining = True
+    c.up = False
+    p = policy(a, b, c, models=[M], policy="fixed")
+    with pytest.raises(Unavailable) as raised:
+        decide(p, "m")
+    assert raised.value.message == (
+        "no room for 'm' on a now: it is stalled there; "
+        "b, where it is loaded, is draining; c, where it is loaded, is down"
+    )
 
 
 def test_a_model_with_requests_waiting_is_not_evicted() -> None:

@@ -146,6 +146,11 @@ async def test_lru_model_is_evicted_to_make_room() -> None:
             metrics = (await fleet.client.get(fleet.handle.metrics_url + "/metrics")).text
             assert 'cortex_evictions_total{model="m/b",neuron="a"} 1.0' in metrics
             assert 'cortex_cold_starts_total{model="m/c",neuron="a"} 1.0' in metrics
+            # Preloads of pinned models count too (test_gateway_preload): the help says so.
+            assert (
+                "# HELP cortex_cold_starts_total Loads this gateway started, "
+                "for a request or to preload a pinned model."
+            ) in metrics
 
 
 async def test_pinned_model_is_never_evicted() -> None:
@@ -262,12 +267,90 @@ async def test_a_model_the_gateway_could_not_load_back_is_never_evicted(policy: 
             response = await fleet.chat("m/a")
             # As if it were pinned: no room, and waiting cannot make any.
             assert response.status_code == 503, response.text
-            assert "pinned or busy" in response.json()["error"]["message"]
+            assert response.json()["error"]["message"] == (
+                "no room for 'm/a' on a now: it needs 400 MiB, and at most 300 MiB could be free "
+                "there after evicting every model that may be evicted "
+                "(not this gateway's to load back: 'keepme')"
+            )
             assert a.unload_calls == [] and a.load_calls == []
             await _use(fleet, "keepme")
             view = (await fleet.client.get("/fleet")).json()
             (keepme,) = [m for m in view["models"] if m["id"] == "keepme"]
             assert keepme["in_catalogue"] is False and keepme["pinned_on"] == ["a"]
+
+
+async def test_no_room_says_how_much_memory_is_short_and_which_models_stay() -> None:
+    # 72 MiB free; evicting the idle "smollm2-b" would leave 248: not the 322 needed.
+    sizes = {"smollm2": 252, "smollm2-b": 176, "gemma-d": 322}
+    small = FakeNeuron("small", memory_mb=500, preload=["smollm2", "smollm2-b"], sizes=sizes)
+    models = catalogue(
+        CatalogModel(id="smollm2", vram_mb=252, pinned_on=["small"]),
+        CatalogModel(id="smollm2-b", vram_mb=176),
+        CatalogModel(id="gemma-d", vram_mb=322),
+    )
+    why = (
+        "no room for 'gemma-d' on small now: it needs 322 MiB, and at most 248 MiB could be "
+        "free there after evicting every model that may be evicted (pinned there: 'smollm2')"
+    )
+    with trio.fail_after(10):
+        async with running_fleet([small], models) as fleet:
+            response = await fleet.chat("gemma-d")
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["message"] == why
+            assert int(response.headers["retry-after"]) >= 1
+            response = await fleet.client.post(
+                "/v1/messages",
+                json={
+                    "model": "gemma-d",
+                    "max_tokens": 8,
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+            )
+            assert response.status_code == 529, response.text
+            assert response.json()["error"] == {"type": "overloaded_error", "message": why}
+            assert small.unload_calls == [] and small.load_calls == []
+
+
+async def test_no_room_names_the_neuron_that_has_the_model_and_is_down() -> None:
+    sizes = {"smollm2": 252, "gemma": 322}
+    big = FakeNeuron("big", memory_mb=1000, preload=["gemma"], sizes=sizes)
+    small = FakeNeuron("small", memory_mb=500, preload=["smollm2"], sizes=sizes)
+    models = catalogue(
+        CatalogModel(id="smollm2", vram_mb=252, pinned_on=["small"]),
+        CatalogModel(id="gemma", vram_mb=322, pinned_on=["big"]),
+    )
+    with trio.fail_after(10):
+        async with running_fleet([big, small], models) as fleet:
+            big.shutdown.set()  # as good as SIGSTOPped: its polls fail
+            await big.stopped.wait()
+            await fleet.refresh()
+            response = await fleet.chat("gemma")
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["message"] == (
+                "no room for 'gemma' on small now: it needs 322 MiB, and at most 248 MiB could "
+                "be free there after evicting every model that may be evicted "
+                "(pinned there: 'smollm2'); big, where it is loaded, is down"
+            )
+
+
+async def test_no_room_names_the_busy_models_when_the_policy_does_not_wait() -> None:
+    sizes = {"m/a": 600, "m/b": 600}
+    a = FakeNeuron("a", memory_mb=1000, preload=["m/a"], sizes=sizes, hold=trio.Event())
+    models = catalogue(CatalogModel(id="m/a", vram_mb=600), CatalogModel(id="m/b", vram_mb=600))
+    with trio.fail_after(10):
+        async with running_fleet([a], models, routing={"policy": "fixed"}) as fleet:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fleet.chat, "m/a")
+                await a.request_arrived.wait()
+                response = await fleet.chat("m/b")
+                assert a.hold is not None
+                a.hold.set()
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["message"] == (
+                "no room for 'm/b' on a now: the models that could make room are busy "
+                "('m/a': requests in flight or waiting, or a load or unload under way)"
+            )
+            assert a.unload_calls == []
 
 
 async def test_a_catalogue_entry_a_neuron_refused_evicts_nothing_until_a_reload(
@@ -297,6 +380,12 @@ async def test_a_catalogue_entry_a_neuron_refused_evicts_nothing_until_a_reload(
             view = (await fleet.client.get("/fleet")).json()
             (entry,) = [m for m in view["models"] if m["id"] == "bad"]
             assert "n_ctxx" in entry["error"]
+            # Not "available": clients listing models see it cannot be used.
+            listed = (await fleet.client.get("/v1/models/bad")).json()
+            assert listed["status"] == "invalid" and listed["loaded"] is False
+            assert listed["error"] == entry["error"]
+            data = (await fleet.client.get("/v1/models")).json()["data"]
+            assert [m["status"] for m in data if m["id"] == "bad"] == ["invalid"]
             path = tmp_path / "models.toml"
             path.write_text(
                 '[[models]]\nid = "m/a"\nvram_mb = 600\n'
@@ -309,6 +398,8 @@ async def test_a_catalogue_entry_a_neuron_refused_evicts_nothing_until_a_reload(
             view = (await fleet.client.get("/fleet")).json()
             (entry,) = [m for m in view["models"] if m["id"] == "bad"]
             assert entry["error"] is None
+            listed = (await fleet.client.get("/v1/models/bad")).json()
+            assert listed["status"] == "loaded" and "error" not in listed
 
 
 async def test_a_model_a_reload_retired_is_served_while_loaded_and_evicted_first(

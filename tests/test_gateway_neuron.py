@@ -510,7 +510,9 @@ async def test_a_model_the_neuron_loaded_at_its_start_is_never_evicted(
             async with gateway_over(models, a=neuron.url) as (_, http):
                 reply = await http.post("/v1/chat/completions", json=chat("other"))
                 assert reply.status_code == 503, reply.text
-                assert "pinned or busy" in reply.json()["error"]["message"]
+                assert (
+                    "not this gateway's to load back: 'keepme'" in reply.json()["error"]["message"]
+                )
                 reply = await http.post("/v1/chat/completions", json=chat("keepme"))
                 assert reply.status_code == 200, reply.text
                 assert set(manager.slots) == {"keepme"}

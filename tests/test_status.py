@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import subprocess
 import sys
 from functools import partial
@@ -239,3 +240,28 @@ async def test_the_metrics_port_answers_404_off_metrics_so_a_misplaced_neuron_sa
         assert path in answer.text and "/metrics" in answer.text
     (neuron,) = health["neurons"]
     assert f"answered 404 to GET {metrics_url}/discovery" in neuron["error"]
+
+
+async def test_a_neuron_entry_pointed_at_the_gateways_own_metrics_port_is_answered() -> None:
+    # The pollers start once the metrics port listens: the first poll gets
+    # the 404 naming the path, not a refused connection.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    metrics_url = f"http://127.0.0.1:{port}"
+    config = GatewayConfig(
+        gateway=GatewaySection(
+            listen="127.0.0.1:0", metrics_listen=f"127.0.0.1:{port}", poll_interval=3600.0
+        ),
+        neurons=[NeuronEndpoint("self", metrics_url)],
+    )
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            shutdown = trio.Event()
+            gateway = await nursery.start(
+                partial(run_gateway, config, catalogue(), shutdown=shutdown)
+            )
+            await gateway.state.wait_polled()
+            error = gateway.state.neurons["self"].last_error
+            shutdown.set()
+    assert f"answered 404 to GET {metrics_url}/discovery" in (error or "")

@@ -321,7 +321,12 @@ def model_entries(gateway: Gateway) -> list[dict[str, Any]]:
         statuses = {loc["status"] for loc in locations}
         failed_on = {loc["neuron"] for loc in locations if loc["status"] == FAILED}
         status = next((s for s in (LOADED, LOADING) if s in statuses), None)
-        if status is None:
+        # A neuron refused its entry: requests fail at once until a reload
+        # (unless a replica is loaded or loading, which they go to).
+        invalid = state.invalid(model_id) if status is None else None
+        if invalid is not None:
+            status = "invalid"
+        elif status is None:
             # A load that failed on one neuron never hides a model another can load.
             if set(feasible_on) - failed_on:
                 status = "available"
@@ -333,6 +338,7 @@ def model_entries(gateway: Gateway) -> list[dict[str, Any]]:
             "status": status,
             "locations": locations,
             "feasible_on": feasible_on,
+            **({"error": invalid} if invalid is not None else {}),
             **context,
         }
 
@@ -440,12 +446,6 @@ async def run_gateway(
             await background.start(gateway.router.preloader.run)
             await background.start(gateway.proxy.watch_fleet)
             background.start_soon(gateway.proxy.stop_after, shutdown, section.grace_period)
-            for neuron in gateway.state.neurons.values():
-                background.start_soon(
-                    partial(
-                        poll_neuron, gateway.api, gateway.state, neuron, section, gateway.metrics
-                    )
-                )
             # Metrics stay up while the API drains: its shutdown 503s can be scraped.
             api_stopped = trio.Event()
             async with trio.open_nursery() as servers:
@@ -473,6 +473,20 @@ async def run_gateway(
                         name="metrics_listen",
                     )
                 )
+                # Polls start once both ports listen: a [[neurons]] entry
+                # pointed at one of them by mistake then gets its answer (a
+                # 404 naming the path), not a refused connection.
+                for neuron in gateway.state.neurons.values():
+                    background.start_soon(
+                        partial(
+                            poll_neuron,
+                            gateway.api,
+                            gateway.state,
+                            neuron,
+                            section,
+                            gateway.metrics,
+                        )
+                    )
                 log_start(gateway, api_url, metrics_url)
                 task_status.started(GatewayHandle(api_url, metrics_url, gateway.state, gateway))
             # Both servers have drained: stop polling and any load under way.

@@ -129,22 +129,45 @@ def plan(
     return Plan(devices=devices, evictions=victims)
 
 
+@attrs.frozen
+class Room:
+    """What ``neuron`` would have free once every model that may ever be evicted there is gone."""
+
+    #: Free memory per device index (or HOST) then.
+    free: dict[int, int]
+    #: The models that stay: pinned there.
+    pinned: list[str]
+    #: The models that stay: not this gateway's to load back (``_ours``).
+    foreign: list[str]
+
+
+def room_later(state: FleetState, neuron: NeuronState) -> Room | None:
+    """The room on ``neuron`` once every evictable model there is gone; None: memory unknown."""
+    total = capacity(neuron)
+    if total is None:
+        return None
+    room = Room(free=dict(total), pinned=[], foreign=[])
+    gpu = neuron.is_gpu
+    for model_id, status in neuron.models.items():
+        entry = state.catalogue.models.get(model_id)
+        if not _ours(state, model_id):
+            room.foreign.append(model_id)
+        elif entry is not None and neuron.name in entry.pinned_on:
+            room.pinned.append(model_id)
+        else:
+            continue
+        _add(room.free, model_memory(status, gpu), sign=-1)
+    return room
+
+
 def fits_later(state: FleetState, neuron: NeuronState, model: CatalogModel) -> bool:
     """Whether ``model`` would fit on ``neuron`` once every evictable model there is gone.
 
     True means waiting can help: what blocks the load now (requests in
     flight, loads under way, the thrash guard) ends by itself.
     """
-    total = capacity(neuron)
-    if total is None:
-        return False
-    free = dict(total)
-    gpu = neuron.is_gpu
-    for model_id, status in neuron.models.items():
-        entry = state.catalogue.models.get(model_id)
-        if not _ours(state, model_id) or (entry is not None and neuron.name in entry.pinned_on):
-            _add(free, model_memory(status, gpu), sign=-1)
-    return place(model, free) is not None
+    room = room_later(state, neuron)
+    return room is not None and place(model, room.free) is not None
 
 
 def _add(free: dict[int, int], memory: dict[int, int], sign: int = 1) -> None:

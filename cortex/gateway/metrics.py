@@ -98,7 +98,7 @@ class GatewayMetrics:
             ),
             cold_starts=Counter(
                 "cortex_cold_starts",
-                "Loads this gateway started for a request.",
+                "Loads this gateway started, for a request or to preload a pinned model.",
                 ["model", "neuron"],
                 **kw,
             ),

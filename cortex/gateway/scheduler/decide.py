@@ -26,12 +26,14 @@ from cortex.gateway.scheduler.policies import Policy
 from cortex.gateway.scheduler.predictor import Decision, Option
 from cortex.gateway.scheduler.queue import WaitQueue
 from cortex.gateway.state import (
+    HOST,
     LOADED,
     LOADING,
     FleetState,
     NeuronState,
     feasible,
     fits_nowhere,
+    place,
 )
 
 if TYPE_CHECKING:
@@ -198,7 +200,9 @@ def decide(
         if last_error is not None:
             raise last_error
         if state.known(model_id):
-            raise Unavailable(f"no neuron that has {named} is available")
+            raise Unavailable(
+                f"no neuron that has {named} is available" + _out_of_reach(state, model_id)
+            )
         raise ModelNotFound(f"model {named} does not exist", param="model")
     usable = [n for n in state.routable() if n.name not in request.exclude]
     candidates = [n for n in usable if feasible(entry, n)]
@@ -210,10 +214,7 @@ def decide(
         if policy.loads_on(n, model_id) and evictor.fits_later(state, n, entry)
     )
     if not policy.waits or not wants:
-        raise last_error or Unavailable(
-            f"no room for {named} on {', '.join(n.name for n in candidates)} now: "
-            "the models there are pinned or busy"
-        )
+        raise last_error or no_room(state, entry, candidates, policy, named)
     return attrs.evolve(decision, wants=wants)
 
 
@@ -224,8 +225,110 @@ def no_candidate(state: FleetState, entry: CatalogModel, named: str | None = Non
     """
     reason = fits_nowhere(entry, state.neurons.values(), named)
     if reason is None:
-        return Unavailable(f"no neuron that can load {named or repr(entry.id)} is available now")
+        return Unavailable(
+            f"no neuron that can load {named or repr(entry.id)} is available now"
+            + _out_of_reach(state, entry.id)
+        )
     return ModelNotFound(reason, param="model")
+
+
+def no_room(
+    state: FleetState,
+    entry: CatalogModel,
+    candidates: list[NeuronState],
+    policy: Policy,
+    named: str | None = None,
+) -> Unavailable:
+    """The 503 for a model that fits on ``candidates`` but can be loaded on none of them now.
+
+    The message says why, neuron by neuron: the model is there but stalled
+    or being unloaded; it would not fit even once every model that may be
+    evicted there is gone (what it needs, the most that could be free, the
+    models that stay); the routing policy loads it elsewhere; or the models
+    that could make room are busy (the policy does not wait for them).
+    Then the neurons that have it but take nothing new (down, draining).
+    """
+    reasons = [(n.name, _no_room_on(state, n, entry, policy)) for n in candidates]
+    if len(reasons) == 1:
+        why = reasons[0][1]
+    else:
+        why = "; ".join(f"on {name}, {reason}" for name, reason in reasons)
+    return Unavailable(
+        f"no room for {named or repr(entry.id)} on {', '.join(n.name for n in candidates)} "
+        f"now: {why}" + _out_of_reach(state, entry.id)
+    )
+
+
+def _no_room_on(state: FleetState, neuron: NeuronState, entry: CatalogModel, policy: Policy) -> str:
+    model_id = entry.id
+    if state.holds(neuron, model_id):
+        if model_id in neuron.stalled:
+            return "it is stalled there"
+        if model_id in neuron.evicting:
+            return "it is being unloaded there"
+        return "it is there but takes no new requests now"
+    room = evictor.room_later(state, neuron)
+    if room is None:
+        return "its memory is not known yet"
+    if place(entry, room.free) is None:
+        if neuron.is_gpu:
+            need = f"{entry.vram_mb} MiB" + (
+                f" over at least {entry.min_devices} devices" if entry.min_devices > 1 else ""
+            )
+            most = ", ".join(
+                f"{max(0, mb)} MiB on device {i}" for i, mb in sorted(room.free.items())
+            )
+        else:
+            need, most = f"{entry.vram_mb} MiB", f"{max(0, room.free[HOST])} MiB"
+        stays = []
+        if room.pinned:
+            stays.append(f"pinned there: {_names(room.pinned)}")
+        if room.foreign:
+            stays.append(f"not this gateway's to load back: {_names(room.foreign)}")
+        return (
+            f"it needs {need}, and at most {most} could be free there "
+            "after evicting every model that may be evicted"
+            + (f" ({'; '.join(stays)})" if stays else "")
+        )
+    if not policy.loads_on(neuron, model_id):
+        return "the routing policy loads it on another neuron"
+    strategy = policy.config.eviction.strategy
+    evictable = evictor.candidates(state, neuron, strategy, spare=policy.spare(neuron))
+    busy = [
+        m
+        for m in neuron.models
+        if m not in evictable
+        and m not in room.pinned
+        and m not in room.foreign
+        and state.holds(neuron, m)
+    ]
+    if not busy:
+        return "the loads under way there take the room"
+    return (
+        f"the models that could make room are busy ({_names(busy)}: requests in flight "
+        "or waiting, or a load or unload under way)"
+    )
+
+
+def _out_of_reach(state: FleetState, model_id: str) -> str:
+    """``: N, where it is loaded, is down`` for each neuron that has it but takes nothing new."""
+    found = []
+    for neuron in state.neurons.values():
+        if neuron.routable or not state.holds(neuron, model_id):
+            continue
+        if not neuron.up:
+            why = "down"
+        elif neuron.draining:
+            why = "draining"
+        else:
+            why = "suspect (a request to it failed; it is polled again now)"
+        status = LOADED if neuron.status_of(model_id) == LOADED else LOADING
+        found.append(f"{neuron.name}, where it is {status}, is {why}")
+    return "; " + "; ".join(found) if found else ""
+
+
+def _names(model_ids: list[str]) -> str:
+    return ", ".join(repr(m) for m in model_ids)
 
 
 @attrs.frozen
