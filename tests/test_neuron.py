@@ -148,6 +148,11 @@ async def test_failed_loads_leave_others_serving(
         assert nobody.status_code == 503
         invalid = await http.post("/models/load", json={"source": "x"})
         assert invalid.status_code == 400
+        for key in ("harness", "chat_format"):
+            empty = {"model_id": "e", "source": str(tiny_model_path), key: ""}
+            refused = await http.post("/models/load", json=empty)
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["error"]["param"] == key
         reply = await client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4)
         assert reply.choices[0].message.content
 

@@ -71,8 +71,8 @@ class LoadRequest:
         if not isinstance(source, str) or not source:
             raise InvalidRequest("source must be a non-empty string", param="source")
         for key in ("harness", "chat_format"):
-            if body.get(key) is not None and not isinstance(body[key], str):
-                raise InvalidRequest(f"{key} must be a string", param=key)
+            if body.get(key) is not None and (not isinstance(body[key], str) or not body[key]):
+                raise InvalidRequest(f"{key} must be a non-empty string", param=key)
         devices = body.get("devices") or []
         if not isinstance(devices, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices
