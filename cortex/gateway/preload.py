@@ -235,7 +235,7 @@ class Preloader:
             devices = place(entry, free) if feasible(entry, neuron) else None
             if devices is None and not self.state.measured_on(model, neuron):
                 # Judged by another neuron's size or the catalogue's: ask it.
-                devices = _ask_on(entry, free)
+                devices = _devices_to_ask(entry, free)
         if devices is None:
             if key not in self._short:
                 self._short.add(key)
@@ -262,7 +262,7 @@ class Preloader:
         return min(ends, default=math.inf)
 
 
-def _ask_on(model: CatalogModel, free: dict[int, int]) -> list[int] | None:
+def _devices_to_ask(model: CatalogModel, free: dict[int, int]) -> list[int] | None:
     """Devices to load ``model`` on to ask a neuron whether it fits (its own estimate decides).
 
     The host on a CPU host; on a GPU host the devices with the most free
