@@ -104,6 +104,10 @@ class FakeNeuron:
     mid: int = 2
     #: Model ids whose load fails.
     failing: set[str] = attrs.field(factory=set)
+    #: What a refusal for want of memory says a model needs, as a real
+    #: neuron's does (``insufficient_memory``, "needs at least N MiB"); a
+    #: model not in here is refused with a bare 503.
+    needs: dict[str, int] = attrs.field(factory=dict)
     #: Load options this engine does not take: a load naming one is a 400.
     refuse_options: set[str] = attrs.field(factory=set)
     #: The ``parallel`` (slots) each loaded model reports.
@@ -368,6 +372,14 @@ def create_fake_app(fake: FakeNeuron) -> QuartTrio:
                 if refused:
                     return _error(400, f"unknown option {refused[0]!r}", "invalid_model_options")
                 if free is not None and fake.size(model_id) > free:
+                    if model_id in fake.needs:
+                        return _error(
+                            503,
+                            f"not enough memory for {model_id!r}: needs at least "
+                            f"{fake.needs[model_id]} MiB, {free} MiB free",
+                            "insufficient_memory",
+                            "service_unavailable",
+                        )
                     return _error(503, f"no memory for {model_id}", kind="service_unavailable")
                 fake._mark_loaded(model_id, devices)
             finally:

@@ -263,32 +263,114 @@ async def test_a_preload_refused_as_a_bad_request_waits_for_a_reload(tmp_path: P
 async def test_a_preload_evicts_nothing_and_waits_for_room(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    a = FakeNeuron("a", memory_mb=1000, preload=["m/x"], sizes={"m/x": 800, "m/p": 400})
+    a = FakeNeuron(
+        "a", memory_mb=1000, preload=["m/x"], sizes={"m/x": 800, "m/p": 400}, needs={"m/p": 400}
+    )
     models = catalogue(
         CatalogModel(id="m/p", vram_mb=400, pinned_on=["a"]), CatalogModel(id="m/x", vram_mb=800)
     )
     with trio.fail_after(10):
         async with running_fleet([a], models) as fleet:
+            # The catalogue's vram_mb does not fit, but a has not said what
+            # the model takes there: asked once, it refuses, saying so.
+            await _until(fleet, lambda: len(a.load_calls) == 1 and not fleet.state.pending)
             for _ in range(3):
                 await fleet.refresh()
-            assert a.load_calls == [] and a.unload_calls == []
+            assert len(a.load_calls) == 1 and a.unload_calls == []
             preloader = fleet.handle.gateway.router.preloader
             assert preloader.statistics().waiting_for_room == 1
+            assert preloader.statistics().backing_off == 0
             # The room comes (unloaded on the neuron): the next poll loads it.
             del a.loaded["m/x"]
             await fleet.refresh()
             await _until(fleet, _loaded(fleet, "a", "m/p"))
-            assert [c["model_id"] for c in a.load_calls] == ["m/p"]
+            assert [c["model_id"] for c in a.load_calls] == ["m/p", "m/p"]
             assert preloader.statistics().waiting_for_room == 0
-    short = [
-        r.getMessage()
-        for r in caplog.records
-        if r.levelno == logging.WARNING and r.getMessage().startswith("cannot preload")
-    ]
-    assert short == [
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warned == [
         "cannot preload m/p on a, where it is pinned: it needs 400 MiB, 200 MiB free; "
         "loading it there once there is room (a preload evicts nothing)"
     ]
+
+
+@pytest.mark.parametrize("need_mb", [165, 50])
+async def test_a_preload_refused_for_want_of_memory_waits_for_room_and_says_so_once(
+    caplog: pytest.LogCaptureFixture, need_mb: int
+) -> None:
+    # No size known anywhere: tried as it is; the neuron refuses it, saying
+    # what it needs (50: less than it has free, by its own count).
+    small = FakeNeuron(
+        "small",
+        memory_mb=500,
+        preload=["m/x"],
+        sizes={"m/x": 428, "m/p": 176},
+        needs={"m/p": need_mb},
+    )
+    models = catalogue(CatalogModel(id="m/p", pinned_on=["small"]), CatalogModel(id="m/x"))
+    with trio.fail_after(10):
+        async with running_fleet([small], models) as fleet:
+            await _until(fleet, lambda: len(small.load_calls) == 1 and not fleet.state.pending)
+            # Asked once per change of its free memory at most: polls that
+            # show the same do not ask again, nor does a back-off's end.
+            for _ in range(3):
+                await fleet.refresh()
+            await trio.sleep(1.2)
+            await fleet.refresh()
+            assert len(small.load_calls) == 1
+            preloader = fleet.handle.gateway.router.preloader
+            assert preloader.statistics().backing_off == 0
+            assert preloader.statistics().waiting_for_room == 1
+            del small.loaded["m/x"]
+            await fleet.refresh()
+            await _until(fleet, _loaded(fleet, "small", "m/p"))
+            assert len(small.load_calls) == 2
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warned == [
+        f"cannot preload m/p on small, where it is pinned: it needs {need_mb} MiB, 72 MiB free; "
+        "loading it there once there is room (a preload evicts nothing)"
+    ]
+
+
+async def test_a_pinned_model_is_sized_by_its_own_neuron_not_by_another(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # big holds it in 258 MiB (a KV cache per slot); small would hold it in
+    # 176 (unified) and has 248 free: 258 must not keep it from small.
+    big = FakeNeuron("big", preload=["m/p"], sizes={"m/p": 258})
+    small = FakeNeuron(
+        "small", memory_mb=500, preload=["m/x"], sizes={"m/x": 252, "m/p": 176}, needs={"m/p": 165}
+    )
+    models = catalogue(CatalogModel(id="m/p", pinned_on=["small"]), CatalogModel(id="m/x"))
+    with trio.fail_after(10):
+        async with running_fleet([big, small], models) as fleet:
+            assert fleet.state.sized(models.models[0]).vram_mb == 258
+            await _until(fleet, _loaded(fleet, "small", "m/p"))
+            assert [c["model_id"] for c in small.load_calls] == ["m/p"]
+            assert fleet.state.neurons["small"].models["m/p"].memory_mb == 176
+            # Planned with what each said of it from now on.
+            entry = models.models[0]
+            assert fleet.state.sized(entry, fleet.state.neurons["small"]).vram_mb == 176
+            assert fleet.state.sized(entry, fleet.state.neurons["big"]).vram_mb == 258
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_pinned_model_a_neuron_refused_before_is_sized_by_that_refusal() -> None:
+    # big holds it in 258 MiB; small, asked with 100 MiB free, refused it
+    # saying 165: with 248 free later, small has the room by its own figure.
+    big = FakeNeuron("big", preload=["m/p"], sizes={"m/p": 258})
+    small = FakeNeuron(
+        "small", memory_mb=500, preload=["m/x"], sizes={"m/x": 400, "m/p": 176}, needs={"m/p": 165}
+    )
+    models = catalogue(CatalogModel(id="m/p", pinned_on=["small"]), CatalogModel(id="m/x"))
+    with trio.fail_after(10):
+        async with running_fleet([big, small], models) as fleet:
+            await _until(fleet, lambda: len(small.load_calls) == 1 and not fleet.state.pending)
+            entry = models.models[0]
+            assert fleet.state.sized(entry, fleet.state.neurons["small"]).vram_mb == 165
+            small.loaded["m/x"]["memory_mb"] = 252
+            await fleet.refresh()
+            await _until(fleet, _loaded(fleet, "small", "m/p"))
+            assert len(small.load_calls) == 2
 
 
 def test_preload_pinned_is_on_by_default_and_takes_an_override() -> None:

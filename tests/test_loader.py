@@ -167,6 +167,24 @@ def test_a_model_without_vram_mb_is_planned_with_what_neurons_reported() -> None
     assert state.sized(low).vram_mb == 800 and state.sized(high) is high
 
 
+def test_a_neuron_is_planned_with_what_it_said_of_a_model_before_what_others_did() -> None:
+    bare = CatalogModel(id="bare", source="demo")
+    state = FleetState.build([], ModelsFile(models=[bare]), clock=lambda: NOW)
+    big = state.neurons["big"] = gpu("big", 16 * GIB, ("bare", 258, 5))
+    small = state.neurons["small"] = gpu("small", 16 * GIB)
+    assert state.sized(bare).vram_mb == 258 and state.sized(bare, small).vram_mb == 258
+    assert not state.measured_on(bare, small) and state.measured_on(bare, big)
+    # small refuses it saying 165 MiB: less than big's, but its own.
+    assert not state.refused(bare, 165, small)
+    assert state.sized(bare, small).vram_mb == 165 and state.sized(bare, big).vram_mb == 258
+    # Loaded there in 176: its own size, remembered once unloaded.
+    state.reported(bare, 176, small)
+    assert state.sized(bare, small).vram_mb == 176
+    # A refusal there that says more than it was planned with there: plan again.
+    assert state.refused(bare, 300, small) and state.sized(bare, small).vram_mb == 300
+    assert state.sized(bare, big).vram_mb == 258
+
+
 async def test_a_load_needs_the_loader_running() -> None:
     r = router(Link(), gpu("a", 16 * GIB, ("old", 12 * GIB, 3000)))
     with pytest.raises(RuntimeError, match=r"start Loader\.run first"):

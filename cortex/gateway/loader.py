@@ -99,7 +99,7 @@ class Loader:
             raise RuntimeError("start Loader.run first")
         route = decision.route
         assert route is not None and route.kind in ("loading", "cold", "evict"), route
-        entry = self.state.entry(model_id)
+        entry = self.state.entry(model_id, route.neuron)
         now = trio.current_time()
         if route.plan is None:
             load = PendingLoad(
@@ -144,7 +144,7 @@ class Loader:
     async def _unload(self, neuron: NeuronState, model_id: str) -> None:
         status, entry = neuron.models.get(model_id), self.state.catalogue.models.get(model_id)
         if status is not None and entry is not None:
-            self.state.reported(entry, status.memory_mb)
+            self.state.reported(entry, status.memory_mb, neuron)
         try:
             await self.api.unload(neuron, model_id)
         except ModelNotFound:
@@ -177,7 +177,7 @@ class Loader:
             load_start = trio.current_time()
             status = await self.api.load(neuron, self._load_body(load, entry))
             if status is not None and status.status == LOADED and entry is not None:
-                self.state.reported(entry, status.memory_mb)
+                self.state.reported(entry, status.memory_mb, neuron)
             if status is None or status.status != LOADED:
                 status = ModelStatus(
                     id=load.model_id,
@@ -211,7 +211,7 @@ class Loader:
                 # Planned with too small a size (no vram_mb, or too low a
                 # one): plan again with what the neuron says it needs,
                 # evicting for it, once its memory as it is now is known.
-                load.replan = self.state.refused(entry, exc.need_mb)
+                load.replan = self.state.refused(entry, exc.need_mb, neuron)
                 if load.replan:
                     await self._refresh(neuron)
             if exc.status < 500:
@@ -233,7 +233,10 @@ class Loader:
             else:
                 exc.message = f"{where}: {exc.message}"
             error = exc
-            if load.replan:
+            if load.pinned and isinstance(exc, InsufficientMemory):
+                # The preloader says it once: it waits for room, no failure.
+                log.debug("%s", exc.message)
+            elif load.replan:
                 log.warning("%s; planning again with what it needs", exc.message)
             else:
                 log.warning("%s", exc.message)

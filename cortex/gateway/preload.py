@@ -17,6 +17,17 @@ model that does not fit is logged at warning once, and loaded as soon as a
 poll, an unload or a finished load shows the room (a request for it may
 still evict for it, as before).
 
+Whether it fits is judged with what that neuron said of the model
+(``FleetState.sized``): its size loaded there before, or what a refusal
+there said it needs. Where the neuron has said nothing yet, only another
+neuron's size or the catalogue's ``vram_mb`` would judge it, and those may
+be wrong for this neuron (another KV cache layout, another engine), so a
+model that does not fit by them is asked for all the same: the neuron loads
+it, or refuses it saying what it needs there. A refusal for want of memory
+is no failure to back off from but a wait for room: the model is asked for
+again only once the neuron has more memory free than it had then, so a
+neuron is asked at most once per change of its free memory.
+
 A preload that fails is tried again after a back-off that doubles from
 ``BACKOFF_FIRST`` to ``BACKOFF_LIMIT`` seconds, so a file that cannot load
 does not make the neuron load it again at every poll; a load that succeeds
@@ -40,11 +51,20 @@ import attrs
 import trio
 
 from cortex.config import CatalogModel, GatewayConfig
+from cortex.errors import InsufficientMemory
 from cortex.gateway.evictor import Plan
 from cortex.gateway.loader import Loader
 from cortex.gateway.scheduler import Decision
 from cortex.gateway.scheduler.predictor import Option
-from cortex.gateway.state import LOADED, FleetState, NeuronState, PendingLoad, feasible, place
+from cortex.gateway.state import (
+    HOST,
+    LOADED,
+    FleetState,
+    NeuronState,
+    PendingLoad,
+    feasible,
+    place,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +109,12 @@ class Preloader:
     _failures: dict[tuple[str, str], _Failures] = attrs.field(factory=dict, init=False)
     #: (neuron, model) pairs logged as not fitting, until they are preloaded.
     _short: set[tuple[str, str]] = attrs.field(factory=set, init=False)
+    #: (neuron, model) -> (the catalogue entry, MiB free there) when the
+    #: neuron last refused a preload for want of memory: not asked again
+    #: until more is free.
+    _refused: dict[tuple[str, str], tuple[CatalogModel, int]] = attrs.field(
+        factory=dict, init=False
+    )
 
     @property
     def enabled(self) -> bool:
@@ -135,7 +161,7 @@ class Preloader:
         return PreloadStatistics(
             in_progress=len(self._loads),
             backing_off=len(self._failures),
-            waiting_for_room=len(self._short),
+            waiting_for_room=len(self._short | self._refused.keys()),
         )
 
     def _settle(self, now: float) -> None:
@@ -146,10 +172,16 @@ class Preloader:
             del self._loads[key]
             if load.error is None:
                 self._failures.pop(key, None)
+                self._refused.pop(key, None)
                 continue
             entry = self.state.catalogue.models.get(load.model_id)
             if entry is None:
                 continue  # a reload took it out
+            if isinstance(load.error, InsufficientMemory):
+                neuron = self.state.neurons[load.neuron]
+                free = self.state.free_memory(neuron) or {}
+                self._refused[key] = (entry, sum(free.values()))
+                continue
             if self.state.invalid(load.model_id) is not None:
                 log.warning(
                     "not preloading %s on %s again until a reload: its entry is invalid",
@@ -174,6 +206,7 @@ class Preloader:
         key = (neuron.name, model.id)
         if self.state.holds(neuron, model.id):
             self._short.discard(key)
+            self._refused.pop(key, None)
             if neuron.status_of(model.id) == LOADED:
                 self._failures.pop(key, None)  # loaded there, whoever loaded it
             return None
@@ -190,9 +223,19 @@ class Preloader:
                 del self._failures[key]  # a reload: start afresh
             elif now < failures.retry_at:
                 return None
-        entry = self.state.sized(model)
+        entry = self.state.sized(model, neuron)
         free = self.state.free_memory(neuron) or {}
-        devices = place(entry, free) if feasible(entry, neuron) else None
+        refused = self._refused.get(key)
+        if refused is not None and refused[0] is not model:
+            del self._refused[key]  # a reload: start afresh
+            refused = None
+        if refused is not None and sum(free.values()) <= refused[1]:
+            devices = None  # refused with this much free: wait for more
+        else:
+            devices = place(entry, free) if feasible(entry, neuron) else None
+            if devices is None and not self.state.measured_on(model, neuron):
+                # Judged by another neuron's size or the catalogue's: ask it.
+                devices = _devices_to_ask(entry, free)
         if devices is None:
             if key not in self._short:
                 self._short.add(key)
@@ -206,6 +249,7 @@ class Preloader:
                 )
             return None
         self._short.discard(key)
+        self._refused.pop(key, None)
         predicted = self.loader.predictor.load(neuron, model.id)
         decision = Decision(Option("cold", neuron, predicted, plan=Plan(devices, [])))
         load = self.loader.start(decision, model.id, pinned=True)
@@ -216,3 +260,17 @@ class Preloader:
         """trio time at which the next back-off still running ends (inf: none)."""
         ends = (f.retry_at for f in self._failures.values() if f.retry_at > now)
         return min(ends, default=math.inf)
+
+
+def _devices_to_ask(model: CatalogModel, free: dict[int, int]) -> list[int] | None:
+    """Devices to load ``model`` on to ask a neuron whether it fits (its own estimate decides).
+
+    The host on a CPU host; on a GPU host the devices with the most free
+    memory, as few as ``min_devices`` allows; None: it has fewer devices.
+    """
+    if not free or set(free) == {HOST}:
+        return []
+    count = max(1, model.min_devices)
+    if count > len(free):
+        return None
+    return sorted(sorted(free, key=lambda i: (-free[i], i))[:count])

@@ -330,6 +330,12 @@ class FleetState:
     #: least they reported loaded, and the most a refusal said it needs.
     _reported_mb: dict[tuple[str, str], int] = attrs.field(factory=dict)
     _needs_mb: dict[tuple[str, str], int] = attrs.field(factory=dict)
+    #: The same by ((model id, source), neuron): what each neuron said of
+    #: itself (the last size it reported, the most it said it needs), which
+    #: plans for that neuron prefer (another's KV cache may be laid out
+    #: otherwise: per slot there, unified here).
+    _reported_on: dict[tuple[tuple[str, str], str], int] = attrs.field(factory=dict)
+    _needs_on: dict[tuple[tuple[str, str], str], int] = attrs.field(factory=dict)
     _changed: trio.Event = attrs.field(factory=trio.Event)
     #: Every id this gateway's catalogue has held since it started: a model
     #: a reload retired is still this gateway's to evict (``evictor``).
@@ -400,14 +406,26 @@ class FleetState:
         load.done.set()
         self.changed()
 
-    def sized(self, model: CatalogModel) -> CatalogModel:
+    def sized(self, model: CatalogModel, neuron: NeuronState | None = None) -> CatalogModel:
         """``model`` with the ``vram_mb`` to plan with: the catalogue's, or what was learned.
 
         With no ``vram_mb`` (0), the least memory a neuron reported for it
         loaded; and never less than a neuron's refusal said it needs (a
         ``vram_mb`` set too low would otherwise never make room for it).
+        ``neuron``: sized for a load there: what that neuron said of the
+        model itself (its loaded size, its refusal's need), where it said
+        anything, before what the others did.
         """
         key = (model.id, model.source or model.id)
+        if neuron is not None and self.measured_on(model, neuron):
+            status = neuron.models.get(model.id)
+            own = (
+                status.memory_mb
+                if status is not None and status.status == LOADED and status.memory_mb > 0
+                else self._reported_on.get((key, neuron.name), 0)
+            )
+            vram_mb = max(model.vram_mb or own, self._needs_on.get((key, neuron.name), 0))
+            return model if vram_mb == model.vram_mb else attrs.evolve(model, vram_mb=vram_mb)
         reported = [
             status.memory_mb
             for neuron in self.neurons.values()
@@ -421,27 +439,45 @@ class FleetState:
         vram_mb = max(vram_mb, self._needs_mb.get(key, 0))
         return model if vram_mb == model.vram_mb else attrs.evolve(model, vram_mb=vram_mb)
 
-    def entry(self, model_id: str) -> CatalogModel | None:
-        """The catalogue's entry for ``model_id`` sized to plan with; None: not in it."""
-        model = self.catalogue.models.get(model_id)
-        return None if model is None else self.sized(model)
+    def measured_on(self, model: CatalogModel, neuron: NeuronState) -> bool:
+        """Whether ``neuron`` itself said how much ``model`` takes there (loaded, or refused)."""
+        key = (model.id, model.source or model.id)
+        status = neuron.models.get(model.id)
+        return (
+            (status is not None and status.status == LOADED and status.memory_mb > 0)
+            or (key, neuron.name) in self._reported_on
+            or (key, neuron.name) in self._needs_on
+        )
 
-    def reported(self, model: CatalogModel, memory_mb: int) -> None:
+    def entry(self, model_id: str, neuron: NeuronState | None = None) -> CatalogModel | None:
+        """The catalogue's entry for ``model_id`` sized to plan with on ``neuron``; None: none."""
+        model = self.catalogue.models.get(model_id)
+        return None if model is None else self.sized(model, neuron)
+
+    def reported(
+        self, model: CatalogModel, memory_mb: int, neuron: NeuronState | None = None
+    ) -> None:
         """A neuron reported ``model`` loaded in ``memory_mb``: an estimate for next time."""
         if memory_mb > 0:
             key = (model.id, model.source or model.id)
             self._reported_mb[key] = min(memory_mb, self._reported_mb.get(key, memory_mb))
+            if neuron is not None:
+                self._reported_on[(key, neuron.name)] = memory_mb
 
-    def refused(self, model: CatalogModel, need_mb: int) -> bool:
-        """A neuron refused ``model`` for want of memory: it needs ``need_mb``.
+    def refused(self, model: CatalogModel, need_mb: int, neuron: NeuronState | None = None) -> bool:
+        """``neuron`` refused ``model`` for want of memory: it needs ``need_mb``.
 
         Returns whether that is more than it was planned with (a new plan
         may now make room for it); False: planning with it again would not.
         """
-        if need_mb <= self.sized(model).vram_mb:
-            return False
         key = (model.id, model.source or model.id)
-        self._needs_mb[key] = need_mb
+        planned = self.sized(model, neuron).vram_mb
+        if neuron is not None:
+            here = (key, neuron.name)
+            self._needs_on[here] = max(need_mb, self._needs_on.get(here, 0))
+        if need_mb <= planned:
+            return False
+        self._needs_mb[key] = max(need_mb, self._needs_mb.get(key, 0))
         return True
 
     def model_missing(self, neuron: NeuronState, model_id: str) -> None:

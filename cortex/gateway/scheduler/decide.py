@@ -111,18 +111,18 @@ def options(
         return found
     strategy = policy.config.eviction.strategy
     for neuron in usable:
-        if (
-            neuron.name in holding
-            or not policy.loads_on(neuron, model_id)
-            or not feasible(entry, neuron)
-        ):
+        if neuron.name in holding or not policy.loads_on(neuron, model_id):
+            continue
+        # Sized with what this neuron said of it, if anything (``FleetState.sized``).
+        here = state.sized(state.catalogue.models[model_id], neuron)
+        if not feasible(here, neuron):
             continue
         if policy.waits and queue.blocks(model_id, neuron.name, arrived):
             continue  # an older waiter is first in line for room here
         plan = evictor.plan(
             state,
             neuron,
-            entry,
+            here,
             strategy,
             key=policy.victim_key(neuron, now),
             spare=policy.spare(neuron),
