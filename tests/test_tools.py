@@ -413,6 +413,24 @@ def test_a_tools_schema_is_held_to_as_given_or_refused() -> None:
     grammar = tool_call_grammar("hermes", [{"name": "f", "parameters": parameters}])
     assert '"\\"celsius\\""' in grammar
     assert json.dumps(parameters) == sent
+    # Two tools' $defs of one name are each their own (llama.cpp's converter
+    # gave the second tool the first one's Item).
+    first = {
+        "type": "object",
+        "$defs": {"Item": {"enum": ["a"]}},
+        "properties": {"i": {"$ref": "#/$defs/Item"}},
+    }
+    second = {
+        "type": "object",
+        "$defs": {"Item": {"enum": ["x"]}},
+        "properties": {"i": {"$ref": "#/$defs/Item"}},
+    }
+    both = tool_call_grammar(
+        "hermes", [{"name": "f", "parameters": first}, {"name": "g", "parameters": second}]
+    )
+    rules = dict(line.split(" ::= ", 1) for line in both.splitlines() if " ::= " in line)
+    assert rules[rules["tool-call-0-arguments-i"]] == '"\\"a\\""', rules
+    assert rules[rules["tool-call-1-arguments-i"]] == '"\\"x\\""', rules
     # One that resolves nowhere is refused, naming the tool and where it is.
     broken = {"type": "object", "properties": {"a": {"$ref": "#/$defs/nope"}}}
     functions = [{"name": "f", "parameters": parameters}, {"name": "g", "parameters": broken}]

@@ -15,7 +15,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from llama_cpp.llama_grammar import SchemaConverter
+from llama_cpp.llama_grammar import INVALID_RULE_CHARS_RE, SchemaConverter
 
 from cortex.errors import InvalidRequest
 from cortex.harness import JsonSchema, OutputConstraint, ToolCalls
@@ -46,8 +46,49 @@ def grammar_for(constraint: OutputConstraint) -> str:
     )
 
 
+class _SchemaConverter(SchemaConverter):
+    """llama.cpp's converter, with a rule of its own for each ``$ref``.
+
+    Upstream names a ref's rule after its last path segment and takes any
+    rule of that name for the ref: two tools that each define
+    ``#/$defs/Item`` (pydantic's names are class names) would both get the
+    first tool's ``Item``.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._ref_rules: dict[str, str] = {}
+
+    def resolve_refs(self, schema: Any, url: str) -> Any:
+        # Upstream looks no further into a mapping once it holds a "$ref": a
+        # root "$ref" beside the "$defs" it points into (pydantic's schema of
+        # a recursive model) left the refs inside those definitions unresolved.
+        if isinstance(schema, dict) and "$ref" in schema:
+            ref = schema.pop("$ref")
+            try:
+                super().resolve_refs(schema, url)
+            finally:
+                schema["$ref"] = ref
+        return super().resolve_refs(schema, url)
+
+    def _resolve_ref(self, ref: str) -> str:
+        name = self._ref_rules.get(ref)
+        if name is None:
+            base = INVALID_RULE_CHARS_RE.sub("-", ref.split("/")[-1])
+            taken = set(self._rules) | set(self._ref_rules.values())
+            name, n = base, 0
+            while name in taken:
+                name, n = f"{base}{n}", n + 1
+            # Named before it is built: a recursive schema refers to itself.
+            self._ref_rules[ref] = name
+            self._refs_being_resolved.add(ref)
+            self._ref_rules[ref] = self.visit(self._refs[ref], name)
+            self._refs_being_resolved.discard(ref)
+        return self._ref_rules[ref]
+
+
 def _schema_converter() -> Any:
-    return SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    return _SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
 
 
 def _literal(text: str) -> str:
