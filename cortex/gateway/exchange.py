@@ -206,7 +206,7 @@ class Pipeline:
                 send = self.cors.tag(send, asked.origin)
         dialect = ROUTES.get(scope["path"])
         if dialect is None:
-            answered = _Answered(_headers(scope).get(b"x-request-id") or new_request_id())
+            answered = _Answered(_request_id(_headers(scope)))
             try:
                 await self.control(scope, receive, answered.watch(send))
             finally:
@@ -248,6 +248,14 @@ class Pipeline:
         if status >= 400:
             metrics.errors.labels(label, UNKNOWN, str(status)).inc()
 
+    async def drain(self, scope: Scope, receive: Receive) -> str:
+        """Read a body no answer needs (see exchange(): the request's end first); its request id."""
+        try:
+            await self.read_body(receive, None)
+        except (ClientGone, PayloadTooLarge):
+            pass
+        return _request_id(_headers(scope))
+
     async def preflight(self, asked: Preflight, scope: Scope, receive: Receive, send: Send) -> bool:
         """Answer a CORS preflight from an allowed origin: 204 with the route's methods.
 
@@ -258,11 +266,7 @@ class Pipeline:
         methods = _METHODS if path in ROUTES else self.control_methods(path)
         if not methods:
             return False
-        try:
-            await self.read_body(receive, None)  # see exchange(): the request's end first
-        except (ClientGone, PayloadTooLarge):
-            pass
-        request_id = _headers(scope).get(b"x-request-id") or new_request_id()
+        request_id = await self.drain(scope, receive)
         headers = [
             *_raw(envelope.id_headers(request_id, error_dialect(path))),
             *CorsPolicy.preflight_headers(asked, methods),
@@ -276,11 +280,7 @@ class Pipeline:
         self, dialect: Dialect, scope: Scope, receive: Receive, send: Send
     ) -> None:
         """Answer a method other than POST on an inference route: OPTIONS, or a 405."""
-        try:
-            await self.read_body(receive, None)  # see exchange(): the request's end first
-        except (ClientGone, PayloadTooLarge):
-            pass
-        request_id = _headers(scope).get(b"x-request-id") or new_request_id()
+        request_id = await self.drain(scope, receive)
         if scope["method"] == "OPTIONS":
             headers = [_ALLOW, (b"content-length", b"0"), *dialect.id_headers(request_id)]
             self.log_and_count(scope["method"], scope["path"], 200, request_id)
@@ -297,7 +297,7 @@ class Pipeline:
         headers = _headers(scope)
         ex = Exchange(
             endpoint=dialect.endpoint,
-            request_id=headers.get(b"x-request-id") or new_request_id(),
+            request_id=_request_id(headers),
             started=trio.current_time(),
             session=headers.get(SESSION_HEADER),
         )
@@ -528,6 +528,11 @@ class Pipeline:
         ex.status, ex.error = status, log_summary(exc)
         self.gateway.proxy.finish(ex)
         await _send_json(send, status, body, headers, [])
+
+
+def _request_id(headers: dict[bytes, str]) -> str:
+    """The client's ``x-request-id``, or a new one."""
+    return headers.get(b"x-request-id") or new_request_id()
 
 
 def _raw(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:

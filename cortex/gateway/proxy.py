@@ -229,10 +229,7 @@ class Proxy:
         self.waits.add(wait)
         if first_byte:
             self.first_byte.setdefault(neuron, set()).add(wait)
-            if not neuron.up:
-                self._cut_down(wait)
-            elif model in neuron.stalled:
-                self._cut_stalled(wait)
+            self._fail_over(wait)
         if self.stopped is not None:
             self.cut(wait, self.stopped)
         return wait
@@ -251,6 +248,13 @@ class Proxy:
         if wait.cut is None:
             wait.cut, wait.retry = error, retry
             wait.scope.cancel()
+
+    def _fail_over(self, wait: _Wait) -> None:
+        """Cut a first-byte ``wait`` short if its neuron is down or its model stalled there."""
+        if not wait.neuron.up:
+            self._cut_down(wait)
+        elif wait.model in wait.neuron.stalled:
+            self._cut_stalled(wait)
 
     def _cut_down(self, wait: _Wait) -> None:
         neuron = wait.neuron
@@ -277,12 +281,9 @@ class Proxy:
         could not connect, each moves to the next route. Streams under way
         keep their ``idle_timeout``.
         """
-        for neuron, waits in self.first_byte.items():
+        for waits in self.first_byte.values():
             for wait in waits:
-                if not neuron.up:
-                    self._cut_down(wait)
-                elif wait.model in neuron.stalled:
-                    self._cut_stalled(wait)
+                self._fail_over(wait)
 
     async def watch_fleet(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
