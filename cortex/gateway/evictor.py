@@ -59,14 +59,13 @@ def candidates(
     pending = {model_id for (name, model_id) in state.pending if name == neuron.name}
     found = []
     for model_id, status in neuron.models.items():
-        entry = state.catalogue.models.get(model_id)
         if (
             status.status != LOADED
             or model_id in neuron.evicting
             or model_id in pending
             or neuron.busy(model_id)
             or not _ours(state, model_id)
-            or (entry is not None and neuron.name in entry.pinned_on)
+            or state.pinned(neuron, model_id)
             or (spare is not None and spare(model_id))
         ):
             continue
@@ -149,10 +148,9 @@ def room_later(state: FleetState, neuron: NeuronState) -> Room | None:
     room = Room(free=dict(total), pinned=[], foreign=[])
     gpu = neuron.is_gpu
     for model_id, status in neuron.models.items():
-        entry = state.catalogue.models.get(model_id)
         if not _ours(state, model_id):
             room.foreign.append(model_id)
-        elif entry is not None and neuron.name in entry.pinned_on:
+        elif state.pinned(neuron, model_id):
             room.pinned.append(model_id)
         else:
             continue

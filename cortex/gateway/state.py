@@ -307,6 +307,13 @@ def _fits_empty(shape: tuple[int, int, int], total: tuple[tuple[int, int], ...])
     return place(model, dict(total)) is not None
 
 
+def _loaded_mb(status: ModelStatus | None) -> int:
+    """The memory ``status`` reports its model loaded in; 0: not loaded, or not said."""
+    if status is not None and status.status == LOADED and status.memory_mb > 0:
+        return status.memory_mb
+    return 0
+
+
 def model_memory(status: ModelStatus, gpu: bool) -> dict[int, int]:
     """A loaded model's memory per device index (or HOST)."""
     if not gpu or not status.devices:
@@ -417,37 +424,34 @@ class FleetState:
         anything, before what the others did.
         """
         key = (model.id, model.source or model.id)
-        if neuron is not None and self.measured_on(model, neuron):
-            status = neuron.models.get(model.id)
-            own = (
-                status.memory_mb
-                if status is not None and status.status == LOADED and status.memory_mb > 0
-                else self._reported_on.get((key, neuron.name), 0)
-            )
-            vram_mb = max(model.vram_mb or own, self._needs_on.get((key, neuron.name), 0))
-            return model if vram_mb == model.vram_mb else attrs.evolve(model, vram_mb=vram_mb)
-        reported = [
-            status.memory_mb
-            for neuron in self.neurons.values()
-            if (status := neuron.models.get(model.id)) is not None
-            and status.status == LOADED
-            and status.memory_mb > 0
-        ]
-        if key in self._reported_mb:
-            reported.append(self._reported_mb[key])
-        vram_mb = model.vram_mb or min(reported, default=0)
-        vram_mb = max(vram_mb, self._needs_mb.get(key, 0))
+        said = self._said_on(model, neuron) if neuron is not None else None
+        if said is not None:
+            own, need = said
+            vram_mb = max(model.vram_mb or own, need)
+        else:
+            reported = [
+                memory_mb
+                for n in self.neurons.values()
+                if (memory_mb := _loaded_mb(n.models.get(model.id)))
+            ]
+            if key in self._reported_mb:
+                reported.append(self._reported_mb[key])
+            vram_mb = model.vram_mb or min(reported, default=0)
+            vram_mb = max(vram_mb, self._needs_mb.get(key, 0))
         return model if vram_mb == model.vram_mb else attrs.evolve(model, vram_mb=vram_mb)
 
     def measured_on(self, model: CatalogModel, neuron: NeuronState) -> bool:
         """Whether ``neuron`` itself said how much ``model`` takes there (loaded, or refused)."""
-        key = (model.id, model.source or model.id)
-        status = neuron.models.get(model.id)
-        return (
-            (status is not None and status.status == LOADED and status.memory_mb > 0)
-            or (key, neuron.name) in self._reported_on
-            or (key, neuron.name) in self._needs_on
-        )
+        return self._said_on(model, neuron) is not None
+
+    def _said_on(self, model: CatalogModel, neuron: NeuronState) -> tuple[int, int] | None:
+        """What ``neuron`` itself said of ``model``: (its size there, loaded now or last
+        reported, 0: none; the most a refusal there said it needs, 0: none); None: nothing."""
+        here = ((model.id, model.source or model.id), neuron.name)
+        own = _loaded_mb(neuron.models.get(model.id)) or self._reported_on.get(here, 0)
+        if not own and here not in self._needs_on:
+            return None
+        return own, self._needs_on.get(here, 0)
 
     def entry(self, model_id: str, neuron: NeuronState | None = None) -> CatalogModel | None:
         """The catalogue's entry for ``model_id`` sized to plan with on ``neuron``; None: none."""
@@ -519,6 +523,11 @@ class FleetState:
             or any(n.status_of(model_id) in (LOADED, LOADING) for n in self.neurons.values())
             or any(pending_id == model_id for (_, pending_id) in self.pending)
         )
+
+    def pinned(self, neuron: NeuronState, model_id: str) -> bool:
+        """Whether the catalogue pins ``model_id`` on ``neuron`` (never evicted there)."""
+        entry = self.catalogue.models.get(model_id)
+        return entry is not None and neuron.name in entry.pinned_on
 
     def holds(self, neuron: NeuronState, model_id: str) -> bool:
         """Whether ``neuron`` has ``model_id`` loaded or loading (a load of ours included).

@@ -102,9 +102,10 @@ def options(
         if neuron.status_of(model_id) == LOADING and (neuron.name, model_id) not in state.pending:
             predicted = predictor.loading(neuron, model_id, None, now)
             found.append(Option("loading", neuron, predicted))
-    entry = state.entry(model_id)
+    # Sized per neuron below (``FleetState.sized``): the fleet-wide size is not needed.
+    model = state.catalogue.models.get(model_id)
     if (
-        entry is None
+        model is None
         or state.invalid(model_id) is not None
         or (ahead is not None and policy.settled(model_id, found, ahead))
     ):
@@ -113,8 +114,8 @@ def options(
     for neuron in usable:
         if neuron.name in holding or not policy.loads_on(neuron, model_id):
             continue
-        # Sized with what this neuron said of it, if anything (``FleetState.sized``).
-        here = state.sized(state.catalogue.models[model_id], neuron)
+        # Sized with what this neuron said of it, if anything.
+        here = state.sized(model, neuron)
         if not feasible(here, neuron):
             continue
         if policy.waits and queue.blocks(model_id, neuron.name, arrived):
@@ -352,12 +353,11 @@ def scale_in(
     once it is pinned there (a reload may pin it): a pinned model stays.
     """
     status = neuron.models.get(model_id)
-    entry = state.catalogue.models.get(model_id)
     if (
         status is None
         or status.status != LOADED
         or model_id in neuron.evicting
-        or (entry is not None and neuron.name in entry.pinned_on)
+        or state.pinned(neuron, model_id)
     ):
         return ScaleIn()
     idle = state.clock() - neuron.recency(model_id)
