@@ -114,8 +114,7 @@ def client_dialect() -> str:
 def error_response(exc: CortexError, *, dialect: str | None = None) -> Response:
     """``exc`` in ``dialect`` (None: ``client_dialect()``), with Retry-After where it applies."""
     dialect = dialect or client_dialect()
-    request_id = _request_id()
-    status, body, headers = error_parts(exc, dialect=dialect, request_id=request_id)
+    status, body, headers = error_parts(exc, dialect=dialect, request_id=_request_id())
     response = Response(body, status=status, content_type="application/json")
     for name, value in headers:
         response.headers[name] = value
