@@ -17,7 +17,7 @@ import abc
 import array
 import hashlib
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -243,6 +243,29 @@ class PromptCacheStatistics:
     blocks: tuple[str, ...] = ()
 
 
+class CancellableTokens(Iterator[Token]):
+    """The tokens of one ``LoadedModel.generate`` call with the ``cancel()``
+    it may offer: ``tokens`` (a generator, closed with this) and the
+    callable that ends it soon, from any thread, even while a ``next()``
+    is blocked in its prompt."""
+
+    def __init__(self, tokens: Iterator[Token], cancel: Callable[[], None]) -> None:
+        self._tokens = tokens
+        self._cancel = cancel
+
+    def __next__(self) -> Token:
+        return next(self._tokens)
+
+    def close(self) -> None:
+        close = getattr(self._tokens, "close", None)
+        if close is not None:
+            close()
+
+    def cancel(self) -> None:
+        """End the generation soon, even during its prompt; any thread, any time."""
+        self._cancel()
+
+
 class LoadedModel(abc.ABC):
     """A model an engine has loaded. All methods block; call them in a thread.
 
@@ -320,7 +343,8 @@ class LoadedModel(abc.ABC):
         time per model, each in its own thread; closing one ends just that
         one. ``tokenize`` and ``render_chat`` may run concurrently with them.
 
-        Cancellation: the iterator may also have a ``cancel()`` method, which
+        Cancellation: the iterator may also have a ``cancel()`` method (see
+        :class:`CancellableTokens`), which
         the neuron calls from another thread when the client leaves, while a
         ``next()`` may be blocked (evaluating the prompt, say). The
         iterator should then end soon: between two chunks of its prompt,

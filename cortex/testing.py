@@ -20,6 +20,7 @@ from typing import Any
 
 from cortex.errors import ModelLoadError
 from cortex.harness import (
+    CancellableTokens,
     ChatPrompt,
     HarnessInfo,
     LoadedModel,
@@ -101,7 +102,7 @@ class FakeModel(LoadedModel):
 
     def generate(self, tokens: list[int], sampling: Sampling) -> Iterator[Token]:
         cancelled = threading.Event()
-        return FakeGeneration(self._generate(tokens, cancelled), cancelled)
+        return CancellableTokens(self._generate(tokens, cancelled), cancelled.set)
 
     def _generate(self, tokens: list[int], cancelled: threading.Event) -> Iterator[Token]:
         self._check()
@@ -131,27 +132,6 @@ class FakeModel(LoadedModel):
         self.unloaded = True
 
 
-class FakeGeneration(Iterator[Token]):
-    """The tokens of one ``FakeModel.generate`` call, cancellable from another
-    thread (``cancel``) as llama.cpp's are, even during the prompt."""
-
-    def __init__(self, tokens: Iterator[Token], cancelled: threading.Event) -> None:
-        self._tokens = tokens
-        self._cancelled = cancelled
-
-    def __next__(self) -> Token:
-        return next(self._tokens)
-
-    def close(self) -> None:
-        close = getattr(self._tokens, "close", None)
-        if close is not None:
-            close()
-
-    def cancel(self) -> None:
-        """End the generation after the prompt chunk or token in hand; any thread."""
-        self._cancelled.set()
-
-
 class FakeEngine:
     """An engine plugin: register the instance with the plugin manager.
 
@@ -163,7 +143,7 @@ class FakeEngine:
       tokenize_delay: seconds each tokenize call takes (blocking).
       prompt_delay: seconds each generation takes before its first token
         (a long prompt), its progress count moving all along; a cancel
-        (``FakeGeneration.cancel``) ends it after the 10 ms chunk in hand.
+        (``CancellableTokens.cancel``) ends it after the 10 ms chunk in hand.
       counts_progress: whether ``progress()`` counts (False: None, an
         engine that cannot tell).
       wedged: while this is not set, every generation hangs before its

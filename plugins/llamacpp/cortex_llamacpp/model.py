@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import pathlib
@@ -33,6 +34,7 @@ from cortex.errors import (
     UnsupportedModelFormat,
 )
 from cortex.harness import (
+    CancellableTokens,
     ChatPrompt,
     LoadedModel,
     LoadSpec,
@@ -249,12 +251,19 @@ class _Prepared:
     gpu: bool
     #: KV cells in the smallest form the options accept.
     least_cells: int
-    #: The least budget (MiB) the load fits in.
-    need_mb: int
 
     @property
     def batched(self) -> bool:
         return self.options.parallel > 1
+
+    @functools.cached_property
+    def need_mb(self) -> int:
+        """The least budget (MiB) the load fits in."""
+        # The host tier counts where it shares the budget: batched, on a CPU host.
+        counted = self.host_cache_mb if self.batched and not self.gpu else (lambda budget: 0)
+        return least_budget_mb(
+            self.weights_bytes + self.least_cells * self.hparams.kv_per_token, counted
+        )
 
     def host_cache_mb(self, budget_mb: int | None) -> int:
         """The host tier (MiB) beside a budget of ``budget_mb``."""
@@ -336,7 +345,7 @@ def _prepare(spec: LoadSpec, placement: Placement) -> _Prepared | None:
         )
     least_ctx = CTX_STEP if options.n_ctx is None else -(-options.n_ctx // CTX_STEP) * CTX_STEP
     cells = kv_cells(options, least_ctx) + (CTX_STEP if options.parallel > 1 else 0)
-    prepared = _Prepared(
+    return _Prepared(
         where=where,
         path=path,
         options=options,
@@ -346,14 +355,7 @@ def _prepare(spec: LoadSpec, placement: Placement) -> _Prepared | None:
         longest=min(hparams.n_ctx_train or options.n_ctx_max, options.n_ctx_max),
         gpu=bool(placement.devices),
         least_cells=cells,
-        need_mb=0,
     )
-    # The host tier counts where it shares the budget: batched, on a CPU host.
-    counted = prepared.host_cache_mb if prepared.batched and not prepared.gpu else None
-    least = least_budget_mb(
-        weights_bytes + cells * hparams.kv_per_token, counted or (lambda budget: 0)
-    )
-    return attrs.evolve(prepared, need_mb=least)
 
 
 def need_mb(spec: LoadSpec, placement: Placement) -> int | None:
@@ -481,27 +483,6 @@ def load(spec: LoadSpec, placement: Placement) -> LlamaCppModel | None:
         if isinstance(exc, Exception) and not isinstance(exc, HarnessError):
             raise ModelLoadError(f"{where}: {type(exc).__name__}: {exc}") from exc
         raise
-
-
-class Generation(Iterator[Token]):
-    """The tokens of one ``LlamaCppModel.generate`` call, cancellable from
-    another thread (``cancel``) while one is blocked in ``next``."""
-
-    def __init__(self, tokens: Iterator[Token], cancellation: Cancellation) -> None:
-        self._tokens = tokens
-        self._cancellation = cancellation
-
-    def __next__(self) -> Token:
-        return next(self._tokens)
-
-    def close(self) -> None:
-        close = getattr(self._tokens, "close", None)
-        if close is not None:
-            close()
-
-    def cancel(self) -> None:
-        """End the generation soon, even during its prompt; any thread, any time."""
-        self._cancellation.cancel()
 
 
 class LlamaCppModel(LoadedModel):
@@ -693,7 +674,7 @@ class LlamaCppModel(LoadedModel):
             special=True,
         )
 
-    def generate(self, tokens: list[int], sampling: Sampling) -> Generation:
+    def generate(self, tokens: list[int], sampling: Sampling) -> CancellableTokens:
         """See LoadedModel.generate. Also ends when the context is full.
 
         Closing the iterator early leaves the context reusable: the next call
@@ -709,7 +690,9 @@ class LlamaCppModel(LoadedModel):
             or a constraint that cannot be made a grammar.
         """
         cancellation = Cancellation()
-        return Generation(self._generate(tokens, sampling, cancellation), cancellation)
+        return CancellableTokens(
+            self._generate(tokens, sampling, cancellation), cancellation.cancel
+        )
 
     def _generate(
         self, tokens: list[int], sampling: Sampling, cancellation: Cancellation
